@@ -1,0 +1,230 @@
+"""Build frozen dataclasses from plain dicts, rejecting unknown keys and wrong types.
+
+Every problem is collected with its dotted key path, so `edge-agent check-config`
+can print all of them at once instead of failing on the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path or '<root>'}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, issues: list[ConfigIssue], source: str = "config") -> None:
+        self.issues = issues
+        self.source = source
+        lines = "\n".join(f"  {issue}" for issue in issues)
+        super().__init__(f"{source} has {len(issues)} problem(s):\n{lines}")
+
+
+def constraint(
+    default: Any = dataclasses.MISSING,
+    *,
+    ge: float | None = None,
+    le: float | None = None,
+    pattern: str | None = None,
+    help: str = "",
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field with bounds or a pattern checked by the loader."""
+    meta = {"ge": ge, "le": le, "pattern": pattern, "help": help}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"table of {_type_name(get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    if tp is type(None):
+        return "nothing"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.issues: list[ConfigIssue] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.issues.append(ConfigIssue(path, message))
+
+    def build(self, cls: type[T], data: Any, path: str) -> T | None:
+        if not isinstance(data, Mapping):
+            self.fail(path, f"expected a table, got {type(data).__name__}")
+            return None
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for key in data:
+            if key not in fields:
+                allowed = ", ".join(sorted(fields))
+                self.fail(_join(path, str(key)), f"unknown key; allowed keys here: {allowed}")
+        values: dict[str, Any] = {}
+        for name, f in fields.items():
+            sub = _join(path, name)
+            if name in data:
+                value = self.convert(hints[name], data[name], sub)
+                if value is _INVALID:
+                    continue
+                self.check_constraints(f, value, sub)
+                values[name] = value
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.fail(sub, f"required key is missing ({_type_name(hints[name])})")
+        if any(i.path.startswith(path) for i in self.issues) and path:
+            # Still try to construct so sibling sections report their own problems.
+            pass
+        try:
+            return cls(**values)
+        except TypeError:
+            return None
+
+    def check_constraints(self, f: dataclasses.Field[Any], value: Any, path: str) -> None:
+        meta = f.metadata
+        ge, le, pattern = meta.get("ge"), meta.get("le"), meta.get("pattern")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if ge is not None and value < ge:
+                self.fail(path, f"{value!r} is below the minimum {ge}")
+            if le is not None and value > le:
+                self.fail(path, f"{value!r} is above the maximum {le}")
+        if pattern is not None and isinstance(value, str) and not re.fullmatch(pattern, value):
+            self.fail(path, f"{value!r} does not match {pattern}")
+
+    def convert(self, tp: Any, value: Any, path: str) -> Any:
+        origin = get_origin(tp)
+        if origin in (types.UnionType, typing.Union):
+            args = get_args(tp)
+            if value is None and type(None) in args:
+                return None
+            non_none = [a for a in args if a is not type(None)]
+            if len(non_none) == 1:
+                return self.convert(non_none[0], value, path)
+            for arg in non_none:
+                trial = _Builder()
+                out = trial.convert(arg, value, path)
+                if out is not _INVALID and not trial.issues:
+                    return out
+            self.fail(path, f"expected {_type_name(tp)}, got {value!r}")
+            return _INVALID
+        if origin is Literal:
+            allowed = get_args(tp)
+            if value not in allowed:
+                choices = ", ".join(repr(a) for a in allowed)
+                self.fail(path, f"{value!r} is not allowed; choose one of {choices}")
+                return _INVALID
+            return value
+        if origin is list:
+            if not isinstance(value, list):
+                self.fail(path, f"expected {_type_name(tp)}, got {type(value).__name__}")
+                return _INVALID
+            (item_tp,) = get_args(tp)
+            items = [self.convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+            return _INVALID if any(i is _INVALID for i in items) else items
+        if origin is dict:
+            if not isinstance(value, Mapping):
+                self.fail(path, f"expected {_type_name(tp)}, got {type(value).__name__}")
+                return _INVALID
+            _, val_tp = get_args(tp)
+            out = {str(k): self.convert(val_tp, v, _join(path, str(k))) for k, v in value.items()}
+            return _INVALID if any(v is _INVALID for v in out.values()) else out
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            built = self.build(tp, value, path)
+            return _INVALID if built is None else built
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            self.fail(path, f"expected true or false, got {value!r}")
+            return _INVALID
+        if tp is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            self.fail(path, f"expected an integer, got {value!r}")
+            return _INVALID
+        if tp is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            self.fail(path, f"expected a number, got {value!r}")
+            return _INVALID
+        if tp is str:
+            if isinstance(value, str):
+                return value
+            self.fail(path, f"expected a string, got {value!r}")
+            return _INVALID
+        if tp is Path:
+            if isinstance(value, str) and value:
+                return Path(value)
+            self.fail(path, f"expected a path string, got {value!r}")
+            return _INVALID
+        raise TypeError(f"config type {tp!r} at {path} is not supported")  # programming error
+
+
+_INVALID: Any = object()
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def build(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
+    """Build `cls` from `data` or raise ConfigError listing every problem."""
+    builder = _Builder()
+    result = builder.build(cls, data, "")
+    if builder.issues or result is None:
+        raise ConfigError(builder.issues or [ConfigIssue("", "invalid")], source)
+    return result
+
+
+def coerce_env(tp: Any, text: str) -> Any:
+    """Turn an environment string into the TOML-ish value a field of type `tp` expects."""
+    origin = get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        non_none = [a for a in get_args(tp) if a is not type(None)]
+        if text == "" and len(non_none) < len(get_args(tp)):
+            return None
+        tp = non_none[0]
+        origin = get_origin(tp)
+    if tp is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        return text
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    if origin is list:
+        return [coerce_env(get_args(tp)[0], part.strip()) for part in text.split(",") if part]
+    return text

@@ -1,0 +1,62 @@
+"""The interface every runtime implements, and the errors it raises."""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from agent.bundle import TensorSpec
+
+Feeds = dict[str, np.ndarray]
+
+
+class RuntimeUnavailableError(Exception):
+    """The runtime's Python package is not installed or cannot load here."""
+
+
+class ModelLoadError(Exception):
+    """The runtime is there but refused the model file."""
+
+
+class InferenceError(Exception):
+    """The runtime failed while running a request that had passed input checks."""
+
+
+class Runtime(abc.ABC):
+    """One loaded model in one runtime. `run` must be safe to call from several threads."""
+
+    name: ClassVar[str]
+    format: ClassVar[str]  # the bundle format it runs: "onnx" or "tflite"
+
+    def __init__(
+        self,
+        model_path: Path,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+    ) -> None:
+        self.model_path = model_path
+        self.inputs = inputs
+        self.outputs = outputs
+
+    @classmethod
+    @abc.abstractmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when the runtime can be used here, else why not (for logs and status)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def library_version(cls) -> str: ...
+
+    @abc.abstractmethod
+    def run(self, feeds: Feeds) -> Feeds:
+        """Run one (possibly batched) request; feeds are already validated."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the runtime chose (providers, threads...) for status and metrics."""
+        return {"runtime": self.name, "version": self.library_version()}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the session; the object is unusable afterwards."""

@@ -1,0 +1,1 @@
+"""edgerun build side: turn models into signed bundles (CLI `edge-export`)."""
