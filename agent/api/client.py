@@ -1,0 +1,185 @@
+"""A small keep-alive HTTP client for the local API (Unix socket or TCP).
+
+Used by `edge-agent infer/status`, the tests and the benchmarks; it speaks just
+enough HTTP/1.1 for the agent's server, so the round trip measures the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import numpy as np
+
+from agent.api.kserve import DATATYPES, TO_DATATYPE
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status = status
+        self.body = body
+        self.code = str(body.get("code", ""))
+        super().__init__(f"HTTP {status}: {body.get('error', body)}")
+
+
+class ApiClient:
+    def __init__(self, address: str, timeout: float = 30.0) -> None:
+        """`address` is "unix:/path", a socket path, or "host:port"."""
+        self.address = address
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buf = b""
+
+    def _connect(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        addr = self.address
+        if addr.startswith("unix:") or addr.startswith("/"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            sock.connect(addr.removeprefix("unix:"))
+        else:
+            host, _, port = addr.removeprefix("tcp:").rpartition(":")
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._buf = b""
+        return sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        head = [f"{method} {path} HTTP/1.1", "host: edgerun", f"content-length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        payload = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        for attempt in (0, 1):
+            sock = self._connect()
+            try:
+                sock.sendall(payload)
+                return self._read_response(sock)
+            except (BrokenPipeError, ConnectionResetError, _ClosedError):
+                # The server closed an idle keep-alive connection: reconnect once.
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _read_until(self, sock: socket.socket, marker: bytes) -> bytes:
+        while marker not in self._buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise _ClosedError("connection closed")
+            self._buf += chunk
+        head, _, self._buf = self._buf.partition(marker)
+        return head
+
+    def _read_exact(self, sock: socket.socket, n: int) -> bytes:
+        while len(self._buf) < n:
+            chunk = sock.recv(max(65536, n - len(self._buf)))
+            if not chunk:
+                raise _ClosedError("connection closed")
+            self._buf += chunk
+        data, self._buf = self._buf[:n], self._buf[n:]
+        return data
+
+    def _read_response(self, sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+        head = self._read_until(sock, b"\r\n\r\n").decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ")[1])
+        headers = {}
+        for line in head[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        body = self._read_exact(sock, int(headers.get("content-length", "0")))
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, headers, body
+
+    def get_json(self, path: str) -> dict[str, Any]:
+        status, _, body = self.request("GET", path)
+        data = json.loads(body) if body else {}
+        if status >= 400:
+            raise ApiError(status, data)
+        result: dict[str, Any] = data
+        return result
+
+    def metrics(self) -> str:
+        _, _, body = self.request("GET", "/metrics")
+        return body.decode()
+
+    def infer(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        binary: bool = False,
+        request_id: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Send one request; binary=True uses the binary tensor extension both ways."""
+        tensors = []
+        blobs = []
+        for name, array in inputs.items():
+            entry: dict[str, Any] = {
+                "name": name,
+                "datatype": TO_DATATYPE[array.dtype.name],
+                "shape": list(array.shape),
+            }
+            if binary:
+                raw = np.ascontiguousarray(array).tobytes()
+                entry["parameters"] = {"binary_data_size": len(raw)}
+                blobs.append(raw)
+            else:
+                entry["data"] = array.reshape(-1).tolist()
+            tensors.append(entry)
+        req: dict[str, Any] = {"inputs": tensors}
+        if request_id is not None:
+            req["id"] = request_id
+        headers = {"content-type": "application/json"}
+        if binary:
+            req["parameters"] = {"binary_data_output": True}
+        head = json.dumps(req, separators=(",", ":")).encode()
+        if binary:
+            headers["inference-header-content-length"] = str(len(head))
+        status, resp_headers, body = self.request(
+            "POST", f"/v2/models/{model}/infer", head + b"".join(blobs), headers
+        )
+        return decode_response(status, resp_headers, body)
+
+
+def decode_response(status: int, headers: dict[str, str], body: bytes) -> dict[str, np.ndarray]:
+    hlen = headers.get("inference-header-content-length")
+    head = body[: int(hlen)] if hlen else body
+    data = json.loads(head)
+    if status >= 400:
+        raise ApiError(status, data)
+    binary = body[int(hlen) :] if hlen else b""
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for tensor in data["outputs"]:
+        dtype = np.dtype(DATATYPES[tensor["datatype"]])
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            arr = np.frombuffer(binary, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+            offset += size
+        else:
+            arr = np.asarray(tensor["data"], dtype=dtype)
+        out[tensor["name"]] = arr.reshape(tensor["shape"])
+    return out
+
+
+class _ClosedError(ConnectionError):
+    pass

@@ -1,0 +1,236 @@
+"""edge-agent: run the device agent, check its config, verify bundles, query it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent import __version__
+
+DEFAULT_CONFIG = Path("/etc/edgerun/agent.toml")
+DEFAULT_SOCKET = "/run/edgerun/api.sock"
+
+
+def _config_path(value: str | None) -> Path | None:
+    if value:
+        return Path(value)
+    env = os.environ.get("EDGERUN_CONFIG")
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+
+
+def _setup_logging(level: str) -> None:
+    # Under systemd the journal adds timestamps; elsewhere we do.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.config.loader import ConfigError, load_config
+    from agent.service import Agent, StartupError
+
+    try:
+        config = load_config(_config_path(args.config))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(config.log_level)
+    try:
+        agent = Agent(config)
+        for component in _extra_components(agent):
+            agent.add_component(component)
+        return asyncio.run(agent.run())
+    except StartupError as exc:
+        logging.getLogger("edge-agent").error("cannot start: %s", exc)
+        return 1
+
+
+def _extra_components(agent: Any) -> list[Any]:
+    """Optional parts that attach to the agent when configured (the MQTT link)."""
+    try:
+        from agent.link import components_for
+    except ImportError:
+        return []
+    result: list[Any] = components_for(agent)
+    return result
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.config.loader import ConfigError, load_config
+    from agent.service import StartupError, load_trusted_keys
+
+    path = Path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.issues)} problem(s)")
+        for issue in exc.issues:
+            print(f"  {issue.path or '<file>'}: {issue.message}")
+        return 1
+    problems = []
+    try:
+        keys = load_trusted_keys(config)
+    except StartupError as exc:
+        problems.append(str(exc))
+        keys = []
+    if not config.trust.public_keys:
+        problems.append("trust.public_keys: empty; no bundle can be verified")
+    if config.model.bundle is not None and not config.model.bundle.is_file():
+        problems.append(f"model.bundle: {config.model.bundle} does not exist")
+    if problems:
+        print(f"{path}: {len(problems)} problem(s)")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    print(f"{path}: OK (device {config.device_id}, {len(keys)} trusted key(s))")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from agent.admission import limits_from
+    from agent.bundle import BundleError, verify_bundle
+    from agent.config.loader import ConfigError, load_config
+    from agent.config.model import AgentConfig
+    from agent.service import StartupError, load_trusted_keys
+    from agent.signing import KeyFileError, load_public_key
+
+    try:
+        config = load_config(Path(args.config)) if args.config else AgentConfig()
+        keys = (
+            [load_public_key(Path(k)) for k in args.key] if args.key else load_trusted_keys(config)
+        )
+    except (ConfigError, StartupError, KeyFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not keys:
+        print(
+            "error: no public key: pass --key KEY.pub or --config with trust.public_keys",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        bundle = verify_bundle(Path(args.bundle), keys, limits_from(config))
+    except BundleError as exc:
+        print(f"REFUSED [{exc.code}] {args.bundle}: {exc}")
+        return 1
+    m = bundle.manifest
+    print(f"OK {args.bundle}")
+    print(f"  name {m.name}  version {m.version}  signed by {bundle.signer}")
+    print(f"  sha256 {bundle.sha256}")
+    print(f"  formats {', '.join(f'{k}={v}' for k, v in m.formats.items())}")
+    for spec in m.inputs:
+        print(f"  input  {spec.name} {spec.dtype} {list(spec.shape)}")
+    for spec in m.outputs:
+        print(f"  output {spec.name} {spec.dtype} {list(spec.shape)}")
+    if m.peak_memory_mb:
+        print("  peak memory " + ", ".join(f"{k} {v} MB" for k, v in m.peak_memory_mb.items()))
+    return 0
+
+
+def _load_input(path: Path, name: str | None) -> dict[str, np.ndarray]:
+    if path.suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+        return {name or "input": array}
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    payload = json.loads(path.read_text())
+    if isinstance(payload, list):
+        return {name or "input": np.asarray(payload, dtype=np.float32)}
+    return {k: np.asarray(v, dtype=np.float32) for k, v in payload.items()}
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from agent.api.client import ApiClient, ApiError
+
+    try:
+        with ApiClient(args.socket) as client:
+            meta = client.get_json("/v2/edgerun/status")
+            model = args.model or (meta.get("model") or {}).get("name")
+            if not model:
+                print("error: the agent serves no model yet", file=sys.stderr)
+                return 1
+            desc = client.get_json(f"/v2/models/{model}")
+            default_name = desc["inputs"][0]["name"] if len(desc["inputs"]) == 1 else None
+            inputs = _load_input(Path(args.input), args.input_name or default_name)
+            for spec in desc["inputs"]:
+                if spec["name"] in inputs and spec["datatype"] == "FP32":
+                    inputs[spec["name"]] = inputs[spec["name"]].astype(np.float32)
+            outputs = client.infer(model, inputs, binary=args.binary)
+    except (OSError, ApiError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    labels = desc.get("parameters", {}).get("labels") or []
+    result: dict[str, Any] = {k: v.tolist() for k, v in outputs.items()}
+    if labels and len(outputs) == 1:
+        scores = next(iter(outputs.values()))
+        if scores.ndim == 2 and scores.shape[1] == len(labels):
+            result["top1"] = [labels[i] for i in scores.argmax(axis=1)]
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.api.client import ApiClient
+
+    try:
+        with ApiClient(args.socket) as client:
+            status = client.get_json("/v2/edgerun/status")
+    except OSError as exc:
+        print(f"error: cannot reach the agent at {args.socket}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2))
+    return 0 if status.get("ready") else 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent (systemd runs this)")
+    run.add_argument("--config", help=f"agent.toml (default $EDGERUN_CONFIG or {DEFAULT_CONFIG})")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate agent.toml; exit 1 on problems")
+    check.add_argument("config")
+    check.set_defaults(func=cmd_check_config)
+
+    verify = sub.add_parser("verify", help="check a bundle's signature and contents")
+    verify.add_argument("bundle")
+    verify.add_argument("--key", action="append", help="trusted public key (repeatable)")
+    verify.add_argument("--config", help="take trusted keys and limits from agent.toml")
+    verify.set_defaults(func=cmd_verify)
+
+    infer = sub.add_parser("infer", help="send one request to the local API")
+    infer.add_argument("--input", required=True, help="FILE.npy, .npz or .json")
+    infer.add_argument("--input-name", help="input name for a .npy/.json list")
+    infer.add_argument("--model", help="model name (default: the one served)")
+    infer.add_argument("--socket", default=DEFAULT_SOCKET, help="unix socket path or host:port")
+    infer.add_argument("--binary", action="store_true", help="use the binary tensor extension")
+    infer.set_defaults(func=cmd_infer)
+
+    status = sub.add_parser("status", help="print the agent's status")
+    status.add_argument("--socket", default=DEFAULT_SOCKET, help="unix socket path or host:port")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

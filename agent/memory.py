@@ -1,0 +1,193 @@
+"""Memory cap: find the effective limit, admit models against it, watch RSS.
+
+The effective cap is the smallest of the configured `memory.max_mb`, the cgroup
+limit (v2 `memory.max` anywhere up the hierarchy, or v1 `memory.limit_in_bytes`)
+and physical memory. A model is admitted only if its measured peak plus what the
+agent already uses fits; while serving, RSS above the soft limit sheds load.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from agent.config.model import MemoryConfig
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+# cgroup v1 reports "no limit" as a huge page-aligned number near 2**63.
+_V1_UNLIMITED = 1 << 60
+
+
+class AdmissionError(Exception):
+    """A model does not fit under the memory cap; the message carries the numbers."""
+
+    code = "memory.refused"
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    cap_bytes: int
+    soft_limit_bytes: int
+    configured_bytes: int | None
+    cgroup_bytes: int | None
+    physical_bytes: int
+
+    @property
+    def source(self) -> str:
+        """Which limit is the binding one, for messages."""
+        if self.configured_bytes is not None and self.cap_bytes == self.configured_bytes:
+            return "memory.max_mb"
+        if self.cgroup_bytes is not None and self.cap_bytes == self.cgroup_bytes:
+            return "cgroup"
+        return "physical memory"
+
+    def as_dict(self) -> dict[str, float | str | None]:
+        return {
+            "cap_mb": round(self.cap_bytes / MB, 1),
+            "soft_limit_mb": round(self.soft_limit_bytes / MB, 1),
+            "configured_mb": None if self.configured_bytes is None else self.configured_bytes // MB,
+            "cgroup_mb": None if self.cgroup_bytes is None else round(self.cgroup_bytes / MB, 1),
+            "physical_mb": round(self.physical_bytes / MB, 1),
+            "binding": self.source,
+        }
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text in ("max", ""):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        log.warning("cannot parse cgroup limit %r in %s", text, path)
+        return None
+    return None if value >= _V1_UNLIMITED else value
+
+
+def cgroup_limit_bytes(
+    proc_cgroup: Path = Path("/proc/self/cgroup"),
+    cgroup_root: Path = Path("/sys/fs/cgroup"),
+) -> int | None:
+    """The tightest memory limit of this process's cgroup and its ancestors."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    limits: list[int] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, rel = parts
+        rel = rel.strip().lstrip("/")
+        if hierarchy == "0" and controllers == "":
+            # cgroup v2: unified tree, mounted at the root or at root/unified (hybrid).
+            for base in (cgroup_root, cgroup_root / "unified"):
+                if (base / "cgroup.controllers").exists():
+                    limits += _walk_up(base, rel, "memory.max")
+                    break
+        elif "memory" in controllers.split(","):
+            limits += _walk_up(cgroup_root / "memory", rel, "memory.limit_in_bytes")
+    return min(limits) if limits else None
+
+
+def _walk_up(base: Path, rel: str, filename: str) -> list[int]:
+    found = []
+    path = base / rel if rel else base
+    while True:
+        value = _read_limit(path / filename)
+        if value is not None:
+            found.append(value)
+        if path == base or base not in path.parents:
+            break
+        path = path.parent
+    return found
+
+
+def compute_budget(
+    config: MemoryConfig,
+    cgroup_bytes: int | None = None,
+    physical_bytes: int | None = None,
+    detect_cgroup: bool = True,
+) -> MemoryBudget:
+    configured = config.max_mb * MB if config.max_mb else None
+    cgroup = (
+        cgroup_bytes
+        if cgroup_bytes is not None
+        else (cgroup_limit_bytes() if detect_cgroup else None)
+    )
+    physical = physical_bytes or psutil.virtual_memory().total
+    cap = min(x for x in (configured, cgroup, physical) if x is not None)
+    soft = (
+        config.soft_limit_mb * MB if config.soft_limit_mb else int(cap * config.soft_limit_fraction)
+    )
+    return MemoryBudget(cap, min(soft, cap), configured, cgroup, physical)
+
+
+def current_rss() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+def admit(model: str, peak_mb: float | None, budget: MemoryBudget, rss_bytes: int) -> None:
+    """Raise AdmissionError unless `rss + peak` fits under the cap (not the soft limit:
+    the soft limit is headroom for requests, the cap is what the kernel enforces)."""
+    if peak_mb is None:
+        log.warning("bundle %s carries no measured peak memory; admitting on RSS alone", model)
+        peak_mb = 0.0
+    need = rss_bytes + peak_mb * MB
+    if need > budget.cap_bytes:
+        raise AdmissionError(
+            f"model {model} needs {peak_mb:.1f} MB (measured peak) on top of the agent's "
+            f"{rss_bytes / MB:.1f} MB = {need / MB:.1f} MB, above the memory cap of "
+            f"{budget.cap_bytes / MB:.1f} MB (set by {budget.source}); keeping the current model"
+        )
+
+
+class RssWatcher:
+    """Samples RSS in a background thread; `overloaded` is read on every request."""
+
+    def __init__(self, budget: MemoryBudget, interval_s: float) -> None:
+        self.budget = budget
+        self.interval_s = interval_s
+        self._process = psutil.Process()
+        self.rss = int(self._process.memory_info().rss)
+        self.peak = self.rss
+        self.overloaded = False
+        self.shed_count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def sample(self) -> int:
+        self.rss = int(self._process.memory_info().rss)
+        self.peak = max(self.peak, self.rss)
+        was = self.overloaded
+        self.overloaded = self.rss > self.budget.soft_limit_bytes
+        if self.overloaded != was:
+            log.warning(
+                "RSS %.1f MB is %s the soft limit %.1f MB: %s",
+                self.rss / MB,
+                "above" if self.overloaded else "back under",
+                self.budget.soft_limit_bytes / MB,
+                "shedding new requests" if self.overloaded else "accepting requests again",
+            )
+        return self.rss
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()

@@ -1,0 +1,54 @@
+"""systemd's sd_notify protocol (READY, WATCHDOG, STATUS, STOPPING) over $NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        env = dict(os.environ) if environ is None else environ
+        self.address = env.get("NOTIFY_SOCKET")
+        usec = env.get("WATCHDOG_USEC")
+        pid = env.get("WATCHDOG_PID")
+        self.watchdog_s: float | None = None
+        if usec and (pid is None or pid == str(os.getpid())):
+            try:
+                self.watchdog_s = int(usec) / 1_000_000
+            except ValueError:
+                log.warning("ignoring WATCHDOG_USEC=%r", usec)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address)
+
+    def notify(self, *fields: str) -> bool:
+        if not self.address:
+            return False
+        address = self.address
+        if address.startswith("@"):  # abstract namespace socket
+            address = "\0" + address[1:]
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(address)
+                sock.sendall("\n".join(fields).encode())
+        except OSError as exc:
+            log.warning("sd_notify to %s failed: %s", self.address, exc)
+            return False
+        return True
+
+    def ready(self, status: str) -> bool:
+        return self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def status(self, status: str) -> bool:
+        return self.notify(f"STATUS={status}")
+
+    def watchdog(self) -> bool:
+        return self.notify("WATCHDOG=1")
+
+    def stopping(self) -> bool:
+        return self.notify("STOPPING=1", "STATUS=draining requests")

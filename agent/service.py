@@ -1,0 +1,219 @@
+"""The agent process: wires config, memory, store, admission, API and signals together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent import __version__
+from agent.admission import REFUSALS, Admission
+from agent.api.server import ApiServer
+from agent.config.loader import read_credential
+from agent.config.model import AgentConfig
+from agent.events import EventBus
+from agent.memory import MB, RssWatcher, compute_budget
+from agent.metrics import Metrics
+from agent.runtimes import availability
+from agent.sdnotify import Notifier
+from agent.serving import ModelHost
+from agent.signing import KeyFileError, key_id, parse_public_key
+from agent.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Component(Protocol):
+    """Something that runs beside the API for the agent's lifetime (e.g. the MQTT link)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class StartupError(Exception):
+    """The agent cannot start; the message says what to fix."""
+
+
+def load_trusted_keys(config: AgentConfig) -> list[Ed25519PublicKey]:
+    keys = []
+    for i, ref in enumerate(config.trust.public_keys):
+        try:
+            keys.append(parse_public_key(read_credential(ref), origin=ref))
+        except KeyFileError as exc:
+            raise StartupError(f"trust.public_keys[{i}]: {exc}") from exc
+        except Exception as exc:
+            raise StartupError(f"trust.public_keys[{i}]: {exc}") from exc
+    return keys
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.started = time.time()
+        self.events = EventBus()
+        self.metrics = Metrics()
+        self.budget = compute_budget(config.memory)
+        self.watcher = RssWatcher(self.budget, config.memory.check_interval_ms / 1000)
+        self.keys = load_trusted_keys(config)
+        try:
+            self.store = Store(config.state_dir)
+        except OSError as exc:
+            raise StartupError(f"state_dir {config.state_dir}: {exc.strerror}") from exc
+        self.host = ModelHost(config, self.metrics, self.watcher)
+        self.admission = Admission(
+            config, self.store, self.host, self.budget, self.keys, self.events
+        )
+        self.api = ApiServer(self.host, config.api, self.status, self.metrics_text)
+        self.notifier = Notifier()
+        self.components: list[Component] = []
+        self._stop = asyncio.Event()
+        self._shed_reported = 0
+        self.exit_code = 0
+
+    def add_component(self, component: Component) -> None:
+        self.components.append(component)
+
+    # ----------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        model = self.host.model
+        return {
+            "device_id": self.config.device_id,
+            "agent_version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "ready": self.host.ready(),
+            "model": None if model is None else model.summary(),
+            "memory": {
+                **self.budget.as_dict(),
+                "rss_mb": round(self.watcher.rss / MB, 1),
+                "peak_rss_mb": round(self.watcher.peak / MB, 1),
+                "overloaded": self.watcher.overloaded,
+                "shed_requests": self.watcher.shed_count,
+            },
+            "inflight": self.host.inflight,
+            "runtimes": {k: v or "available" for k, v in availability().items()},
+            "api": self.api.addresses,
+            "trusted_keys": [key_id(k) for k in self.keys],
+            "metrics": self.metrics.window(reset=False)["total"],
+        }
+
+    def metrics_text(self) -> str:
+        model = self.host.model
+        self.watcher.sample()
+        gauges = {
+            "edgerun_process_resident_memory_bytes": ("Agent RSS.", float(self.watcher.rss)),
+            "edgerun_memory_cap_bytes": ("Effective memory cap.", float(self.budget.cap_bytes)),
+            "edgerun_memory_soft_limit_bytes": (
+                "RSS above which requests are shed.",
+                float(self.budget.soft_limit_bytes),
+            ),
+            "edgerun_overloaded": ("1 while shedding load.", float(self.watcher.overloaded)),
+            "edgerun_shed_requests_total": (
+                "Requests refused as overloaded.",
+                float(self.watcher.shed_count),
+            ),
+            "edgerun_inflight_requests": ("Requests being served.", float(self.host.inflight)),
+            "edgerun_model_ready": ("1 when a model is served.", float(self.host.ready())),
+        }
+        info = {}
+        if model is not None:
+            info = {
+                "name": model.manifest.name,
+                "version": model.manifest.version,
+                "sha256": model.sha256,
+                "runtime": model.runtime_name,
+            }
+        return self.metrics.render_prometheus(gauges, info)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def load_initial_model(self) -> None:
+        """Serve what the state dir has, then install `model.bundle` if it is newer."""
+        self.admission.serve_current()
+        bundle = self.config.model.bundle
+        if bundle is None:
+            if self.host.model is None:
+                log.warning("no model to serve: set model.bundle or deploy one over MQTT")
+            return
+        try:
+            self.admission.install(Path(bundle))
+        except REFUSALS as exc:
+            if self.host.model is None:
+                raise StartupError(f"cannot serve {bundle}: {exc}") from exc
+            log.warning("keeping %s: %s", self.host.model.manifest.version, exc)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, on_ready: Callable[[], Awaitable[None]] | None = None) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        self.watcher.start()
+        started = time.perf_counter()
+        await loop.run_in_executor(None, self.load_initial_model)
+        await self.api.start()
+        for component in self.components:
+            await component.start()
+        ready_s = time.perf_counter() - started
+        model = self.host.model
+        what = "no model" if model is None else f"{model.manifest.name} {model.manifest.version}"
+        log.info("ready in %.3f s: serving %s on %s", ready_s, what, ", ".join(self.api.addresses))
+        self.notifier.ready(f"serving {what}")
+        if on_ready is not None:
+            await on_ready()
+        watchdog = asyncio.create_task(self._watchdog())
+        try:
+            await self._stop.wait()
+        finally:
+            watchdog.cancel()
+        return await self.shutdown()
+
+    async def _watchdog(self) -> None:
+        # Pet the systemd watchdog at half its period, only while the loop is healthy.
+        period = self.notifier.watchdog_s
+        interval = period / 2 if period else 5.0
+        while True:
+            await asyncio.sleep(interval)
+            if period:
+                self.notifier.watchdog()
+            if self.watcher.shed_count > self._shed_reported:
+                n = self.watcher.shed_count - self._shed_reported
+                self._shed_reported = self.watcher.shed_count
+                self.events.emit(
+                    "overloaded",
+                    f"shed {n} request(s): RSS above the soft limit",
+                    rss_mb=round(self.watcher.rss / MB, 1),
+                    soft_limit_mb=round(self.budget.soft_limit_bytes / MB, 1),
+                )
+
+    async def shutdown(self) -> int:
+        self.notifier.stopping()
+        timeout = self.config.api.drain_timeout_s
+        loop = asyncio.get_running_loop()
+        drained = await loop.run_in_executor(None, self.host.drain, timeout)
+        if not drained:
+            log.warning(
+                "%d request(s) still running after %.1f s; exiting anyway",
+                self.host.inflight,
+                timeout,
+            )
+        for component in reversed(self.components):
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %r failed", component)
+        await self.api.close()
+        self.host.close()
+        self.watcher.stop()
+        log.info("stopped")
+        return self.exit_code
