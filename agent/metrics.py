@@ -145,7 +145,7 @@ class Metrics:
                 *self.batch.render("edgerun_inference_batch_size"),
             ]
         for name, (help_text, value) in sorted(gauges.items()):
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {_num(value)}"]
         if info:
             labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(info.items()))
             lines += [
@@ -154,6 +154,10 @@ class Metrics:
                 f"edgerun_model_info{{{labels}}} 1",
             ]
         return "\n".join(lines) + "\n"
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -1,0 +1,50 @@
+# edgerun: the two commands of the quick start, and what they need.
+#   make demo  - run the agent offline on the sample model (no broker, no network)
+#   make test  - lint, type-check and run the whole test suite
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+PIP_FLAGS ?= --disable-pip-version-check -q
+
+.PHONY: demo test lint typecheck pytest deps-device deps-test deps-system bench clean
+
+# Debian packages the tests use: a real mosquitto broker and its clients, and qemu
+# for the aarch64 check. Installed only when missing.
+deps-system:
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v mosquitto_rr >/dev/null 2>&1 || missing="$$missing mosquitto-clients"; \
+	command -v qemu-aarch64-static >/dev/null 2>&1 || missing="$$missing qemu-user-static"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+deps-device:
+	$(PIP) install $(PIP_FLAGS) -e '.[device,litert]'
+
+# torch==2.13.0 is pinned in the export extra: a CPU build is on this kind of machine.
+deps-test: deps-system
+	$(PIP) install $(PIP_FLAGS) -e '.[device,litert,export,test]'
+
+demo: deps-device
+	$(PYTHON) scripts/demo.py
+
+lint:
+	$(PYTHON) -m ruff check agent export fleet tests bench scripts
+	$(PYTHON) -m ruff format --check agent export fleet tests bench scripts
+
+typecheck:
+	$(PYTHON) -m mypy agent
+
+pytest:
+	$(PYTHON) -m pytest -q
+
+test: deps-test lint typecheck pytest
+
+bench: deps-test
+	$(PYTHON) bench/overhead.py
+	$(PYTHON) bench/footprint.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

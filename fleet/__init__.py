@@ -1,0 +1,1 @@
+"""edgerun fleet console (`edge-fleet`): see the fleet, roll models out, roll back."""
