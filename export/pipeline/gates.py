@@ -1,0 +1,85 @@
+"""Quality gates: each stage's accuracy (or cosine) against the recipe's budget.
+
+A failing gate raises GateError naming the gate, the stage, the measured value,
+the limit and the margin, e.g. "gate accuracy failed at onnx int8: 95.10% is
+2.30 points below the teacher's 97.40%; the budget is 1.00".
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from export.pipeline.errors import GateError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    stage: str
+    value: float
+    limit: float
+    passed: bool
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Gates:
+    """Collects every check for the report; raises on the first failure."""
+
+    def __init__(self, task: str, max_accuracy_drop: float, min_cosine: float) -> None:
+        self.task = task
+        self.max_accuracy_drop = max_accuracy_drop
+        self.min_cosine = min_cosine
+        self.baseline: float | None = None
+        self.results: list[GateResult] = []
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.task == "classification" else "cosine"
+
+    def set_baseline(self, value: float) -> None:
+        self.baseline = value
+
+    def check(self, stage: str, value: float) -> GateResult:
+        if self.task == "classification":
+            assert self.baseline is not None, "set the teacher's accuracy first"
+            floor = self.baseline - self.max_accuracy_drop
+            drop = self.baseline - value
+            passed = value >= floor - 1e-9
+            detail = (
+                f"{value:.2f}% vs teacher {self.baseline:.2f}%: drop {drop:.2f} points, "
+                f"budget {self.max_accuracy_drop:.2f}"
+            )
+            result = GateResult("accuracy", stage, value, floor, passed, detail)
+            message = (
+                f"gate accuracy failed at {stage}: {value:.2f}% is {drop:.2f} points below the "
+                f"teacher's {self.baseline:.2f}%; the budget (gates.max_accuracy_drop) is "
+                f"{self.max_accuracy_drop:.2f}, exceeded by {drop - self.max_accuracy_drop:.2f}"
+            )
+        else:
+            passed = value >= self.min_cosine - 1e-12
+            detail = f"mean cosine to teacher {value:.4f}, minimum {self.min_cosine:.4f}"
+            result = GateResult("cosine", stage, value, self.min_cosine, passed, detail)
+            message = (
+                f"gate cosine failed at {stage}: mean cosine to the teacher {value:.4f} is "
+                f"{self.min_cosine - value:.4f} below gates.min_cosine = {self.min_cosine:.4f}"
+            )
+        self.results.append(result)
+        log.info("gate %s at %s: %s (%s)", result.gate, stage, "pass" if passed else "FAIL",
+                 detail)  # fmt: skip
+        if not passed:
+            raise GateError(result.gate, stage, value, result.limit, message)
+        return result
+
+    def record_parity(self, stage: str, diffs: dict[str, float], atol: float) -> None:
+        worst = max(diffs.values()) if diffs else 0.0
+        self.results.append(GateResult(
+            "parity", stage, worst, atol, worst <= atol,
+            "max abs diff " + ", ".join(f"{k}={v:.3g}" for k, v in diffs.items()),
+        ))  # fmt: skip

@@ -1,0 +1,132 @@
+"""The build report: report.json, a Markdown table and a PNG plot.
+
+Rows are stages/formats (teacher, student, pruned, each exported candidate).
+The plot puts latency on x, the quality metric on y and file size as the marker
+area, so the trade-off the build made is visible at a glance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _fmt_int(n: Any) -> str:
+    return "-" if n in (None, 0) else f"{int(n):,}"
+
+
+def _fmt_size(n: Any) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
+
+
+def _fmt_metric(task: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}%" if task == "classification" else f"{v:.4f}"
+
+
+def _fmt_ms(lat: Any) -> str:
+    if not lat:
+        return "-"
+    return f"{lat['p50']:.3f} / {lat['p99']:.3f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    task = report["task"]
+    metric = "accuracy" if task == "classification" else "cosine to teacher"
+    lines = [
+        f"# {report['name']} {report['version']}: build report",
+        "",
+        f"Task: {task}. Latency: batch 1, {report.get('threads', 1)} thread(s), "
+        "p50 / p99 ms, measured in a child process with the device runtime.",
+        "",
+        f"| stage | format | {metric} | params | MACs | size | latency ms | selected |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    selected = set(report.get("selected", {}).values())
+    for row in report["stages"]:
+        lines.append(
+            f"| {row['stage']} | {row['format']} | {_fmt_metric(task, row.get('metric'))} "
+            f"| {_fmt_int(row.get('params'))} | {_fmt_int(row.get('flops'))} "
+            f"| {_fmt_size(row.get('size_bytes'))} | {_fmt_ms(row.get('latency_ms'))} "
+            f"| {'yes' if row['stage'] in selected else ''} |"
+        )
+    gates = report.get("gates", [])
+    if gates:
+        lines += ["", "## Gates", "", "| gate | stage | result | detail |", "|---|---|---|---|"]
+        for g in gates:
+            lines.append(
+                f"| {g['gate']} | {g['stage']} | {'pass' if g['passed'] else 'FAIL'} "
+                f"| {g['detail']} |"
+            )
+    if report.get("prune"):
+        p = report["prune"]
+        lines += [
+            "",
+            "## Pruning",
+            "",
+            f"{p['method']} at ratio {p['ratio']}: params {_fmt_int(p['params_before'])} -> "
+            f"{_fmt_int(p['params_after'])} (nonzero {_fmt_int(p['nonzero_after'])}), "
+            f"MACs {_fmt_int(p['flops_before'])} -> {_fmt_int(p['flops_after'])}.",
+        ]
+    if report.get("quantize"):
+        q = report["quantize"]
+        lines += ["", "## Quantization", "", ", ".join(f"{k}: {v}" for k, v in q.items()) + "."]
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on build machines
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["stages"] if r.get("latency_ms") and r.get("metric") is not None]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    if rows:
+        sizes = [max(r.get("size_bytes") or 1, 1) for r in rows]
+        biggest = max(sizes)
+        colors = {"onnx": "tab:blue", "tflite": "tab:orange"}
+        for r, size in zip(rows, sizes, strict=True):
+            area = 60 + 900 * size / biggest
+            color = colors.get(r["format"].split()[0], "tab:gray")
+            marker = "s" if "int8" in r["stage"] else "o"
+            ax.scatter(r["latency_ms"]["p50"], r["metric"], s=area, c=color, alpha=0.55,
+                       marker=marker, edgecolors="black")  # fmt: skip
+            ax.annotate(f"{r['stage']}\n{_fmt_size(size)}", (r["latency_ms"]["p50"], r["metric"]),
+                        fontsize=7, ha="left", va="bottom", xytext=(6, 4),
+                        textcoords="offset points")  # fmt: skip
+    else:
+        ax.text(0.5, 0.5, "no measured candidates", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("latency p50, batch 1 (ms)")
+    ax.set_ylabel("top-1 accuracy (%)" if report["task"] == "classification"
+                  else "mean cosine to teacher")  # fmt: skip
+    ax.set_title(f"{report['name']} {report['version']}: quality vs latency "
+                 "(marker area = file size; square = INT8)", fontsize=9)  # fmt: skip
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_reports(report: dict[str, Any], directory: Path) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "report.json": directory / "report.json",
+        "report.md": directory / "report.md",
+        "report.png": directory / "report.png",
+    }
+    paths["report.json"].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    paths["report.md"].write_text(markdown(report))
+    plot(report, paths["report.png"])
+    log.info("wrote report.json, report.md and report.png in %s", directory)
+    return paths
