@@ -62,6 +62,7 @@ class Agent:
         self.metrics = Metrics()
         self.budget = compute_budget(config.memory)
         self.watcher = RssWatcher(self.budget, config.memory.check_interval_ms / 1000)
+        self.watcher.on_change = self._overload_changed
         self.keys = load_trusted_keys(config)
         try:
             self.store = Store(config.state_dir)
@@ -75,7 +76,7 @@ class Agent:
         self.notifier = Notifier()
         self.components: list[Component] = []
         self._stop = asyncio.Event()
-        self._shed_reported = 0
+        self._shed_at_overload = 0
         self.exit_code = 0
 
     def add_component(self, component: Component) -> None:
@@ -186,15 +187,25 @@ class Agent:
             await asyncio.sleep(interval)
             if period:
                 self.notifier.watchdog()
-            if self.watcher.shed_count > self._shed_reported:
-                n = self.watcher.shed_count - self._shed_reported
-                self._shed_reported = self.watcher.shed_count
-                self.events.emit(
-                    "overloaded",
-                    f"shed {n} request(s): RSS above the soft limit",
-                    rss_mb=round(self.watcher.rss / MB, 1),
-                    soft_limit_mb=round(self.budget.soft_limit_bytes / MB, 1),
-                )
+
+    def _overload_changed(self, overloaded: bool, rss: int) -> None:
+        soft = round(self.budget.soft_limit_bytes / MB, 1)
+        if overloaded:
+            self._shed_at_overload = self.watcher.shed_count
+            self.events.emit(
+                "overloaded",
+                f"RSS {rss / MB:.1f} MB is above the soft limit {soft} MB: shedding new requests",
+                rss_mb=round(rss / MB, 1),
+                soft_limit_mb=soft,
+            )
+        else:
+            shed = self.watcher.shed_count - self._shed_at_overload
+            self.events.emit(
+                "overload.cleared",
+                f"RSS {rss / MB:.1f} MB is back under {soft} MB; {shed} request(s) were shed",
+                rss_mb=round(rss / MB, 1),
+                shed=shed,
+            )
 
     async def shutdown(self) -> int:
         self.notifier.stopping()

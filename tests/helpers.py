@@ -93,7 +93,14 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
-def base_config(tmp: Path, bundle: Path | None = SAMPLE_BUNDLE, extra: str = "") -> str:
+def base_config(
+    tmp: Path,
+    bundle: Path | None = SAMPLE_BUNDLE,
+    extra: str = "",
+    api: str = "",
+    model: str = "",
+) -> str:
+    """An agent.toml for tests; `api`/`model` lines go into those tables."""
     lines = [
         'device_id = "test-device"',
         f'state_dir = "{tmp / "state"}"',
@@ -101,11 +108,12 @@ def base_config(tmp: Path, bundle: Path | None = SAMPLE_BUNDLE, extra: str = "")
         f'public_keys = ["{DEMO_PUB}"]',
         "[api]",
         f'socket = "{tmp / "api.sock"}"',
+        api,
+        "[model]",
+        f'bundle = "{bundle}"' if bundle is not None else "",
+        model,
     ]
-    text = "\n".join(lines) + "\n"
-    if bundle is not None:
-        text += f'[model]\nbundle = "{bundle}"\n'
-    return text + extra
+    return "\n".join(lines) + "\n" + extra
 
 
 class AgentProcess:
@@ -143,7 +151,8 @@ class AgentProcess:
         return ApiClient(str(self.socket))
 
     def output(self) -> str:
-        self._log_fh.flush()
+        if not self._log_fh.closed:
+            self._log_fh.flush()
         return self.log.read_text(errors="replace")
 
     def stop(self) -> int:
