@@ -1,0 +1,314 @@
+"""The local API over a real agent process: Open Inference Protocol, errors, metrics."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.api.client import ApiClient, ApiError
+from tests.helpers import AgentProcess, base_config, samples, write_config
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="er-api-", dir="/tmp"))
+    config = write_config(
+        tmp / "agent.toml",
+        base_config(tmp, api='tcp = "127.0.0.1:0"\nmax_request_mb = 1\nmax_batch_size = 64'),
+    )
+    proc = AgentProcess(config, tmp / "api.sock")
+    proc.wait_ready()
+    yield proc
+    assert proc.stop() == 0, proc.output()
+
+
+@pytest.fixture
+def client(agent: AgentProcess) -> Iterator[ApiClient]:
+    with agent.client() as c:
+        yield c
+
+
+def raw(agent: AgentProcess, data: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(agent.socket))
+        s.sendall(data)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_health_and_server_metadata(client: ApiClient) -> None:
+    assert client.get_json("/v2/health/live") == {"live": True}
+    assert client.get_json("/v2/health/ready") == {"ready": True}
+    meta = client.get_json("/v2")
+    assert meta["name"] == "edgerun" and "binary_tensor_data" in meta["extensions"]
+
+
+def test_model_metadata(client: ApiClient) -> None:
+    meta = client.get_json("/v2/models/digits")
+    assert meta["name"] == "digits" and meta["versions"] == ["1.0.0"]
+    assert meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+    assert meta["parameters"]["labels"] == [str(i) for i in range(10)]
+    assert client.get_json("/v2/models/digits/versions/1.0.0/ready")["ready"] is True
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_infer_answers_the_right_digits(client: ApiClient, binary: bool) -> None:
+    images, labels = samples()
+    out = client.infer("digits", {"input": images}, binary=binary, request_id="r-1")
+    assert out["logits"].shape == (len(labels), 10)
+    assert (out["logits"].argmax(1) == labels).mean() >= 0.9
+
+
+def test_infer_json_response_shape_and_output_selection(client: ApiClient) -> None:
+    images, _ = samples()
+    body = {
+        "id": "abc",
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [1, 1, 8, 8],
+                "data": images[0].reshape(-1).tolist(),
+            }
+        ],
+        "outputs": [{"name": "logits"}],
+    }
+    status, _, data = client.request(
+        "POST", "/v2/models/digits/versions/1.0.0/infer", json.dumps(body).encode()
+    )
+    assert status == 200
+    resp = json.loads(data)
+    assert (
+        resp["id"] == "abc" and resp["model_name"] == "digits" and resp["model_version"] == "1.0.0"
+    )
+    assert resp["outputs"][0]["name"] == "logits" and resp["outputs"][0]["shape"] == [1, 10]
+    body["outputs"] = [{"name": "probabilities"}]
+    status, _, data = client.request("POST", "/v2/models/digits/infer", json.dumps(body).encode())
+    assert (
+        status == 400
+        and "requested output 'probabilities' does not exist" in json.loads(data)["error"]
+    )
+
+
+def test_mixed_binary_output_request(client: ApiClient) -> None:
+    images, _ = samples()
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [2, 1, 8, 8],
+                "data": images[:2].reshape(-1).tolist(),
+            }
+        ],
+        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+    }
+    status, headers, data = client.request(
+        "POST", "/v2/models/digits/infer", json.dumps(body).encode()
+    )
+    assert status == 200
+    hlen = int(headers["inference-header-content-length"])
+    head = json.loads(data[:hlen])
+    assert head["outputs"][0]["parameters"]["binary_data_size"] == 2 * 10 * 4
+    assert len(data) - hlen == 80
+
+
+def post(
+    client: ApiClient, body: object, path: str = "/v2/models/digits/infer"
+) -> tuple[int, dict[str, object]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    status, _, resp = client.request("POST", path, data)
+    return status, json.loads(resp)
+
+
+def tensor(
+    shape: list[int], datatype: str = "FP32", name: str = "input", data: object = None
+) -> dict[str, object]:
+    n = int(np.prod(shape))
+    return {
+        "name": name,
+        "datatype": datatype,
+        "shape": shape,
+        "data": data if data is not None else [0.0] * n,
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "message"),
+    [
+        (b"{not json", 400, "request.malformed", "not valid JSON"),
+        (b"[1, 2]", 400, "request.malformed", "must be a JSON object"),
+        ({"inputs": []}, 400, "request.malformed", "non-empty list"),
+        (
+            {"inputs": [tensor([1, 64])]},
+            400,
+            "input.mismatch",
+            "input 'input': expected shape [-1, 1, 8, 8] (-1 = any), got [1, 64]",
+        ),
+        (
+            {"inputs": [tensor([1, 1, 8, 8], "FP64")]},
+            400,
+            "input.mismatch",
+            "expected dtype float32, got float64",
+        ),
+        (
+            {"inputs": [tensor([1, 1, 8, 8], name="pixels")]},
+            400,
+            "input.mismatch",
+            "unknown input 'pixels'",
+        ),
+        ({"inputs": [tensor([1, 1, 8, 8], "FP128")]}, 400, "request.malformed", "datatype 'FP128'"),
+        (
+            {"inputs": [tensor([1, 1, 8, 8], data=[1.0, 2.0])]},
+            400,
+            "request.malformed",
+            "2 values do not fill shape [1, 1, 8, 8]",
+        ),
+        (
+            {"inputs": [tensor([1, 1, 8, 8], data=["a"] * 64)]},
+            400,
+            "request.malformed",
+            "data is not FP32",
+        ),
+        ({"inputs": [tensor([-1, 1, 8, 8])]}, 400, "request.malformed", "non-negative integers"),
+        (
+            {"inputs": [tensor([65, 1, 8, 8], data=[0] * (65 * 64))]},
+            413,
+            "request.too_large",
+            "batch size 65 is above the limit of 64",
+        ),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_json_error(
+    client: ApiClient, body: object, status: int, code: str, message: str
+) -> None:
+    got_status, resp = post(client, body)
+    assert (got_status, resp["code"]) == (status, code), resp
+    assert message in str(resp["error"])
+
+
+def test_wrong_model_version_endpoint_and_method(client: ApiClient) -> None:
+    status, resp = post(client, {"inputs": [tensor([1, 1, 8, 8])]}, "/v2/models/cats/infer")
+    assert status == 404 and "model 'cats' is not served here" in str(resp["error"])
+    status, resp = post(
+        client, {"inputs": [tensor([1, 1, 8, 8])]}, "/v2/models/digits/versions/9/infer"
+    )
+    assert status == 404 and "version '9'" in str(resp["error"])
+    status, _, data = client.request("GET", "/v2/models/digits/infer")
+    assert status == 405
+    status, _, data = client.request("GET", "/v3/anything")
+    assert status == 404 and json.loads(data)["code"] == "endpoint.not_found"
+
+
+def test_oversized_body_is_refused_before_it_is_read(agent: AgentProcess) -> None:
+    head = b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 5000000\r\n\r\n"
+    reply = raw(agent, head)
+    assert reply.startswith(b"HTTP/1.1 413")
+    assert b"above the limit of 1048576 (api.max_request_mb)" in reply
+
+
+def test_garbage_and_chunked_requests(agent: AgentProcess) -> None:
+    assert raw(agent, b"HELLO\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert raw(agent, b"GET /v2 HTTP/1.1\r\nno colon here\r\n\r\n").startswith(b"HTTP/1.1 400")
+    chunked = (
+        b"POST /v2/models/digits/infer HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    assert raw(agent, chunked).startswith(b"HTTP/1.1 411")
+    assert raw(agent, b"GET /v2 HTTP/1.1\r\ncontent-length: -4\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert raw(agent, b"GET /v2 HTTP/1.1\r\n" + b"x: " + b"a" * 70000 + b"\r\n\r\n").startswith(
+        b"HTTP/1.1 431"
+    )
+
+
+def test_binary_extension_errors(client: ApiClient) -> None:
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 1, 8, 8],
+                    "parameters": {"binary_data_size": 256},
+                }
+            ]
+        }
+    ).encode()
+    status, _, data = client.request(
+        "POST",
+        "/v2/models/digits/infer",
+        head + b"\0" * 100,
+        {"inference-header-content-length": str(len(head))},
+    )
+    assert status == 400 and "binary_data_size does not fit" in json.loads(data)["error"]
+    status, _, data = client.request(
+        "POST",
+        "/v2/models/digits/infer",
+        head + b"\0" * 256,
+        {"inference-header-content-length": "99999"},
+    )
+    assert status == 400 and "outside the body" in json.loads(data)["error"]
+
+
+def test_agent_survives_everything_and_counts_it(agent: AgentProcess, client: ApiClient) -> None:
+    assert agent.proc.poll() is None
+    images, labels = samples()
+    out = client.infer("digits", {"input": images})
+    assert (out["logits"].argmax(1) == labels).mean() >= 0.9
+    text = client.metrics()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert int(lines["edgerun_inference_requests_total"]) >= 3
+    assert int(lines['edgerun_inference_errors_total{code="input.mismatch"}']) >= 3
+    assert int(lines['edgerun_inference_errors_total{code="request.malformed"}']) >= 3
+    assert int(lines['edgerun_inference_latency_seconds_bucket{le="+Inf"}']) == int(
+        lines["edgerun_inference_latency_seconds_count"]
+    )
+    assert int(lines["edgerun_process_resident_memory_bytes"]) > 10 * 1024 * 1024
+    info = next(k for k in lines if k.startswith("edgerun_model_info"))
+    assert 'name="digits"' in info and 'version="1.0.0"' in info and 'runtime="onnxruntime"' in info
+
+
+def test_tcp_listener_serves_the_same_api(agent: AgentProcess, client: ApiClient) -> None:
+    tcp = next(a for a in client.get_json("/v2/edgerun/status")["api"] if a.startswith("tcp:"))
+    assert tcp.startswith("tcp:127.0.0.1:")
+    with ApiClient(tcp) as c:
+        images, labels = samples()
+        out = c.infer("digits", {"input": images[:3]})
+        assert list(out["logits"].argmax(1)) == list(labels[:3])
+
+
+def test_status_reports_model_memory_and_runtimes(client: ApiClient) -> None:
+    status = client.get_json("/v2/edgerun/status")
+    assert status["ready"] is True and status["model"]["name"] == "digits"
+    assert status["model"]["runtime"]["providers"] == ["CPUExecutionProvider"]
+    assert status["runtimes"] == {"onnxruntime": "available", "litert": "available"}
+    assert status["memory"]["cap_mb"] > 0 and status["memory"]["rss_mb"] > 0
+
+
+def test_error_on_bad_requests_does_not_break_keep_alive(client: ApiClient) -> None:
+    for _ in range(3):
+        status, _ = post(client, b"{bad")
+        assert status == 400
+    images, _ = samples()
+    assert client.infer("digits", {"input": images[:1]})["logits"].shape == (1, 10)
+
+
+def test_api_error_type_carries_code(client: ApiClient) -> None:
+    with pytest.raises(ApiError) as info:
+        client.infer("digits", {"input": np.zeros((1, 64), np.float32)})
+    assert info.value.status == 400 and info.value.code == "input.mismatch"
