@@ -481,8 +481,12 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Build a signed bundle from a recipe.")  # fmt: skip
     p.add_argument("recipe", type=Path, help="recipe TOML file")
     p.add_argument("--out", type=Path, required=True, help="folder for the bundle and report")
-    p.add_argument("--key", type=Path, default=None,
-                   help=f"ed25519 private key (default: the INSECURE demo key {DEMO_KEY.name})")
+    p.add_argument(
+        "--key",
+        type=Path,
+        default=None,
+        help=f"ed25519 private key (default: the INSECURE demo key {DEMO_KEY.name})",
+    )
     p.add_argument("--skip-tflite", action="store_true", help="build ONNX only")
     p.add_argument("--runs", type=int, help="latency runs per candidate (default: recipe)")
     p.add_argument("--threads", type=int, help="threads for latency (default: recipe)")

@@ -91,7 +91,7 @@ def distill(
             else:
                 loss = embedding_loss(out, target[idx], cfg.loss)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             if after_step is not None:
                 after_step()  # e.g. keep pruned weights at zero

@@ -15,7 +15,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,10 +61,8 @@ def _on_path(folder: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        try:
+        with suppress(ValueError):  # a builder may have removed it itself
             sys.path.remove(str(folder))
-        except ValueError:  # pragma: no cover - a builder removed it itself
-            pass
 
 
 def resolve(spec: str, key: str, folder: Path) -> Callable[..., Any]:
@@ -79,8 +77,7 @@ def resolve(spec: str, key: str, folder: Path) -> Callable[..., Any]:
             ) from exc
         except Exception as exc:
             raise LoadError(
-                f"{key} = {spec!r}: importing {module_name!r} failed: "
-                f"{type(exc).__name__}: {exc}"
+                f"{key} = {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
             ) from exc
     func = getattr(module, func_name, None)
     if func is None or not callable(func):
@@ -182,7 +179,7 @@ def _check_array(value: Any, decl: TensorDecl, where: str) -> np.ndarray:
         )
     shape = list(value.shape)
     if len(shape) != len(decl.shape) or any(
-        d != -1 and d != s for d, s in zip(decl.shape, shape, strict=False)
+        d not in (-1, s) for d, s in zip(decl.shape, shape, strict=False)
     ):
         raise DatasetError(
             f"{where}: input {decl.name!r} has shape {shape}; the recipe declares {decl.shape} "
@@ -198,8 +195,7 @@ def load_splits(recipe: Recipe) -> Splits:
             raw = builder()
         except Exception as exc:
             raise DatasetError(
-                f"dataset.builder = {recipe.dataset.builder!r} raised "
-                f"{type(exc).__name__}: {exc}"
+                f"dataset.builder = {recipe.dataset.builder!r} raised {type(exc).__name__}: {exc}"
             ) from exc
     if not isinstance(raw, Mapping):
         raise DatasetError(

@@ -31,6 +31,8 @@ def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterato
     for i, item in enumerate(items, 1):
         yield item
         if i % every == 0 or i == total:
-            log.info("%s: %d/%s (%.1fs)", desc, i, total if total else "?", time.monotonic() - start)
+            log.info(
+                "%s: %d/%s (%.1fs)", desc, i, total if total else "?", time.monotonic() - start
+            )
     if total is None:
         log.info("%s: done, %d steps (%.1fs)", desc, i, time.monotonic() - start)

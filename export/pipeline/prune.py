@@ -47,7 +47,7 @@ def count_flops(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> in
 
 def _output_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The last Linear/Conv: its outputs are the model's outputs, never prunable."""
-    prunable = [m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d
+    prunable: list[torch.nn.Module] = [m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d
                                                             | torch.nn.Conv1d)]  # fmt: skip
     return prunable[-1:]
 
@@ -117,7 +117,7 @@ def prune_magnitude(
         raise BuildError("magnitude pruning found no Linear/Conv layers to prune")
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=ratio)
     for module, name in targets:
-        prune.remove(module, name)  # bake the mask into the weight
+        prune.remove(module, name)  # type: ignore[no-untyped-call]  # bake the mask into the weight
     stats = PruneStats(params, count_params(model), flops, flops, count_nonzero(model))
     log.info("magnitude pruning %.0f%%: nonzero params %d -> %d", ratio * 100, params,
              stats.nonzero_after)  # fmt: skip

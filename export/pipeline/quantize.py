@@ -55,9 +55,14 @@ PRESETS: dict[str, Preset] = {
     # its own bias handling (so biases stay float), and fuses best when every
     # consumer has its own QDQ pair on weights and activations.
     "jetson-tensorrt": Preset(
-        "int8", "int8", True, False, True, True,
+        "int8",
+        "int8",
+        True,
+        False,
+        True,
+        True,
         {"AddQDQPairToWeight": True, "DedicatedQDQPair": True, "QuantizeBias": False},
-    ),  # fmt: skip
+    ),
 }
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")

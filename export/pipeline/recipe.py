@@ -9,6 +9,7 @@ checked afterwards with the same kind of message.
 
 from __future__ import annotations
 
+import builtins
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -106,7 +107,7 @@ class TfliteSpec:
     batch: int = constraint(1, ge=1, le=4096)
     per_channel: bool = True
     # Agreement with the reference (PyTorch model) on eval inputs.
-    float_atol: float = constraint(1e-3, ge=0.0, le=10.0)
+    float_atol: builtins.float = constraint(1e-3, ge=0.0, le=10.0)  # noqa: RUF009
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,8 @@ class SelectSpec:
 
 @dataclass(frozen=True)
 class Recipe:
-    name: str = constraint(pattern=r"[A-Za-z0-9._-]{1,64}")
-    version: str = constraint(pattern=r"\d+\.\d+\.\d+")
+    name: str  # 1-64 of A-Za-z0-9._- (checked in _cross_checks)
+    version: str  # MAJOR.MINOR.PATCH
     task: Task
     dataset: DatasetSpec
     inputs: list[TensorDecl]
@@ -176,6 +177,10 @@ def _cross_checks(r: Recipe) -> list[ConfigIssue]:
     def fail(path: str, message: str) -> None:
         issues.append(ConfigIssue(path, message))
 
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", r.name):
+        fail("name", f"{r.name!r} must be 1-64 of A-Za-z0-9._-")
+    if not re.fullmatch(r"\d+\.\d+\.\d+", r.version):
+        fail("version", f"{r.version!r} must be MAJOR.MINOR.PATCH, e.g. '1.0.0'")
     if (r.teacher is None) == (r.onnx_model is None):
         fail("teacher", "give exactly one of [teacher] (a PyTorch builder) or [onnx_model]")
     if r.byo:
@@ -213,8 +218,11 @@ def _cross_checks(r: Recipe) -> list[ConfigIssue]:
     if q.enabled and q.preset == "jetson-tensorrt" and q.mode == "dynamic":
         fail("quantize.mode", "'dynamic' is not allowed with preset 'jetson-tensorrt'; "
              "allowed: 'static' (TensorRT only consumes calibrated QDQ graphs)")  # fmt: skip
-    if q.enabled and q.engine == "optimum" and q.mode == "static" and q.calibration_method == (
-        "distribution"
+    if (
+        q.enabled
+        and q.engine == "optimum"
+        and q.mode == "static"
+        and q.calibration_method == ("distribution")
     ):
         fail("quantize.calibration_method", "'distribution' is not offered by Optimum; "
              "choose one of 'minmax', 'entropy', 'percentile'")  # fmt: skip

@@ -88,12 +88,15 @@ def _quantize(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     scale, zero = detail.get("quantization", (0.0, 0))
     if dtype in (np.int8, np.uint8) and scale:
         info = np.iinfo(dtype)
-        return np.clip(np.round(array / scale + zero), info.min, info.max).astype(dtype)
-    return array.astype(dtype)
+        q: np.ndarray = np.clip(np.round(array / scale + zero), info.min, info.max).astype(dtype)
+        return q
+    converted: np.ndarray = array.astype(dtype)
+    return converted
 
 
 def _dequantize(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     scale, zero = detail.get("quantization", (0.0, 0))
     if array.dtype in (np.int8, np.uint8) and scale:
-        return ((array.astype(np.float32) - zero) * scale).astype(np.float32)
+        real: np.ndarray = ((array.astype(np.float32) - zero) * scale).astype(np.float32)
+        return real
     return array

@@ -82,8 +82,11 @@ def observers_uncalibrated(prepared: torch.nn.Module) -> list[str]:
         lo, hi = getattr(mod, "min_val", None), getattr(mod, "max_val", None)
         if not isinstance(lo, torch.Tensor) or not isinstance(hi, torch.Tensor):
             continue
-        if lo.numel() == 0 or hi.numel() == 0 or not bool(torch.isfinite(lo).all()) or not bool(
-            torch.isfinite(hi).all()
+        if (
+            lo.numel() == 0
+            or hi.numel() == 0
+            or not bool(torch.isfinite(lo).all())
+            or not bool(torch.isfinite(hi).all())
         ):
             bad.append(name)
     return bad
