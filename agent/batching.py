@@ -34,8 +34,15 @@ class _Item:
 
 
 class MicroBatcher:
-    def __init__(self, run: RunFn, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(
+        self,
+        run: RunFn,
+        max_batch: int,
+        max_wait_ms: float,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
         self._run = run
+        self._on_batch = on_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self._queue: queue.Queue[_Item | None] = queue.Queue()
@@ -86,6 +93,8 @@ class MicroBatcher:
             self._execute(batch)
 
     def _execute(self, batch: list[_Item]) -> None:
+        if self._on_batch is not None:
+            self._on_batch(sum(item.rows for item in batch))
         if len(batch) == 1:
             item = batch[0]
             try:

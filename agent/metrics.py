@@ -67,6 +67,8 @@ class Metrics:
         self.errors: Counter[str] = Counter()
         self.latency = _Histogram(LATENCY_BUCKETS)
         self.batch = _Histogram(tuple(float(b) for b in BATCH_BUCKETS))
+        # Rows per runtime call: differs from per-request rows when micro-batching merges.
+        self.runtime_batch = _Histogram(tuple(float(b) for b in BATCH_BUCKETS))
         self._window: list[float] = []
         self._window_batches: list[int] = []
         self._window_errors = 0
@@ -81,6 +83,10 @@ class Metrics:
             if len(self._window) < _WINDOW_CAP:
                 self._window.append(seconds)
                 self._window_batches.append(batch)
+
+    def runtime_call(self, rows: int) -> None:
+        with self._lock:
+            self.runtime_batch.observe(float(rows))
 
     def error(self, code: str) -> None:
         with self._lock:
@@ -140,9 +146,12 @@ class Metrics:
                 "# HELP edgerun_inference_latency_seconds Time in the runtime per request.",
                 "# TYPE edgerun_inference_latency_seconds histogram",
                 *self.latency.render("edgerun_inference_latency_seconds"),
-                "# HELP edgerun_inference_batch_size Rows per runtime call.",
+                "# HELP edgerun_inference_batch_size Rows per request.",
                 "# TYPE edgerun_inference_batch_size histogram",
                 *self.batch.render("edgerun_inference_batch_size"),
+                "# HELP edgerun_runtime_batch_size Rows per runtime call (after micro-batching).",
+                "# TYPE edgerun_runtime_batch_size histogram",
+                *self.runtime_batch.render("edgerun_runtime_batch_size"),
             ]
         for name, (help_text, value) in sorted(gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {_num(value)}"]

@@ -79,7 +79,10 @@ class ModelHost:
         batcher = None
         if self.config.batching.enabled:
             batcher = MicroBatcher(
-                new.runtime.run, self.config.batching.max_batch, self.config.batching.max_wait_ms
+                new.runtime.run,
+                self.config.batching.max_batch,
+                self.config.batching.max_wait_ms,
+                on_batch=self.metrics.runtime_call,
             )
         with self._lock:
             old, self._model = self._model, new
@@ -121,6 +124,7 @@ class ModelHost:
                 if batcher is not None and model is self._model:
                     out = batcher.submit(feeds, rows)
                 else:
+                    self.metrics.runtime_call(rows)
                     out = model.runtime.run(feeds)
             except InferenceError as exc:
                 self.metrics.error(RuntimeFailureError.code)

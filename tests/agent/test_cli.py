@@ -1,0 +1,201 @@
+"""edge-agent's command line and process behaviour: verify, infer, status, signals, systemd."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.api.client import ApiClient
+from tests.helpers import (
+    DEMO_PUB,
+    SAMPLE_BUNDLE,
+    AgentProcess,
+    SampleParts,
+    base_config,
+    make_bundle,
+    running_agent,
+    samples,
+    write_config,
+)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_verify_ok_and_refusals(
+    sample_parts: SampleParts, other_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    ok = cli("verify", str(SAMPLE_BUNDLE), "--key", str(DEMO_PUB))
+    assert ok.returncode == 0, ok.stderr
+    assert (
+        "OK" in ok.stdout
+        and "version 1.0.0" in ok.stdout
+        and "input  input float32 [-1, 1, 8, 8]" in ok.stdout
+    )
+    foreign = make_bundle(sample_parts, tmp / "f.edgebundle", other_key)
+    bad = cli("verify", str(foreign), "--key", str(DEMO_PUB))
+    assert bad.returncode == 1
+    assert "REFUSED [bundle.untrusted_signer]" in bad.stdout
+    cut = tmp / "cut.edgebundle"
+    cut.write_bytes(SAMPLE_BUNDLE.read_bytes()[:5000])
+    bad = cli("verify", str(cut), "--key", str(DEMO_PUB))
+    assert bad.returncode == 1 and "REFUSED [bundle.format]" in bad.stdout
+    nokey = cli("verify", str(SAMPLE_BUNDLE))
+    assert nokey.returncode == 2 and "no public key" in nokey.stderr
+
+
+def test_verify_with_config_keys(tmp: Path) -> None:
+    config = write_config(tmp / "agent.toml", base_config(tmp))
+    out = cli("verify", str(SAMPLE_BUNDLE), "--config", str(config))
+    assert out.returncode == 0 and "OK" in out.stdout
+
+
+def test_infer_and_status_commands(tmp: Path) -> None:
+    images, labels = samples()
+    np.save(tmp / "x.npy", images[:4])
+    (tmp / "x.json").write_text(json.dumps(images[:2].tolist()))
+    with running_agent(tmp, base_config(tmp)) as agent:
+        for args in ([], ["--binary"]):
+            out = cli("infer", "--socket", str(agent.socket), "--input", str(tmp / "x.npy"), *args)
+            assert out.returncode == 0, out.stderr
+            result = json.loads(out.stdout)
+            assert result["top1"] == [str(x) for x in labels[:4]]
+        out = cli("infer", "--socket", str(agent.socket), "--input", str(tmp / "x.json"))
+        assert json.loads(out.stdout)["top1"] == [str(x) for x in labels[:2]]
+        np.save(tmp / "bad.npy", np.zeros((2, 64), np.float32))
+        out = cli("infer", "--socket", str(agent.socket), "--input", str(tmp / "bad.npy"))
+        assert out.returncode == 1 and "expected shape [-1, 1, 8, 8]" in out.stderr
+        out = cli("status", "--socket", str(agent.socket))
+        assert out.returncode == 0
+        status = json.loads(out.stdout)
+        assert status["model"]["version"] == "1.0.0" and status["device_id"] == "test-device"
+    out = cli("status", "--socket", str(tmp / "api.sock"))
+    assert out.returncode == 1 and "cannot reach the agent" in out.stderr
+
+
+def test_start_without_a_usable_bundle_fails_clearly(
+    sample_parts: SampleParts, other_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    foreign = make_bundle(sample_parts, tmp / "f.edgebundle", other_key)
+    config = write_config(tmp / "agent.toml", base_config(tmp, bundle=foreign))
+    out = cli("run", "--config", str(config))
+    assert out.returncode == 1
+    assert "cannot serve" in out.stderr and "not signed by a trusted key" in out.stderr
+    config.write_text('[memory]\nmax_mb = "x"\n')
+    out = cli("run", "--config", str(config))
+    assert out.returncode == 2 and "memory.max_mb: expected an integer" in out.stderr
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp: Path) -> None:
+    # Micro-batching with a long wait keeps a request in flight while SIGTERM arrives.
+    config = base_config(
+        tmp, extra="[batching]\nenabled = true\nmax_batch = 64\nmax_wait_ms = 800\n"
+    )
+    images, labels = samples()
+    with running_agent(tmp, config) as agent:
+        result: dict[str, object] = {}
+
+        def request() -> None:
+            with ApiClient(str(agent.socket)) as c:
+                result["out"] = c.infer("digits", {"input": images})
+
+        t = threading.Thread(target=request)
+        t.start()
+        time.sleep(0.3)  # the request is now waiting in the batcher
+        agent.proc.send_signal(signal.SIGTERM)
+        t.join(timeout=30)
+        code = agent.wait_exit(30)
+    assert code == 0, agent.output()
+    out = result["out"]
+    assert isinstance(out, dict) and (out["logits"].argmax(1) == labels).mean() >= 0.9
+    assert "stopped" in agent.output()
+    assert not agent.socket.exists(), "socket left behind"
+
+
+def test_micro_batching_merges_concurrent_requests(tmp: Path) -> None:
+    config = base_config(
+        tmp, extra="[batching]\nenabled = true\nmax_batch = 32\nmax_wait_ms = 30\n"
+    )
+    images, labels = samples()
+    with running_agent(tmp, config) as agent:
+        answers: dict[int, int] = {}
+
+        def request(i: int) -> None:
+            with ApiClient(str(agent.socket)) as c:
+                answers[i] = int(c.infer("digits", {"input": images[i : i + 1]})["logits"].argmax())
+
+        threads = [threading.Thread(target=request, args=(i,)) for i in range(len(images))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with agent.client() as c:
+            metrics = c.metrics()
+    assert [answers[i] for i in range(len(images))] == list(labels)
+    buckets = {
+        line.split("le=")[1].split("}")[0].strip('"'): int(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("edgerun_inference_batch_size_bucket")
+    }
+    assert buckets["+Inf"] == len(images)  # one request per image
+    lines = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
+    assert int(lines["edgerun_inference_requests_total"]) == len(images)
+    # Requests shared runtime calls: fewer calls than requests, all rows accounted for.
+    calls = int(lines["edgerun_runtime_batch_size_count"])
+    assert calls < len(images), metrics
+    assert float(lines["edgerun_runtime_batch_size_sum"]) == len(images)
+
+
+def test_systemd_notify_ready_watchdog_and_stopping(tmp: Path) -> None:
+    sock_path = tmp / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(sock_path))
+    server.settimeout(30)
+    env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
+    agent = AgentProcess(write_config(tmp / "agent.toml", base_config(tmp)), tmp / "api.sock", env)
+    messages: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum("WATCHDOG=1" in m for m in messages) < 2:
+            messages.append(server.recv(4096).decode())
+        agent.proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in "".join(messages):
+            messages.append(server.recv(4096).decode())
+        assert agent.wait_exit(30) == 0
+    finally:
+        agent.stop()
+        server.close()
+    ready = next(m for m in messages if "READY=1" in m)
+    assert "STATUS=serving digits 1.0.0" in ready and f"MAINPID={agent.proc.pid}" in ready
+    assert sum("WATCHDOG=1" in m for m in messages) >= 2
+    assert messages.index(ready) < next(i for i, m in enumerate(messages) if "WATCHDOG=1" in m)
+
+
+def test_newer_bundle_in_config_is_installed_on_restart(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    with running_agent(tmp, base_config(tmp)) as agent, agent.client() as c:
+        assert c.get_json("/v2/models/digits")["versions"] == ["1.0.0"]
+    v2 = make_bundle(sample_parts, tmp / "d-1.1.0.edgebundle", demo_key, version="1.1.0")
+    with running_agent(tmp, base_config(tmp, bundle=v2)) as agent, agent.client() as c:
+        assert c.get_json("/v2/models/digits")["versions"] == ["1.1.0"]
+    # Pointing back at the older file does not downgrade: it is refused and 1.1.0 keeps serving.
+    with running_agent(tmp, base_config(tmp, bundle=SAMPLE_BUNDLE)) as agent, agent.client() as c:
+        assert c.get_json("/v2/models/digits")["versions"] == ["1.1.0"]
+    assert "not newer than the running 1.1.0" in agent.output()
