@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_data import load_splits  # noqa: E402
-from digits_models import build_teacher  # noqa: E402
+from digits_data import load_splits
+from digits_models import build_teacher
 
 log = logging.getLogger("train_teacher")
 
