@@ -1,0 +1,219 @@
+"""edge-export keygen and package: an existing ONNX/TFLite model becomes a signed bundle."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.bundle import verify_bundle
+from agent.signing import load_public_key
+from export.package import PackageError, package_model
+from tests.helpers import SampleParts, samples
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "export.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.fixture
+def keys(tmp: Path) -> tuple[Path, Path]:
+    out = cli("keygen", "--name", "release", "--out", str(tmp / "keys"))
+    assert out.returncode == 0, out.stderr
+    assert "key id" in out.stdout
+    private, public = tmp / "keys/release.key", tmp / "keys/release.pub"
+    assert private.stat().st_mode & 0o777 == 0o600
+    again = cli("keygen", "--name", "release", "--out", str(tmp / "keys"))
+    assert again.returncode == 2 and "exists" in again.stderr  # never overwrite a key silently
+    return private, public
+
+
+def test_package_cli_makes_a_bundle_the_agent_accepts(
+    sample_parts: SampleParts, keys: tuple[Path, Path], tmp: Path
+) -> None:
+    private, public = keys
+    images, _ = samples()
+    np.save(tmp / "cases.npy", images[:5])
+    (tmp / "labels.txt").write_text("\n".join(str(i) for i in range(10)))
+    out = cli(
+        "package",
+        str(sample_parts.directory / "model.onnx"),
+        str(sample_parts.directory / "model.tflite"),
+        "--name",
+        "digits",
+        "--version",
+        "2.0.0",
+        "--golden-inputs",
+        str(tmp / "cases.npy"),
+        "--key",
+        str(private),
+        "--out",
+        str(tmp / "dist"),
+        "--labels",
+        str(tmp / "labels.txt"),
+    )
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.strip().splitlines()[-1])
+    assert path == tmp / "dist/digits-2.0.0.edgebundle"
+    verified = verify_bundle(path, [load_public_key(public)])
+    m = verified.manifest
+    assert m.version == "2.0.0" and m.labels == tuple(str(i) for i in range(10))
+    assert set(m.formats) == {"onnx", "tflite"}
+    assert set(m.golden_outputs) == {"onnx", "tflite"}
+    figures = m.figures
+    assert figures["peak_memory_mb"]["onnxruntime"] > 0 and figures["peak_memory_mb"]["litert"] > 0
+    assert figures["latency_ms"]["onnxruntime"]["p50"] > 0
+    assert figures["size_bytes"]["onnx"] == (sample_parts.directory / "model.onnx").stat().st_size
+    # The recorded golden outputs are what the model gives on those inputs.
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(sample_parts.directory / "model.onnx"))
+    expected = session.run(None, {"input": images[:5]})[0]
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        member = tar.extractfile("golden/outputs-onnx.npz")
+        assert member is not None
+        (tmp / "g.npz").write_bytes(member.read())
+    with np.load(tmp / "g.npz") as data:
+        np.testing.assert_allclose(data["logits"], expected, atol=1e-5)
+
+
+def test_package_onnx_only_with_npz(
+    sample_parts: SampleParts, keys: tuple[Path, Path], tmp: Path
+) -> None:
+    images, _ = samples()
+    path = package_model(
+        onnx_path=sample_parts.directory / "model.onnx",
+        tflite_path=None,
+        name="digits",
+        version="0.1",
+        golden_inputs={"input": images},
+        key_path=keys[0],
+        out_dir=tmp,
+        atol=1e-4,
+        runs=5,
+    )
+    m = verify_bundle(path, [load_public_key(keys[1])]).manifest
+    assert set(m.formats) == {"onnx"} and m.golden_atol == 1e-4
+
+
+def test_package_errors_are_clear(
+    sample_parts: SampleParts, keys: tuple[Path, Path], tmp: Path
+) -> None:
+    onnx = sample_parts.directory / "model.onnx"
+    images, _ = samples()
+    with pytest.raises(
+        PackageError, match="golden inputs are named .*'pixels'.*model's inputs are .*'input'"
+    ):
+        package_model(
+            onnx_path=onnx,
+            tflite_path=None,
+            name="d",
+            version="1",
+            key_path=keys[0],
+            golden_inputs={"pixels": images},
+            out_dir=tmp,
+        )
+    with pytest.raises(PackageError, match=r"golden input input has shape \[10, 64\]"):
+        package_model(
+            onnx_path=onnx,
+            tflite_path=None,
+            name="d",
+            version="1",
+            key_path=keys[0],
+            golden_inputs={"input": images.reshape(10, 64)},
+            out_dir=tmp,
+        )
+    with pytest.raises(PackageError, match="is float64; the model wants float32"):
+        package_model(
+            onnx_path=onnx,
+            tflite_path=None,
+            name="d",
+            version="1",
+            key_path=keys[0],
+            golden_inputs={"input": images.astype(np.float64)},
+            out_dir=tmp,
+        )
+    with pytest.raises(PackageError, match="give at least one model"):
+        package_model(
+            onnx_path=None,
+            tflite_path=None,
+            name="d",
+            version="1",
+            key_path=keys[0],
+            golden_inputs={},
+            out_dir=tmp,
+        )
+    assert not list(tmp.glob("*.edgebundle"))
+    bad = tmp / "bad.onnx"
+    bad.write_bytes(b"nope")
+    np.save(tmp / "cases.npy", images)
+    out = cli(
+        "package",
+        str(bad),
+        "--name",
+        "d",
+        "--version",
+        "1",
+        "--golden-inputs",
+        str(tmp / "cases.npy"),
+        "--key",
+        str(keys[0]),
+        "--out",
+        str(tmp),
+    )
+    assert out.returncode == 2 and "onnxruntime cannot load" in out.stderr
+    out = cli(
+        "package",
+        str(onnx),
+        "--name",
+        "d",
+        "--version",
+        "1",
+        "--golden-inputs",
+        str(tmp / "cases.npy"),
+        "--key",
+        str(keys[1]),
+        "--out",
+        str(tmp),
+    )
+    assert out.returncode == 2 and "not an unencrypted PEM private key" in out.stderr
+    out = cli(
+        "package",
+        str(tmp / "model.pt"),
+        "--name",
+        "d",
+        "--version",
+        "1",
+        "--golden-inputs",
+        str(tmp / "cases.npy"),
+        "--key",
+        str(keys[0]),
+    )
+    assert out.returncode == 2 and "expected a .onnx or .tflite file" in out.stderr
+    out = cli(
+        "package",
+        str(onnx),
+        "--name",
+        "d",
+        "--version",
+        "one",
+        "--golden-inputs",
+        str(tmp / "cases.npy"),
+        "--key",
+        str(keys[0]),
+        "--out",
+        str(tmp),
+    )
+    assert out.returncode == 2 and "version 'one'" in out.stderr
+    assert not list(tmp.glob("*.edgebundle")) and not list(tmp.glob(".bundle-*"))
