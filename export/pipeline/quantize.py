@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,7 @@ def quantize_onnx(
     src: Path, dst: Path, cfg: QuantizeConfig, calibration: Split | None = None
 ) -> Path:
     """Write an INT8 model of `src` to `dst`; returns dst."""
-    with tempfile.TemporaryDirectory(prefix="edgerun-quant-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgerun-quant-") as tmp, _quiet_root():
         work = Path(tmp)
         if cfg.engine == "optimum":
             out = _quantize_optimum(src, work, cfg, calibration)
@@ -189,6 +190,19 @@ def quantize_onnx(
         src.stat().st_size, dst.stat().st_size,
     )  # fmt: skip
     return dst
+
+
+@contextmanager
+def _quiet_root() -> Iterator[None]:
+    """onnxruntime.quantization logs one root INFO line per tensor; keep build logs readable."""
+    root = logging.getLogger()
+    level = root.level
+    if level < logging.WARNING:
+        root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _extra(cfg: QuantizeConfig) -> dict[str, Any]:
