@@ -119,8 +119,15 @@ class SplitReader:
         self.batches_read = 0
 
     def _gen(self) -> Iterator[dict[str, np.ndarray]]:
-        total = (len(self.split) + self.batch_size - 1) // self.batch_size
-        for part in progress(self.split.batches(self.batch_size), self.desc, total=total):
+        # Histogram calibrators (entropy, percentile, distribution) stack per-batch
+        # outputs and fail on a ragged last batch, so only full batches are fed.
+        full = len(self.split) // self.batch_size
+        rows = self.split.take(full * self.batch_size) if full else self.split
+        if full and len(rows) < len(self.split):
+            log.info("calibration: using %d of %d rows (whole batches of %d)", len(rows),
+                     len(self.split), self.batch_size)  # fmt: skip
+        total = max(1, full)
+        for part in progress(rows.batches(self.batch_size), self.desc, total=total):
             self.batches_read += 1
             yield part.inputs
 
