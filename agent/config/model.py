@@ -81,6 +81,87 @@ class BundleLimitsConfig:
     max_members: int = constraint(64, ge=4, le=10_000)
 
 
+# ------------------------------------------------------------------ MQTT link (issue 4)
+
+HOST_PATTERN = r"\[[0-9a-fA-F:]+\]|[0-9a-fA-F:]*:[0-9a-fA-F:]+|[A-Za-z0-9]([A-Za-z0-9.-]{0,252})"
+# A file path, or "credential:NAME" for $CREDENTIALS_DIRECTORY/NAME (systemd LoadCredential=).
+SECRET_REF_PATTERN = r"|credential:[A-Za-z0-9._-]{1,128}|/.{0,4095}"
+K8S_LABEL_PATTERN = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+K8S_NAME_PATTERN = r"|[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    enabled: bool = False
+    # CA bundle that signed the broker's certificate; empty uses the system's CAs.
+    ca_file: str = constraint("", pattern=SECRET_REF_PATTERN)
+    # Client certificate and key for mutual TLS (both or neither).
+    cert_file: str = constraint("", pattern=SECRET_REF_PATTERN)
+    key_file: str = constraint("", pattern=SECRET_REF_PATTERN)
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    # Off by default: the agent serves local inference with no network at all.
+    enabled: bool = False
+    host: str = constraint("127.0.0.1", pattern=HOST_PATTERN)
+    port: int = constraint(1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    # Empty: the device id.
+    client_id: str = constraint("", pattern=r"|[A-Za-z0-9._-]{1,64}")
+    username: str = constraint("", pattern=r"|[^\x00]{1,256}")
+    # Never the secret itself: a file path or "credential:NAME".
+    password: str = constraint("", pattern=SECRET_REF_PATTERN)
+    keepalive_s: int = constraint(30, ge=5, le=3600)
+    connect_timeout_s: float = constraint(5.0, ge=0.5, le=120)
+    # Reconnect waits double from min to max, each with random jitter.
+    reconnect_min_s: float = constraint(0.5, ge=0.05, le=60)
+    reconnect_max_s: float = constraint(30.0, ge=0.1, le=3600)
+    # QoS 1 messages from the outbox awaiting PUBACK at once.
+    max_inflight: int = constraint(32, ge=1, le=1000)
+    # Groups this device takes `edgerun/v1/group/{group}/cmd/...` commands for.
+    groups: list[str] = field(default_factory=list)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    interval_s: float = constraint(10.0, ge=0.05, le=86_400)
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    # Bounds of STATE/outbox.sqlite: past them the oldest telemetry goes first, events last.
+    max_mb: float = constraint(64.0, ge=0.01, le=1_000_000)
+    max_age_s: float = constraint(7 * 86_400.0, ge=1, le=366 * 86_400)
+    # "full" survives power cuts; "normal" only process crashes, but writes faster.
+    synchronous: Literal["full", "normal"] = "full"
+
+
+@dataclass(frozen=True)
+class CommandsConfig:
+    # Commands must carry an ed25519 signature by one of `console_keys`.
+    require_signature: bool = True
+    # PEM ed25519 public keys of fleet consoles: file paths or "credential:NAME".
+    console_keys: list[str] = field(default_factory=list)
+    max_payload_kb: int = constraint(64, ge=1, le=16_384)
+    # Replies kept so a repeated command id gets its first reply, also after a restart.
+    reply_cache_size: int = constraint(1000, ge=1, le=1_000_000)
+    reply_cache_age_s: float = constraint(7 * 86_400.0, ge=1, le=366 * 86_400)
+    # Log lines kept in memory for the `logs` command.
+    log_lines: int = constraint(500, ge=10, le=100_000)
+
+
+@dataclass(frozen=True)
+class KubeEdgeConfig:
+    # Act as a KubeEdge device through the device twin topics on the same broker.
+    enabled: bool = False
+    namespace: str = constraint("default", pattern=K8S_LABEL_PATTERN)
+    # Empty: the device id (which must then be a valid Kubernetes name).
+    device_name: str = constraint("", pattern=K8S_NAME_PATTERN)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     device_id: str = constraint("edgerun-device", pattern=DEVICE_ID_PATTERN)
@@ -93,3 +174,8 @@ class AgentConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     bundle_limits: BundleLimitsConfig = field(default_factory=BundleLimitsConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
+    kubeedge: KubeEdgeConfig = field(default_factory=KubeEdgeConfig)

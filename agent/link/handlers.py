@@ -1,0 +1,107 @@
+"""What each command does. The table built here is also what the link subscribes to."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.api.kserve import decode_request, encode_response
+from agent.link.commands import Args, CommandError, CommandSpec
+from agent.link.logring import LogRing
+from agent.link.tunables import TunableError, Tunables, get_path
+from agent.protocol.messages import Code, dumps, loads
+
+log = logging.getLogger(__name__)
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}  # fmt: skip
+
+
+def config_as_json(config: Any) -> Any:
+    """A config dataclass as plain JSON data (paths as strings)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: config_as_json(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, list | tuple):
+        return [config_as_json(v) for v in config]
+    if isinstance(config, Path):
+        return str(config)
+    return config
+
+
+def build_table(
+    agent: Any,
+    tunables: Tunables,
+    logs: LogRing,
+    link_status: Callable[[], dict[str, Any]],
+) -> dict[str, CommandSpec]:
+    def ping(args: Args) -> dict[str, Any]:
+        return {"pong": True, "device_id": agent.config.device_id,
+                "agent_version": __version__, "time": time.time()}  # fmt: skip
+
+    def status(args: Args) -> dict[str, Any]:
+        return {**agent.status(), "link": link_status()}
+
+    def config_get(args: Args) -> dict[str, Any]:
+        keys = args.strings("keys")
+        effective = tunables.effective
+        if keys is None:
+            return {"tunable": tunables.values(), "config": config_as_json(effective)}
+        values = {}
+        for key in keys:
+            try:
+                values[key] = config_as_json(get_path(effective, key))
+            except AttributeError:
+                raise CommandError(Code.BAD_ARGS, f"config.get: no setting {key!r}") from None
+        return {"values": values}
+
+    def config_set(args: Args) -> dict[str, Any]:
+        try:
+            applied = tunables.set(args.mapping("values"))
+        except TunableError as exc:
+            raise CommandError(exc.code, exc.message) from exc
+        return {"applied": applied}
+
+    def infer(args: Args) -> dict[str, Any]:
+        model = agent.host.model
+        name = args.string("model") or (model.manifest.name if model is not None else "")
+        request = {"inputs": args.raw("inputs")}
+        outputs = args.raw("outputs")
+        if outputs is not None:
+            request["outputs"] = outputs
+        # The same decoder and checks as the local KServe v2 API.
+        _, feeds = decode_request(dumps(request), None)
+        served, result = agent.host.infer(name, feeds)
+        wanted = (
+            [o["name"] for o in outputs if isinstance(o, dict) and "name" in o]
+            if isinstance(outputs, list)
+            else None
+        )
+        unknown = [n for n in wanted or [] if n not in result]
+        if unknown:
+            raise CommandError(Code.BAD_ARGS, f"infer: model has no output {unknown[0]!r}")
+        body, _ = encode_response(
+            served.manifest.name, served.manifest.version, None, result, {"*": False}, wanted
+        )
+        response: dict[str, Any] = loads(body)
+        return response
+
+    def logs_cmd(args: Args) -> dict[str, Any]:
+        lines = args.integer("lines", 100, 1, logs.capacity)
+        level = args.string("level", "debug", choices=LOG_LEVELS)
+        assert level is not None
+        return {"lines": logs.tail(lines, LOG_LEVELS[level])}
+
+    specs = [
+        CommandSpec("ping", "answer at once: is the device there?", (), ping),
+        CommandSpec("status", "agent status: model, memory, runtimes, link", (), status),
+        CommandSpec("config.get", "effective config and the tunable values", ("keys",), config_get),
+        CommandSpec("config.set", "change tunable settings until restart", ("values",), config_set),
+        CommandSpec("infer", "one small KServe v2 request", ("model", "inputs", "outputs"), infer),
+        CommandSpec("logs", "the last N log lines", ("lines", "level"), logs_cmd),
+    ]
+    return {spec.name: spec for spec in specs}

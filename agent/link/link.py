@@ -1,0 +1,373 @@
+"""The MQTT link: status, state, telemetry, events and commands over one connection.
+
+Threads: `mqtt-net` (paho loop, reconnects), `mqtt-outbox` (drains the outbox),
+`mqtt-commands` (runs commands one at a time, so a slow `infer` never stalls the
+network loop). The asyncio side only schedules telemetry. Local inference never
+waits for any of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from agent import __version__
+from agent.config.model import AgentConfig
+from agent.config.typed import ConfigError
+from agent.events import Event
+from agent.link import settings
+from agent.link.client import Message, MqttClient, MqttError
+from agent.link.commands import Dispatcher, RefusalReporter, Request
+from agent.link.handlers import build_table, config_as_json
+from agent.link.logring import LogRing
+from agent.link.replies import ReplyCache
+from agent.link.sender import OutboxSender
+from agent.link.telemetry import SystemProbe, inference_figures, model_figures
+from agent.link.tunables import Tunables
+from agent.link.twin import TwinLink
+from agent.outbox import Outbox, OutboxError
+from agent.protocol.messages import EventMessage, Status, TelemetryMessage, dumps
+from agent.protocol.topics import DeviceTopics, command_subscriptions
+
+log = logging.getLogger(__name__)
+
+OUTBOX_FILE = "outbox.sqlite"
+INBOX_LIMIT = 256  # commands waiting to run; beyond that they are dropped (flood)
+
+
+class Link:
+    def __init__(self, agent: Any, environ: Mapping[str, str] | None = None) -> None:
+        config: AgentConfig = agent.config
+        issues = settings.check(config)
+        if issues:
+            raise ConfigError(issues, "mqtt link")
+        self.agent = agent
+        self.config = config
+        self.started = time.time()
+        self.topics = DeviceTopics(config.device_id)
+        path = config.state_dir / OUTBOX_FILE
+        self.outbox = Outbox(
+            path,
+            max_bytes=int(config.outbox.max_mb * 1024 * 1024),
+            max_age_s=config.outbox.max_age_s,
+            synchronous=config.outbox.synchronous,
+        )
+        self.replies = ReplyCache(
+            path, config.commands.reply_cache_size, config.commands.reply_cache_age_s
+        )
+        self.tunables = Tunables(agent)
+        self.logs = LogRing(config.commands.log_lines)
+        self.logs.install()
+        self.client = MqttClient(
+            settings.client_settings(config, self.started, environ),
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+            on_message=self._on_message,
+        )
+        self.table = build_table(agent, self.tunables, self.logs, self.link_status)
+        self.dispatcher = Dispatcher(
+            device_id=config.device_id,
+            groups=config.mqtt.groups,
+            table=self.table,
+            keys=settings.console_keys(config, environ),
+            require_signature=config.commands.require_signature,
+            max_payload_bytes=config.commands.max_payload_kb * 1024,
+            cache=self.replies,
+            report=RefusalReporter(agent.events.emit),
+        )
+        self.sender = OutboxSender(
+            self.outbox, self.client, config.mqtt.max_inflight, self._report_dropped
+        )
+        self.twin: TwinLink | None = None
+        if config.kubeedge.enabled:
+            self.twin = TwinLink(
+                settings.twin_topics(config), self.client, self.twin_values, agent.events.emit
+            )
+        self.probe = SystemProbe(config.state_dir)
+        self.write_errors = 0
+        self._closed = False
+        self._put_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._state_sent: bytes | None = None
+        self._inbox: queue.Queue[Message | None] = queue.Queue(INBOX_LIMIT)
+        self._worker = threading.Thread(target=self._work, name="mqtt-commands", daemon=True)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "mqtt-telemetry")
+        self._telemetry: asyncio.Task[None] | None = None
+        self._interval_changed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        agent.events.subscribe(self._on_event)
+        self.tunables.on_change(self._on_tunables)
+        if self.outbox.recovered_from is not None:
+            agent.events.emit(
+                "outbox.recovered",
+                f"the outbox was unreadable and was moved to {self.outbox.recovered_from}",
+            )
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._interval_changed = asyncio.Event()
+        self._worker.start()
+        self.sender.start()
+        self.client.start()
+        self._telemetry = asyncio.create_task(self._telemetry_loop(), name="mqtt-telemetry")
+        log.info(
+            "MQTT link to %s:%d as %s (MQTT %s%s)",
+            self.config.mqtt.host, self.config.mqtt.port, self.config.device_id,
+            self.config.mqtt.protocol, ", TLS" if self.config.mqtt.tls.enabled else "",
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        if self._telemetry is not None:
+            self._telemetry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._telemetry
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.close)
+
+    def close(self) -> None:
+        """Say goodbye (retained `offline`), then stop every thread. Idempotent."""
+        if self._closed:
+            return
+        self._inbox.put(None)
+        self._worker.join(timeout=10)
+        if self.client.connected:
+            done = threading.Event()
+            try:
+                self.client.publish(
+                    self.topics.status,
+                    settings.offline_status(self.config, time.time(), "agent stopped"),
+                    retain=True,
+                    on_ack=lambda ack: done.set(),
+                )
+                done.wait(2.0)
+            except MqttError as exc:
+                log.debug("offline status not sent: %s", exc)
+        # Give the outbox a moment to hand over what is already acknowledged.
+        self.sender.stop()
+        self.client.stop()
+        with self._put_lock:
+            self._closed = True
+            self.outbox.close()
+        self.replies.close()
+        self.logs.remove()
+        self._executor.shutdown(wait=False)
+
+    # ----------------------------------------------------------------- connection
+
+    def _on_connect(self) -> None:  # network thread
+        self.client.subscribe(
+            command_subscriptions(self.config.device_id, self.config.mqtt.groups, self.table)
+        )
+        status = Status(self.config.device_id, "online", __version__, time.time(), "connected")
+        self.client.publish(self.topics.status, dumps(status.to_json()), retain=True)
+        self.publish_state(force=True)
+        if self.twin is not None:
+            self.twin.on_connect()
+        self.sender.kick()
+
+    def _on_disconnect(self, why: str) -> None:
+        self.sender.kick()
+
+    def _on_message(self, message: Message) -> None:  # network thread: hand over, return
+        try:
+            self._inbox.put_nowait(message)
+        except queue.Full:
+            log.warning(
+                "command queue full (%d): dropping a message on %s", INBOX_LIMIT, message.topic
+            )
+
+    def _work(self) -> None:
+        while True:
+            message = self._inbox.get()
+            if message is None:
+                return
+            try:
+                self._handle(message)
+            except Exception:
+                log.exception("handling a message on %s failed", message.topic)
+
+    def _handle(self, message: Message) -> None:
+        if self.twin is not None and self.twin.handles(message.topic):
+            self.twin.handle(message.payload)
+            self.publish_state()
+            return
+        response = self.dispatcher.handle(
+            Request(
+                message.topic, message.payload, message.response_topic, message.correlation_data
+            )
+        )
+        if response is None:
+            return
+        try:
+            self.client.publish(
+                response.topic, response.payload, correlation_data=response.correlation_data
+            )
+        except MqttError as exc:
+            log.warning("reply to %s not sent: %s", response.topic, exc)
+
+    # ----------------------------------------------------------------- state
+
+    def state(self) -> dict[str, Any]:
+        agent = self.agent
+        store = agent.store
+        current, previous = store.link("current"), store.link("previous")
+        effective = self.tunables.effective
+        digest = hashlib.sha256(dumps(config_as_json(effective))).hexdigest()
+        return {
+            "device_id": self.config.device_id,
+            "agent_version": __version__,
+            "model": model_figures(agent),
+            "slots": {
+                "current": None if current is None else current.name,
+                "previous": None if previous is None else previous.name,
+            },
+            "config_digest": digest,
+            "tunable": self.tunables.values(),
+            "health": {"ready": agent.host.ready(), "overloaded": agent.watcher.overloaded},
+            "desired": {} if self.twin is None else dict(self.twin.desired),
+        }
+
+    def publish_state(self, force: bool = False) -> None:
+        """Retained `state`, re-sent on every connect and whenever it changes."""
+        body = dumps(self.state())
+        with self._state_lock:
+            if not force and body == self._state_sent:
+                return
+            if not self.client.connected:
+                self._state_sent = None
+                return
+            try:
+                self.client.publish(self.topics.state, body, retain=True)
+            except MqttError as exc:
+                log.debug("state not sent: %s", exc)
+                self._state_sent = None
+                return
+            self._state_sent = body
+        if self.twin is not None:
+            self.twin.report()
+
+    def twin_values(self) -> dict[str, str]:
+        model = self.agent.host.model
+        health = (
+            "overloaded"
+            if self.agent.watcher.overloaded
+            else ("ready" if self.agent.host.ready() else "not_ready")
+        )
+        return {
+            "model_name": "" if model is None else model.manifest.name,
+            "model_version": "" if model is None else model.manifest.version,
+            "model_sha256": "" if model is None else model.sha256,
+            "agent_version": __version__,
+            "health": health,
+        }
+
+    def link_status(self) -> dict[str, Any]:
+        depth = self.outbox.depth()
+        return {
+            "connected": self.client.connected,
+            "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
+            "connections": self.client.connections,
+            "last_error": self.client.last_error,
+            "outbox": {"messages": depth.messages, "bytes": depth.bytes},
+            "sent": self.sender.sent,
+        }
+
+    # ----------------------------------------------------------------- telemetry, events
+
+    def _on_event(self, event: Event) -> None:  # any thread
+        device = self.config.device_id
+
+        def build(seq: int) -> bytes:
+            message = EventMessage(device, seq, event.ts, event.kind, event.reason, event.data)
+            return dumps(message.to_json())
+
+        self._put("event", str(self.topics.events), build)
+        if event.kind.startswith(("model.", "overloaded", "twin.")):
+            self.publish_state()
+
+    def _put(self, kind: Any, topic: str, build: Any) -> None:
+        with self._put_lock:
+            if self._closed:
+                return
+            try:
+                self.outbox.put(kind, topic, build)
+            except (OutboxError, ValueError, TypeError) as exc:
+                self.write_errors += 1
+                log.error("%s lost: %s", kind, exc)
+                return
+        self.sender.kick()
+
+    def report_telemetry(self) -> None:
+        """Take one snapshot and queue it (the telemetry loop calls this)."""
+        agent = self.agent
+        interval = self.tunables.telemetry_interval_s
+        inference = inference_figures(agent.metrics.window(reset=True))
+        system = self.probe.read()
+        model = model_figures(agent)
+        depth = self.outbox.depth()
+        outbox = {
+            "messages": depth.messages,
+            "bytes": depth.bytes,
+            "oldest_age_s": depth.oldest_age_s,
+            "dropped": self.outbox.dropped_total(),
+            "write_errors": self.write_errors,
+        }
+        device = self.config.device_id
+
+        def build(seq: int) -> bytes:
+            message = TelemetryMessage(
+                device, seq, time.time(), interval, inference, system, model, outbox
+            )
+            return dumps(message.to_json())
+
+        self._put("telemetry", str(self.topics.telemetry), build)
+        self.publish_state()
+
+    async def _telemetry_loop(self) -> None:
+        assert self._interval_changed is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await asyncio.wait_for(
+                    self._interval_changed.wait(), timeout=self.tunables.telemetry_interval_s
+                )
+                self._interval_changed.clear()  # a new interval: start counting afresh
+                continue
+            except TimeoutError:
+                pass
+            try:
+                await loop.run_in_executor(self._executor, self.report_telemetry)
+            except Exception:
+                log.exception("telemetry report failed")
+
+    def _on_tunables(self, applied: dict[str, Any]) -> None:  # command thread
+        if "telemetry.interval_s" in applied and self._loop is not None:
+            changed = self._interval_changed
+            if changed is not None:
+                self._loop.call_soon_threadsafe(changed.set)
+        self.publish_state()
+
+    def _report_dropped(self, dropped: dict[str, int]) -> None:  # sender thread
+        causes = {"size": "outbox full (outbox.max_mb)", "age": "older than outbox.max_age_s",
+                  "refused": "refused by the broker"}  # fmt: skip
+        parts = []
+        for key, n in sorted(dropped.items()):
+            cause, _, kind = key.partition(".")
+            parts.append(
+                f"{n} {kind}{'s' if n != 1 and kind == 'event' else ''} ({causes.get(cause, cause)})"
+            )
+        self.agent.events.emit(
+            "outbox.dropped",
+            "dropped " + ", ".join(parts),
+            **{k.replace(".", "_"): v for k, v in dropped.items()},
+        )

@@ -1,0 +1,108 @@
+"""One telemetry snapshot: inference figures, system health, model and outbox."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.memory import MB
+
+log = logging.getLogger(__name__)
+
+THERMAL_ROOT = Path("/sys/class/thermal")
+
+
+def thermal_zones(root: Path = THERMAL_ROOT) -> dict[str, float]:
+    """°C per zone from /sys/class/thermal/thermal_zone*/ (type and millidegree temp)."""
+    temps: dict[str, float] = {}
+    try:
+        zones = sorted(root.glob("thermal_zone*"))
+    except OSError:
+        return temps
+    for zone in zones:
+        try:
+            milli = int((zone / "temp").read_text().strip())
+        except (OSError, ValueError):
+            continue  # some zones refuse reads when their sensor is off
+        try:
+            kind = (zone / "type").read_text().strip() or zone.name
+        except OSError:
+            kind = zone.name
+        name = kind if kind not in temps else f"{kind}.{zone.name}"
+        temps[name] = round(milli / 1000, 1)
+    return temps
+
+
+def sensor_temperatures() -> dict[str, float]:
+    """What psutil's sensors report (hwmon: CPU packages, NVMe, boards...)."""
+    reader = getattr(psutil, "sensors_temperatures", None)
+    if reader is None:
+        return {}
+    try:
+        sensors = reader()
+    except (OSError, RuntimeError):
+        return {}
+    temps: dict[str, float] = {}
+    for chip, entries in sensors.items():
+        for i, entry in enumerate(entries):
+            label = entry.label or str(i)
+            temps[f"{chip}.{label}"] = round(float(entry.current), 1)
+    return temps
+
+
+class SystemProbe:
+    """psutil and /sys readings; cpu_percent is measured between two calls."""
+
+    def __init__(self, state_dir: Path, thermal_root: Path = THERMAL_ROOT) -> None:
+        self.state_dir = state_dir
+        self.thermal_root = thermal_root
+        self._process = psutil.Process()
+        # Prime the counters: the first real reading covers the first interval.
+        psutil.cpu_percent(interval=None)
+        self._process.cpu_percent(interval=None)
+
+    def read(self) -> dict[str, Any]:
+        mem = psutil.virtual_memory()
+        try:
+            load = [round(x, 3) for x in os.getloadavg()]
+        except OSError:
+            load = []
+        try:
+            disk_free = shutil.disk_usage(self.state_dir).free
+        except OSError:
+            disk_free = None
+        temps = thermal_zones(self.thermal_root)
+        temps.update(sensor_temperatures())
+        return {
+            "cpu_percent": psutil.cpu_percent(interval=None),
+            "process_cpu_percent": self._process.cpu_percent(interval=None),
+            "rss_mb": round(self._process.memory_info().rss / MB, 1),
+            "available_mb": round(mem.available / MB, 1),
+            "load": load,
+            "temperatures_c": temps,
+            "disk_free_mb": None if disk_free is None else round(disk_free / MB, 1),
+            "uptime_s": round(time.time() - psutil.boot_time(), 1),
+        }
+
+
+def inference_figures(window: dict[str, Any]) -> dict[str, Any]:
+    """Metrics.window() reshaped: `interval` since the last report, `total` since start."""
+    return {"interval": window["window"], "total": window["total"]}
+
+
+def model_figures(agent: Any) -> dict[str, Any] | None:
+    model = agent.host.model
+    if model is None:
+        return None
+    return {
+        "name": model.manifest.name,
+        "version": model.manifest.version,
+        "sha256": model.sha256,
+        "runtime": model.runtime_name,
+    }

@@ -1,0 +1,87 @@
+"""The agent as a KubeEdge device: report `actual` twin values, take desired ones.
+
+A desired `model_version` will start a deploy once deploys over MQTT exist; for now
+it is recorded (shown in the reported state) and announced as a `twin.desired` event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from agent.link.client import MqttClient, MqttError
+from agent.protocol import twin
+from agent.protocol.messages import ProtocolError
+from agent.protocol.topics import TopicFilter, TwinTopics
+
+log = logging.getLogger(__name__)
+
+
+class TwinLink:
+    def __init__(
+        self,
+        topics: TwinTopics,
+        client: MqttClient,
+        actual: Callable[[], dict[str, str]],
+        emit: Callable[..., Any],
+    ) -> None:
+        self.topics = topics
+        self.client = client
+        self.actual = actual
+        self.emit = emit
+        self.desired: dict[str, str] = {}
+        self._reported: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def filters(self) -> list[TopicFilter]:
+        return [
+            TopicFilter(str(self.topics.update_delta)),
+            TopicFilter(str(self.topics.get_result)),
+        ]
+
+    def handles(self, topic: str) -> bool:
+        return topic in (str(self.topics.update_delta), str(self.topics.get_result))
+
+    def on_connect(self) -> None:
+        self.client.subscribe(self.filters())
+        self.client.publish(self.topics.get, twin.encode_get())
+        self.report(force=True)
+
+    def report(self, force: bool = False) -> None:
+        """Publish the actual values when they changed (or always, on connect)."""
+        values = {k: v[: twin.MAX_VALUE_BYTES] for k, v in self.actual().items()}
+        with self._lock:
+            if not force and values == self._reported:
+                return
+            self._reported = values
+        try:
+            self.client.publish(self.topics.update, twin.encode_update(values))
+        except MqttError as exc:
+            log.debug("twin update not sent: %s", exc)
+            with self._lock:
+                self._reported = None  # try again on the next change or connect
+
+    def handle(self, payload: bytes) -> None:
+        try:
+            doc = twin.decode(payload)
+        except ProtocolError as exc:
+            log.warning("ignoring a twin message: %s", exc.message)
+            return
+        desired = doc.desired()
+        changed = {k: v for k, v in desired.items() if self.desired.get(k) != v}
+        if not changed:
+            return
+        self.desired.update(changed)
+        version = changed.get("model_version")
+        if version is not None:
+            current = self.actual().get("model_version", "")
+            if version != current:
+                self.emit(
+                    "twin.desired",
+                    f"KubeEdge twin wants model_version {version} (running {current or 'none'}); "
+                    "recorded: deploys over MQTT come in a later release",
+                    model_version=version,
+                    event_id=doc.event_id,
+                )

@@ -1,0 +1,312 @@
+"""Command, reply, status, telemetry and event bodies as typed values, with their JSON.
+
+Every `from_json` checks types and raises ProtocolError with a stable code; every
+`to_json` returns plain JSON-able data. Encoding is compact UTF-8 JSON (`dumps`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.protocol.topics import TopicError, command_name
+
+
+class Code:
+    """Stable error codes carried in replies (`error.code`)."""
+
+    MALFORMED = "command.malformed"  # not JSON, not an object, or a field of the wrong type
+    TOO_LARGE = "command.too_large"
+    UNKNOWN = "command.unknown"
+    BAD_ARGS = "command.bad_args"
+    EXPIRED = "command.expired"
+    UNSIGNED = "command.unsigned"
+    BAD_SIGNATURE = "command.bad_signature"
+    MISMATCH = "command.mismatch"  # topic and body disagree, or addressed to someone else
+    FAILED = "command.failed"  # the handler broke; the agent keeps running
+    NOT_TUNABLE = "config.not_tunable"
+    INVALID_VALUE = "config.invalid"
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+MAX_ID_LENGTH = 128
+COMMAND_KEYS = frozenset({"id", "name", "args", "issued_at", "expires_at", "to", "reply_to", "sig"})
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def loads(payload: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, no repeated keys (a signed body means one thing)."""
+    try:
+        text = payload.decode("utf-8")
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(Code.MALFORMED, f"payload is not UTF-8: {exc}") from exc
+    except RecursionError as exc:
+        raise ProtocolError(Code.MALFORMED, "payload nests too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, our checks, over-long integers
+        raise ProtocolError(Code.MALFORMED, f"payload is not valid JSON: {exc}") from exc
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(
+        obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_fallback
+    ).encode("utf-8")
+
+
+def _fallback(value: Any) -> Any:
+    # Paths, numpy scalars and the like in event data: their text is good enough.
+    item = getattr(value, "item", None)
+    if callable(item):
+        return item()
+    return str(value)
+
+
+def _number(obj: dict[str, Any], key: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ProtocolError(Code.MALFORMED, f'"{key}" must be a number (Unix seconds)')
+    return float(value)
+
+
+def _string(obj: dict[str, Any], key: str, required: bool = False) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ProtocolError(Code.MALFORMED, f'"{key}" is missing')
+        return None
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(Code.MALFORMED, f'"{key}" must be a non-empty string')
+    return value
+
+
+@dataclass(frozen=True)
+class Command:
+    id: str
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    issued_at: float | None = None
+    expires_at: float | None = None
+    to: str | None = None  # a device id or "group:NAME"; binds a signature to its target
+    reply_to: str | None = None  # MQTT 3.1.1 only: where the reply goes
+    sig: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Command:
+        if not isinstance(obj, dict):
+            raise ProtocolError(Code.MALFORMED, "a command must be a JSON object")
+        unknown = sorted(set(obj) - COMMAND_KEYS)
+        if unknown:
+            raise ProtocolError(
+                Code.MALFORMED,
+                f"unknown field {unknown[0]!r}; a command has {', '.join(sorted(COMMAND_KEYS))}",
+            )
+        ident = _string(obj, "id", required=True)
+        assert ident is not None
+        if len(ident) > MAX_ID_LENGTH:
+            raise ProtocolError(Code.MALFORMED, f'"id" is longer than {MAX_ID_LENGTH} characters')
+        name = _string(obj, "name", required=True)
+        assert name is not None
+        try:
+            command_name(name)
+        except TopicError as exc:
+            raise ProtocolError(Code.MALFORMED, str(exc)) from exc
+        args = obj.get("args", {})
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise ProtocolError(Code.MALFORMED, '"args" must be an object')
+        return cls(
+            id=ident,
+            name=name,
+            args=args,
+            issued_at=_number(obj, "issued_at"),
+            expires_at=_number(obj, "expires_at"),
+            to=_string(obj, "to"),
+            reply_to=_string(obj, "reply_to"),
+            sig=_string(obj, "sig"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "name": self.name, "args": self.args}
+        for key in ("issued_at", "expires_at", "to", "reply_to", "sig"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: str | None
+    ok: bool
+    result: Any = None
+    error: ErrorInfo | None = None
+
+    @classmethod
+    def success(cls, ident: str | None, result: Any) -> Reply:
+        return cls(ident, True, result)
+
+    @classmethod
+    def failure(cls, ident: str | None, code: str, message: str) -> Reply:
+        return cls(ident, False, error=ErrorInfo(code, message))
+
+    def to_json(self) -> dict[str, Any]:
+        if self.ok:
+            return {"id": self.id, "ok": True, "result": self.result}
+        assert self.error is not None
+        return {
+            "id": self.id,
+            "ok": False,
+            "error": {"code": self.error.code, "message": self.error.message},
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Reply:
+        if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool):
+            raise ProtocolError(Code.MALFORMED, 'a reply is an object with a boolean "ok"')
+        ident = obj.get("id")
+        if ident is not None and not isinstance(ident, str):
+            raise ProtocolError(Code.MALFORMED, '"id" must be a string or null')
+        if obj["ok"]:
+            return cls(ident, True, obj.get("result"))
+        err = obj.get("error")
+        if not isinstance(err, dict) or not isinstance(err.get("code"), str):
+            raise ProtocolError(Code.MALFORMED, 'a failed reply needs "error": {"code", "message"}')
+        return cls(ident, False, error=ErrorInfo(err["code"], str(err.get("message", ""))))
+
+
+@dataclass(frozen=True)
+class Status:
+    """Retained on `…/status`; the broker publishes the `offline` one as the last will."""
+
+    device_id: str
+    state: str  # "online" or "offline"
+    agent_version: str
+    since: float
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "state": self.state,
+            "agent_version": self.agent_version,
+            "since": self.since,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Status:
+        if not isinstance(obj, dict) or obj.get("state") not in ("online", "offline"):
+            raise ProtocolError(Code.MALFORMED, 'a status has "state": "online" or "offline"')
+        return cls(
+            device_id=str(obj.get("device_id", "")),
+            state=obj["state"],
+            agent_version=str(obj.get("agent_version", "")),
+            since=float(obj.get("since") or 0.0),
+            reason=str(obj.get("reason", "")),
+        )
+
+
+@dataclass(frozen=True)
+class EventMessage:
+    """One event on `…/events`; `seq` counts up by one per device, with no gaps unless
+    the outbox had to drop (it then says so in an `outbox.dropped` event)."""
+
+    device_id: str
+    seq: int
+    ts: float
+    kind: str
+    reason: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "seq": self.seq,
+            "ts": self.ts,
+            "kind": self.kind,
+            "reason": self.reason,
+            "data": self.data,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> EventMessage:
+        if not isinstance(obj, dict) or not isinstance(obj.get("seq"), int):
+            raise ProtocolError(Code.MALFORMED, 'an event is an object with an integer "seq"')
+        return cls(
+            device_id=str(obj.get("device_id", "")),
+            seq=obj["seq"],
+            ts=float(obj.get("ts", 0.0)),
+            kind=str(obj.get("kind", "")),
+            reason=str(obj.get("reason", "")),
+            data=dict(obj.get("data") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class TelemetryMessage:
+    """One report on `…/telemetry` (see docs/mqtt.md for every figure)."""
+
+    device_id: str
+    seq: int
+    ts: float
+    interval_s: float
+    inference: dict[str, Any]
+    system: dict[str, Any]
+    model: dict[str, Any] | None
+    outbox: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "seq": self.seq,
+            "ts": self.ts,
+            "interval_s": self.interval_s,
+            "inference": self.inference,
+            "system": self.system,
+            "model": self.model,
+            "outbox": self.outbox,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> TelemetryMessage:
+        if not isinstance(obj, dict) or not isinstance(obj.get("seq"), int):
+            raise ProtocolError(Code.MALFORMED, 'telemetry is an object with an integer "seq"')
+        return cls(
+            device_id=str(obj.get("device_id", "")),
+            seq=obj["seq"],
+            ts=float(obj.get("ts", 0.0)),
+            interval_s=float(obj.get("interval_s", 0.0)),
+            inference=dict(obj.get("inference") or {}),
+            system=dict(obj.get("system") or {}),
+            model=obj.get("model"),
+            outbox=dict(obj.get("outbox") or {}),
+        )

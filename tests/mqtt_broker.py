@@ -1,0 +1,293 @@
+"""A real mosquitto for tests: free port, generated config, optional TLS, users and ACL.
+
+    with Broker(tmp_path) as broker:                 # plain, anonymous
+    with Broker(tmp_path, pki=make_pki(tmp_path), require_certificate=True) as broker:
+    with Broker(tmp_path, users={"dev-a": "pw"}, acl=device_acl(["console"])) as broker:
+
+`kill()` / `start()` simulate a broker crash and restart on the same port.
+Fleet and system tests import this module too; it never touches 127.0.0.1:1883.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name | None,
+    issuer_key: ec.EllipticCurvePrivateKey | None,
+    *,
+    ca: bool = False,
+    server: bool = False,
+    dns: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
+) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+    else:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        assert issuer_key is not None
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    if dns or ips:
+        names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+@dataclass
+class Pki:
+    """A throw-away CA with a server certificate for 127.0.0.1/localhost."""
+
+    directory: Path
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+    _ca: x509.Certificate = field(repr=False)
+    _ca_private: ec.EllipticCurvePrivateKey = field(repr=False)
+
+    def client(self, common_name: str) -> tuple[Path, Path]:
+        """A client certificate (CN = `common_name`) and its key, signed by this CA."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _cert(common_name, key, self._ca.subject, self._ca_private)
+        cert_path = self.directory / f"client-{common_name}.crt"
+        key_path = self.directory / f"client-{common_name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key_path, key)
+        return cert_path, key_path
+
+
+def make_pki(directory: Path, name: str = "edgerun-test-ca") -> Pki:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert(name, ca_key, None, None, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _cert(
+        "localhost", server_key, ca.subject, ca_key, server=True,
+        dns=("localhost",), ips=("127.0.0.1",),
+    )  # fmt: skip
+    paths = {n: directory / n for n in ("ca.crt", "ca.key", "server.crt", "server.key")}
+    paths["ca.crt"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    _write_key(paths["ca.key"], ca_key)
+    paths["server.crt"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    _write_key(paths["server.key"], server_key)
+    return Pki(
+        directory, paths["ca.crt"], paths["ca.key"], paths["server.crt"], paths["server.key"],
+        ca, ca_key,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- ACL
+
+
+def device_acl(consoles: list[str]) -> str:
+    """The ACL docs/mqtt.md recommends: a device (username = device id) may write only
+    its own streams and replies, and read only its own and group commands."""
+    lines = []
+    for console in consoles:
+        lines += [f"user {console}", "topic readwrite edgerun/v1/#", "topic readwrite $hw/#", ""]
+    lines += [
+        "pattern write edgerun/v1/%u/status",
+        "pattern write edgerun/v1/%u/state",
+        "pattern write edgerun/v1/%u/telemetry",
+        "pattern write edgerun/v1/%u/events",
+        "pattern read edgerun/v1/%u/cmd/#",
+        "pattern read edgerun/v1/group/+/cmd/#",
+        "pattern write edgerun/v1/console/+/reply",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- broker
+
+
+class Broker:
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        pki: Pki | None = None,
+        require_certificate: bool = False,
+        users: dict[str, str] | None = None,
+        acl: str | None = None,
+        persistence: bool = False,
+        port: int | None = None,
+    ) -> None:
+        self.directory = Path(directory) / f"broker-{os.urandom(3).hex()}"
+        self.directory.mkdir(parents=True)
+        self.pki = pki
+        self.port = port or free_port()
+        self.log_path = self.directory / "mosquitto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        lines = [
+            "user root",  # tests run as root; keep access to the generated files
+            "per_listener_settings false",
+            f"listener {self.port} {self.host}",
+            f"allow_anonymous {'false' if users or require_certificate else 'true'}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "max_queued_messages 100000",
+        ]
+        if persistence:
+            lines += [
+                "persistence true",
+                f"persistence_location {self.directory}/",
+                "autosave_interval 1",
+                "autosave_on_changes true",
+            ]
+        else:
+            lines.append("persistence false")
+        if pki is not None:
+            lines += [
+                f"cafile {pki.ca_cert}",
+                f"certfile {pki.server_cert}",
+                f"keyfile {pki.server_key}",
+                "tls_version tlsv1.2",
+            ]
+            if require_certificate:
+                lines += ["require_certificate true", "use_identity_as_username true"]
+        if users:
+            pw = self.directory / "passwords"
+            pw.write_text("")
+            for user, password in users.items():
+                subprocess.run(
+                    [MOSQUITTO_PASSWD, "-b", str(pw), user, password],
+                    check=True,
+                    capture_output=True,
+                )
+            lines.append(f"password_file {pw}")
+        if acl is not None:
+            acl_path = self.directory / "acl"
+            acl_path.write_text(acl)
+            lines.append(f"acl_file {acl_path}")
+        self.config = self.directory / "mosquitto.conf"
+        self.config.write_text("\n".join(lines) + "\n")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def start(self, timeout: float = 10.0) -> Broker:
+        assert self.proc is None or self.proc.poll() is not None, "broker already running"
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError), socket.create_connection(self.address, timeout=0.2):
+                return self
+            time.sleep(0.02)
+        raise RuntimeError(f"mosquitto did not listen on {self.port}:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to clients, nothing saved."""
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
