@@ -41,6 +41,14 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     golden_diffs: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def p50_ms(self) -> float | None:
+        """Batch-1 median latency measured at build time for this runtime, if recorded."""
+        latency = self.manifest.figures.get("latency_ms", {})
+        entry = latency.get(self.runtime_name) if isinstance(latency, dict) else None
+        value = entry.get("p50") if isinstance(entry, dict) else None
+        return float(value) if isinstance(value, int | float) else None
+
     def summary(self) -> dict[str, Any]:
         return {
             "name": self.manifest.name,
@@ -66,6 +74,10 @@ class ModelHost:
     @property
     def model(self) -> LoadedModel | None:
         return self._model
+
+    @property
+    def batching(self) -> bool:
+        return self._batcher is not None
 
     @property
     def inflight(self) -> int:

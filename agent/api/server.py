@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
 _MAX_HEADER = 16 * 1024
+_INLINE_MAX_BODY = 64 * 1024  # decoding more JSON than this would stall the loop
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -230,6 +231,8 @@ class ApiServer:
             if action == "/infer":
                 if method != "POST":
                     return _not_allowed()
+                if self._inline(len(body)):
+                    return self._infer(name, version, headers, body)
                 return await asyncio.get_running_loop().run_in_executor(
                     self.executor, self._infer, name, version, headers, body
                 )
@@ -258,6 +261,16 @@ class ApiServer:
             )
         except ServingError as exc:
             return _error(exc.status, exc.message, exc.code)
+
+    def _inline(self, body_bytes: int) -> bool:
+        """Run a request on the event loop when it is known to take less than
+        `api.inline_below_ms`: a thread handoff costs more than such a model."""
+        model = self.host.model
+        limit = self.config.inline_below_ms
+        if model is None or limit <= 0 or self.host.batching or body_bytes > _INLINE_MAX_BODY:
+            return False
+        p50 = model.p50_ms
+        return p50 is not None and p50 < limit
 
     def _infer(
         self, name: str, version: str | None, headers: dict[str, str], body: bytes
