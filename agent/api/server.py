@@ -182,7 +182,11 @@ class ApiServer:
                 await self._send(writer, _error(413, msg, TooLargeError.code), False)
                 return
             body = await reader.readexactly(length) if length else b""
-            response = await self._route(method, target, headers, body)
+            try:
+                response = await self._route(method, target, headers, body)
+            except Exception as exc:  # a bug must cost one request, not the connection
+                log.exception("unhandled error serving %s %s", method, target)
+                response = _error(500, f"internal error: {type(exc).__name__}", "internal")
             await self._send(writer, response, keep)
             if not keep:
                 return
