@@ -45,6 +45,7 @@ test: deps-test lint typecheck pytest
 bench: deps-test
 	$(PYTHON) bench/overhead.py
 	$(PYTHON) bench/footprint.py
+	$(PYTHON) bench/batching.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
