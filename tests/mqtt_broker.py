@@ -18,15 +18,20 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import paho.mqtt.client as paho
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
@@ -291,3 +296,91 @@ class Broker:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# ----------------------------------------------------------------------------- a listener
+
+
+class Listener:
+    """A paho client that records everything on its subscriptions (a stand-in console).
+
+    It reconnects by itself and, with `session=True`, keeps a persistent session so a
+    broker restart (with persistence on) does not lose what was queued for it.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        filters: list[str],
+        *,
+        client_id: str | None = None,
+        protocol: int = 5,
+        username: str | None = None,
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,  # (ca, cert, key)
+        session: bool = False,
+    ) -> None:
+        self.filters = filters
+        self.messages: list[tuple[str, bytes, bool, object]] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        v5 = protocol == 5
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"listener-{os.urandom(4).hex()}",
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else not session,
+        )
+        self.client.reconnect_delay_set(0.02, 0.2)
+        if username:
+            self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set(ca_certs=str(tls[0]), certfile=str(tls[1]), keyfile=str(tls[2]))
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        connect_props = None
+        if v5 and session:
+            connect_props = Properties(PacketTypes.CONNECT)
+            connect_props.SessionExpiryInterval = 3600
+        self.client.connect(
+            broker.host,
+            broker.port,
+            keepalive=5,
+            clean_start=not session if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=connect_props,
+        )
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise RuntimeError("listener could not subscribe")
+
+    def _on_connect(
+        self, client: object, userdata: object, flags: object, rc: object, props: object
+    ) -> None:
+        self.client.subscribe([(f, 1) for f in self.filters])
+
+    def _on_message(self, client: object, userdata: object, msg: object) -> None:
+        with self._cond:
+            self.messages.append(
+                (msg.topic, bytes(msg.payload), bool(msg.retain), getattr(msg, "properties", None))  # type: ignore[attr-defined]
+            )
+            self._cond.notify_all()
+
+    def on(self, topic_suffix: str) -> list[bytes]:
+        with self._cond:
+            return [p for t, p, _, _ in self.messages if t.endswith(topic_suffix)]
+
+    def wait_for(self, predicate: object, timeout: float = 10.0) -> bool:
+        """Wait until `predicate(self)` is true."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self):  # type: ignore[operator]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -118,6 +118,8 @@ class _Session:
         self.lock = threading.Lock()
         self.waiting: dict[int, AckCallback] = {}
         self.early: dict[int, Ack] = {}  # acks that beat their registration
+        self.subscribing: dict[int, tuple[list[str], Callable[[list[str]], None] | None]] = {}
+        self.early_subacks: dict[int, list[ReasonCode]] = {}
         self.closed = False
 
 
@@ -211,15 +213,27 @@ class MqttClient:
         if early is not None:
             on_ack(early)
 
-    def subscribe(self, filters: Sequence[TopicFilter], qos: int = 1) -> None:
-        client = self._paho
-        if client is None or not self._connected.is_set() or not filters:
-            if filters:
-                raise NotConnectedError(f"not connected to {self._where()}")
-            return
-        rc, _ = client.subscribe([(str(f), qos) for f in filters])
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+    def subscribe(
+        self,
+        filters: Sequence[TopicFilter],
+        qos: int = 1,
+        on_done: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        """Subscribe; `on_done` gets the refused filters (usually none) once the broker
+        answered, on the network thread."""
+        client, session = self._paho, self._session
+        if client is None or not self._connected.is_set():
+            raise NotConnectedError(f"not connected to {self._where()}")
+        rc, mid = client.subscribe([(str(f), qos) for f in filters])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise NotConnectedError(f"cannot subscribe: {paho.error_string(rc)}")
+        names = [str(f) for f in filters]
+        with session.lock:
+            codes = session.early_subacks.pop(mid, None)
+            if codes is None:
+                session.subscribing[mid] = (names, on_done)
+        if codes is not None:
+            self._suback(names, codes, on_done)
 
     def disconnect(self) -> None:
         """Close the connection cleanly now (no last will); the loop then reconnects
@@ -398,9 +412,25 @@ class MqttClient:
     def _handle_subscribe(
         self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Any
     ) -> None:
-        refused = [str(r) for r in reasons if r.is_failure]
+        session = self._session
+        with session.lock:
+            pending = session.subscribing.pop(mid, None)
+            if pending is None:
+                session.early_subacks[mid] = list(reasons)
+        if pending is not None:
+            self._suback(pending[0], list(reasons), pending[1])
+
+    def _suback(
+        self,
+        names: list[str],
+        reasons: list[ReasonCode],
+        on_done: Callable[[list[str]], None] | None,
+    ) -> None:
+        refused = [name for name, r in zip(names, reasons, strict=False) if r.is_failure]
         if refused:
-            log.warning("broker refused %d subscription(s): %s", len(refused), ", ".join(refused))
+            log.warning("broker refused subscription(s) to %s", ", ".join(refused))
+        if on_done is not None:
+            _safe(on_done, refused)
 
 
 def _noop_socket(client: paho.Client, userdata: Any, sock: Any) -> None:

@@ -93,6 +93,7 @@ class Link:
             )
         self.probe = SystemProbe(config.state_dir)
         self.write_errors = 0
+        self.online = threading.Event()  # connected, subscribed, status published
         self._closed = False
         self._put_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -165,17 +166,29 @@ class Link:
     # ----------------------------------------------------------------- connection
 
     def _on_connect(self) -> None:  # network thread
-        self.client.subscribe(
-            command_subscriptions(self.config.device_id, self.config.mqtt.groups, self.table)
-        )
+        self.sender.kick()
+        filters = command_subscriptions(self.config.device_id, self.config.mqtt.groups, self.table)
+        if self.twin is not None:
+            filters += self.twin.filters()
+        self.client.subscribe(filters, on_done=self._on_subscribed)
+
+    def _on_subscribed(self, refused: list[str]) -> None:  # network thread
+        # "online" is said once commands can arrive: a console may send right away.
+        if refused:
+            self.agent.events.emit(
+                "link.subscription_refused",
+                f"the broker refused {len(refused)} subscription(s); check its ACL",
+                topics=refused,
+            )
         status = Status(self.config.device_id, "online", __version__, time.time(), "connected")
         self.client.publish(self.topics.status, dumps(status.to_json()), retain=True)
         self.publish_state(force=True)
         if self.twin is not None:
             self.twin.on_connect()
-        self.sender.kick()
+        self.online.set()
 
     def _on_disconnect(self, why: str) -> None:
+        self.online.clear()
         self.sender.kick()
 
     def _on_message(self, message: Message) -> None:  # network thread: hand over, return

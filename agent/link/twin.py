@@ -45,7 +45,7 @@ class TwinLink:
         return topic in (str(self.topics.update_delta), str(self.topics.get_result))
 
     def on_connect(self) -> None:
-        self.client.subscribe(self.filters())
+        """After the link subscribed (to `filters()` too): ask for the twin, report ours."""
         self.client.publish(self.topics.get, twin.encode_get())
         self.report(force=True)
 
