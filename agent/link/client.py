@@ -121,6 +121,7 @@ class _Session:
         self.subscribing: dict[int, tuple[list[str], Callable[[list[str]], None] | None]] = {}
         self.early_subacks: dict[int, list[ReasonCode]] = {}
         self.closed = False
+        self.refused = False  # the broker answered CONNECT with a failure
 
 
 class MqttClient:
@@ -352,6 +353,7 @@ class MqttClient:
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
     ) -> None:
         if reason.is_failure:
+            self._session.refused = True
             self._note_error(f"broker {self._where()} refused the connection: {reason}")
             return
         self._backoff.reset()
@@ -365,7 +367,8 @@ class MqttClient:
     def _handle_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
     ) -> None:
-        if reason.is_failure and not self._stopping.is_set():
+        # After a refused CONNECT the refusal is the news, not the closed socket.
+        if reason.is_failure and not self._stopping.is_set() and not self._session.refused:
             self._note_error(f"connection to {self._where()} lost: {reason}")
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:

@@ -102,7 +102,8 @@ def decode(payload: bytes) -> TwinDocument:
         raise ProtocolError(Code.MALFORMED, "event_id must be a string")
     if isinstance(timestamp, bool) or not isinstance(timestamp, int):
         raise ProtocolError(Code.MALFORMED, "timestamp must be an integer (ms)")
-    twin = obj.get("twin") or {}
+    twin = obj.get("twin")
+    twin = {} if twin is None else twin
     if not isinstance(twin, dict):
         raise ProtocolError(Code.MALFORMED, "twin must be an object")
     expected: dict[str, str] = {}
@@ -121,7 +122,8 @@ def decode(payload: bytes) -> TwinDocument:
             expected[prop] = exp
         if act is not None:
             actual[prop] = act
-    delta_obj = obj.get("delta") or {}
+    delta_obj = obj.get("delta")
+    delta_obj = {} if delta_obj is None else delta_obj
     if not isinstance(delta_obj, dict):
         raise ProtocolError(Code.MALFORMED, "delta must be an object of strings")
     delta: dict[str, str] = {}

@@ -31,7 +31,9 @@ def test_agent_without_mqtt_gets_no_link(tmp: Path) -> None:
     assert not (tmp / "s" / "outbox.sqlite").exists()
 
 
-def test_status_state_telemetry_and_events_arrive(tmp: Path, broker: Broker, console_pub: Path, harness) -> None:  # type: ignore[no-untyped-def]
+def test_status_state_telemetry_and_events_arrive(
+    tmp: Path, broker: Broker, console_pub: Path, harness
+) -> None:  # type: ignore[no-untyped-def]
     with listening(broker, f"{TOPICS.root}/#") as feed:
         h = harness(agent_config(tmp, broker, console_pub))
         assert feed.wait_for(lambda f: len(f.on("/telemetry")) >= 3, 15)
@@ -52,14 +54,23 @@ def test_status_state_telemetry_and_events_arrive(tmp: Path, broker: Broker, con
         telemetry = json_on(feed, "/telemetry")
         assert [t["seq"] for t in telemetry[:3]] == [1, 2, 3]
         first = telemetry[0]
-        for key in ("cpu_percent", "rss_mb", "available_mb", "load", "temperatures_c", "disk_free_mb"):
+        for key in (
+            "cpu_percent",
+            "rss_mb",
+            "available_mb",
+            "load",
+            "temperatures_c",
+            "disk_free_mb",
+        ):
             assert key in first["system"], key
         assert first["model"]["sha256"] == state["model"]["sha256"]
         assert set(first["inference"]) == {"interval", "total"}
         assert {"messages", "bytes", "dropped"} <= set(first["outbox"])
 
 
-def test_retained_status_state_and_will(tmp: Path, broker: Broker, console_pub: Path, harness) -> None:  # type: ignore[no-untyped-def]
+def test_retained_status_state_and_will(
+    tmp: Path, broker: Broker, console_pub: Path, harness
+) -> None:  # type: ignore[no-untyped-def]
     h = harness(agent_config(tmp, broker, console_pub))
     h.wait_connected()
     time.sleep(0.3)
@@ -73,7 +84,7 @@ def test_retained_status_state_and_will(tmp: Path, broker: Broker, console_pub: 
         assert late.wait_for(
             lambda f: any(loads(p)["state"] == "offline" for p in f.on("/status")), 15
         )
-        will = [loads(p) for p in late.on("/status") if loads(p)["state"] == "offline"][0]
+        will = next(loads(p) for p in late.on("/status") if loads(p)["state"] == "offline")
         assert "last will" in will["reason"]
         # ... and on reconnect the device says online again, and re-sends its state.
         states_before = len(late.on("/state"))
@@ -87,8 +98,17 @@ def test_retained_status_state_and_will(tmp: Path, broker: Broker, console_pub: 
 
 
 @pytest.mark.parametrize("protocol", [5, 4])
-def test_commands_round_trip(tmp: Path, broker: Broker, console_pub: Path, console_key: Ed25519PrivateKey, harness, protocol: int) -> None:  # type: ignore[no-untyped-def]
-    h = harness(agent_config(tmp, broker, console_pub, mqtt={"protocol": "5" if protocol == 5 else "3.1.1"}))
+def test_commands_round_trip(
+    tmp: Path,
+    broker: Broker,
+    console_pub: Path,
+    console_key: Ed25519PrivateKey,
+    harness,
+    protocol: int,
+) -> None:  # type: ignore[no-untyped-def]
+    h = harness(
+        agent_config(tmp, broker, console_pub, mqtt={"protocol": "5" if protocol == 5 else "3.1.1"})
+    )
     h.wait_connected()
     console = Console(broker, console_key, protocol=protocol)
     try:
@@ -111,11 +131,15 @@ def test_commands_round_trip(tmp: Path, broker: Broker, console_pub: Path, conso
         console.close()
 
 
-def test_mosquitto_rr_gets_a_reply_to_ping(tmp: Path, broker: Broker, console_pub: Path, console_key: Ed25519PrivateKey, harness) -> None:  # type: ignore[no-untyped-def]
+def test_mosquitto_rr_gets_a_reply_to_ping(
+    tmp: Path, broker: Broker, console_pub: Path, console_key: Ed25519PrivateKey, harness
+) -> None:  # type: ignore[no-untyped-def]
     h = harness(agent_config(tmp, broker, console_pub))
     h.wait_connected()
     time.sleep(0.2)  # subscriptions settle
-    body = sign_body({"id": "rr-1", "name": "ping", "args": {}, "expires_at": time.time() + 30}, console_key)
+    body = sign_body(
+        {"id": "rr-1", "name": "ping", "args": {}, "expires_at": time.time() + 30}, console_key
+    )
     result = subprocess.run(
         ["mosquitto_rr", "-h", broker.host, "-p", str(broker.port), "-V", "5",
          "-t", str(TOPICS.command("ping")), "-e", "edgerun/v1/console/rr/reply",
@@ -128,7 +152,9 @@ def test_mosquitto_rr_gets_a_reply_to_ping(tmp: Path, broker: Broker, console_pu
     assert reply["result"]["device_id"] == DEVICE
 
 
-def test_unsigned_and_wrongly_signed_commands_are_refused(tmp: Path, broker: Broker, console_pub: Path, console: Console, harness) -> None:  # type: ignore[no-untyped-def]
+def test_unsigned_and_wrongly_signed_commands_are_refused(
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness
+) -> None:  # type: ignore[no-untyped-def]
     h = harness(agent_config(tmp, broker, console_pub))
     h.wait_connected()
     with listening(broker, str(TOPICS.events)) as feed:
@@ -151,18 +177,24 @@ def test_unsigned_and_wrongly_signed_commands_are_refused(tmp: Path, broker: Bro
         assert all(e["reason"] for e in refused)
 
 
-def test_config_set_changes_the_telemetry_interval(tmp: Path, broker: Broker, console_pub: Path, console: Console, harness) -> None:  # type: ignore[no-untyped-def]
+def test_config_set_changes_the_telemetry_interval(
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness
+) -> None:  # type: ignore[no-untyped-def]
     h = harness(agent_config(tmp, broker, console_pub, telemetry={"interval_s": 30.0}))
     h.wait_connected()
     with listening(broker, str(TOPICS.telemetry), str(TOPICS.state)) as feed:
         time.sleep(0.5)
         assert feed.on("/telemetry") == []
-        reply = console.request("config.set", {"values": {"telemetry.interval_s": 0.1, "log_level": "debug"}})
+        reply = console.request(
+            "config.set", {"values": {"telemetry.interval_s": 0.1, "log_level": "debug"}}
+        )
         assert reply["ok"], reply
         assert reply["result"]["applied"] == {"telemetry.interval_s": 0.1, "log_level": "debug"}
         assert feed.wait_for(lambda f: len(f.on("/telemetry")) >= 3)
         assert feed.wait_for(
-            lambda f: any(loads(p)["tunable"]["telemetry.interval_s"] == 0.1 for p in f.on("/state"))
+            lambda f: any(
+                loads(p)["tunable"]["telemetry.interval_s"] == 0.1 for p in f.on("/state")
+            )
         )
         refused = console.request("config.set", {"values": {"memory.max_mb": 10}})
         assert refused["error"]["code"] == "config.not_tunable"
@@ -174,8 +206,12 @@ def test_config_set_changes_the_telemetry_interval(tmp: Path, broker: Broker, co
         assert got["result"]["values"] == {"telemetry.interval_s": 0.1, "mqtt.port": broker.port}
 
 
-def test_group_commands_and_targets(tmp: Path, broker: Broker, console_pub: Path, console: Console, harness) -> None:  # type: ignore[no-untyped-def]
-    harness(agent_config(tmp, broker, console_pub, mqtt={"groups": ["lab", "floor-2"]})).wait_connected()
+def test_group_commands_and_targets(
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness
+) -> None:  # type: ignore[no-untyped-def]
+    harness(
+        agent_config(tmp, broker, console_pub, mqtt={"groups": ["lab", "floor-2"]})
+    ).wait_connected()
     reply = console.request("ping", topic=str(group_command("floor-2", "ping")), to="group:floor-2")
     assert reply["ok"] is True
     # A body addressed to one target cannot be replayed to another.
@@ -185,7 +221,9 @@ def test_group_commands_and_targets(tmp: Path, broker: Broker, console_pub: Path
     assert reply["error"]["code"] == "command.mismatch"
 
 
-def test_repeated_id_gets_the_first_reply_also_after_restart(tmp: Path, broker: Broker, console_pub: Path, console: Console, harness) -> None:  # type: ignore[no-untyped-def]
+def test_repeated_id_gets_the_first_reply_also_after_restart(
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness
+) -> None:  # type: ignore[no-untyped-def]
     data = agent_config(tmp, broker, console_pub)
     h = harness(data)
     h.wait_connected()
@@ -204,7 +242,9 @@ def test_repeated_id_gets_the_first_reply_also_after_restart(tmp: Path, broker: 
     assert console.request_body(stale, topic)["error"]["code"] == "command.expired"
 
 
-def test_bad_commands_get_error_replies_and_the_device_keeps_serving(tmp: Path, broker: Broker, console_pub: Path, console: Console, harness) -> None:  # type: ignore[no-untyped-def]
+def test_bad_commands_get_error_replies_and_the_device_keeps_serving(
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness
+) -> None:  # type: ignore[no-untyped-def]
     h = harness(agent_config(tmp, broker, console_pub, commands={"max_payload_kb": 1}))
     h.wait_connected()
     topic = str(TOPICS.command("ping"))
@@ -222,7 +262,10 @@ def test_bad_commands_get_error_replies_and_the_device_keeps_serving(tmp: Path, 
     assert reply["error"]["code"] == "command.bad_args" and "lines" in reply["error"]["message"]
     reply = console.request("logs", {"colour": "red"})
     assert reply["error"]["code"] == "command.bad_args"
-    reply = console.request("infer", {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]})
+    reply = console.request(
+        "infer",
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]},
+    )
     assert reply["error"]["code"] == "input.mismatch"
     assert console.request("ping")["ok"] is True
     assert h.agent.host.ready()

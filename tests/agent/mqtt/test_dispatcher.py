@@ -1,0 +1,225 @@
+"""The command dispatcher on its own: every refusal has a code; nothing crashes it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.config.loader import parse_config
+from agent.link.commands import Dispatcher, RefusalReporter, Request
+from agent.link.handlers import build_table
+from agent.link.logring import LogRing
+from agent.link.replies import ReplyCache
+from agent.link.tunables import Tunables
+from agent.protocol.canonical import sign_body
+from agent.protocol.messages import Code, dumps, loads
+from agent.service import Agent
+from tests.helpers import DEMO_PUB, SAMPLE_BUNDLE
+
+DEVICE = "dev-a"
+TOPIC = f"edgerun/v1/{DEVICE}/cmd/ping"
+KEY = Ed25519PrivateKey.generate()
+# Every code a reply may carry; "command.failed" (a handler crashed) is not among them.
+EXPECTED = {
+    Code.MALFORMED, Code.TOO_LARGE, Code.UNKNOWN, Code.BAD_ARGS, Code.EXPIRED, Code.UNSIGNED,
+    Code.BAD_SIGNATURE, Code.MISMATCH, Code.NOT_TUNABLE, Code.INVALID_VALUE,
+    "request.malformed", "input.mismatch", "request.too_large", "model.not_found",
+}  # fmt: skip
+
+
+class Setup:
+    def __init__(self, tmp: Path) -> None:
+        config = parse_config(
+            {"device_id": DEVICE, "state_dir": str(tmp / "state"), "api": {"socket": None},
+             "trust": {"public_keys": [str(DEMO_PUB)]}, "model": {"bundle": str(SAMPLE_BUNDLE)}},
+            environ={},
+        )  # fmt: skip
+        self.agent = Agent(config)
+        self.agent.load_initial_model()
+        self.refusals: list[tuple[str, str]] = []
+        self.cache = ReplyCache(tmp / "replies.sqlite", 100, 3600)
+        self.table = build_table(self.agent, Tunables(self.agent), LogRing(50), dict)
+
+    def dispatcher(self, signed: bool = True, max_payload: int = 4096) -> Dispatcher:
+        return Dispatcher(
+            DEVICE, ["lab"], self.table, [KEY.public_key()], signed, max_payload, self.cache,
+            lambda code, message, **data: self.refusals.append((code, message)),
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    s = Setup(tmp_path_factory.mktemp("dispatch"))
+    yield s
+    s.agent.host.close()
+
+
+def send(d: Dispatcher, body: Any, topic: str = TOPIC, v5: bool = True) -> dict[str, Any]:
+    payload = body if isinstance(body, bytes) else dumps(body)
+    response = d.handle(Request(topic, payload, "r/reply" if v5 else None, b"corr" if v5 else None))
+    assert response is not None
+    if v5:
+        assert str(response.topic) == "r/reply" and response.correlation_data == b"corr"
+    reply: dict[str, Any] = loads(response.payload)
+    assert reply == response.reply.to_json()
+    return reply
+
+
+def signed(name: str = "ping", args: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    body = {"id": fields.pop("id", f"id-{time.monotonic_ns()}"), "name": name, "args": args or {}}
+    return sign_body({**body, **fields}, KEY)
+
+
+def test_a_signed_ping_is_answered(setup: Setup) -> None:
+    reply = send(setup.dispatcher(), signed(id="p1"))
+    assert reply["id"] == "p1" and reply["ok"] and reply["result"]["device_id"] == DEVICE
+
+
+def test_each_refusal_has_its_code(setup: Setup) -> None:
+    d = setup.dispatcher(max_payload=300)
+    cases: list[tuple[Any, str, str]] = [
+        (b"x" * 301, TOPIC, Code.TOO_LARGE),
+        (b"\xff", TOPIC, Code.MALFORMED),
+        ({"id": "1"}, TOPIC, Code.MALFORMED),
+        (signed("logs"), TOPIC, Code.MISMATCH),  # topic says ping
+        (signed(), "edgerun/v1/dev-b/cmd/ping", Code.MISMATCH),
+        (signed(), "edgerun/v1/group/other/cmd/ping", Code.MISMATCH),
+        (signed(to="dev-b"), TOPIC, Code.MISMATCH),
+        (signed(), "somewhere/else", Code.MISMATCH),
+        ({"id": "2", "name": "ping", "args": {}}, TOPIC, Code.UNSIGNED),
+        (sign_body({"id": "3", "name": "ping"}, Ed25519PrivateKey.generate()), TOPIC, Code.BAD_SIGNATURE),
+        (signed(expires_at=time.time() - 1), TOPIC, Code.EXPIRED),
+        (signed("reboot"), f"edgerun/v1/{DEVICE}/cmd/reboot", Code.UNKNOWN),
+        (signed(args={"x": 1}), TOPIC, Code.BAD_ARGS),
+        (signed("logs", {"lines": 0}), f"edgerun/v1/{DEVICE}/cmd/logs", Code.BAD_ARGS),
+        (signed("config.set", {"values": {"api.workers": 3}}), f"edgerun/v1/{DEVICE}/cmd/config.set", Code.NOT_TUNABLE),
+        (signed("config.set", {"values": {"log_level": "loud"}}), f"edgerun/v1/{DEVICE}/cmd/config.set", Code.INVALID_VALUE),
+        (signed("config.get", {"keys": ["nope.nothing"]}), f"edgerun/v1/{DEVICE}/cmd/config.get", Code.BAD_ARGS),
+        (signed("infer", {}), f"edgerun/v1/{DEVICE}/cmd/infer", "request.malformed"),
+        (signed("infer", {"model": "other", "inputs": [{"name": "input", "datatype": "FP32", "shape": [1], "data": [1]}]}),
+         f"edgerun/v1/{DEVICE}/cmd/infer", "model.not_found"),
+    ]  # fmt: skip
+    for body, topic, code in cases:
+        reply = send(d, body, topic)
+        assert reply["ok"] is False and reply["error"]["code"] == code, (body, reply)
+        assert reply["error"]["message"]
+    refused = {code for code, _ in setup.refusals}
+    assert {
+        Code.UNSIGNED,
+        Code.BAD_SIGNATURE,
+        Code.EXPIRED,
+        Code.MISMATCH,
+        Code.TOO_LARGE,
+    } <= refused
+
+
+def test_mqtt311_replies_go_to_reply_to(setup: Setup) -> None:
+    d = setup.dispatcher()
+    response = d.handle(Request(TOPIC, dumps(signed(id="v3", reply_to="c/replies"))))
+    assert response is not None and str(response.topic) == "c/replies"
+    assert loads(response.payload)["id"] == "v3" and response.correlation_data is None
+    # Nowhere to reply: nothing to publish, and no exception either.
+    assert d.handle(Request(TOPIC, b"junk")) is None
+    assert d.handle(Request(TOPIC, dumps(signed(reply_to="bad/#")))) is None
+
+
+def test_a_repeated_id_gets_the_first_reply(setup: Setup) -> None:
+    d = setup.dispatcher()
+    body = signed(id="repeat-me")
+    first = send(d, body)
+    time.sleep(0.01)
+    assert send(d, body) == first  # the cached reply, not a new "time"
+    # An unsigned command cannot claim a cached id, nor plant a reply for one.
+    assert send(d, {"id": "repeat-me", "name": "ping"})["error"]["code"] == Code.UNSIGNED
+    open_d = setup.dispatcher(signed=False)
+    assert send(open_d, {"id": "repeat-me", "name": "ping"}) == first
+
+
+def test_refusal_events_are_rate_limited() -> None:
+    now = [0.0]
+    emitted: list[tuple[str, dict[str, Any]]] = []
+    report = RefusalReporter(
+        lambda kind, reason, **data: emitted.append((reason, data)), 1.0, lambda: now[0]
+    )
+    for _ in range(5):
+        report(Code.UNSIGNED, "unsigned")
+    report(Code.MALFORMED, "junk")
+    now[0] = 1.5
+    report(Code.UNSIGNED, "unsigned")
+    assert [(r, d["code"], d["suppressed"]) for r, d in emitted] == [
+        ("unsigned", Code.UNSIGNED, 0), ("junk", Code.MALFORMED, 0), ("unsigned", Code.UNSIGNED, 4),
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=20,
+)  # fmt: skip
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(payload=st.binary(max_size=2048))
+def test_arbitrary_bytes(setup: Setup, payload: bytes) -> None:
+    reply = send(setup.dispatcher(), payload)
+    assert reply["ok"] is False and reply["error"]["code"] in EXPECTED
+
+
+@FUZZ
+@given(value=json_values, topic=st.sampled_from([TOPIC, "edgerun/v1/group/lab/cmd/logs", "x"]))
+def test_arbitrary_json(setup: Setup, value: Any, topic: str) -> None:
+    reply = send(setup.dispatcher(), json.dumps(value).encode(), topic)
+    assert reply["ok"] is False and reply["error"]["code"] in EXPECTED
+
+
+ARG_NAMES = ["values", "lines", "level", "keys", "inputs", "outputs", "model", "x"]
+
+
+@FUZZ
+@given(
+    name=st.sampled_from(["ping", "status", "config.get", "config.set", "infer", "logs"]),
+    args=st.dictionaries(st.sampled_from(ARG_NAMES), json_values, max_size=3),
+    extra=st.dictionaries(
+        st.sampled_from(["issued_at", "expires_at", "to", "reply_to"]), json_values, max_size=2
+    ),
+)
+def test_arbitrary_arguments_to_every_command(
+    setup: Setup, name: str, args: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    body = {"id": f"f-{time.monotonic_ns()}", "name": name, "args": args, **extra}
+    reply = send(setup.dispatcher(signed=False), body, f"edgerun/v1/{DEVICE}/cmd/{name}")
+    assert reply["ok"] or reply["error"]["code"] in EXPECTED, reply
+    assert setup.agent.host.ready()
+
+
+@FUZZ
+@given(
+    mutation=st.dictionaries(
+        st.sampled_from(["id", "name", "args", "sig", "to", "expires_at"]),
+        json_values,
+        min_size=1,
+        max_size=2,
+    )
+)
+def test_mutated_signed_commands_are_refused(setup: Setup, mutation: dict[str, Any]) -> None:
+    body = signed(id="base")
+    changed = {**body, **mutation}
+    if changed == body:
+        return
+    reply = send(setup.dispatcher(), changed)
+    if reply["ok"]:  # only possible if the mutation left the signed fields equal
+        assert all(body.get(k) == v for k, v in mutation.items() if k != "sig")
+    else:
+        assert reply["error"]["code"] in EXPECTED

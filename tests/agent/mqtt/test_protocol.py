@@ -1,0 +1,208 @@
+"""Topics, canonical JSON and signatures, message schemas, the KubeEdge twin codec."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.protocol import twin
+from agent.protocol.canonical import SignatureError, canonical_json, sign_body, verify_body
+from agent.protocol.messages import Code, Command, ProtocolError, Reply, loads
+from agent.protocol.topics import (
+    DeviceTopics,
+    Topic,
+    TopicError,
+    TopicFilter,
+    TwinTopics,
+    command_subscriptions,
+    device_id,
+    device_of,
+    fleet_filter,
+    group_command,
+    parse_command_topic,
+)
+from agent.signing import key_id
+
+# ----------------------------------------------------------------------------- topics
+
+
+def test_device_topics_follow_the_design() -> None:
+    t = DeviceTopics("dev-1")
+    assert str(t.status) == "edgerun/v1/dev-1/status"
+    assert str(t.state) == "edgerun/v1/dev-1/state"
+    assert str(t.telemetry) == "edgerun/v1/dev-1/telemetry"
+    assert str(t.events) == "edgerun/v1/dev-1/events"
+    assert str(t.command("config.get")) == "edgerun/v1/dev-1/cmd/config.get"
+    assert str(t.bundle("tx-1")) == "edgerun/v1/dev-1/bundle/tx-1"
+    assert str(group_command("lab", "ping")) == "edgerun/v1/group/lab/cmd/ping"
+    assert device_of("edgerun/v1/dev-1/telemetry") == "dev-1"
+    assert device_of("edgerun/v1/group/x/cmd/ping") is None
+    assert fleet_filter("telemetry").matches(t.telemetry)
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a+b", "#", "x" * 65, "group", "console", "é", ".."])
+def test_bad_device_ids_are_refused(bad: str) -> None:
+    with pytest.raises(TopicError):
+        device_id(bad)
+
+
+def test_topics_and_filters_are_validated() -> None:
+    for bad in ("", "a/+/b", "a/#", "a\x00b"):
+        with pytest.raises(TopicError):
+            Topic(bad)
+    for bad in ("a/#/b", "a/b#", "a+/b", ""):
+        with pytest.raises(TopicError):
+            TopicFilter(bad)
+    f = TopicFilter("edgerun/v1/+/cmd/#")
+    assert f.matches("edgerun/v1/d/cmd/ping") and f.matches("edgerun/v1/d/cmd")
+    assert not f.matches("edgerun/v1/d/status")
+    assert not TopicFilter("#").matches("$hw/events/device/ns/n/twin/update")
+    assert TopicFilter("a/+").matches("a/") and not TopicFilter("a/+").matches("a")
+
+
+def test_subscriptions_come_from_the_command_names() -> None:
+    filters = command_subscriptions("d", ["g1"], {"ping": 1, "logs": 2})
+    assert [str(f) for f in filters] == [
+        "edgerun/v1/d/cmd/logs", "edgerun/v1/d/cmd/ping",
+        "edgerun/v1/group/g1/cmd/logs", "edgerun/v1/group/g1/cmd/ping",
+    ]  # fmt: skip
+    route = parse_command_topic("edgerun/v1/group/g1/cmd/config.set")
+    assert route is not None and (route.scope, route.target, route.name) == (
+        "group",
+        "g1",
+        "config.set",
+    )
+    assert parse_command_topic("edgerun/v1/d/cmd/Bad") is None
+    assert parse_command_topic("other/v1/d/cmd/ping") is None
+
+
+def test_twin_topics() -> None:
+    t = TwinTopics("default", "dev-1")
+    assert str(t.update) == "$hw/events/device/default/dev-1/twin/update"
+    assert str(t.update_delta) == "$hw/events/device/default/dev-1/twin/update/delta"
+    assert str(t.get) == "$hw/events/device/default/dev-1/twin/get"
+    assert str(t.get_result) == "$hw/events/device/default/dev-1/twin/get/result"
+    with pytest.raises(TopicError):
+        TwinTopics("default", "Dev_1")
+
+
+# ----------------------------------------------------------------------------- signing
+
+
+def test_canonical_json_is_sorted_compact_utf8_without_sig() -> None:
+    body = {"b": 1, "a": {"d": [1, 2.5], "c": "é"}, "sig": "ignored"}
+    assert canonical_json(body) == '{"a":{"c":"é","d":[1,2.5]},"b":1}'.encode()
+    with pytest.raises(ValueError):
+        canonical_json({"x": float("nan")})
+
+
+def test_sign_and_verify() -> None:
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    body = sign_body({"id": "1", "name": "ping", "args": {}}, key)
+    assert verify_body(body, [other.public_key(), key.public_key()]) == key_id(key.public_key())
+    # Key order in the JSON text does not matter: the canonical form does.
+    reordered = json.loads(json.dumps(dict(reversed(list(body.items())))))
+    assert verify_body(reordered, [key.public_key()])
+    cases = {
+        "unsigned": ({k: v for k, v in body.items() if k != "sig"}, Code.UNSIGNED),
+        "other key": (body, Code.BAD_SIGNATURE),
+        "tampered": ({**body, "args": {"x": 1}}, Code.BAD_SIGNATURE),
+        "not base64": ({**body, "sig": "%%%"}, Code.BAD_SIGNATURE),
+        "short": ({**body, "sig": base64.b64encode(b"x" * 10).decode()}, Code.BAD_SIGNATURE),
+        "not a string": ({**body, "sig": 5}, Code.BAD_SIGNATURE),
+    }
+    for name, (candidate, code) in cases.items():
+        keys = [other.public_key()] if name == "other key" else [key.public_key()]
+        with pytest.raises(SignatureError) as info:
+            verify_body(candidate, keys)
+        assert info.value.code == code, name
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\xff\xfe", b'{"a": NaN}', b'{"a": Infinity}', b'{"a": 1, "a": 2}', b"[" * 100_000, b"{"],
+)
+def test_strict_json(payload: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        loads(payload)
+    assert info.value.code == Code.MALFORMED
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"name": "ping"}, '"id" is missing'),
+        ({"id": "", "name": "ping"}, '"id" must be'),
+        ({"id": "x" * 129, "name": "ping"}, "longer than"),
+        ({"id": "1", "name": "Ping"}, "command name"),
+        ({"id": "1", "name": "ping", "args": [1]}, '"args" must be an object'),
+        ({"id": "1", "name": "ping", "expires_at": "soon"}, '"expires_at" must be a number'),
+        ({"id": "1", "name": "ping", "expires_at": True}, '"expires_at" must be a number'),
+        ({"id": "1", "name": "ping", "extra": 1}, "unknown field 'extra'"),
+        ({"id": 1, "name": "ping"}, '"id" must be'),
+    ],
+)
+def test_command_shape_errors(body: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        Command.from_json(body)
+    assert fragment in info.value.message
+
+
+def test_command_and_reply_round_trip() -> None:
+    body = {"id": "1", "name": "config.get", "args": {"keys": ["a"]}, "expires_at": 5, "to": "d"}
+    assert Command.from_json(body).to_json() == {**body, "expires_at": 5.0}
+    ok = Reply.success("1", {"x": 1})
+    assert Reply.from_json(ok.to_json()) == ok
+    bad = Reply.failure("2", "command.unknown", "no such command")
+    assert bad.to_json() == {
+        "id": "2",
+        "ok": False,
+        "error": {"code": "command.unknown", "message": "no such command"},
+    }
+    assert Reply.from_json(bad.to_json()) == bad
+
+
+# ----------------------------------------------------------------------------- twin
+
+
+def test_twin_update_matches_the_design() -> None:
+    body = json.loads(twin.encode_update({"model_version": "1.0.0"}, event_id="e1"))
+    assert body["event_id"] == "e1" and isinstance(body["timestamp"], int)
+    prop = body["twin"]["model_version"]
+    assert prop["actual"]["value"] == "1.0.0"
+    assert isinstance(prop["actual"]["metadata"]["timestamp"], int)
+    assert prop["metadata"] == {"type": "string"}
+    assert set(json.loads(twin.encode_get(event_id="g"))) == {"event_id", "timestamp"}
+
+
+def test_twin_values_are_short_strings() -> None:
+    twin.encode_update({"v": "é" * 255})  # 510 bytes
+    with pytest.raises(twin.TwinError, match="511"):
+        twin.encode_update({"v": "x" * 512})
+    with pytest.raises(twin.TwinError):
+        twin.encode_update({"bad name!": "x"})
+
+
+def test_twin_delta_and_get_result_decode() -> None:
+    delta = {
+        "event_id": "e", "timestamp": 1,
+        "twin": {"model_version": {"expected": {"value": "2.0.0", "metadata": {"timestamp": 1}},
+                                   "actual": {"value": "1.0.0"}, "metadata": {"type": "string"}},
+                 "gone": {"expected": {"value": "x"}, "metadata": {"type": "deleted"}}},
+        "delta": {"model_version": "2.0.0"},
+    }  # fmt: skip
+    doc = twin.decode(json.dumps(delta).encode())
+    assert doc.delta == {"model_version": "2.0.0"}
+    assert doc.expected == {"model_version": "2.0.0"} and doc.actual == {"model_version": "1.0.0"}
+    result = {k: v for k, v in delta.items() if k != "delta"}
+    assert twin.decode(json.dumps(result).encode()).desired() == {"model_version": "2.0.0"}
+    for bad in (b"[]", b'{"twin": []}', b'{"timestamp": "x"}', b'{"delta": {"a": 1}}',
+                json.dumps({"twin": {"a": {"expected": {"value": "x" * 600}}}}).encode()):  # fmt: skip
+        with pytest.raises(ProtocolError):
+            twin.decode(bad)
