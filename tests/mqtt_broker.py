@@ -331,7 +331,7 @@ class Listener:
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             clean_session=None if v5 else not session,
         )
-        self.client.reconnect_delay_set(0.02, 0.2)
+        self.client.reconnect_delay_set(0.02, 0.2)  # type: ignore[arg-type]  # floats work
         if username:
             self.client.username_pw_set(username, password)
         if tls is not None:
@@ -341,7 +341,7 @@ class Listener:
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         connect_props = None
         if v5 and session:
-            connect_props = Properties(PacketTypes.CONNECT)
+            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             connect_props.SessionExpiryInterval = 3600
         self.client.connect(
             broker.host,

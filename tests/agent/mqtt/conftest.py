@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.config.loader import parse_config
 from agent.link.link import Link
@@ -107,8 +109,11 @@ class Harness:
         logging.getLogger().setLevel(self._level)
 
 
+MakeHarness = Callable[..., Harness]
+
+
 @pytest.fixture
-def harness() -> Iterator[Callable[..., Harness]]:
+def harness() -> Iterator[MakeHarness]:
     made: list[Harness] = []
 
     def make(data: dict[str, Any], environ: dict[str, str] | None = None) -> Harness:
@@ -146,13 +151,10 @@ class Console:
         return sign_body(body, self.key) if self.key is not None else body
 
     def send_raw(self, topic: str, payload: bytes, correlation: bytes | None = None) -> bytes:
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
         correlation = correlation or uuid.uuid4().bytes
         props = None
         if self.protocol == 5:
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ResponseTopic = self.reply_topic
             props.CorrelationData = correlation
         self.listener.client.publish(topic, payload, qos=1, properties=props)

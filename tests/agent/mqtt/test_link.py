@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.config.loader import parse_config
+from agent.link import components_for
 from agent.protocol.canonical import sign_body
 from agent.protocol.messages import dumps, loads
 from agent.protocol.topics import DeviceTopics, group_command
-from tests.agent.mqtt.conftest import DEVICE, Console, agent_config, json_on, listening
+from agent.service import Agent
+from tests.agent.mqtt.conftest import DEVICE, Console, MakeHarness, agent_config, json_on, listening
 from tests.helpers import samples
 from tests.mqtt_broker import Broker
 
@@ -21,10 +24,6 @@ TOPICS = DeviceTopics(DEVICE)
 
 
 def test_agent_without_mqtt_gets_no_link(tmp: Path) -> None:
-    from agent.config.loader import parse_config
-    from agent.link import components_for
-    from agent.service import Agent
-
     agent = Agent(parse_config({"state_dir": str(tmp / "s"), "api": {"socket": None}}, environ={}))
     assert agent.config.mqtt.enabled is False
     assert components_for(agent) == []
@@ -32,8 +31,8 @@ def test_agent_without_mqtt_gets_no_link(tmp: Path) -> None:
 
 
 def test_status_state_telemetry_and_events_arrive(
-    tmp: Path, broker: Broker, console_pub: Path, harness
-) -> None:  # type: ignore[no-untyped-def]
+    tmp: Path, broker: Broker, console_pub: Path, harness: MakeHarness
+) -> None:
     with listening(broker, f"{TOPICS.root}/#") as feed:
         h = harness(agent_config(tmp, broker, console_pub))
         assert feed.wait_for(lambda f: len(f.on("/telemetry")) >= 3, 15)
@@ -69,8 +68,8 @@ def test_status_state_telemetry_and_events_arrive(
 
 
 def test_retained_status_state_and_will(
-    tmp: Path, broker: Broker, console_pub: Path, harness
-) -> None:  # type: ignore[no-untyped-def]
+    tmp: Path, broker: Broker, console_pub: Path, harness: MakeHarness
+) -> None:
     h = harness(agent_config(tmp, broker, console_pub))
     h.wait_connected()
     time.sleep(0.3)
@@ -103,9 +102,9 @@ def test_commands_round_trip(
     broker: Broker,
     console_pub: Path,
     console_key: Ed25519PrivateKey,
-    harness,
+    harness: MakeHarness,
     protocol: int,
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     h = harness(
         agent_config(tmp, broker, console_pub, mqtt={"protocol": "5" if protocol == 5 else "3.1.1"})
     )
@@ -132,8 +131,12 @@ def test_commands_round_trip(
 
 
 def test_mosquitto_rr_gets_a_reply_to_ping(
-    tmp: Path, broker: Broker, console_pub: Path, console_key: Ed25519PrivateKey, harness
-) -> None:  # type: ignore[no-untyped-def]
+    tmp: Path,
+    broker: Broker,
+    console_pub: Path,
+    console_key: Ed25519PrivateKey,
+    harness: MakeHarness,
+) -> None:
     h = harness(agent_config(tmp, broker, console_pub))
     h.wait_connected()
     time.sleep(0.2)  # subscriptions settle
@@ -153,8 +156,8 @@ def test_mosquitto_rr_gets_a_reply_to_ping(
 
 
 def test_unsigned_and_wrongly_signed_commands_are_refused(
-    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness
-) -> None:  # type: ignore[no-untyped-def]
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness: MakeHarness
+) -> None:
     h = harness(agent_config(tmp, broker, console_pub))
     h.wait_connected()
     with listening(broker, str(TOPICS.events)) as feed:
@@ -178,8 +181,8 @@ def test_unsigned_and_wrongly_signed_commands_are_refused(
 
 
 def test_config_set_changes_the_telemetry_interval(
-    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness
-) -> None:  # type: ignore[no-untyped-def]
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness: MakeHarness
+) -> None:
     h = harness(agent_config(tmp, broker, console_pub, telemetry={"interval_s": 30.0}))
     h.wait_connected()
     with listening(broker, str(TOPICS.telemetry), str(TOPICS.state)) as feed:
@@ -207,8 +210,8 @@ def test_config_set_changes_the_telemetry_interval(
 
 
 def test_group_commands_and_targets(
-    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness
-) -> None:  # type: ignore[no-untyped-def]
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness: MakeHarness
+) -> None:
     harness(
         agent_config(tmp, broker, console_pub, mqtt={"groups": ["lab", "floor-2"]})
     ).wait_connected()
@@ -222,8 +225,8 @@ def test_group_commands_and_targets(
 
 
 def test_repeated_id_gets_the_first_reply_also_after_restart(
-    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness
-) -> None:  # type: ignore[no-untyped-def]
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness: MakeHarness
+) -> None:
     data = agent_config(tmp, broker, console_pub)
     h = harness(data)
     h.wait_connected()
@@ -243,8 +246,8 @@ def test_repeated_id_gets_the_first_reply_also_after_restart(
 
 
 def test_bad_commands_get_error_replies_and_the_device_keeps_serving(
-    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness
-) -> None:  # type: ignore[no-untyped-def]
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness: MakeHarness
+) -> None:
     h = harness(agent_config(tmp, broker, console_pub, commands={"max_payload_kb": 1}))
     h.wait_connected()
     topic = str(TOPICS.command("ping"))

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from agent.protocol.messages import loads
-from tests.agent.mqtt.conftest import DEVICE, agent_config
+from tests.agent.mqtt.conftest import DEVICE, MakeHarness, agent_config
 from tests.mqtt_broker import Broker, Listener
 
 
@@ -15,7 +15,9 @@ def seqs(listener: Listener, suffix: str) -> list[int]:
     return [loads(p)["seq"] for p in listener.on(suffix)]
 
 
-def test_broker_killed_and_restarted_mid_stream_loses_nothing(tmp: Path, harness) -> None:  # type: ignore[no-untyped-def]
+def test_broker_killed_and_restarted_mid_stream_loses_nothing(
+    tmp: Path, harness: MakeHarness
+) -> None:
     # Persistence and a persistent session keep what the broker owes the *listener*
     # across its own restarts; what the device owes is the outbox's job.
     broker = Broker(tmp, persistence=True).start()

@@ -10,13 +10,13 @@ import pytest
 from agent.config.typed import ConfigError
 from agent.link.client import Ack, NotConnectedError
 from agent.protocol.topics import DeviceTopics, Topic
-from tests.agent.mqtt.conftest import DEVICE, agent_config, listening
+from tests.agent.mqtt.conftest import DEVICE, MakeHarness, agent_config, listening
 from tests.mqtt_broker import Broker, device_acl, make_pki
 
 OPEN = {"require_signature": False}
 
 
-def test_mutual_tls_telemetry_arrives(tmp: Path, harness) -> None:  # type: ignore[no-untyped-def]
+def test_mutual_tls_telemetry_arrives(tmp: Path, harness: MakeHarness) -> None:
     pki = make_pki(tmp / "pki")
     cert, key = pki.client(DEVICE)
     console_cert, console_key = pki.client("console")
@@ -34,8 +34,8 @@ def test_mutual_tls_telemetry_arrives(tmp: Path, harness) -> None:  # type: igno
 
 
 def test_tls_without_client_certificate_or_with_unknown_ca_never_connects(
-    tmp: Path, harness
-) -> None:  # type: ignore[no-untyped-def]
+    tmp: Path, harness: MakeHarness
+) -> None:
     pki = make_pki(tmp / "pki")
     other = make_pki(tmp / "other", name="someone-else")
     with Broker(tmp, pki=pki, require_certificate=True) as broker:
@@ -56,7 +56,7 @@ def test_tls_without_client_certificate_or_with_unknown_ca_never_connects(
         )
 
 
-def test_password_from_credentials_directory(tmp: Path, harness) -> None:  # type: ignore[no-untyped-def]
+def test_password_from_credentials_directory(tmp: Path, harness: MakeHarness) -> None:
     creds = tmp / "creds"
     creds.mkdir()
     (creds / "mqtt-password").write_text("s3cret\n")
@@ -77,7 +77,7 @@ def test_password_from_credentials_directory(tmp: Path, harness) -> None:  # typ
             "username": DEVICE, "password": "credential:missing"}), environ=env)  # fmt: skip
 
 
-def test_a_device_cannot_publish_to_another_devices_topics(tmp: Path, harness) -> None:  # type: ignore[no-untyped-def]
+def test_a_device_cannot_publish_to_another_devices_topics(tmp: Path, harness: MakeHarness) -> None:
     users = {"dev-a": "pa", "dev-b": "pb", "console": "pc"}
     with Broker(tmp, users=users, acl=device_acl(["console"])) as broker:
         creds = tmp / "pw"

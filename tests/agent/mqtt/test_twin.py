@@ -1,0 +1,58 @@
+"""The agent as a KubeEdge device: actual twin values out, desired ones in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agent.protocol.messages import loads
+from agent.protocol.topics import TwinTopics
+from tests.agent.mqtt.conftest import DEVICE, MakeHarness, agent_config, json_on, listening
+from tests.mqtt_broker import Broker
+
+TWIN = TwinTopics("edge", DEVICE)
+
+
+def test_twin_reports_actual_values_and_records_a_desired_version(
+    tmp: Path, broker: Broker, harness: MakeHarness
+) -> None:
+    with listening(
+        broker, str(TWIN.update), str(TWIN.get), f"edgerun/v1/{DEVICE}/events",
+        f"edgerun/v1/{DEVICE}/state",
+    ) as cloud:  # fmt: skip
+        h = harness(agent_config(tmp, broker, None, commands={"require_signature": False},
+                                 kubeedge={"enabled": True, "namespace": "edge"}))  # fmt: skip
+        h.wait_connected()
+        assert cloud.wait_for(lambda f: f.on("/twin/update") and f.on("/twin/get"))
+        update = loads(cloud.on("/twin/update")[0])
+        actual = {k: v["actual"]["value"] for k, v in update["twin"].items()}
+        assert actual["model_name"] == "digits" and actual["model_version"] == "1.0.0"
+        assert actual["health"] == "ready"
+        assert all(isinstance(v, str) and len(v.encode()) < 512 for v in actual.values())
+        assert all(v["metadata"] == {"type": "string"} for v in update["twin"].values())
+        # The cloud wants another version: the edge core sends a delta.
+        delta = {
+            "event_id": "e-1", "timestamp": 1,
+            "twin": {"model_version": {"expected": {"value": "2.0.0", "metadata": {"timestamp": 1}},
+                                       "metadata": {"type": "string"}}},
+            "delta": {"model_version": "2.0.0"},
+        }  # fmt: skip
+        cloud.client.publish(str(TWIN.update_delta), json.dumps(delta), qos=1)
+        assert cloud.wait_for(
+            lambda f: any(e["kind"] == "twin.desired" for e in json_on(f, "/events"))
+        )
+        event = next(e for e in json_on(cloud, "/events") if e["kind"] == "twin.desired")
+        assert event["data"]["model_version"] == "2.0.0" and "2.0.0" in event["reason"]
+        assert cloud.wait_for(
+            lambda f: json_on(f, "/state")[-1]["desired"] == {"model_version": "2.0.0"}
+        )
+        # A repeat of the same desire is not news; junk is ignored, the link lives on.
+        cloud.client.publish(str(TWIN.update_delta), json.dumps(delta), qos=1)
+        cloud.client.publish(str(TWIN.get_result), b"{not json", qos=1)
+        cloud.client.publish(str(TWIN.get_result), json.dumps({**delta, "delta": None}), qos=1)
+        h.agent.events.emit("test.marker", "after the twin messages")
+        assert cloud.wait_for(
+            lambda f: any(e["kind"] == "test.marker" for e in json_on(f, "/events"))
+        )
+        assert sum(e["kind"] == "twin.desired" for e in json_on(cloud, "/events")) == 1
+        assert h.link.online.is_set()
