@@ -42,6 +42,8 @@ class BuildResult:
     bundle: Path
     report: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
+    # Intermediate model files by stage; only when Options.keep_workdir (they live there).
+    models: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -447,7 +449,12 @@ class _Build:
         final = self.out_dir / bundle.name
         os.replace(bundle, final)  # last: the bundle appears only when all else is in place
         log.info("built %s", final)
-        return BuildResult(final, self.report, files)
+        models: dict[str, Path] = {}
+        if self.opts.keep_workdir:
+            models = dict(self.candidates)
+            if (self.work / "teacher.onnx").exists():
+                models["teacher onnx"] = self.work / "teacher.onnx"
+        return BuildResult(final, self.report, files, models)
 
 
 def run_build(recipe_path: Path, out_dir: Path, key_path: Path | None = None,
@@ -467,9 +474,15 @@ def run_build(recipe_path: Path, out_dir: Path, key_path: Path | None = None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".edgerun-build-", dir=out_dir))
+    import torch
+
+    threads = torch.get_num_threads()
+    if recipe.torch_threads:
+        torch.set_num_threads(recipe.torch_threads)
     try:
         return _Build(recipe, recipe_path, out_dir, key, opts, work).run()
     finally:
+        torch.set_num_threads(threads)
         if opts.keep_workdir:
             log.info("kept work folder %s", work)
         else:

@@ -139,6 +139,10 @@ class Recipe:
     onnx_model: OnnxSource | None = None
     labels: list[str] = field(default_factory=list)
     seed: int = constraint(0, ge=0)
+    # Threads for torch work (training, evaluation). 1 by default: small models gain
+    # nothing from more, and OpenMP spin-waiting on a busy 2-core machine can make
+    # training ten times slower. 0 = torch's own default.
+    torch_threads: int = constraint(1, ge=0, le=256)
     distill: DistillSpec = field(default_factory=DistillSpec)
     prune: PruneSpec = field(default_factory=PruneSpec)
     onnx: OnnxSpec = field(default_factory=OnnxSpec)

@@ -32,7 +32,7 @@ import torch
 
 from export.pipeline.errors import CalibrationError, ExportFailedError
 from export.pipeline.loader import Split
-from export.pipeline.progress import progress
+from export.pipeline.progress import is_tty, progress
 from export.pipeline.runners import TfliteRunner
 from export.pipeline.torchrun import as_tensors
 
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 def _quiet() -> Any:
     # litert-torch and JAX are chatty on import and conversion; keep build logs readable.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # litert-torch prints a step tree while converting: on a terminal only.
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "y" if is_tty() else "n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -105,7 +107,7 @@ def convert_int8(
         import litert_torch
         from litert_torch.quantize import pt2e_quantizer as pq
         from litert_torch.quantize.quant_config import QuantConfig
-        from torchao.quantization.pt2e import quantize_pt2e
+        from torchao.quantization.pt2e import allow_exported_model_train_eval, quantize_pt2e
 
         sample = _sample(calibration, names, batch)
         quantizer = pq.PT2EQuantizer().set_global(
@@ -114,6 +116,7 @@ def convert_int8(
         try:
             graph = torch.export.export(model.eval(), sample).module()
             prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
+            allow_exported_model_train_eval(prepared).eval()  # calibrate in eval mode
         except Exception as exc:
             raise ExportFailedError(
                 f"PT2E export/prepare failed: {type(exc).__name__}: {str(exc)[:400]}"
@@ -131,6 +134,11 @@ def convert_int8(
             )
         try:
             converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+            # An exported graph has no .eval(); without this, BatchNorm/Dropout would be
+            # lowered in training mode.
+            allow_exported_model_train_eval(converted).eval()
+            for module in converted.modules():  # eval() above swaps ops, not the flag
+                module.training = False
             edge = litert_torch.convert(converted, sample,
                                         quant_config=QuantConfig(pt2e_quantizer=quantizer))  # fmt: skip
             edge.export(str(path))

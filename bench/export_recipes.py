@@ -1,0 +1,165 @@
+"""Build the shipped recipes and print, per stage: quality, parameters, file size and latency.
+
+    python bench/export_recipes.py [digits] [minilm] [--runs 20]
+
+Latency is the median of `runs` timed calls after warm-up, in this process, at
+batch 1 and batch 32: onnxruntime with 1 and 2 intra-op threads, LiteRT with 1
+thread. LiteRT models have a frozen batch of 1 (litert-torch), so "batch 32"
+there is 32 calls, as a device runs it. Ratios are against the float teacher
+and the float student (ONNX, same batch and threads). Figures only: nothing is
+asserted, this machine is shared and noisy. The issue's targets are checked and
+printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from export.pipeline.build import Options, run_build  # noqa: E402
+from export.pipeline.runners import TfliteRunner, onnx_session  # noqa: E402
+
+
+def _median_ms(fn: Any, runs: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _feeds(inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    n = next(iter(inputs.values())).shape[0]
+    idx = np.arange(batch) % n
+    return {k: np.ascontiguousarray(v[idx]) for k, v in inputs.items()}
+
+
+def latency(path: Path, inputs: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if path.suffix == ".onnx":
+        for threads in (1, 2):
+            session = onnx_session(path, threads)
+            for batch in (1, 32):
+                feed = _feeds(inputs, batch)
+                out[f"ort{threads}_b{batch}"] = _median_ms(lambda s=session, f=feed: s.run(None, f),
+                                                           runs)  # fmt: skip
+    else:
+        runner = TfliteRunner(path, threads=1)
+        names = list(inputs)
+        for batch in (1, 32):
+            feed = _feeds(inputs, batch)
+            arrays = [feed[n] for n in names]
+            out[f"lite1_b{batch}"] = _median_ms(lambda a=arrays: runner.run(a), runs)
+    return out
+
+
+COLUMNS = ("ort1_b1", "ort2_b1", "lite1_b1", "ort1_b32", "ort2_b32", "lite1_b32")
+
+
+def bench(recipe: str, runs: int, key: Path | None) -> dict[str, Any]:
+    from export.pipeline.loader import load_splits
+    from export.pipeline.recipe import load_recipe
+
+    path = ROOT / "models" / recipe / "recipe.toml"
+    with tempfile.TemporaryDirectory(prefix=f"bench-{recipe}-") as tmp:
+        t0 = time.monotonic()
+        result = run_build(path, Path(tmp), key, Options(keep_workdir=True, runs=runs))
+        build_s = time.monotonic() - t0
+        inputs = {k: v[:64] for k, v in load_splits(load_recipe(path)).eval.inputs.items()}
+        rows = {r["stage"]: r for r in result.report["stages"]}
+        measured: dict[str, dict[str, float]] = {}
+        for stage, model in result.models.items():
+            measured[stage] = latency(model, inputs, runs)
+        work = next(iter(result.models.values())).parent
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    teacher = "teacher onnx" if "teacher onnx" in measured else "onnx float"
+    order = [s for s in ("teacher onnx", "onnx float", "onnx int8", "tflite float",
+                         "tflite int8") if s in measured]  # fmt: skip
+    metric = result.report["metric"]
+    print(f"\n## {recipe}: built in {build_s:.1f} s; selected {result.report['selected']}")
+    print("torch stages: " + ", ".join(
+        f"{r['stage']} {metric} {r['metric']:.4g} ({r.get('params') or 0:,} params)"
+        for r in result.report["stages"] if r["format"] == "torch"))  # fmt: skip
+    head = f"{'stage':14} {metric:>9} {'params':>10} {'size':>10} " + " ".join(
+        f"{c:>10}" for c in COLUMNS
+    )
+    print(head + "   (ms, median)")
+    for stage in order:
+        r, lat = rows[stage], measured[stage]
+        params = r.get("params") or rows.get("pruned", rows.get("student", {})).get("params", 0)
+        if stage == "teacher onnx":
+            params = rows["teacher"]["params"]
+        size = r["size_bytes"] / 1024
+        cells = " ".join(f"{lat[c]:>10.3f}" if c in lat else f"{'-':>10}" for c in COLUMNS)
+        print(f"{stage:14} {r['metric']:>9.4g} {params or 0:>10,} {size:>8.1f}KB {cells}")
+    for base_name, base in (("float teacher", teacher), ("float student", "onnx float")):
+        print(f"ratios vs {base_name} ({base}), latency per column / size:")
+        for stage in order:
+            lat, ref = measured[stage], measured[base]
+            cells = []
+            for c in COLUMNS:
+                ref_col = c.replace("lite1", "ort1")
+                cells.append(f"{lat[c] / ref[ref_col]:>10.2f}" if c in lat else f"{'-':>10}")
+            size = rows[stage]["size_bytes"] / rows[base]["size_bytes"]
+            print(f"  {stage:12} {' '.join(cells)}   size {size:.3f}")
+    return {"rows": rows, "measured": measured, "teacher": teacher}
+
+
+def targets(name: str, res: dict[str, Any]) -> None:
+    rows, m = res["rows"], res["measured"]
+    if name == "minilm":
+        lat = m["onnx int8"]["ort1_b32"] / m["onnx float"]["ort1_b32"]
+        lat2 = m["onnx int8"]["ort2_b32"] / m["onnx float"]["ort2_b32"]
+        size = rows["onnx int8"]["size_bytes"] / rows["onnx float"]["size_bytes"]
+        cos = rows["onnx int8"]["metric"]
+        print(f"\nTARGET minilm: INT8/float latency at batch 32 = {lat:.3f} (1 thread), "
+              f"{lat2:.3f} (2 threads) [<= 0.45]; size {size:.3f} [<= 0.27]; "
+              f"mean cosine {cos:.4f} [>= 0.99]")  # fmt: skip
+    if name == "digits":
+        teacher_acc = rows["teacher"]["metric"]
+        t = res["teacher"]
+        for stage in ("onnx int8", "tflite int8"):
+            if stage not in m:
+                continue
+            col = "lite1_b32" if stage.startswith("tflite") else "ort1_b32"
+            speed = m[t]["ort1_b32"] / m[stage][col]
+            speed2 = (m[t]["ort2_b32"] / m[stage]["ort2_b32"]) if "ort2_b32" in m[stage] else None
+            extra = f", {speed2:.1f}x (2 threads)" if speed2 else ""
+            print(f"TARGET digits {stage}: accuracy {rows[stage]['metric']:.2f}% vs teacher "
+                  f"{teacher_acc:.2f}% (drop {teacher_acc - rows[stage]['metric']:.2f} "
+                  f"[<= 1]); {speed:.1f}x faster than the teacher at batch 32, 1 thread{extra} "
+                  "[>= 3]")  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="*", default=["digits", "minilm"])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--key", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in args.recipes:
+        targets(name, bench(name, args.runs, args.key))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
