@@ -89,6 +89,12 @@ class _Build:
 
     def _row(self, stage: str, fmt: str, metric: float | None, **extra: Any) -> dict[str, Any]:
         row = {"stage": stage, "format": fmt, "metric": metric, **extra}
+        if "params" not in row and stage != "teacher onnx":
+            # Exported candidates carry the parameters of the model they were made from.
+            source = next((r for r in reversed(self.stages) if r.get("params")
+                           and r["stage"] != "teacher onnx"), None)  # fmt: skip
+            if source is not None:
+                row["params"] = source["params"]
         self.stages.append(row)
         return row
 
@@ -217,7 +223,8 @@ class _Build:
         self.reference = ref
         baseline = self._score(ref, splits)
         self.gates.set_baseline(baseline)
-        self._row("onnx float", "onnx", baseline, size_bytes=path.stat().st_size)
+        self._row("onnx float", "onnx", baseline, size_bytes=path.stat().st_size,
+                  params=_onnx_params(path))  # fmt: skip
         self.candidates["onnx float"] = path
         return path
 
@@ -455,6 +462,14 @@ class _Build:
             if (self.work / "teacher.onnx").exists():
                 models["teacher onnx"] = self.work / "teacher.onnx"
         return BuildResult(final, self.report, files, models)
+
+
+def _onnx_params(path: Path) -> int:
+    """Weights in an ONNX file (initializers), for models that arrive without torch."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return int(sum(int(np.prod(t.dims)) for t in graph.initializer))
 
 
 def run_build(recipe_path: Path, out_dir: Path, key_path: Path | None = None,

@@ -90,28 +90,31 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["stages"] if r.get("latency_ms") and r.get("metric") is not None]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    fig, (ax_lat, ax_size) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110, sharey=True)
+    selected = set(report.get("selected", {}).values())
+    palette = plt.get_cmap("tab10")
+    for i, r in enumerate(rows):
+        marker = "s" if "int8" in r["stage"] else ("^" if r["format"] == "tflite" else "o")
+        label = r["stage"] + (" (selected)" if r["stage"] in selected else "")
+        points = ((ax_lat, r["latency_ms"]["p50"]), (ax_size, (r.get("size_bytes") or 1) / 1024))
+        for ax, x in points:
+            ax.scatter(x, r["metric"], s=110 if r["stage"] in selected else 70,
+                       color=palette(i % 10), marker=marker, alpha=0.85, zorder=3,
+                       edgecolors="black" if r["stage"] in selected else "none",
+                       linewidths=1.5, label=label if ax is ax_lat else None)  # fmt: skip
+    if not rows:
+        ax_lat.text(0.5, 0.5, "no measured candidates", ha="center", transform=ax_lat.transAxes)
+    ax_lat.set_xlabel("latency p50, batch 1 (ms, log)")
+    ax_size.set_xlabel("file size (KiB, log)")
+    ax_lat.set_ylabel("top-1 accuracy (%)" if report["task"] == "classification"
+                      else "mean cosine to teacher")  # fmt: skip
     if rows:
-        sizes = [max(r.get("size_bytes") or 1, 1) for r in rows]
-        biggest = max(sizes)
-        colors = {"onnx": "tab:blue", "tflite": "tab:orange"}
-        for r, size in zip(rows, sizes, strict=True):
-            area = 60 + 900 * size / biggest
-            color = colors.get(r["format"].split()[0], "tab:gray")
-            marker = "s" if "int8" in r["stage"] else "o"
-            ax.scatter(r["latency_ms"]["p50"], r["metric"], s=area, c=color, alpha=0.55,
-                       marker=marker, edgecolors="black")  # fmt: skip
-            ax.annotate(f"{r['stage']}\n{_fmt_size(size)}", (r["latency_ms"]["p50"], r["metric"]),
-                        fontsize=7, ha="left", va="bottom", xytext=(6, 4),
-                        textcoords="offset points")  # fmt: skip
-    else:
-        ax.text(0.5, 0.5, "no measured candidates", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("latency p50, batch 1 (ms)")
-    ax.set_ylabel("top-1 accuracy (%)" if report["task"] == "classification"
-                  else "mean cosine to teacher")  # fmt: skip
-    ax.set_title(f"{report['name']} {report['version']}: quality vs latency "
-                 "(marker area = file size; square = INT8)", fontsize=9)  # fmt: skip
-    ax.grid(alpha=0.3)
+        ax_lat.legend(fontsize=7, loc="best")
+    for ax in (ax_lat, ax_size):
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{report['name']} {report['version']}: quality vs latency and size "
+                 "(square = INT8, triangle = TFLite float, outlined = selected)", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
