@@ -207,6 +207,7 @@ class Broker:
             "log_type information",
             "connection_messages true",
             "max_queued_messages 100000",
+            "set_tcp_nodelay true",
         ]
         if persistence:
             lines += [
@@ -357,6 +358,9 @@ class Listener:
     def _on_connect(
         self, client: object, userdata: object, flags: object, rc: object, props: object
     ) -> None:
+        sock = self.client.socket()
+        if isinstance(sock, socket.socket):  # no Nagle: see agent/link/client.py
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.subscribe([(f, 1) for f in self.filters])
 
     def _on_message(self, client: object, userdata: object, msg: object) -> None:

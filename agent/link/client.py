@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -305,6 +306,7 @@ class MqttClient:
             except (OSError, ValueError) as exc:  # socket, DNS, TLS and timeout errors
                 self._note_error(f"cannot connect to {self._where()}: {_describe(exc)}")
             else:
+                _no_delay(client)
                 rc = MQTTErrorCode.MQTT_ERR_SUCCESS
                 while rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                     rc = client.loop(timeout=0.5)
@@ -434,6 +436,17 @@ class MqttClient:
             log.warning("broker refused subscription(s) to %s", ", ".join(refused))
         if on_done is not None:
             _safe(on_done, refused)
+
+
+def _no_delay(client: paho.Client) -> None:
+    # paho leaves Nagle on: a reply written right after a PUBACK would wait for the
+    # peer's delayed ACK (~40 ms on Linux). Commands are small and interactive.
+    sock = client.socket()
+    if isinstance(sock, socket.socket):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            log.debug("cannot set TCP_NODELAY: %s", exc)
 
 
 def _noop_socket(client: paho.Client, userdata: Any, sock: Any) -> None:

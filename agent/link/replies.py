@@ -27,6 +27,9 @@ class ReplyCache:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # Survives process crashes; a power cut may forget the newest replies, and then a
+        # retransmitted command runs again. No fsync keeps command replies fast.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS replies "
             "(id TEXT PRIMARY KEY, body BLOB NOT NULL, created REAL NOT NULL)"
