@@ -192,3 +192,43 @@ def test_quantize_config_validates_itself() -> None:
         QuantizeConfig(calibration_method="kl")
     with pytest.raises(ValueError, match=r"preset = 'none' is not supported with engine"):
         QuantizeConfig(engine="optimum")
+
+
+# ----------------------------------------------------------------- fine-tuning details
+
+
+def test_magnitude_pruned_zeros_survive_distillation_fine_tune(teacher, data) -> None:
+    from export.pipeline.prune import MaskKeeper
+
+    model = tiny.build_teacher()
+    sample = (torch.from_numpy(data["eval"].inputs["input"][:2]),)
+    stats = prune_magnitude(model, sample, 0.5)
+    keeper = MaskKeeper(model)
+    cfg = DistillConfig(epochs=1, lr=0.01, temperature=2.0, alpha=0.5, loss="kd", batch_size=50)
+    distill(model, teacher, data["train"], IN, OUT, cfg, after_step=keeper.apply)
+    assert count_nonzero(model) <= stats.nonzero_after
+
+
+@pytest.mark.parametrize("loss", ["cosine", "mse"])
+def test_embedding_distillation_moves_toward_the_teacher(teacher, data, loss: str) -> None:
+    from export.pipeline.torchrun import mean_cosine
+
+    student = tiny.build_student()
+    target = predict(teacher, data["eval"], IN, OUT, 100)["logits"]
+    before = mean_cosine(predict(student, data["eval"], IN, OUT, 100)["logits"], target)
+    cfg = DistillConfig(epochs=3, lr=0.01, temperature=1.0, alpha=1.0, loss=loss, batch_size=50)
+    history = distill(student, teacher, data["train"], IN, OUT, cfg)
+    after = mean_cosine(predict(student, data["eval"], IN, OUT, 100)["logits"], target)
+    assert history[-1] < history[0] and after > before + 0.2
+
+
+def test_progress_logs_plain_lines_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from export.pipeline.progress import progress
+
+    with caplog.at_level(logging.INFO, logger="export.pipeline.progress"):
+        assert list(progress(range(20), "calibrate")) == list(range(20))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("calibrate: 2/20") and lines[-1].startswith("calibrate: 20/20")
+    assert len(lines) == 10
