@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,13 +202,15 @@ def quantize_onnx(
 
 @contextmanager
 def _quiet_root() -> Iterator[None]:
-    """onnxruntime.quantization logs one root INFO line per tensor; keep build logs readable."""
+    """onnxruntime.quantization logs one root INFO line per tensor and print()s calibration
+    chatter; keep build logs readable and stdout for the CLI's result."""
     root = logging.getLogger()
     level = root.level
     if level < logging.WARNING:
         root.setLevel(logging.WARNING)
     try:
-        yield
+        with redirect_stdout(sys.stderr):
+            yield
     finally:
         root.setLevel(level)
 
