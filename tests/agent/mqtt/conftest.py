@@ -212,5 +212,14 @@ def listening(broker: Broker, *filters: str, **kw: Any) -> Iterator[Listener]:
         listener.close()
 
 
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def json_on(listener: Listener, suffix: str) -> list[dict[str, Any]]:
     return [loads(p) for p in listener.on(suffix)]
