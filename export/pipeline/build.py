@@ -129,6 +129,15 @@ class _Build:
         self._timed("teacher_eval", t)
 
         model = student if student is not None else copy.deepcopy(teacher)
+        if r.distill_on or r.prune_on:
+            # Fail before minutes of training, not after: export the untrained model once.
+            from export.pipeline.onnx_export import export_onnx
+
+            t = time.monotonic()
+            export_onnx(model, splits.eval, r.inputs, self.out_names,
+                        self.work / "preflight.onnx", r.onnx.opset)  # fmt: skip
+            (self.work / "preflight.onnx").unlink()
+            self._timed("preflight_export", t)
         cfg = DistillConfig(
             epochs=r.distill.epochs, lr=r.distill.lr, temperature=r.distill.temperature,
             alpha=r.distill.alpha, loss=r.distill.loss, batch_size=bs,

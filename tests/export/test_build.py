@@ -174,9 +174,12 @@ def test_model_that_does_not_export(
         "tiny:build_student": "tiny:build_unexportable",
         "[prune]\nenabled = true": "[prune]\nenabled = false",
     })  # fmt: skip
-    with pytest.raises(ExportFailedError, match=r"torch.onnx.export failed: .*special_i0e"):
+    with pytest.raises(ExportFailedError, match=r"torch.onnx.export failed: .*special_i0e") as err:
         _build(recipe, tmp_path, signing_key[0])
     _assert_nothing_written(tmp_path / "out")
+    # It failed in the preflight export inside the torch stages, before any training.
+    frames = [f.name for f in err.traceback]
+    assert "torch_stages" in frames
 
 
 def test_gate_failure_names_gate_stage_and_margin(
