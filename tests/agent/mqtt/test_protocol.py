@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -206,3 +207,19 @@ def test_twin_delta_and_get_result_decode() -> None:
                 json.dumps({"twin": {"a": {"expected": {"value": "x" * 600}}}}).encode()):  # fmt: skip
         with pytest.raises(ProtocolError):
             twin.decode(bad)
+
+
+def test_the_documented_signature_vector() -> None:
+    """docs/mqtt.md gives this vector to console authors; ed25519 is deterministic."""
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    body = {"id": "7f3c", "name": "config.set", "args": {"values": {"telemetry.interval_s": 5}},
+            "issued_at": 1767225600, "expires_at": 1767225660, "to": "dev-a"}  # fmt: skip
+    assert canonical_json(body) == (
+        b'{"args":{"values":{"telemetry.interval_s":5}},"expires_at":1767225660,"id":"7f3c",'
+        b'"issued_at":1767225600,"name":"config.set","to":"dev-a"}'
+    )
+    assert sign_body(body, key)["sig"] == (
+        "MNHfZfoopJ58RxgxlKlBwyySSd1WcI3cbLkmGoVS5udd0nzcZu9hil+/oCB2Xq7a3Z7DuFP/VTrjw+S3NGtRAg=="
+    )
+    docs = (Path(__file__).parents[3] / "docs/mqtt.md").read_text()
+    assert sign_body(body, key)["sig"] in docs
