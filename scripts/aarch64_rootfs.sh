@@ -98,8 +98,9 @@ HOST_ARCH="$(dpkg --print-architecture)"
 KEY="$(printf '%s\n' "format 3" "$MIRROR" "$SECURITY_MIRROR" "$HOST_ARCH" "${DEBS[@]}" \
     "$REQUIREMENTS" "$CONSTRAINTS_TXT" "${PIP_PLATFORM[@]}" | sha256sum | cut -c1-16)"
 mkdir -p "$CACHE"
+# $CACHE/.lock: shared while the cache is read or used (aarch64_smoke.sh holds it for its run),
+# exclusive while it is rebuilt, so a rebuild waits for the runs using the old one.
 exec 9>"$CACHE/.lock"
-flock 9
 
 # apt with private state: $1 dir, $2 architecture, $3... apt-get arguments.
 apt_private() {
@@ -203,11 +204,19 @@ print("aarch64_rootfs: aarch64 python", platform.python_version(), "numpy", nump
 ' >&2 || die "the emulated python cannot import the aarch64 wheels"
 }
 
+cache_ok() {
+    [ "$(cat "$CACHE/key" 2>/dev/null)" = "$KEY" ] && [ -x "$CACHE/sysroot/usr/bin/python3.11" ] &&
+        [ -x "$CACHE/qemu/qemu-aarch64" ] && [ -d "$CACHE/site/onnxruntime" ]
+}
 started=$SECONDS
-if [ "$(cat "$CACHE/key" 2>/dev/null)" = "$KEY" ] && [ -x "$CACHE/sysroot/usr/bin/python3.11" ] &&
-    [ -x "$CACHE/qemu/qemu-aarch64" ] && [ -d "$CACHE/site/onnxruntime" ]; then
+flock -s 9
+if cache_ok; then
     log "cache warm: $CACHE"
 else
+    flock -u 9
+    flock 9
+fi
+if ! cache_ok; then
     log "building in $CACHE (cold cache, or the package lists changed)"
     [ -f "$KEYRING" ] || die "$KEYRING missing (apt-get install debian-archive-keyring)"
     tmp="$CACHE/.build"
