@@ -12,9 +12,10 @@ def components_for(agent: Any) -> list[Any]:
     if not agent.config.mqtt.enabled:
         return []
     from agent.link.link import Link
+    from agent.outbox import OutboxError
     from agent.service import StartupError
 
     try:
         return [Link(agent)]
-    except ConfigError as exc:
+    except (ConfigError, OutboxError) as exc:
         raise StartupError(str(exc)) from exc

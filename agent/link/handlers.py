@@ -33,6 +33,17 @@ def config_as_json(config: Any) -> Any:
     return config
 
 
+def _output_names(outputs: Any) -> list[str] | None:
+    """KServe v2 `outputs`: [{"name": ...}, ...] selects outputs; absent means all."""
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+    ):
+        raise CommandError(Code.BAD_ARGS, 'infer: "outputs" must be a list of {"name": ...}')
+    return [o["name"] for o in outputs]
+
+
 def build_table(
     agent: Any,
     tunables: Tunables,
@@ -76,11 +87,7 @@ def build_table(
         # The same decoder and checks as the local KServe v2 API.
         _, feeds = decode_request(dumps(request), None)
         served, result = agent.host.infer(name, feeds)
-        wanted = (
-            [o["name"] for o in outputs if isinstance(o, dict) and "name" in o]
-            if isinstance(outputs, list)
-            else None
-        )
+        wanted = _output_names(outputs)
         unknown = [n for n in wanted or [] if n not in result]
         if unknown:
             raise CommandError(Code.BAD_ARGS, f"infer: model has no output {unknown[0]!r}")

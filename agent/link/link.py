@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent import __version__
@@ -33,7 +33,7 @@ from agent.link.sender import OutboxSender
 from agent.link.telemetry import SystemProbe, inference_figures, model_figures
 from agent.link.tunables import Tunables
 from agent.link.twin import TwinLink
-from agent.outbox import Outbox, OutboxError
+from agent.outbox import Kind, Outbox, OutboxError
 from agent.protocol.messages import EventMessage, Status, TelemetryMessage, dumps
 from agent.protocol.topics import DeviceTopics, command_subscriptions
 
@@ -53,6 +53,9 @@ class Link:
         self.config = config
         self.started = time.time()
         self.topics = DeviceTopics(config.device_id)
+        # What can fail on a bad config goes first, before files and threads exist.
+        client_settings = settings.client_settings(config, self.started, environ)
+        keys = settings.console_keys(config, environ)
         path = config.state_dir / OUTBOX_FILE
         self.outbox = Outbox(
             path,
@@ -67,7 +70,7 @@ class Link:
         self.logs = LogRing(config.commands.log_lines)
         self.logs.install()
         self.client = MqttClient(
-            settings.client_settings(config, self.started, environ),
+            client_settings,
             on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
             on_message=self._on_message,
@@ -77,7 +80,7 @@ class Link:
             device_id=config.device_id,
             groups=config.mqtt.groups,
             table=self.table,
-            keys=settings.console_keys(config, environ),
+            keys=keys,
             require_signature=config.commands.require_signature,
             max_payload_bytes=config.commands.max_payload_kb * 1024,
             cache=self.replies,
@@ -153,7 +156,6 @@ class Link:
                 done.wait(2.0)
             except MqttError as exc:
                 log.debug("offline status not sent: %s", exc)
-        # Give the outbox a moment to hand over what is already acknowledged.
         self.sender.stop()
         self.client.stop()
         with self._put_lock:
@@ -308,7 +310,7 @@ class Link:
         if event.kind.startswith(("model.", "overloaded", "twin.")):
             self.publish_state()
 
-    def _put(self, kind: Any, topic: str, build: Any) -> None:
+    def _put(self, kind: Kind, topic: str, build: Callable[[int], bytes]) -> None:
         with self._put_lock:
             if self._closed:
                 return
@@ -376,9 +378,7 @@ class Link:
         parts = []
         for key, n in sorted(dropped.items()):
             cause, _, kind = key.partition(".")
-            parts.append(
-                f"{n} {kind}{'s' if n != 1 and kind == 'event' else ''} ({causes.get(cause, cause)})"
-            )
+            parts.append(f"{n} {kind} message(s): {causes.get(cause, cause)}")
         self.agent.events.emit(
             "outbox.dropped",
             "dropped " + ", ".join(parts),

@@ -223,3 +223,47 @@ def test_mutated_signed_commands_are_refused(setup: Setup, mutation: dict[str, A
         assert all(body.get(k) == v for k, v in mutation.items() if k != "sig")
     else:
         assert reply["error"]["code"] in EXPECTED
+
+
+def test_runtime_tunables_reach_the_running_agent(tmp: Path) -> None:
+    s = Setup(tmp)
+    try:
+        d = s.dispatcher(signed=False)
+        topic = f"edgerun/v1/{DEVICE}/cmd/config.set"
+        infer_topic = f"edgerun/v1/{DEVICE}/cmd/infer"
+        request = {
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}
+            ]
+        }
+        before = s.agent.host.model
+        reply = send(d, {"id": "t1", "name": "config.set",
+                         "args": {"values": {"runtimes.onnxruntime.intra_op_threads": 1}}}, topic)  # fmt: skip
+        assert reply["ok"], reply
+        after = s.agent.host.model
+        assert after is not before and after.runtime.describe()["intra_op_threads"] == 1
+        assert s.agent.admission.config.runtimes.onnxruntime.intra_op_threads == 1
+        assert s.agent.events.recent[-1].kind == "model.reloaded"
+        assert send(d, {"id": "i1", "name": "infer", "args": request}, infer_topic)["ok"]
+        # A soft limit below the agent's RSS sheds requests at once; 0 restores the default.
+        reply = send(d, {"id": "t2", "name": "config.set",
+                         "args": {"values": {"memory.soft_limit_mb": 1}}}, topic)  # fmt: skip
+        assert reply["ok"] and s.agent.watcher.overloaded
+        shed = send(d, {"id": "i2", "name": "infer", "args": request}, infer_topic)
+        assert shed["error"]["code"] == "overloaded"
+        assert send(d, {"id": "t3", "name": "config.set",
+                        "args": {"values": {"memory.soft_limit_mb": 0}}}, topic)["ok"]  # fmt: skip
+        assert not s.agent.watcher.overloaded
+        assert send(d, {"id": "i3", "name": "infer", "args": request}, infer_topic)["ok"]
+        # All or nothing: one bad value and nothing changes.
+        reply = send(d, {"id": "t4", "name": "config.set", "args": {"values": {
+            "log_level": "error", "telemetry.interval_s": 0}}}, topic)  # fmt: skip
+        assert reply["error"]["code"] == Code.INVALID_VALUE
+        assert "telemetry.interval_s" in reply["error"]["message"]
+        got = send(
+            d, {"id": "g1", "name": "config.get", "args": {}}, f"edgerun/v1/{DEVICE}/cmd/config.get"
+        )
+        assert got["result"]["tunable"]["log_level"] == "info"
+        assert got["result"]["config"]["runtimes"]["onnxruntime"]["intra_op_threads"] == 1
+    finally:
+        s.agent.host.close()
