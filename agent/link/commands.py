@@ -289,9 +289,11 @@ class Dispatcher:
         except TopicError as exc:
             log.warning("cannot reply to %r: %s", target, exc)
             return None
+        reply = reply.from_device(self.device_id)
         try:
             payload = dumps(reply.to_json())
         except (TypeError, ValueError) as exc:
             reply = Reply.failure(reply.id, Code.FAILED, f"result is not JSON: {exc}")
+            reply = reply.from_device(self.device_id)
             payload = dumps(reply.to_json())
         return Response(topic, payload, request.correlation_data, reply)

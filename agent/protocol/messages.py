@@ -6,6 +6,7 @@ Every `from_json` checks types and raises ProtocolError with a stable code; ever
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -169,6 +170,11 @@ class Reply:
     ok: bool
     result: Any = None
     error: ErrorInfo | None = None
+    # Who answers: a group command gets one reply per member on the same topic.
+    device_id: str | None = None
+
+    def from_device(self, device_id: str) -> Reply:
+        return dataclasses.replace(self, device_id=device_id)
 
     @classmethod
     def success(cls, ident: str | None, result: Any) -> Reply:
@@ -179,14 +185,15 @@ class Reply:
         return cls(ident, False, error=ErrorInfo(code, message))
 
     def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "ok": self.ok}
         if self.ok:
-            return {"id": self.id, "ok": True, "result": self.result}
-        assert self.error is not None
-        return {
-            "id": self.id,
-            "ok": False,
-            "error": {"code": self.error.code, "message": self.error.message},
-        }
+            out["result"] = self.result
+        else:
+            assert self.error is not None
+            out["error"] = {"code": self.error.code, "message": self.error.message}
+        if self.device_id is not None:
+            out["device_id"] = self.device_id
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> Reply:
@@ -195,12 +202,15 @@ class Reply:
         ident = obj.get("id")
         if ident is not None and not isinstance(ident, str):
             raise ProtocolError(Code.MALFORMED, '"id" must be a string or null')
+        device = obj.get("device_id")
+        device = device if isinstance(device, str) else None
         if obj["ok"]:
-            return cls(ident, True, obj.get("result"))
+            return cls(ident, True, obj.get("result"), device_id=device)
         err = obj.get("error")
         if not isinstance(err, dict) or not isinstance(err.get("code"), str):
             raise ProtocolError(Code.MALFORMED, 'a failed reply needs "error": {"code", "message"}')
-        return cls(ident, False, error=ErrorInfo(err["code"], str(err.get("message", ""))))
+        error = ErrorInfo(err["code"], str(err.get("message", "")))
+        return cls(ident, False, error=error, device_id=device)
 
 
 @dataclass(frozen=True)

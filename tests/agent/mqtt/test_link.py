@@ -220,7 +220,7 @@ def test_group_commands_and_targets(
         agent_config(tmp, broker, console_pub, mqtt={"groups": ["lab", "floor-2"]})
     ).wait_connected()
     reply = console.request("ping", topic=str(group_command("floor-2", "ping")), to="group:floor-2")
-    assert reply["ok"] is True
+    assert reply["ok"] is True and reply["device_id"] == DEVICE  # which member answered
     # A body addressed to one target cannot be replayed to another.
     reply = console.request("ping", topic=str(group_command("lab", "ping")), to="group:floor-2")
     assert reply["error"]["code"] == "command.mismatch"
