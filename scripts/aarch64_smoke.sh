@@ -5,7 +5,7 @@
 #
 # The sysroot and the aarch64 wheels come from scripts/aarch64_rootfs.sh (cached under
 # $EDGERUN_AARCH64_CACHE); edgerun is installed fresh from this checkout on each run.
-# Under qemu-aarch64-static it runs `edge-agent check-config`, `verify` (the sample bundle,
+# Under qemu-aarch64 (10.0, see aarch64_rootfs.sh) it runs `edge-agent check-config`, `verify` (the sample bundle,
 # and a tampered copy that must be refused), then `edge-agent run` on the sample bundle,
 # offline on a Unix socket, once per runtime (onnxruntime, then LiteRT). For each run it
 # waits for readiness, sends inferences through the local API from a native client (the
