@@ -8,7 +8,7 @@ from pathlib import Path
 
 from agent.protocol.messages import loads
 from tests.agent.mqtt.conftest import json_on, listening
-from tests.helpers import AgentProcess, base_config, write_config
+from tests.helpers import AgentProcess, base_config, samples, write_config
 from tests.mqtt_broker import Broker
 
 DEVICE = "test-device"  # what tests.helpers.base_config names it
@@ -38,6 +38,11 @@ def test_outbox_survives_kill_9_of_the_agent(tmp: Path) -> None:
     agent = AgentProcess(config, tmp / "api.sock")
     try:
         agent.wait_ready()
+        # No broker at all: local inference is served all the same.
+        inputs, labels = samples()
+        with agent.client() as api:
+            scores = api.infer("digits", {"input": inputs[:4]})["logits"]
+        assert list(scores.argmax(axis=1)) == list(labels[:4])
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if (state / "outbox.sqlite").exists() and sum(

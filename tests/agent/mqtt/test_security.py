@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.config.typed import ConfigError
-from agent.link.client import Ack, NotConnectedError
+from agent.link.client import Ack
 from agent.protocol.topics import DeviceTopics, Topic
 from tests.agent.mqtt.conftest import DEVICE, MakeHarness, agent_config, listening, wait_until
 from tests.mqtt_broker import Broker, device_acl, make_pki
@@ -104,11 +104,3 @@ def test_a_device_cannot_publish_to_another_devices_topics(tmp: Path, harness: M
             assert not any(b"forged" in p for _, p, _, _ in spy.messages)
         # The device's own streams flow as usual.
         assert h.link.outbox.dropped_total() == {"telemetry": 0, "event": 0}
-
-
-def test_not_connected_publish_raises(tmp: Path) -> None:
-    from agent.link.client import ClientSettings, MqttClient
-
-    client = MqttClient(ClientSettings("127.0.0.1", 1, "x"))
-    with pytest.raises(NotConnectedError):
-        client.publish(Topic("a/b"), b"")
