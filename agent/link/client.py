@@ -147,7 +147,6 @@ class MqttClient:
         self._session = _Session()
         self._connected = threading.Event()
         self._stopping = threading.Event()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         self.connections = 0  # established connections so far (for status and tests)
@@ -243,12 +242,10 @@ class MqttClient:
         client = self._paho
         if client is not None:
             client.disconnect()
-            self._wake.set()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         self.disconnect()
-        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -327,7 +324,6 @@ class MqttClient:
                 break
             wait = self._backoff.next()
             log.debug("reconnecting to %s in %.2f s", self._where(), wait)
-            self._wake.clear()
             self._stopping.wait(wait)
         self._paho = None
 
