@@ -88,6 +88,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         problems.append("trust.public_keys: empty; no bundle can be verified")
     if config.model.bundle is not None and not config.model.bundle.is_file():
         problems.append(f"model.bundle: {config.model.bundle} does not exist")
+    from agent.link.settings import check as check_link
+
+    if config.mqtt.enabled or config.kubeedge.enabled:
+        problems += [str(issue) for issue in check_link(config)]
     if problems:
         print(f"{path}: {len(problems)} problem(s)")
         for p in problems:

@@ -143,6 +143,21 @@ def test_check_config_semantic_problems(tmp: Path) -> None:
     assert "model.bundle" in proc.stdout and "does not exist" in proc.stdout
 
 
+def test_check_config_reports_cross_field_link_problems(tmp: Path) -> None:
+    from tests.helpers import DEMO_PUB
+
+    path = tmp / "agent.toml"
+    path.write_text(
+        f'[trust]\npublic_keys = ["{DEMO_PUB}"]\n'
+        '[mqtt]\nenabled = true\nreconnect_min_s = 30.0\nreconnect_max_s = 5.0\n'
+        '[mqtt.tls]\ncert_file = "/etc/edgerun/device.crt"\n'
+    )
+    proc = run_cli("check-config", str(path))
+    assert proc.returncode == 1
+    assert "mqtt.reconnect_min_s: is above mqtt.reconnect_max_s" in proc.stdout
+    assert "mqtt.tls.cert_file: mutual TLS needs both cert_file and key_file" in proc.stdout
+
+
 def test_check_config_ok(tmp: Path) -> None:
     from tests.helpers import DEMO_PUB, SAMPLE_BUNDLE
 
