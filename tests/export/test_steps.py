@@ -232,3 +232,17 @@ def test_progress_logs_plain_lines_off_a_terminal(caplog: pytest.LogCaptureFixtu
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("calibrate: 2/20") and lines[-1].startswith("calibrate: 20/20")
     assert len(lines) == 10
+
+
+@pytest.mark.parametrize(("mode", "preset"), [("static", "arm64"), ("dynamic", "avx512_vnni"),
+                                              ("static", "jetson-tensorrt")])  # fmt: skip
+def test_optimum_quantizer_paths(float_onnx: Path, data, tmp_path: Path, mode: str,
+                                 preset: str) -> None:  # fmt: skip
+    cfg = QuantizeConfig(mode=mode, preset=preset, engine="optimum", batch_size=25)
+    out = quantize_onnx(float_onnx, tmp_path / "opt.onnx", cfg, data["calibration"])
+    ops = quantized_ops(out)
+    assert ops, "no integer ops"
+    if mode == "static":
+        assert ops.get("QuantizeLinear", 0) > 0
+    logits = run_onnx(out, data["eval"].inputs)["logits"]
+    assert accuracy(logits, data["eval"].labels) > 85
