@@ -9,11 +9,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_CONFIG = Path("/etc/edgerun/agent.toml")
 DEFAULT_SOCKET = "/run/edgerun/api.sock"
@@ -78,6 +79,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for issue in exc.issues:
             print(f"  {issue.path or '<file>'}: {issue.message}")
         return 1
+    from agent.config.loader import env_overrides
+
+    for issue in env_overrides(os.environ)[1]:
+        print(f"warning: {issue.message} (ignored)")
     problems = []
     try:
         keys = load_trusted_keys(config)
@@ -143,6 +148,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _load_input(path: Path, name: str | None) -> dict[str, np.ndarray]:
+    import numpy as np
+
     if path.suffix == ".npy":
         array = np.load(path, allow_pickle=False)
         return {name or "input": array}
@@ -156,6 +163,8 @@ def _load_input(path: Path, name: str | None) -> dict[str, np.ndarray]:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from agent.api.client import ApiClient, ApiError
 
     try:
@@ -191,7 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         with ApiClient(args.socket) as client:
             status = client.get_json("/v2/edgerun/status")
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: cannot reach the agent at {args.socket}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2))

@@ -35,7 +35,7 @@ class ApiClient:
         if self._sock is not None:
             return self._sock
         addr = self.address
-        if addr.startswith("unix:") or addr.startswith("/"):
+        if addr.startswith(("unix:", "/", ".")) or ":" not in addr:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
             sock.connect(addr.removeprefix("unix:"))

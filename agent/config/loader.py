@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tomllib
 import typing
@@ -12,6 +13,8 @@ from typing import Any
 
 from agent.config.model import AgentConfig
 from agent.config.typed import ConfigError, ConfigIssue, build, coerce_env
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "EDGERUN_"
 CREDENTIAL_PREFIX = "credential:"
@@ -35,7 +38,12 @@ def _field_type(path: list[str]) -> Any:
 
 
 def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[ConfigIssue]]:
-    """EDGERUN_MEMORY__MAX_MB=256 sets memory.max_mb; `__` separates table levels."""
+    """EDGERUN_MEMORY__MAX_MB=256 sets memory.max_mb; `__` separates table levels.
+
+    Returns the overrides and the EDGERUN_* names that match no setting. Those are
+    warnings, not errors: other tools share the prefix (EDGERUN_CONFIG, build caches),
+    and a stray variable must not stop a device. check-config prints them.
+    """
     data: dict[str, Any] = {}
     issues: list[ConfigIssue] = []
     for name, text in environ.items():
@@ -70,15 +78,11 @@ def parse_config(
     environ: Mapping[str, str] | None = None,
     source: str = "config",
 ) -> AgentConfig:
-    overrides, issues = env_overrides(os.environ if environ is None else environ)
+    overrides, unknown = env_overrides(os.environ if environ is None else environ)
+    for issue in unknown:
+        log.warning("ignoring %s", issue.message)
     merged = _merge(dict(data), overrides)
-    try:
-        config = build(AgentConfig, merged, source)
-    except ConfigError as exc:
-        raise ConfigError(issues + exc.issues, source) from None
-    if issues:
-        raise ConfigError(issues, source)
-    return config
+    return build(AgentConfig, merged, source)
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:

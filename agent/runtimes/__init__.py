@@ -74,8 +74,11 @@ def load_runtime(name: str, manifest: Manifest, directory: Path, configs: Any) -
     cls = REGISTRY[name]
     model = directory / manifest.formats[cls.format]
     config = getattr(configs, name)
-    if cls is OrtRuntime:
-        return OrtRuntime(model, manifest.inputs, manifest.outputs, config)
-    if cls is LiteRTRuntime:
-        return LiteRTRuntime(model, manifest.inputs, manifest.outputs, config)
+    try:
+        if cls is OrtRuntime:
+            return OrtRuntime(model, manifest.inputs, manifest.outputs, config)
+        if cls is LiteRTRuntime:
+            return LiteRTRuntime(model, manifest.inputs, manifest.outputs, config)
+    except ImportError as exc:  # installed, but broken on this machine
+        raise RuntimeUnavailableError(f"{name} cannot be imported here: {exc}") from exc
     raise RuntimeUnavailableError(f"runtime {name} has no loader")  # pragma: no cover

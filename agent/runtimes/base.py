@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -11,6 +13,16 @@ import numpy as np
 from agent.bundle import TensorSpec
 
 Feeds = dict[str, np.ndarray]
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class RuntimeUnavailableError(Exception):

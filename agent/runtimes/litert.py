@@ -17,7 +17,7 @@ import numpy as np
 
 from agent.bundle import TensorSpec
 from agent.config.typed import constraint
-from agent.runtimes.base import Feeds, InferenceError, ModelLoadError, Runtime
+from agent.runtimes.base import Feeds, InferenceError, ModelLoadError, Runtime, installed
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,11 @@ class LiteRTRuntime(Runtime):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        try:
-            _interpreter_class()
-        except ImportError as exc:
-            return str(exc)
-        return None
+        if installed("ai_edge_litert") or installed("tflite_runtime"):
+            return None
+        return (
+            "neither ai_edge_litert nor tflite_runtime is installed; pip install 'edgerun[litert]'"
+        )
 
     @classmethod
     def library_version(cls) -> str:

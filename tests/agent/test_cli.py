@@ -85,6 +85,15 @@ def test_infer_and_status_commands(tmp: Path) -> None:
         assert out.returncode == 0
         status = json.loads(out.stdout)
         assert status["model"]["version"] == "1.0.0" and status["device_id"] == "test-device"
+        # A relative socket path is a path, not host:port.
+        rel = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "status", "--socket", "api.sock"],
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+            check=False,
+        )
+        assert rel.returncode == 0, rel.stderr
     out = cli("status", "--socket", str(tmp / "api.sock"))
     assert out.returncode == 1 and "cannot reach the agent" in out.stderr
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,8 +90,30 @@ def test_environment_overrides_take_precedence() -> None:
 
 def test_bad_environment_overrides_are_reported() -> None:
     found = issues({}, {"EDGERUN_MEMORY__MAXMB": "1", "EDGERUN_MEMORY__MAX_MB": "many"})
-    assert "names no setting" in found["memory.maxmb"]
     assert "many" in found["memory.max_mb"]
+    # A variable that names no setting is a warning, not a reason to stop a device.
+    assert "memory.maxmb" not in found
+    config = parse_config({}, {"EDGERUN_AARCH64_CACHE": "/x", "EDGERUN_MEMORY__MAXMB": "1"})
+    assert config.memory.max_mb == 0
+
+
+def test_check_config_warns_about_unknown_environment_variables(tmp: Path) -> None:
+    from tests.helpers import DEMO_PUB
+
+    path = tmp / "agent.toml"
+    path.write_text(f'[trust]\npublic_keys = ["{DEMO_PUB}"]\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "EDGERUN_MEMORY__MAXMB": "64"},
+    )
+    assert proc.returncode == 0
+    assert (
+        "warning: environment variable EDGERUN_MEMORY__MAXMB names no setting (ignored)"
+        in proc.stdout
+    )
 
 
 def test_toml_file_errors(tmp: Path) -> None:
@@ -149,7 +172,7 @@ def test_check_config_reports_cross_field_link_problems(tmp: Path) -> None:
     path = tmp / "agent.toml"
     path.write_text(
         f'[trust]\npublic_keys = ["{DEMO_PUB}"]\n'
-        '[mqtt]\nenabled = true\nreconnect_min_s = 30.0\nreconnect_max_s = 5.0\n'
+        "[mqtt]\nenabled = true\nreconnect_min_s = 30.0\nreconnect_max_s = 5.0\n"
         '[mqtt.tls]\ncert_file = "/etc/edgerun/device.crt"\n'
     )
     proc = run_cli("check-config", str(path))

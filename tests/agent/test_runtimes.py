@@ -242,3 +242,14 @@ def test_micro_batcher_keeps_shapes_apart_and_propagates_errors() -> None:
     batcher.close()
     np.testing.assert_array_equal(out["good"], np.full((1, 2), 2.0))
     assert isinstance(out["bad"], ValueError)
+
+
+def test_availability_does_not_import_runtime_libraries() -> None:
+    # A LiteRT agent answering /status must not load onnxruntime (RSS, and a build that
+    # crashes on this CPU would take the agent down).
+    code = (
+        "import sys\nfrom agent.runtimes import availability\n"
+        "print(availability(), 'onnxruntime' in sys.modules, 'ai_edge_litert' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "{'onnxruntime': None, 'litert': None} False False"
