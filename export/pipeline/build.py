@@ -95,6 +95,8 @@ class _Build:
                            and r["stage"] != "teacher onnx"), None)  # fmt: skip
             if source is not None:
                 row["params"] = source["params"]
+                if source.get("flops"):
+                    row["flops"] = source["flops"]
         self.stages.append(row)
         return row
 

@@ -52,8 +52,9 @@ class Gates:
             floor = self.baseline - self.max_accuracy_drop
             drop = self.baseline - value
             passed = value >= floor - 1e-9
+            change = f"drop {drop:.2f} points" if drop > 0 else f"{-drop:.2f} points above"
             detail = (
-                f"{value:.2f}% vs teacher {self.baseline:.2f}%: drop {drop:.2f} points, "
+                f"{value:.2f}% vs teacher {self.baseline:.2f}%: {change}, "
                 f"budget {self.max_accuracy_drop:.2f}"
             )
             result = GateResult("accuracy", stage, value, floor, passed, detail)
