@@ -36,6 +36,21 @@ class DistillConfig:
     weight_decay: float = 0.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.loss not in ("kd", "cosine", "mse"):
+            raise ValueError(
+                f"DistillConfig.loss = {self.loss!r} is not supported; allowed: 'kd', 'cosine', "
+                "'mse'"
+            )
+        for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1)):
+            if value < low:
+                raise ValueError(f"DistillConfig.{name} = {value!r} must be >= {low}")
+        if not self.lr > 0 or not self.temperature > 0 or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(
+                f"DistillConfig: lr ({self.lr}) and temperature ({self.temperature}) must be "
+                f"> 0 and alpha ({self.alpha}) within [0, 1]"
+            )
+
 
 def kd_loss(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,

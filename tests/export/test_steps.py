@@ -246,3 +246,10 @@ def test_optimum_quantizer_paths(float_onnx: Path, data, tmp_path: Path, mode: s
         assert ops.get("QuantizeLinear", 0) > 0
     logits = run_onnx(out, data["eval"].inputs)["logits"]
     assert accuracy(logits, data["eval"].labels) > 85
+
+
+def test_distill_config_validates_itself() -> None:
+    with pytest.raises(ValueError, match=r"loss = 'l1' is not supported; allowed: 'kd'"):
+        DistillConfig(epochs=1, lr=0.1, temperature=2.0, alpha=0.5, loss="l1", batch_size=8)
+    with pytest.raises(ValueError, match=r"alpha \(1.5\) within \[0, 1\]"):
+        DistillConfig(epochs=1, lr=0.1, temperature=2.0, alpha=1.5, loss="kd", batch_size=8)
