@@ -36,6 +36,7 @@ lint:
 
 typecheck:
 	$(PYTHON) -m mypy agent
+	$(PYTHON) -m mypy export fleet
 
 pytest:
 	$(PYTHON) -m pytest -q

@@ -180,9 +180,9 @@ def package_model(
                 continue
             files[arcname] = Path(src)
             formats[fmt] = arcname
-            measured, out = probe(Path(src), runtime, golden, inputs, outputs, threads, runs)
+            measured, produced = probe(Path(src), runtime, golden, inputs, outputs, threads, runs)
             out_file = work / f"outputs-{fmt}.npz"
-            np.savez(out_file, **out)  # type: ignore[arg-type]
+            np.savez(out_file, **produced)  # type: ignore[arg-type]
             files[f"golden/outputs-{fmt}.npz"] = out_file
             golden_outputs[fmt] = f"golden/outputs-{fmt}.npz"
             figures["size_bytes"][fmt] = Path(src).stat().st_size
