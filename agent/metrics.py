@@ -74,8 +74,11 @@ class Metrics:
         self._window_errors = 0
         self._window_start = time.monotonic()
 
-    def observe(self, seconds: float, batch: int) -> None:
+    def observe(self, seconds: float, batch: int, runtime_rows: int | None = None) -> None:
+        """One answered request; `runtime_rows` when it was also its own runtime call."""
         with self._lock:
+            if runtime_rows is not None:
+                self.runtime_batch.observe(float(runtime_rows))
             self.requests += 1
             self.items += batch
             self.latency.observe(seconds)

@@ -6,12 +6,16 @@ checks, load shedding and metrics are the same wherever a request comes from.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from agent.batching import MicroBatcher
 from agent.bundle import Manifest
@@ -40,6 +44,15 @@ class LoadedModel:
     directory: Path
     loaded_at: float = field(default_factory=time.time)
     golden_diffs: dict[str, float] = field(default_factory=dict)
+
+    @functools.cached_property
+    def row_bytes(self) -> int:
+        """Bytes of one batch row over all inputs (dynamic non-batch dims count as 1)."""
+        total = 0
+        for spec in self.manifest.inputs:
+            dims = [d if d > 0 else 1 for d in spec.shape[1:]]
+            total += math.prod(dims) * np.dtype(spec.dtype).itemsize
+        return total
 
     @property
     def p50_ms(self) -> float | None:
@@ -131,17 +144,18 @@ class ModelHost:
             raise
         try:
             start = time.perf_counter()
+            direct = False
             batcher = self._batcher
             try:
                 if batcher is not None and model is self._model:
                     out = batcher.submit(feeds, rows)
                 else:
-                    self.metrics.runtime_call(rows)
+                    direct = True
                     out = model.runtime.run(feeds)
             except InferenceError as exc:
                 self.metrics.error(RuntimeFailureError.code)
                 raise RuntimeFailureError(str(exc)) from exc
-            self.metrics.observe(time.perf_counter() - start, rows)
+            self.metrics.observe(time.perf_counter() - start, rows, rows if direct else None)
             return model, out
         finally:
             self._leave()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from agent.bundle import TensorSpec
 from agent.errors import InputMismatchError, TooLargeError
+
+
+@functools.cache
+def _dtype(name: str) -> np.dtype[Any]:
+    return np.dtype(name)
 
 
 def describe(spec: TensorSpec) -> str:
@@ -33,7 +40,7 @@ def validate_feeds(
         if spec.name not in feeds:
             raise InputMismatchError(f"missing input {describe(spec)}")
         array = feeds[spec.name]
-        if array.dtype.name != spec.dtype:
+        if array.dtype != _dtype(spec.dtype):
             raise InputMismatchError(
                 f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype.name}"
             )

@@ -11,6 +11,7 @@ Rounds of the three paths are interleaved so drift hits them alike. Targets: on 
 from __future__ import annotations
 
 import argparse
+import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +34,17 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
     return out
 
 
+def runtime_seconds(client: ApiClient) -> tuple[float, float]:
+    """(sum, count) of the agent's own runtime-call latency histogram."""
+    lines = dict(
+        line.rsplit(" ", 1) for line in client.metrics().splitlines() if not line.startswith("#")
+    )
+    return (
+        float(lines["edgerun_inference_latency_seconds_sum"]),
+        float(lines["edgerun_inference_latency_seconds_count"]),
+    )
+
+
 def bench_model(
     bundle: Path,
     name: str,
@@ -40,9 +52,8 @@ def bench_model(
     make: Callable[[int], np.ndarray],
     rounds: int,
     per_round: int,
+    threads: int,
 ) -> None:
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="er-ov-", dir="/tmp") as tmp:
         agent = Agent(
             parse_config(
@@ -57,16 +68,21 @@ def bench_model(
                         ]
                     },
                     "api": {"socket": f"{tmp}/unused.sock", "max_batch_size": 1024},
+                    "runtimes": {"onnxruntime": {"intra_op_threads": threads}},
                 },
                 {},
             )
         )
         loaded = agent.admission.install(bundle)
-        session = ort.InferenceSession(
-            str(loaded.directory / "model.onnx"), providers=["CPUExecutionProvider"]
-        )
+        # (a) and (b) share one session, so the difference is the agent's own layer and
+        # not two thread pools competing for two cores.
+        session = loaded.runtime.session  # type: ignore[attr-defined]
         with (
-            agent_process(bundle, api="max_batch_size = 1024") as (_, sock, _ready),
+            agent_process(
+                bundle,
+                api="max_batch_size = 1024",
+                extra=f"[runtimes.onnxruntime]\nintra_op_threads = {threads}\n",
+            ) as (_, sock, _ready),
             ApiClient(str(sock)) as client,
         ):
             for batch in (1, 32):
@@ -76,18 +92,38 @@ def bench_model(
                     "a bare onnxruntime": lambda f=feeds: session.run(None, f),
                     "b agent in-process": lambda f=feeds: agent.host.infer(name, f),
                     "c unix-socket API": lambda f=feeds: client.infer(name, f, binary=True),
+                    "  (empty GET, for scale)": lambda: client.request("GET", "/v2/health/live"),
                 }
                 results: dict[str, list[float]] = {k: [] for k in paths}
+                in_agent: list[float] = []  # mean runtime time inside the agent per block
                 for fn in paths.values():
                     timed(fn, 20)  # warm up
+                # In-process paths (a, b) and the socket paths (c, GET) run in separate
+                # phases: idle ORT threads spin after a run, and on two cores one
+                # process's spinning taxes the other. Phases alternate to share drift.
+                phases = [
+                    [k for k in paths if k[0] in "ab"],
+                    [k for k in paths if k[0] not in "ab"],
+                ]
                 for _ in range(rounds):
-                    for key, fn in paths.items():
-                        results[key] += timed(fn, per_round)
+                    for phase in phases:
+                        time.sleep(0.05)
+                        order = list(phase)
+                        random.shuffle(order)
+                        for key in order:
+                            timed(paths[key], 5)  # re-warm: sleeping pool threads, caches
+                            if key.startswith("c"):
+                                before = runtime_seconds(client)
+                            results[key] += timed(paths[key], per_round)
+                            if key.startswith("c"):
+                                after = runtime_seconds(client)
+                                in_agent.append((after[0] - before[0]) / (after[1] - before[1]))
                 a50, a99 = (
                     pct(results["a bare onnxruntime"], 50),
                     pct(results["a bare onnxruntime"], 99),
                 )
-                print(f"\n{name} batch {batch} ({rounds * per_round} runs per path)")
+                what = "ORT default threads" if threads == 0 else f"{threads} intra-op thread(s)"
+                print(f"\n{name} batch {batch}, {what} ({rounds * per_round} runs per path)")
                 print(
                     f"  {'path':24} {'p50 us':>10} {'p99 us':>10} {'p50 ratio':>10} {'p50 +us':>9}"
                 )
@@ -95,6 +131,12 @@ def bench_model(
                     p50, p99 = pct(values, 50), pct(values, 99)
                     print(f"  {key:24} {p50:10.1f} {p99:10.1f} {p50 / a50:10.3f} {p50 - a50:9.1f}")
                 del a99
+                runtime_us = float(np.median(in_agent)) * 1e6
+                c50 = pct(results["c unix-socket API"], 50)
+                print(
+                    f"  (c) minus the runtime time inside the agent ({runtime_us:.1f} us, "
+                    f"/metrics): {c50 - runtime_us:.1f} us"
+                )
         agent.host.close()
 
 
@@ -102,29 +144,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--per-round", type=int, default=50)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="intra-op threads for every path (0: ORT's default, one per core)",
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(
         "overhead of the agent over bare onnxruntime (medians; ratios against (a) in the same run)"
     )
-    bench_model(
-        SAMPLE,
-        "digits",
-        "input",
-        lambda b: rng.random((b, 1, 8, 8), dtype=np.float32),
-        args.rounds,
-        args.per_round,
-    )
     with tempfile.TemporaryDirectory(prefix="er-mlp-") as tmp:
         mlp = package_mlp(Path(tmp))
-        bench_model(
-            mlp,
-            "mlp",
-            "input",
-            lambda b: rng.standard_normal((b, 1024)).astype(np.float32),
-            args.rounds,
-            max(args.per_round // 5, 5),
-        )
+        for threads in args.threads:
+            bench_model(
+                SAMPLE,
+                "digits",
+                "input",
+                lambda b: rng.random((b, 1, 8, 8), dtype=np.float32),
+                args.rounds,
+                args.per_round,
+                threads,
+            )
+            bench_model(
+                mlp,
+                "mlp",
+                "input",
+                lambda b: rng.standard_normal((b, 1024)).astype(np.float32),
+                args.rounds,
+                max(args.per_round // 5, 5),
+                threads,
+            )
 
 
 if __name__ == "__main__":

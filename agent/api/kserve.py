@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ DATATYPES = {
     "FP16": "float16", "FP32": "float32", "FP64": "float64",
 }  # fmt: skip
 TO_DATATYPE = {v: k for k, v in DATATYPES.items()}
+# Keyed by dtype objects: `dtype.name` is surprisingly slow on the hot path.
+_DTYPE_TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -76,7 +79,7 @@ def decode_request(
             )
         dtype = np.dtype(DATATYPES[dtname])
         shape = _shape(tensor.get("shape"), where)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)
         params = tensor.get("parameters") or {}
         if not isinstance(params, dict):
             raise BadRequestError(f"{where}.parameters must be an object")
@@ -139,7 +142,7 @@ def encode_response(
         array = outputs[name]
         entry: dict[str, Any] = {
             "name": name,
-            "datatype": TO_DATATYPE.get(array.dtype.name, "FP32"),
+            "datatype": _DTYPE_TO_DATATYPE.get(array.dtype, "FP32"),
             "shape": list(array.shape),
         }
         if binary.get(name, binary.get("*", False)):

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
 _MAX_HEADER = 16 * 1024
-_INLINE_MAX_BODY = 64 * 1024  # decoding more JSON than this would stall the loop
+_INLINE_MAX_BODY = 256 * 1024  # decoding more JSON than this would stall the loop
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -77,23 +77,26 @@ class ApiServer:
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="infer")
         self.servers: list[asyncio.Server] = []
         self.addresses: list[str] = []
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[_HttpProtocol] = set()
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
         if self.config.socket is not None:
             path = Path(self.config.socket)
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 if path.is_socket():
                     path.unlink()
-            server = await asyncio.start_unix_server(self._client, path=str(path))
+            server = await loop.create_unix_server(lambda: _HttpProtocol(self), path=str(path))
             os.chmod(path, 0o660)  # the socket's group decides who may infer
             self.servers.append(server)
             self.addresses.append(f"unix:{path}")
         if self.config.tcp:
             host, _, port = self.config.tcp.rpartition(":")
             host = host.strip("[]")
-            server = await asyncio.start_server(self._client, host=host, port=int(port))
+            server = await loop.create_server(
+                lambda: _HttpProtocol(self), host=host, port=int(port)
+            )
             for sock in server.sockets:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 name = sock.getsockname()
@@ -104,106 +107,28 @@ class ApiServer:
     async def close(self) -> None:
         for server in self.servers:
             server.close()
+        for protocol in list(self._connections):
+            protocol.close()
         for server in self.servers:
             await server.wait_closed()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
         if self.config.socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 Path(self.config.socket).unlink()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            await self._serve_connection(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        except Exception:  # never let one connection take the agent down
-            log.exception("unexpected error on an API connection")
-        finally:
-            self._connections.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
-
-    async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.LimitOverrunError:
-                await self._send(
-                    writer, _error(431, "request headers too large", "request.headers"), False
-                )
-                return
-            except asyncio.IncompleteReadError:
-                return
-            if len(head) > _MAX_HEADER:
-                await self._send(
-                    writer, _error(431, "request headers too large", "request.headers"), False
-                )
-                return
-            try:
-                method, target, version, headers = _parse_head(head)
-            except BadRequestError as exc:
-                await self._send(writer, _error(400, exc.message, exc.code), False)
-                return
-            keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-            if "transfer-encoding" in headers:
-                await self._send(
-                    writer,
-                    _error(
-                        411,
-                        "chunked bodies are not accepted; send Content-Length",
-                        "request.length",
-                    ),
-                    False,
-                )
-                return
-            try:
-                length = int(headers.get("content-length", "0"))
-                if length < 0:
-                    raise ValueError
-            except ValueError:
-                await self._send(
-                    writer, _error(400, "bad Content-Length", "request.malformed"), False
-                )
-                return
-            if length > self.max_body:
-                msg = (
-                    f"request body of {length} bytes is above the limit of {self.max_body} "
-                    "(api.max_request_mb)"
-                )
-                await self._send(writer, _error(413, msg, TooLargeError.code), False)
-                return
-            body = await reader.readexactly(length) if length else b""
-            try:
-                response = await self._route(method, target, headers, body)
-            except Exception as exc:  # a bug must cost one request, not the connection
-                log.exception("unhandled error serving %s %s", method, target)
-                response = _error(500, f"internal error: {type(exc).__name__}", "internal")
-            await self._send(writer, response, keep)
-            if not keep:
-                return
-
-    async def _send(self, writer: asyncio.StreamWriter, response: Response, keep: bool) -> None:
-        status, body, headers = response
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
-        headers = {**headers, "content-length": str(len(body))}
-        if not keep:
-            headers["connection"] = "close"
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        await writer.drain()
-
-    async def _route(
+    def dispatch(
         self, method: str, target: str, headers: dict[str, str], body: bytes
-    ) -> Response:
+    ) -> Response | Awaitable[Response]:
+        """Answer now, or return an awaitable when the request runs in a worker thread."""
+        try:
+            return self._route(method, target, headers, body)
+        except Exception as exc:  # a bug must cost one request, not the connection
+            log.exception("unhandled error serving %s %s", method, target)
+            return _error(500, f"internal error: {type(exc).__name__}", "internal")
+
+    def _route(
+        self, method: str, target: str, headers: dict[str, str], body: bytes
+    ) -> Response | Awaitable[Response]:
         path = target.split("?", 1)[0]
         get = method in ("GET", "HEAD")
         if path == "/v2/health/live":
@@ -237,7 +162,7 @@ class ApiServer:
                     return _not_allowed()
                 if self._inline(len(body)):
                     return self._infer(name, version, headers, body)
-                return await asyncio.get_running_loop().run_in_executor(
+                return asyncio.get_running_loop().run_in_executor(
                     self.executor, self._infer, name, version, headers, body
                 )
             if not get:
@@ -267,14 +192,20 @@ class ApiServer:
             return _error(exc.status, exc.message, exc.code)
 
     def _inline(self, body_bytes: int) -> bool:
-        """Run a request on the event loop when it is known to take less than
-        `api.inline_below_ms`: a thread handoff costs more than such a model."""
+        """Run a request on the event loop when it should take less than
+        `api.inline_below_ms`: handing it to a worker thread and back costs hundreds of
+        microseconds on a small board (measured in bench/overhead.py)."""
         model = self.host.model
         limit = self.config.inline_below_ms
         if model is None or limit <= 0 or self.host.batching or body_bytes > _INLINE_MAX_BODY:
             return False
         p50 = model.p50_ms
-        return p50 is not None and p50 < limit
+        if p50 is None:
+            return False
+        # The body bounds the rows: a binary body is exactly rows x row bytes, a JSON
+        # one larger, so this errs toward the worker thread.
+        rows = max(1, body_bytes // max(model.row_bytes, 1))
+        return p50 * rows < limit
 
     def _infer(
         self, name: str, version: str | None, headers: dict[str, str], body: bytes
@@ -316,7 +247,116 @@ class ApiServer:
                 "content-type": "application/octet-stream",
             }
         )
-        return _json(200, None, extra)[0], payload, {"content-type": "application/json", **extra}
+        return 200, payload, {"content-type": "application/json", **extra}
+
+
+class _HttpProtocol(asyncio.Protocol):
+    """One connection: parse requests from the byte stream, answer them in order.
+
+    A Protocol (callbacks) rather than streams (a coroutine per read): the local API
+    serves small requests whose cost is mostly this plumbing.
+    """
+
+    def __init__(self, server: ApiServer) -> None:
+        self.server = server
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.busy = False  # a response is being computed; later requests wait (pipelining)
+        self.task: asyncio.Future[None] | None = None
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.server._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server._connections.discard(self)
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.busy:
+            self._process()
+
+    def _fail(self, status: int, message: str, code: str) -> None:
+        self._send(_error(status, message, code), keep=False)
+
+    def _process(self) -> None:
+        while not self.busy and not self.closing and self.buffer:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > _MAX_HEADER:
+                    self._fail(431, "request headers too large", "request.headers")
+                return
+            if end > _MAX_HEADER:
+                self._fail(431, "request headers too large", "request.headers")
+                return
+            try:
+                method, target, version, headers = _parse_head(bytes(self.buffer[: end + 4]))
+            except BadRequestError as exc:
+                self._fail(400, exc.message, exc.code)
+                return
+            if "transfer-encoding" in headers:
+                self._fail(411, "chunked bodies are not accepted; send Content-Length",
+                           "request.length")  # fmt: skip
+                return
+            try:
+                length = int(headers.get("content-length", "0"))
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                self._fail(400, "bad Content-Length", "request.malformed")
+                return
+            if length > self.server.max_body:
+                self._fail(
+                    413,
+                    f"request body of {length} bytes is above the limit of "
+                    f"{self.server.max_body} (api.max_request_mb)",
+                    TooLargeError.code,
+                )
+                return
+            total = end + 4 + length
+            if len(self.buffer) < total:
+                return  # wait for the rest of the body
+            body = bytes(self.buffer[end + 4 : total])
+            del self.buffer[:total]
+            keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+            result = self.server.dispatch(method, target, headers, body)
+            if isinstance(result, tuple):
+                self._send(result, keep)
+            else:
+                self.busy = True
+                self.task = asyncio.ensure_future(self._finish(result, keep))
+
+    async def _finish(self, pending: Awaitable[Response], keep: bool) -> None:
+        try:
+            response = await pending
+        except Exception as exc:
+            log.exception("unhandled error in a worker thread")
+            response = _error(500, f"internal error: {type(exc).__name__}", "internal")
+        self.busy = False
+        self._send(response, keep)
+        self._process()
+
+    def _send(self, response: Response, keep: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        status, body, headers = response
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+                 f"content-length: {len(body)}"]  # fmt: skip
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if not keep:
+            lines.append("connection: close")
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        if not keep:
+            self.closing = True
+            self.transport.close()
 
 
 def _not_allowed() -> Response:
@@ -342,6 +382,3 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
             raise BadRequestError(f"malformed header line {line[:100]!r}")
         headers[key.strip().lower()] = value.strip()
     return method, target, version, headers
-
-
-Handler = Callable[[], Awaitable[None]]

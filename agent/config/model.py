@@ -63,9 +63,10 @@ class ApiConfig:
     max_inflight: int = constraint(64, ge=1, le=100_000)
     workers: int = constraint(2, ge=1, le=64)
     drain_timeout_s: float = constraint(10.0, ge=0, le=300)
-    # Requests for models whose measured batch-1 p50 is below this run on the event
-    # loop instead of a worker thread (the handoff costs more than such a model). 0: never.
-    inline_below_ms: float = constraint(0.5, ge=0, le=100)
+    # Requests expected to take less than this (the bundle's measured batch-1 p50 times
+    # the rows) run on the event loop instead of a worker thread: the handoff costs
+    # hundreds of microseconds on small boards. Longer ones keep the loop free. 0: never.
+    inline_below_ms: float = constraint(5.0, ge=0, le=1000)
     max_batch_size: int = constraint(256, ge=1, le=1_000_000)
 
 

@@ -27,6 +27,10 @@ class OrtConfig:
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     # The arena keeps freed blocks for reuse: faster, but RSS never shrinks. Small
     # devices under a tight cap may prefer it off.
+    # Idle intra-op threads spin for a while waiting for more work: lowest latency on a
+    # dedicated device, but on a small board they steal the CPU the caller (or a camera
+    # pipeline) needs next. False makes them sleep at once.
+    allow_spinning: bool = True
     cpu_mem_arena: bool = True
     mem_pattern: bool = True
     arena_extend_strategy: Literal["next_power_of_two", "same_as_requested"] = "next_power_of_two"
@@ -64,6 +68,9 @@ class OrtRuntime(Runtime):
         options.enable_cpu_mem_arena = cfg.cpu_mem_arena
         options.enable_mem_pattern = cfg.mem_pattern
         options.log_severity_level = 3
+        if not cfg.allow_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if cfg.cpu_mem_arena and cfg.arena_extend_strategy == "same_as_requested":
             # Growing the arena by exactly what is asked keeps RSS close to the need,
             # at some speed cost; ORT only offers it through a shared env allocator.
@@ -132,6 +139,7 @@ class OrtRuntime(Runtime):
             "inter_op_threads": self.config.inter_op_threads,
             "graph_optimization": self.config.graph_optimization,
             "cpu_mem_arena": self.config.cpu_mem_arena,
+            "allow_spinning": self.config.allow_spinning,
         }
 
     def close(self) -> None:
