@@ -61,7 +61,7 @@ def main() -> None:
                 "[batching]\nenabled = true\nmax_batch = 32\nmax_wait_ms = 2\n",
             ),
         ):
-            with agent_process(bundle, extra=extra, api="workers = 8\nmax_inflight = 256") as (
+            with agent_process(bundle, extra=extra, api="max_inflight = 256") as (
                 _,
                 sock,
                 _ready,

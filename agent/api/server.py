@@ -1,21 +1,23 @@
-"""A small asyncio HTTP/1.1 server for the local API (Unix socket and optional TCP).
+"""The local API's HTTP/1.1 server (Unix socket and optional TCP), one thread per connection.
 
 Kept to what the Open Inference Protocol needs: keep-alive, Content-Length bodies,
-JSON errors. Decoding, inference and encoding run in a worker thread so the event
-loop keeps answering health checks while a model runs.
+JSON errors. Blocking sockets with a thread per connection rather than asyncio: a
+request is then one recv and one send, with no event-loop wake-ups in between, which
+halves the round trip for small models (bench/overhead.py); onnxruntime and LiteRT
+release the GIL, so connections run their models in parallel, and a long inference
+never delays a health check on another connection.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
 import re
 import socket
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,6 @@ log = logging.getLogger(__name__)
 
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
 _MAX_HEADER = 16 * 1024
-_INLINE_MAX_BODY = 256 * 1024  # decoding more JSON than this would stall the loop
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -61,6 +62,14 @@ def _error(status: int, message: str, code: str) -> Response:
     return _json(status, {"error": message, "code": code})
 
 
+class _Refused(Exception):
+    """A request the connection answers with an error and then closes."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response[0])
+        self.response = response
+
+
 class ApiServer:
     def __init__(
         self,
@@ -74,61 +83,177 @@ class ApiServer:
         self.status = status
         self.metrics_text = metrics_text
         self.max_body = int(config.max_request_mb * 1024 * 1024)
-        self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="infer")
-        self.servers: list[asyncio.Server] = []
         self.addresses: list[str] = []
-        self._connections: set[_HttpProtocol] = set()
+        self._listeners: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        self.start_sync()
+
+    def start_sync(self) -> None:
         if self.config.socket is not None:
             path = Path(self.config.socket)
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 if path.is_socket():
                     path.unlink()
-            server = await loop.create_unix_server(lambda: _HttpProtocol(self), path=str(path))
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
             os.chmod(path, 0o660)  # the socket's group decides who may infer
-            self.servers.append(server)
-            self.addresses.append(f"unix:{path}")
+            self._listen(sock, f"unix:{path}")
         if self.config.tcp:
             host, _, port = self.config.tcp.rpartition(":")
             host = host.strip("[]")
-            server = await loop.create_server(
-                lambda: _HttpProtocol(self), host=host, port=int(port)
-            )
-            for sock in server.sockets:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                name = sock.getsockname()
-                self.addresses.append(f"tcp:{name[0]}:{name[1]}")
-            self.servers.append(server)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, int(port)))
+            name = sock.getsockname()
+            self._listen(sock, f"tcp:{name[0]}:{name[1]}")
         log.info("local API listening on %s", ", ".join(self.addresses))
 
+    def _listen(self, sock: socket.socket, address: str) -> None:
+        sock.listen(128)
+        sock.settimeout(0.2)  # accept() wakes up to notice a stop
+        self._listeners.append(sock)
+        self.addresses.append(address)
+        thread = threading.Thread(
+            target=self._accept_loop, args=(sock,), name=f"api-accept {address}", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+
     async def close(self) -> None:
-        for server in self.servers:
-            server.close()
-        for protocol in list(self._connections):
-            protocol.close()
-        for server in self.servers:
-            await server.wait_closed()
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=2)
+        for sock in self._listeners:
+            sock.close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         if self.config.socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 Path(self.config.socket).unlink()
-        self.executor.shutdown(wait=True, cancel_futures=True)
 
-    def dispatch(
-        self, method: str, target: str, headers: dict[str, str], body: bytes
-    ) -> Response | Awaitable[Response]:
-        """Answer now, or return an awaitable when the request runs in a worker thread."""
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if not self._stopping.is_set():
+                    log.exception("accept failed on the API socket")
+                return
+            conn.settimeout(self.config.idle_timeout_s)
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                full = len(self._connections) >= self.config.max_connections
+                if not full:
+                    self._connections.add(conn)
+            if full:
+                msg = f"too many connections (api.max_connections = {self.config.max_connections})"
+                with contextlib.suppress(OSError):
+                    conn.sendall(_encode(_error(503, msg, "overloaded"), keep=False))
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="api-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_requests(conn)
+        except (ConnectionError, TimeoutError, OSError):
+            pass  # the client went away or idled out
+        except Exception:  # never let one connection take the agent down
+            log.exception("unexpected error on an API connection")
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    def _serve_requests(self, conn: socket.socket) -> None:
+        buf = bytearray()
+        while not self._stopping.is_set():
+            try:
+                request = self._read_request(conn, buf)
+            except _Refused as refused:
+                conn.sendall(_encode(refused.response, keep=False))
+                _linger(conn)
+                return
+            if request is None:
+                return
+            method, target, headers, body, keep = request
+            response = self.dispatch(method, target, headers, body)
+            conn.sendall(_encode(response, keep))
+            if not keep:
+                return
+
+    def _read_request(
+        self, conn: socket.socket, buf: bytearray
+    ) -> tuple[str, str, dict[str, str], bytes, bool] | None:
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            if len(buf) > _MAX_HEADER:
+                raise _Refused(_error(431, "request headers too large", "request.headers"))
+            data = conn.recv(65536)
+            if not data:
+                return None
+            buf += data
+        if end > _MAX_HEADER:
+            raise _Refused(_error(431, "request headers too large", "request.headers"))
+        try:
+            method, target, version, headers = _parse_head(bytes(buf[: end + 4]))
+        except BadRequestError as exc:
+            raise _Refused(_error(400, exc.message, exc.code)) from None
+        if "transfer-encoding" in headers:
+            raise _Refused(
+                _error(
+                    411, "chunked bodies are not accepted; send Content-Length", "request.length"
+                )
+            )
+        try:
+            length = int(headers.get("content-length", "0"))
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            raise _Refused(_error(400, "bad Content-Length", "request.malformed")) from None
+        if length > self.max_body:
+            raise _Refused(
+                _error(
+                    413,
+                    f"request body of {length} bytes is above the limit of {self.max_body} "
+                    "(api.max_request_mb)",
+                    TooLargeError.code,
+                )
+            )
+        total = end + 4 + length
+        while len(buf) < total:
+            data = conn.recv(max(65536, total - len(buf)))
+            if not data:
+                return None
+            buf += data
+        body = bytes(buf[end + 4 : total])
+        del buf[:total]
+        keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        return method, target, headers, body, keep
+
+    def dispatch(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response:
         try:
             return self._route(method, target, headers, body)
         except Exception as exc:  # a bug must cost one request, not the connection
             log.exception("unhandled error serving %s %s", method, target)
             return _error(500, f"internal error: {type(exc).__name__}", "internal")
 
-    def _route(
-        self, method: str, target: str, headers: dict[str, str], body: bytes
-    ) -> Response | Awaitable[Response]:
+    def _route(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response:
         path = target.split("?", 1)[0]
         get = method in ("GET", "HEAD")
         if path == "/v2/health/live":
@@ -160,11 +285,7 @@ class ApiServer:
             if action == "/infer":
                 if method != "POST":
                     return _not_allowed()
-                if self._inline(len(body)):
-                    return self._infer(name, version, headers, body)
-                return asyncio.get_running_loop().run_in_executor(
-                    self.executor, self._infer, name, version, headers, body
-                )
+                return self._infer(name, version, headers, body)
             if not get:
                 return _not_allowed()
             model = self.host.resolve(name, version)
@@ -190,22 +311,6 @@ class ApiServer:
             )
         except ServingError as exc:
             return _error(exc.status, exc.message, exc.code)
-
-    def _inline(self, body_bytes: int) -> bool:
-        """Run a request on the event loop when it should take less than
-        `api.inline_below_ms`: handing it to a worker thread and back costs hundreds of
-        microseconds on a small board (measured in bench/overhead.py)."""
-        model = self.host.model
-        limit = self.config.inline_below_ms
-        if model is None or limit <= 0 or self.host.batching or body_bytes > _INLINE_MAX_BODY:
-            return False
-        p50 = model.p50_ms
-        if p50 is None:
-            return False
-        # The body bounds the rows: a binary body is exactly rows x row bytes, a JSON
-        # one larger, so this errs toward the worker thread.
-        rows = max(1, body_bytes // max(model.row_bytes, 1))
-        return p50 * rows < limit
 
     def _infer(
         self, name: str, version: str | None, headers: dict[str, str], body: bytes
@@ -250,113 +355,24 @@ class ApiServer:
         return 200, payload, {"content-type": "application/json", **extra}
 
 
-class _HttpProtocol(asyncio.Protocol):
-    """One connection: parse requests from the byte stream, answer them in order.
+def _linger(conn: socket.socket) -> None:
+    """Close after a refusal without resetting: closing with unread input sends an RST,
+    which can destroy the error reply before the client reads it."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        drained = 0
+        while drained < (4 << 20) and (chunk := conn.recv(65536)):
+            drained += len(chunk)
 
-    A Protocol (callbacks) rather than streams (a coroutine per read): the local API
-    serves small requests whose cost is mostly this plumbing.
-    """
 
-    def __init__(self, server: ApiServer) -> None:
-        self.server = server
-        self.buffer = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.busy = False  # a response is being computed; later requests wait (pipelining)
-        self.task: asyncio.Future[None] | None = None
-        self.closing = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.server._connections.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        self.server._connections.discard(self)
-
-    def close(self) -> None:
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if not self.busy:
-            self._process()
-
-    def _fail(self, status: int, message: str, code: str) -> None:
-        self._send(_error(status, message, code), keep=False)
-
-    def _process(self) -> None:
-        while not self.busy and not self.closing and self.buffer:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > _MAX_HEADER:
-                    self._fail(431, "request headers too large", "request.headers")
-                return
-            if end > _MAX_HEADER:
-                self._fail(431, "request headers too large", "request.headers")
-                return
-            try:
-                method, target, version, headers = _parse_head(bytes(self.buffer[: end + 4]))
-            except BadRequestError as exc:
-                self._fail(400, exc.message, exc.code)
-                return
-            if "transfer-encoding" in headers:
-                self._fail(411, "chunked bodies are not accepted; send Content-Length",
-                           "request.length")  # fmt: skip
-                return
-            try:
-                length = int(headers.get("content-length", "0"))
-                if length < 0:
-                    raise ValueError
-            except ValueError:
-                self._fail(400, "bad Content-Length", "request.malformed")
-                return
-            if length > self.server.max_body:
-                self._fail(
-                    413,
-                    f"request body of {length} bytes is above the limit of "
-                    f"{self.server.max_body} (api.max_request_mb)",
-                    TooLargeError.code,
-                )
-                return
-            total = end + 4 + length
-            if len(self.buffer) < total:
-                return  # wait for the rest of the body
-            body = bytes(self.buffer[end + 4 : total])
-            del self.buffer[:total]
-            keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-            result = self.server.dispatch(method, target, headers, body)
-            if isinstance(result, tuple):
-                self._send(result, keep)
-            else:
-                self.busy = True
-                self.task = asyncio.ensure_future(self._finish(result, keep))
-
-    async def _finish(self, pending: Awaitable[Response], keep: bool) -> None:
-        try:
-            response = await pending
-        except Exception as exc:
-            log.exception("unhandled error in a worker thread")
-            response = _error(500, f"internal error: {type(exc).__name__}", "internal")
-        self.busy = False
-        self._send(response, keep)
-        self._process()
-
-    def _send(self, response: Response, keep: bool) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        status, body, headers = response
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-                 f"content-length: {len(body)}"]  # fmt: skip
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        if not keep:
-            lines.append("connection: close")
-        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        if not keep:
-            self.closing = True
-            self.transport.close()
+def _encode(response: Response, keep: bool) -> bytes:
+    status, body, headers = response
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"content-length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    if not keep:
+        lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def _not_allowed() -> Response:

@@ -61,12 +61,11 @@ class ApiConfig:
     tcp: str = constraint("", pattern=r"|(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}")
     max_request_mb: float = constraint(16.0, ge=0.001, le=1024)
     max_inflight: int = constraint(64, ge=1, le=100_000)
-    workers: int = constraint(2, ge=1, le=64)
+    # One thread per connection; more connections are refused with 503.
+    max_connections: int = constraint(64, ge=1, le=10_000)
+    # An idle keep-alive connection is closed after this long.
+    idle_timeout_s: float = constraint(300.0, ge=1, le=86_400)
     drain_timeout_s: float = constraint(10.0, ge=0, le=300)
-    # Requests expected to take less than this (the bundle's measured batch-1 p50 times
-    # the rows) run on the event loop instead of a worker thread: the handoff costs
-    # hundreds of microseconds on small boards. Longer ones keep the loop free. 0: never.
-    inline_below_ms: float = constraint(5.0, ge=0, le=1000)
     max_batch_size: int = constraint(256, ge=1, le=1_000_000)
 
 

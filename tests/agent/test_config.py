@@ -54,14 +54,14 @@ def test_bounds_and_patterns() -> None:
         {
             "device_id": "bad id!",
             "memory": {"soft_limit_fraction": 1.5},
-            "api": {"tcp": "localhost", "workers": 0},
+            "api": {"tcp": "localhost", "max_connections": 0},
             "runtimes": {"litert": {"threads": 0}},
         }
     )
     assert "does not match" in found["device_id"]
     assert "above the maximum 1.0" in found["memory.soft_limit_fraction"]
     assert "does not match" in found["api.tcp"]
-    assert "below the minimum 1" in found["api.workers"]
+    assert "below the minimum 1" in found["api.max_connections"]
     assert "below the minimum 1" in found["runtimes.litert.threads"]
 
 

@@ -153,7 +153,7 @@ def test_load_pushing_against_the_soft_limit_is_shed_and_the_agent_recovers(tmp:
         "[memory]\nsoft_limit_mb = {soft}\ncheck_interval_ms = 20\n"
         "[runtimes.onnxruntime]\ncpu_mem_arena = false\n"
     )
-    api = "max_batch_size = 100000\nmax_request_mb = 64\nworkers = 4"
+    api = "max_batch_size = 100000\nmax_request_mb = 64"
     # First measure the idle RSS of this agent, then set the soft limit 60 MB above it.
     config = base_config(tmp, extra=extra.format(soft=100000), api=api)
     with running_agent(tmp, config) as agent, agent.client() as c:
