@@ -11,10 +11,13 @@ Rounds of the three paths are interleaved so drift hits them alike. Targets: on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,25 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
         fn()
         out.append((time.perf_counter() - s) * 1e6)
     return out
+
+
+@contextlib.contextmanager
+def minimal_server(model: Path, input_name: str, row_shape: tuple[int, ...]) -> Iterator[ApiClient]:
+    """bench/_minimal_server.py in a child process, and a client for it."""
+    with tempfile.TemporaryDirectory(prefix="er-min-", dir="/tmp") as tmp:
+        sock = f"{tmp}/min.sock"
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("_minimal_server.py")), str(model),
+             sock, input_name, ",".join(str(d) for d in row_shape)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            with ApiClient(sock) as client:
+                yield client
+        finally:
+            proc.terminate()
+            proc.wait()
 
 
 def runtime_seconds(client: ApiClient) -> tuple[float, float]:
@@ -84,6 +106,9 @@ def bench_model(
                 extra=f"[runtimes.onnxruntime]\nintra_op_threads = {threads}\n",
             ) as (_, sock, _ready),
             ApiClient(str(sock)) as client,
+            minimal_server(
+                loaded.directory / "model.onnx", input_name, make(1).shape[1:]
+            ) as minimal,
         ):
             for batch in (1, 32):
                 x = make(batch)
@@ -93,6 +118,9 @@ def bench_model(
                     "b agent in-process": lambda f=feeds: agent.host.infer(name, f),
                     "c unix-socket API": lambda f=feeds: client.infer(name, f, binary=True),
                     "  (empty GET, for scale)": lambda: client.request("GET", "/v2/health/live"),
+                    "d minimal server": lambda f=feeds: minimal.request(
+                        "POST", "/", f[input_name].tobytes()
+                    ),
                 }
                 results: dict[str, list[float]] = {k: [] for k in paths}
                 in_agent: list[float] = []  # mean runtime time inside the agent per block
@@ -103,7 +131,8 @@ def bench_model(
                 # process's spinning taxes the other. Phases alternate to share drift.
                 phases = [
                     [k for k in paths if k[0] in "ab"],
-                    [k for k in paths if k[0] not in "ab"],
+                    [k for k in paths if k[0] not in "abd"],
+                    [k for k in paths if k[0] == "d"],
                 ]
                 for _ in range(rounds):
                     for phase in phases:
@@ -131,6 +160,11 @@ def bench_model(
                     p50, p99 = pct(values, 50), pct(values, 99)
                     print(f"  {key:24} {p50:10.1f} {p99:10.1f} {p50 / a50:10.3f} {p50 - a50:9.1f}")
                 del a99
+                d50 = pct(results["d minimal server"], 50)
+                print(
+                    f"  (c) minus (d), what the agent adds over the leanest socket server: "
+                    f"{pct(results['c unix-socket API'], 50) - d50:.1f} us"
+                )
                 runtime_us = float(np.median(in_agent)) * 1e6
                 c50 = pct(results["c unix-socket API"], 50)
                 print(
