@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -154,7 +155,14 @@ class ApiServer:
                 if not self._stopping.is_set():
                     log.exception("accept failed on the API socket")
                 return
-            conn.settimeout(self.config.idle_timeout_s)
+            # Blocking socket with a kernel receive timeout: a Python-level timeout
+            # would turn every recv into poll + recv.
+            conn.setblocking(True)
+            seconds = int(self.config.idle_timeout_s)
+            micros = int((self.config.idle_timeout_s - seconds) * 1e6)
+            conn.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros)
+            )
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
