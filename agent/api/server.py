@@ -171,9 +171,9 @@ class ApiServer:
                     self._connections.add(conn)
             if full:
                 msg = f"too many connections (api.max_connections = {self.config.max_connections})"
-                with contextlib.suppress(OSError):
-                    conn.sendall(_encode(_error(503, msg, "overloaded"), keep=False))
-                conn.close()
+                threading.Thread(
+                    target=_refuse, args=(conn, _error(503, msg, "overloaded")), daemon=True
+                ).start()
                 continue
             threading.Thread(target=self._serve, args=(conn,), name="api-conn", daemon=True).start()
 
@@ -361,6 +361,13 @@ class ApiServer:
             }
         )
         return 200, payload, {"content-type": "application/json", **extra}
+
+
+def _refuse(conn: socket.socket, response: Response) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(_encode(response, keep=False))
+        _linger(conn)
+    conn.close()
 
 
 def _linger(conn: socket.socket) -> None:

@@ -312,3 +312,29 @@ def test_api_error_type_carries_code(client: ApiClient) -> None:
     with pytest.raises(ApiError) as info:
         client.infer("digits", {"input": np.zeros((1, 64), np.float32)})
     assert info.value.status == 400 and info.value.code == "input.mismatch"
+
+
+def test_connection_limit_and_idle_timeout(tmp: Path) -> None:
+    from tests.helpers import running_agent
+
+    config = base_config(tmp, api="max_connections = 2\nidle_timeout_s = 1.0")
+    with running_agent(tmp, config) as agent:
+        first, second = agent.client(), agent.client()
+        try:
+            assert first.get_json("/v2/health/live") == {"live": True}
+            assert second.get_json("/v2/health/live") == {"live": True}
+            reply = raw(agent, b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.1 503")
+            assert b"too many connections (api.max_connections = 2)" in reply
+        finally:
+            first.close()
+            second.close()
+        # An idle keep-alive connection is closed by the agent after idle_timeout_s.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(agent.socket))
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            assert s.recv(65536) == b""  # closed by the server, not by our timeout
+        with agent.client() as c:
+            assert c.get_json("/v2/health/ready") == {"ready": True}
