@@ -15,9 +15,11 @@ import onnxruntime as ort
 
 def main() -> None:
     model, socket_path, input_name, row_shape = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     shape = tuple(int(d) for d in row_shape.split(","))
     row_bytes = int(np.prod(shape)) * 4
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     class Server(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:

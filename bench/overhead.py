@@ -38,13 +38,15 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
 
 
 @contextlib.contextmanager
-def minimal_server(model: Path, input_name: str, row_shape: tuple[int, ...]) -> Iterator[ApiClient]:
+def minimal_server(
+    model: Path, input_name: str, row_shape: tuple[int, ...], threads: int
+) -> Iterator[ApiClient]:
     """bench/_minimal_server.py in a child process, and a client for it."""
     with tempfile.TemporaryDirectory(prefix="er-min-", dir="/tmp") as tmp:
         sock = f"{tmp}/min.sock"
         proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("_minimal_server.py")), str(model),
-             sock, input_name, ",".join(str(d) for d in row_shape)],
+             sock, input_name, ",".join(str(d) for d in row_shape), str(threads)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
@@ -107,7 +109,7 @@ def bench_model(
             ) as (_, sock, _ready),
             ApiClient(str(sock)) as client,
             minimal_server(
-                loaded.directory / "model.onnx", input_name, make(1).shape[1:]
+                loaded.directory / "model.onnx", input_name, make(1).shape[1:], threads
             ) as minimal,
         ):
             for batch in (1, 32):
