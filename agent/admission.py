@@ -16,7 +16,13 @@ from agent.bundle import BundleError, Limits, VersionNotNewerError
 from agent.config.model import AgentConfig
 from agent.events import EventBus
 from agent.golden import check_golden
-from agent.memory import AdmissionError, MemoryBudget, admit, current_rss
+from agent.memory import (
+    AdmissionError,
+    MemoryBudget,
+    admit,
+    current_rss,
+    release_free_memory,
+)
 from agent.runtimes import choose_runtime, load_runtime
 from agent.runtimes.base import ModelLoadError, RuntimeUnavailableError
 from agent.serving import LoadedModel, ModelHost
@@ -141,6 +147,8 @@ class Admission:
             **model.summary(),
         )
         self.store.gc()
+        # Verification, unpacking and graph optimization leave freed heap behind.
+        release_free_memory()
         return model
 
 

@@ -12,19 +12,26 @@ import argparse
 import statistics
 from pathlib import Path
 
+import numpy as np
 import psutil
 from _common import SAMPLE, agent_process
 
 from agent.api.client import ApiClient
 
 
-def measure(bundle: Path | None, runtime: str | None) -> tuple[float, float]:
+def measure(bundle: Path | None, runtime: str | None) -> tuple[float, float, float]:
+    """(RSS when ready, RSS after 200 requests of 1-10 rows, seconds to ready)."""
     model = f'runtime = "{runtime}"' if runtime else ""
     with agent_process(bundle, model=model) as (proc, sock, ready):
+        rss = psutil.Process(proc.pid).memory_info().rss / 2**20
         with ApiClient(str(sock)) as c:
             c.get_json("/v2/health/live")
-        rss = psutil.Process(proc.pid).memory_info().rss / 2**20
-    return rss, ready
+            if bundle is not None:
+                x = np.random.default_rng(0).random((10, 1, 8, 8), dtype=np.float32)
+                for i in range(200):
+                    c.infer("digits", {"input": x[: i % 10 + 1]}, binary=i % 2 == 0)
+        serving = psutil.Process(proc.pid).memory_info().rss / 2**20
+    return rss, serving, ready
 
 
 def main() -> None:
@@ -37,12 +44,13 @@ def main() -> None:
         ("sample, litert", SAMPLE, "litert"),
     ]
     print(f"agent footprint (median of {args.starts} starts)")
-    print(f"  {'case':24} {'RSS MB':>8} {'start->ready s':>15}")
+    print(f"  {'case':24} {'RSS MB ready':>13} {'after 200 req':>14} {'start->ready s':>15}")
     for label, bundle, runtime in rows:
         results = [measure(bundle, runtime) for _ in range(args.starts)]
         rss = statistics.median(r[0] for r in results)
-        ready = statistics.median(r[1] for r in results)
-        print(f"  {label:24} {rss:8.1f} {ready:15.3f}")
+        serving = statistics.median(r[1] for r in results)
+        ready = statistics.median(r[2] for r in results)
+        print(f"  {label:24} {rss:13.1f} {serving:14.1f} {ready:15.3f}")
 
 
 if __name__ == "__main__":
