@@ -120,8 +120,11 @@ def bench_model(
                     "b agent in-process": lambda f=feeds: agent.host.infer(name, f),
                     "c unix-socket API": lambda f=feeds: client.infer(name, f, binary=True),
                     "  (empty GET, for scale)": lambda: client.request("GET", "/v2/health/live"),
-                    "d minimal server": lambda f=feeds: minimal.request(
-                        "POST", "/", f[input_name].tobytes()
+                    # The client turns the reply into an array here too: on two vCPUs even
+                    # a few microseconds of client work between requests shift the
+                    # round trip by ~100 us (scheduling), so both paths must do it.
+                    "d minimal server": lambda f=feeds: np.frombuffer(
+                        minimal.request("POST", "/", f[input_name].tobytes())[2], np.float32
                     ),
                 }
                 results: dict[str, list[float]] = {k: [] for k in paths}
