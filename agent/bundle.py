@@ -16,11 +16,10 @@ import logging
 import os
 import posixpath
 import shutil
-import stat
 import tarfile
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -180,12 +179,6 @@ class VerifiedBundle:
     manifest_bytes: bytes
     signer: str
     directory: Path | None = None  # set when unpacked
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def file(self, name: str) -> Path:
-        if self.directory is None:
-            raise RuntimeError("bundle was verified but not unpacked")
-        return self.directory / name
 
 
 # --------------------------------------------------------------------------- manifest
@@ -697,7 +690,3 @@ def write_bundle(
         raise
     log.info("wrote bundle %s (%d files, signed by %s)", out_path, len(files), body["key_id"])
     return out_path
-
-
-def is_file_mode_regular(path: Path) -> bool:
-    return stat.S_ISREG(path.lstat().st_mode)

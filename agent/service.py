@@ -162,7 +162,7 @@ class Agent:
         self.watcher.start()
         started = time.perf_counter()
         await loop.run_in_executor(None, self.load_initial_model)
-        await self.api.start()
+        self.api.start()
         for component in self.components:
             await component.start()
         ready_s = time.perf_counter() - started
@@ -223,7 +223,7 @@ class Agent:
                 await component.stop()
             except Exception:
                 log.exception("stopping %r failed", component)
-        await self.api.close()
+        self.api.close()
         self.host.close()
         self.watcher.stop()
         log.info("stopped")

@@ -6,16 +6,12 @@ checks, load shedding and metrics are the same wherever a request comes from.
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from agent.batching import MicroBatcher
 from agent.bundle import Manifest
@@ -44,23 +40,6 @@ class LoadedModel:
     directory: Path
     loaded_at: float = field(default_factory=time.time)
     golden_diffs: dict[str, float] = field(default_factory=dict)
-
-    @functools.cached_property
-    def row_bytes(self) -> int:
-        """Bytes of one batch row over all inputs (dynamic non-batch dims count as 1)."""
-        total = 0
-        for spec in self.manifest.inputs:
-            dims = [d if d > 0 else 1 for d in spec.shape[1:]]
-            total += math.prod(dims) * np.dtype(spec.dtype).itemsize
-        return total
-
-    @property
-    def p50_ms(self) -> float | None:
-        """Batch-1 median latency measured at build time for this runtime, if recorded."""
-        latency = self.manifest.figures.get("latency_ms", {})
-        entry = latency.get(self.runtime_name) if isinstance(latency, dict) else None
-        value = entry.get("p50") if isinstance(entry, dict) else None
-        return float(value) if isinstance(value, int | float) else None
 
     def summary(self) -> dict[str, Any]:
         return {

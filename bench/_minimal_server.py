@@ -18,7 +18,6 @@ def main() -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     shape = tuple(int(d) for d in row_shape.split(","))
-    row_bytes = int(np.prod(shape)) * 4
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     class Server(asyncio.Protocol):
@@ -48,7 +47,6 @@ def main() -> None:
         print("ready", flush=True)
         await asyncio.Event().wait()
 
-    del row_bytes
     asyncio.run(serve())
 
 

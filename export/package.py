@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -217,8 +216,3 @@ def package_model(
         write_bundle(out, manifest, files, key)
     log.info("packaged %s: %s", out, json.dumps(figures["peak_memory_mb"]))
     return out
-
-
-def copy_into(src: Path, dest_dir: Path) -> Path:
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copy2(src, dest_dir / src.name))

@@ -91,10 +91,7 @@ class ApiServer:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
-    async def start(self) -> None:
-        self.start_sync()
-
-    def start_sync(self) -> None:
+    def start(self) -> None:
         if self.config.socket is not None:
             path = Path(self.config.socket)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,10 +124,7 @@ class ApiServer:
         thread.start()
         self._threads.append(thread)
 
-    async def close(self) -> None:
-        self.close_sync()
-
-    def close_sync(self) -> None:
+    def close(self) -> None:
         self._stopping.set()
         for thread in self._threads:
             thread.join(timeout=2)

@@ -96,9 +96,6 @@ class _Builder:
                 values[name] = value
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 self.fail(sub, f"required key is missing ({_type_name(hints[name])})")
-        if any(i.path.startswith(path) for i in self.issues) and path:
-            # Still try to construct so sibling sections report their own problems.
-            pass
         try:
             return cls(**values)
         except TypeError:
