@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent import __version__
 from agent.admission import REFUSALS, Admission
 from agent.api.server import ApiServer
-from agent.config.loader import read_credential
+from agent.config.loader import ConfigError, read_public_keys
 from agent.config.model import AgentConfig
 from agent.events import EventBus
 from agent.memory import MB, RssWatcher, compute_budget
@@ -24,7 +24,7 @@ from agent.metrics import Metrics
 from agent.runtimes import availability
 from agent.sdnotify import Notifier
 from agent.serving import ModelHost
-from agent.signing import KeyFileError, key_id, parse_public_key
+from agent.signing import key_id
 from agent.store import Store
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,10 @@ class StartupError(Exception):
 
 
 def load_trusted_keys(config: AgentConfig) -> list[Ed25519PublicKey]:
-    keys = []
-    for i, ref in enumerate(config.trust.public_keys):
-        try:
-            keys.append(parse_public_key(read_credential(ref), origin=ref))
-        except KeyFileError as exc:
-            raise StartupError(f"trust.public_keys[{i}]: {exc}") from exc
-        except Exception as exc:
-            raise StartupError(f"trust.public_keys[{i}]: {exc}") from exc
-    return keys
+    try:
+        return read_public_keys(list(config.trust.public_keys), "trust.public_keys")
+    except ConfigError as exc:
+        raise StartupError("; ".join(str(issue) for issue in exc.issues)) from exc
 
 
 class Agent:

@@ -11,8 +11,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from agent.config.model import AgentConfig
 from agent.config.typed import ConfigError, ConfigIssue, build, coerce_env
+from agent.signing import KeyFileError, parse_public_key
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,23 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([ConfigIssue("", f"not valid TOML: {exc}")], source) from exc
     return parse_config(data, environ, source)
+
+
+def read_public_keys(
+    refs: list[str], key: str, environ: Mapping[str, str] | None = None
+) -> list[Ed25519PublicKey]:
+    """Load PEM ed25519 public keys given as paths or "credential:NAME"; problems are
+    reported against `key[i]` (e.g. trust.public_keys[0])."""
+    keys = []
+    for i, ref in enumerate(refs):
+        path = f"{key}[{i}]"
+        try:
+            keys.append(parse_public_key(read_credential(ref, environ), origin=ref))
+        except ConfigError as exc:
+            raise ConfigError([ConfigIssue(path, issue.message) for issue in exc.issues]) from exc
+        except KeyFileError as exc:
+            raise ConfigError([ConfigIssue(path, str(exc))]) from exc
+    return keys
 
 
 def read_credential(value: str, environ: Mapping[str, str] | None = None) -> bytes:

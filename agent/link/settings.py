@@ -14,13 +14,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import __version__
-from agent.config.loader import CREDENTIAL_PREFIX, read_credential
+from agent.config.loader import CREDENTIAL_PREFIX, read_credential, read_public_keys
 from agent.config.model import AgentConfig, TlsConfig
 from agent.config.typed import ConfigError, ConfigIssue
 from agent.link.client import ClientSettings, Will
 from agent.protocol.messages import Status, dumps
 from agent.protocol.topics import DeviceTopics, TopicError, TwinTopics, device_id, group_name
-from agent.signing import KeyFileError, parse_public_key
 
 
 def check(config: AgentConfig) -> list[ConfigIssue]:
@@ -157,13 +156,4 @@ def client_settings(
 def console_keys(
     config: AgentConfig, environ: Mapping[str, str] | None = None
 ) -> list[Ed25519PublicKey]:
-    keys = []
-    for i, ref in enumerate(config.commands.console_keys):
-        path = f"commands.console_keys[{i}]"
-        try:
-            keys.append(parse_public_key(read_credential(ref, environ), origin=ref))
-        except ConfigError as exc:
-            raise ConfigError([ConfigIssue(path, i.message) for i in exc.issues]) from exc
-        except KeyFileError as exc:
-            raise ConfigError([ConfigIssue(path, str(exc))]) from exc
-    return keys
+    return read_public_keys(list(config.commands.console_keys), "commands.console_keys", environ)
