@@ -69,6 +69,8 @@ class Agent:
         )
         self.api = ApiServer(self.host, config.api, self.status, self.metrics_text)
         self.notifier = Notifier()
+        # What is installed does not change while the agent runs: look once, not per status.
+        self.runtimes = {k: v or "available" for k, v in availability().items()}
         self.components: list[Component] = []
         self._stop = asyncio.Event()
         self._shed_at_overload = 0
@@ -96,7 +98,7 @@ class Agent:
                 "shed_requests": self.watcher.shed_count,
             },
             "inflight": self.host.inflight,
-            "runtimes": {k: v or "available" for k, v in availability().items()},
+            "runtimes": self.runtimes,
             "api": self.api.addresses,
             "trusted_keys": [key_id(k) for k in self.keys],
             "metrics": self.metrics.window(reset=False)["total"],
