@@ -374,7 +374,8 @@ class _Reader:
         self.keys = list(keys)
         self.limits = limits
 
-    def run(self, dest: Path | None) -> VerifiedBundle:
+    def digest(self) -> str:
+        """sha256 of the whole file, after the size cap (the bundle's identity)."""
         try:
             size = self.path.stat().st_size
         except OSError as exc:
@@ -383,17 +384,21 @@ class _Reader:
             raise OversizeError(
                 f"bundle is {size} bytes; the cap is {self.limits.max_bundle_bytes}"
             )
-        file_hash = hashlib.sha256()
-        with self.path.open("rb") as raw:
-            while chunk := raw.read(_CHUNK):
-                file_hash.update(chunk)
+        try:
+            return _sha256_file(self.path)
+        except OSError as exc:
+            raise BundleFormatError(f"cannot read bundle {self.path}: {exc.strerror}") from exc
+
+    def run(self, dest: Path | None, sha256: str | None = None) -> VerifiedBundle:
+        """Check every rule; `sha256` is the file's digest when the caller has it."""
+        sha = self.digest() if sha256 is None else sha256
         try:
             # Plain tar only: no decompression bombs.
             tar = tarfile.open(self.path, mode="r:")  # noqa: SIM115 - closed by the with below
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise BundleFormatError(f"{self.path.name} is not a tar archive: {exc}") from exc
         with tar:
-            return self._walk(tar, file_hash.hexdigest(), dest)
+            return self._walk(tar, sha, dest)
 
     def _members(self, tar: tarfile.TarFile) -> Iterable[tarfile.TarInfo]:
         count = 0
@@ -538,15 +543,30 @@ class _Reader:
             )
 
 
+def bundle_digest(path: Path, limits: Limits | None = None) -> str:
+    """sha256 of a bundle file (its identity on a device), refusing files over the cap."""
+    return _Reader(Path(path), [], limits or Limits()).digest()
+
+
 def verify_bundle(
-    path: Path, keys: Iterable[Ed25519PublicKey], limits: Limits | None = None
+    path: Path,
+    keys: Iterable[Ed25519PublicKey],
+    limits: Limits | None = None,
+    sha256: str | None = None,
 ) -> VerifiedBundle:
-    """Check every rule without writing anything; raise a BundleError subclass if one fails."""
-    return _Reader(Path(path), keys, limits or Limits()).run(dest=None)
+    """Check every rule without writing anything; raise a BundleError subclass if one fails.
+
+    Pass `sha256` (from bundle_digest) to skip hashing the file a second time.
+    """
+    return _Reader(Path(path), keys, limits or Limits()).run(dest=None, sha256=sha256)
 
 
 def unpack_bundle(
-    path: Path, dest: Path, keys: Iterable[Ed25519PublicKey], limits: Limits | None = None
+    path: Path,
+    dest: Path,
+    keys: Iterable[Ed25519PublicKey],
+    limits: Limits | None = None,
+    sha256: str | None = None,
 ) -> VerifiedBundle:
     """Verify and unpack into `dest` (must not exist). On any failure nothing is left behind.
 
@@ -559,7 +579,7 @@ def unpack_bundle(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
     try:
-        bundle = _Reader(Path(path), keys, limits or Limits()).run(dest=tmp)
+        bundle = _Reader(Path(path), keys, limits or Limits()).run(dest=tmp, sha256=sha256)
         (tmp / MANIFEST).write_bytes(bundle.manifest_bytes)
         _make_read_only(tmp)
         _fsync_tree(tmp)

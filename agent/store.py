@@ -21,6 +21,7 @@ from agent.bundle import (
     Limits,
     Manifest,
     VerifiedBundle,
+    bundle_digest,
     load_unpacked,
     remove_unpacked,
     unpack_bundle,
@@ -73,14 +74,19 @@ class Store:
         keys: Iterable[Ed25519PublicKey],
         limits: Limits,
     ) -> VerifiedBundle:
-        """Verify and unpack into bundles/<sha256>/; reuse it when already there."""
-        keys = list(keys)
-        verified = verify_bundle(bundle_path, keys, limits)
-        dest = self.bundles / verified.sha256
+        """Verify and unpack into bundles/<sha256>/; reuse it when already there.
+
+        The file is read twice at most: once for its digest (which names the
+        directory), once to check and unpack (or only check, when already unpacked:
+        the trusted keys may have changed since).
+        """
+        sha = bundle_digest(bundle_path, limits)
+        dest = self.bundles / sha
         if (dest / "manifest.json").is_file():
+            verified = verify_bundle(bundle_path, keys, limits, sha256=sha)
             verified.directory = dest
             return verified
-        return unpack_bundle(bundle_path, dest, keys, limits)
+        return unpack_bundle(bundle_path, dest, keys, limits, sha256=sha)
 
     def activate(self, directory: Path) -> None:
         """Make `directory` current; the old current becomes previous."""
