@@ -97,6 +97,11 @@ class LiteRTRuntime(Runtime):
             cfg.threads,
         )
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model was frozen at, or None if its batch axis is dynamic."""
+        return self._fixed_batch
+
     @classmethod
     def unavailable_reason(cls) -> str | None:
         if installed("ai_edge_litert") or installed("tflite_runtime"):

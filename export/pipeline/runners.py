@@ -37,38 +37,29 @@ def run_onnx(
 
 
 class TfliteRunner:
-    """LiteRT interpreter for a model whose batch axis the converter froze.
+    """A TFLite model run by the agent's own LiteRT runtime, so evaluation sees exactly
+    what a device does (frozen-batch slicing, int8 quantize/dequantize).
 
-    Larger requests run in slices of the model's batch (the last slice padded),
-    as the device agent does.
+    Inputs and outputs are positional, in tensor-index order: converters rename them.
     """
 
     def __init__(self, path: Path, threads: int = 1) -> None:
-        from ai_edge_litert.interpreter import Interpreter
+        from agent.runtimes.litert import LiteRTConfig, LiteRTRuntime
+        from export.package import tflite_specs
 
-        self.interp = Interpreter(model_path=str(path), num_threads=threads)
-        self.interp.allocate_tensors()
-        self.ins = sorted(self.interp.get_input_details(), key=lambda d: d["index"])
-        self.outs = sorted(self.interp.get_output_details(), key=lambda d: d["index"])
-        self.batch = int(self.ins[0]["shape"][0])
-
-    def _one(self, feed: list[np.ndarray]) -> list[np.ndarray]:
-        for detail, value in zip(self.ins, feed, strict=True):
-            self.interp.set_tensor(detail["index"], _quantize(value, detail))
-        self.interp.invoke()
-        return [_dequantize(self.interp.get_tensor(d["index"]), d) for d in self.outs]
+        inputs, outputs = tflite_specs(path)
+        self.runtime = LiteRTRuntime(path, inputs, outputs, LiteRTConfig(threads=threads))
+        self.interp = self.runtime.interpreter
+        index = {d["name"]: d["index"] for d in self.interp.get_input_details()}
+        index.update({d["name"]: d["index"] for d in self.interp.get_output_details()})
+        self.in_names = sorted((s.name for s in inputs), key=index.__getitem__)
+        self.out_names = sorted((s.name for s in outputs), key=index.__getitem__)
+        first = self.interp.get_input_details()[0]
+        self.batch = self.runtime.fixed_batch or int(first["shape"][0])
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        n = inputs[0].shape[0]
-        parts: list[list[np.ndarray]] = [[] for _ in self.outs]
-        for start in range(0, n, self.batch):
-            chunk = [v[start : start + self.batch] for v in inputs]
-            short = self.batch - chunk[0].shape[0]
-            if short:
-                chunk = [np.concatenate([c, np.repeat(c[-1:], short, axis=0)]) for c in chunk]
-            for i, out in enumerate(self._one(chunk)):
-                parts[i].append(out[: self.batch - short])
-        return [np.concatenate(p) for p in parts]
+        out = self.runtime.run(dict(zip(self.in_names, inputs, strict=True)))
+        return [out[name] for name in self.out_names]
 
 
 def run_tflite(
@@ -79,24 +70,3 @@ def run_tflite(
     runner = TfliteRunner(path, threads)
     outs = runner.run([inputs[n] for n in input_order])
     return dict(zip(output_names, outs, strict=True))
-
-
-def _quantize(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    dtype = np.dtype(detail["dtype"])
-    if array.dtype == dtype:
-        return array
-    scale, zero = detail.get("quantization", (0.0, 0))
-    if dtype in (np.int8, np.uint8) and scale:
-        info = np.iinfo(dtype)
-        q: np.ndarray = np.clip(np.round(array / scale + zero), info.min, info.max).astype(dtype)
-        return q
-    converted: np.ndarray = array.astype(dtype)
-    return converted
-
-
-def _dequantize(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    scale, zero = detail.get("quantization", (0.0, 0))
-    if array.dtype in (np.int8, np.uint8) and scale:
-        real: np.ndarray = ((array.astype(np.float32) - zero) * scale).astype(np.float32)
-        return real
-    return array
