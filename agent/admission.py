@@ -137,9 +137,9 @@ class Admission:
             )
             raise
         self.store.activate(verified.directory)
+        # Not closed here: requests still in flight on the old model finish on it, and
+        # it is freed when the last of them lets go.
         old_model = self.host.swap(model)
-        if old_model is not None:
-            old_model.runtime.close()
         self.events.emit(
             "model.swapped" if old_model else "model.loaded",
             f"serving {model.manifest.name} {model.manifest.version}",

@@ -185,3 +185,43 @@ def test_interrupted_unpack_and_link_swap_leave_current_intact(tmp: Path) -> Non
     assert not (state / ".current.tmp").is_symlink()
     current = store.current()
     assert current is not None and store.manifest(current).version == "1.0.0"
+
+
+def test_requests_in_flight_during_a_swap_finish_on_the_old_model(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    import threading
+
+    agent = make_agent(tmp)
+    old = agent.admission.install(SAMPLE_BUNDLE)
+    v2 = make_bundle(sample_parts, tmp / "v2.edgebundle", demo_key, version="2.0.0")
+    images, labels = samples()
+    # Hold one request inside the old model's runtime call while the swap happens.
+    entered, release = threading.Event(), threading.Event()
+    real_run = old.runtime.run
+
+    def slow_run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        entered.set()
+        release.wait(30)
+        return real_run(feeds)
+
+    old.runtime.run = slow_run  # type: ignore[method-assign]
+    result: dict[str, object] = {}
+
+    def request() -> None:
+        try:
+            result["out"] = agent.host.infer("digits", {"input": images})
+        except Exception as exc:  # recorded for the assertion below
+            result["error"] = exc
+
+    t = threading.Thread(target=request)
+    t.start()
+    assert entered.wait(30)
+    agent.admission.install(v2)
+    assert served(agent) == "2.0.0"  # new requests already go to the new model
+    release.set()
+    t.join(timeout=30)
+    assert "error" not in result, result.get("error")
+    model, out = result["out"]  # type: ignore[misc]
+    assert model.manifest.version == "1.0.0"
+    assert (out["logits"].argmax(1) == labels).mean() >= 0.9
