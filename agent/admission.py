@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.bundle import BundleError, Limits, VersionNotNewerError
+from agent.bundle import BundleError, Limits, Manifest, VersionNotNewerError
 from agent.config.model import AgentConfig
 from agent.events import EventBus
 from agent.golden import check_golden
@@ -62,9 +62,9 @@ class Admission:
         self.keys = keys
         self.events = events
 
-    def open(self, directory: Path, sha256: str) -> LoadedModel:
+    def open(self, directory: Path, sha256: str, manifest: Manifest | None = None) -> LoadedModel:
         """Load an unpacked bundle into a runtime and validate it; do not serve it yet."""
-        manifest = self.store.manifest(directory)
+        manifest = manifest or self.store.manifest(directory)
         runtime_name = choose_runtime(
             manifest, self.config.model.runtime, list(self.config.model.preference)
         )
@@ -125,7 +125,7 @@ class Admission:
                         f"bundle version {new} is not newer than the running {old}; "
                         "a rollback must be requested explicitly"
                     )
-            model = self.open(verified.directory, verified.sha256)
+            model = self.open(verified.directory, verified.sha256, verified.manifest)
         except REFUSALS as exc:
             self.store.discard(verified.directory)
             self.events.emit(
