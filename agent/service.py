@@ -179,11 +179,11 @@ class Agent:
     async def _watchdog(self) -> None:
         # Pet the systemd watchdog at half its period, only while the loop is healthy.
         period = self.notifier.watchdog_s
-        interval = period / 2 if period else 5.0
+        if not period:
+            return  # not run under a systemd watchdog
         while True:
-            await asyncio.sleep(interval)
-            if period:
-                self.notifier.watchdog()
+            await asyncio.sleep(period / 2)
+            self.notifier.watchdog()
 
     def _overload_changed(self, overloaded: bool, rss: int) -> None:
         soft = round(self.budget.soft_limit_bytes / MB, 1)
