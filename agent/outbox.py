@@ -11,12 +11,13 @@ what it dropped so the link can say so in an `outbox.dropped` event.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -130,31 +131,35 @@ class Outbox:
         Sequence number and row are committed together: no number is used twice or
         skipped, whatever instant the process dies at.
         """
-        with self._lock:
+        with self._lock, self._transaction("write to"):
+            seq = self._meta(f"seq.{kind}") + 1
+            payload = build(seq)
+            created = self._clock()
+            self._db.execute(
+                "INSERT INTO messages (kind, seq, topic, payload, created) VALUES (?, ?, ?, ?, ?)",
+                (kind, seq, topic, payload, created),
+            )
+            self._set_meta(f"seq.{kind}", seq)
+            self._bytes += len(payload) + ROW_OVERHEAD
+            self._count += 1
+            self._enforce(created)
+        return seq
+
+    @contextlib.contextmanager
+    def _transaction(self, action: str) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT; on any failure roll back, resync the counters
+        from the table, and turn sqlite errors into OutboxError."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    seq = self._meta(f"seq.{kind}") + 1
-                    payload = build(seq)
-                    created = self._clock()
-                    self._db.execute(
-                        "INSERT INTO messages (kind, seq, topic, payload, created) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (kind, seq, topic, payload, created),
-                    )
-                    self._set_meta(f"seq.{kind}", seq)
-                    size = len(payload) + ROW_OVERHEAD
-                    self._bytes += size
-                    self._count += 1
-                    self._enforce(created)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    self._recount()
-                    raise
-            except sqlite3.Error as exc:
-                raise OutboxError(f"cannot write to outbox {self.path}: {exc}") from exc
-            return seq
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._recount()
+                raise
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot {action} outbox {self.path}: {exc}") from exc
 
     def _meta(self, key: str) -> int:
         return self._scalar("SELECT value FROM meta WHERE key = ?", key)
@@ -212,18 +217,8 @@ class Outbox:
 
     def prune(self) -> None:
         """Apply the age bound now (the sender calls this now and then)."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._enforce(self._clock())
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    self._recount()
-                    raise
-            except sqlite3.Error as exc:
-                raise OutboxError(f"cannot prune outbox {self.path}: {exc}") from exc
+        with self._lock, self._transaction("prune"):
+            self._enforce(self._clock())
 
     # ----------------------------------------------------------------- reading
 
@@ -246,26 +241,17 @@ class Outbox:
         if not batch:
             return 0
         with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    before = self._db.total_changes
-                    freed = 0
-                    for (row_id,) in batch:
-                        row = self._db.execute(
-                            "DELETE FROM messages WHERE id = ? RETURNING LENGTH(payload)",
-                            (row_id,),
-                        ).fetchone()
-                        if row is not None:
-                            freed += int(row[0]) + ROW_OVERHEAD
-                    deleted = self._db.total_changes - before
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    self._recount()
-                    raise
-            except sqlite3.Error as exc:
-                raise OutboxError(f"cannot delete from outbox {self.path}: {exc}") from exc
+            with self._transaction("delete from"):
+                before = self._db.total_changes
+                freed = 0
+                for (row_id,) in batch:
+                    row = self._db.execute(
+                        "DELETE FROM messages WHERE id = ? RETURNING LENGTH(payload)",
+                        (row_id,),
+                    ).fetchone()
+                    if row is not None:
+                        freed += int(row[0]) + ROW_OVERHEAD
+                deleted = self._db.total_changes - before
             self._count -= deleted
             self._bytes -= freed
             return deleted
