@@ -85,6 +85,19 @@ def test_ort_settings_are_applied(sample_parts: SampleParts) -> None:
     assert (rt.run({"input": images})["logits"].argmax(1) == labels).mean() >= 0.9
 
 
+def test_ort_spinning_can_be_turned_off(sample_parts: SampleParts) -> None:
+    manifest = load_unpacked(sample_parts.directory)
+    path = sample_parts.directory / "model.onnx"
+    off = OrtRuntime(path, manifest.inputs, manifest.outputs, OrtConfig(allow_spinning=False))
+    options = off.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    on = OrtRuntime(path, manifest.inputs, manifest.outputs, OrtConfig())
+    with pytest.raises(Exception, match="allow_spinning"):  # left at ORT's default (spin)
+        on.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    images, labels = samples()
+    assert (off.run({"input": images})["logits"].argmax(1) == labels).mean() >= 0.9
+
+
 def test_ort_same_as_requested_arena(sample_parts: SampleParts) -> None:
     manifest = load_unpacked(sample_parts.directory)
     rt = OrtRuntime(
