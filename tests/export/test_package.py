@@ -13,6 +13,7 @@ from agent.bundle import verify_bundle
 from agent.signing import load_public_key
 from export.package import PackageError, package_model
 from tests.helpers import SampleParts, samples
+from tests.tolerance import assert_close
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -85,7 +86,7 @@ def test_package_cli_makes_a_bundle_the_agent_accepts(
         assert member is not None
         (tmp / "g.npz").write_bytes(member.read())
     with np.load(tmp / "g.npz") as data:
-        np.testing.assert_allclose(data["logits"], expected, atol=1e-5)
+        assert_close(data["logits"], expected)
 
 
 def test_package_onnx_only_with_npz(
