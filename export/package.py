@@ -191,12 +191,22 @@ def tflite_specs(
         shape = tuple(int(x) for x in d.get("shape_signature", d["shape"]))
         return TensorSpec(d["name"], dtype, tuple(x if x > 0 else -1 for x in shape), quant)
 
+    given = dict(batch_axes or {})
+
+    def unfreeze(s: TensorSpec) -> TensorSpec:
+        # Converters freeze the batch; the agent runs larger requests in slices of the
+        # frozen size, so a batch axis named on the command line is dynamic to callers.
+        axis = given.get(s.name)
+        if axis is None or not 0 <= axis < len(s.shape):
+            return s
+        return replace(s, shape=(*s.shape[:axis], -1, *s.shape[axis + 1 :]))
+
     # TFLite keeps no dimension names: the legacy rule or --batch-axis.
     return _resolve_axes(
-        tuple(spec(d) for d in interp.get_input_details()),
-        tuple(spec(d) for d in interp.get_output_details()),
+        tuple(unfreeze(spec(d)) for d in interp.get_input_details()),
+        tuple(unfreeze(spec(d)) for d in interp.get_output_details()),
         {},
-        batch_axes or {},
+        given,
     )
 
 
@@ -324,7 +334,8 @@ def package_model(
             raise PackageError(f"tensor {s.name} has dtype {s.dtype}")
     cases = check_golden(golden_inputs, inputs)
     golden = {
-        k: np.ascontiguousarray(v)
+        # (np.ascontiguousarray would turn a 0-d input into shape [1])
+        k: np.asarray(v, order="C")
         for k, v in slice_feeds(inputs, golden_inputs, 0, GOLDEN_MAX_CASES).items()
     }
     cases = min(cases, GOLDEN_MAX_CASES)

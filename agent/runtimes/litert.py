@@ -153,7 +153,7 @@ class LiteRTRuntime(Runtime):
         for spec, detail in self._in:
             # A slice on a batch axis other than 0 is a strided view; LiteRT copies
             # from a contiguous buffer.
-            data = np.ascontiguousarray(_quantize(feeds[spec.name], detail))
+            data = np.asarray(_quantize(feeds[spec.name], detail), order="C")
             self.interpreter.set_tensor(detail["index"], data)
         self.interpreter.invoke()
         out = {
