@@ -92,6 +92,11 @@ def validate_feeds(
             raise InputMismatchError(
                 f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype.name}"
             )
+        if not spec.shape and array.ndim:
+            raise InputMismatchError(
+                f"input {spec.name!r}: expected a scalar (shape [], shared by all cases), "
+                f"got shape {list(array.shape)}"
+            )
         if array.ndim != len(spec.shape) or any(
             want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=False)
         ):

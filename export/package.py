@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -210,12 +212,19 @@ def tflite_specs(
     )
 
 
+# What numpy raises for a file that is not a (whole) .npy/.npz: a truncated or foreign
+# zip, an empty file, a pickled object (refused), a corrupt compressed member.
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
 def load_golden_inputs(path: Path, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
     """Read .npz (keyed by input name) or .npy (for a single-input model)."""
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise PackageError(f"cannot read golden inputs {path}: {exc}") from exc
+    except _UNREADABLE as exc:
+        raise PackageError(
+            f"cannot read golden inputs {path}: {exc or type(exc).__name__}"
+        ) from exc
     if isinstance(loaded, np.ndarray):
         if len(specs) != 1:
             names = ", ".join(s.name for s in specs)
@@ -227,8 +236,10 @@ def load_golden_inputs(path: Path, specs: tuple[TensorSpec, ...]) -> dict[str, n
     with loaded:
         try:
             return {k: loaded[k] for k in loaded.files}
-        except (OSError, ValueError) as exc:
-            raise PackageError(f"cannot read golden inputs {path}: {exc}") from exc
+        except _UNREADABLE as exc:
+            raise PackageError(
+                f"cannot read golden inputs {path}: {exc or type(exc).__name__}"
+            ) from exc
 
 
 def _where(spec: TensorSpec) -> str:

@@ -94,8 +94,8 @@ def test_requests_count_cases_on_each_inputs_axis() -> None:
     [
         (feeds(2, 3), "input 'state' has batch size 3 on axis 1 (shape [2, 3, 128]); input 'input' has 2 on axis 0: the batch axes of all inputs must agree"),
         ({**feeds(2), "state": np.zeros((2, 2, 64), np.float32)}, "input 'state': expected shape [2, -1, 128] (-1 = any, batch on axis 1), got [2, 2, 64]"),
-        ({**feeds(2), "sr": np.array([16000], np.int64)}, "input 'sr': expected shape [] (-1 = any, a scalar), got [1]"),
-        ({**feeds(2), "sr": np.array([[16000]], np.int64)}, "expected shape [] (-1 = any, a scalar), got [1, 1]"),
+        ({**feeds(2), "sr": np.array([16000], np.int64)}, "input 'sr': expected a scalar (shape [], shared by all cases), got shape [1]"),
+        ({**feeds(2), "sr": np.array([[16000]], np.int64)}, "expected a scalar (shape [], shared by all cases), got shape [1, 1]"),
         (feeds(0), "batch size is 0 (input 'input', axis 0); send at least one case"),
         ({k: v for k, v in feeds(1).items() if k != "sr"}, "missing input sr (int64 [], a scalar)"),
     ],

@@ -199,7 +199,7 @@ def test_silero_vad_served_by_the_agent_answers_like_onnxruntime(
             ({"state": np.zeros((3, 2, 128), np.float32)},
              "input 'state': expected shape [2, -1, 128] (-1 = any, batch on axis 1), got [3, 2, 128]"),
             ({"sr": np.array([16000], np.int64)},
-             "input 'sr': expected shape [] (-1 = any, a scalar), got [1]"),
+             "input 'sr': expected a scalar (shape [], shared by all cases), got shape [1]"),
             ({"sr": np.array(16000.0, np.float32)}, "input 'sr': expected dtype int64, got float32"),
             ({"state": np.zeros((2, 0, 128), np.float32), "input": np.zeros((0, CHUNK), np.float32)},
              "batch size is 0 (input 'input', axis 0)"),
