@@ -212,6 +212,14 @@ def tflite_specs(
     )
 
 
+def batch_on_axis_0(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+    """Every (non-0-d) tensor counts cases on axis 0, made dynamic: a recipe's contract
+    (TensorDecl), for TFLite files whose converter froze that axis."""
+    return tuple(
+        replace(s, shape=(-1, *s.shape[1:]), batch_axis=0) if s.shape else s for s in specs
+    )
+
+
 # What numpy raises for a file that is not a (whole) .npy/.npz: a truncated or foreign
 # zip, an empty file, a pickled object (refused), a corrupt compressed member.
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
