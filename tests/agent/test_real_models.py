@@ -170,6 +170,26 @@ def test_silero_vad_bundle_records_axes_and_golden_outputs(
             assert_close(g[name], value, what=name)
 
 
+def test_golden_cases_are_cut_on_each_inputs_axis(models: Path) -> None:
+    from export.package import GOLDEN_MAX_CASES, package_model
+
+    sample = silero_feeds(np.random.default_rng(6), GOLDEN_MAX_CASES + 4)
+    path = package_model(onnx_path=real_model("silero_vad_named", models), tflite_path=None,
+                         name="vad-named", version="1.0.0", golden_inputs=sample,
+                         key_path=DEMO_KEY, out_dir=models / "cut", runs=3)  # fmt: skip
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        data = tar.extractfile("golden/inputs.npz")
+        assert data is not None
+        (models / "cut.npz").write_bytes(data.read())
+    with np.load(models / "cut.npz") as g:
+        assert g["input"].shape == (GOLDEN_MAX_CASES, CHUNK)
+        assert g["state"].shape == (2, GOLDEN_MAX_CASES, 128)
+        np.testing.assert_array_equal(g["state"], sample["state"][:, :GOLDEN_MAX_CASES])
+        assert g["sr"].shape == () and int(g["sr"]) == 16000
+
+
 # ----------------------------------------------------------------- served by a real agent
 
 

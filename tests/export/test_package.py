@@ -218,3 +218,21 @@ def test_package_errors_are_clear(
     )
     assert out.returncode == 2 and "version 'one'" in out.stderr
     assert not list(tmp.glob("*.edgebundle")) and not list(tmp.glob(".bundle-*"))
+
+
+def test_packaged_manifest_states_every_batch_axis(
+    sample_parts: SampleParts, keys: tuple[Path, Path], tmp: Path
+) -> None:
+    import json
+
+    images, _ = samples()
+    path = package_model(onnx_path=sample_parts.directory / "model.onnx", tflite_path=None,
+                         name="digits", version="0.2", golden_inputs={"input": images[:3]},
+                         key_path=keys[0], out_dir=tmp, runs=3)  # fmt: skip
+    raw = json.loads(verify_bundle(path, [load_public_key(keys[1])]).manifest_bytes)
+    # Written out, not left to the legacy rule: a reader need not know the rule.
+    assert [t["batch_axis"] for t in raw["inputs"] + raw["outputs"]] == [0, 0]
+    with pytest.raises(PackageError, match=r"axis 1 of output logits \[-1, 10\] is fixed at 10"):
+        package_model(onnx_path=sample_parts.directory / "model.onnx", tflite_path=None,
+                      name="digits", version="0.3", golden_inputs={"input": images[:3]},
+                      key_path=keys[0], out_dir=tmp, batch_axes={"logits": 1})  # fmt: skip
