@@ -133,17 +133,19 @@ def _resolve_axes(
     ins = tuple(resolve(s, "input") for s in inputs)
     outs = tuple(resolve(s, "output") for s in outputs)
     if any(s.batch_axis is not None for s in ins):
-        for s in ins:
-            if s.batch_axis is None and s.name not in given and -1 in s.shape:
-                # A dynamic dim behind a fixed first one ([2, -1, 128]) may well be the
-                # batch; a wrong guess would only show on the device.
-                axes = [i for i, d in enumerate(s.shape) if d == -1]
-                raise PackageError(
-                    f"input {s.name} {list(s.shape)} has dynamic axes {axes} but none is named "
-                    "like a batch and its first axis is fixed, so the packager cannot tell "
-                    f"where its batch is; pass --batch-axis {s.name}={axes[0]} (the axis that "
-                    f"counts cases) or --batch-axis {s.name}=none (shared by all cases)"
-                )
+        for kind, specs in (("input", ins), ("output", outs)):
+            for s in specs:
+                if s.batch_axis is None and s.name not in given and -1 in s.shape:
+                    # A dynamic dim behind a fixed first one ([2, -1, 128]) may well be the
+                    # batch; a wrong guess would only show on the device.
+                    axes = [i for i, d in enumerate(s.shape) if d == -1]
+                    raise PackageError(
+                        f"{kind} {s.name} {list(s.shape)} has dynamic axes {axes} but none is "
+                        "named like a batch and its first axis is fixed, so the packager "
+                        f"cannot tell where its batch is; pass --batch-axis {s.name}={axes[0]} "
+                        f"(the axis that counts cases) or --batch-axis {s.name}=none (shared "
+                        "by all cases)"
+                    )
     return ins, outs
 
 

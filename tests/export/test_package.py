@@ -236,3 +236,31 @@ def test_packaged_manifest_states_every_batch_axis(
         package_model(onnx_path=sample_parts.directory / "model.onnx", tflite_path=None,
                       name="digits", version="0.3", golden_inputs={"input": images[:3]},
                       key_path=keys[0], out_dir=tmp, batch_axes={"logits": 1})  # fmt: skip
+
+
+def test_an_output_with_its_batch_behind_a_fixed_axis_needs_the_flag(
+    keys: tuple[Path, Path], tmp: Path
+) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    # y = x transposed: x [B, 4] -> y [4, B], the output's batch on axis 1 (unnamed dims).
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0])],
+        "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, None])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp / "t.onnx")
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    common = {"onnx_path": tmp / "t.onnx", "tflite_path": None, "name": "t", "version": "1",
+              "golden_inputs": {"x": x}, "key_path": keys[0], "out_dir": tmp, "runs": 3}  # fmt: skip
+    with pytest.raises(
+        PackageError, match=r"output y \[4, -1\] has dynamic axes \[1\].*--batch-axis y=1"
+    ):
+        package_model(**common)
+    path = package_model(**common, batch_axes={"y": 1})
+    m = verify_bundle(path, [load_public_key(keys[1])]).manifest
+    assert m.outputs[0].batch_axis == 1 and not m.batchable
