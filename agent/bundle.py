@@ -133,15 +133,36 @@ class Limits:
     max_members: int = 64
 
 
+LEGACY_BATCH_AXIS = -1  # TensorSpec's default: apply legacy_batch_axis() to its shape
+
+
+def legacy_batch_axis(shape: tuple[int, ...]) -> int | None:
+    """The rule for manifests written before `batch_axis`: 0 when the first dim is dynamic."""
+    return 0 if shape and shape[0] == -1 else None
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]  # -1 marks a dynamic dimension
     quantization: dict[str, Any] | None = None
+    # The axis that counts cases (rows), or None for a tensor every case shares (a
+    # 0-d sample rate, a lookup table). Left at LEGACY_BATCH_AXIS it follows the
+    # legacy rule, so manifests and code that predate the field keep their meaning.
+    batch_axis: int | None = LEGACY_BATCH_AXIS
+
+    def __post_init__(self) -> None:
+        if self.batch_axis == LEGACY_BATCH_AXIS:
+            object.__setattr__(self, "batch_axis", legacy_batch_axis(self.shape))
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "batch_axis": self.batch_axis,
+        }
         if self.quantization is not None:
             out["quantization"] = self.quantization
         return out
@@ -164,6 +185,11 @@ class Manifest:
     peak_memory_mb: dict[str, float]
     min_agent_version: str
     key_id: str
+
+    @property
+    def batchable(self) -> bool:
+        """True when every tensor counts cases on axis 0: requests may then be stacked."""
+        return all(t.batch_axis == 0 for t in self.inputs + self.outputs)
 
     @property
     def figures(self) -> dict[str, Any]:
@@ -218,8 +244,38 @@ def _tensor_specs(items: Any, where: str) -> tuple[TensorSpec, ...]:
         quant = item.get("quantization")
         if quant is not None and not isinstance(quant, dict):
             raise SchemaError(f"manifest: {at}quantization must be an object or null")
-        specs.append(TensorSpec(name, dtype, tuple(shape), quant))
+        axis = _batch_axis(item, tuple(shape), at)
+        specs.append(TensorSpec(name, dtype, tuple(shape), quant, axis))
     return tuple(specs)
+
+
+def _batch_axis(item: Mapping[str, Any], shape: tuple[int, ...], at: str) -> int | None:
+    """`batch_axis`: absent = legacy rule; null = no batch axis; else a dynamic dim's index."""
+    if "batch_axis" not in item:
+        return legacy_batch_axis(shape)
+    axis = item["batch_axis"]
+    if axis is None:
+        return None
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise SchemaError(
+            f"manifest: {at}batch_axis is {type(axis).__name__}, expected an integer or null"
+        )
+    if not shape:
+        raise SchemaError(
+            f"manifest: {at}batch_axis is {axis} but the tensor is 0-d (a scalar); "
+            "use null: a scalar has no batch axis"
+        )
+    if not 0 <= axis < len(shape):
+        raise SchemaError(
+            f"manifest: {at}batch_axis {axis} is outside the shape {list(shape)} "
+            f"(rank {len(shape)}: 0..{len(shape) - 1}, or null for no batch axis)"
+        )
+    if shape[axis] != -1:
+        raise SchemaError(
+            f"manifest: {at}batch_axis {axis} names a fixed dimension of size {shape[axis]} "
+            f"in {list(shape)}; the batch axis must be dynamic (-1)"
+        )
+    return axis
 
 
 def parse_manifest(data: bytes) -> Manifest:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from agent.bundle import BundleError, Manifest
+from agent.errors import ServingError
 from agent.runtimes.base import Runtime
+from agent.tensors import validate_feeds
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,12 @@ def check_golden(manifest: Manifest, directory: Path, runtime: Runtime) -> dict[
         return {}
     inputs = _load(directory / manifest.golden_inputs)
     expected = _load(directory / manifest.golden_outputs[fmt])
+    try:
+        # The same checks a request meets, so golden cases that disagree with the
+        # manifest's own shapes and batch axes are named as such, not as a runtime crash.
+        validate_feeds(manifest.inputs, inputs, max_batch=sys.maxsize)
+    except ServingError as exc:
+        raise GoldenMismatchError(f"golden inputs do not fit the manifest: {exc}") from exc
     try:
         got = runtime.run(inputs)
     except Exception as exc:

@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import psutil
 
-from agent.bundle import TensorSpec
+from agent.bundle import LEGACY_BATCH_AXIS, TensorSpec
 from agent.runtimes import REGISTRY
+from agent.runtimes.base import InferenceError, ModelLoadError, RuntimeUnavailableError
 from agent.runtimes.litert import LiteRTConfig, LiteRTRuntime
 from agent.runtimes.ort import OrtConfig, OrtRuntime
+from agent.tensors import batch_of, slice_feeds
 
 MB = 1024 * 1024
 
@@ -47,7 +49,16 @@ class _PeakSampler(threading.Thread):
 
 
 def _specs(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
+    return tuple(
+        TensorSpec(
+            i["name"],
+            i["dtype"],
+            tuple(i["shape"]),
+            i.get("quantization"),
+            i.get("batch_axis", LEGACY_BATCH_AXIS),
+        )
+        for i in items
+    )
 
 
 def measure(
@@ -74,13 +85,15 @@ def measure(
         rt = LiteRTRuntime(model, inputs, outputs, LiteRTConfig(threads=threads))
     load_ms = (time.perf_counter() - t0) * 1000
     full = rt.run(feeds)
-    batch = next(iter(feeds.values())).shape[0]
-    single = {k: v[:1] for k, v in feeds.items()}
+    # Latency is per case: each run takes one case, cut on every input's own batch
+    # axis; inputs without a batch axis (a 0-d sample rate) go whole every time.
+    batch = batch_of(inputs, feeds)
+    single = slice_feeds(inputs, feeds, 0, 1)
     for _ in range(warmup):
         rt.run(single)
     times = []
     for i in range(runs):
-        one = {k: v[i % batch : i % batch + 1] for k, v in feeds.items()}
+        one = slice_feeds(inputs, feeds, i % batch, i % batch + 1)
         s = time.perf_counter()
         rt.run(one)
         times.append((time.perf_counter() - s) * 1000)
@@ -119,15 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(args.spec.read_text())
     with np.load(args.inputs, allow_pickle=False) as data:
         feeds = {k: data[k] for k in data.files}
-    figures, outputs = measure(
-        args.runtime,
-        args.model,
-        _specs(spec["inputs"]),
-        _specs(spec["outputs"]),
-        feeds,
-        args.threads,
-        args.runs,
-    )
+    try:
+        figures, outputs = measure(
+            args.runtime,
+            args.model,
+            _specs(spec["inputs"]),
+            _specs(spec["outputs"]),
+            feeds,
+            args.threads,
+            args.runs,
+        )
+    except (ModelLoadError, InferenceError, RuntimeUnavailableError, ImportError) as exc:
+        # One line for the packager to show; a traceback would only bury it.
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     if args.save_outputs:
         np.savez(args.save_outputs, **outputs)  # type: ignore[arg-type]
     json.dump(figures, sys.stdout)

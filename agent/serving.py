@@ -81,7 +81,14 @@ class ModelHost:
     def swap(self, new: LoadedModel) -> LoadedModel | None:
         """Serve `new` from the next request on; in-flight requests finish on the old one."""
         batcher = None
-        if self.config.batching.enabled:
+        # The batcher stacks requests on axis 0; a model that counts cases on another
+        # axis, or has inputs all cases share, is served one request at a time.
+        if self.config.batching.enabled and not new.manifest.batchable:
+            log.info(
+                "micro-batching off for %s: not every tensor has its batch on axis 0",
+                new.manifest.name,
+            )
+        elif self.config.batching.enabled:
             batcher = MicroBatcher(
                 new.runtime.run,
                 self.config.batching.max_batch,

@@ -28,11 +28,13 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _package(args: argparse.Namespace) -> int:
+    from export.measure import MeasureError
     from export.package import (
         PackageError,
         load_golden_inputs,
         onnx_specs,
         package_model,
+        parse_batch_axes,
         tflite_specs,
     )
 
@@ -47,10 +49,11 @@ def _package(args: argparse.Namespace) -> int:
             print(f"error: {model}: expected a .onnx or .tflite file", file=sys.stderr)
             return 2
     try:
+        axes = parse_batch_axes(args.batch_axis)
         if onnx_path is not None and onnx_path.is_file():
-            specs = onnx_specs(onnx_path)[0]
+            specs = onnx_specs(onnx_path, axes)[0]
         elif tflite_path is not None and tflite_path.is_file():
-            specs = tflite_specs(tflite_path)[0]
+            specs = tflite_specs(tflite_path, axes)[0]
         else:
             missing = onnx_path or tflite_path
             raise PackageError(f"model file {missing} does not exist")
@@ -69,8 +72,9 @@ def _package(args: argparse.Namespace) -> int:
             labels=labels,
             atol=args.atol,
             rtol=args.rtol,
+            batch_axes=axes,
         )
-    except (PackageError, KeyFileError, BundleError, OSError) as exc:
+    except (PackageError, MeasureError, KeyFileError, BundleError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(out)
@@ -109,12 +113,26 @@ def main(argv: list[str] | None = None) -> int:
     pk.add_argument("models", nargs="+", metavar="MODEL", help="MODEL.onnx [MODEL.tflite]")
     pk.add_argument("--name", required=True)
     pk.add_argument("--version", required=True)
-    pk.add_argument("--golden-inputs", required=True, help=".npy (one input) or .npz by name")
+    pk.add_argument(
+        "--golden-inputs",
+        "--sample",
+        required=True,
+        help="representative inputs: .npy (one input) or .npz keyed by input name; "
+        "they become the golden cases and drive the latency and memory measurements",
+    )
     pk.add_argument("--key", required=True, help="private key from edge-export keygen")
     pk.add_argument("--out", default=".", help="directory for NAME-VERSION.edgebundle")
     pk.add_argument("--labels", help="text file, one label per line")
     pk.add_argument("--atol", type=float, help="golden tolerance (absolute)")
     pk.add_argument("--rtol", type=float, help="golden tolerance (relative)")
+    pk.add_argument(
+        "--batch-axis",
+        action="append",
+        metavar="NAME=AXIS",
+        help="the axis of tensor NAME that counts cases, or NAME=none for a tensor all "
+        "cases share (repeatable; default: a dim named like batch/N/B, else axis 0 "
+        "when it is dynamic)",
+    )
     pk.set_defaults(func=_package)
     args = parser.parse_args(argv)
     return int(args.func(args))

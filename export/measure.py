@@ -21,6 +21,15 @@ class MeasureError(RuntimeError):
     """The child process failed to load or run the model."""
 
 
+def _reason(stderr: str) -> str:
+    """The child's own error line; the last line of a traceback if it crashed."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line.removeprefix("error: ")
+    return lines[-1][-500:] if lines else "no error output"
+
+
 def probe(
     model_path: Path,
     runtime: str,
@@ -53,7 +62,7 @@ def probe(
         if proc.returncode != 0:
             raise MeasureError(
                 f"measuring {model_path.name} with {runtime} failed "
-                f"(exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
+                f"(exit {proc.returncode}): {_reason(proc.stderr)}"
             )
         figures: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
         with np.load(t / "outputs.npz", allow_pickle=False) as data:

@@ -10,14 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agent.bundle import DTYPES, SUFFIX, TensorSpec, write_bundle
+from agent.bundle import DTYPES, SUFFIX, TensorSpec, legacy_batch_axis, write_bundle
 from agent.signing import load_private_key
+from agent.tensors import slice_feeds
 from export.measure import probe
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,116 @@ class PackageError(ValueError):
     """The inputs to packaging are wrong; the message says which and how."""
 
 
-def onnx_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+BatchAxes = Mapping[str, "int | None"]
+
+# Dynamic dimension names exporters give the batch: torch.onnx's dynamic_axes
+# examples, tf2onnx's "N", Keras's "batch_size", hand-written "B".
+_BATCH_DIM_NAMES = frozenset({"bs", "b", "n", "nbatch", "num_batch"})
+
+
+def _is_batch_name(dim: object, long: bool) -> bool:
+    if not isinstance(dim, str):
+        return False
+    name = dim.strip().lower()
+    return name.startswith("batch") if long else name in _BATCH_DIM_NAMES
+
+
+def parse_batch_axes(items: list[str] | None) -> dict[str, int | None]:
+    """`NAME=AXIS` or `NAME=none` (from --batch-axis) -> {name: axis or None}."""
+    axes: dict[str, int | None] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip().lower()
+        if not sep or not name or not value:
+            raise PackageError(
+                f"--batch-axis {item!r}: expected NAME=AXIS (e.g. state=1) or NAME=none"
+            )
+        if name in axes:
+            raise PackageError(f"--batch-axis names {name!r} twice")
+        if value in ("none", "null", "-"):
+            axes[name] = None
+            continue
+        try:
+            axes[name] = int(value)
+        except ValueError:
+            raise PackageError(
+                f"--batch-axis {item!r}: {value!r} is not an axis; give an integer >= 0 or none"
+            ) from None
+    return axes
+
+
+def _resolve_axes(
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    dims: Mapping[str, list[object]],
+    given: BatchAxes,
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Each tensor's batch axis: given on the command line, else a dim named like the
+    batch, else the legacy rule (0 when the first dim is dynamic). Refuses what
+    cannot be told apart instead of guessing."""
+    known = {s.name for s in inputs + outputs}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise PackageError(
+            f"--batch-axis names {unknown[0]!r}, which the model does not have; its tensors "
+            f"are {', '.join(sorted(known))}"
+        )
+
+    def resolve(spec: TensorSpec, kind: str) -> TensorSpec:
+        shape = list(spec.shape)
+        if spec.name in given:
+            axis = given[spec.name]
+            if axis is not None:
+                if not 0 <= axis < len(shape):
+                    raise PackageError(
+                        f"--batch-axis {spec.name}={axis}: {kind} {spec.name} has shape {shape} "
+                        f"(rank {len(shape)}); the axis must be in 0..{len(shape) - 1} or none"
+                        if shape
+                        else f"--batch-axis {spec.name}={axis}: {kind} {spec.name} is 0-d "
+                        "(a scalar); it can only be none"
+                    )
+                if shape[axis] != -1:
+                    raise PackageError(
+                        f"--batch-axis {spec.name}={axis}: axis {axis} of {kind} {spec.name} "
+                        f"{shape} is fixed at {shape[axis]}; the batch axis must be dynamic"
+                    )
+            return replace(spec, batch_axis=axis)
+        names = dims.get(spec.name, [])
+        # "batch..." beats the one-letter names: [batch, N] is a batch of N points.
+        named = [i for i, d in enumerate(names) if _is_batch_name(d, long=True)] or [
+            i for i, d in enumerate(names) if _is_batch_name(d, long=False)
+        ]
+        if len(named) > 1:
+            raise PackageError(
+                f"{kind} {spec.name} {shape} has several dims named like a batch (axes "
+                f"{named}); pass --batch-axis {spec.name}=AXIS"
+            )
+        if named:
+            return replace(spec, batch_axis=named[0])
+        return replace(spec, batch_axis=legacy_batch_axis(spec.shape))
+
+    ins = tuple(resolve(s, "input") for s in inputs)
+    outs = tuple(resolve(s, "output") for s in outputs)
+    if any(s.batch_axis is not None for s in ins):
+        for kind, specs in (("input", ins), ("output", outs)):
+            for s in specs:
+                if s.batch_axis is None and s.name not in given and -1 in s.shape:
+                    # A dynamic dim behind a fixed first one ([2, -1, 128]) may well be the
+                    # batch; a wrong guess would only show on the device.
+                    axes = [i for i, d in enumerate(s.shape) if d == -1]
+                    raise PackageError(
+                        f"{kind} {s.name} {list(s.shape)} has dynamic axes {axes} but none is "
+                        "named like a batch and its first axis is fixed, so the packager "
+                        f"cannot tell where its batch is; pass --batch-axis {s.name}={axes[0]} "
+                        f"(the axis that counts cases) or --batch-axis {s.name}=none (shared "
+                        "by all cases)"
+                    )
+    return ins, outs
+
+
+def onnx_specs(
+    path: Path, batch_axes: BatchAxes | None = None
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     import onnxruntime as ort
 
     try:
@@ -53,13 +166,18 @@ def onnx_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ..
         shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in arg.shape)
         return TensorSpec(arg.name, dtype, shape)
 
-    return (
+    args = list(session.get_inputs()) + list(session.get_outputs())
+    return _resolve_axes(
         tuple(spec(i) for i in session.get_inputs()),
         tuple(spec(o) for o in session.get_outputs()),
+        {a.name: list(a.shape) for a in args},
+        batch_axes or {},
     )
 
 
-def tflite_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+def tflite_specs(
+    path: Path, batch_axes: BatchAxes | None = None
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     from agent.runtimes.litert import _interpreter_class
 
     interpreter_cls, _ = _interpreter_class()
@@ -77,18 +195,46 @@ def tflite_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, 
         shape = tuple(int(x) for x in d.get("shape_signature", d["shape"]))
         return TensorSpec(d["name"], dtype, tuple(x if x > 0 else -1 for x in shape), quant)
 
-    return (
-        tuple(spec(d) for d in interp.get_input_details()),
-        tuple(spec(d) for d in interp.get_output_details()),
+    given = dict(batch_axes or {})
+
+    def unfreeze(s: TensorSpec) -> TensorSpec:
+        # Converters freeze the batch; the agent runs larger requests in slices of the
+        # frozen size, so a batch axis named on the command line is dynamic to callers.
+        axis = given.get(s.name)
+        if axis is None or not 0 <= axis < len(s.shape):
+            return s
+        return replace(s, shape=(*s.shape[:axis], -1, *s.shape[axis + 1 :]))
+
+    # TFLite keeps no dimension names: the legacy rule or --batch-axis.
+    return _resolve_axes(
+        tuple(unfreeze(spec(d)) for d in interp.get_input_details()),
+        tuple(unfreeze(spec(d)) for d in interp.get_output_details()),
+        {},
+        given,
     )
+
+
+def batch_on_axis_0(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+    """Every (non-0-d) tensor counts cases on axis 0, made dynamic: a recipe's contract
+    (TensorDecl), for TFLite files whose converter froze that axis."""
+    return tuple(
+        replace(s, shape=(-1, *s.shape[1:]), batch_axis=0) if s.shape else s for s in specs
+    )
+
+
+# What numpy raises for a file that is not a (whole) .npy/.npz: a truncated or foreign
+# zip, an empty file, a pickled object (refused), a corrupt compressed member.
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 def load_golden_inputs(path: Path, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
     """Read .npz (keyed by input name) or .npy (for a single-input model)."""
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise PackageError(f"cannot read golden inputs {path}: {exc}") from exc
+    except _UNREADABLE as exc:
+        raise PackageError(
+            f"cannot read golden inputs {path}: {exc or type(exc).__name__}"
+        ) from exc
     if isinstance(loaded, np.ndarray):
         if len(specs) != 1:
             names = ", ".join(s.name for s in specs)
@@ -98,29 +244,75 @@ def load_golden_inputs(path: Path, specs: tuple[TensorSpec, ...]) -> dict[str, n
             )
         return {specs[0].name: loaded}
     with loaded:
-        return {k: loaded[k] for k in loaded.files}
+        try:
+            return {k: loaded[k] for k in loaded.files}
+        except _UNREADABLE as exc:
+            raise PackageError(
+                f"cannot read golden inputs {path}: {exc or type(exc).__name__}"
+            ) from exc
 
 
-def check_golden(inputs: Mapping[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> None:
+def _where(spec: TensorSpec) -> str:
+    return "no batch axis" if spec.batch_axis is None else f"batch on axis {spec.batch_axis}"
+
+
+def check_golden(inputs: Mapping[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> int:
+    """Refuse golden inputs that don't fit the model; return how many cases they hold."""
     names = {s.name for s in specs}
     if set(inputs) != names:
         raise PackageError(
             f"golden inputs are named {sorted(inputs)}; the model's inputs are {sorted(names)}"
         )
-    batch = {v.shape[0] if v.ndim else 0 for v in inputs.values()}
-    if len(batch) != 1 or 0 in batch:
-        raise PackageError("golden inputs need the same non-zero batch size (axis 0) for all")
+    batch: tuple[int, TensorSpec] | None = None
     for s in specs:
         arr = inputs[s.name]
         if arr.dtype.name != s.dtype:
             raise PackageError(
                 f"golden input {s.name} is {arr.dtype.name}; the model wants {s.dtype}"
             )
-        if len(arr.shape) != len(s.shape) or any(
-            d not in (-1, a) for d, a in zip(s.shape[1:], arr.shape[1:], strict=False)
+        if arr.ndim != len(s.shape) or any(
+            d not in (-1, a) for d, a in zip(s.shape, arr.shape, strict=False)
         ):
             raise PackageError(
-                f"golden input {s.name} has shape {list(arr.shape)}; the model wants {list(s.shape)}"
+                f"golden input {s.name} has shape {list(arr.shape)}; the model wants "
+                f"{list(s.shape)} (-1 = any, {_where(s)})"
+            )
+        if s.batch_axis is None:
+            continue
+        size = int(arr.shape[s.batch_axis])
+        if size == 0:
+            raise PackageError(
+                f"golden input {s.name} holds no case (size 0 on its batch axis {s.batch_axis})"
+            )
+        if batch is None:
+            batch = (size, s)
+        elif size != batch[0]:
+            other = batch[1]
+            raise PackageError(
+                f"golden input {s.name} has {size} cases on axis {s.batch_axis}; "
+                f"{other.name} has {batch[0]} on axis {other.batch_axis}: they must agree"
+            )
+    return 1 if batch is None else batch[0]
+
+
+def _check_output_axes(
+    outputs: tuple[TensorSpec, ...], produced: Mapping[str, np.ndarray], batch: int
+) -> None:
+    """The model's own answer tells whether each output's batch axis is where we think."""
+    for s in outputs:
+        got = produced.get(s.name)
+        if got is None or s.batch_axis is None:
+            continue
+        if got.ndim <= s.batch_axis or got.shape[s.batch_axis] != batch:
+            fits = [i for i, n in enumerate(got.shape) if n == batch and s.shape[i] == -1]
+            hint = (
+                f"pass --batch-axis {s.name}={fits[0]}"
+                if len(fits) == 1
+                else f"pass --batch-axis {s.name}=AXIS or {s.name}=none"
+            )
+            raise PackageError(
+                f"output {s.name} came out as {list(got.shape)} for {batch} golden case(s), "
+                f"so its batch is not on axis {s.batch_axis}; {hint}"
             )
 
 
@@ -140,8 +332,13 @@ def package_model(
     rtol: float | None = None,
     threads: int = 1,
     runs: int = 50,
+    batch_axes: BatchAxes | None = None,
 ) -> Path:
-    """Write `out_dir/NAME-VERSION.edgebundle`, signed with the key at `key_path`."""
+    """Write `out_dir/NAME-VERSION.edgebundle`, signed with the key at `key_path`.
+
+    `batch_axes` overrides the batch axis the packager infers for a tensor (name ->
+    axis, or None for a tensor all cases share).
+    """
     if onnx_path is None and tflite_path is None:
         raise PackageError("give at least one model: an ONNX file, a TFLite file or both")
     key = load_private_key(Path(key_path))
@@ -149,15 +346,20 @@ def package_model(
         if p is not None and not Path(p).is_file():
             raise PackageError(f"model file {p} does not exist")
     if onnx_path is not None:
-        inputs, outputs = onnx_specs(Path(onnx_path))
+        inputs, outputs = onnx_specs(Path(onnx_path), batch_axes)
     else:
         assert tflite_path is not None
-        inputs, outputs = tflite_specs(Path(tflite_path))
+        inputs, outputs = tflite_specs(Path(tflite_path), batch_axes)
     for s in inputs + outputs:
         if s.dtype not in DTYPES:
             raise PackageError(f"tensor {s.name} has dtype {s.dtype}")
-    golden = {k: np.ascontiguousarray(v[:GOLDEN_MAX_CASES]) for k, v in golden_inputs.items()}
-    check_golden(golden, inputs)
+    cases = check_golden(golden_inputs, inputs)
+    golden = {
+        # (np.ascontiguousarray would turn a 0-d input into shape [1])
+        k: np.asarray(v, order="C")
+        for k, v in slice_feeds(inputs, golden_inputs, 0, GOLDEN_MAX_CASES).items()
+    }
+    cases = min(cases, GOLDEN_MAX_CASES)
 
     figures: dict[str, Any] = {
         "size_bytes": {},
@@ -180,6 +382,7 @@ def package_model(
             files[arcname] = Path(src)
             formats[fmt] = arcname
             measured, produced = probe(Path(src), runtime, golden, inputs, outputs, threads, runs)
+            _check_output_axes(outputs, produced, cases)
             out_file = work / f"outputs-{fmt}.npz"
             np.savez(out_file, **produced)  # type: ignore[arg-type]
             files[f"golden/outputs-{fmt}.npz"] = out_file

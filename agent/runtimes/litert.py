@@ -18,6 +18,7 @@ import numpy as np
 from agent.bundle import TensorSpec
 from agent.config.typed import constraint
 from agent.runtimes.base import Feeds, InferenceError, ModelLoadError, Runtime, installed
+from agent.tensors import batch_of, rows, slice_feeds
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +84,9 @@ class LiteRTRuntime(Runtime):
         # One interpreter is not re-entrant: requests take turns.
         self._lock = threading.Lock()
         # Converters often freeze the batch axis (a Flatten becomes a fixed reshape);
-        # such models run a larger request in slices of their own batch size.
-        signature = [d.get("shape_signature", d["shape"]) for d in details_in]
-        self._fixed_batch = (
-            None
-            if any(len(s) == 0 or int(s[0]) == -1 for s in signature)
-            else int(details_in[0]["shape"][0])
-        )
+        # such models run a larger request in slices of their own batch size, cut
+        # on each tensor's own batch axis. Inputs without one go whole to every slice.
+        self._fixed_batch = _frozen_batch(self._in)
         log.info(
             "LiteRT (%s) interpreter for %s, %d thread(s)",
             self.package,
@@ -122,7 +119,7 @@ class LiteRTRuntime(Runtime):
         return f"tflite-runtime {version('tflite-runtime')}"
 
     def run(self, feeds: Feeds) -> Feeds:
-        batch = next(iter(feeds.values())).shape[0] if feeds else 1
+        batch = batch_of(self.inputs, feeds)
         with self._lock:
             try:
                 fixed = self._fixed_batch
@@ -130,13 +127,23 @@ class LiteRTRuntime(Runtime):
                     return self._invoke(feeds)
                 parts = []
                 for start in range(0, batch, fixed):
-                    chunk = {k: v[start : start + fixed] for k, v in feeds.items()}
-                    short = fixed - next(iter(chunk.values())).shape[0]
-                    if short:
-                        chunk = {k: _pad(v, short) for k, v in chunk.items()}
+                    chunk = slice_feeds(self.inputs, feeds, start, start + fixed)
+                    got = min(fixed, batch - start)
+                    if got < fixed:
+                        chunk = {
+                            s.name: _pad(chunk[s.name], s.batch_axis, fixed - got)
+                            if s.batch_axis is not None
+                            else chunk[s.name]
+                            for s in self.inputs
+                        }
                     result = self._invoke(chunk)
-                    parts.append({k: v[: fixed - short] for k, v in result.items()})
-                return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                    parts.append(slice_feeds(self.outputs, result, 0, got))
+                return {
+                    s.name: parts[0][s.name]  # shared by every slice: the first one's
+                    if s.batch_axis is None
+                    else np.concatenate([p[s.name] for p in parts], axis=s.batch_axis)
+                    for s in self.outputs
+                }
             except (ValueError, RuntimeError) as exc:
                 raise InferenceError(f"LiteRT failed on a batch of {batch}: {exc}") from exc
 
@@ -144,7 +151,10 @@ class LiteRTRuntime(Runtime):
         for spec, detail in self._in:
             self._resize(detail, feeds[spec.name].shape)
         for spec, detail in self._in:
-            self.interpreter.set_tensor(detail["index"], _quantize(feeds[spec.name], detail))
+            # A slice on a batch axis other than 0 is a strided view; LiteRT copies
+            # from a contiguous buffer.
+            data = np.asarray(_quantize(feeds[spec.name], detail), order="C")
+            self.interpreter.set_tensor(detail["index"], data)
         self.interpreter.invoke()
         out = {
             spec.name: _dequantize(self.interpreter.get_tensor(detail["index"]), detail, spec)
@@ -185,8 +195,29 @@ def _match(
     return list(zip(specs, ordered, strict=True))
 
 
-def _pad(array: np.ndarray, rows: int) -> np.ndarray:
-    padded: np.ndarray = np.concatenate([array, np.repeat(array[-1:], rows, axis=0)])
+def _frozen_batch(matched: list[tuple[TensorSpec, dict[str, Any]]]) -> int | None:
+    """The batch size the model was frozen at, read on the first batched input's axis.
+
+    None when no input has a batch axis (nothing to slice) or any batched input's
+    batch dimension is still dynamic in the model (it takes a request whole).
+    """
+    frozen: int | None = None
+    for spec, detail in matched:
+        axis = spec.batch_axis
+        if axis is None:
+            continue
+        signature = detail.get("shape_signature", detail["shape"])
+        if len(signature) <= axis or int(signature[axis]) == -1:
+            return None
+        if frozen is None:
+            frozen = int(detail["shape"][axis])
+    return frozen
+
+
+def _pad(array: np.ndarray, axis: int, count: int) -> np.ndarray:
+    """Repeat the last case `count` times along `axis` to fill a frozen batch."""
+    last = rows(array, axis, array.shape[axis] - 1, array.shape[axis])
+    padded: np.ndarray = np.concatenate([array, np.repeat(last, count, axis=axis)], axis=axis)
     return padded
 
 

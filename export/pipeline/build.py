@@ -310,7 +310,7 @@ class _Build:
 
     def measure(self, golden: dict[str, np.ndarray]) -> None:
         from export.measure import measure_latency
-        from export.package import onnx_specs, tflite_specs
+        from export.package import batch_on_axis_0, onnx_specs, tflite_specs
 
         runs = self.opts.runs or self.r.select.runs
         t = time.monotonic()
@@ -323,7 +323,8 @@ class _Build:
             runtime = "litert" if path.suffix == ".tflite" else "onnxruntime"
             if runtime == "litert":
                 # TFLite renames tensors; the runtime matches by order, we feed by recipe name.
-                ins, outs = tflite_specs(path)
+                # The recipe's batch is on axis 0, frozen by the converter: one case a run.
+                ins, outs = (batch_on_axis_0(specs) for specs in tflite_specs(path))
                 specs = (tuple(replace(s, name=n) for s, n in zip(ins, self.in_names, strict=True)),
                          tuple(replace(s, name=n) for s, n in zip(outs, self.out_names,
                                                                   strict=True)))  # fmt: skip

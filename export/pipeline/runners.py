@@ -45,9 +45,11 @@ class TfliteRunner:
 
     def __init__(self, path: Path, threads: int = 1) -> None:
         from agent.runtimes.litert import LiteRTConfig, LiteRTRuntime
-        from export.package import tflite_specs
+        from export.package import batch_on_axis_0, tflite_specs
 
-        inputs, outputs = tflite_specs(path)
+        # A recipe's tensors count cases on axis 0 (TensorDecl); the converter froze that
+        # axis, so it is declared dynamic here and the runtime runs slices of the frozen size.
+        inputs, outputs = (batch_on_axis_0(specs) for specs in tflite_specs(path))
         self.runtime = LiteRTRuntime(path, inputs, outputs, LiteRTConfig(threads=threads))
         self.interp = self.runtime.interpreter
         index = {d["name"]: d["index"] for d in self.interp.get_input_details()}

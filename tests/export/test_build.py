@@ -20,6 +20,7 @@ from export.pipeline.errors import (
     GateError,
     LoadError,
 )
+from tests.tolerance import assert_close
 
 FAST = Options(runs=5)
 
@@ -99,7 +100,7 @@ def test_bundle_models_reproduce_golden_outputs(built, tmp_path: Path) -> None:
     session = ort.InferenceSession(str(tmp_path / "model.onnx"))
     got = session.run(None, {"input": inputs})[0]
     want = np.load(tmp_path / manifest["golden"]["outputs"]["onnx"])["logits"]
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert_close(got, want)
     # The recipe inside the bundle is the one that built it.
     assert 'name = "tiny"' in (tmp_path / "recipe.toml").read_text()
 

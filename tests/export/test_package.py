@@ -13,6 +13,7 @@ from agent.bundle import verify_bundle
 from agent.signing import load_public_key
 from export.package import PackageError, package_model
 from tests.helpers import SampleParts, samples
+from tests.tolerance import assert_close
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -85,7 +86,7 @@ def test_package_cli_makes_a_bundle_the_agent_accepts(
         assert member is not None
         (tmp / "g.npz").write_bytes(member.read())
     with np.load(tmp / "g.npz") as data:
-        np.testing.assert_allclose(data["logits"], expected, atol=1e-5)
+        assert_close(data["logits"], expected)
 
 
 def test_package_onnx_only_with_npz(
@@ -217,3 +218,49 @@ def test_package_errors_are_clear(
     )
     assert out.returncode == 2 and "version 'one'" in out.stderr
     assert not list(tmp.glob("*.edgebundle")) and not list(tmp.glob(".bundle-*"))
+
+
+def test_packaged_manifest_states_every_batch_axis(
+    sample_parts: SampleParts, keys: tuple[Path, Path], tmp: Path
+) -> None:
+    import json
+
+    images, _ = samples()
+    path = package_model(onnx_path=sample_parts.directory / "model.onnx", tflite_path=None,
+                         name="digits", version="0.2", golden_inputs={"input": images[:3]},
+                         key_path=keys[0], out_dir=tmp, runs=3)  # fmt: skip
+    raw = json.loads(verify_bundle(path, [load_public_key(keys[1])]).manifest_bytes)
+    # Written out, not left to the legacy rule: a reader need not know the rule.
+    assert [t["batch_axis"] for t in raw["inputs"] + raw["outputs"]] == [0, 0]
+    with pytest.raises(PackageError, match=r"axis 1 of output logits \[-1, 10\] is fixed at 10"):
+        package_model(onnx_path=sample_parts.directory / "model.onnx", tflite_path=None,
+                      name="digits", version="0.3", golden_inputs={"input": images[:3]},
+                      key_path=keys[0], out_dir=tmp, batch_axes={"logits": 1})  # fmt: skip
+
+
+def test_an_output_with_its_batch_behind_a_fixed_axis_needs_the_flag(
+    keys: tuple[Path, Path], tmp: Path
+) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    # y = x transposed: x [B, 4] -> y [4, B], the output's batch on axis 1 (unnamed dims).
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0])],
+        "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, None])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp / "t.onnx")
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    common = {"onnx_path": tmp / "t.onnx", "tflite_path": None, "name": "t", "version": "1",
+              "golden_inputs": {"x": x}, "key_path": keys[0], "out_dir": tmp, "runs": 3}  # fmt: skip
+    with pytest.raises(
+        PackageError, match=r"output y \[4, -1\] has dynamic axes \[1\].*--batch-axis y=1"
+    ):
+        package_model(**common)
+    path = package_model(**common, batch_axes={"y": 1})
+    m = verify_bundle(path, [load_public_key(keys[1])]).manifest
+    assert m.outputs[0].batch_axis == 1 and not m.batchable

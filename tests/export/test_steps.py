@@ -19,6 +19,7 @@ from export.pipeline.recipe import TensorDecl
 from export.pipeline.runners import run_onnx
 from export.pipeline.torchrun import accuracy, count_nonzero, count_params, predict
 from tests.export.fixtures import tiny
+from tests.tolerance import assert_close
 
 IN, OUT = ["input"], ["logits"]
 DECL = [TensorDecl(name="input", dtype="float32", shape=[-1, 1, 8, 8])]
@@ -121,7 +122,7 @@ def test_onnx_has_a_dynamic_batch_axis(float_onnx: Path, teacher, data) -> None:
     for n in (1, 7, 64):
         got = run_onnx(float_onnx, {"input": x[:n]})["logits"]
         want = teacher(torch.from_numpy(x[:n])).detach().numpy()
-        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert_close(got, want)
     shape = onnx.load(str(float_onnx)).graph.input[0].type.tensor_type.shape
     assert shape.dim[0].dim_param == "batch"
 

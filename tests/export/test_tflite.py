@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,6 +18,7 @@ from export.pipeline.tflite import (
 )
 from export.pipeline.torchrun import accuracy
 from tests.export.fixtures import tiny
+from tests.tolerance import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_float_tflite_matches_torch_in_slices_of_its_frozen_batch(setup) -> None
     got = run_tflite(path, {"input": x}, ["input"], ["logits"])["logits"]
     want = model(torch.from_numpy(x)).detach().numpy()
     assert got.shape == (10, 10)
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert_close(got, want)
 
 
 def test_int8_tflite_is_calibrated_and_accurate(setup) -> None:
