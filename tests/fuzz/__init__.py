@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +36,9 @@ def run_harness(
         for i, seed in enumerate(seeds or []):
             (corpus / f"seed-{i}").write_bytes(seed)
         args.append(str(corpus))
+    # A crash input goes to a scratch folder, never into the checkout.
+    artifacts = Path(tempfile.mkdtemp(prefix=f"fuzz-{name}-", dir=workdir))
+    args.insert(2, f"-artifact_prefix={artifacts}/")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         args, check=False, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
