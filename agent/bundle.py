@@ -378,11 +378,11 @@ def parse_manifest(data: bytes) -> Manifest:
         raise SchemaError(str(exc)) from None
     version = _req(raw, "version", str, "")
     min_agent = raw.get("min_agent_version", "0.0.0")
-    try:
-        parse_version(version)
-        parse_version(min_agent)
-    except VersionFormatError as exc:
-        raise SchemaError(f"manifest: {exc}") from None
+    for key, value in (("version", version), ("min_agent_version", min_agent)):
+        try:
+            parse_version(value)
+        except VersionFormatError as exc:
+            raise SchemaError(f"manifest: {key}: {exc}") from None
     for key in ("created", "key_id"):
         if raw.get(key) is not None:
             _text(raw[key], key, MAX_SHORT_TEXT)

@@ -188,11 +188,16 @@ def _parse_npy(name: str, head: bytes, usize: int) -> ArrayHeader:
     dims = [d.strip() for d in m.group("shape").split(",")]
     if dims and dims[-1] == "":
         dims.pop()
-    if len(dims) > MAX_RANK or not all(d.isdigit() and len(d) <= 10 for d in dims):
-        raise GoldenFileError(f"array {name!r} has shape ({m.group('shape')}) ; rank <= 16")
+    if (
+        len(dims) > MAX_RANK
+        or not all(d.isdigit() and len(d) <= 10 for d in dims)
+        or any(int(d) > MAX_DIM for d in dims)
+    ):
+        raise GoldenFileError(
+            f"array {name!r} has shape ({m.group('shape')}); the caps are rank {MAX_RANK} "
+            f"and dimensions up to {MAX_DIM}"
+        )
     shape = tuple(int(d) for d in dims)
-    if any(d > MAX_DIM for d in shape):
-        raise GoldenFileError(f"array {name!r} has a dimension over {MAX_DIM}")
     itemsize = int(descr[2:])
     nbytes = itemsize
     for d in shape:

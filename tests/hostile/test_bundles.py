@@ -1,0 +1,64 @@
+"""The hostile bundle corpus: every case refused with its code, nothing crashes or is lost."""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.bundle import remove_unpacked
+from tests.hostile import Outcome, failures
+from tests.hostile.bundles import CLASSES, run_corpus
+
+# Judging a case may load an onnxruntime session (golden replay, ~20 MB); anything near
+# the size the hostile headers claim (gigabytes) would mean a cap was not applied first.
+MAX_RSS_GROWTH_MB = 150
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> Iterator[list[Outcome]]:
+    work = Path(tempfile.mkdtemp(prefix="er-", dir="/tmp"))
+    try:
+        yield run_corpus(work)
+    finally:
+        remove_unpacked(work)
+
+
+def test_every_hostile_bundle_is_refused_with_its_code(outcomes: list[Outcome]) -> None:
+    assert failures(outcomes) == []
+
+
+def test_the_corpus_covers_every_class(outcomes: list[Outcome]) -> None:
+    per_class = Counter(o.case.klass for o in outcomes)
+    assert set(per_class) == set(CLASSES)
+    assert sum(n for k, n in per_class.items() if k != "bundle.agent") >= 80
+    assert all(n >= 10 for n in per_class.values()), per_class
+
+
+def test_a_real_agent_keeps_serving_its_model_through_them(outcomes: list[Outcome]) -> None:
+    # Each bundle.agent outcome is ok only if the agent kept serving the sample 1.0.0
+    # correctly, logged the reader's refusal, no traceback, and exited 0 on SIGTERM.
+    agent = [o for o in outcomes if o.case.klass == "bundle.agent"]
+    assert {o.case.name for o in agent} >= {
+        "negative-base256-size",
+        "junk-block-in-the-middle",
+        "file-and-folder-same-prefix",
+        "gnu-long-name-16MB",
+        "listed-file-is-a-directory",
+        "nested-100000-deep-signed",
+        "npy-shape-1e12",
+        "model-outputs-NaN",
+        "build-metadata-not-newer",
+        "name-cyrillic",
+    }
+    assert [o.describe() for o in agent if not o.ok] == []
+
+
+def test_refusals_allocate_nothing_near_what_the_input_claims(outcomes: list[Outcome]) -> None:
+    growth = {o.case.name: o.extra["rss_growth_mb"] for o in outcomes if "rss_growth_mb" in o.extra}
+    assert growth, "RSS was not measured"
+    worst = max(growth, key=lambda k: growth[k])
+    assert growth[worst] < MAX_RSS_GROWTH_MB, f"{worst} grew RSS by {growth[worst]} MB"
