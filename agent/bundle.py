@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -80,7 +81,12 @@ MAX_TENSOR_NAME = 256
 MAX_LABELS = 100_000
 MAX_LABEL = 256
 MAX_SHORT_TEXT = 64  # created, key_id, runtime names
-MAX_ATOL = 1.0
+# A tolerance wider than the outputs it compares lets anything pass. atol is bounded
+# by the reference outputs themselves (tolerance_problem); MAX_ATOL only bounds the
+# number before they are read.
+MAX_ATOL = 1e6
+ATOL_FLOOR = 1e-3  # always allowed, however small the outputs
+ATOL_SHARE = 0.1  # of the largest reference magnitude (edge-export uses 0.02 for INT8)
 MAX_RTOL = 0.1
 MIN_PEAK_MB = 1.0  # loading any runtime library costs more than this
 MAX_PEAK_MB = float(1 << 20)  # 1 TiB
@@ -470,6 +476,19 @@ def check_goldens(
             )
 
 
+def tolerance_problem(atol: float, references: Iterable[np.ndarray]) -> str | None:
+    """Why `atol` is too wide for these (finite) reference outputs, or None."""
+    peak = max((float(np.max(np.abs(r))) for r in references if r.size), default=0.0)
+    allowed = max(ATOL_FLOOR, ATOL_SHARE * peak)
+    if atol <= allowed:
+        return None
+    return (
+        f"golden.tolerance.atol {atol:g} is above {allowed:.3g}, the most it may be: "
+        f"{ATOL_SHARE:.0%} of the largest reference output magnitude ({peak:.3g}) or "
+        f"{ATOL_FLOOR:g}; wider, it would let wrong outputs pass"
+    )
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -848,6 +867,11 @@ def write_bundle(
     # Never write a bundle a device would refuse as malformed.
     parsed = parse_manifest(manifest_bytes)
     check_goldens(parsed, _golden_headers(parsed, files), Limits())
+    for path in parsed.golden_outputs.values():
+        with np.load(files[path], allow_pickle=False) as data:
+            problem = tolerance_problem(parsed.golden_atol, [data[k] for k in data.files])
+        if problem is not None:
+            raise GoldenFileError(f"{path}: {problem}")
     signature = sign(private_key, manifest_bytes)
     mtime = int(datetime.now(UTC).timestamp())
 
@@ -910,6 +934,7 @@ __all__ = [
     "load_unpacked",
     "parse_manifest",
     "remove_unpacked",
+    "tolerance_problem",
     "unpack_bundle",
     "verify_bundle",
     "write_bundle",

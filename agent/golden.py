@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bundle import BundleError, GoldenFileError, Limits, Manifest, check_goldens
+from agent.bundle import (
+    BundleError,
+    GoldenFileError,
+    Limits,
+    Manifest,
+    check_goldens,
+    tolerance_problem,
+)
 from agent.npz import ArrayHeader, inspect_npz
 from agent.runtimes.base import Runtime
 
@@ -70,6 +77,9 @@ def check_golden(
                 f"golden output {name!r} in {paths[1]} is empty or holds NaN/inf; "
                 "a reference must be finite numbers"
             )
+    problem = tolerance_problem(manifest.golden_atol, expected.values())
+    if problem is not None:
+        raise GoldenFileError(f"{paths[1]}: {problem}")
     try:
         got = runtime.run(inputs)
     except Exception as exc:

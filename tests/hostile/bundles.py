@@ -944,10 +944,23 @@ def _golden_cases(m: Material) -> Iterator[Spec]:
         agent=True,
     )
     yield Spec(
-        Case(k, "wrong-outputs-at-max-atol", (GM,)),
+        Case(k, "wrong-outputs-at-wide-tolerance", (GM,)),
         lambda: m.bundle(
             {**m.files, outputs: npz(logits=want + 100)},
-            golden={**golden, "tolerance": {"atol": B.MAX_ATOL, "rtol": B.MAX_RTOL}},
+            golden={**golden, "tolerance": {"atol": 10.0, "rtol": B.MAX_RTOL}},
+        ),
+        replay_golden,
+    )
+    yield Spec(
+        Case(k, "atol-wider-than-the-outputs", (GI,), "atol 50 on logits of at most 31"),
+        lambda: m.bundle(golden={**golden, "tolerance": {"atol": 50.0, "rtol": 0.0}}),
+        replay_golden,
+    )
+    yield Spec(
+        Case(k, "atol-1-on-zero-outputs", (GI,), "any output within 1 of zero passes"),
+        lambda: m.bundle(
+            {**m.files, outputs: npz(logits=np.zeros((8, 10), np.float32))},
+            golden={**golden, "tolerance": {"atol": 1.0, "rtol": 0.0}},
         ),
         replay_golden,
     )
