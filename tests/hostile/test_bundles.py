@@ -62,3 +62,18 @@ def test_refusals_allocate_nothing_near_what_the_input_claims(outcomes: list[Out
     assert growth, "RSS was not measured"
     worst = max(growth, key=lambda k: growth[k])
     assert growth[worst] < MAX_RSS_GROWTH_MB, f"{worst} grew RSS by {growth[worst]} MB"
+
+
+def test_the_corpus_material_is_valid_until_made_hostile(tmp: Path) -> None:
+    # Without this control every case could be refused for one trivial reason.
+    from agent.signing import load_private_key
+    from tests.helpers import DEMO_KEY, unpack_sample
+    from tests.hostile.bundles import Material, install_version, replay_golden, verify
+
+    out = tmp / "out"
+    out.mkdir()
+    m = Material(unpack_sample(tmp / "sample"), load_private_key(DEMO_KEY), out)
+    path = m.bundle()
+    assert verify(path).manifest.version == "1.0.1"
+    install_version(path)
+    replay_golden(path)
