@@ -15,12 +15,16 @@ sample 1.0.0: it must keep serving it and exit 0 on SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import json
+import re
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -44,6 +48,7 @@ from agent.version import compare_versions
 from tests.helpers import (
     DEMO_KEY,
     DEMO_PUB,
+    ROOT,
     SampleParts,
     base_config,
     running_agent,
@@ -60,6 +65,7 @@ CLASSES = (
     "bundle.golden",  # golden files that disable the check or attack numpy
     "bundle.version",  # version and name rules
     "bundle.agent",  # a representative few, given to a real agent serving 1.0.0
+    "bundle.cli",  # the same few, given to `edge-agent verify` as a real process
 )
 RUNNING_VERSION = "1.0.0"
 NEXT_VERSION = "1.0.1"
@@ -1127,6 +1133,29 @@ def agent_outcome(spec: Spec, refusal: Outcome, workdir: Path) -> Outcome:
     )
 
 
+def cli_outcome(spec: Spec) -> Outcome:
+    """`edge-agent verify` on the bundle: refused with its code, exit 1, no traceback."""
+    case = Case("bundle.cli", spec.case.name, spec.case.expect, spec.case.note)
+    path = spec.build()
+    start = time.perf_counter()
+    args = [sys.executable, "-m", "agent.cli", "verify", "--key", str(DEMO_PUB), str(path)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    peak = 0
+    with contextlib.suppress(psutil.Error):
+        child = psutil.Process(proc.pid)
+        while proc.poll() is None:  # sampled until it exits: its RSS while it refuses
+            peak = max(peak, child.memory_info().rss)
+            time.sleep(0.005)
+    stdout, stderr = (b.decode(errors="replace") for b in proc.communicate(timeout=120))
+    seconds = time.perf_counter() - start
+    path.unlink(missing_ok=True)
+    m = re.match(r"REFUSED \[([a-z_.]+)\] \S+: (.*)", stdout, re.DOTALL)
+    if proc.returncode != 1 or m is None or "Traceback" in stderr:
+        detail = f"exit {proc.returncode}: {stdout[-300:]} {stderr[-700:]}"
+        return Outcome(case, f"cli.exit{proc.returncode}", detail, seconds)
+    return Outcome(case, m.group(1), m.group(2).strip(), seconds, peak_rss_mb=round(peak / MB, 1))
+
+
 def prepare_state(workdir: Path) -> None:
     """An agent state dir that serves the sample 1.0.0 (as a device that ran a while)."""
     with running_agent(workdir, base_config(workdir)) as agent:
@@ -1159,6 +1188,9 @@ def run_corpus(workdir: Path, agent: bool = True) -> list[Outcome]:
             outcomes.append(
                 Outcome(Case("bundle.agent", "no-leftovers", ("none",)), "leftover", str(leftovers))
             )
+        for spec, _ in agent_specs:
+            if spec.judge not in (replay_golden, install_version):  # what verify alone refuses
+                outcomes.append(cli_outcome(spec))
     B.remove_unpacked(workdir / "sample")
     shutil.rmtree(out, ignore_errors=True)
     return outcomes

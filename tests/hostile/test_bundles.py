@@ -34,8 +34,9 @@ def test_every_hostile_bundle_is_refused_with_its_code(outcomes: list[Outcome]) 
 def test_the_corpus_covers_every_class(outcomes: list[Outcome]) -> None:
     per_class = Counter(o.case.klass for o in outcomes)
     assert set(per_class) == set(CLASSES)
-    assert sum(n for k, n in per_class.items() if k != "bundle.agent") >= 80
-    assert all(n >= 10 for n in per_class.values()), per_class
+    processes = ("bundle.agent", "bundle.cli")
+    assert sum(n for k, n in per_class.items() if k not in processes) >= 80
+    assert all(n >= (5 if k in processes else 10) for k, n in per_class.items()), per_class
 
 
 def test_a_real_agent_keeps_serving_its_model_through_them(outcomes: list[Outcome]) -> None:
@@ -55,6 +56,13 @@ def test_a_real_agent_keeps_serving_its_model_through_them(outcomes: list[Outcom
         "name-cyrillic",
     }
     assert [o.describe() for o in agent if not o.ok] == []
+
+
+def test_edge_agent_verify_refuses_them_with_their_codes(outcomes: list[Outcome]) -> None:
+    # Exit 1, `REFUSED [code] ...` on stdout, no traceback: what a person at a shell sees.
+    cli = [o for o in outcomes if o.case.klass == "bundle.cli"]
+    assert len(cli) >= 5
+    assert [o.describe() for o in cli if not o.ok] == []
 
 
 def test_refusals_allocate_nothing_near_what_the_input_claims(outcomes: list[Outcome]) -> None:
