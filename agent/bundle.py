@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -513,13 +514,20 @@ class _Reader:
                 f"({_HINTS['bundle']})"
             )
 
-    def digest(self) -> str:
-        """sha256 of the whole file, after the size cap (the bundle's identity)."""
+    def _stat(self) -> os.stat_result:
         try:
-            size = self.path.stat().st_size
+            st = self.path.stat()
         except OSError as exc:
             raise BundleFormatError(f"cannot read bundle {self.path}: {exc.strerror}") from exc
-        self._check_size(size)
+        # A FIFO or a device (/dev/zero) would block or never end: before opening it.
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleFormatError(f"bundle {self.path} is not a regular file")
+        self._check_size(st.st_size)
+        return st
+
+    def digest(self) -> str:
+        """sha256 of the whole file, after the size cap (the bundle's identity)."""
+        self._stat()
         try:
             return _sha256_file(self.path)
         except OSError as exc:
@@ -528,6 +536,7 @@ class _Reader:
     def run(self, dest: Path | None, sha256: str | None = None) -> VerifiedBundle:
         """Check every rule; `sha256` is the file's digest when the caller has it."""
         sha = self.digest() if sha256 is None else sha256
+        self._stat()
         try:
             fh = self.path.open("rb")
         except OSError as exc:

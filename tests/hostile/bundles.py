@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import struct
@@ -483,6 +484,8 @@ def _tar_cases(m: Material) -> Iterator[Spec]:
     yield Spec(Case(k, "empty-file", (F,)), lambda: m.write(b""))
     yield Spec(Case(k, "511-bytes", (F,)), lambda: m.write(bytes(511)))
     yield Spec(Case(k, "only-end-blocks", (NOMAN,)), lambda: m.write(END))
+    yield Spec(Case(k, "a-fifo-not-a-file", (F,), "reading it would block"), lambda: fifo(m))
+    yield Spec(Case(k, "a-directory-not-a-file", (F,)), lambda: directory(m))
     yield Spec(
         Case(k, "gzip-compressed", (F,)), lambda: m.write(gzip.compress(head + m.body() + END))
     )
@@ -498,6 +501,20 @@ def _tar_cases(m: Material) -> Iterator[Spec]:
             + END
         ),
     )
+
+
+def fifo(m: Material) -> Path:
+    path = m.write(b"")
+    path.unlink()
+    os.mkfifo(path)
+    return path
+
+
+def directory(m: Material) -> Path:
+    path = m.write(b"")
+    path.unlink()
+    path.mkdir()
+    return path
 
 
 def _end_cases(m: Material) -> Iterator[Spec]:
@@ -970,6 +987,20 @@ def _golden_cases(m: Material) -> Iterator[Spec]:
         ),
         replay_golden,
     )
+    good_npz = npz(input=images)
+    crc_at = good_npz.index(b"PK\x01\x02") + 16  # the central directory's CRC-32
+    yield Spec(
+        Case(k, "npz-bad-crc", (GI,), "zipfile raises BadZipFile while numpy reads"),
+        golden_file(inputs, good_npz[:crc_at] + b"\x00\x00\x00\x00" + good_npz[crc_at + 4 :]),
+        replay_golden,
+    )
+    deflated = zip_of([("input.npy", npy_of(images))], method=8)
+    body_at = deflated.index(b"PK\x01\x02") - 24  # the end of the data, past the header
+    yield Spec(
+        Case(k, "npz-corrupt-deflate-data", (GI,), "zlib.error"),
+        golden_file(inputs, deflated[:body_at] + b"\xff" * 8 + deflated[body_at + 8 :]),
+        replay_golden,
+    )
     yield Spec(
         Case(k, "expected-wrong-shape", (GM,)),
         golden_file(outputs, npz(logits=np.zeros((8, 11), np.float32))),
@@ -1051,6 +1082,13 @@ class RssSampler:
             thread.join()
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        path.rmdir()
+    else:
+        path.unlink(missing_ok=True)
+
+
 def judge(spec: Spec, sampler: RssSampler) -> Outcome:
     path = spec.build()
     code: str | None = None
@@ -1064,7 +1102,7 @@ def judge(spec: Spec, sampler: RssSampler) -> Outcome:
         except Exception as exc:  # the contract is broken: record it, do not stop
             code, message = f"crash.{type(exc).__name__}", repr(exc)[:500]
         seconds = time.perf_counter() - start
-    path.unlink(missing_ok=True)
+    _remove(path)
     return Outcome(
         spec.case,
         code,
