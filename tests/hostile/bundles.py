@@ -1147,7 +1147,8 @@ def agent_outcome(spec: Spec, refusal: Outcome, workdir: Path) -> Outcome:
     try:
         with running_agent(workdir, base_config(workdir, bundle=path)) as agent:
             problem = serves_sample(agent)
-            peak = psutil.Process(agent.proc.pid).memory_info().rss / MB
+            with agent.client() as client:  # its own watcher samples RSS from before the install
+                peak = client.get_json("/v2/edgerun/status")["memory"]["peak_rss_mb"]
             output = agent.output()
         rc = agent.proc.returncode
     except AssertionError as exc:  # it did not start: the very failure of issue 7
