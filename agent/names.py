@@ -26,8 +26,15 @@ class NameRuleError(ValueError):
 
 def shown(value: object, limit: int = 60) -> str:
     """repr() of an untrusted value, cut so a 1 MB string cannot flood a message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + "...'" + f" ({len(text)} chars)"
+    # Only the head of a long string is repr()'d: a megabyte costs what a line does.
+    if isinstance(value, str | bytes) and len(value) > 2 * limit:
+        text, size = repr(value[: 2 * limit]), len(value)
+    else:
+        text = repr(value)
+        if len(text) <= limit:
+            return text
+        size = len(text)
+    return text[: limit - 5] + "...'" + f" ({size} chars)"
 
 
 def is_name(text: object) -> bool:

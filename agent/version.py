@@ -2,7 +2,8 @@
 
     MAJOR[.MINOR[.PATCH[.BUILD]]][-prerelease][+build]      ASCII only, at most 64 chars
 
-`-prerelease` orders before the plain release ("1.0.0-rc1" < "1.0.0"); `+build`
+`-prerelease` orders before the plain release ("1.0.0-rc1" < "1.0.0"), pre-releases by
+Semantic Versioning's rule ("1.0.0-rc.9" < "1.0.0-rc.10"); `+build`
 metadata does not order at all ("1.0.0+b7" is the same version as "1.0.0", so
 it is not newer). One rule, shared by the manifest, the version comparison and
 every other place that takes a version from outside.
@@ -57,7 +58,14 @@ def compare_versions(a: str, b: str) -> int:
         return 1  # "1.0.0" > "1.0.0-rc1"
     if not sb:
         return -1
-    return -1 if sa < sb else 1
+    ka, kb = _pre_key(sa[1:]), _pre_key(sb[1:])
+    return 0 if ka == kb else (-1 if ka < kb else 1)
+
+
+def _pre_key(pre: str) -> list[tuple[int, int, str]]:
+    # Semantic Versioning's precedence: dot-separated identifiers, numeric ones compared
+    # as numbers and before alphanumeric ones, so "rc.9" < "rc.10" < "rc.a".
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split(".")]
 
 
 __all__ = ["VERSION_MAX", "VersionFormatError", "compare_versions", "parse_version"]
