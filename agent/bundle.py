@@ -1,35 +1,60 @@
-"""The edgerun bundle: one signed tar archive holding a model and its evidence.
+"""The edgerun bundle: one signed archive holding a model and its evidence.
 
-Layout and rules are in docs/DESIGN.md. Reading is defensive: the signature is
-checked before anything in the manifest is trusted, every member is checked
-against the manifest while it is streamed, and nothing is written outside the
-destination directory. Each rule has its own error class so callers (and people)
-can tell exactly what was wrong.
+Layout and rules are in docs/DESIGN.md. Nothing before the signature is
+trusted: the archive is a strict ustar subset read by agent.ustar with hard
+limits, the manifest's size and nesting are bounded before it is parsed
+(agent.strictjson), and only then is the signature checked. A validly signed
+manifest is still type-checked field by field (a leaked key or a buggy builder
+must not brick devices), every member is checked against it while it streams,
+golden files' headers are read with caps before anything would allocate them
+(agent.npz), and nothing is written outside the destination directory. Every
+failure is a BundleError subclass with its stable code (agent.bundle_errors).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
+import math
 import os
-import posixpath
 import shutil
-import tarfile
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
 
 from agent import __version__ as AGENT_VERSION
+from agent import strictjson, ustar
+from agent.bundle_errors import (
+    BundleError,
+    BundleFormatError,
+    GoldenFileError,
+    HashMismatchError,
+    IncompatibleAgentError,
+    MissingFileError,
+    MissingManifestError,
+    OversizeError,
+    SchemaError,
+    SignatureError,
+    SizeMismatchError,
+    UnlistedFileError,
+    UnpackError,
+    UnsafeMemberError,
+    UntrustedSignerError,
+    VersionNotNewerError,
+)
+from agent.names import NameRuleError, check_name, path_problem, shown
+from agent.npz import ArrayHeader, inspect_npz
 from agent.signing import key_id, sign, verify
 from agent.version import VersionFormatError, compare_versions, parse_version
 
@@ -38,6 +63,7 @@ log = logging.getLogger(__name__)
 SCHEMA = "edgerun.bundle/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
+SIGNATURE_BYTES = 64
 SUFFIX = ".edgebundle"
 FORMATS = ("onnx", "tflite")
 DTYPES = (
@@ -46,78 +72,32 @@ DTYPES = (
 )  # fmt: skip
 _CHUNK = 1 << 20
 
+# Bounds of a manifest's fields (docs/DESIGN.md, "Bundle"). They are far above what
+# any real bundle uses and far below what would hurt a device.
+MAX_FILES = 10_000
+MAX_TENSORS = 64
+MAX_RANK = 16
+MAX_DIM = 2**31 - 1
+MAX_TENSOR_NAME = 256
+MAX_LABELS = 100_000
+MAX_LABEL = 256
+MAX_SHORT_TEXT = 64  # created, key_id, runtime names
+# A tolerance wider than the outputs it compares lets anything pass. atol is bounded
+# by the reference outputs themselves (tolerance_problem); MAX_ATOL only bounds the
+# number before they are read.
+MAX_ATOL = 1e6
+ATOL_FLOOR = 1e-3  # always allowed, however small the outputs
+ATOL_SHARE = 0.1  # of the largest reference magnitude (edge-export uses 0.02 for INT8)
+MAX_RTOL = 0.1
+MIN_PEAK_MB = 1.0  # loading any runtime library costs more than this
+MAX_PEAK_MB = float(1 << 20)  # 1 TiB
 
-# --------------------------------------------------------------------------- errors
-
-
-class BundleError(Exception):
-    """Base of every bundle refusal. `code` is stable and machine-readable."""
-
-    code = "bundle.invalid"
-
-
-class BundleFormatError(BundleError):
-    """Not a tar archive, or a truncated/corrupt one."""
-
-    code = "bundle.format"
-
-
-class UnsafeMemberError(BundleError):
-    """Absolute path, `..`, link, device, fifo or duplicate member."""
-
-    code = "bundle.unsafe_member"
-
-
-class OversizeError(BundleError):
-    """Archive, member, manifest or declared size above the configured caps."""
-
-    code = "bundle.oversize"
-
-
-class MissingManifestError(BundleError):
-    code = "bundle.no_manifest"
-
-
-class SignatureError(BundleError):
-    """Signature missing or not valid for the manifest bytes."""
-
-    code = "bundle.bad_signature"
-
-
-class UntrustedSignerError(BundleError):
-    """Validly shaped signature, but by no key this device trusts."""
-
-    code = "bundle.untrusted_signer"
-
-
-class SchemaError(BundleError):
-    """Unknown schema, or a manifest field of the wrong shape."""
-
-    code = "bundle.schema"
-
-
-class UnlistedFileError(BundleError):
-    code = "bundle.unlisted_file"
-
-
-class MissingFileError(BundleError):
-    code = "bundle.missing_file"
-
-
-class HashMismatchError(BundleError):
-    code = "bundle.hash_mismatch"
-
-
-class SizeMismatchError(BundleError):
-    code = "bundle.size_mismatch"
-
-
-class IncompatibleAgentError(BundleError):
-    code = "bundle.agent_too_old"
-
-
-class VersionNotNewerError(BundleError):
-    code = "bundle.version_not_newer"
+# The config keys behind Limits, named in refusals so a person knows what to raise.
+_HINTS = {
+    "bundle": "bundle_limits.max_bundle_mb",
+    "member": "bundle_limits.max_member_mb",
+    "members": "bundle_limits.max_members",
+}
 
 
 # --------------------------------------------------------------------------- model
@@ -131,6 +111,9 @@ class Limits:
     max_member_bytes: int = 768 << 20
     max_manifest_bytes: int = 1 << 20
     max_members: int = 64
+    max_golden_cases: int = 256  # edge-export writes 16
+    max_golden_bytes: int = 64 << 20  # declared array bytes per golden file
+    max_golden_arrays: int = 64
 
 
 LEGACY_BATCH_AXIS = -1  # TensorSpec's default: apply legacy_batch_axis() to its shape
@@ -210,21 +193,91 @@ class VerifiedBundle:
 # --------------------------------------------------------------------------- manifest
 
 
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+
+
 def _req(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if key not in obj:
         raise SchemaError(f"manifest: missing field {where}{key}")
-    value = obj[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+    return _typed(obj[key], kind, f"{where}{key}")
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
         raise SchemaError(
-            f"manifest: field {where}{key} is {type(value).__name__}, expected {names}"
+            f"manifest: field {where} is {type(value).__name__}, expected {_kind_name(kind)}"
         )
     return value
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return (kind,) if isinstance(kind, type) else kind
+
+
+def _opt(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """An optional field: absent or null gives None, anything else must be `kind`."""
+    value = obj.get(key)
+    return None if value is None else _typed(value, kind, f"{where}{key}")
+
+
+def _text(value: Any, where: str, limit: int) -> str:
+    _typed(value, str, where)
+    if len(value) > limit or not value.isprintable():
+        raise SchemaError(
+            f"manifest: field {where} {shown(value)} must be at most {limit} printable characters"
+        )
+    return str(value)
+
+
+def _number(value: Any, where: str, low: float, high: float, *, open_low: bool = False) -> float:
+    """A finite JSON number in [low, high] (or (low, high] with open_low)."""
+    _typed(value, (int, float), where)
+    number = float(value)
+    if not math.isfinite(number) or number > high or number < low or (open_low and number <= low):
+        bracket = "(" if open_low else "["
+        raise SchemaError(
+            f"manifest: {where} is {shown(value)}; it must be a finite number in "
+            f"{bracket}{low:g}, {high:g}]"
+        )
+    return number
+
+
+def _tensor_name(name: str, at: str) -> None:
+    if not name or len(name) > MAX_TENSOR_NAME or not (name.isascii() and name.isprintable()):
+        raise SchemaError(
+            f"manifest: {at}name {shown(name)} must be 1-{MAX_TENSOR_NAME} printable ASCII"
+        )
+
+
+def _shape(shape: list[Any], at: str) -> None:
+    if len(shape) > MAX_RANK or not all(
+        isinstance(d, int) and not isinstance(d, bool) and -1 <= d <= MAX_DIM for d in shape
+    ):
+        raise SchemaError(
+            f"manifest: {at}shape {shown(shape)} must be at most {MAX_RANK} integers "
+            f"from -1 (dynamic) to {MAX_DIM}"
+        )
+
+
+def _quantization(quant: dict[str, Any], at: str) -> None:
+    for key, value in quant.items():
+        values = value if isinstance(value, list) else [value]
+        if key not in ("scale", "zero_point") or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values
+        ):
+            raise SchemaError(
+                f"manifest: {at}quantization.{shown(key, 30)} must be scale/zero_point "
+                "given as finite numbers"
+            )
 
 
 def _tensor_specs(items: Any, where: str) -> tuple[TensorSpec, ...]:
     if not isinstance(items, list) or not items:
         raise SchemaError(f"manifest: {where} must be a non-empty list of tensors")
+    if len(items) > MAX_TENSORS:
+        raise SchemaError(f"manifest: {where} lists {len(items)} tensors; the cap is {MAX_TENSORS}")
     specs = []
     seen: set[str] = set()
     for i, item in enumerate(items):
@@ -234,16 +287,20 @@ def _tensor_specs(items: Any, where: str) -> tuple[TensorSpec, ...]:
         name = _req(item, "name", str, at)
         dtype = _req(item, "dtype", str, at)
         shape = _req(item, "shape", list, at)
+        _tensor_name(name, at)
         if dtype not in DTYPES:
-            raise SchemaError(f"manifest: {at}dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape):
-            raise SchemaError(f"manifest: {at}shape {shape!r} must be integers >= -1")
+            raise SchemaError(
+                f"manifest: {at}dtype {shown(dtype)} is not one of {', '.join(DTYPES)}"
+            )
+        _shape(shape, at)
         if name in seen:
             raise SchemaError(f"manifest: {where} names {name!r} twice")
         seen.add(name)
         quant = item.get("quantization")
         if quant is not None and not isinstance(quant, dict):
             raise SchemaError(f"manifest: {at}quantization must be an object or null")
+        if quant is not None:
+            _quantization(quant, at)
         axis = _batch_axis(item, tuple(shape), at)
         specs.append(TensorSpec(name, dtype, tuple(shape), quant, axis))
     return tuple(specs)
@@ -278,31 +335,10 @@ def _batch_axis(item: Mapping[str, Any], shape: tuple[int, ...], at: str) -> int
     return axis
 
 
-def parse_manifest(data: bytes) -> Manifest:
-    """Validate the manifest's shape; raises SchemaError naming the field."""
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SchemaError(f"manifest.json is not valid UTF-8 JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise SchemaError("manifest.json must hold a JSON object")
-    schema = raw.get("schema")
-    if schema != SCHEMA:
-        raise SchemaError(
-            f"manifest schema {schema!r} is not supported; this agent reads {SCHEMA!r}"
-        )
-    name = _req(raw, "name", str, "")
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "._-" for c in name):
-        raise SchemaError(f"manifest: name {name!r} must be 1-64 of A-Za-z0-9._-")
-    version = _req(raw, "version", str, "")
-    min_agent = raw.get("min_agent_version", "0.0.0")
-    try:
-        parse_version(version)
-        parse_version(min_agent)
-    except VersionFormatError as exc:
-        raise SchemaError(f"manifest: {exc}") from exc
-
+def _files(raw: Mapping[str, Any]) -> dict[str, tuple[str, int]]:
     files_raw = _req(raw, "files", dict, "")
+    if len(files_raw) > MAX_FILES:
+        raise SchemaError(f"manifest: files lists {len(files_raw)} files; the cap is {MAX_FILES}")
     files: dict[str, tuple[str, int]] = {}
     for path, entry in files_raw.items():
         _check_member_name(path)
@@ -317,49 +353,126 @@ def parse_manifest(data: bytes) -> Manifest:
         if size < 0:
             raise SchemaError(f"manifest: files[{path!r}].size is negative")
         files[path] = (digest, size)
+    # "a" and "a/b" cannot both be files once unpacked: refuse before writing either.
+    for path in files:
+        parts = path.split("/")
+        for n in range(1, len(parts)):
+            folder = "/".join(parts[:n])
+            if folder in files:
+                raise SchemaError(
+                    f"manifest: files lists {folder!r} as a file and as the folder of {path!r}"
+                )
+    return files
 
+
+def _golden(
+    raw: Mapping[str, Any], files: Mapping[str, Any], formats: Mapping[str, str]
+) -> tuple[str | None, dict[str, str], float, float]:
+    golden = _opt(raw, "golden", dict, "")
+    if golden is None:
+        return None, {}, 1e-4, 1e-3
+    g_inputs = _opt(golden, "inputs", str, "golden.")
+    g_outputs = _opt(golden, "outputs", dict, "golden.") or {}
+    for path, where in [(g_inputs, "golden.inputs"), *((p, f"golden.outputs.{f}") for f, p in
+                                                        g_outputs.items())]:  # fmt: skip
+        if path is None:
+            continue
+        if not isinstance(path, str) or path not in files or not path.endswith(".npz"):
+            raise SchemaError(
+                f"manifest: {where} names {shown(path)}, which is not a listed .npz file"
+            )
+    for fmt in g_outputs:
+        if fmt not in formats:
+            raise SchemaError(
+                f"manifest: golden.outputs.{shown(fmt, 30)} is not a format of this bundle"
+            )
+    if (g_inputs is None) != (not g_outputs):
+        raise SchemaError(
+            "manifest: golden needs both inputs and outputs (or neither); "
+            f"it has inputs {shown(g_inputs)} and outputs for {sorted(g_outputs)}"
+        )
+    tolerance = _opt(golden, "tolerance", dict, "golden.") or {}
+    atol = tolerance.get("atol", 1e-4)
+    rtol = tolerance.get("rtol", 1e-3)
+    return (
+        g_inputs,
+        dict(g_outputs),
+        _number(atol, "golden.tolerance.atol", 0.0, MAX_ATOL),
+        _number(rtol, "golden.tolerance.rtol", 0.0, MAX_RTOL),
+    )
+
+
+def _peak_memory(raw: Mapping[str, Any]) -> dict[str, float]:
+    figures = _opt(raw, "figures", dict, "") or {}
+    peak = _opt(figures, "peak_memory_mb", dict, "figures.") or {}
+    out: dict[str, float] = {}
+    for runtime, value in peak.items():
+        where = f"figures.peak_memory_mb.{shown(runtime, 30)}"
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise SchemaError(
+                f"manifest: {where} is {type(value).__name__}; figures.peak_memory_mb must "
+                "map runtime names to numbers"
+            )
+        try:
+            check_name(runtime, "runtime name")
+        except NameRuleError as exc:
+            raise SchemaError(f"manifest: figures.peak_memory_mb: {exc}") from None
+        out[runtime] = _number(value, where, MIN_PEAK_MB, MAX_PEAK_MB)
+    return out
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Validate the manifest's shape; raises SchemaError naming the field."""
+    try:
+        raw = strictjson.loads(data, MANIFEST)
+    except strictjson.JsonRefusedError as exc:
+        raise SchemaError(str(exc)) from None
+    if not isinstance(raw, dict):
+        raise SchemaError("manifest.json must hold a JSON object")
+    schema = raw.get("schema")
+    if schema != SCHEMA:
+        raise SchemaError(
+            f"manifest schema {shown(schema)} is not supported; this agent reads {SCHEMA!r}"
+        )
+    name = _req(raw, "name", str, "")
+    try:
+        check_name(name, "manifest: name")
+    except NameRuleError as exc:
+        raise SchemaError(str(exc)) from None
+    version = _req(raw, "version", str, "")
+    min_agent = raw.get("min_agent_version", "0.0.0")
+    for key, value in (("version", version), ("min_agent_version", min_agent)):
+        try:
+            parse_version(value)
+        except VersionFormatError as exc:
+            raise SchemaError(f"manifest: {key}: {exc}") from None
+    for key in ("created", "key_id"):
+        if raw.get(key) is not None:
+            _text(raw[key], key, MAX_SHORT_TEXT)
+
+    files = _files(raw)
     formats_raw = _req(raw, "formats", dict, "")
     if not formats_raw:
         raise SchemaError(f"manifest: formats is empty; expected one of {', '.join(FORMATS)}")
     formats: dict[str, str] = {}
     for fmt, path in formats_raw.items():
         if fmt not in FORMATS:
-            raise SchemaError(f"manifest: format {fmt!r} is not one of {', '.join(FORMATS)}")
+            raise SchemaError(f"manifest: format {shown(fmt)} is not one of {', '.join(FORMATS)}")
         if not isinstance(path, str) or path not in files:
-            raise SchemaError(f"manifest: formats.{fmt} names {path!r}, which is not in files")
+            raise SchemaError(f"manifest: formats.{fmt} names {shown(path)}, which is not in files")
         formats[fmt] = path
 
-    golden = raw.get("golden") or {}
-    if not isinstance(golden, dict):
-        raise SchemaError("manifest: golden must be an object")
-    g_inputs = golden.get("inputs")
-    g_outputs = golden.get("outputs") or {}
-    if g_inputs is not None and g_inputs not in files:
-        raise SchemaError(f"manifest: golden.inputs names {g_inputs!r}, which is not in files")
-    if not isinstance(g_outputs, dict):
-        raise SchemaError("manifest: golden.outputs must map a format to a file")
-    for fmt, path in g_outputs.items():
-        if fmt not in formats or path not in files:
-            raise SchemaError(
-                f"manifest: golden.outputs.{fmt} must name a listed file of a bundled format"
-            )
-    tolerance = golden.get("tolerance") or {}
-    try:
-        atol = float(tolerance.get("atol", 1e-4))
-        rtol = float(tolerance.get("rtol", 1e-3))
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise SchemaError("manifest: golden.tolerance.atol/rtol must be numbers") from exc
+    g_inputs, g_outputs, atol, rtol = _golden(raw, files, formats)
+    peak = _peak_memory(raw)
 
-    figures = raw.get("figures") or {}
-    peak = figures.get("peak_memory_mb", {}) if isinstance(figures, dict) else {}
-    if not isinstance(peak, dict) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in peak.values()
+    labels = _opt(raw, "labels", list, "") or []
+    if len(labels) > MAX_LABELS or not all(
+        isinstance(x, str) and len(x) <= MAX_LABEL for x in labels
     ):
-        raise SchemaError("manifest: figures.peak_memory_mb must map runtime names to numbers")
-
-    labels = raw.get("labels") or []
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise SchemaError("manifest: labels must be a list of strings")
+        raise SchemaError(
+            f"manifest: labels must be a list of at most {MAX_LABELS} strings of at most "
+            f"{MAX_LABEL} characters"
+        )
 
     return Manifest(
         raw=raw,
@@ -371,12 +484,65 @@ def parse_manifest(data: bytes) -> Manifest:
         outputs=_tensor_specs(raw.get("outputs"), "outputs"),
         labels=tuple(labels),
         golden_inputs=g_inputs,
-        golden_outputs=dict(g_outputs),
+        golden_outputs=g_outputs,
         golden_atol=atol,
         golden_rtol=rtol,
-        peak_memory_mb={k: float(v) for k, v in peak.items()},
+        peak_memory_mb=peak,
         min_agent_version=min_agent,
         key_id=str(raw.get("key_id", "")),
+    )
+
+
+def check_goldens(
+    manifest: Manifest, headers: Mapping[str, Mapping[str, ArrayHeader]], limits: Limits
+) -> None:
+    """Cross-check golden files' array headers with the manifest's tensors and the caps."""
+    if manifest.golden_inputs is None:
+        return
+    inputs = headers[manifest.golden_inputs]
+    where = f"golden file {manifest.golden_inputs}"
+    specs = {s.name: s for s in manifest.inputs}
+    if set(inputs) != set(specs):
+        raise GoldenFileError(
+            f"{where} holds arrays {sorted(inputs)[:8]}; the model's inputs are {sorted(specs)}"
+        )
+    for name, head in inputs.items():
+        spec = specs[name]
+        fixed = all(d in (-1, h) for d, h in zip(spec.shape, head.shape, strict=False))
+        if head.dtype != spec.dtype or len(head.shape) != len(spec.shape) or not fixed:
+            raise GoldenFileError(
+                f"{where}: {name!r} is {head.dtype} {list(head.shape)}; the model's input "
+                f"is {spec.dtype} {list(spec.shape)}"
+            )
+        axis = spec.batch_axis
+        cases = 1 if axis is None or axis >= len(head.shape) else head.shape[axis]
+        if cases > limits.max_golden_cases:
+            raise GoldenFileError(
+                f"{where}: {name!r} holds {cases} golden cases; the cap is "
+                f"{limits.max_golden_cases}"
+            )
+    outputs = {s.name for s in manifest.outputs}
+    for fmt, path in manifest.golden_outputs.items():
+        if path not in headers:  # check_golden inspects only its own format's file
+            continue
+        unknown = sorted(set(headers[path]) - outputs)
+        if unknown:
+            raise GoldenFileError(
+                f"golden file {path} ({fmt}) holds {unknown[:8]}, which are not model outputs "
+                f"({sorted(outputs)})"
+            )
+
+
+def tolerance_problem(atol: float, references: Iterable[np.ndarray]) -> str | None:
+    """Why `atol` is too wide for these (finite) reference outputs, or None."""
+    peak = max((float(np.max(np.abs(r))) for r in references if r.size), default=0.0)
+    allowed = max(ATOL_FLOOR, ATOL_SHARE * peak)
+    if atol <= allowed:
+        return None
+    return (
+        f"golden.tolerance.atol {atol:g} is above {allowed:.3g}, the most it may be: "
+        f"{ATOL_SHARE:.0%} of the largest reference output magnitude ({peak:.3g}) or "
+        f"{ATOL_FLOOR:g}; wider, it would let wrong outputs pass"
     )
 
 
@@ -384,42 +550,9 @@ def parse_manifest(data: bytes) -> Manifest:
 
 
 def _check_member_name(name: str) -> None:
-    if not name or "\x00" in name or "\\" in name:
-        raise UnsafeMemberError(f"archive member name {name!r} is empty or has NUL/backslash")
-    if name.startswith("/") or posixpath.isabs(name):
-        raise UnsafeMemberError(f"archive member {name!r} has an absolute path")
-    parts = name.split("/")
-    if ".." in parts:
-        raise UnsafeMemberError(f"archive member {name!r} climbs out with '..'")
-    if posixpath.normpath(name) != name.rstrip("/") or "." in parts:
-        raise UnsafeMemberError(f"archive member {name!r} is not a normalized relative path")
-
-
-def _check_member(member: tarfile.TarInfo, limits: Limits) -> None:
-    _check_member_name(member.name)
-    if member.issym() or member.islnk():
-        raise UnsafeMemberError(
-            f"archive member {member.name!r} is a link to {member.linkname!r}; links are refused"
-        )
-    if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
-        raise UnsafeMemberError(f"archive member {member.name!r} is a device or fifo")
-    if not (member.isfile() or member.isdir()):
-        raise UnsafeMemberError(f"archive member {member.name!r} is not a regular file")
-    if member.size > limits.max_member_bytes:
-        raise OversizeError(
-            f"archive member {member.name!r} is {member.size} bytes; "
-            f"the cap is {limits.max_member_bytes}"
-        )
-
-
-def _read_all(stream: IO[bytes], size: int, name: str) -> bytes:
-    try:
-        data = stream.read(size + 1)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BundleFormatError(f"archive is truncated or corrupt in {name!r}: {exc}") from exc
-    if len(data) != size:
-        raise BundleFormatError(f"archive is truncated in {name!r}")
-    return data
+    problem = path_problem(name)
+    if problem is not None:
+        raise UnsafeMemberError(f"archive member {problem}")
 
 
 class _Reader:
@@ -430,16 +563,27 @@ class _Reader:
         self.keys = list(keys)
         self.limits = limits
 
-    def digest(self) -> str:
-        """sha256 of the whole file, after the size cap (the bundle's identity)."""
-        try:
-            size = self.path.stat().st_size
-        except OSError as exc:
-            raise BundleFormatError(f"cannot read bundle {self.path}: {exc.strerror}") from exc
+    def _check_size(self, size: int) -> None:
         if size > self.limits.max_bundle_bytes:
             raise OversizeError(
-                f"bundle is {size} bytes; the cap is {self.limits.max_bundle_bytes}"
+                f"bundle is {size} bytes; the cap is {self.limits.max_bundle_bytes} "
+                f"({_HINTS['bundle']})"
             )
+
+    def _stat(self) -> os.stat_result:
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            raise BundleFormatError(f"cannot read bundle {self.path}: {exc.strerror}") from exc
+        # A FIFO or a device (/dev/zero) would block or never end: before opening it.
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleFormatError(f"bundle {self.path} is not a regular file")
+        self._check_size(st.st_size)
+        return st
+
+    def digest(self) -> str:
+        """sha256 of the whole file, after the size cap (the bundle's identity)."""
+        self._stat()
         try:
             return _sha256_file(self.path)
         except OSError as exc:
@@ -448,58 +592,51 @@ class _Reader:
     def run(self, dest: Path | None, sha256: str | None = None) -> VerifiedBundle:
         """Check every rule; `sha256` is the file's digest when the caller has it."""
         sha = self.digest() if sha256 is None else sha256
+        self._stat()
         try:
-            # Plain tar only: no decompression bombs.
-            tar = tarfile.open(self.path, mode="r:")  # noqa: SIM115 - closed by the with below
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise BundleFormatError(f"{self.path.name} is not a tar archive: {exc}") from exc
-        with tar:
-            return self._walk(tar, sha, dest)
-
-    def _members(self, tar: tarfile.TarFile) -> Iterable[tarfile.TarInfo]:
-        count = 0
-        while True:
+            fh = self.path.open("rb")
+        except OSError as exc:
+            raise BundleFormatError(f"cannot read bundle {self.path}: {exc.strerror}") from exc
+        with fh:
             try:
-                member = tar.next()
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                raise BundleFormatError(f"archive is truncated or corrupt: {exc}") from exc
-            if member is None:
-                return
-            count += 1
-            if count > self.limits.max_members:
-                raise OversizeError(f"archive has more than {self.limits.max_members} members")
-            yield member
+                size = os.fstat(fh.fileno()).st_size
+                self._check_size(size)  # again: the file may have grown since it was hashed
+                reader = ustar.UstarReader(
+                    fh,
+                    size,
+                    self.path.name,
+                    self.limits.max_members,
+                    self.limits.max_member_bytes,
+                    _HINTS["member"],
+                    _HINTS["members"],
+                )
+                return self._walk(reader, fh, sha, dest)
+            except OSError as exc:
+                raise BundleFormatError(
+                    f"cannot read bundle {self.path}: {exc.strerror or exc}"
+                ) from exc
 
-    def _walk(self, tar: tarfile.TarFile, sha: str, dest: Path | None) -> VerifiedBundle:
+    def _walk(
+        self, reader: ustar.UstarReader, fh: BinaryIO, sha: str, dest: Path | None
+    ) -> VerifiedBundle:
         manifest_bytes: bytes | None = None
         sig: bytes | None = None
         manifest: Manifest | None = None
         signer = ""
         seen: set[str] = set()
-        for member in self._members(tar):
-            _check_member(member, self.limits)
-            name = member.name.rstrip("/")
+        goldens: dict[str, dict[str, ArrayHeader]] = {}
+        while (member := reader.next()) is not None:
+            name = member.name
             if name in seen:
                 raise UnsafeMemberError(f"archive member {name!r} appears twice")
             seen.add(name)
-            if member.isdir():
-                continue
-            stream = tar.extractfile(member)
-            if stream is None:  # pragma: no cover - isfile() guarantees a stream
-                raise UnsafeMemberError(f"archive member {name!r} has no data")
             if name in (MANIFEST, SIGNATURE):
                 if manifest is not None:
                     raise SchemaError(f"{name} must come before the files it lists")
-                if member.size > self.limits.max_manifest_bytes:
-                    raise OversizeError(
-                        f"{name} is {member.size} bytes; the cap is "
-                        f"{self.limits.max_manifest_bytes}"
-                    )
-                data = _read_all(stream, member.size, name)
                 if name == MANIFEST:
-                    manifest_bytes = data
+                    manifest_bytes = self._read_manifest(reader, member)
                 else:
-                    sig = data
+                    sig = self._read_signature(reader, member)
                 if manifest_bytes is not None and sig is not None:
                     signer = self._check_signature(manifest_bytes, sig)
                     manifest = parse_manifest(manifest_bytes)
@@ -509,7 +646,16 @@ class _Reader:
                     f"archive member {name!r} comes before a signed manifest.json and "
                     "manifest.sig; a bundle starts with both"
                 )
-            self._check_file(manifest, name, member, stream, dest)
+            self._check_file(manifest, member, reader, dest)
+            if name == manifest.golden_inputs or name in manifest.golden_outputs.values():
+                goldens[name] = inspect_npz(
+                    fh,
+                    member.data_offset,
+                    member.size,
+                    name,
+                    self.limits.max_golden_arrays,
+                    self.limits.max_golden_bytes,
+                )
         if manifest_bytes is None:
             raise MissingManifestError("bundle has no manifest.json")
         if sig is None:
@@ -517,86 +663,100 @@ class _Reader:
         assert manifest is not None
         missing = sorted(set(manifest.files) - seen)
         if missing:
-            raise MissingFileError(f"bundle lacks files its manifest lists: {', '.join(missing)}")
+            shown_missing = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise MissingFileError(f"bundle lacks files its manifest lists: {shown_missing}")
+        check_goldens(manifest, goldens, self.limits)
         if compare_versions(AGENT_VERSION, manifest.min_agent_version) < 0:
             raise IncompatibleAgentError(
                 f"bundle needs agent {manifest.min_agent_version} or newer; this is {AGENT_VERSION}"
             )
         return VerifiedBundle(self.path, sha, manifest, manifest_bytes, signer, dest)
 
+    def _read_manifest(self, reader: ustar.UstarReader, member: ustar.Member) -> bytes:
+        if member.size > self.limits.max_manifest_bytes:
+            raise OversizeError(
+                f"{MANIFEST} is {member.size} bytes; the cap is {self.limits.max_manifest_bytes}"
+            )
+        return reader.read(member.size)
+
+    def _read_signature(self, reader: ustar.UstarReader, member: ustar.Member) -> bytes:
+        if member.size != SIGNATURE_BYTES:
+            raise SignatureError(
+                f"{SIGNATURE} is {member.size} bytes; an ed25519 signature is {SIGNATURE_BYTES}"
+            )
+        return reader.read(member.size)
+
     def _check_signature(self, manifest_bytes: bytes, sig: bytes) -> str:
-        if len(sig) != 64:
-            raise SignatureError(f"manifest.sig is {len(sig)} bytes; an ed25519 signature is 64")
         if not self.keys:
             raise UntrustedSignerError("no trusted public keys are configured")
         for key in self.keys:
             if verify(key, sig, manifest_bytes):
                 return key_id(key)
-        # Tell apart "signed by someone else" from "tampered": the manifest names its signer.
+        # Tell apart "signed by someone else" from "tampered": the manifest names its
+        # signer. It is not trusted, so it is parsed with the same bounds and only shown.
         try:
-            claimed = json.loads(manifest_bytes).get("key_id", "?")
-        except (ValueError, AttributeError):
+            doc = strictjson.loads(manifest_bytes, MANIFEST)
+            claimed = doc.get("key_id", "?") if isinstance(doc, dict) else "?"
+        except strictjson.JsonRefusedError:
             claimed = "?"
-        trusted = ", ".join(key_id(k) for k in self.keys)
-        if claimed in {key_id(k) for k in self.keys}:
+        trusted = {key_id(k) for k in self.keys}
+        if isinstance(claimed, str) and claimed in trusted:
             raise SignatureError(
                 f"manifest signature does not verify with trusted key {claimed}: the manifest "
                 "or its signature was altered"
             )
         raise UntrustedSignerError(
-            f"manifest is not signed by a trusted key (it names key {claimed}; trusted: {trusted})"
+            f"manifest is not signed by a trusted key (it names key {shown(claimed, 40)}; "
+            f"trusted: {', '.join(sorted(trusted))})"
         )
 
     def _check_file(
         self,
         manifest: Manifest,
-        name: str,
-        member: tarfile.TarInfo,
-        stream: IO[bytes],
+        member: ustar.Member,
+        reader: ustar.UstarReader,
         dest: Path | None,
     ) -> None:
+        name = member.name
         if name not in manifest.files:
             raise UnlistedFileError(f"archive member {name!r} is not listed in the manifest")
         digest, size = manifest.files[name]
         if size > self.limits.max_member_bytes:
             raise OversizeError(
                 f"manifest declares {name!r} as {size} bytes; the cap is "
-                f"{self.limits.max_member_bytes}"
+                f"{self.limits.max_member_bytes} ({_HINTS['member']})"
             )
         if member.size != size:
             raise SizeMismatchError(
                 f"{name!r} is {member.size} bytes in the archive; the manifest says {size}"
             )
-        out: IO[bytes] | None = None
-        if dest is not None:
-            target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            out = target.open("xb")
+        out = None if dest is None else _create(dest, name)
         h = hashlib.sha256()
-        got = 0
         try:
-            while True:
-                try:
-                    chunk = stream.read(min(_CHUNK, size - got + 1))
-                except (tarfile.TarError, OSError, EOFError) as exc:
-                    raise BundleFormatError(
-                        f"archive is truncated or corrupt in {name!r}: {exc}"
-                    ) from exc
-                if not chunk:
-                    break
-                got += len(chunk)
+            while chunk := reader.read(_CHUNK):
                 h.update(chunk)
                 if out is not None:
                     out.write(chunk)
+        except OSError as exc:
+            raise UnpackError(f"cannot write {name!r}: {exc.strerror or exc}") from exc
         finally:
             if out is not None:
                 out.close()
-        if got != size:
-            raise BundleFormatError(f"archive is truncated in {name!r} ({got} of {size} bytes)")
         if h.hexdigest() != digest:
             raise HashMismatchError(
                 f"{name!r} has sha256 {h.hexdigest()}; the manifest says {digest}"
             )
+
+
+def _create(dest: Path, name: str) -> IO[bytes]:
+    target = dest / name
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target.open("xb")
+    except OSError as exc:
+        raise UnpackError(
+            f"cannot create {name!r} under {dest.parent}: {exc.strerror or exc}"
+        ) from exc
 
 
 def bundle_digest(path: Path, limits: Limits | None = None) -> str:
@@ -632,15 +792,21 @@ def unpack_bundle(
     dest = Path(dest)
     if dest.exists():
         raise FileExistsError(f"{dest} already exists")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
+    except OSError as exc:
+        raise UnpackError(f"cannot unpack into {dest.parent}: {exc.strerror or exc}") from exc
     try:
         bundle = _Reader(Path(path), keys, limits or Limits()).run(dest=tmp, sha256=sha256)
-        (tmp / MANIFEST).write_bytes(bundle.manifest_bytes)
-        _make_read_only(tmp)
-        _fsync_tree(tmp)
-        os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
+        try:
+            (tmp / MANIFEST).write_bytes(bundle.manifest_bytes)
+            _make_read_only(tmp)
+            _fsync_tree(tmp)
+            os.rename(tmp, dest)
+            _fsync_dir(dest.parent)
+        except OSError as exc:
+            raise UnpackError(f"cannot unpack into {dest}: {exc.strerror or exc}") from exc
     except BaseException:
         _remove_tree(tmp)
         raise
@@ -649,8 +815,20 @@ def unpack_bundle(
 
 
 def load_unpacked(directory: Path) -> Manifest:
-    """Read the manifest of a bundle this agent unpacked earlier (already verified)."""
-    return parse_manifest((Path(directory) / MANIFEST).read_bytes())
+    """Read the manifest of a bundle this agent unpacked earlier (already verified).
+
+    It is parsed by today's rules, so a bundle an older agent accepted and that
+    these rules refuse raises SchemaError here instead of being served.
+    """
+    path = Path(directory) / MANIFEST
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(Limits.max_manifest_bytes + 1)
+    except OSError as exc:
+        raise BundleFormatError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > Limits.max_manifest_bytes:
+        raise OversizeError(f"{path} is over {Limits.max_manifest_bytes} bytes")
+    return parse_manifest(data)
 
 
 def _make_read_only(root: Path) -> None:
@@ -706,15 +884,23 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mode = 0o644
-    info.mtime = mtime
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    info.type = tarfile.REGTYPE
-    return info
+def _golden_headers(manifest: Manifest, files: Mapping[str, Path]) -> dict[str, Any]:
+    limits = Limits()
+    headers = {}
+    for path in [manifest.golden_inputs, *manifest.golden_outputs.values()]:
+        if path is None:
+            continue
+        src = Path(files[path])
+        with src.open("rb") as fh:
+            headers[path] = inspect_npz(
+                fh,
+                0,
+                src.stat().st_size,
+                path,
+                limits.max_golden_arrays,
+                limits.max_golden_bytes,
+            )
+    return headers
 
 
 def write_bundle(
@@ -725,8 +911,9 @@ def write_bundle(
 ) -> Path:
     """Write and sign a bundle. `manifest` holds everything but schema/files/key_id.
 
-    The archive is written to a temporary file in the same directory and renamed
-    into place, so a failed build never leaves half a bundle behind.
+    The archive is exactly the strict ustar subset the reader accepts. It is
+    written to a temporary file in the same directory and renamed into place, so
+    a failed build never leaves half a bundle behind.
     """
     out_path = Path(out_path)
     listed: dict[str, dict[str, Any]] = {}
@@ -742,23 +929,35 @@ def write_bundle(
     body["files"] = listed
     body["key_id"] = key_id(private_key.public_key())
     manifest_bytes = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
-    parse_manifest(manifest_bytes)  # never write a bundle a device would refuse as malformed
+    # Never write a bundle a device would refuse as malformed.
+    parsed = parse_manifest(manifest_bytes)
+    check_goldens(parsed, _golden_headers(parsed, files), Limits())
+    for path in parsed.golden_outputs.values():
+        with np.load(files[path], allow_pickle=False) as data:
+            problem = tolerance_problem(parsed.golden_atol, [data[k] for k in data.files])
+        if problem is not None:
+            raise GoldenFileError(f"{path}: {problem}")
     signature = sign(private_key, manifest_bytes)
     mtime = int(datetime.now(UTC).timestamp())
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".bundle-", dir=out_path.parent)
     try:
-        with (
-            os.fdopen(fd, "wb") as fh,
-            tarfile.open(fileobj=fh, mode="w:", format=tarfile.PAX_FORMAT) as tar,
-        ):
-            tar.addfile(_tarinfo(MANIFEST, len(manifest_bytes), mtime), io.BytesIO(manifest_bytes))
-            tar.addfile(_tarinfo(SIGNATURE, len(signature), mtime), io.BytesIO(signature))
+        with os.fdopen(fd, "wb") as fh:
+            for name, data in ((MANIFEST, manifest_bytes), (SIGNATURE, signature)):
+                fh.write(ustar.header(name, len(data), mtime) + data + ustar.padding(len(data)))
             for arcname, src in sorted(files.items()):
                 size = listed[arcname]["size"]
-                with Path(src).open("rb") as data:
-                    tar.addfile(_tarinfo(arcname, size, mtime), data)
+                fh.write(ustar.header(arcname, size, mtime))
+                copied = 0
+                with Path(src).open("rb") as data_fh:
+                    while chunk := data_fh.read(min(_CHUNK, size - copied)):
+                        fh.write(chunk)
+                        copied += len(chunk)
+                if copied != size:
+                    raise OSError(f"{src} changed size while the bundle was written")
+                fh.write(ustar.padding(size))
+            fh.write(ustar.END)
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, out_path)
     except BaseException:
@@ -766,3 +965,42 @@ def write_bundle(
         raise
     log.info("wrote bundle %s (%d files, signed by %s)", out_path, len(files), body["key_id"])
     return out_path
+
+
+__all__ = [
+    "DTYPES",
+    "FORMATS",
+    "MANIFEST",
+    "SCHEMA",
+    "SIGNATURE",
+    "SUFFIX",
+    "BundleError",
+    "BundleFormatError",
+    "GoldenFileError",
+    "HashMismatchError",
+    "IncompatibleAgentError",
+    "Limits",
+    "Manifest",
+    "MissingFileError",
+    "MissingManifestError",
+    "OversizeError",
+    "SchemaError",
+    "SignatureError",
+    "SizeMismatchError",
+    "TensorSpec",
+    "UnlistedFileError",
+    "UnpackError",
+    "UnsafeMemberError",
+    "UntrustedSignerError",
+    "VerifiedBundle",
+    "VersionNotNewerError",
+    "bundle_digest",
+    "check_goldens",
+    "load_unpacked",
+    "parse_manifest",
+    "remove_unpacked",
+    "tolerance_problem",
+    "unpack_bundle",
+    "verify_bundle",
+    "write_bundle",
+]

@@ -1,4 +1,11 @@
-"""Replay a bundle's golden cases on this device before it may serve."""
+"""Replay a bundle's golden cases on this device before it may serve.
+
+The golden files are the bundle's own evidence, so they are treated as input:
+their headers are inspected with caps before numpy reads them (agent.npz), a
+reference output that is empty or not finite is refused (it would check
+nothing), and the comparison is NaN-aware (`diff > bound` is False for NaN, so a
+model that outputs NaN used to pass).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bundle import BundleError, Manifest
+from agent.bundle import (
+    BundleError,
+    GoldenFileError,
+    Limits,
+    Manifest,
+    check_goldens,
+    tolerance_problem,
+)
 from agent.errors import ServingError
+from agent.npz import ArrayHeader, inspect_npz
 from agent.runtimes.base import Runtime
 from agent.tensors import validate_feeds
 
@@ -22,22 +37,53 @@ class GoldenMismatchError(BundleError):
     code = "bundle.golden_mismatch"
 
 
+def _inspect(path: Path, limits: Limits) -> dict[str, ArrayHeader]:
+    try:
+        with path.open("rb") as fh:
+            size = path.stat().st_size
+            return inspect_npz(
+                fh, 0, size, path.name, limits.max_golden_arrays, limits.max_golden_bytes
+            )
+    except OSError as exc:
+        raise GoldenFileError(f"cannot read golden file {path.name}: {exc.strerror}") from exc
+
+
 def _load(path: Path) -> dict[str, np.ndarray]:
+    # Headers were inspected, so what np.load allocates is bounded by the caps. The data
+    # behind them can still be corrupt, and np.load then fails in zlib, zipfile, struct
+    # or numpy's own parser, each with its own exception: all of them are the file's fault.
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise GoldenMismatchError(f"cannot read golden file {path.name}: {exc}") from exc
+    except Exception as exc:
+        raise GoldenFileError(f"cannot read golden file {path.name}: {exc}") from exc
 
 
-def check_golden(manifest: Manifest, directory: Path, runtime: Runtime) -> dict[str, float]:
+def check_golden(
+    manifest: Manifest, directory: Path, runtime: Runtime, limits: Limits | None = None
+) -> dict[str, float]:
     """Return the max abs difference per output; raise GoldenMismatchError beyond tolerance."""
+    limits = limits or Limits()
     fmt = runtime.format
     if manifest.golden_inputs is None or fmt not in manifest.golden_outputs:
         log.warning("bundle %s has no golden cases for %s; not validated", manifest.name, fmt)
         return {}
-    inputs = _load(directory / manifest.golden_inputs)
-    expected = _load(directory / manifest.golden_outputs[fmt])
+    paths = [manifest.golden_inputs, manifest.golden_outputs[fmt]]
+    # Re-inspected here: `current` may have been unpacked by an older, laxer agent.
+    check_goldens(manifest, {p: _inspect(directory / p, limits) for p in paths}, limits)
+    inputs = _load(directory / paths[0])
+    expected = _load(directory / paths[1])
+    if not expected:
+        raise GoldenFileError(f"golden file {paths[1]} holds no outputs; it would check nothing")
+    for name, want in expected.items():
+        if want.size == 0 or not np.isfinite(want.astype(np.float64)).all():
+            raise GoldenFileError(
+                f"golden output {name!r} in {paths[1]} is empty or holds NaN/inf; "
+                "a reference must be finite numbers"
+            )
+    problem = tolerance_problem(manifest.golden_atol, expected.values())
+    if problem is not None:
+        raise GoldenFileError(f"{paths[1]}: {problem}")
     try:
         # The same checks a request meets, so golden cases that disagree with the
         # manifest's own shapes and batch axes are named as such, not as a runtime crash.
@@ -53,18 +99,23 @@ def check_golden(manifest: Manifest, directory: Path, runtime: Runtime) -> dict[
     for name, want in expected.items():
         if name not in got:
             raise GoldenMismatchError(f"golden output {name!r} is not produced by the model")
-        have = got[name]
+        have = np.asarray(got[name])
         if have.shape != want.shape:
             raise GoldenMismatchError(
                 f"golden output {name!r} has shape {list(have.shape)}, expected {list(want.shape)}"
             )
-        diff = np.abs(have.astype(np.float64) - want.astype(np.float64))
-        diffs[name] = float(diff.max()) if diff.size else 0.0
-        bound = manifest.golden_atol + manifest.golden_rtol * np.abs(want.astype(np.float64))
-        if np.any(diff > bound):
+        want64 = want.astype(np.float64)
+        diff = np.abs(have.astype(np.float64) - want64)
+        bound = manifest.golden_atol + manifest.golden_rtol * np.abs(want64)
+        # `not (diff <= bound)`, so NaN (and inf - inf) fails instead of passing.
+        bad = ~(diff <= bound)
+        diffs[name] = float(np.nanmax(diff)) if not np.isnan(diff).all() else float("nan")
+        if bad.any():
+            nans = int(np.isnan(have.astype(np.float64)).sum())
             failures.append(
                 f"{name}: max abs diff {diffs[name]:.3g} exceeds atol {manifest.golden_atol:g} "
                 f"+ rtol {manifest.golden_rtol:g}"
+                + (f" ({nans} NaN output value(s))" if nans else "")
             )
     if failures:
         raise GoldenMismatchError(

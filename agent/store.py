@@ -48,6 +48,11 @@ class Store:
             tmp = self.root / f".{name}.tmp"
             if tmp.is_symlink():
                 tmp.unlink()
+        # A bundle directory no link names was never activated: its install was refused
+        # or the agent died before the swap. Left there, a restart would meet it again
+        # and reuse it instead of judging the bundle afresh from its file.
+        for removed in self.gc():
+            log.info("removing bundle %s, which neither current nor previous names", removed)
 
     def link(self, name: str) -> Path | None:
         path = self.root / name

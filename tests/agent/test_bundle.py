@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 from pathlib import Path
@@ -318,3 +319,132 @@ def test_writer_refuses_what_a_device_would_refuse(
     with pytest.raises(B.UnsafeMemberError):
         make_bundle(sample_parts, tmp / "y.edgebundle", demo_key, files={"../x": tmp / "x"})
     assert not list(tmp.glob("*.edgebundle")) and not list(tmp.glob(".bundle-*"))
+
+
+# --------------------------------------------------------------------------- strict ustar
+
+
+def _headers(data: bytes) -> list[bytes]:
+    """Every header block of an archive written by write_bundle, in order."""
+    out, pos = [], 0
+    while data[pos : pos + 512] != bytes(512):
+        block = data[pos : pos + 512]
+        out.append(block)
+        size = int(block[124:135], 8)
+        pos += 512 + -(-size // 512) * 512
+    assert data[pos:].count(0) == len(data) - pos, "only zeros after the end blocks"
+    assert len(data) - pos >= 1024, "two zero end blocks"
+    return out
+
+
+def test_the_writer_writes_exactly_the_strict_subset(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    long = "report/" + "/".join(["n" * 40] * 3) + "/notes.md"  # 138 bytes: needs the prefix
+    (tmp / "notes.md").write_bytes(b"# notes\n")
+    files = {**sample_parts.files(), long: tmp / "notes.md"}
+    path = make_bundle(sample_parts, tmp / "x.edgebundle", demo_key, files=files)
+    headers = _headers(path.read_bytes())
+    assert [h[156:157] for h in headers] == [b"0"] * len(headers)
+    assert all(h[257:265] == b"ustar\x0000" for h in headers)
+    assert B.verify_bundle(path, [DEMO]).manifest.files.keys() == files.keys()
+    with tarfile.open(path) as tar:  # and any tar tool reads it the same
+        assert [m.name for m in tar.getmembers()] == [
+            "manifest.json",
+            "manifest.sig",
+            *sorted(files),
+        ]
+        assert all(m.isfile() and not m.pax_headers for m in tar.getmembers())
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [("a/" * 100 + "b", B.UnsafeMemberError), ("r\u00ebport.md", B.UnsafeMemberError)],
+)
+def test_the_writer_refuses_names_the_reader_would(
+    sample_parts: SampleParts,
+    demo_key: Ed25519PrivateKey,
+    tmp: Path,
+    name: str,
+    error: type[Exception],
+) -> None:
+    (tmp / "f").write_bytes(b"x")
+    with pytest.raises(error):
+        make_bundle(
+            sample_parts,
+            tmp / "x.edgebundle",
+            demo_key,
+            files={**sample_parts.files(), name: tmp / "f"},
+        )
+    assert not list(tmp.glob("*.edgebundle"))
+
+
+def test_a_directory_entry_for_a_listed_file_is_refused(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    members = signed_manifest(sample_parts.manifest, demo_key)
+    folder = tarfile.TarInfo("model.tflite")
+    folder.type = tarfile.DIRTYPE
+    files = [m for m in _members(sample_parts) if m[0].name != "model.tflite"]
+    path = raw_tar(tmp / "x.edgebundle", [*members, *files, (folder, None)])  # type: ignore[list-item]
+    with pytest.raises(B.UnsafeMemberError, match="directory entry"):
+        B.unpack_bundle(path, tmp / "u", [DEMO])
+    assert not (tmp / "u").exists() and not list(tmp.glob(".unpack-*"))
+
+
+@pytest.mark.parametrize(
+    ("tail", "pattern"),
+    [
+        (b"", "without the two zero blocks"),
+        (bytes(512), "without the two zero blocks"),
+        (bytes(1024) + b"x", "data after its end"),
+        (bytes(range(256)) * 2 + bytes(1024), "not a member header"),
+        (bytes(512) + bytes(range(256)) * 2 + bytes(1024), "followed by data"),
+    ],
+)
+def test_the_archive_must_end_cleanly(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path, tail: bytes, pattern: str
+) -> None:
+    data = make_bundle(sample_parts, tmp / "x.edgebundle", demo_key).read_bytes()
+    body = data[: len(data) - 1024]  # write_bundle ends with exactly two zero blocks
+    assert data[len(body) :] == bytes(1024)
+    path = tmp / "y.edgebundle"
+    path.write_bytes(body + tail)
+    with pytest.raises(B.BundleFormatError, match=pattern):
+        B.verify_bundle(path, [DEMO])
+
+
+def test_a_refused_unpack_leaves_nothing_and_the_store_forgets_unlinked_bundles(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    from agent.store import Store
+
+    (tmp / "inputs.npz").write_bytes(b"PK\x05\x06" + bytes(18))  # a zip of no arrays
+    files = {**sample_parts.files(), "golden/inputs.npz": tmp / "inputs.npz"}
+    bad = tmp / "bad.edgebundle"
+    # A buggy builder: the manifest is signed, the goldens are empty.
+    members = signed_manifest(
+        {
+            **sample_parts.manifest,
+            "files": {
+                **sample_parts.manifest["files"],
+                "golden/inputs.npz": {
+                    "sha256": hashlib.sha256((tmp / "inputs.npz").read_bytes()).hexdigest(),
+                    "size": 22,
+                },
+            },
+        },
+        demo_key,
+    )
+    raw_tar(
+        bad, [*members, *[file_info(n, Path(p).read_bytes()) for n, p in sorted(files.items())]]
+    )
+    store = Store(tmp / "state")
+    with pytest.raises(B.GoldenFileError, match="holds no arrays"):
+        store.install(bad, [DEMO], B.Limits())
+    assert sorted(p.name for p in store.bundles.iterdir()) == []
+    # A directory no link names (an install the agent died in) is gone at the next start.
+    good = store.install(SAMPLE_BUNDLE, [DEMO], B.Limits())
+    assert good.directory is not None and good.directory.exists()
+    Store(tmp / "state")
+    assert not good.directory.exists()
