@@ -219,16 +219,16 @@ class _Builder:
                 return number
             self.fail(path, f"expected a number, got {show(value)}")
             return _INVALID
-        if tp is str:
-            if isinstance(value, str) and "\x00" not in value:
-                return value
-            self.fail(path, f"expected a string without NUL characters, got {show(value)}")
-            return _INVALID
-        if tp is Path:
-            if isinstance(value, str) and value and "\x00" not in value:
-                return Path(value)
-            self.fail(path, f"expected a non-empty path without NUL characters, got {show(value)}")
-            return _INVALID
+        if tp is str or tp is Path:
+            what = "a string" if tp is str else "a path string"
+            if not isinstance(value, str) or (tp is Path and not value):
+                self.fail(path, f"expected {what}, got {show(value)}")
+                return _INVALID
+            if "\x00" in value:
+                # No file name or setting has one; the OS would refuse it deep inside.
+                self.fail(path, f"{show(value)} has a NUL character, which no setting allows")
+                return _INVALID
+            return value if tp is str else Path(value)
         raise TypeError(f"config type {tp!r} at {path} is not supported")  # programming error
 
 
