@@ -18,9 +18,14 @@ class Notifier:
         self.watchdog_s: float | None = None
         if usec and (pid is None or pid == str(os.getpid())):
             try:
-                self.watchdog_s = int(usec) / 1_000_000
+                value = int(usec)
             except ValueError:
-                log.warning("ignoring WATCHDOG_USEC=%r", usec)
+                value = 0
+            # Zero or negative would have the watchdog task pet systemd in a busy loop.
+            if value > 0:
+                self.watchdog_s = value / 1_000_000
+            else:
+                log.warning("ignoring WATCHDOG_USEC=%r: not a positive integer", usec)
 
     @property
     def enabled(self) -> bool:

@@ -429,3 +429,39 @@ def test_with_no_current_the_api_is_up_and_not_ready_while_the_bundle_is_checked
     finally:
         agent.stop()
     assert not (tmp / "api.sock").exists()
+
+
+def test_an_internal_error_at_start_is_one_line_and_the_traceback_only_at_debug(
+    tmp: Path,
+) -> None:
+    # The one fault injected on purpose: a bug cannot be asked for by any input.
+    config = write_config(tmp / "agent.toml", base_config(tmp))
+    script = (
+        "import sys, agent.service as s\n"
+        "def boom(self, config): raise RuntimeError('injected fault')\n"
+        "s.Agent.__init__ = boom\n"
+        "from agent.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    for level in ("info", "debug"):
+        out = subprocess.run(
+            [sys.executable, "-c", script, "run", "--config", str(config), "--log-level", level],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 1, out.stderr
+        assert (
+            "cannot start [start.internal]: internal error: RuntimeError: injected fault"
+            in out.stderr
+        )
+        assert ("Traceback" in out.stderr) == (level == "debug"), out.stderr
+
+
+def test_watchdog_usec_that_is_not_a_positive_integer_is_ignored() -> None:
+    from agent.sdnotify import Notifier
+
+    for value in ("-400000", "0", "soon", ""):
+        assert Notifier({"WATCHDOG_USEC": value}).watchdog_s is None
+    assert Notifier({"WATCHDOG_USEC": "400000"}).watchdog_s == 0.4

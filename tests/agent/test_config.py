@@ -302,3 +302,13 @@ def test_check_config_runs_the_start_up_checks(tmp: Path) -> None:
     )
     assert "[start.failed] api.socket:" in proc.stdout
     assert "[config.invalid] api.tcp:" in proc.stdout
+
+
+def test_mqtt_config_set_takes_the_same_typed_checks() -> None:
+    from agent.link.tunables import TunableError, validate
+
+    for bad in (float("nan"), float("inf"), 0.0, "10"):
+        with pytest.raises(TunableError, match=r"telemetry\.interval_s") as info:
+            validate("telemetry.interval_s", bad)
+        assert info.value.code == "config.invalid"
+    assert validate("telemetry.interval_s", 2) == 2.0
