@@ -43,10 +43,18 @@ class _CannotStart(Exception):
         self.code = code
 
 
+def _printable(text: str) -> str:
+    """`text` with control characters (a hostile value's ANSI escapes, CRs) escaped."""
+    return "".join(
+        ch if ch.isprintable() or ch == "\n" else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+
+
 def _say_cannot_start(code: str, message: str) -> None:
     # One line per start-up failure, in the same form wherever it comes from, so a
     # person (and a script grepping the journal) can tell why and what to fix.
-    print(f"cannot start [{code}]: {message}", file=sys.stderr, flush=True)
+    print(f"cannot start [{code}]: {_printable(message)}", file=sys.stderr, flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -77,11 +85,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(config: Any) -> int:
-    from agent.preflight import START_FAILED, START_LOCKED, check_directory
+    from agent.preflight import START_FAILED, START_LOCKED, check_directory, check_link_files
     from agent.service import Agent, StartupError
     from agent.statelock import StateDirLockedError, StateLock
 
-    problems = check_directory("state_dir", config.state_dir)
+    problems = check_directory("state_dir", config.state_dir) + check_link_files(config)
     if problems:
         raise _CannotStart(problems[0].code, str(problems[0]))
     # The lock comes before anything touches the state dir or the API socket: a second
@@ -134,10 +142,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{path}: {len(exc.issues)} problem(s)")
         for issue in exc.issues:
-            print(f"  [{exc.code}] {issue.path or '<file>'}: {issue.message}")
+            line = f"{issue.path or '<file>'}: {issue.message}"
+            print(f"  [{exc.code}] {_printable(line).replace(chr(10), ' ')}")
         return 1
     for issue in env_overrides(os.environ)[1]:
-        print(f"warning: {issue.message} (ignored)")
+        print(f"warning: {_printable(issue.message)} (ignored)")
     # The same checks start-up makes, plus the ones start-up tolerates (a missing
     # model.bundle while `current` serves, no trusted key) but a device should not have.
     problems = preflight.check_keys(config) + preflight.check_bundle(config)
@@ -148,7 +157,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except OSError as exc:
         pid = None
         problems.append(
-            preflight.Problem("state_dir", f"{config.state_dir}: lock file: {exc.strerror}")
+            preflight.Problem(
+                "state_dir",
+                f"{config.state_dir}: lock file: {exc.strerror or exc}",
+                preflight.START_FAILED,
+            )
         )
     if pid is not None:
         who = f"pid {pid}" if pid else "pid unknown"
@@ -165,12 +178,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems += preflight.check_api(config, note) + preflight.check_link(config)
     for p in problems:
         if p.warning:
-            print(f"warning [{p.code}] {p}")
+            print(f"warning [{p.code}] {_printable(str(p))}")
     errors = [p for p in problems if not p.warning]
     if errors:
         print(f"{path}: {len(errors)} problem(s)")
         for p in errors:
-            print(f"  [{p.code}] {p}")
+            print(f"  [{p.code}] {_printable(str(p)).replace(chr(10), ' ')}")
         return 1
     keys = len(config.trust.public_keys)
     print(f"{path}: OK (device {config.device_id}, {keys} trusted key(s))")

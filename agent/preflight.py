@@ -222,7 +222,44 @@ def check_link(config: AgentConfig) -> list[Problem]:
         return []
     from agent.link.settings import check
 
-    return [Problem(i.path, i.message) for i in check(config)]
+    return [Problem(i.path, i.message) for i in check(config)] + check_link_files(config)
+
+
+def check_link_files(config: AgentConfig) -> list[Problem]:
+    """The files the link reads when it starts: secrets, console keys, and the TLS files
+    it hands to OpenSSL (which would block on a FIFO forever)."""
+    if not config.mqtt.enabled:
+        return []
+    from agent.config.loader import read_credential, read_public_keys
+    from agent.link.settings import secret_path
+
+    problems = []
+    if config.mqtt.password:
+        try:
+            read_credential(config.mqtt.password)
+        except ConfigError as exc:
+            problems += [Problem("mqtt.password", i.message) for i in exc.issues]
+    try:
+        read_public_keys(list(config.commands.console_keys), "commands.console_keys")
+    except ConfigError as exc:
+        problems += [Problem(i.path, i.message) for i in exc.issues]
+    tls = config.mqtt.tls
+    for key, ref in (
+        ("mqtt.tls.ca_file", tls.ca_file),
+        ("mqtt.tls.cert_file", tls.cert_file),
+        ("mqtt.tls.key_file", tls.key_file),
+    ):
+        if not ref:
+            continue
+        try:
+            check_regular(secret_path(ref))
+        except ConfigError as exc:
+            problems += [Problem(key, i.message) for i in exc.issues]
+        except (OSError, ValueError) as exc:
+            problems.append(
+                Problem(key, f"cannot read {ref}: {getattr(exc, 'strerror', None) or exc}")
+            )
+    return problems
 
 
 __all__ = [
@@ -236,6 +273,7 @@ __all__ = [
     "check_directory",
     "check_keys",
     "check_link",
+    "check_link_files",
     "check_socket",
     "check_tcp",
     "parse_tcp",

@@ -12,8 +12,11 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import time
 from pathlib import Path
+
+from agent.regular_files import UnusableFileError, kind
 
 LOCK_NAME = "agent.lock"
 # check-config peeks at the lock with a momentary shared flock; an agent starting in
@@ -29,6 +32,12 @@ class StateDirLockedError(Exception):
             "stop it first, or give this one its own state_dir"
         )
         self.pid = pid
+
+
+def _must_be_regular(fd: int, path: Path) -> None:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        raise UnusableFileError(path, f"{path} is {kind(mode)}, not a regular file")
 
 
 def _read_pid(fd: int) -> int | None:
@@ -49,8 +58,10 @@ class StateLock:
         """Lock `state_dir` (created if missing) or raise StateDirLockedError / OSError."""
         state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(path, flags, 0o644)
         try:
+            _must_be_regular(fd, path)
             deadline = time.monotonic() + _RETRY_S
             while True:
                 try:
@@ -81,12 +92,15 @@ def holder(state_dir: Path) -> int | None:
     Never creates anything: check-config must not touch the state dir.
     """
     try:
-        fd = os.open(state_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted as agent.lock must not hang check-config.
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(state_dir / LOCK_NAME, flags)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
         raise
     try:
+        _must_be_regular(fd, state_dir / LOCK_NAME)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

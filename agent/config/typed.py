@@ -124,7 +124,7 @@ class _Builder:
         for key in data:
             if key not in fields:
                 allowed = ", ".join(sorted(fields))
-                self.fail(_join(path, str(key)), f"unknown key; allowed keys here: {allowed}")
+                self.fail(_join(path, _key(key)), f"unknown key; allowed keys here: {allowed}")
         values: dict[str, Any] = {}
         for name, f in fields.items():
             sub = _join(path, name)
@@ -235,16 +235,30 @@ class _Builder:
 _INVALID: Any = object()
 
 
+def _key(key: Any) -> str:
+    # An unknown key is echoed back; a hostile one could be huge or carry escapes.
+    text = str(key)
+    return text if len(text) <= 80 and text.isprintable() else show(text)
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+# A hostile file can hold a million wrong items; a person needs the first few dozen.
+MAX_ISSUES = 50
+
+
 def build(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
-    """Build `cls` from `data` or raise ConfigError listing every problem."""
+    """Build `cls` from `data` or raise ConfigError listing every problem (up to 50)."""
     builder = _Builder()
     result = builder.build(cls, data, "")
     if builder.issues or result is None:
-        raise ConfigError(builder.issues or [ConfigIssue("", "invalid")], source)
+        issues = builder.issues or [ConfigIssue("", "invalid")]
+        if len(issues) > MAX_ISSUES:
+            more = len(issues) - MAX_ISSUES
+            issues = [*issues[:MAX_ISSUES], ConfigIssue("", f"... and {more} more problem(s)")]
+        raise ConfigError(issues, source)
     return result
 
 

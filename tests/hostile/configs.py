@@ -162,9 +162,13 @@ def _value_specs() -> Iterator[Spec]:
     """One or two wrong values for every leaf of AgentConfig."""
     from agent.config.model import AgentConfig
 
+    members: dict[str, int] = {}
     for i, (path, tp, meta) in enumerate(_leaves(AgentConfig)):
         for n, spec in enumerate(_wrong_values(i, path, tp, meta)):
-            spec.group = f"{'env' if spec.env else 'toml'}{n}"
+            group = f"{'env' if spec.env else 'toml'}{n}"
+            count = members[group] = members.get(group, 0) + 1
+            # check-config lists at most 50 problems (typed.MAX_ISSUES): stay under.
+            spec.group = f"{group}-{count // 40}"
             yield spec
     for section in _sections(AgentConfig):
         key = f"{section}.no_such_key"
@@ -327,6 +331,39 @@ def _machine_specs(work: Path, busy_port: int, live_socket: Path, locked: Path) 
         data={"state_dir": str(locked)},
         run=True,
         note="check-config only warns; run refuses",
+    )
+    odd_lock = work / "odd-lock-state"
+    odd_lock.mkdir()
+    os.mkfifo(odd_lock / "agent.lock")
+    yield Spec(
+        "agent.lock is a FIFO",
+        (FAILED,),
+        "state_dir",
+        data={"state_dir": str(odd_lock)},
+        run=True,
+    )
+    tls_fifo = work / "ca.fifo"
+    os.mkfifo(tls_fifo)
+    no_signing = {"require_signature": False}
+    yield Spec(
+        "mqtt.tls.ca_file is a FIFO",
+        (INVALID,),
+        "mqtt.tls.ca_file",
+        data={
+            "mqtt": {"enabled": True, "tls": {"enabled": True, "ca_file": str(tls_fifo)}},
+            "commands": no_signing,
+        },
+        run=True,
+    )
+    yield Spec(
+        "mqtt.password is /dev/zero",
+        (INVALID,),
+        "mqtt.password",
+        data={
+            "mqtt": {"enabled": True, "username": "u", "password": "/dev/zero"},
+            "commands": no_signing,
+        },
+        run=True,
     )
     yield Spec(
         "model.bundle is a FIFO", (INVALID,), "model.bundle", data={"model": {"bundle": str(fifo)}}
