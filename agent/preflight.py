@@ -91,7 +91,11 @@ def check_tcp(text: str, in_use_note: str = "") -> list[Problem]:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             ip = "IPv6" if family == socket.AF_INET6 else "IPv4"
             return [Problem(key, f"host {show(host)} does not resolve to an {ip} address: {why}")]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    try:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:  # e.g. IPv6 switched off in this kernel
+        return [Problem(key, f"cannot listen on {text}: {exc.strerror or exc}", START_FAILED)]
+    with probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
