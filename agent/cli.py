@@ -193,15 +193,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from agent.admission import limits_from
     from agent.bundle import BundleError, verify_bundle
-    from agent.config.loader import ConfigError, load_config
+    from agent.config.loader import ConfigError, load_config, read_public_keys
     from agent.config.model import AgentConfig
+    from agent.regular_files import check_regular
     from agent.service import StartupError, load_trusted_keys
-    from agent.signing import KeyFileError, load_public_key
+    from agent.signing import KeyFileError
 
     try:
         config = load_config(Path(args.config)) if args.config else AgentConfig()
         keys = (
-            [load_public_key(Path(k)) for k in args.key] if args.key else load_trusted_keys(config)
+            # Read like the config's keys: never blocking on a FIFO, never unbounded.
+            read_public_keys(list(args.key), "--key") if args.key else load_trusted_keys(config)
         )
     except (ConfigError, StartupError, KeyFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -212,6 +214,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        check_regular(Path(args.bundle))
+    except OSError as exc:
+        # A FIFO or a device would block the reader, or never end.
+        print(f"REFUSED [bundle.unreadable] {args.bundle}: {exc.strerror or exc}")
+        return 1
     try:
         bundle = verify_bundle(Path(args.bundle), keys, limits_from(config))
     except BundleError as exc:

@@ -23,7 +23,7 @@ from agent.config.model import AgentConfig
 from agent.events import EventBus
 from agent.memory import MB, RssWatcher, compute_budget
 from agent.metrics import Metrics
-from agent.preflight import START_FAILED, check_api
+from agent.preflight import START_FAILED, START_INTERNAL, check_api
 from agent.regular_files import check_regular
 from agent.runtimes import availability
 from agent.sdnotify import Notifier
@@ -358,4 +358,5 @@ def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None)
 
 
 def _code(exc: BaseException) -> str:
-    return str(getattr(exc, "code", type(exc).__name__))
+    # Refusals carry their own stable code; anything else is a fault of the agent.
+    return str(getattr(exc, "code", START_INTERNAL))

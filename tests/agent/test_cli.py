@@ -465,3 +465,13 @@ def test_watchdog_usec_that_is_not_a_positive_integer_is_ignored() -> None:
     for value in ("-400000", "0", "soon", ""):
         assert Notifier({"WATCHDOG_USEC": value}).watchdog_s is None
     assert Notifier({"WATCHDOG_USEC": "400000"}).watchdog_s == 0.4
+
+
+def test_verify_refuses_a_fifo_bundle_or_key_without_blocking(tmp: Path) -> None:
+    fifo = tmp / "x.fifo"
+    os.mkfifo(fifo)
+    out = cli("verify", str(fifo), "--key", str(DEMO_PUB))
+    assert out.returncode == 1
+    assert "REFUSED [bundle.unreadable]" in out.stdout and "FIFO" in out.stdout
+    out = cli("verify", str(SAMPLE_BUNDLE), "--key", str(fifo))
+    assert out.returncode == 2 and "--key[0]: cannot read" in out.stderr and "FIFO" in out.stderr
