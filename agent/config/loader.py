@@ -120,6 +120,8 @@ def parse_toml(raw: bytes, source: str) -> dict[str, Any]:
             source,
             UNREADABLE,
         ) from exc
+    # Some editors start a UTF-8 file with a byte-order mark, which TOML does not allow.
+    text = text.removeprefix("\ufeff")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -312,3 +312,9 @@ def test_mqtt_config_set_takes_the_same_typed_checks() -> None:
             validate("telemetry.interval_s", bad)
         assert info.value.code == "config.invalid"
     assert validate("telemetry.interval_s", 2) == 2.0
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp: Path) -> None:
+    path = tmp / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbfdevice_id = "cam-9"\n')
+    assert load_config(path, {}).device_id == "cam-9"
