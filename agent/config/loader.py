@@ -154,11 +154,31 @@ def parse_config(
     environ: Mapping[str, str] | None = None,
     source: str = "config",
 ) -> AgentConfig:
-    overrides, unknown = env_overrides(os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
+    overrides, unknown = env_overrides(env)
     for issue in unknown:
         log.warning("ignoring %s", issue.message)
     merged = _merge(dict(data), overrides)
-    return build(AgentConfig, merged, source)
+    try:
+        return build(AgentConfig, merged, source)
+    except ConfigError as exc:
+        raise _blame_environment(exc, env) from None
+
+
+def _blame_environment(exc: ConfigError, environ: Mapping[str, str]) -> ConfigError:
+    """Say which EDGERUN_* variable set a bad value: it is not in the file to be found."""
+    names: dict[str, str] = {}
+    for var in environ:
+        if var.startswith(ENV_PREFIX) and var != "EDGERUN_CONFIG":
+            names[".".join(p.lower() for p in var[len(ENV_PREFIX) :].split("__"))] = var
+    if not names:
+        return exc
+    issues = []
+    for issue in exc.issues:
+        name = names.get(issue.path.split("[", 1)[0])
+        message = issue.message if name is None else f"{issue.message} (set by {printable(name)})"
+        issues.append(ConfigIssue(issue.path, message))
+    return ConfigError(issues, exc.source, exc.code)
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:

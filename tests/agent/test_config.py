@@ -92,6 +92,8 @@ def test_environment_overrides_take_precedence() -> None:
 def test_bad_environment_overrides_are_reported() -> None:
     found = issues({}, {"EDGERUN_MEMORY__MAXMB": "1", "EDGERUN_MEMORY__MAX_MB": "many"})
     assert "many" in found["memory.max_mb"]
+    # Not in the file, so the message says where it came from.
+    assert found["memory.max_mb"].endswith("(set by EDGERUN_MEMORY__MAX_MB)")
     # A variable that names no setting is a warning, not a reason to stop a device.
     assert "memory.maxmb" not in found
     config = parse_config({}, {"EDGERUN_AARCH64_CACHE": "/x", "EDGERUN_MEMORY__MAXMB": "1"})
