@@ -43,7 +43,6 @@ SAMPLE_BUNDLE = ROOT / "models/digits/digits-1.0.0.edgebundle"
 
 INVALID, SYNTAX, UNREADABLE = "config.invalid", "config.syntax", "config.unreadable"
 FAILED, LOCKED = "start.failed", "start.locked"
-_CODE = re.compile(r"\[((?:config|start|bundle)\.[a-z_]+)\]")
 _HANG_GUARD_S = 120
 
 
@@ -238,6 +237,9 @@ def _file_specs(work: Path) -> Iterator[Spec]:
     yield Spec("config is a directory", (UNREADABLE,), "", path=work)
     yield Spec("config is /dev/zero", (UNREADABLE,), "", path=Path("/dev/zero"), run=True)
     yield Spec("config does not exist", (UNREADABLE,), "", path=work / "missing.toml")
+    loop = work / "loop.toml"
+    loop.symlink_to(loop)
+    yield Spec("config is a symlink loop", (UNREADABLE,), "", path=loop)
 
 
 def _machine_specs(work: Path, busy_port: int, live_socket: Path, locked: Path) -> Iterator[Spec]:
