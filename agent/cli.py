@@ -85,11 +85,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(config: Any) -> int:
-    from agent.preflight import START_FAILED, START_LOCKED, check_directory, check_link_files
+    from agent.config.typed import ConfigError
+    from agent.preflight import START_FAILED, START_LOCKED, check_link_files, check_state_dir
     from agent.service import Agent, StartupError
     from agent.statelock import StateDirLockedError, StateLock
 
-    problems = check_directory("state_dir", config.state_dir) + check_link_files(config)
+    problems = check_state_dir(config.state_dir) + check_link_files(config)
     if problems:
         raise _CannotStart(problems[0].code, str(problems[0]))
     # The lock comes before anything touches the state dir or the API socket: a second
@@ -108,7 +109,11 @@ def _run(config: Any) -> int:
             agent.add_component(component)
         code = asyncio.run(agent.run())
     except StartupError as exc:
-        raise _CannotStart(exc.code, str(exc)) from exc
+        # Raised over a ConfigError (the link's settings), it is a config problem.
+        cause = exc.__cause__
+        raise _CannotStart(
+            cause.code if isinstance(cause, ConfigError) else exc.code, str(exc)
+        ) from exc
     if agent.workers_running:
         # An install abandoned at SIGTERM may sit in a runtime's C code; interpreter
         # teardown under it is not safe, and nothing of it needs finishing (the store
@@ -150,7 +155,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     # The same checks start-up makes, plus the ones start-up tolerates (a missing
     # model.bundle while `current` serves, no trusted key) but a device should not have.
     problems = preflight.check_keys(config) + preflight.check_bundle(config)
-    problems += preflight.check_directory("state_dir", config.state_dir)
+    problems += preflight.check_state_dir(config.state_dir)
     note = ""
     try:
         pid = holder(config.state_dir)

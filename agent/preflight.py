@@ -146,6 +146,20 @@ def check_directory(key: str, directory: Path) -> list[Problem]:
     return []
 
 
+def check_state_dir(state_dir: Path) -> list[Problem]:
+    """`state_dir` can be created or written, and what the store makes in it is usable."""
+    problems = check_directory("state_dir", state_dir)
+    if problems:
+        return problems
+    for name in ("bundles",):
+        path = state_dir / name
+        if os.path.lexists(path) and not path.is_dir():
+            problems.append(
+                Problem("state_dir", f"{path} exists and is not a directory", START_FAILED)
+            )
+    return problems
+
+
 def check_socket(path: Path, in_use_note: str = "") -> list[Problem]:
     key = "api.socket"
     size = len(os.fsencode(str(path)))
@@ -222,31 +236,36 @@ def check_keys(config: AgentConfig) -> list[Problem]:
 
 
 def check_link(config: AgentConfig) -> list[Problem]:
+    """What the link refuses when it starts: the same calls, made here for check-config."""
     if not (config.mqtt.enabled or config.kubeedge.enabled):
         return []
-    from agent.link.settings import check
+    from agent.link import settings
 
-    return [Problem(i.path, i.message) for i in check(config)] + check_link_files(config)
+    problems = [Problem(i.path, i.message) for i in settings.check(config)]
+    if not config.mqtt.enabled:
+        return problems
+    files = check_link_files(config)
+    if files:
+        return problems + files  # reading them below could block
+    try:
+        settings.client_settings(config, 0.0)  # the password, the TLS context
+        settings.console_keys(config)
+    except ConfigError as exc:
+        problems += [Problem(i.path, i.message) for i in exc.issues]
+    return problems
 
 
 def check_link_files(config: AgentConfig) -> list[Problem]:
-    """The files the link reads when it starts: secrets, console keys, and the TLS files
-    it hands to OpenSSL (which would block on a FIFO forever)."""
+    """The TLS files the link hands to OpenSSL, which would block on a FIFO forever.
+
+    Checked before the agent takes its lock; the link reads its other files (the
+    password, console keys) through read_credential, which never blocks.
+    """
     if not config.mqtt.enabled:
         return []
-    from agent.config.loader import read_credential, read_public_keys
     from agent.link.settings import secret_path
 
     problems = []
-    if config.mqtt.password:
-        try:
-            read_credential(config.mqtt.password)
-        except ConfigError as exc:
-            problems += [Problem("mqtt.password", i.message) for i in exc.issues]
-    try:
-        read_public_keys(list(config.commands.console_keys), "commands.console_keys")
-    except ConfigError as exc:
-        problems += [Problem(i.path, i.message) for i in exc.issues]
     tls = config.mqtt.tls
     for key, ref in (
         ("mqtt.tls.ca_file", tls.ca_file),
@@ -260,9 +279,8 @@ def check_link_files(config: AgentConfig) -> list[Problem]:
         except ConfigError as exc:
             problems += [Problem(key, i.message) for i in exc.issues]
         except (OSError, ValueError) as exc:
-            problems.append(
-                Problem(key, f"cannot read {ref}: {getattr(exc, 'strerror', None) or exc}")
-            )
+            why = getattr(exc, "strerror", None) or exc
+            problems.append(Problem(key, f"cannot read {ref}: {why}"))
     return problems
 
 
@@ -279,6 +297,7 @@ __all__ = [
     "check_link",
     "check_link_files",
     "check_socket",
+    "check_state_dir",
     "check_tcp",
     "parse_tcp",
 ]

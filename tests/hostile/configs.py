@@ -334,6 +334,16 @@ def _machine_specs(work: Path, busy_port: int, live_socket: Path, locked: Path) 
         run=True,
         note="check-config only warns; run refuses",
     )
+    odd_bundles = work / "odd-bundles-state"
+    odd_bundles.mkdir()
+    (odd_bundles / "bundles").write_text("")
+    yield Spec(
+        "state_dir/bundles is a file",
+        (FAILED,),
+        "state_dir",
+        data={"state_dir": str(odd_bundles)},
+        run=True,
+    )
     odd_lock = work / "odd-lock-state"
     odd_lock.mkdir()
     os.mkfifo(odd_lock / "agent.lock")
@@ -356,6 +366,17 @@ def _machine_specs(work: Path, busy_port: int, live_socket: Path, locked: Path) 
             "commands": no_signing,
         },
         run=True,
+    )
+    yield Spec(
+        "mqtt.tls.ca_file is noise",
+        (INVALID,),
+        "mqtt.tls.ca_file",
+        data={
+            "mqtt": {"enabled": True, "tls": {"enabled": True, "ca_file": str(garbage_key)}},
+            "commands": no_signing,
+        },
+        run=True,
+        note="check-config builds the same TLS context the link builds at start",
     )
     yield Spec(
         "mqtt.password is /dev/zero",
