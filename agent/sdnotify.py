@@ -47,13 +47,19 @@ class Notifier:
         return True
 
     def ready(self, status: str) -> bool:
-        return self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+        return self.notify("READY=1", f"STATUS={_one_line(status)}", f"MAINPID={os.getpid()}")
 
     def status(self, status: str) -> bool:
-        return self.notify(f"STATUS={status}")
+        return self.notify(f"STATUS={_one_line(status)}")
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
 
     def stopping(self) -> bool:
         return self.notify("STOPPING=1", "STATUS=draining requests")
+
+
+def _one_line(text: str) -> str:
+    # Fields are newline-separated: a newline in a status (a path from the config)
+    # would smuggle in a field of its own (MAINPID=, WATCHDOG=...).
+    return " ".join(text.splitlines())

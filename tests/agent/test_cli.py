@@ -475,3 +475,14 @@ def test_verify_refuses_a_fifo_bundle_or_key_without_blocking(tmp: Path) -> None
     assert "REFUSED [bundle.unreadable]" in out.stdout and "FIFO" in out.stdout
     out = cli("verify", str(SAMPLE_BUNDLE), "--key", str(fifo))
     assert out.returncode == 2 and "--key[0]: cannot read" in out.stderr and "FIFO" in out.stderr
+
+
+def test_a_status_with_a_newline_stays_one_sd_notify_field(tmp: Path) -> None:
+    from agent.sdnotify import Notifier
+
+    path = tmp / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        server.settimeout(10)
+        assert Notifier({"NOTIFY_SOCKET": str(path)}).status("checking /x\nMAINPID=1")
+        assert server.recv(4096).decode() == "STATUS=checking /x MAINPID=1"
