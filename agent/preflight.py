@@ -194,8 +194,19 @@ def check_socket(path: Path, in_use_note: str = "") -> list[Problem]:
         probe.settimeout(2)
         try:
             probe.connect(str(path))
-        except OSError:
+        except (ConnectionRefusedError, FileNotFoundError):
             return []  # left behind by a process that is gone: start replaces it
+        except PermissionError:
+            return [
+                Problem(
+                    key,
+                    f"{path} exists and this user (uid {os.getuid()}) may not connect to it; "
+                    "remove it if no server uses it",
+                    START_FAILED,
+                )
+            ]
+        except OSError:
+            pass  # a server too busy to accept (full backlog) is still a live server
     if in_use_note:
         return [Problem(key, f"{path} is in use {in_use_note}", START_FAILED, warning=True)]
     return [Problem(key, f"{path} is in use by another running server", START_FAILED)]
