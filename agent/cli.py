@@ -201,7 +201,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from agent.config.loader import ConfigError, load_config, read_public_keys
     from agent.config.model import AgentConfig
     from agent.regular_files import check_regular
-    from agent.service import StartupError, load_trusted_keys
+    from agent.service import StartupError, UnreadableBundleError, load_trusted_keys
     from agent.signing import KeyFileError
 
     try:
@@ -223,7 +223,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         check_regular(Path(args.bundle))
     except OSError as exc:
         # A FIFO or a device would block the reader, or never end.
-        print(f"REFUSED [bundle.unreadable] {args.bundle}: {exc.strerror or exc}")
+        print(f"REFUSED [{UnreadableBundleError.code}] {args.bundle}: {exc.strerror or exc}")
         return 1
     try:
         bundle = verify_bundle(Path(args.bundle), keys, limits_from(config))
