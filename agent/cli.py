@@ -73,11 +73,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         _say_cannot_start(exc.code, str(exc))
         return 1
     except Exception as exc:
+        from agent.preflight import START_INTERNAL
+
         # A bug, not a bad input: one line for the user, the traceback for developers
         # (at debug level, which is also what goes to the journal when asked for).
         log.debug("internal error during start-up", exc_info=True)
         _say_cannot_start(
-            "start.internal",
+            START_INTERNAL,
             f"internal error: {type(exc).__name__}: {exc} "
             "(run with --log-level debug for the traceback)",
         )
@@ -92,7 +94,7 @@ def _run(config: Any) -> int:
 
     problems = check_state_dir(config.state_dir) + check_link_files(config)
     if problems:
-        raise _CannotStart(problems[0].code, str(problems[0]))
+        raise _CannotStart(problems[0].code, "; ".join(str(p) for p in problems))
     # The lock comes before anything touches the state dir or the API socket: a second
     # agent must not clean the first one's unpacks or unlink its socket.
     try:
