@@ -59,6 +59,7 @@ def _say_cannot_start(code: str, message: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.config.loader import ConfigError, load_config
+    from agent.preflight import START_INTERNAL
 
     try:
         config = load_config(_config_path(args.config))
@@ -73,8 +74,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         _say_cannot_start(exc.code, str(exc))
         return 1
     except Exception as exc:
-        from agent.preflight import START_INTERNAL
-
         # A bug, not a bad input: one line for the user, the traceback for developers
         # (at debug level, which is also what goes to the journal when asked for).
         log.debug("internal error during start-up", exc_info=True)
