@@ -37,24 +37,94 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
 
 
+class _CannotStart(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters (a hostile value's ANSI escapes, CRs) escaped."""
+    return "".join(
+        ch if ch.isprintable() or ch == "\n" else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+
+
+def _say_cannot_start(code: str, message: str) -> None:
+    # One line per start-up failure, in the same form wherever it comes from, so a
+    # person (and a script grepping the journal) can tell why and what to fix.
+    print(f"cannot start [{code}]: {_printable(message)}", file=sys.stderr, flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.config.loader import ConfigError, load_config
-    from agent.service import Agent, StartupError
+    from agent.preflight import START_INTERNAL
 
     try:
         config = load_config(_config_path(args.config))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    _setup_logging(config.log_level)
+        _say_cannot_start(exc.code, str(exc))
+        return 1
+    _setup_logging(args.log_level or config.log_level)
+    log = logging.getLogger("edge-agent")
+    try:
+        return _run(config)
+    except _CannotStart as exc:
+        _say_cannot_start(exc.code, str(exc))
+        return 1
+    except Exception as exc:
+        # A bug, not a bad input: one line for the user, the traceback for developers
+        # (at debug level, which is also what goes to the journal when asked for).
+        log.debug("internal error during start-up", exc_info=True)
+        _say_cannot_start(
+            START_INTERNAL,
+            f"internal error: {type(exc).__name__}: {exc} "
+            "(run with --log-level debug for the traceback)",
+        )
+        return 1
+
+
+def _run(config: Any) -> int:
+    from agent.config.typed import ConfigError
+    from agent.preflight import START_FAILED, START_LOCKED, check_link_files, check_state_dir
+    from agent.service import Agent, StartupError
+    from agent.statelock import StateDirLockedError, StateLock
+
+    problems = check_state_dir(config.state_dir) + check_link_files(config)
+    if problems:
+        raise _CannotStart(problems[0].code, "; ".join(str(p) for p in problems))
+    # The lock comes before anything touches the state dir or the API socket: a second
+    # agent must not clean the first one's unpacks or unlink its socket.
+    try:
+        lock = StateLock.acquire(config.state_dir)
+    except StateDirLockedError as exc:
+        raise _CannotStart(START_LOCKED, str(exc)) from exc
+    except OSError as exc:
+        raise _CannotStart(
+            START_FAILED, f"state_dir {config.state_dir}: {exc.strerror or exc}"
+        ) from exc
     try:
         agent = Agent(config)
         for component in _extra_components(agent):
             agent.add_component(component)
-        return asyncio.run(agent.run())
+        code = asyncio.run(agent.run())
     except StartupError as exc:
-        logging.getLogger("edge-agent").error("cannot start: %s", exc)
-        return 1
+        # Raised over a ConfigError (the link's settings), it is a config problem.
+        cause = exc.__cause__
+        raise _CannotStart(
+            cause.code if isinstance(cause, ConfigError) else exc.code, str(exc)
+        ) from exc
+    if agent.workers_running:
+        # An install abandoned at SIGTERM may sit in a runtime's C code; interpreter
+        # teardown under it is not safe, and nothing of it needs finishing (the store
+        # only ever renames complete results into place).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    lock.release()
+    return code
 
 
 def _extra_components(agent: Any) -> list[Any]:
@@ -68,8 +138,9 @@ def _extra_components(agent: Any) -> list[Any]:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.config.loader import ConfigError, load_config
-    from agent.service import StartupError, load_trusted_keys
+    from agent import preflight
+    from agent.config.loader import ConfigError, env_overrides, load_config
+    from agent.statelock import holder
 
     path = Path(args.config)
     try:
@@ -77,47 +148,68 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{path}: {len(exc.issues)} problem(s)")
         for issue in exc.issues:
-            print(f"  {issue.path or '<file>'}: {issue.message}")
+            line = f"{issue.path or '<file>'}: {issue.message}"
+            print(f"  [{exc.code}] {_printable(line).replace(chr(10), ' ')}")
         return 1
-    from agent.config.loader import env_overrides
-
     for issue in env_overrides(os.environ)[1]:
-        print(f"warning: {issue.message} (ignored)")
-    problems = []
+        print(f"warning: {_printable(issue.message)} (ignored)")
+    # The same checks start-up makes, plus the ones start-up tolerates (a missing
+    # model.bundle while `current` serves, no trusted key) but a device should not have.
+    problems = preflight.check_keys(config) + preflight.check_bundle(config)
+    problems += preflight.check_state_dir(config.state_dir)
+    note = ""
     try:
-        keys = load_trusted_keys(config)
-    except StartupError as exc:
-        problems.append(str(exc))
-        keys = []
-    if not config.trust.public_keys:
-        problems.append("trust.public_keys: empty; no bundle can be verified")
-    if config.model.bundle is not None and not config.model.bundle.is_file():
-        problems.append(f"model.bundle: {config.model.bundle} does not exist")
-    from agent.link.settings import check as check_link
-
-    if config.mqtt.enabled or config.kubeedge.enabled:
-        problems += [str(issue) for issue in check_link(config)]
-    if problems:
-        print(f"{path}: {len(problems)} problem(s)")
-        for p in problems:
-            print(f"  {p}")
+        pid = holder(config.state_dir)
+    except OSError as exc:
+        pid = None
+        problems.append(
+            preflight.Problem(
+                "state_dir",
+                f"{config.state_dir}: lock file: {exc.strerror or exc}",
+                preflight.START_FAILED,
+            )
+        )
+    if pid is not None:
+        who = f"pid {pid}" if pid else "pid unknown"
+        problems.append(
+            preflight.Problem(
+                "state_dir",
+                f"an agent ({who}) is running on {config.state_dir}; `run` is refused "
+                "until it stops",
+                preflight.START_LOCKED,
+                warning=True,
+            )
+        )
+        note = f"(probably by the agent running on this state_dir, {who}; it frees it on stop)"
+    problems += preflight.check_api(config, note) + preflight.check_link(config)
+    for p in problems:
+        if p.warning:
+            print(f"warning [{p.code}] {_printable(str(p))}")
+    errors = [p for p in problems if not p.warning]
+    if errors:
+        print(f"{path}: {len(errors)} problem(s)")
+        for p in errors:
+            print(f"  [{p.code}] {_printable(str(p)).replace(chr(10), ' ')}")
         return 1
-    print(f"{path}: OK (device {config.device_id}, {len(keys)} trusted key(s))")
+    keys = len(config.trust.public_keys)
+    print(f"{path}: OK (device {config.device_id}, {keys} trusted key(s))")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from agent.admission import limits_from
     from agent.bundle import BundleError, verify_bundle
-    from agent.config.loader import ConfigError, load_config
+    from agent.config.loader import ConfigError, load_config, read_public_keys
     from agent.config.model import AgentConfig
-    from agent.service import StartupError, load_trusted_keys
-    from agent.signing import KeyFileError, load_public_key
+    from agent.regular_files import check_regular
+    from agent.service import StartupError, UnreadableBundleError, load_trusted_keys
+    from agent.signing import KeyFileError
 
     try:
         config = load_config(Path(args.config)) if args.config else AgentConfig()
         keys = (
-            [load_public_key(Path(k)) for k in args.key] if args.key else load_trusted_keys(config)
+            # Read like the config's keys: never blocking on a FIFO, never unbounded.
+            read_public_keys(list(args.key), "--key") if args.key else load_trusted_keys(config)
         )
     except (ConfigError, StartupError, KeyFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -128,6 +220,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        check_regular(Path(args.bundle))
+    except OSError as exc:
+        # A FIFO or a device would block the reader, or never end.
+        print(f"REFUSED [{UnreadableBundleError.code}] {args.bundle}: {exc.strerror or exc}")
+        return 1
     try:
         bundle = verify_bundle(Path(args.bundle), keys, limits_from(config))
     except BundleError as exc:
@@ -214,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the agent (systemd runs this)")
     run.add_argument("--config", help=f"agent.toml (default $EDGERUN_CONFIG or {DEFAULT_CONFIG})")
+    run.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="overrides log_level; debug also logs the traceback of an internal error",
+    )
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate agent.toml; exit 1 on problems")
@@ -241,8 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Paths and values from the environment may hold undecodable bytes; printing them
+    # must escape, not raise.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # Outside `run` (which says `cannot start`), still one line and no traceback.
+        logging.getLogger("edge-agent").debug("internal error", exc_info=True)
+        print(f"error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,9 +18,14 @@ class Notifier:
         self.watchdog_s: float | None = None
         if usec and (pid is None or pid == str(os.getpid())):
             try:
-                self.watchdog_s = int(usec) / 1_000_000
+                value = int(usec)
             except ValueError:
-                log.warning("ignoring WATCHDOG_USEC=%r", usec)
+                value = 0
+            # Zero or negative would have the watchdog task pet systemd in a busy loop.
+            if value > 0:
+                self.watchdog_s = value / 1_000_000
+            else:
+                log.warning("ignoring WATCHDOG_USEC=%r: not a positive integer", usec)
 
     @property
     def enabled(self) -> bool:
@@ -42,13 +47,19 @@ class Notifier:
         return True
 
     def ready(self, status: str) -> bool:
-        return self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+        return self.notify("READY=1", f"STATUS={_one_line(status)}", f"MAINPID={os.getpid()}")
 
     def status(self, status: str) -> bool:
-        return self.notify(f"STATUS={status}")
+        return self.notify(f"STATUS={_one_line(status)}")
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
 
     def stopping(self) -> bool:
         return self.notify("STOPPING=1", "STATUS=draining requests")
+
+
+def _one_line(text: str) -> str:
+    # Fields are newline-separated: a newline in a status (a path from the config)
+    # would smuggle in a field of its own (MAINPID=, WATCHDOG=...).
+    return " ".join(text.splitlines())

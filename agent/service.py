@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,11 +17,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent import __version__
 from agent.admission import REFUSALS, Admission
 from agent.api.server import ApiServer
+from agent.bundle import BundleError
 from agent.config.loader import ConfigError, read_public_keys
 from agent.config.model import AgentConfig
 from agent.events import EventBus
 from agent.memory import MB, RssWatcher, compute_budget
 from agent.metrics import Metrics
+from agent.preflight import START_FAILED, START_INTERNAL, check_api
+from agent.regular_files import check_regular
 from agent.runtimes import availability
 from agent.sdnotify import Notifier
 from agent.serving import ModelHost
@@ -39,14 +43,31 @@ class Component(Protocol):
 
 
 class StartupError(Exception):
-    """The agent cannot start; the message says what to fix."""
+    """The agent cannot start; the message says what to fix, `code` is stable."""
+
+    def __init__(self, message: str, code: str = START_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UnreadableBundleError(BundleError):
+    """`model.bundle` names something that is not a readable regular file."""
+
+    code = "bundle.unreadable"
 
 
 def load_trusted_keys(config: AgentConfig) -> list[Ed25519PublicKey]:
     try:
         return read_public_keys(list(config.trust.public_keys), "trust.public_keys")
     except ConfigError as exc:
-        raise StartupError("; ".join(str(issue) for issue in exc.issues)) from exc
+        raise StartupError("; ".join(str(issue) for issue in exc.issues), exc.code) from exc
+
+
+class _Stopped:
+    """What waiting for start-up work returns when SIGTERM came first."""
+
+
+STOPPED = _Stopped()
 
 
 class Agent:
@@ -75,6 +96,9 @@ class Agent:
         self._stop = asyncio.Event()
         self._shed_at_overload = 0
         self.exit_code = 0
+        # Start-up work that runs beside the loop. Not the loop's executor: asyncio.run
+        # joins that on the way out, and SIGTERM must not wait for a bundle's install.
+        self._workers: list[threading.Thread] = []
 
     def add_component(self, component: Component) -> None:
         self.components.append(component)
@@ -135,7 +159,7 @@ class Agent:
     # ----------------------------------------------------------------- lifecycle
 
     def load_initial_model(self) -> None:
-        """Serve what the state dir has, then install `model.bundle` if it is newer."""
+        """Serve what the state dir has, then install `model.bundle` (synchronously)."""
         self.admission.serve_current()
         bundle = self.config.model.bundle
         if bundle is None:
@@ -143,14 +167,60 @@ class Agent:
                 log.warning("no model to serve: set model.bundle or deploy one over MQTT")
             return
         try:
-            self.admission.install(Path(bundle))
+            self.install_configured(Path(bundle))
         except REFUSALS as exc:
             if self.host.model is None:
-                raise StartupError(f"cannot serve {bundle}: {exc}") from exc
+                raise StartupError(f"cannot serve {bundle}: {exc}", _code(exc)) from exc
             log.warning("keeping %s: %s", self.host.model.manifest.version, exc)
+
+    def install_configured(self, bundle: Path) -> None:
+        """Install `model.bundle`; raises one of REFUSALS when it is refused."""
+        try:
+            # A FIFO or a device there would block the reader, or never end.
+            check_regular(bundle)
+        except OSError as exc:
+            refused = UnreadableBundleError(f"model.bundle {bundle}: {exc.strerror or exc}")
+            self.events.emit("model.refused", str(refused), bundle=str(bundle), code=refused.code)
+            raise refused from exc
+        self.admission.install(bundle)
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def workers_running(self) -> bool:
+        """True while start-up work (a model load, a bundle install) is still going."""
+        return any(t.is_alive() for t in self._workers)
+
+    async def _until_stopped(self, name: str, work: Callable[[], Any]) -> Any:
+        """Run `work` on a thread of its own; return its result, or STOPPED at SIGTERM.
+
+        At SIGTERM the thread is abandoned, not joined: what it does is either done
+        atomically (the store renames into place) or cleaned at the next start.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def target() -> None:
+            try:
+                result = work()
+            except BaseException as exc:  # handed to the loop, which re-raises it
+                loop.call_soon_threadsafe(_settle, done, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, done, result, None)
+
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._workers.append(thread)
+        thread.start()
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not done.done():
+            log.info("stopping while %s is still running; abandoning it", name)
+            return STOPPED
+        return done.result()
 
     async def run(self, on_ready: Callable[[], Awaitable[None]] | None = None) -> int:
         loop = asyncio.get_running_loop()
@@ -158,23 +228,74 @@ class Agent:
             loop.add_signal_handler(sig, self.request_stop)
         self.watcher.start()
         started = time.perf_counter()
-        await loop.run_in_executor(None, self.load_initial_model)
-        self.api.start()
+        problems = [p for p in check_api(self.config) if not p.warning]
+        if problems:
+            raise StartupError("; ".join(str(p) for p in problems), problems[0].code)
+        try:
+            self.api.start()
+        except OSError as exc:  # lost a race with another process since the check
+            self.api.close()
+            raise StartupError(f"api: cannot listen: {exc.strerror or exc}") from exc
+        # The API answers from here on: 503 model.not_ready until a model is in.
+        if await self._until_stopped("load current", self.admission.serve_current) is STOPPED:
+            return await self.shutdown()
         for component in self.components:
             await component.start()
         ready_s = time.perf_counter() - started
-        model = self.host.model
-        what = "no model" if model is None else f"{model.manifest.name} {model.manifest.version}"
+        bundle = self.config.model.bundle
+        what = self._serving()
         log.info("ready in %.3f s: serving %s on %s", ready_s, what, ", ".join(self.api.addresses))
+        if bundle is not None:
+            what += f"; checking {bundle}"
+        # READY=1 does not wait for model.bundle: its check can take minutes on a big
+        # bundle (past systemd's start timeout) while `current` is already served.
         self.notifier.ready(f"serving {what}")
         if on_ready is not None:
             await on_ready()
         watchdog = asyncio.create_task(self._watchdog())
         try:
+            if bundle is not None:
+                await self._install_at_start(Path(bundle))
             await self._stop.wait()
         finally:
             watchdog.cancel()
         return await self.shutdown()
+
+    def _serving(self) -> str:
+        model = self.host.model
+        return "no model" if model is None else f"{model.manifest.name} {model.manifest.version}"
+
+    async def _install_at_start(self, bundle: Path) -> None:
+        """Check and install `model.bundle` beside the serving `current`."""
+        result = await self._until_stopped("install model.bundle", lambda: self._try(bundle))
+        if isinstance(result, BaseException):
+            if self.host.model is None and not self._can_receive_bundles():
+                # Nothing to serve and nothing that could bring a bundle: running on
+                # would be a device that looks up but never answers.
+                log.error("cannot start [%s]: cannot serve %s: %s", _code(result), bundle, result)
+                self.exit_code = 1
+                self.request_stop()
+                return
+            log.warning("keeping %s: %s", self._serving(), result)
+        if result is not STOPPED:
+            self.notifier.status(f"serving {self._serving()}")
+
+    def _try(self, bundle: Path) -> BaseException | None:
+        try:
+            self.install_configured(bundle)
+        except REFUSALS as exc:
+            return exc
+        except Exception as exc:
+            # Not a refusal: a fault of the agent or the machine (disk full, EIO). It
+            # is handled as a refusal, with the traceback for developers at debug.
+            log.error(
+                "installing %s failed: %s", bundle, exc, exc_info=log.isEnabledFor(logging.DEBUG)
+            )
+            return exc
+        return None
+
+    def _can_receive_bundles(self) -> bool:
+        return bool(self.components)
 
     async def _watchdog(self) -> None:
         # Pet the systemd watchdog at half its period, only while the loop is healthy.
@@ -225,3 +346,17 @@ class Agent:
         self.watcher.stop()
         log.info("stopped")
         return self.exit_code
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _code(exc: BaseException) -> str:
+    # Refusals carry their own stable code; anything else is a fault of the agent.
+    return str(getattr(exc, "code", START_INTERNAL))

@@ -14,13 +14,28 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config.model import AgentConfig
-from agent.config.typed import ConfigError, ConfigIssue, build, coerce_env
+from agent.config.typed import (
+    SYNTAX,
+    UNREADABLE,
+    ConfigError,
+    ConfigIssue,
+    build,
+    coerce_env,
+)
+from agent.regular_files import read_regular
 from agent.signing import KeyFileError, parse_public_key
 
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "EDGERUN_"
 CREDENTIAL_PREFIX = "credential:"
+# An agent.toml is a few KiB; a key or credential a few hundred bytes. The caps keep a
+# wrong path (a disk image, /dev/zero) from filling memory.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CREDENTIAL_BYTES = 64 * 1024
+# No setting is nested more than 4 tables deep; TOML nested far deeper is refused
+# before anything walks it (and tomllib's own recursion is caught as well).
+MAX_DEPTH = 16
 
 __all__ = ["ConfigError", "ConfigIssue", "load_config", "parse_config", "read_credential"]
 
@@ -55,8 +70,11 @@ def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[Conf
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         tp = _field_type(path)
         if tp is None or dataclasses.is_dataclass(tp):
+            shown = printable(name)
             issues.append(
-                ConfigIssue(".".join(path), f"environment variable {name} names no setting")
+                ConfigIssue(
+                    printable(".".join(path)), f"environment variable {shown} names no setting"
+                )
             )
             continue
         node = data
@@ -64,6 +82,61 @@ def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[Conf
             node = node.setdefault(part, {})
         node[path[-1]] = coerce_env(tp, text)
     return data, issues
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong with a file, without the errno noise."""
+    return str(getattr(exc, "strerror", None) or exc)
+
+
+def printable(text: str) -> str:
+    """`text` with undecodable bytes (surrogate escapes from os.environ) as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _depth(data: Any) -> int:
+    """How deeply tables and arrays nest in `data` (iteratively: the input is hostile)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            break
+        if isinstance(node, Mapping):
+            stack.extend((v, level + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, level + 1) for v in node)
+    return deepest
+
+
+def parse_toml(raw: bytes, source: str) -> dict[str, Any]:
+    """TOML bytes to a dict, or ConfigError(config.unreadable | config.syntax)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [ConfigIssue("", f"not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x})")],
+            source,
+            UNREADABLE,
+        ) from exc
+    # Some editors start a UTF-8 file with a byte-order mark, which TOML does not allow.
+    text = text.removeprefix("\ufeff")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigIssue("", f"not valid TOML: {exc}")], source, SYNTAX) from exc
+    except RecursionError as exc:
+        raise ConfigError([_too_deep()], source, SYNTAX) from exc
+    if _depth(data) > MAX_DEPTH:
+        raise ConfigError([_too_deep()], source, SYNTAX)
+    return data
+
+
+def _too_deep() -> ConfigIssue:
+    return ConfigIssue(
+        "", f"tables or arrays are nested more than {MAX_DEPTH} levels deep; no setting is"
+    )
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,11 +154,31 @@ def parse_config(
     environ: Mapping[str, str] | None = None,
     source: str = "config",
 ) -> AgentConfig:
-    overrides, unknown = env_overrides(os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
+    overrides, unknown = env_overrides(env)
     for issue in unknown:
         log.warning("ignoring %s", issue.message)
     merged = _merge(dict(data), overrides)
-    return build(AgentConfig, merged, source)
+    try:
+        return build(AgentConfig, merged, source)
+    except ConfigError as exc:
+        raise _blame_environment(exc, env) from None
+
+
+def _blame_environment(exc: ConfigError, environ: Mapping[str, str]) -> ConfigError:
+    """Say which EDGERUN_* variable set a bad value: it is not in the file to be found."""
+    names: dict[str, str] = {}
+    for var in environ:
+        if var.startswith(ENV_PREFIX) and var != "EDGERUN_CONFIG":
+            names[".".join(p.lower() for p in var[len(ENV_PREFIX) :].split("__"))] = var
+    if not names:
+        return exc
+    issues = []
+    for issue in exc.issues:
+        name = names.get(issue.path.split("[", 1)[0])
+        message = issue.message if name is None else f"{issue.message} (set by {printable(name)})"
+        issues.append(ConfigIssue(issue.path, message))
+    return ConfigError(issues, exc.source, exc.code)
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
@@ -95,14 +188,12 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     if path is not None:
         source = str(path)
         try:
-            with Path(path).open("rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
+            raw = read_regular(Path(path), MAX_CONFIG_BYTES)
+        except (OSError, ValueError) as exc:
             raise ConfigError(
-                [ConfigIssue("", f"cannot read file: {exc.strerror}")], source
+                [ConfigIssue("", f"cannot read file: {reason(exc)}")], source, UNREADABLE
             ) from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([ConfigIssue("", f"not valid TOML: {exc}")], source) from exc
+        data = parse_toml(raw, source)
     return parse_config(data, environ, source)
 
 
@@ -142,6 +233,6 @@ def read_credential(value: str, environ: Mapping[str, str] | None = None) -> byt
     else:
         path = Path(value)
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(value, f"cannot read {path}: {exc.strerror}")]) from exc
+        return read_regular(path, MAX_CREDENTIAL_BYTES)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([ConfigIssue(value, f"cannot read {path}: {reason(exc)}")]) from exc

@@ -46,11 +46,11 @@ class RuntimesConfig:
 @dataclass(frozen=True)
 class MemoryConfig:
     # Configured cap in MiB; 0 means only the cgroup limit and physical memory apply.
-    max_mb: int = constraint(0, ge=0)
+    max_mb: int = constraint(0, ge=0, le=16 * 1024 * 1024)
     # Above this share of the effective cap the agent sheds new requests.
     soft_limit_fraction: float = constraint(0.9, ge=0.1, le=1.0)
     # An explicit soft limit in MiB overrides the fraction (0: use the fraction).
-    soft_limit_mb: int = constraint(0, ge=0)
+    soft_limit_mb: int = constraint(0, ge=0, le=16 * 1024 * 1024)
     check_interval_ms: int = constraint(100, ge=10, le=10_000)
 
 
@@ -79,8 +79,8 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class BundleLimitsConfig:
-    max_bundle_mb: int = constraint(1024, ge=1)
-    max_member_mb: int = constraint(768, ge=1)
+    max_bundle_mb: int = constraint(1024, ge=1, le=1024 * 1024)
+    max_member_mb: int = constraint(768, ge=1, le=1024 * 1024)
     max_members: int = constraint(64, ge=4, le=10_000)
 
 
