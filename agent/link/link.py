@@ -85,6 +85,8 @@ class Link:
             max_payload_bytes=config.commands.max_payload_kb * 1024,
             cache=self.replies,
             report=RefusalReporter(agent.events.emit),
+            max_lifetime_s=config.commands.max_lifetime_s,
+            clock_skew_s=config.commands.clock_skew_s,
         )
         self.sender = OutboxSender(
             self.outbox, self.client, config.mqtt.max_inflight, self._report_dropped
@@ -145,6 +147,8 @@ class Link:
         self._inbox.put(None)
         self._worker.join(timeout=10)
         if self.client.connected:
+            if self.twin is not None:
+                self.twin.stopped()
             done = threading.Event()
             try:
                 self.client.publish(
@@ -184,9 +188,9 @@ class Link:
             )
         status = Status(self.config.device_id, "online", __version__, time.time(), "connected")
         self.client.publish(self.topics.status, dumps(status.to_json()), retain=True)
-        self.publish_state(force=True)
         if self.twin is not None:
-            self.twin.on_connect()
+            self.twin.on_connect()  # asks for the twin; the report below is its one report
+        self.publish_state(force=True)
         self.online.set()
 
     def _on_disconnect(self, why: str) -> None:
@@ -307,7 +311,9 @@ class Link:
             return dumps(message.to_json())
 
         self._put("event", str(self.topics.events), build)
-        if event.kind.startswith(("model.", "overloaded", "twin.")):
+        # Any event may follow a change of what `state` shows (overloaded and
+        # overload.cleared, model swaps, twin desires); publish_state sends only a change.
+        if not event.kind.startswith("command."):
             self.publish_state()
 
     def _put(self, kind: Kind, topic: str, build: Callable[[int], bytes]) -> None:

@@ -45,13 +45,23 @@ class TwinLink:
         return topic in (str(self.topics.update_delta), str(self.topics.get_result))
 
     def on_connect(self) -> None:
-        """After the link subscribed (to `filters()` too): ask for the twin, report ours."""
-        self.client.publish(self.topics.get, twin.encode_get())
-        self.report(force=True)
+        """After the link subscribed (to `filters()` too): ask for the twin, and forget
+        what was reported so the next `report` (the link's, right after) sends it once."""
+        with self._lock:
+            self._reported = None
+        try:
+            self.client.publish(self.topics.get, twin.encode_get())
+        except MqttError as exc:
+            log.debug("twin get not sent: %s", exc)
 
-    def report(self, force: bool = False) -> None:
-        """Publish the actual values when they changed (or always, on connect)."""
-        values = {k: v[: twin.MAX_VALUE_BYTES] for k, v in self.actual().items()}
+    def stopped(self) -> None:
+        """A clean stop: the twin must not go on saying `health: ready`."""
+        self.report(override={"health": "stopped"})
+
+    def report(self, force: bool = False, override: dict[str, str] | None = None) -> None:
+        """Publish the actual values when they changed (or always, with `force`)."""
+        values = {**self.actual(), **(override or {})}
+        values = {k: _cut(v) for k, v in values.items()}
         with self._lock:
             if not force and values == self._reported:
                 return
@@ -85,3 +95,9 @@ class TwinLink:
                     model_version=version,
                     event_id=doc.event_id,
                 )
+
+
+def _cut(value: str) -> str:
+    """At most MAX_VALUE_BYTES of UTF-8, cut on a character boundary."""
+    data = value.encode("utf-8", "replace")[: twin.MAX_VALUE_BYTES]
+    return data.decode("utf-8", "ignore")

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol.topics import TopicError, command_name
+from agent.protocol.topics import TopicError, command_name, is_reply_topic, target_name
 
 
 class Code:
@@ -25,7 +26,16 @@ class Code:
     EXPIRED = "command.expired"
     UNSIGNED = "command.unsigned"
     BAD_SIGNATURE = "command.bad_signature"
-    MISMATCH = "command.mismatch"  # topic and body disagree, or addressed to someone else
+    MISMATCH = "command.mismatch"  # not a command topic, or topic and body name differ
+    WRONG_TARGET = "command.wrong_target"  # for another device or a group it is not in
+    NO_TARGET = "command.no_target"  # signed without "to"
+    NO_EXPIRY = "command.no_expiry"  # signed without "expires_at"
+    LIFETIME_TOO_LONG = "command.lifetime_too_long"  # beyond commands.max_lifetime_s
+    FROM_THE_FUTURE = "command.issued_in_future"  # beyond commands.clock_skew_s
+    ID_REUSED = "command.id_reused"  # a known id on a different command body
+    REPLAYED = "command.replayed"  # ran already; its reply is no longer kept
+    BAD_REPLY_TOPIC = "command.bad_reply_topic"  # reply_to / response topic not a reply topic
+    BUSY = "command.busy"  # too many unexpired command ids remembered
     FAILED = "command.failed"  # the handler broke; the agent keeps running
     NOT_TUNABLE = "config.not_tunable"
     INVALID_VALUE = "config.invalid"
@@ -39,6 +49,10 @@ class ProtocolError(Exception):
 
 
 MAX_ID_LENGTH = 128
+# Printable ASCII without space: ids travel in logs, events and SQL keys unescaped.
+ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}")
+# Unix seconds a command may name: 1970 up to the year 5138 (floats stay exact).
+MAX_TIME = 1e11
 COMMAND_KEYS = frozenset({"id", "name", "args", "issued_at", "expires_at", "to", "reply_to", "sig"})
 
 
@@ -56,16 +70,56 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads(payload: bytes) -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity, no repeated keys (a signed body means one thing)."""
+    """Strict JSON: UTF-8, no NaN/Infinity, no repeated keys (a signed body means one
+    thing), and no lone surrogates: JSON lets "\\ud800" through, but such a string can
+    never be encoded again, so an id or a refusal event holding one would be lost."""
     try:
         text = payload.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError as exc:
         raise ProtocolError(Code.MALFORMED, f"payload is not UTF-8: {exc}") from exc
     except RecursionError as exc:
         raise ProtocolError(Code.MALFORMED, "payload nests too deeply") from exc
     except ValueError as exc:  # JSONDecodeError, our checks, over-long integers
-        raise ProtocolError(Code.MALFORMED, f"payload is not valid JSON: {exc}") from exc
+        raise ProtocolError(
+            Code.MALFORMED, f"payload is not valid JSON: {shown(exc, 200)}"
+        ) from exc
+    _check_strings(value)
+    return value
+
+
+def _check_strings(value: Any) -> None:
+    """Every key and string must be valid Unicode (no lone surrogates); iterative, so a
+    deep document cannot exhaust the stack here."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _encodable(item)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _encodable(key)
+                stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _encodable(text: str) -> None:
+    try:
+        text.encode("utf-8", "strict")
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(
+            Code.MALFORMED,
+            f"payload holds a lone surrogate ({shown(text)}): strings must be valid Unicode",
+        ) from exc
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """A value for an error message: repr (escapes control characters and surrogates),
+    cut to `limit` characters so a hostile value cannot bloat replies and events."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def dumps(obj: Any) -> bytes:
@@ -86,8 +140,18 @@ def _number(obj: dict[str, Any], key: str) -> float | None:
     value = obj.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ProtocolError(Code.MALFORMED, f'"{key}" must be a number (Unix seconds)')
+    # Compare before float(): an integer of 400 digits would overflow the conversion.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (isinstance(value, int) or math.isfinite(value))
+        or not 0 <= value <= MAX_TIME
+    ):
+        raise ProtocolError(
+            Code.MALFORMED,
+            f'"{key}" must be a number of Unix seconds from 0 to {MAX_TIME:.0f}, '
+            f"not {shown(value)}",
+        )
     return float(value)
 
 
@@ -98,7 +162,9 @@ def _string(obj: dict[str, Any], key: str, required: bool = False) -> str | None
             raise ProtocolError(Code.MALFORMED, f'"{key}" is missing')
         return None
     if not isinstance(value, str) or not value:
-        raise ProtocolError(Code.MALFORMED, f'"{key}" must be a non-empty string')
+        raise ProtocolError(
+            Code.MALFORMED, f'"{key}" must be a non-empty string, not {shown(value)}'
+        )
     return value
 
 
@@ -121,32 +187,50 @@ class Command:
         if unknown:
             raise ProtocolError(
                 Code.MALFORMED,
-                f"unknown field {unknown[0]!r}; a command has {', '.join(sorted(COMMAND_KEYS))}",
+                f"unknown field {shown(unknown[0])}; a command has {', '.join(sorted(COMMAND_KEYS))}",
             )
         ident = _string(obj, "id", required=True)
         assert ident is not None
-        if len(ident) > MAX_ID_LENGTH:
-            raise ProtocolError(Code.MALFORMED, f'"id" is longer than {MAX_ID_LENGTH} characters')
+        if not ID_RE.fullmatch(ident):
+            raise ProtocolError(
+                Code.MALFORMED,
+                f'"id" must be 1-{MAX_ID_LENGTH} printable ASCII characters without spaces, '
+                f"not {shown(ident)}",
+            )
         name = _string(obj, "name", required=True)
         assert name is not None
         try:
             command_name(name)
-        except TopicError as exc:
-            raise ProtocolError(Code.MALFORMED, str(exc)) from exc
+        except TopicError:
+            raise ProtocolError(
+                Code.MALFORMED,
+                f'"name" {shown(name)} must be lower-case words joined by dots (e.g. config.get)',
+            ) from None
         args = obj.get("args", {})
         if args is None:
             args = {}
         if not isinstance(args, dict):
-            raise ProtocolError(Code.MALFORMED, '"args" must be an object')
+            raise ProtocolError(Code.MALFORMED, f'"args" must be an object, not {shown(args)}')
+        to = _string(obj, "to")
+        if to is not None and target_name(to) is None:
+            raise ProtocolError(
+                Code.MALFORMED, f'"to" must be a device id or "group:NAME", not {shown(to)}'
+            )
+        reply_to = _string(obj, "reply_to")
+        if reply_to is not None and not is_reply_topic(reply_to):
+            raise ProtocolError(Code.BAD_REPLY_TOPIC, bad_reply_topic(reply_to))
+        sig = _string(obj, "sig")
+        if sig is not None and not sig.isascii():
+            raise ProtocolError(Code.BAD_SIGNATURE, '"sig" must be base64 (ASCII)')
         return cls(
             id=ident,
             name=name,
             args=args,
             issued_at=_number(obj, "issued_at"),
             expires_at=_number(obj, "expires_at"),
-            to=_string(obj, "to"),
-            reply_to=_string(obj, "reply_to"),
-            sig=_string(obj, "sig"),
+            to=to,
+            reply_to=reply_to,
+            sig=sig,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -156,6 +240,13 @@ class Command:
             if value is not None:
                 out[key] = value
         return out
+
+
+def bad_reply_topic(value: str) -> str:
+    return (
+        f"reply topic {shown(value)} is not a console reply topic "
+        "(edgerun/v1/console/{console_id}/reply): the command is not run and not answered"
+    )
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,18 @@ def test_sign_and_verify() -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"\xff\xfe", b'{"a": NaN}', b'{"a": Infinity}', b'{"a": 1, "a": 2}', b"[" * 100_000, b"{"],
+    [
+        b"\xff\xfe",
+        b'{"a": NaN}',
+        b'{"a": Infinity}',
+        b'{"a": 1, "a": 2}',
+        b"[" * 100_000,
+        b"{",
+        b'{"id": "\\ud800"}',
+        b'{"\\udfff": 1}',
+        b'[[["\\ud83d"]]]',
+        b'"\\udc00x"',
+    ],
 )
 def test_strict_json(payload: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
@@ -140,8 +151,15 @@ def test_strict_json(payload: bytes) -> None:
     [
         ({"name": "ping"}, '"id" is missing'),
         ({"id": "", "name": "ping"}, '"id" must be'),
-        ({"id": "x" * 129, "name": "ping"}, "longer than"),
-        ({"id": "1", "name": "Ping"}, "command name"),
+        ({"id": "x" * 129, "name": "ping"}, "1-128 printable ASCII"),
+        ({"id": "caf\u00e9", "name": "ping"}, "1-128 printable ASCII"),
+        ({"id": "a b", "name": "ping"}, "1-128 printable ASCII"),
+        ({"id": "1", "name": "Ping"}, "lower-case words"),
+        ({"id": "1", "name": "ping", "to": "dev/a"}, '"to" must be a device id'),
+        ({"id": "1", "name": "ping", "to": "group:"}, '"to" must be a device id'),
+        ({"id": "1", "name": "ping", "reply_to": "x/y"}, "not a console reply topic"),
+        ({"id": "1", "name": "ping", "expires_at": 10**400}, '"expires_at" must be a number'),
+        ({"id": "1", "name": "ping", "issued_at": -1}, '"issued_at" must be a number'),
         ({"id": "1", "name": "ping", "args": [1]}, '"args" must be an object'),
         ({"id": "1", "name": "ping", "expires_at": "soon"}, '"expires_at" must be a number'),
         ({"id": "1", "name": "ping", "expires_at": True}, '"expires_at" must be a number'),
