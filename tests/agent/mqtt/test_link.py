@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import time
 from pathlib import Path
@@ -281,3 +282,30 @@ def test_bad_commands_get_error_replies_and_the_device_keeps_serving(
     assert reply["error"]["code"] == "input.mismatch"
     assert console.request("ping")["ok"] is True
     assert h.agent.host.ready()
+
+
+def test_retained_state_follows_overload_and_its_clearing(
+    tmp: Path, broker: Broker, harness: MakeHarness
+) -> None:
+    """The memory watcher flips `overloaded` (events `overloaded`, `overload.cleared`);
+    the retained state must follow both ways without waiting for a telemetry tick
+    (none comes within the test). The harness runs no watcher thread: sample by hand."""
+    h = harness(agent_config(tmp, broker, None, commands={"require_signature": False},
+                             telemetry={"interval_s": 3600.0}))  # fmt: skip
+    h.wait_connected()
+    watcher = h.agent.watcher
+    normal = watcher.budget
+    with listening(broker, str(TOPICS.state)) as feed:
+        assert feed.wait_for(lambda f: f.on("/state"))
+        # What a growing RSS does: the same budget with a 1 MiB soft limit.
+        watcher.budget = dataclasses.replace(normal, soft_limit_bytes=1 << 20)
+        watcher.sample()
+        assert feed.wait_for(lambda f: json_on(f, "/state")[-1]["health"]["overloaded"])
+        watcher.budget = normal
+        watcher.sample()
+        assert h.agent.events.recent[-1].kind == "overload.cleared"
+        assert feed.wait_for(lambda f: not json_on(f, "/state")[-1]["health"]["overloaded"])
+    assert not watcher.overloaded
+    with listening(broker, str(TOPICS.state)) as late:  # what a console connecting now sees
+        assert late.wait_for(lambda f: f.on("/state"))
+        assert json_on(late, "/state")[-1]["health"] == {"ready": True, "overloaded": False}

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from agent.protocol.messages import loads
 from agent.protocol.topics import TwinTopics
-from tests.agent.mqtt.conftest import DEVICE, MakeHarness, agent_config, json_on, listening
+from tests.agent.mqtt.conftest import (
+    DEVICE,
+    MakeHarness,
+    agent_config,
+    json_on,
+    listening,
+    wait_until,
+)
 from tests.mqtt_broker import Broker
 
 TWIN = TwinTopics("edge", DEVICE)
@@ -56,3 +64,26 @@ def test_twin_reports_actual_values_and_records_a_desired_version(
         )
         assert sum(e["kind"] == "twin.desired" for e in json_on(cloud, "/events")) == 1
         assert h.link.online.is_set()
+
+
+def test_one_twin_report_per_connect_and_health_stopped_after_a_clean_stop(
+    tmp: Path, broker: Broker, harness: MakeHarness
+) -> None:
+    with listening(broker, str(TWIN.update)) as cloud:
+        h = harness(agent_config(tmp, broker, None, commands={"require_signature": False},
+                                 telemetry={"interval_s": 3600.0},
+                                 kubeedge={"enabled": True, "namespace": "edge"}))  # fmt: skip
+        h.wait_connected()
+        assert cloud.wait_for(lambda f: len(f.on("/twin/update")) >= 1)
+        h.agent.events.emit("test.marker", "nothing the twin shows changed")
+        h.link.client.disconnect()  # a clean disconnect: the client connects again
+        assert wait_until(lambda: h.link.client.connections == 2 and h.link.online.is_set())
+        assert cloud.wait_for(lambda f: len(f.on("/twin/update")) >= 2)
+        time.sleep(0.5)  # a duplicate report would have arrived by now
+        updates = [loads(p) for p in cloud.on("/twin/update")]
+        assert len(updates) == 2, updates  # one per connect
+        assert all(u["twin"]["health"]["actual"]["value"] == "ready" for u in updates)
+        h.stop()
+        assert cloud.wait_for(lambda f: len(f.on("/twin/update")) == 3)
+        last = loads(cloud.on("/twin/update")[-1])
+        assert last["twin"]["health"]["actual"]["value"] == "stopped"
