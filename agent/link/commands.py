@@ -196,7 +196,11 @@ class Dispatcher:
         except Exception as exc:  # a bug here must not take the link down
             log.exception("command dispatch failed for %s", shown(request.topic, 200))
             reply = Reply.failure(None, Code.FAILED, f"internal error: {type(exc).__name__}")
-            return self._route(request, None, reply)
+            try:
+                return self._route(request, None, reply)
+            except Exception:
+                log.exception("cannot even answer the command on %s", shown(request.topic, 200))
+                return None
 
     def _refuse(
         self, request: Request, body: Any, ident: str | None, code: str, message: str, **data: Any
@@ -387,7 +391,8 @@ class Dispatcher:
             target = body.get("reply_to")
         if not is_reply_topic(target):
             if target is not None:
-                log.warning("not replying to %s: not a console reply topic", shown(target, 200))
+                # Debug only: the refusal event already says it, rate limited.
+                log.debug("not replying to %s: not a console reply topic", shown(target, 200))
             else:
                 log.info(
                     "no reply topic for the command on %s; its reply is dropped (%s)",

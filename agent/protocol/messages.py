@@ -60,6 +60,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # "1e999" is not a NaN/Infinity literal, yet Python reads it as inf.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -70,12 +78,17 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads(payload: bytes) -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity, no repeated keys (a signed body means one
+    """Strict JSON: UTF-8, no NaN/Infinity (nor numbers that overflow to it), no repeated keys (a signed body means one
     thing), and no lone surrogates: JSON lets "\\ud800" through, but such a string can
     never be encoded again, so an id or a refusal event holding one would be lost."""
     try:
         text = payload.decode("utf-8")
-        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+        value = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_no_duplicates,
+        )
     except UnicodeDecodeError as exc:
         raise ProtocolError(Code.MALFORMED, f"payload is not UTF-8: {exc}") from exc
     except RecursionError as exc:

@@ -138,6 +138,8 @@ def test_sign_and_verify() -> None:
         b'{"\\udfff": 1}',
         b'[[["\\ud83d"]]]',
         b'"\\udc00x"',
+        b'{"a": 1e999}',
+        b"[-1e400]",
     ],
 )
 def test_strict_json(payload: bytes) -> None:
