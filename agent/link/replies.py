@@ -57,6 +57,7 @@ class ReplyCache:
             "body BLOB, created REAL NOT NULL, keep_until REAL NOT NULL)"
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS command_ids_created ON command_ids (created)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS command_ids_keep ON command_ids (keep_until)")
         self._migrate()
 
     def _migrate(self) -> None:

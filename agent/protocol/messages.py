@@ -49,6 +49,7 @@ class ProtocolError(Exception):
 
 
 MAX_ID_LENGTH = 128
+MAX_SIG_LENGTH = 128  # base64 of a 64-byte ed25519 signature is 88
 # Printable ASCII without space: ids travel in logs, events and SQL keys unescaped.
 ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}")
 # Unix seconds a command may name: 1970 up to the year 5138 (floats stay exact).
@@ -233,8 +234,11 @@ class Command:
         if reply_to is not None and not is_reply_topic(reply_to):
             raise ProtocolError(Code.BAD_REPLY_TOPIC, bad_reply_topic(reply_to))
         sig = _string(obj, "sig")
-        if sig is not None and not sig.isascii():
-            raise ProtocolError(Code.BAD_SIGNATURE, '"sig" must be base64 (ASCII)')
+        if sig is not None and (not sig.isascii() or len(sig) > MAX_SIG_LENGTH):
+            raise ProtocolError(
+                Code.BAD_SIGNATURE,
+                f'"sig" must be base64 (ASCII) of at most {MAX_SIG_LENGTH} characters',
+            )
         return cls(
             id=ident,
             name=name,

@@ -41,7 +41,7 @@ from agent.link.logring import LogRing
 from agent.link.replies import ReplyCache
 from agent.link.tunables import Tunables
 from agent.protocol.canonical import sign_body
-from agent.protocol.messages import Code
+from agent.protocol.messages import Code, dumps
 from agent.service import Agent
 from tests.helpers import DEMO_PUB, SAMPLE_BUNDLE, running_agent
 from tests.hostile import Case, Outcome
@@ -405,7 +405,7 @@ class InProcess:
 
     def report(self, code: str, message: str, **data: Any) -> None:
         # As the outbox would: an event that cannot be encoded is lost, so fail here.
-        json.dumps({"code": code, "message": message, **data}, allow_nan=False).encode("utf-8")
+        dumps({"code": code, "message": message, **data})
         self.events.append((code, message, data))
 
     def dispatcher(self, name: str, clock: Callable[[], float] = time.time) -> Dispatcher:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from agent.config.loader import parse_config
 from agent.link.commands import Dispatcher, RefusalReporter, Request
 from agent.link.handlers import build_table
 from agent.link.logring import LogRing
+from agent.link.readable import UnreadableKeyError, read, read_all
 from agent.link.replies import ReplyCache
 from agent.link.tunables import Tunables
 from agent.protocol.canonical import sign_body
@@ -345,3 +347,39 @@ def test_runtime_tunables_reach_the_running_agent(tmp: Path) -> None:
         assert got["result"]["config"]["runtimes"]["onnxruntime"]["intra_op_threads"] == 1
     finally:
         s.agent.host.close()
+
+
+def test_every_readable_key_reads_and_nothing_else_does(setup: Setup) -> None:
+    config = setup.agent.config
+    everything = read_all(config)  # a key in READABLE that does not exist would raise here
+    assert everything["mqtt"]["port"] == config.mqtt.port
+    assert "password" not in everything.get("mqtt", {}) and "state_dir" not in everything
+    for key in ["__class__", "mqtt.__class__", "state_dir", "mqtt.password", "trust.public_keys",
+                "memory.__dataclass_fields__", "mqtt.groups.append", "", "mqtt..port"]:  # fmt: skip
+        with pytest.raises(UnreadableKeyError):
+            read(config, key)
+
+
+def test_replies_from_the_cache_before_digests_still_answer(tmp: Path, setup: Setup) -> None:
+    path = tmp / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE replies (id TEXT PRIMARY KEY, body BLOB NOT NULL, created REAL)")
+    old = {"id": "before-upgrade", "ok": True, "result": {"pong": True}}
+    db.execute("INSERT INTO replies VALUES (?, ?, ?)", ("before-upgrade", dumps(old), time.time()))
+    db.commit()
+    db.close()
+    d = setup.dispatcher()
+    d.cache = ReplyCache(path, 10, 3600)
+    assert send(d, signed(id="before-upgrade"))["result"] == {"pong": True}
+    d.cache.close()
+
+
+def test_a_lone_surrogate_is_refused_and_its_refusal_event_can_be_sent(setup: Setup) -> None:
+    d = setup.dispatcher()
+    before = len(setup.refusals)
+    payload = b'{"id": "x\\ud800", "name": "ping", "to": "dev-a", "args": {"k": "\\udfff"}}'
+    reply = send(d, payload)
+    assert reply["error"]["code"] == Code.MALFORMED and "surrogate" in reply["error"]["message"]
+    code, message = setup.refusals[before]
+    assert code == Code.MALFORMED
+    dumps({"reason": message})  # what the outbox does with the event: must not raise
