@@ -258,11 +258,21 @@ class Dispatcher:
                 "try again when some expire (commands.max_lifetime_s)"
             )
             return self._refuse(request, body, command.id, Code.BUSY, message, name=command.name)
-        reply = self._execute(command)
+        reply, payload = self._encode(self._execute(command))
         keep_until = (command.expires_at or 0.0) + self.clock_skew_s
-        self.cache.put(command.id, digest, dumps(reply.from_device(self.device_id).to_json()),
-                       keep_until)  # fmt: skip
+        self.cache.put(command.id, digest, payload, keep_until)
         return self._route(request, body, reply)
+
+    def _encode(self, reply: Reply) -> tuple[Reply, bytes]:
+        """The reply as sent, and its bytes; a result that is not JSON (NaN in an
+        output, say) becomes an error reply instead of an exception."""
+        reply = reply.from_device(self.device_id)
+        try:
+            return reply, dumps(reply.to_json())
+        except (TypeError, ValueError) as exc:
+            failed = Reply.failure(reply.id, Code.FAILED, f"result is not JSON: {shown(exc, 200)}")
+            failed = failed.from_device(self.device_id)
+            return failed, dumps(failed.to_json())
 
     def _repeat(
         self, request: Request, body: Any, command: Command, digest: str, known: Remembered
@@ -401,12 +411,5 @@ class Dispatcher:
                 )
             return None
         assert isinstance(target, str)
-        topic = Topic(target)
-        reply = reply.from_device(self.device_id)
-        try:
-            payload = dumps(reply.to_json())
-        except (TypeError, ValueError) as exc:
-            reply = Reply.failure(reply.id, Code.FAILED, f"result is not JSON: {shown(exc, 200)}")
-            reply = reply.from_device(self.device_id)
-            payload = dumps(reply.to_json())
-        return Response(topic, payload, request.correlation_data, reply)
+        reply, payload = self._encode(reply)
+        return Response(Topic(target), payload, request.correlation_data, reply)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.config.loader import parse_config
-from agent.link.commands import Dispatcher, RefusalReporter, Request
+from agent.link.commands import CommandSpec, Dispatcher, RefusalReporter, Request
 from agent.link.handlers import build_table
 from agent.link.logring import LogRing
 from agent.link.readable import UnreadableKeyError, read, read_all
@@ -383,3 +384,14 @@ def test_a_lone_surrogate_is_refused_and_its_refusal_event_can_be_sent(setup: Se
     code, message = setup.refusals[before]
     assert code == Code.MALFORMED
     dumps({"reason": message})  # what the outbox does with the event: must not raise
+
+
+def test_a_result_that_is_not_json_becomes_an_error_reply(tmp: Path, setup: Setup) -> None:
+    table = {**setup.table, "nan": CommandSpec("nan", "a NaN result", (), lambda a: math.nan)}
+    d = Dispatcher(DEVICE, [], table, [KEY.public_key()], True, 4096,
+                   ReplyCache(tmp / "r.sqlite", 10, 60), lambda *a, **k: None)  # fmt: skip
+    body = signed("nan", id="nan-1")
+    topic = f"edgerun/v1/{DEVICE}/cmd/nan"
+    reply = send(d, body, topic)
+    assert reply["error"]["code"] == Code.FAILED and "not JSON" in reply["error"]["message"]
+    assert send(d, body, topic) == reply  # and that is what a repeat gets
