@@ -65,6 +65,9 @@ class ClientSettings:
     reconnect_max_s: float = 30.0
     max_inflight: int = 32
     will: Will | None = None
+    # MQTT v5 Maximum Packet Size: the broker drops bigger messages for this client
+    # instead of making it read them into memory (0: no limit; 3.1.1 has none).
+    max_packet_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,13 @@ class MqttClient:
         client.on_subscribe = self._handle_subscribe
         return client
 
+    def _connect_properties(self) -> Properties | None:
+        if not self.settings.max_packet_bytes:
+            return None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.MaximumPacketSize = self.settings.max_packet_bytes
+        return props
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             client = self._new_paho()
@@ -311,6 +321,7 @@ class MqttClient:
                         self.settings.port,
                         self.settings.keepalive_s,
                         clean_start=True,
+                        properties=self._connect_properties(),
                     )
                 else:
                     client.connect(

@@ -18,6 +18,9 @@ from agent.protocol.topics import TopicFilter, TwinTopics
 
 log = logging.getLogger(__name__)
 
+MAX_TWIN_BYTES = 64 * 1024  # a twin document of the properties below is far smaller
+MAX_DESIRED = 32  # desired properties remembered (model_version is the one used)
+
 
 class TwinLink:
     def __init__(
@@ -74,6 +77,13 @@ class TwinLink:
                 self._reported = None  # try again on the next change or connect
 
     def handle(self, payload: bytes) -> None:
+        if len(payload) > MAX_TWIN_BYTES:
+            log.warning(
+                "ignoring a twin message of %d bytes (the limit is %d)",
+                len(payload),
+                MAX_TWIN_BYTES,
+            )
+            return
         try:
             doc = twin.decode(payload)
         except ProtocolError as exc:
@@ -81,6 +91,18 @@ class TwinLink:
             return
         desired = doc.desired()
         changed = {k: v for k, v in desired.items() if self.desired.get(k) != v}
+        # The desired set lives in memory and in every retained state: bounded, so a
+        # twin that names ever new properties cannot grow it without end.
+        room = MAX_DESIRED - len(self.desired)
+        fresh = [k for k in changed if k not in self.desired]
+        if len(fresh) > room:
+            dropped = sorted(fresh)[max(room, 0) :]
+            log.warning(
+                "twin names more than %d desired properties; ignoring %s", MAX_DESIRED,
+                ", ".join(dropped[:5]),
+            )  # fmt: skip
+            for key in dropped:
+                del changed[key]
         if not changed:
             return
         self.desired.update(changed)

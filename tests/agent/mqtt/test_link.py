@@ -309,3 +309,23 @@ def test_retained_state_follows_overload_and_its_clearing(
     with listening(broker, str(TOPICS.state)) as late:  # what a console connecting now sees
         assert late.wait_for(lambda f: f.on("/state"))
         assert json_on(late, "/state")[-1]["health"] == {"ready": True, "overloaded": False}
+
+
+def test_the_broker_never_hands_the_device_a_packet_far_over_the_command_limit(
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness: MakeHarness
+) -> None:
+    """MQTT v5 Maximum Packet Size: a 4 MB command is dropped by the broker, so the
+    device never reads it into memory; one just over the limit still gets its reply."""
+    h = harness(agent_config(tmp, broker, console_pub))
+    h.wait_connected()
+    topic = str(TOPICS.command("ping"))
+    with listening(broker, str(TOPICS.events)) as feed:
+        console.send_raw(topic, b"{" + b" " * (4 << 20) + b"}")
+        near = console.request_raw(b"{" + b" " * (70 << 10) + b"}", topic)
+        assert near["error"]["code"] == "command.too_large" and "65536" in near["error"]["message"]
+        assert console.request("ping")["ok"]
+        assert feed.wait_for(
+            lambda f: any(e["kind"] == "command.refused" for e in json_on(f, "/events"))
+        )
+        sizes = [e["reason"] for e in json_on(feed, "/events") if e["kind"] == "command.refused"]
+        assert not any("4194306 bytes" in reason for reason in sizes), sizes

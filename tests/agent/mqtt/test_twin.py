@@ -87,3 +87,27 @@ def test_one_twin_report_per_connect_and_health_stopped_after_a_clean_stop(
         assert cloud.wait_for(lambda f: len(f.on("/twin/update")) == 3)
         last = loads(cloud.on("/twin/update")[-1])
         assert last["twin"]["health"]["actual"]["value"] == "stopped"
+
+
+def test_a_hostile_twin_cannot_grow_the_desired_set_or_send_huge_documents(
+    tmp: Path, broker: Broker, harness: MakeHarness
+) -> None:
+    with listening(broker, f"edgerun/v1/{DEVICE}/events") as feed:
+        h = harness(agent_config(tmp, broker, None, commands={"require_signature": False},
+                                 kubeedge={"enabled": True, "namespace": "edge"}))  # fmt: skip
+        h.wait_connected()
+        big = {"event_id": "big", "timestamp": 1, "delta": {"model_version": "9" * 400}}
+        big["twin"] = {f"q{i}": {"expected": {"value": "y" * 400}} for i in range(200)}  # ~86 KB
+        feed.client.publish(str(TWIN.update_delta), json.dumps(big), qos=1)
+        for batch in range(3):  # 60 different properties in all
+            delta = {"event_id": f"e-{batch}", "timestamp": 1,
+                     "delta": {f"p{batch}-{i}": "x" for i in range(20)}}  # fmt: skip
+            feed.client.publish(str(TWIN.update_delta), json.dumps(delta), qos=1)
+        h.agent.events.emit("test.marker", "after the twin messages")
+        assert feed.wait_for(
+            lambda f: any(e["kind"] == "test.marker" for e in json_on(f, "/events"))
+        )
+        twin = h.link.twin
+        assert twin is not None and len(twin.desired) == 32  # the cap, not 60
+        assert "model_version" not in twin.desired  # the 86 KB document was not read
+        assert h.link.online.is_set() and h.agent.host.ready()
