@@ -36,3 +36,26 @@ def test_command_dispatcher_holds_its_contract(tmp_path: Path) -> None:
     out = run_harness("command", runs=3000, max_len=1024, seeds=_seeds(), workdir=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "Done 3000 runs" in out.stderr, out.stderr[-2000:]
+
+
+def test_twin_decoder_holds_its_contract(tmp_path: Path) -> None:
+    seeds = [
+        json.dumps(
+            {
+                "event_id": "e",
+                "timestamp": 1,
+                "delta": {"model_version": "2.0.0"},
+                "twin": {
+                    "model_version": {
+                        "expected": {"value": "2.0.0"},
+                        "metadata": {"type": "string"},
+                    }
+                },
+            }
+        ).encode(),
+        b'{"twin": {"a": {"actual": {"value": "\\ud800"}}}}',
+        b'{"delta": {"p": 1}}',
+    ]
+    out = run_harness("twin", runs=3000, max_len=1024, seeds=seeds, workdir=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "Done 3000 runs" in out.stderr, out.stderr[-2000:]
