@@ -19,11 +19,14 @@ from agent.protocol.topics import (
     TopicFilter,
     TwinTopics,
     command_subscriptions,
+    console_reply,
     device_id,
     device_of,
     fleet_filter,
     group_command,
+    is_reply_topic,
     parse_command_topic,
+    target_name,
 )
 from agent.signing import key_id
 
@@ -243,3 +246,19 @@ def test_the_documented_signature_vector() -> None:
     )
     docs = (Path(__file__).parents[3] / "docs/mqtt.md").read_text()
     assert sign_body(body, key)["sig"] in docs
+
+
+def test_reply_topics_are_exactly_the_console_reply_topics() -> None:
+    assert is_reply_topic(str(console_reply("ops-1")))
+    for bad in ["edgerun/v1/console/ops/reply/x", "edgerun/v1/console//reply",
+                "edgerun/v1/console/../reply", "edgerun/v1/console/+/reply",
+                "edgerun/v1/console/#", "edgerun/v1/dev-a/telemetry", "edgerun/v2/console/a/reply",
+                "/edgerun/v1/console/a/reply", "edgerun/v1/console/a\u00e9/reply",
+                "edgerun/v1/console/a\nb/reply", "", 5, None]:  # fmt: skip
+        assert not is_reply_topic(bad), bad
+
+
+def test_targets_are_a_device_id_or_a_group() -> None:
+    assert target_name("dev-a") == "dev-a" and target_name("group:lab") == "group:lab"
+    for bad in ["", "group:", "group:a/b", "dev a", "dev/a", "console", "group", 7, "d\u00e9v"]:
+        assert target_name(bad) is None, bad
