@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config.loader import parse_config
 from agent.link import components_for
+from agent.link.client import Message
+from agent.link.commands import CommandSpec
+from agent.link.link import INBOX_BYTES
 from agent.protocol.canonical import sign_body
 from agent.protocol.messages import dumps, loads
 from agent.protocol.topics import DeviceTopics, group_command
 from agent.service import Agent
-from tests.agent.mqtt.conftest import DEVICE, Console, MakeHarness, agent_config, json_on, listening
+from tests.agent.mqtt.conftest import (
+    DEVICE,
+    Console,
+    MakeHarness,
+    agent_config,
+    json_on,
+    listening,
+    wait_until,
+)
 from tests.helpers import samples
 from tests.mqtt_broker import Broker, Listener
 
@@ -329,3 +341,26 @@ def test_the_broker_never_hands_the_device_a_packet_far_over_the_command_limit(
         )
         sizes = [e["reason"] for e in json_on(feed, "/events") if e["kind"] == "command.refused"]
         assert not any("4194306 bytes" in reason for reason in sizes), sizes
+
+
+def test_a_command_flood_is_bounded_in_bytes_and_reported(
+    tmp: Path, broker: Broker, harness: MakeHarness
+) -> None:
+    """While one command runs, at most INBOX_BYTES of others wait; the rest are dropped
+    with a (rate-limited) `command.busy` refusal, and the queue drains afterwards."""
+    h = harness(agent_config(tmp, broker, None, commands={"require_signature": False}))
+    h.wait_connected()
+    release = threading.Event()
+    h.link.dispatcher.table["test.block"] = CommandSpec(
+        "test.block", "holds the command thread", (), lambda args: release.wait(30)
+    )
+    block = {"id": "block", "name": "test.block", "to": DEVICE}
+    h.link._on_message(Message(str(TOPICS.command("test.block")), dumps(block), 1, False))
+    junk = b"x" * (64 << 10)
+    for _ in range(200):  # 12.5 MB, more than INBOX_BYTES
+        h.link._on_message(Message(str(TOPICS.command("ping")), junk, 1, False))
+    busy = [e for e in h.agent.events.recent if e.data.get("code") == "command.busy"]
+    assert busy and "8 MB" in busy[0].reason
+    assert h.link._inbox_bytes <= INBOX_BYTES
+    release.set()
+    assert wait_until(lambda: h.link._inbox_bytes == 0 and h.link._inbox.empty())
