@@ -35,7 +35,7 @@ EXPECTED = {
     Code.MALFORMED, Code.TOO_LARGE, Code.UNKNOWN, Code.BAD_ARGS, Code.EXPIRED, Code.UNSIGNED,
     Code.BAD_SIGNATURE, Code.MISMATCH, Code.NOT_TUNABLE, Code.INVALID_VALUE,
     Code.WRONG_TARGET, Code.NO_TARGET, Code.NO_EXPIRY, Code.LIFETIME_TOO_LONG,
-    Code.FROM_THE_FUTURE, Code.ID_REUSED, Code.BAD_REPLY_TOPIC,
+    Code.FROM_THE_FUTURE, Code.ID_REUSED, Code.BAD_REPLY_TOPIC, Code.REPLAYED, Code.BUSY,
     "request.malformed", "input.mismatch", "request.too_large", "model.not_found",
 }  # fmt: skip
 REPLY = "edgerun/v1/console/c1/reply"
