@@ -49,6 +49,7 @@ class ProtocolError(Exception):
 
 
 MAX_ID_LENGTH = 128
+MAX_DEPTH = 64  # objects and arrays inside each other; a command needs a handful
 MAX_SIG_LENGTH = 128  # base64 of a 64-byte ed25519 signature is 88
 # Printable ASCII without space: ids travel in logs, events and SQL keys unescaped.
 ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}")
@@ -98,24 +99,29 @@ def loads(payload: bytes) -> Any:
         raise ProtocolError(
             Code.MALFORMED, f"payload is not valid JSON: {shown(exc, 200)}"
         ) from exc
-    _check_strings(value)
+    _check_document(value)
     return value
 
 
-def _check_strings(value: Any) -> None:
-    """Every key and string must be valid Unicode (no lone surrogates); iterative, so a
-    deep document cannot exhaust the stack here."""
-    stack = [value]
+def _check_document(value: Any) -> None:
+    """Every key and string must be valid Unicode (no lone surrogates), and nothing may
+    nest deeper than MAX_DEPTH: the parser stops near the interpreter's recursion limit,
+    but the encoders (canonical form, replies) run deeper in the stack and would hit
+    it first. Iterative, so a deep document cannot exhaust the stack here."""
+    stack = [(value, 1)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         if isinstance(item, str):
             _encodable(item)
-        elif isinstance(item, dict):
-            for key, child in item.items():
-                _encodable(key)
-                stack.append(child)
-        elif isinstance(item, list):
-            stack.extend(item)
+        elif isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise ProtocolError(Code.MALFORMED, f"payload nests deeper than {MAX_DEPTH} levels")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    _encodable(key)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
 
 
 def _encodable(text: str) -> None:

@@ -114,6 +114,8 @@ def shape_cases() -> list[Hostile]:
         ("overflowing-float", raw(body()).replace(b'"expires_at": ', b'"expires_at": 1e999, "_": '), m),
         ("duplicate-key", b'{"id": "a", "id": "b", "name": "ping"}', m),
         ("deep-nesting", b'{"id": "d", "name": "ping", "args": {"x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}}", (m, Code.TOO_LARGE)),
+        ("nesting-under-the-parser-limit", b'{"id": "n", "name": "ping", "args": {"x": ' + b"[" * 985 + b"]" * 985 + b"}}", m),
+        ("nesting-past-max-depth", raw({**body(), "args": {"x": json.loads("[" * 70 + "]" * 70)}}), m),
         ("oversized", raw(body(args={"pad": "x" * 70_000})), Code.TOO_LARGE),
         ("huge-integer-expiry", raw({**body(), "expires_at": 10**400}), m),
         ("negative-expiry", raw({**body(), "expires_at": -5}), m),
@@ -145,7 +147,8 @@ def shape_cases() -> list[Hostile]:
         ("to-empty-group", raw({**body(), "to": "group:"}), m),
         ("sig-integer", raw({**body(), "sig": 12}), (m, Code.BAD_SIGNATURE)),
     ]  # fmt: skip
-    broker = {"not-json", "invalid-utf8", "id-lone-surrogate", "oversized", "deep-nesting"}
+    broker = {"not-json", "invalid-utf8", "id-lone-surrogate", "oversized", "deep-nesting",
+              "nesting-under-the-parser-limit"}  # fmt: skip
     return [Hostile(_c(k, n, e), t, p, broker=n in broker) for n, p, e in items]
 
 

@@ -143,6 +143,8 @@ def test_sign_and_verify() -> None:
         b'"\\udc00x"',
         b'{"a": 1e999}',
         b"[-1e400]",
+        b'{"a": ' + b"[" * 65 + b"]" * 65 + b"}",  # deeper than MAX_DEPTH
+        b"[" * 990 + b"]" * 990,  # the parser takes it; the encoders would not
     ],
 )
 def test_strict_json(payload: bytes) -> None:
