@@ -261,6 +261,9 @@ def test_repeated_id_gets_the_first_reply_also_after_restart(
     h2 = harness(data)
     h2.wait_connected()
     assert console.request_body(body, topic) == first
+    # The digest survived the restart too: the same id on another body is refused.
+    other = console.body("ping", id="same-id", expires_at=body["expires_at"] + 1)
+    assert console.request_body(other, topic)["error"]["code"] == "command.id_reused"
     # Expiry is checked after the cache: a retransmission of an executed command
     # gets its reply; a new command past its expiry is refused.
     stale = console.body("ping", expires_at=time.time() - 5)
