@@ -43,7 +43,7 @@ from agent.link.tunables import Tunables
 from agent.protocol.canonical import sign_body
 from agent.protocol.messages import Code, dumps
 from agent.service import Agent
-from tests.helpers import DEMO_PUB, SAMPLE_BUNDLE, running_agent
+from tests.helpers import DEMO_PUB, SAMPLE_BUNDLE, running_agent, samples
 from tests.hostile import Case, Outcome
 from tests.mqtt_broker import Broker, Listener
 
@@ -588,9 +588,10 @@ def run_through_broker(workdir: Path, cases: list[Hostile]) -> list[Outcome]:
                     )
                 ), "no ping"
                 assert again["ok"]
-                with agent.client() as api:
-                    status, _, _ = api.request("GET", "/v2/health/ready")
-                    assert status == 200
+                with agent.client() as api:  # the previous model, as before the corpus
+                    inputs, labels = samples()
+                    scores = api.infer("digits", {"input": inputs[:4]})["logits"]
+                    assert list(scores.argmax(axis=1)) == list(labels[:4])
                 time.sleep(0.3)  # let anything stray arrive at the watcher
         finally:
             leaks = watch.leaks(console.sent)
