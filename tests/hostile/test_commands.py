@@ -19,6 +19,8 @@ def test_hostile_commands_are_refused_and_nothing_leaks(tmp_path: Path) -> None:
     names = {o.case.name for o in outcomes}
     assert "broker-nothing-published-outside-reply-topics" in names
     assert sum(n.startswith("broker-") for n in names) >= 20
-    # Judged with bounded memory: no case made the judging process balloon.
-    measured = [o.peak_rss_mb for o in outcomes if o.peak_rss_mb is not None]
-    assert measured and max(measured) < 1024
+    # Bounded memory: the agent process grew by less than 64 MB over all the broker
+    # cases (the 70 KB one and the 4 MB-class packets included).
+    agent_rss = [o.peak_rss_mb for o in outcomes if o.case.name.startswith("broker-")]
+    measured = [rss for rss in agent_rss if rss is not None]
+    assert measured and max(measured) - min(measured) < 64, measured
