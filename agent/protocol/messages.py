@@ -327,6 +327,38 @@ class Reply:
         return cls(ident, False, error=error, device_id=device)
 
 
+# Lenient readers for what a console receives from devices: a missing field has its
+# default, a field of the wrong type is a ProtocolError (never a TypeError/ValueError).
+
+
+def _text(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise ProtocolError(Code.MALFORMED, f'"{key}" must be a string, not {shown(value)}')
+    return value
+
+
+def _seconds(obj: dict[str, Any], key: str) -> float:
+    value = obj.get(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(Code.MALFORMED, f'"{key}" must be a number, not {shown(value)}')
+    try:
+        return float(value)
+    except OverflowError:
+        raise ProtocolError(Code.MALFORMED, f'"{key}" is out of range') from None
+
+
+def _object(obj: dict[str, Any], key: str) -> dict[str, Any]:
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(Code.MALFORMED, f'"{key}" must be an object, not {shown(value)}')
+    return value
+
+
 @dataclass(frozen=True)
 class Status:
     """Retained on `…/status`; the broker publishes the `offline` one as the last will."""
@@ -351,11 +383,11 @@ class Status:
         if not isinstance(obj, dict) or obj.get("state") not in ("online", "offline"):
             raise ProtocolError(Code.MALFORMED, 'a status has "state": "online" or "offline"')
         return cls(
-            device_id=str(obj.get("device_id", "")),
+            device_id=_text(obj, "device_id"),
             state=obj["state"],
-            agent_version=str(obj.get("agent_version", "")),
-            since=float(obj.get("since") or 0.0),
-            reason=str(obj.get("reason", "")),
+            agent_version=_text(obj, "agent_version"),
+            since=_seconds(obj, "since"),
+            reason=_text(obj, "reason"),
         )
 
 
@@ -383,15 +415,15 @@ class EventMessage:
 
     @classmethod
     def from_json(cls, obj: Any) -> EventMessage:
-        if not isinstance(obj, dict) or not isinstance(obj.get("seq"), int):
+        if not isinstance(obj, dict) or type(obj.get("seq")) is not int:
             raise ProtocolError(Code.MALFORMED, 'an event is an object with an integer "seq"')
         return cls(
-            device_id=str(obj.get("device_id", "")),
+            device_id=_text(obj, "device_id"),
             seq=obj["seq"],
-            ts=float(obj.get("ts", 0.0)),
-            kind=str(obj.get("kind", "")),
-            reason=str(obj.get("reason", "")),
-            data=dict(obj.get("data") or {}),
+            ts=_seconds(obj, "ts"),
+            kind=_text(obj, "kind"),
+            reason=_text(obj, "reason"),
+            data=_object(obj, "data"),
         )
 
 
@@ -422,15 +454,18 @@ class TelemetryMessage:
 
     @classmethod
     def from_json(cls, obj: Any) -> TelemetryMessage:
-        if not isinstance(obj, dict) or not isinstance(obj.get("seq"), int):
+        if not isinstance(obj, dict) or type(obj.get("seq")) is not int:
             raise ProtocolError(Code.MALFORMED, 'telemetry is an object with an integer "seq"')
+        model = obj.get("model")
+        if model is not None and not isinstance(model, dict):
+            raise ProtocolError(Code.MALFORMED, '"model" must be an object or null')
         return cls(
-            device_id=str(obj.get("device_id", "")),
+            device_id=_text(obj, "device_id"),
             seq=obj["seq"],
-            ts=float(obj.get("ts", 0.0)),
-            interval_s=float(obj.get("interval_s", 0.0)),
-            inference=dict(obj.get("inference") or {}),
-            system=dict(obj.get("system") or {}),
-            model=obj.get("model"),
-            outbox=dict(obj.get("outbox") or {}),
+            ts=_seconds(obj, "ts"),
+            interval_s=_seconds(obj, "interval_s"),
+            inference=_object(obj, "inference"),
+            system=_object(obj, "system"),
+            model=model,
+            outbox=_object(obj, "outbox"),
         )

@@ -8,10 +8,21 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.protocol import twin
 from agent.protocol.canonical import SignatureError, canonical_json, sign_body, verify_body
-from agent.protocol.messages import Code, Command, ProtocolError, Reply, loads
+from agent.protocol.messages import (
+    Code,
+    Command,
+    EventMessage,
+    ProtocolError,
+    Reply,
+    Status,
+    TelemetryMessage,
+    loads,
+)
 from agent.protocol.topics import (
     DeviceTopics,
     Topic,
@@ -264,3 +275,26 @@ def test_targets_are_a_device_id_or_a_group() -> None:
     assert target_name("dev-a") == "dev-a" and target_name("group:lab") == "group:lab"
     for bad in ["", "group:", "group:a/b", "dev a", "dev/a", "console", "group", 7, "d\u00e9v"]:
         assert target_name(bad) is None, bad
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=10,
+)  # fmt: skip
+_fields = ["id", "name", "args", "ok", "error", "result", "device_id", "state", "since", "seq",
+           "ts", "kind", "reason", "data", "interval_s", "inference", "system", "model",
+           "outbox", "agent_version", "expires_at", "issued_at", "to", "reply_to", "sig"]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj=st.dictionaries(st.sampled_from(_fields), _values, max_size=6) | _values)
+def test_every_reader_raises_only_protocol_errors(obj: object) -> None:
+    """What a console reads from devices (and the device from consoles) is refused with
+    the error root, whatever its shape."""
+    for reader in (Command, Reply, Status, EventMessage, TelemetryMessage):
+        try:
+            reader.from_json(obj)
+        except ProtocolError as exc:
+            assert exc.code in (Code.MALFORMED, Code.BAD_REPLY_TOPIC, Code.BAD_SIGNATURE)
+            assert exc.message
