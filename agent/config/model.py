@@ -149,6 +149,12 @@ class CommandsConfig:
     # PEM ed25519 public keys of fleet consoles: file paths or "credential:NAME".
     console_keys: list[str] = field(default_factory=list)
     max_payload_kb: int = constraint(64, ge=1, le=16_384)
+    # A signed command must expire (`expires_at`) at most this long after it was issued
+    # (`issued_at`, or arrival when absent); its id is remembered until then, so a
+    # captured command cannot run twice.
+    max_lifetime_s: float = constraint(3600.0, ge=1, le=7 * 86_400)
+    # How far a console's clock may run ahead of the device's (`issued_at`).
+    clock_skew_s: float = constraint(60.0, ge=0, le=3600)
     # Replies kept so a repeated command id gets its first reply, also after a restart.
     reply_cache_size: int = constraint(1000, ge=1, le=1_000_000)
     reply_cache_age_s: float = constraint(7 * 86_400.0, ge=1, le=366 * 86_400)

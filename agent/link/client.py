@@ -65,6 +65,9 @@ class ClientSettings:
     reconnect_max_s: float = 30.0
     max_inflight: int = 32
     will: Will | None = None
+    # MQTT v5 Maximum Packet Size: the broker drops bigger messages for this client
+    # instead of making it read them into memory (0: no limit; 3.1.1 has none).
+    max_packet_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,9 @@ class _Session:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.waiting: dict[int, AckCallback] = {}
-        self.early: dict[int, Ack] = {}  # acks that beat their registration
+        # Every QoS 1 mid in flight, registered before its PUBACK can be matched; the
+        # callback is None for publishes whose sender does not wait for the ack.
+        self.waiting: dict[int, AckCallback | None] = {}
         self.subscribing: dict[int, tuple[list[str], Callable[[list[str]], None] | None]] = {}
         self.early_subacks: dict[int, list[ReasonCode]] = {}
         self.closed = False
@@ -150,6 +154,8 @@ class MqttClient:
         self._thread: threading.Thread | None = None
         self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         self.connections = 0  # established connections so far (for status and tests)
+        self.unowned_acks = 0  # acks for no registered message id (QoS 0 sends included)
+        _ack_lock(paho.Client(CallbackAPIVersion.VERSION2))  # fail now, not on first publish
         self.last_error = ""
 
     # ----------------------------------------------------------------- public
@@ -190,29 +196,42 @@ class MqttClient:
         if correlation_data is not None and self.is_v5:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.CorrelationData = correlation_data
-        try:
-            info = client.publish(
-                str(topic), payload, qos=qos, retain=retain, properties=properties
-            )
-        except (ValueError, TypeError) as exc:
-            raise PublishError(f"cannot publish to {topic}: {exc}") from exc
-        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-            raise NotConnectedError(f"connection to {self._where()} was just lost")
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise PublishError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
+        # paho holds `_out_message_mutex` while it matches a PUBACK and calls on_publish
+        # (`_handle_pubackcomp`), and publish() assigns the mid under it too; holding it
+        # (an RLock) across publish() and our registration means no ack can be looked
+        # up before its mid is registered. Every QoS 1 mid is registered, with or
+        # without a callback, so an ack nobody owns is recognised and dropped instead
+        # of waiting for a later publish that reuses its mid after the 65,535 wrap.
+        lost = False
+        with _ack_lock(client):
+            try:
+                info = client.publish(
+                    str(topic), payload, qos=qos, retain=retain, properties=properties
+                )
+            except (ValueError, TypeError) as exc:
+                raise PublishError(f"cannot publish to {topic}: {exc}") from exc
+            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                raise NotConnectedError(f"connection to {self._where()} was just lost")
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise PublishError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
+            if qos > 0:
+                with session.lock:
+                    if session.closed:
+                        lost = True
+                    else:
+                        session.waiting[info.mid] = on_ack
         if on_ack is None:
             return
         if qos == 0:
             on_ack(Ack(True, "sent (QoS 0)", 0))
-            return
+        elif lost:
+            on_ack(Ack(False, "connection lost", -1))
+
+    def pending_acks(self) -> int:
+        """QoS 1 publishes on the current connection still waiting for their PUBACK."""
+        session = self._session
         with session.lock:
-            early = session.early.pop(info.mid, None)
-            if early is None and session.closed:
-                early = Ack(False, "connection lost", -1)
-            if early is None:
-                session.waiting[info.mid] = on_ack
-        if early is not None:
-            on_ack(early)
+            return len(session.waiting)
 
     def subscribe(
         self,
@@ -283,6 +302,13 @@ class MqttClient:
         client.on_subscribe = self._handle_subscribe
         return client
 
+    def _connect_properties(self) -> Properties | None:
+        if not self.settings.max_packet_bytes:
+            return None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.MaximumPacketSize = self.settings.max_packet_bytes
+        return props
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             client = self._new_paho()
@@ -295,6 +321,7 @@ class MqttClient:
                         self.settings.port,
                         self.settings.keepalive_s,
                         clean_start=True,
+                        properties=self._connect_properties(),
                     )
                 else:
                     client.connect(
@@ -338,7 +365,8 @@ class MqttClient:
             session.closed = True
             waiting, session.waiting = session.waiting, {}
         for callback in waiting.values():
-            _safe(callback, Ack(False, f"connection lost before PUBACK: {why}", -1))
+            if callback is not None:
+                _safe(callback, Ack(False, f"connection lost before PUBACK: {why}", -1))
         if self._connected.is_set():
             self._connected.clear()
             log.info("disconnected from %s: %s", self._where(), why)
@@ -404,9 +432,14 @@ class MqttClient:
         )
         session = self._session
         with session.lock:
+            owned = mid in session.waiting
             callback = session.waiting.pop(mid, None)
-            if callback is None:
-                session.early[mid] = ack
+        if not owned:
+            # QoS 0 sends land here too; a PUBACK for a mid not in flight is the
+            # broker's mistake (or a duplicate) and must not settle a later message.
+            self.unowned_acks += 1
+            log.debug("ignoring an ack for message id %d that nothing waits for", mid)
+            return
         if callback is not None:
             _safe(callback, ack)
 
@@ -443,6 +476,13 @@ def _no_delay(client: paho.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             log.debug("cannot set TCP_NODELAY: %s", exc)
+
+
+def _ack_lock(client: paho.Client) -> Any:
+    lock = getattr(client, "_out_message_mutex", None)
+    if lock is None:  # a paho release that renamed it: refuse rather than lose acks
+        raise MqttError("this paho-mqtt has no _out_message_mutex; edgerun needs paho-mqtt 2.x")
+    return lock
 
 
 def _noop_socket(client: paho.Client, userdata: Any, sock: Any) -> None:

@@ -1,14 +1,18 @@
 """The command dispatcher: bytes in, one reply out, never an exception.
 
 Order of checks (each failure is an error reply with a code; see docs/mqtt.md):
-size -> JSON -> command shape -> topic/target match -> signature -> repeated id
-(first reply again) -> expiry -> known command -> arguments -> run.
+reply topic -> size -> JSON -> command shape -> topic/target match -> signature ->
+lifetime -> repeated id (first reply again, or refused when the body differs) ->
+expiry -> known command -> arguments -> run.
+A reply only ever goes to a console reply topic; a command that names any other
+topic as its reply topic is refused with an event and answered nowhere.
 Only commands that passed the signature check are remembered by id, so nobody
 without a console key can plant a reply for someone else's command id.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -19,10 +23,20 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import ServingError
-from agent.link.replies import ReplyCache
-from agent.protocol.canonical import SignatureError, verify_body
-from agent.protocol.messages import Code, Command, ProtocolError, Reply, dumps, loads
-from agent.protocol.topics import Topic, TopicError, parse_command_topic
+from agent.link.replies import LEGACY_DIGEST, Remembered, ReplyCache
+from agent.protocol.canonical import SignatureError, canonical_json, verify_body
+from agent.protocol.messages import (
+    ID_RE,
+    Code,
+    Command,
+    ProtocolError,
+    Reply,
+    bad_reply_topic,
+    dumps,
+    loads,
+    shown,
+)
+from agent.protocol.topics import Topic, is_reply_topic, parse_command_topic
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +61,8 @@ class Args:
         if unknown:
             known = ", ".join(sorted(allowed)) or "none"
             raise CommandError(
-                Code.BAD_ARGS, f"{command}: unknown argument {unknown[0]!r} (accepted: {known})"
+                Code.BAD_ARGS,
+                f"{command}: unknown argument {shown(unknown[0])} (accepted: {known})",
             )
 
     def _bad(self, key: str, what: str) -> CommandError:
@@ -158,6 +173,8 @@ class Dispatcher:
         cache: ReplyCache,
         report: Callable[..., None],
         clock: Callable[[], float] = time.time,
+        max_lifetime_s: float = 3600.0,
+        clock_skew_s: float = 60.0,
     ) -> None:
         self.device_id = device_id
         self.groups = frozenset(groups)
@@ -168,71 +185,151 @@ class Dispatcher:
         self.cache = cache
         self.report = report
         self.clock = clock
+        self.max_lifetime_s = max_lifetime_s
+        self.clock_skew_s = clock_skew_s
 
     def handle(self, request: Request) -> Response | None:
-        """Never raises: every problem becomes an error reply (or a log line when there
-        is nowhere to reply to)."""
+        """Never raises: every problem becomes an error reply (or a refusal event and a
+        log line when there is nowhere to reply to)."""
         try:
             return self._handle(request)
         except Exception as exc:  # a bug here must not take the link down
-            log.exception("command dispatch failed for %s", request.topic)
+            log.exception("command dispatch failed for %s", shown(request.topic, 200))
             reply = Reply.failure(None, Code.FAILED, f"internal error: {type(exc).__name__}")
-            return self._route(request, None, reply)
+            try:
+                return self._route(request, None, reply)
+            except Exception:
+                log.exception("cannot even answer the command on %s", shown(request.topic, 200))
+                return None
+
+    def _refuse(
+        self, request: Request, body: Any, ident: str | None, code: str, message: str, **data: Any
+    ) -> Response | None:
+        self.report(code, message, topic=shown(request.topic, 200), id=ident, **data)
+        return self._route(request, body, Reply.failure(ident, code, message))
 
     def _handle(self, request: Request) -> Response | None:
         payload = request.payload
+        if request.response_topic is not None and not is_reply_topic(request.response_topic):
+            # Answering would publish on a topic of someone else's choosing.
+            self.report(
+                Code.BAD_REPLY_TOPIC,
+                bad_reply_topic(request.response_topic),
+                topic=shown(request.topic, 200),
+                reply_to=shown(request.response_topic, 200),
+            )
+            return None
         if len(payload) > self.max_payload_bytes:
             message = (
                 f"command is {len(payload)} bytes; the limit is {self.max_payload_bytes} "
                 "(commands.max_payload_kb)"
             )
-            self.report(Code.TOO_LARGE, message, topic=request.topic)
-            return self._route(request, None, Reply.failure(None, Code.TOO_LARGE, message))
+            return self._refuse(request, None, None, Code.TOO_LARGE, message)
         try:
             body = loads(payload)
         except ProtocolError as exc:
-            self.report(exc.code, exc.message, topic=request.topic)
-            return self._route(request, None, Reply.failure(None, exc.code, exc.message))
+            return self._refuse(request, None, None, exc.code, exc.message)
         # Best effort, for replying even to a command that is not well formed.
         raw_id = body.get("id") if isinstance(body, dict) else None
-        ident = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None
+        ident = raw_id if isinstance(raw_id, str) and ID_RE.fullmatch(raw_id) else None
         try:
             command = Command.from_json(body)
         except ProtocolError as exc:
-            self.report(exc.code, exc.message, topic=request.topic, id=ident)
-            return self._route(request, body, Reply.failure(ident, exc.code, exc.message))
-        refusal = self._check_route(request.topic, command) or self._check_signature(body)
+            return self._refuse(request, body, ident, exc.code, exc.message)
+        refusal = (
+            self._check_route(request.topic, command)
+            or self._check_signature(body)
+            or self._check_lifetime(command)
+        )
         if refusal is not None:
             code, message = refusal
-            self.report(code, message, topic=request.topic, id=command.id, name=command.name)
-            return self._route(request, body, Reply.failure(command.id, code, message))
-        cached = self.cache.get(command.id)
-        if cached is not None:
-            log.info(
-                "command %s (%s) repeated: sending its first reply again", command.id, command.name
+            return self._refuse(request, body, command.id, code, message, name=command.name)
+        digest = hashlib.sha256(canonical_json(body)).hexdigest()
+        known = self.cache.get(command.id)
+        if known is not None:
+            return self._repeat(request, body, command, digest, known)
+        now = self.clock()
+        if command.expires_at is not None and now > command.expires_at:
+            message = f"command expired {now - command.expires_at:.1f} s ago (expires_at)"
+            return self._refuse(request, body, command.id, Code.EXPIRED, message, name=command.name)
+        if self.cache.full():
+            message = (
+                f"{self.cache.max_ids} unexpired command ids are remembered already; "
+                "try again when some expire (commands.max_lifetime_s)"
             )
-            return self._route(request, body, Reply.from_json(loads(cached)))
-        reply = self._execute(command)
-        if reply.error is None or reply.error.code != Code.EXPIRED:
-            self.cache.put(command.id, dumps(reply.to_json()))
+            return self._refuse(request, body, command.id, Code.BUSY, message, name=command.name)
+        reply, payload = self._encode(self._execute(command))
+        keep_until = (command.expires_at or 0.0) + self.clock_skew_s
+        self.cache.put(command.id, digest, payload, keep_until)
+        return self._route(request, body, reply)
+
+    def _encode(self, reply: Reply) -> tuple[Reply, bytes]:
+        """The reply as sent, and its bytes; a result that is not JSON (NaN in an
+        output, say) becomes an error reply instead of an exception."""
+        reply = reply.from_device(self.device_id)
+        try:
+            return reply, dumps(reply.to_json())
+        except (TypeError, ValueError) as exc:
+            failed = Reply.failure(reply.id, Code.FAILED, f"result is not JSON: {shown(exc, 200)}")
+            failed = failed.from_device(self.device_id)
+            return failed, dumps(failed.to_json())
+
+    def _repeat(
+        self, request: Request, body: Any, command: Command, digest: str, known: Remembered
+    ) -> Response | None:
+        if known.digest not in (digest, LEGACY_DIGEST):
+            message = (
+                f"command id {shown(command.id)} was already used by a different command; "
+                "every command needs a new id"
+            )
+            return self._refuse(
+                request, body, command.id, Code.ID_REUSED, message, name=command.name
+            )
+        if known.body is None:
+            message = (
+                f"command {shown(command.id)} ran already and its reply is no longer kept "
+                "(commands.reply_cache_size)"
+            )
+            return self._refuse(
+                request, body, command.id, Code.REPLAYED, message, name=command.name
+            )
+        log.info(
+            "command %s (%s) repeated: sending its first reply again", command.id, command.name
+        )
+        try:
+            reply = Reply.from_json(loads(known.body))
+        except ProtocolError:
+            message = f"command {shown(command.id)} ran already; its stored reply is unreadable"
+            return self._refuse(
+                request, body, command.id, Code.REPLAYED, message, name=command.name
+            )
         return self._route(request, body, reply)
 
     def _check_route(self, topic: str, command: Command) -> tuple[str, str] | None:
         route = parse_command_topic(topic)
         if route is None:
-            return Code.MISMATCH, f"{topic!r} is not a command topic"
+            return Code.MISMATCH, f"{shown(topic, 200)} is not a command topic"
         if route.name != command.name:
-            return Code.MISMATCH, (f"topic says {route.name!r} but the body says {command.name!r}")
+            return Code.MISMATCH, (
+                f"topic says {route.name!r} but the body says {shown(command.name)}"
+            )
         if route.scope == "device" and route.target != self.device_id:
-            return Code.MISMATCH, f"command is for device {route.target!r}, not this one"
+            return Code.WRONG_TARGET, f"command is for device {route.target!r}, not this one"
         if route.scope == "group" and route.target not in self.groups:
-            return Code.MISMATCH, f"this device is not in group {route.target!r}"
-        if command.to is not None:
-            expected = self.device_id if route.scope == "device" else f"group:{route.target}"
-            if command.to != expected:
-                return Code.MISMATCH, (
-                    f'command is addressed "to" {command.to!r} but arrived for {expected!r}'
+            return Code.WRONG_TARGET, (
+                f"this device is not in group {route.target!r} (mqtt.groups)"
+            )
+        expected = self.device_id if route.scope == "device" else f"group:{route.target}"
+        if command.to is None:
+            if self.require_signature:
+                return Code.NO_TARGET, (
+                    f'a signed command must say whom it is for: "to": {expected!r}'
                 )
+            return None
+        if command.to != expected:
+            return Code.WRONG_TARGET, (
+                f'command is addressed "to" {shown(command.to)} but arrived for {expected!r}'
+            )
         return None
 
     def _check_signature(self, body: dict[str, Any]) -> tuple[str, str] | None:
@@ -245,12 +342,33 @@ class Dispatcher:
         log.debug("command signed by %s", signer)
         return None
 
-    def _execute(self, command: Command) -> Reply:
+    def _check_lifetime(self, command: Command) -> tuple[str, str] | None:
+        """A signed command lives at most `max_lifetime_s` (a captured one is useless
+        after that, and its id is remembered until then)."""
         now = self.clock()
-        if command.expires_at is not None and now > command.expires_at:
-            message = f"command expired {now - command.expires_at:.1f} s ago"
-            self.report(Code.EXPIRED, message, id=command.id, name=command.name)
-            return Reply.failure(command.id, Code.EXPIRED, message)
+        limit = self.max_lifetime_s
+        if command.issued_at is not None and command.issued_at > now + self.clock_skew_s:
+            return Code.FROM_THE_FUTURE, (
+                f"issued_at is {command.issued_at - now:.1f} s ahead of this device's clock; "
+                f"the allowance is {self.clock_skew_s:g} s (commands.clock_skew_s)"
+            )
+        if command.expires_at is None:
+            if self.require_signature:
+                return Code.NO_EXPIRY, (
+                    f'a signed command must carry "expires_at", at most {limit:g} s after '
+                    "issued_at (commands.max_lifetime_s)"
+                )
+            return None
+        start = command.issued_at if command.issued_at is not None else now
+        if command.expires_at - start > limit:
+            return Code.LIFETIME_TOO_LONG, (
+                f"command lives {command.expires_at - start:.0f} s (expires_at - "
+                f"{'issued_at' if command.issued_at is not None else 'now'}); "
+                f"the limit is {limit:g} s (commands.max_lifetime_s)"
+            )
+        return None
+
+    def _execute(self, command: Command) -> Reply:
         spec = self.table.get(command.name)
         if spec is None:
             known = ", ".join(sorted(self.table))
@@ -266,7 +384,9 @@ class Dispatcher:
             return Reply.failure(command.id, exc.code, exc.message)
         except Exception as exc:
             log.exception("command %s (%s) failed", command.name, command.id)
-            return Reply.failure(command.id, Code.FAILED, f"{type(exc).__name__}: {exc}")
+            return Reply.failure(
+                command.id, Code.FAILED, f"{type(exc).__name__}: {shown(exc, 200)}"
+            )
         log.info(
             "command %s (%s) done in %.1f ms",
             command.name, command.id, (time.perf_counter() - started) * 1000,
@@ -274,26 +394,22 @@ class Dispatcher:
         return Reply.success(command.id, result)
 
     def _route(self, request: Request, body: Any, reply: Reply) -> Response | None:
-        """MQTT v5 response topic (with its correlation data), else the body's `reply_to`."""
+        """MQTT v5 response topic (with its correlation data), else the body's `reply_to`;
+        only ever a console reply topic (`edgerun/v1/console/{id}/reply`)."""
         target = request.response_topic
-        if not target and isinstance(body, dict) and isinstance(body.get("reply_to"), str):
-            target = body["reply_to"]
-        if not target:
-            log.warning(
-                "no reply topic for command on %s; dropping reply %s",
-                request.topic, reply.to_json(),
-            )  # fmt: skip
+        if target is None and isinstance(body, dict):
+            target = body.get("reply_to")
+        if not is_reply_topic(target):
+            if target is not None:
+                # Debug only: the refusal event already says it, rate limited.
+                log.debug("not replying to %s: not a console reply topic", shown(target, 200))
+            else:
+                log.info(
+                    "no reply topic for the command on %s; its reply is dropped (%s)",
+                    shown(request.topic, 200),
+                    reply.error.code if reply.error is not None else "ok",
+                )
             return None
-        try:
-            topic = Topic(target)
-        except TopicError as exc:
-            log.warning("cannot reply to %r: %s", target, exc)
-            return None
-        reply = reply.from_device(self.device_id)
-        try:
-            payload = dumps(reply.to_json())
-        except (TypeError, ValueError) as exc:
-            reply = Reply.failure(reply.id, Code.FAILED, f"result is not JSON: {exc}")
-            reply = reply.from_device(self.device_id)
-            payload = dumps(reply.to_json())
-        return Response(topic, payload, request.correlation_data, reply)
+        assert isinstance(target, str)
+        reply, payload = self._encode(reply)
+        return Response(Topic(target), payload, request.correlation_data, reply)

@@ -13,8 +13,9 @@ from agent import __version__
 from agent.api.kserve import decode_request, encode_response
 from agent.link.commands import Args, CommandError, CommandSpec
 from agent.link.logring import LogRing
-from agent.link.tunables import TunableError, Tunables, get_path
-from agent.protocol.messages import Code, dumps, loads
+from agent.link.readable import READABLE, UnreadableKeyError, read, read_all
+from agent.link.tunables import TUNABLE, TunableError, Tunables
+from agent.protocol.messages import Code, dumps, loads, shown
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +62,34 @@ def build_table(
         keys = args.strings("keys")
         effective = tunables.effective
         if keys is None:
-            return {"tunable": tunables.values(), "config": config_as_json(effective)}
+            return {"tunable": tunables.values(), "config": read_all(effective)}
+        if len(keys) > len(READABLE):
+            raise CommandError(
+                Code.BAD_ARGS, f"config.get: at most {len(READABLE)} keys, got {len(keys)}"
+            )
         values = {}
         for key in keys:
             try:
-                values[key] = config_as_json(get_path(effective, key))
-            except AttributeError:
-                raise CommandError(Code.BAD_ARGS, f"config.get: no setting {key!r}") from None
+                values[key] = read(effective, key)
+            except UnreadableKeyError:
+                raise CommandError(
+                    Code.BAD_ARGS,
+                    f"config.get: {shown(key)} is not a readable setting "
+                    "(see config.get without keys, or docs/mqtt.md)",
+                ) from None
         return {"values": values}
 
     def config_set(args: Args) -> dict[str, Any]:
+        values = args.mapping("values")
+        for key in values:
+            if key not in TUNABLE:  # named here, escaped: the key came from the wire
+                raise CommandError(
+                    Code.NOT_TUNABLE,
+                    f"config.set: {shown(key)} cannot be changed at run time "
+                    f"(tunable: {', '.join(TUNABLE)}); change agent.toml and restart",
+                )
         try:
-            applied = tunables.set(args.mapping("values"))
+            applied = tunables.set(values)
         except TunableError as exc:
             raise CommandError(exc.code, exc.message) from exc
         return {"applied": applied}

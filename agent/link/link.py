@@ -34,13 +34,14 @@ from agent.link.telemetry import SystemProbe, inference_figures, model_figures
 from agent.link.tunables import Tunables
 from agent.link.twin import TwinLink
 from agent.outbox import Kind, Outbox, OutboxError
-from agent.protocol.messages import EventMessage, Status, TelemetryMessage, dumps
+from agent.protocol.messages import Code, EventMessage, Status, TelemetryMessage, dumps, shown
 from agent.protocol.topics import DeviceTopics, command_subscriptions
 
 log = logging.getLogger(__name__)
 
 OUTBOX_FILE = "outbox.sqlite"
 INBOX_LIMIT = 256  # commands waiting to run; beyond that they are dropped (flood)
+INBOX_BYTES = 8 << 20  # and at most this many payload bytes waiting
 
 
 class Link:
@@ -85,6 +86,8 @@ class Link:
             max_payload_bytes=config.commands.max_payload_kb * 1024,
             cache=self.replies,
             report=RefusalReporter(agent.events.emit),
+            max_lifetime_s=config.commands.max_lifetime_s,
+            clock_skew_s=config.commands.clock_skew_s,
         )
         self.sender = OutboxSender(
             self.outbox, self.client, config.mqtt.max_inflight, self._report_dropped
@@ -102,6 +105,8 @@ class Link:
         self._state_lock = threading.Lock()
         self._state_sent: bytes | None = None
         self._inbox: queue.Queue[Message | None] = queue.Queue(INBOX_LIMIT)
+        self._inbox_lock = threading.Lock()
+        self._inbox_bytes = 0
         self._worker = threading.Thread(target=self._work, name="mqtt-commands", daemon=True)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "mqtt-telemetry")
         self._telemetry: asyncio.Task[None] | None = None
@@ -145,6 +150,8 @@ class Link:
         self._inbox.put(None)
         self._worker.join(timeout=10)
         if self.client.connected:
+            if self.twin is not None:
+                self.twin.stopped()
             done = threading.Event()
             try:
                 self.client.publish(
@@ -184,9 +191,9 @@ class Link:
             )
         status = Status(self.config.device_id, "online", __version__, time.time(), "connected")
         self.client.publish(self.topics.status, dumps(status.to_json()), retain=True)
-        self.publish_state(force=True)
         if self.twin is not None:
-            self.twin.on_connect()
+            self.twin.on_connect()  # asks for the twin; the report below is its one report
+        self.publish_state(force=True)
         self.online.set()
 
     def _on_disconnect(self, why: str) -> None:
@@ -194,18 +201,33 @@ class Link:
         self.sender.kick()
 
     def _on_message(self, message: Message) -> None:  # network thread: hand over, return
-        try:
-            self._inbox.put_nowait(message)
-        except queue.Full:
-            log.warning(
-                "command queue full (%d): dropping a message on %s", INBOX_LIMIT, message.topic
-            )
+        size = len(message.payload)
+        with self._inbox_lock:
+            fits = self._inbox_bytes + size <= INBOX_BYTES
+            if fits:
+                self._inbox_bytes += size
+        if fits:
+            try:
+                self._inbox.put_nowait(message)
+                return
+            except queue.Full:
+                with self._inbox_lock:
+                    self._inbox_bytes -= size
+        # A flood: the refusal reporter says so at most once a second, with a count.
+        self.dispatcher.report(
+            Code.BUSY,
+            f"command queue full ({INBOX_LIMIT} messages or {INBOX_BYTES >> 20} MB waiting): "
+            "dropped a message",
+            topic=shown(message.topic, 200),
+        )
 
     def _work(self) -> None:
         while True:
             message = self._inbox.get()
             if message is None:
                 return
+            with self._inbox_lock:
+                self._inbox_bytes -= len(message.payload)
             try:
                 self._handle(message)
             except Exception:
@@ -307,7 +329,9 @@ class Link:
             return dumps(message.to_json())
 
         self._put("event", str(self.topics.events), build)
-        if event.kind.startswith(("model.", "overloaded", "twin.")):
+        # Any event may follow a change of what `state` shows (overloaded and
+        # overload.cleared, model swaps, twin desires); publish_state sends only a change.
+        if not event.kind.startswith("command."):
             self.publish_state()
 
     def _put(self, kind: Kind, topic: str, build: Callable[[int], bytes]) -> None:

@@ -150,7 +150,19 @@ def client_settings(
         reconnect_max_s=mqtt.reconnect_max_s,
         max_inflight=mqtt.max_inflight,
         will=will,
+        max_packet_bytes=max_packet_bytes(config),
     )
+
+
+# Room for the topic, properties and a twin document beside the largest command.
+PACKET_HEADROOM = 64 * 1024
+
+
+def max_packet_bytes(config: AgentConfig) -> int:
+    """The largest packet the device accepts (MQTT v5): a command refused for its size
+    still arrives (and gets its `command.too_large` reply) up to PACKET_HEADROOM past
+    `commands.max_payload_kb`; anything bigger the broker never sends."""
+    return config.commands.max_payload_kb * 1024 + PACKET_HEADROOM
 
 
 def console_keys(

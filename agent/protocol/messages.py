@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol.topics import TopicError, command_name
+from agent.protocol.topics import TopicError, command_name, is_reply_topic, target_name
 
 
 class Code:
@@ -25,7 +26,16 @@ class Code:
     EXPIRED = "command.expired"
     UNSIGNED = "command.unsigned"
     BAD_SIGNATURE = "command.bad_signature"
-    MISMATCH = "command.mismatch"  # topic and body disagree, or addressed to someone else
+    MISMATCH = "command.mismatch"  # not a command topic, or topic and body name differ
+    WRONG_TARGET = "command.wrong_target"  # for another device or a group it is not in
+    NO_TARGET = "command.no_target"  # signed without "to"
+    NO_EXPIRY = "command.no_expiry"  # signed without "expires_at"
+    LIFETIME_TOO_LONG = "command.lifetime_too_long"  # beyond commands.max_lifetime_s
+    FROM_THE_FUTURE = "command.issued_in_future"  # beyond commands.clock_skew_s
+    ID_REUSED = "command.id_reused"  # a known id on a different command body
+    REPLAYED = "command.replayed"  # ran already; its reply is no longer kept
+    BAD_REPLY_TOPIC = "command.bad_reply_topic"  # reply_to / response topic not a reply topic
+    BUSY = "command.busy"  # too many unexpired command ids remembered
     FAILED = "command.failed"  # the handler broke; the agent keeps running
     NOT_TUNABLE = "config.not_tunable"
     INVALID_VALUE = "config.invalid"
@@ -39,11 +49,25 @@ class ProtocolError(Exception):
 
 
 MAX_ID_LENGTH = 128
+MAX_DEPTH = 64  # objects and arrays inside each other; a command needs a handful
+MAX_SIG_LENGTH = 128  # base64 of a 64-byte ed25519 signature is 88
+# Printable ASCII without space: ids travel in logs, events and SQL keys unescaped.
+ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}")
+# Unix seconds a command may name: 1970 up to the year 5138 (floats stay exact).
+MAX_TIME = 1e11
 COMMAND_KEYS = frozenset({"id", "name", "args", "issued_at", "expires_at", "to", "reply_to", "sig"})
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    # "1e999" is not a NaN/Infinity literal, yet Python reads it as inf.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -56,16 +80,66 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads(payload: bytes) -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity, no repeated keys (a signed body means one thing)."""
+    """Strict JSON: UTF-8, no NaN/Infinity (nor numbers that overflow to it), no repeated keys (a signed body means one
+    thing), and no lone surrogates: JSON lets "\\ud800" through, but such a string can
+    never be encoded again, so an id or a refusal event holding one would be lost."""
     try:
         text = payload.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+        value = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_no_duplicates,
+        )
     except UnicodeDecodeError as exc:
         raise ProtocolError(Code.MALFORMED, f"payload is not UTF-8: {exc}") from exc
     except RecursionError as exc:
         raise ProtocolError(Code.MALFORMED, "payload nests too deeply") from exc
     except ValueError as exc:  # JSONDecodeError, our checks, over-long integers
-        raise ProtocolError(Code.MALFORMED, f"payload is not valid JSON: {exc}") from exc
+        raise ProtocolError(
+            Code.MALFORMED, f"payload is not valid JSON: {shown(exc, 200)}"
+        ) from exc
+    _check_document(value)
+    return value
+
+
+def _check_document(value: Any) -> None:
+    """Every key and string must be valid Unicode (no lone surrogates), and nothing may
+    nest deeper than MAX_DEPTH: the parser stops near the interpreter's recursion limit,
+    but the encoders (canonical form, replies) run deeper in the stack and would hit
+    it first. Iterative, so a deep document cannot exhaust the stack here."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _encodable(item)
+        elif isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise ProtocolError(Code.MALFORMED, f"payload nests deeper than {MAX_DEPTH} levels")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    _encodable(key)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _encodable(text: str) -> None:
+    try:
+        text.encode("utf-8", "strict")
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(
+            Code.MALFORMED,
+            f"payload holds a lone surrogate ({shown(text)}): strings must be valid Unicode",
+        ) from exc
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """A value for an error message: repr (escapes control characters and surrogates),
+    cut to `limit` characters so a hostile value cannot bloat replies and events."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def dumps(obj: Any) -> bytes:
@@ -86,8 +160,18 @@ def _number(obj: dict[str, Any], key: str) -> float | None:
     value = obj.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ProtocolError(Code.MALFORMED, f'"{key}" must be a number (Unix seconds)')
+    # Compare before float(): an integer of 400 digits would overflow the conversion.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (isinstance(value, int) or math.isfinite(value))
+        or not 0 <= value <= MAX_TIME
+    ):
+        raise ProtocolError(
+            Code.MALFORMED,
+            f'"{key}" must be a number of Unix seconds from 0 to {MAX_TIME:.0f}, '
+            f"not {shown(value)}",
+        )
     return float(value)
 
 
@@ -98,7 +182,9 @@ def _string(obj: dict[str, Any], key: str, required: bool = False) -> str | None
             raise ProtocolError(Code.MALFORMED, f'"{key}" is missing')
         return None
     if not isinstance(value, str) or not value:
-        raise ProtocolError(Code.MALFORMED, f'"{key}" must be a non-empty string')
+        raise ProtocolError(
+            Code.MALFORMED, f'"{key}" must be a non-empty string, not {shown(value)}'
+        )
     return value
 
 
@@ -121,32 +207,53 @@ class Command:
         if unknown:
             raise ProtocolError(
                 Code.MALFORMED,
-                f"unknown field {unknown[0]!r}; a command has {', '.join(sorted(COMMAND_KEYS))}",
+                f"unknown field {shown(unknown[0])}; a command has {', '.join(sorted(COMMAND_KEYS))}",
             )
         ident = _string(obj, "id", required=True)
         assert ident is not None
-        if len(ident) > MAX_ID_LENGTH:
-            raise ProtocolError(Code.MALFORMED, f'"id" is longer than {MAX_ID_LENGTH} characters')
+        if not ID_RE.fullmatch(ident):
+            raise ProtocolError(
+                Code.MALFORMED,
+                f'"id" must be 1-{MAX_ID_LENGTH} printable ASCII characters without spaces, '
+                f"not {shown(ident)}",
+            )
         name = _string(obj, "name", required=True)
         assert name is not None
         try:
             command_name(name)
-        except TopicError as exc:
-            raise ProtocolError(Code.MALFORMED, str(exc)) from exc
+        except TopicError:
+            raise ProtocolError(
+                Code.MALFORMED,
+                f'"name" {shown(name)} must be lower-case words joined by dots (e.g. config.get)',
+            ) from None
         args = obj.get("args", {})
         if args is None:
             args = {}
         if not isinstance(args, dict):
-            raise ProtocolError(Code.MALFORMED, '"args" must be an object')
+            raise ProtocolError(Code.MALFORMED, f'"args" must be an object, not {shown(args)}')
+        to = _string(obj, "to")
+        if to is not None and target_name(to) is None:
+            raise ProtocolError(
+                Code.MALFORMED, f'"to" must be a device id or "group:NAME", not {shown(to)}'
+            )
+        reply_to = _string(obj, "reply_to")
+        if reply_to is not None and not is_reply_topic(reply_to):
+            raise ProtocolError(Code.BAD_REPLY_TOPIC, bad_reply_topic(reply_to))
+        sig = _string(obj, "sig")
+        if sig is not None and (not sig.isascii() or len(sig) > MAX_SIG_LENGTH):
+            raise ProtocolError(
+                Code.BAD_SIGNATURE,
+                f'"sig" must be base64 (ASCII) of at most {MAX_SIG_LENGTH} characters',
+            )
         return cls(
             id=ident,
             name=name,
             args=args,
             issued_at=_number(obj, "issued_at"),
             expires_at=_number(obj, "expires_at"),
-            to=_string(obj, "to"),
-            reply_to=_string(obj, "reply_to"),
-            sig=_string(obj, "sig"),
+            to=to,
+            reply_to=reply_to,
+            sig=sig,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -156,6 +263,13 @@ class Command:
             if value is not None:
                 out[key] = value
         return out
+
+
+def bad_reply_topic(value: str) -> str:
+    return (
+        f"reply topic {shown(value)} is not a console reply topic "
+        "(edgerun/v1/console/{console_id}/reply): the command is not run and not answered"
+    )
 
 
 @dataclass(frozen=True)
@@ -213,6 +327,38 @@ class Reply:
         return cls(ident, False, error=error, device_id=device)
 
 
+# Lenient readers for what a console receives from devices: a missing field has its
+# default, a field of the wrong type is a ProtocolError (never a TypeError/ValueError).
+
+
+def _text(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise ProtocolError(Code.MALFORMED, f'"{key}" must be a string, not {shown(value)}')
+    return value
+
+
+def _seconds(obj: dict[str, Any], key: str) -> float:
+    value = obj.get(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(Code.MALFORMED, f'"{key}" must be a number, not {shown(value)}')
+    try:
+        return float(value)
+    except OverflowError:
+        raise ProtocolError(Code.MALFORMED, f'"{key}" is out of range') from None
+
+
+def _object(obj: dict[str, Any], key: str) -> dict[str, Any]:
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(Code.MALFORMED, f'"{key}" must be an object, not {shown(value)}')
+    return value
+
+
 @dataclass(frozen=True)
 class Status:
     """Retained on `…/status`; the broker publishes the `offline` one as the last will."""
@@ -237,11 +383,11 @@ class Status:
         if not isinstance(obj, dict) or obj.get("state") not in ("online", "offline"):
             raise ProtocolError(Code.MALFORMED, 'a status has "state": "online" or "offline"')
         return cls(
-            device_id=str(obj.get("device_id", "")),
+            device_id=_text(obj, "device_id"),
             state=obj["state"],
-            agent_version=str(obj.get("agent_version", "")),
-            since=float(obj.get("since") or 0.0),
-            reason=str(obj.get("reason", "")),
+            agent_version=_text(obj, "agent_version"),
+            since=_seconds(obj, "since"),
+            reason=_text(obj, "reason"),
         )
 
 
@@ -269,15 +415,15 @@ class EventMessage:
 
     @classmethod
     def from_json(cls, obj: Any) -> EventMessage:
-        if not isinstance(obj, dict) or not isinstance(obj.get("seq"), int):
+        if not isinstance(obj, dict) or type(obj.get("seq")) is not int:
             raise ProtocolError(Code.MALFORMED, 'an event is an object with an integer "seq"')
         return cls(
-            device_id=str(obj.get("device_id", "")),
+            device_id=_text(obj, "device_id"),
             seq=obj["seq"],
-            ts=float(obj.get("ts", 0.0)),
-            kind=str(obj.get("kind", "")),
-            reason=str(obj.get("reason", "")),
-            data=dict(obj.get("data") or {}),
+            ts=_seconds(obj, "ts"),
+            kind=_text(obj, "kind"),
+            reason=_text(obj, "reason"),
+            data=_object(obj, "data"),
         )
 
 
@@ -308,15 +454,18 @@ class TelemetryMessage:
 
     @classmethod
     def from_json(cls, obj: Any) -> TelemetryMessage:
-        if not isinstance(obj, dict) or not isinstance(obj.get("seq"), int):
+        if not isinstance(obj, dict) or type(obj.get("seq")) is not int:
             raise ProtocolError(Code.MALFORMED, 'telemetry is an object with an integer "seq"')
+        model = obj.get("model")
+        if model is not None and not isinstance(model, dict):
+            raise ProtocolError(Code.MALFORMED, '"model" must be an object or null')
         return cls(
-            device_id=str(obj.get("device_id", "")),
+            device_id=_text(obj, "device_id"),
             seq=obj["seq"],
-            ts=float(obj.get("ts", 0.0)),
-            interval_s=float(obj.get("interval_s", 0.0)),
-            inference=dict(obj.get("inference") or {}),
-            system=dict(obj.get("system") or {}),
-            model=obj.get("model"),
-            outbox=dict(obj.get("outbox") or {}),
+            ts=_seconds(obj, "ts"),
+            interval_s=_seconds(obj, "interval_s"),
+            inference=_object(obj, "inference"),
+            system=_object(obj, "system"),
+            model=model,
+            outbox=_object(obj, "outbox"),
         )

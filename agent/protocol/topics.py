@@ -160,6 +160,40 @@ def console_reply(console_id: str) -> Topic:
     return Topic(f"{ROOT}/console/{console_id}/reply")
 
 
+def is_reply_topic(value: object) -> bool:
+    """True for `edgerun/v1/console/{console_id}/reply`: the only topics a device ever
+    answers a command on (MQTT v5 response topic or 3.1.1 `reply_to`)."""
+    if not isinstance(value, str):
+        return False
+    levels = value.split("/")
+    prefix = ROOT.split("/")
+    return (
+        len(levels) == len(prefix) + 3
+        and levels[: len(prefix)] == prefix
+        and levels[len(prefix)] == "console"
+        and levels[-1] == "reply"
+        and NAME_RE.fullmatch(levels[len(prefix) + 1]) is not None
+        and levels[len(prefix) + 1] not in (".", "..")
+    )
+
+
+GROUP_PREFIX = "group:"
+
+
+def target_name(value: object) -> str | None:
+    """A command's `to`: a device id or `group:NAME`; the value itself when valid."""
+    if not isinstance(value, str):
+        return None
+    try:
+        if value.startswith(GROUP_PREFIX):
+            group_name(value[len(GROUP_PREFIX) :])
+        else:
+            device_id(value)
+    except TopicError:
+        return None
+    return value
+
+
 def command_subscriptions(
     device: str, groups: Iterable[str], names: Iterable[str]
 ) -> list[TopicFilter]:

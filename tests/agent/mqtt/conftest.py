@@ -144,8 +144,10 @@ class Console:
             "args": args or {},
             "issued_at": time.time(),
             "expires_at": time.time() + 30,
+            "to": DEVICE,
             **fields,
         }
+        body = {k: v for k, v in body.items() if v is not None}  # field=None leaves it out
         if self.protocol != 5:
             body["reply_to"] = self.reply_topic
         return sign_body(body, self.key) if self.key is not None else body
@@ -164,7 +166,7 @@ class Console:
         self, name: str, args: dict[str, Any] | None = None, device: str = DEVICE,
         topic: str | None = None, timeout: float = 10, **fields: Any,
     ) -> dict[str, Any]:  # fmt: skip
-        body = self.body(name, args, **fields)
+        body = self.body(name, args, **{"to": device, **fields})
         return self.request_body(body, topic or str(DeviceTopics(device).command(name)), timeout)
 
     def request_body(self, body: dict[str, Any], topic: str, timeout: float = 10) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config.loader import parse_config
 from agent.link import components_for
+from agent.link.client import Message
+from agent.link.commands import CommandSpec
+from agent.link.link import INBOX_BYTES
 from agent.protocol.canonical import sign_body
 from agent.protocol.messages import dumps, loads
 from agent.protocol.topics import DeviceTopics, group_command
 from agent.service import Agent
-from tests.agent.mqtt.conftest import DEVICE, Console, MakeHarness, agent_config, json_on, listening
+from tests.agent.mqtt.conftest import (
+    DEVICE,
+    Console,
+    MakeHarness,
+    agent_config,
+    json_on,
+    listening,
+    wait_until,
+)
 from tests.helpers import samples
 from tests.mqtt_broker import Broker, Listener
 
@@ -142,7 +155,8 @@ def test_mosquitto_rr_gets_a_reply_to_ping(
     h.wait_connected()
     time.sleep(0.2)  # subscriptions settle
     body = sign_body(
-        {"id": "rr-1", "name": "ping", "args": {}, "expires_at": time.time() + 30}, console_key
+        {"id": "rr-1", "name": "ping", "args": {}, "to": DEVICE, "expires_at": time.time() + 30},
+        console_key,
     )
     result = subprocess.run(
         ["mosquitto_rr", "-h", broker.host, "-p", str(broker.port), "-V", "5",
@@ -162,11 +176,14 @@ def test_unsigned_and_wrongly_signed_commands_are_refused(
     h = harness(agent_config(tmp, broker, console_pub))
     h.wait_connected()
     with listening(broker, str(TOPICS.events)) as feed:
-        unsigned = {"id": "u1", "name": "ping", "args": {}}
+        unsigned = {"id": "u1", "name": "ping", "args": {}, "to": DEVICE}
         reply = console.request_body(unsigned, str(TOPICS.command("ping")))
         assert reply == {**reply, "id": "u1", "ok": False}
         assert reply["error"]["code"] == "command.unsigned"
-        intruder = sign_body({"id": "w1", "name": "ping", "args": {}}, Ed25519PrivateKey.generate())
+        intruder = sign_body(
+            {"id": "w1", "name": "ping", "args": {}, "to": DEVICE, "expires_at": time.time() + 9},
+            Ed25519PrivateKey.generate(),
+        )
         reply = console.request_body(intruder, str(TOPICS.command("ping")))
         assert reply["error"]["code"] == "command.bad_signature"
         # Tampering after signing breaks the signature too.
@@ -223,9 +240,10 @@ def test_group_commands_and_targets(
     assert reply["ok"] is True and reply["device_id"] == DEVICE  # which member answered
     # A body addressed to one target cannot be replayed to another.
     reply = console.request("ping", topic=str(group_command("lab", "ping")), to="group:floor-2")
-    assert reply["error"]["code"] == "command.mismatch"
+    assert reply["error"]["code"] == "command.wrong_target"
     reply = console.request("ping", to="other-device")
-    assert reply["error"]["code"] == "command.mismatch"
+    assert reply["error"]["code"] == "command.wrong_target"
+    # A group this device is not in: the broker never delivers it (no subscription).
 
 
 def test_repeated_id_gets_the_first_reply_also_after_restart(
@@ -243,6 +261,9 @@ def test_repeated_id_gets_the_first_reply_also_after_restart(
     h2 = harness(data)
     h2.wait_connected()
     assert console.request_body(body, topic) == first
+    # The digest survived the restart too: the same id on another body is refused.
+    other = console.body("ping", id="same-id", expires_at=body["expires_at"] + 1)
+    assert console.request_body(other, topic)["error"]["code"] == "command.id_reused"
     # Expiry is checked after the cache: a retransmission of an executed command
     # gets its reply; a new command past its expiry is refused.
     stale = console.body("ping", expires_at=time.time() - 5)
@@ -276,3 +297,73 @@ def test_bad_commands_get_error_replies_and_the_device_keeps_serving(
     assert reply["error"]["code"] == "input.mismatch"
     assert console.request("ping")["ok"] is True
     assert h.agent.host.ready()
+
+
+def test_retained_state_follows_overload_and_its_clearing(
+    tmp: Path, broker: Broker, harness: MakeHarness
+) -> None:
+    """The memory watcher flips `overloaded` (events `overloaded`, `overload.cleared`);
+    the retained state must follow both ways without waiting for a telemetry tick
+    (none comes within the test). The harness runs no watcher thread: sample by hand."""
+    h = harness(agent_config(tmp, broker, None, commands={"require_signature": False},
+                             telemetry={"interval_s": 3600.0}))  # fmt: skip
+    h.wait_connected()
+    watcher = h.agent.watcher
+    normal = watcher.budget
+    with listening(broker, str(TOPICS.state)) as feed:
+        assert feed.wait_for(lambda f: f.on("/state"))
+        # What a growing RSS does: the same budget with a 1 MiB soft limit.
+        watcher.budget = dataclasses.replace(normal, soft_limit_bytes=1 << 20)
+        watcher.sample()
+        assert feed.wait_for(lambda f: json_on(f, "/state")[-1]["health"]["overloaded"])
+        watcher.budget = normal
+        watcher.sample()
+        assert h.agent.events.recent[-1].kind == "overload.cleared"
+        assert feed.wait_for(lambda f: not json_on(f, "/state")[-1]["health"]["overloaded"])
+    assert not watcher.overloaded
+    with listening(broker, str(TOPICS.state)) as late:  # what a console connecting now sees
+        assert late.wait_for(lambda f: f.on("/state"))
+        assert json_on(late, "/state")[-1]["health"] == {"ready": True, "overloaded": False}
+
+
+def test_the_broker_never_hands_the_device_a_packet_far_over_the_command_limit(
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness: MakeHarness
+) -> None:
+    """MQTT v5 Maximum Packet Size: a 4 MB command is dropped by the broker, so the
+    device never reads it into memory; one just over the limit still gets its reply."""
+    h = harness(agent_config(tmp, broker, console_pub))
+    h.wait_connected()
+    topic = str(TOPICS.command("ping"))
+    with listening(broker, str(TOPICS.events)) as feed:
+        console.send_raw(topic, b"{" + b" " * (4 << 20) + b"}")
+        near = console.request_raw(b"{" + b" " * (70 << 10) + b"}", topic)
+        assert near["error"]["code"] == "command.too_large" and "65536" in near["error"]["message"]
+        assert console.request("ping")["ok"]
+        assert feed.wait_for(
+            lambda f: any(e["kind"] == "command.refused" for e in json_on(f, "/events"))
+        )
+        sizes = [e["reason"] for e in json_on(feed, "/events") if e["kind"] == "command.refused"]
+        assert not any("4194306 bytes" in reason for reason in sizes), sizes
+
+
+def test_a_command_flood_is_bounded_in_bytes_and_reported(
+    tmp: Path, broker: Broker, harness: MakeHarness
+) -> None:
+    """While one command runs, at most INBOX_BYTES of others wait; the rest are dropped
+    with a (rate-limited) `command.busy` refusal, and the queue drains afterwards."""
+    h = harness(agent_config(tmp, broker, None, commands={"require_signature": False}))
+    h.wait_connected()
+    release = threading.Event()
+    h.link.dispatcher.table["test.block"] = CommandSpec(
+        "test.block", "holds the command thread", (), lambda args: release.wait(30)
+    )
+    block = {"id": "block", "name": "test.block", "to": DEVICE}
+    h.link._on_message(Message(str(TOPICS.command("test.block")), dumps(block), 1, False))
+    junk = b"x" * (64 << 10)
+    for _ in range(200):  # 12.5 MB, more than INBOX_BYTES
+        h.link._on_message(Message(str(TOPICS.command("ping")), junk, 1, False))
+    busy = [e for e in h.agent.events.recent if e.data.get("code") == "command.busy"]
+    assert busy and "8 MB" in busy[0].reason
+    assert h.link._inbox_bytes <= INBOX_BYTES
+    release.set()
+    assert wait_until(lambda: h.link._inbox_bytes == 0 and h.link._inbox.empty())

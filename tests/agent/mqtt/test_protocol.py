@@ -8,10 +8,21 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.protocol import twin
 from agent.protocol.canonical import SignatureError, canonical_json, sign_body, verify_body
-from agent.protocol.messages import Code, Command, ProtocolError, Reply, loads
+from agent.protocol.messages import (
+    Code,
+    Command,
+    EventMessage,
+    ProtocolError,
+    Reply,
+    Status,
+    TelemetryMessage,
+    loads,
+)
 from agent.protocol.topics import (
     DeviceTopics,
     Topic,
@@ -19,11 +30,14 @@ from agent.protocol.topics import (
     TopicFilter,
     TwinTopics,
     command_subscriptions,
+    console_reply,
     device_id,
     device_of,
     fleet_filter,
     group_command,
+    is_reply_topic,
     parse_command_topic,
+    target_name,
 )
 from agent.signing import key_id
 
@@ -127,7 +141,22 @@ def test_sign_and_verify() -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"\xff\xfe", b'{"a": NaN}', b'{"a": Infinity}', b'{"a": 1, "a": 2}', b"[" * 100_000, b"{"],
+    [
+        b"\xff\xfe",
+        b'{"a": NaN}',
+        b'{"a": Infinity}',
+        b'{"a": 1, "a": 2}',
+        b"[" * 100_000,
+        b"{",
+        b'{"id": "\\ud800"}',
+        b'{"\\udfff": 1}',
+        b'[[["\\ud83d"]]]',
+        b'"\\udc00x"',
+        b'{"a": 1e999}',
+        b"[-1e400]",
+        b'{"a": ' + b"[" * 65 + b"]" * 65 + b"}",  # deeper than MAX_DEPTH
+        b"[" * 990 + b"]" * 990,  # the parser takes it; the encoders would not
+    ],
 )
 def test_strict_json(payload: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
@@ -140,8 +169,15 @@ def test_strict_json(payload: bytes) -> None:
     [
         ({"name": "ping"}, '"id" is missing'),
         ({"id": "", "name": "ping"}, '"id" must be'),
-        ({"id": "x" * 129, "name": "ping"}, "longer than"),
-        ({"id": "1", "name": "Ping"}, "command name"),
+        ({"id": "x" * 129, "name": "ping"}, "1-128 printable ASCII"),
+        ({"id": "caf\u00e9", "name": "ping"}, "1-128 printable ASCII"),
+        ({"id": "a b", "name": "ping"}, "1-128 printable ASCII"),
+        ({"id": "1", "name": "Ping"}, "lower-case words"),
+        ({"id": "1", "name": "ping", "to": "dev/a"}, '"to" must be a device id'),
+        ({"id": "1", "name": "ping", "to": "group:"}, '"to" must be a device id'),
+        ({"id": "1", "name": "ping", "reply_to": "x/y"}, "not a console reply topic"),
+        ({"id": "1", "name": "ping", "expires_at": 10**400}, '"expires_at" must be a number'),
+        ({"id": "1", "name": "ping", "issued_at": -1}, '"issued_at" must be a number'),
         ({"id": "1", "name": "ping", "args": [1]}, '"args" must be an object'),
         ({"id": "1", "name": "ping", "expires_at": "soon"}, '"expires_at" must be a number'),
         ({"id": "1", "name": "ping", "expires_at": True}, '"expires_at" must be a number'),
@@ -223,3 +259,42 @@ def test_the_documented_signature_vector() -> None:
     )
     docs = (Path(__file__).parents[3] / "docs/mqtt.md").read_text()
     assert sign_body(body, key)["sig"] in docs
+
+
+def test_reply_topics_are_exactly_the_console_reply_topics() -> None:
+    assert is_reply_topic(str(console_reply("ops-1")))
+    for bad in ["edgerun/v1/console/ops/reply/x", "edgerun/v1/console//reply",
+                "edgerun/v1/console/../reply", "edgerun/v1/console/+/reply",
+                "edgerun/v1/console/#", "edgerun/v1/dev-a/telemetry", "edgerun/v2/console/a/reply",
+                "/edgerun/v1/console/a/reply", "edgerun/v1/console/a\u00e9/reply",
+                "edgerun/v1/console/a\nb/reply", "", 5, None]:  # fmt: skip
+        assert not is_reply_topic(bad), bad
+
+
+def test_targets_are_a_device_id_or_a_group() -> None:
+    assert target_name("dev-a") == "dev-a" and target_name("group:lab") == "group:lab"
+    for bad in ["", "group:", "group:a/b", "dev a", "dev/a", "console", "group", 7, "d\u00e9v"]:
+        assert target_name(bad) is None, bad
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=10,
+)  # fmt: skip
+_fields = ["id", "name", "args", "ok", "error", "result", "device_id", "state", "since", "seq",
+           "ts", "kind", "reason", "data", "interval_s", "inference", "system", "model",
+           "outbox", "agent_version", "expires_at", "issued_at", "to", "reply_to", "sig"]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj=st.dictionaries(st.sampled_from(_fields), _values, max_size=6) | _values)
+def test_every_reader_raises_only_protocol_errors(obj: object) -> None:
+    """What a console reads from devices (and the device from consoles) is refused with
+    the error root, whatever its shape."""
+    for reader in (Command, Reply, Status, EventMessage, TelemetryMessage):
+        try:
+            reader.from_json(obj)
+        except ProtocolError as exc:
+            assert exc.code in (Code.MALFORMED, Code.BAD_REPLY_TOPIC, Code.BAD_SIGNATURE)
+            assert exc.message

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from agent.protocol.messages import loads
 from agent.protocol.topics import TwinTopics
-from tests.agent.mqtt.conftest import DEVICE, MakeHarness, agent_config, json_on, listening
+from tests.agent.mqtt.conftest import (
+    DEVICE,
+    MakeHarness,
+    agent_config,
+    json_on,
+    listening,
+    wait_until,
+)
 from tests.mqtt_broker import Broker
 
 TWIN = TwinTopics("edge", DEVICE)
@@ -56,3 +64,50 @@ def test_twin_reports_actual_values_and_records_a_desired_version(
         )
         assert sum(e["kind"] == "twin.desired" for e in json_on(cloud, "/events")) == 1
         assert h.link.online.is_set()
+
+
+def test_one_twin_report_per_connect_and_health_stopped_after_a_clean_stop(
+    tmp: Path, broker: Broker, harness: MakeHarness
+) -> None:
+    with listening(broker, str(TWIN.update)) as cloud:
+        h = harness(agent_config(tmp, broker, None, commands={"require_signature": False},
+                                 telemetry={"interval_s": 3600.0},
+                                 kubeedge={"enabled": True, "namespace": "edge"}))  # fmt: skip
+        h.wait_connected()
+        assert cloud.wait_for(lambda f: len(f.on("/twin/update")) >= 1)
+        h.agent.events.emit("test.marker", "nothing the twin shows changed")
+        h.link.client.disconnect()  # a clean disconnect: the client connects again
+        assert wait_until(lambda: h.link.client.connections == 2 and h.link.online.is_set())
+        assert cloud.wait_for(lambda f: len(f.on("/twin/update")) >= 2)
+        time.sleep(0.5)  # a duplicate report would have arrived by now
+        updates = [loads(p) for p in cloud.on("/twin/update")]
+        assert len(updates) == 2, updates  # one per connect
+        assert all(u["twin"]["health"]["actual"]["value"] == "ready" for u in updates)
+        h.stop()
+        assert cloud.wait_for(lambda f: len(f.on("/twin/update")) == 3)
+        last = loads(cloud.on("/twin/update")[-1])
+        assert last["twin"]["health"]["actual"]["value"] == "stopped"
+
+
+def test_a_hostile_twin_cannot_grow_the_desired_set_or_send_huge_documents(
+    tmp: Path, broker: Broker, harness: MakeHarness
+) -> None:
+    with listening(broker, f"edgerun/v1/{DEVICE}/events") as feed:
+        h = harness(agent_config(tmp, broker, None, commands={"require_signature": False},
+                                 kubeedge={"enabled": True, "namespace": "edge"}))  # fmt: skip
+        h.wait_connected()
+        big = {"event_id": "big", "timestamp": 1, "delta": {"model_version": "9" * 400}}
+        big["twin"] = {f"q{i}": {"expected": {"value": "y" * 400}} for i in range(200)}  # ~86 KB
+        feed.client.publish(str(TWIN.update_delta), json.dumps(big), qos=1)
+        for batch in range(3):  # 60 different properties in all
+            delta = {"event_id": f"e-{batch}", "timestamp": 1,
+                     "delta": {f"p{batch}-{i}": "x" for i in range(20)}}  # fmt: skip
+            feed.client.publish(str(TWIN.update_delta), json.dumps(delta), qos=1)
+        twin = h.link.twin
+        assert twin is not None
+        # One publisher, one topic: the agent handles them in order, big one first.
+        assert wait_until(lambda: len(twin.desired) >= 32)
+        time.sleep(0.3)  # the rest of the batches, had the cap not held
+        assert len(twin.desired) == 32  # the cap, not 60
+        assert "model_version" not in twin.desired  # the 86 KB document was not read
+        assert h.link.online.is_set() and h.agent.host.ready()
