@@ -1146,6 +1146,11 @@ def agent_outcome(spec: Spec, refusal: Outcome, workdir: Path) -> Outcome:
     peak = None
     try:
         with running_agent(workdir, base_config(workdir, bundle=path)) as agent:
+            # `model.bundle` is checked in the background while `current` serves:
+            # judge once its refusal is in the log (the deadline only guards a hang).
+            deadline = time.monotonic() + 120
+            while refusal.message[:80] not in agent.output() and time.monotonic() < deadline:
+                time.sleep(0.05)
             problem = serves_sample(agent)
             with agent.client() as client:  # its own watcher samples RSS from before the install
                 peak = client.get_json("/v2/edgerun/status")["memory"]["peak_rss_mb"]
