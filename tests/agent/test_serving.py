@@ -1,0 +1,222 @@
+"""One owner of what is served: leases, swaps of every kind, batchers that close cleanly.
+
+Each swap test holds a real request inside the old model's real onnxruntime call,
+swaps (bundle install, `config.set` of threads, a rebuild to give back memory), and
+proves the held request completes on the old model, new requests already go to the
+new one, and the old runtime is closed once, after the held request let go.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.batching import BatcherClosedError, MicroBatcher
+from agent.config.loader import parse_config
+from agent.link.tunables import Tunables
+from agent.service import Agent
+from agent.serving import LoadedModel, SwapConflictError
+from tests.helpers import DEMO_PUB, SAMPLE_BUNDLE, SampleParts, make_bundle, samples
+
+HANG_GUARD_S = 60
+
+
+def make_agent(tmp: Path, batching: bool) -> Agent:
+    data: dict[str, object] = {
+        "state_dir": str(tmp / "state"),
+        "trust": {"public_keys": [str(DEMO_PUB)]},
+        "api": {"socket": str(tmp / "api.sock")},
+        "batching": {"enabled": batching, "max_batch": 64, "max_wait_ms": 1},
+    }
+    return Agent(parse_config(data, {}))
+
+
+class Held:
+    """Holds the next runtime call of `model` inside the runtime until released."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.model = model
+        real = model.runtime.run
+
+        def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            self.entered.set()
+            assert self.release.wait(HANG_GUARD_S)
+            return real(feeds)
+
+        model.runtime.run = run  # type: ignore[method-assign]
+
+
+def request_in_thread(agent: Agent) -> tuple[threading.Thread, dict[str, Any]]:
+    images, _ = samples()
+    result: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            result["out"] = agent.host.infer("digits", {"input": images})
+        except Exception as exc:  # recorded for the assertion
+            result["error"] = exc
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    return thread, result
+
+
+def assert_correct(result: dict[str, Any], version: str) -> None:
+    assert "error" not in result, result.get("error")
+    model, out = result["out"]
+    _, labels = samples()
+    assert model.manifest.version == version
+    assert (out["logits"].argmax(1) == labels).mean() >= 0.9
+
+
+def served_version(agent: Agent) -> str:
+    images, labels = samples()
+    model, out = agent.host.infer("digits", {"input": images})
+    assert (out["logits"].argmax(1) == labels).mean() >= 0.9
+    return model.manifest.version
+
+
+@pytest.fixture(params=[False, True], ids=["direct", "batching"])
+def agent(request: pytest.FixtureRequest, tmp: Path) -> Iterator[Agent]:
+    agent = make_agent(tmp, batching=request.param)
+    agent.admission.install(SAMPLE_BUNDLE)
+    assert agent.host.batching is request.param
+    yield agent
+    agent.host.close()
+
+
+def hold_across(agent: Agent, swap: Callable[[], None]) -> LoadedModel:
+    """Hold a request inside the current model, run `swap`, then let the request go."""
+    old = agent.host.model
+    assert old is not None
+    held = Held(old)
+    thread, result = request_in_thread(agent)
+    assert held.entered.wait(HANG_GUARD_S)
+    generation = agent.host.generation
+    swap()
+    assert agent.host.generation > generation
+    assert agent.host.model is not old
+    assert not old.closed.is_set(), "the old runtime was closed under a running request"
+    assert [g.model for g in agent.host.retiring()] == [old]
+    held.release.set()
+    thread.join(HANG_GUARD_S)
+    assert not thread.is_alive(), "the held request never returned"
+    assert_correct(result, old.manifest.version)
+    assert old.closed.wait(HANG_GUARD_S), "the old runtime was never closed"
+    assert agent.host.retiring() == []
+    return old
+
+
+def test_install_swap_waits_for_the_request_inside_the_old_model(
+    agent: Agent, sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    v2 = make_bundle(sample_parts, tmp / "v2.edgebundle", demo_key, version="2.0.0")
+
+    def swap() -> None:
+        agent.admission.install(v2)
+        assert served_version(agent) == "2.0.0"  # new requests go to the new model at once
+
+    hold_across(agent, swap)
+    assert served_version(agent) == "2.0.0"
+
+
+def test_config_set_threads_swaps_through_the_owner(agent: Agent) -> None:
+    tunables = Tunables(agent)
+    seen: dict[str, Any] = {}
+
+    def swap() -> None:
+        seen.update(tunables.set({"runtimes.onnxruntime.intra_op_threads": 1}))
+        model = agent.host.model
+        assert model is not None and model.runtime.describe()["intra_op_threads"] == 1
+        assert served_version(agent) == "1.0.0"
+
+    hold_across(agent, swap)
+    assert seen == {"runtimes.onnxruntime.intra_op_threads": 1}
+    assert served_version(agent) == "1.0.0"
+    assert [e.kind for e in agent.events.recent][-1] == "model.reloaded"
+
+
+def test_rebuild_to_give_back_memory_swaps_through_the_owner(agent: Agent) -> None:
+    rebuilt: list[bool] = []
+    hold_across(agent, lambda: rebuilt.append(agent.host.reclaim()))
+    assert rebuilt == [True]
+    assert served_version(agent) == "1.0.0"
+
+
+def test_a_request_queued_in_the_batcher_during_a_swap_completes(
+    tmp: Path, sample_parts: SampleParts, demo_key: Ed25519PrivateKey
+) -> None:
+    agent = make_agent(tmp, batching=True)
+    old = agent.admission.install(SAMPLE_BUNDLE)
+    held = Held(old)
+    first, first_result = request_in_thread(agent)
+    assert held.entered.wait(HANG_GUARD_S)  # the batcher thread is inside the runtime
+    # A second request now waits in the old batcher's queue behind the held batch.
+    second, second_result = request_in_thread(agent)
+    agent.admission.install(
+        make_bundle(sample_parts, tmp / "v2.edgebundle", demo_key, version="2.0.0")
+    )
+    assert served_version(agent) == "2.0.0"
+    held.release.set()
+    for thread in (first, second):
+        thread.join(HANG_GUARD_S)
+        assert not thread.is_alive(), "a request queued in a replaced batcher never returned"
+    assert_correct(first_result, "1.0.0")
+    assert_correct(second_result, "1.0.0")
+    assert old.closed.wait(HANG_GUARD_S)
+    agent.host.close()
+
+
+def test_a_stale_swap_is_refused_and_changes_nothing(agent: Agent) -> None:
+    current = agent.host.model
+    assert current is not None and agent.admission is not None
+    fresh = agent.admission.reopen(current)
+    stale = agent.host.generation - 1
+    with pytest.raises(SwapConflictError, match=f"generation {stale} is no longer served"):
+        agent.host.swap(fresh, replacing=stale)
+    assert agent.host.model is current
+    fresh.runtime.close()
+
+
+def test_closed_batcher_hands_requests_back_instead_of_hanging() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        entered.set()
+        assert release.wait(HANG_GUARD_S)
+        return {"y": feeds["x"] * 2}
+
+    batcher = MicroBatcher(run, max_batch=4, max_wait_ms=0)
+    results: dict[str, Any] = {}
+
+    def submit(key: str, n: int) -> None:
+        try:
+            results[key] = batcher.submit({"x": np.full((n, 2), float(n))}, n)["y"]
+        except BatcherClosedError as exc:
+            results[key] = exc
+
+    first = threading.Thread(target=submit, args=("first", 1))
+    first.start()
+    assert entered.wait(HANG_GUARD_S)
+    queued = threading.Thread(target=submit, args=("queued", 3))
+    queued.start()
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    release.set()
+    for thread in (first, queued, closer):
+        thread.join(HANG_GUARD_S)
+        assert not thread.is_alive()
+    np.testing.assert_array_equal(results["first"], np.full((1, 2), 2.0))
+    # Queued before the close: run, not dropped.
+    np.testing.assert_array_equal(results["queued"], np.full((3, 2), 6.0))
+    with pytest.raises(BatcherClosedError):
+        batcher.submit({"x": np.ones((1, 2))}, 1)
+    assert batcher.closed
