@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.bundle import Manifest, TensorSpec
-from agent.memory import MB, current_rss
+from agent.memory import MB, current_rss, release_free_memory
 from agent.runtimes.base import Feeds, Runtime
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # Rows of the larger probe: enough for the per-row slope to stand above the
 # allocator's noise, small enough to cost a fraction of a second on a small board.
 PROBE_ROWS = 32
+_SMALL_PROBE_BYTES = 4 << 20
+_REPROBE_BYTES = 16 << 20
+_MAX_PROBE_ROWS = 4096
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -174,6 +177,9 @@ def measure(
     load_bytes = max(0, load_peak - base_rss)
     one_row = _probe_feeds(specs, 1, like)
     row_bytes = sum(int(v.nbytes) for v in one_row.values())
+    # Freed heap still resident would be reused without showing in RSS: hand it back
+    # first so the probes' allocations are seen.
+    release_free_memory()
     start = meter.reset()
     runtime.run(one_row)
     one = max(0, meter.peak() - start)
@@ -186,6 +192,15 @@ def measure(
         # The slope alone under-reads an arena that grows in powers of two; the
         # average over the larger probe bounds it from above for batches near it.
         per_row = max((many - one) // (PROBE_ROWS - 1), many // PROBE_ROWS)
+        if many < _SMALL_PROBE_BYTES:
+            # Cheap rows: 32 of them are lost in the allocator's granularity, and a
+            # replay of 65,536 such rows is not cheap. Probe again with enough rows
+            # to cost about _REPROBE_BYTES, and take that figure instead.
+            n = min(_MAX_PROBE_ROWS, max(2 * PROBE_ROWS, _REPROBE_BYTES // max(per_row, 1024)))
+            meter.reset()
+            runtime.run(_probe_feeds(specs, n, like))
+            more = max(0, meter.peak() - start)
+            per_row = max((more - one) // (n - 1), more // n)
     footprint = Footprint(load_bytes, one, per_row, row_bytes, is_batched)
     log.info(
         "measured %s %s on %s: %s",

@@ -230,6 +230,10 @@ class Reclaimer(Protocol):
         """RSS with what is served loaded and nothing running."""
         ...
 
+    def observe_rest(self, rss: int) -> None:
+        """RSS sampled while nothing ran for a while."""
+        ...
+
     def reclaim(self) -> bool:
         """Rebuild what keeps freed memory (runtime pools); True if anything was."""
         ...
@@ -306,6 +310,7 @@ class RssWatcher:
             return
         if time.monotonic() - since < self.recover_after_s:
             return
+        reclaimer.observe_rest(self.rss)
         rest = reclaimer.rest_rss()
         # Slack for what an idle agent legitimately grows by (caches, warm pools).
         slack = max(16 * MB, (soft - rest) // 4)

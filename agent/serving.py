@@ -247,7 +247,12 @@ class ModelHost:
         if old is not None and close_now:
             self._close(old)
         release_free_memory()
-        self._rest_rss = current_rss()
+        rss = current_rss()
+        same = old is not None and old.model.sha256 == new.sha256
+        # The same model rebuilt (or reopened) rests no higher than before: a sample
+        # taken while request bodies are still in memory must not shrink the room
+        # for good. A different model is measured afresh.
+        self._rest_rss = min(self._rest_rss, rss) if same else rss
         log.info(
             "serving %s %s on %s (generation %d)",
             new.manifest.name,
@@ -320,6 +325,10 @@ class ModelHost:
                     self._leave(ticket)
         except ServingError as exc:
             self.metrics.error(exc.code)
+            # A refused request is activity too: its body was just read and decoded.
+            with self._lock:
+                if self._inflight == 0:
+                    self._idle_since = time.monotonic()
             raise
 
     def _enter(self, model: LoadedModel, feeds: Feeds, rows: int) -> _Ticket:
@@ -397,6 +406,10 @@ class ModelHost:
 
     def rest_rss(self) -> int:
         return self._rest_rss
+
+    def observe_rest(self, rss: int) -> None:
+        """An RSS sampled while idle: what is served rests at most there."""
+        self._rest_rss = min(self._rest_rss, rss)
 
     def reclaim(self) -> bool:
         """Rebuild the current runtime to free what its pools keep; True if rebuilt."""

@@ -64,14 +64,16 @@ def make_wide_bundle(
     version: str = "1.0.0",
     peak_memory_mb: float = 8.0,
     golden_rows: int = 4,
+    zeros: bool = False,
     out: Path | None = None,
 ) -> Path:
-    """A signed bundle of the wide model; `peak_memory_mb` is what its manifest claims."""
+    """A signed bundle of the wide model; `peak_memory_mb` is what its manifest claims.
+    With `zeros` the golden rows are zeros, compressed: many rows in a small bundle."""
     workdir.mkdir(parents=True, exist_ok=True)
     model = build_model(workdir / "model.onnx")
-    x = rows(golden_rows)
-    np.savez(workdir / "inputs.npz", input=x)
-    np.savez(workdir / "outputs-onnx.npz", score=expected(x))
+    x = np.zeros((golden_rows, *ROW_SHAPE), np.float32) if zeros else rows(golden_rows)
+    np.savez_compressed(workdir / "inputs.npz", input=x)
+    np.savez_compressed(workdir / "outputs-onnx.npz", score=expected(x))
     body: dict[str, Any] = {
         "name": NAME,
         "version": version,
