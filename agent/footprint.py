@@ -201,6 +201,9 @@ def measure(
             runtime.run(_probe_feeds(specs, n, like))
             more = max(0, meter.peak() - start)
             per_row = max((more - one) // (n - 1), more // n)
+    # Give back what the probes grew the runtime's pools by: serving starts from the
+    # footprint of the model, not of its largest probe.
+    runtime.run_and_release(one_row)
     footprint = Footprint(load_bytes, one, per_row, row_bytes, is_batched)
     log.info(
         "measured %s %s on %s: %s",

@@ -15,11 +15,10 @@ headroom under the soft limit, next to what requests already in flight hold.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,9 +76,13 @@ class LoadedModel:
         return summary
 
     def request_bytes(self, feeds: Feeds) -> int:
-        if self.footprint is None:
+        footprint = self.footprint
+        if footprint is None:
             return 0
-        return self.footprint.request_bytes(sum(int(v.nbytes) for v in feeds.values()))
+        nbytes = 0
+        for array in feeds.values():
+            nbytes += array.nbytes
+        return footprint.request_bytes(nbytes)
 
     def run(self, feeds: Feeds) -> Feeds:
         if self.request_bytes(feeds) >= RELEASE_ABOVE_BYTES:
@@ -112,15 +115,19 @@ class Generation:
         before it frees the old bundle, or reports a request that never ends)."""
         return self._closed.wait(timeout_s)
 
-    def run(self, feeds: Feeds, rows: int) -> tuple[Feeds, bool]:
-        """Run on this generation; returns outputs and whether it ran unbatched."""
+    def run(self, feeds: Feeds, rows: int, need: int) -> tuple[Feeds, bool]:
+        """Run on this generation (`need`: the request's expected memory); returns
+        the outputs and whether it ran unbatched."""
         batcher = self.batcher
         if batcher is not None:
             try:
                 return batcher.submit(feeds, rows), False
             except BatcherClosedError:
                 pass  # closing hands the request back: run it on the same model
-        return self.model.run(feeds), True
+        runtime = self.model.runtime
+        if need >= RELEASE_ABOVE_BYTES:
+            return runtime.run_and_release(feeds), True
+        return runtime.run(feeds), True
 
     def _closed_by_host(self, last_holder: bool) -> None:
         # Called once, by whoever saw the last user of a retired generation leave.
@@ -142,11 +149,13 @@ class Generation:
         )
 
 
-@dataclass(frozen=True)
 class Lease:
     """A request's hold on one generation: it runs there even if a swap happens."""
 
-    generation: Generation
+    __slots__ = ("generation",)
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
 
     @property
     def model(self) -> LoadedModel:
@@ -157,9 +166,26 @@ class Lease:
         return self.generation.number
 
 
-@dataclass(frozen=True)
-class _Ticket:
-    need: int  # bytes reserved for this request under the soft limit
+class _Leasing:
+    """The context manager `ModelHost.lease` returns (a class: cheaper per request
+    than a generator-based one)."""
+
+    __slots__ = ("_generation", "_host", "_name", "_version")
+
+    def __init__(self, host: ModelHost, name: str | None, version: str | None) -> None:
+        self._host = host
+        self._name = name
+        self._version = version
+        self._generation: Generation | None = None
+
+    def __enter__(self) -> Lease:
+        self._generation = self._host._acquire(self._name, self._version)
+        return Lease(self._generation)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._generation is not None:
+            generation, self._generation = self._generation, None
+            self._host._release(generation)
 
 
 class ModelHost:
@@ -262,9 +288,12 @@ class ModelHost:
         )
         return None if old is None else old.model
 
-    @contextlib.contextmanager
-    def lease(self, name: str | None = None, version: str | None = None) -> Iterator[Lease]:
-        """Hold the generation serving `name` (any, when None) for the block's duration."""
+    def lease(self, name: str | None = None, version: str | None = None) -> _Leasing:
+        """`with host.lease(name) as lease:` holds the generation serving `name` (any,
+        when None) for the block; the lease is taken on entering the block."""
+        return _Leasing(self, name, version)
+
+    def _acquire(self, name: str | None, version: str | None) -> Generation:
         with self._lock:
             current = self._current
             if current is None:
@@ -272,14 +301,10 @@ class ModelHost:
             if name is not None:
                 _check_name(current.model.manifest, name, version)
             current.users += 1
-        try:
-            yield Lease(current)
-        finally:
-            with self._lock:
-                current.users -= 1
-                close = current.retired and current.users == 0
-            if close:
-                self._close(current)
+        return current
+
+    def _release(self, generation: Generation) -> None:
+        self._finish(generation, None)
 
     def _close(self, generation: Generation) -> None:
         with self._lock:
@@ -307,31 +332,40 @@ class ModelHost:
     ) -> tuple[LoadedModel, Feeds]:
         """Validate, admit (load shedding) and run one request."""
         try:
-            with self.lease(name, version) as lease:
-                model = lease.model
-                rows = validate_feeds(model.manifest.inputs, feeds, self.config.api.max_batch_size)
-                ticket = self._enter(model, feeds, rows)
-                try:
-                    start = time.perf_counter()
-                    try:
-                        out, direct = lease.generation.run(feeds, rows)
-                    except InferenceError as exc:
-                        raise RuntimeFailureError(str(exc)) from exc
-                    self.metrics.observe(
-                        time.perf_counter() - start, rows, rows if direct else None
-                    )
-                    return model, out
-                finally:
-                    self._leave(ticket)
-        except ServingError as exc:
-            self.metrics.error(exc.code)
-            # A refused request is activity too: its body was just read and decoded.
-            with self._lock:
-                if self._inflight == 0:
-                    self._idle_since = time.monotonic()
+            generation = self._acquire(name, version)  # the lease, taken by hand:
+        except ServingError as exc:  # one lock round trip fewer per request
+            self._refused(exc)
             raise
+        admitted = False
+        need = 0
+        try:
+            model = generation.model
+            rows = validate_feeds(model.manifest.inputs, feeds, self.config.api.max_batch_size)
+            need = model.request_bytes(feeds)
+            self._enter(model, rows, need)
+            admitted = True
+            start = time.perf_counter()
+            try:
+                out, direct = generation.run(feeds, rows, need)
+            except InferenceError as exc:
+                raise RuntimeFailureError(str(exc)) from exc
+            self.metrics.observe(time.perf_counter() - start, rows, rows if direct else None)
+            return model, out
+        except ServingError as exc:
+            self._refused(exc)
+            raise
+        finally:
+            self._finish(generation, need if admitted else None)
 
-    def _enter(self, model: LoadedModel, feeds: Feeds, rows: int) -> _Ticket:
+    def _refused(self, exc: ServingError) -> None:
+        self.metrics.error(exc.code)
+        # A refused request is activity too: its body was just read and decoded.
+        with self._lock:
+            if self._inflight == 0:
+                self._idle_since = time.monotonic()
+
+    def _enter(self, model: LoadedModel, rows: int, need: int) -> None:
+        """Admit a request expected to need `need` bytes, or raise; `_finish` ends it."""
         if self.draining:
             raise NotReadyError("the agent is shutting down")
         watcher = self.watcher
@@ -342,7 +376,6 @@ class ModelHost:
                 f"overloaded: agent RSS {watcher.rss / MB:.1f} MB is above the soft limit "
                 f"of {soft / MB:.1f} MB; retry later"
             )
-        need = model.request_bytes(feeds)
         # A big request is judged on RSS now, not the watcher's last sample: bodies
         # that arrived since take memory too.
         rss = max(watcher.rss, current_rss()) if need >= RELEASE_ABOVE_BYTES else watcher.rss
@@ -366,7 +399,6 @@ class ModelHost:
             self._inflight += 1
             self._reserved += need
             self._idle_since = None
-        return _Ticket(need)
 
     def _check_fits(self, model: LoadedModel, rows: int, need: int, soft: int) -> None:
         """Refuse for good (413) a request that could not fit even with nothing else running."""
@@ -390,13 +422,19 @@ class ModelHost:
             f"{advice} (or raise memory.max_mb / memory.soft_limit_mb)"
         )
 
-    def _leave(self, ticket: _Ticket) -> None:
+    def _finish(self, generation: Generation, need: int | None) -> None:
+        """End a request: admitted ones (`need` not None) leave, and the lease ends."""
         with self._lock:
-            self._inflight -= 1
-            self._reserved -= ticket.need
-            if self._inflight == 0:
-                self._idle_since = time.monotonic()
-                self._idle.notify_all()
+            if need is not None:
+                self._inflight -= 1
+                self._reserved -= need
+                if self._inflight == 0:
+                    self._idle_since = time.monotonic()
+                    self._idle.notify_all()
+            generation.users -= 1
+            close = generation.retired and generation.users == 0
+        if close:
+            self._close(generation)
 
     # ------------------------------------------------------------------ memory
 
