@@ -15,6 +15,7 @@ headroom under the soft limit, next to what requests already in flight hold.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 from agent.batching import BatcherClosedError, MicroBatcher
 from agent.bundle import Manifest
-from agent.config.model import AgentConfig
+from agent.config.model import AgentConfig, BatchingConfig
 from agent.errors import (
     ModelNotFoundError,
     NotReadyError,
@@ -287,6 +288,20 @@ class ModelHost:
             self._numbers,
         )
         return None if old is None else old.model
+
+    def set_batching(self, batching: BatchingConfig) -> bool:
+        """Serve the current model with micro-batching per `batching` from the next
+        request on: a swap to a new generation of the same model (its runtime is
+        shared, the old batcher closes with the old generation). True if swapped."""
+        self.config = dataclasses.replace(self.config, batching=batching)
+        current = self._current
+        if current is None:
+            return False
+        try:
+            self.swap(current.model, replacing=current.number)
+        except SwapConflictError:
+            return False  # another swap already built the batcher from the new config
+        return True
 
     def lease(self, name: str | None = None, version: str | None = None) -> _Leasing:
         """`with host.lease(name) as lease:` holds the generation serving `name` (any,

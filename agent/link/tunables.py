@@ -31,6 +31,9 @@ TUNABLE = (
     "runtimes.onnxruntime.intra_op_threads",
     "runtimes.litert.threads",
     "memory.soft_limit_mb",
+    "batching.enabled",
+    "batching.max_batch",
+    "batching.max_wait_ms",
 )
 
 
@@ -139,6 +142,10 @@ class Tunables:
             agent.watcher.sample()
         if new.runtimes != old.runtimes:
             self._reload_runtime(new)
+        if new.batching != old.batching:
+            # Same model, same runtime: a new generation with (or without) a batcher;
+            # requests queued in the old batcher still run.
+            agent.host.set_batching(new.batching)
 
     def _reload_runtime(self, new: AgentConfig) -> None:
         """Thread counts are fixed when a runtime opens a model: open the served one

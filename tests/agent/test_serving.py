@@ -220,3 +220,33 @@ def test_closed_batcher_hands_requests_back_instead_of_hanging() -> None:
     with pytest.raises(BatcherClosedError):
         batcher.submit({"x": np.ones((1, 2))}, 1)
     assert batcher.closed
+
+
+def test_config_set_batching_on_and_off_swaps_without_dropping_a_request(agent: Agent) -> None:
+    tunables = Tunables(agent)
+    model = agent.host.model
+    assert model is not None
+    was_batching = agent.host.batching
+    held = Held(model)
+    thread, result = request_in_thread(agent)
+    assert held.entered.wait(HANG_GUARD_S)
+    number = agent.host.generation
+    tunables.set({"batching.enabled": not was_batching})
+    assert agent.host.batching is (not was_batching)
+    assert agent.host.generation == number + 1
+    # The same model keeps serving, on the same runtime, while the held request runs.
+    assert agent.host.model is model
+    (retired,) = agent.host.retiring()
+    assert retired.number == number and not retired.closed
+    held.release.set()
+    thread.join(HANG_GUARD_S)
+    assert not thread.is_alive(), "the held request never returned"
+    assert_correct(result, "1.0.0")
+    assert retired.wait_closed(HANG_GUARD_S)
+    if retired.batcher is not None:
+        assert retired.batcher.closed
+    # Shared by the new generation: the runtime itself stays open and serves.
+    assert not model.closed.is_set()
+    assert served_version(agent) == "1.0.0"
+    tunables.set({"batching.enabled": was_batching})
+    assert agent.host.batching is was_batching and served_version(agent) == "1.0.0"
