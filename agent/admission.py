@@ -20,14 +20,20 @@ from agent.golden import check_golden
 from agent.memory import MB, AdmissionError, MemoryBudget, admit, release_free_memory
 from agent.runtimes import choose_runtime, load_runtime
 from agent.runtimes.base import InferenceError, ModelLoadError, Runtime, RuntimeUnavailableError
-from agent.serving import LoadedModel, ModelHost
+from agent.serving import LoadedModel, ModelHost, SwapTimeoutError
 from agent.store import Store
 from agent.version import compare_versions
 
 log = logging.getLogger(__name__)
 
 # Everything a refused bundle can raise; callers catch this tuple.
-REFUSALS = (BundleError, AdmissionError, ModelLoadError, RuntimeUnavailableError)
+REFUSALS = (
+    BundleError,
+    AdmissionError,
+    ModelLoadError,
+    RuntimeUnavailableError,
+    SwapTimeoutError,
+)
 
 
 def limits_from(config: AgentConfig) -> Limits:
@@ -160,8 +166,15 @@ class Admission:
             return model
         return None
 
-    def install(self, bundle_path: Path, allow_downgrade: bool = False) -> LoadedModel:
-        """Verify, validate and swap in a bundle file. Raises one of REFUSALS on refusal."""
+    def install(
+        self, bundle_path: Path, allow_downgrade: bool = False, cold: bool = False
+    ) -> LoadedModel:
+        """Verify, validate and swap in a bundle file. Raises one of REFUSALS on refusal.
+
+        Hot (default): the new model is loaded next to the served one, which serves
+        until the swap. Cold: the served one is closed first (requests in flight
+        finish; new ones get 503 `model.not_ready`), so only one is ever resident;
+        a refused candidate is replaced by the old model again."""
         try:
             verified = self.store.install(bundle_path, self.keys, limits_from(self.config))
         except BundleError as exc:
@@ -179,7 +192,25 @@ class Admission:
                         f"bundle version {new} is not newer than the running {old}; "
                         "a rollback must be requested explicitly"
                     )
-            model = self.open(verified.directory, verified.sha256, verified.manifest)
+            if cold and current is not None:
+                directory = verified.directory
+                opened: list[LoadedModel] = []
+
+                def build() -> LoadedModel:
+                    opened.append(self.open(directory, verified.sha256, verified.manifest))
+                    try:
+                        self.store.activate(directory)
+                    except BaseException:
+                        opened[0].runtime.close()
+                        raise
+                    return opened[0]
+
+                label = f"{verified.manifest.name} {verified.manifest.version}"
+                old_model = self.host.swap_cold(build, label, self.config.api.drain_timeout_s)
+                model = opened[0]
+            else:
+                model = self.open(verified.directory, verified.sha256, verified.manifest)
+                old_model = None
         except REFUSALS as exc:
             self.store.discard(verified.directory)
             self.events.emit(
@@ -190,10 +221,11 @@ class Admission:
                 version=verified.manifest.version,
             )
             raise
-        self.store.activate(verified.directory)
-        # Not closed here: requests still in flight on the old model finish on it, and
-        # it is freed when the last of them lets go.
-        old_model = self.host.swap(model)
+        if old_model is None:
+            self.store.activate(verified.directory)
+            # Not closed here: requests still in flight on the old model finish on it,
+            # and it is freed when the last of them lets go.
+            old_model = self.host.swap(model)
         self.events.emit(
             "model.swapped" if old_model else "model.loaded",
             f"serving {model.manifest.name} {model.manifest.version}",

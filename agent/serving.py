@@ -95,6 +95,12 @@ class SwapConflictError(Exception):
     """Another swap made a different generation current first; nothing was swapped."""
 
 
+class SwapTimeoutError(Exception):
+    """A cold swap gave up waiting for requests on the old model; nothing was swapped."""
+
+    code = "model.swap_timeout"
+
+
 class Generation:
     """One model as served, from its swap until its last lease lets go."""
 
@@ -204,6 +210,7 @@ class ModelHost:
         self._idle_since: float | None = time.monotonic()
         self._rest_rss = current_rss()  # RSS with the current model loaded and idle
         self.draining = False
+        self._swapping: str | None = None  # what a cold swap is loading, while it does
         # Builds a fresh runtime for a served model (set by Admission): rebuilding is
         # the last resort to give back memory a runtime's pools keep.
         self.reopen: Callable[[LoadedModel], LoadedModel] | None = None
@@ -289,6 +296,67 @@ class ModelHost:
         )
         return None if old is None else old.model
 
+    def swap_cold(
+        self, build: Callable[[], LoadedModel], what: str, timeout_s: float
+    ) -> LoadedModel | None:
+        """Free what is served, then build its replacement and serve it: for a device
+        where both do not fit at once. Meanwhile new requests get 503
+        `model.not_ready` naming `what`; requests in flight finish first, and if they
+        do not within `timeout_s` the old model serves on and SwapTimeoutError is
+        raised. If `build` raises, the old model is reopened (`reopen`) and served
+        again before the error propagates. Returns the old model (closed)."""
+        with self._lock:
+            old = self._current
+            if old is not None:
+                self._swapping = what
+                old.retired = True
+                close_now = old.users == 0
+        if old is None:
+            self.swap(build())
+            return None
+        if close_now:
+            self._close(old)
+        if not old.wait_closed(timeout_s):
+            with self._lock:
+                if not old.closing:
+                    old.retired = False
+                    self._swapping = None
+                    raise SwapTimeoutError(
+                        f"{old.users} request(s) still running on {old.model.manifest.name} "
+                        f"{old.model.manifest.version} after {timeout_s:.1f} s; it keeps "
+                        "serving and nothing was swapped"
+                    )
+            old.wait_closed()  # its last request just let go: closing is under way
+        with self._lock:
+            self._current = None
+        try:
+            new = build()
+        except BaseException:
+            self._restore(old.model)
+            raise
+        with self._lock:
+            self._swapping = None
+        self.swap(new)
+        return old.model
+
+    def _restore(self, model: LoadedModel) -> None:
+        try:
+            if self.reopen is None:
+                raise RuntimeError("no way to reopen a model is set")
+            again = self.reopen(model)
+        except Exception:
+            log.exception(
+                "cannot reopen %s %s after a failed cold swap; nothing is served",
+                model.manifest.name,
+                model.manifest.version,
+            )
+            with self._lock:
+                self._swapping = None
+            return
+        with self._lock:
+            self._swapping = None
+        self.swap(again)
+
     def set_batching(self, batching: BatchingConfig) -> bool:
         """Serve the current model with micro-batching per `batching` from the next
         request on: a swap to a new generation of the same model (its runtime is
@@ -311,6 +379,11 @@ class ModelHost:
     def _acquire(self, name: str | None, version: str | None) -> Generation:
         with self._lock:
             current = self._current
+            if self._swapping is not None:
+                raise NotReadyError(
+                    f"swapping models: {self._swapping} is loading in place of the old one; "
+                    "retry in a moment"
+                )
             if current is None:
                 raise NotReadyError("no model is loaded yet")
             if name is not None:

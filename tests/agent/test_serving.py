@@ -8,7 +8,9 @@ new one, and the old runtime is closed once, after the held request let go.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.batching import BatcherClosedError, MicroBatcher
 from agent.config.loader import parse_config
+from agent.errors import NotReadyError
+from agent.golden import GoldenMismatchError
 from agent.link.tunables import Tunables
 from agent.service import Agent
-from agent.serving import LoadedModel, SwapConflictError
+from agent.serving import LoadedModel, SwapConflictError, SwapTimeoutError
 from tests.helpers import DEMO_PUB, SAMPLE_BUNDLE, SampleParts, make_bundle, samples
 
 HANG_GUARD_S = 60
@@ -38,17 +42,20 @@ def make_agent(tmp: Path, batching: bool) -> Agent:
 
 
 class Held:
-    """Holds the next runtime call of `model` inside the runtime until released."""
+    """Holds the next runtime call of `model` inside the runtime until released
+    (that one call only: later ones run straight through)."""
 
     def __init__(self, model: LoadedModel) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.model = model
         real = model.runtime.run
+        first = threading.Lock()
 
         def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            self.entered.set()
-            assert self.release.wait(HANG_GUARD_S)
+            if first.acquire(blocking=False):
+                self.entered.set()
+                assert self.release.wait(HANG_GUARD_S)
             return real(feeds)
 
         model.runtime.run = run  # type: ignore[method-assign]
@@ -250,3 +257,91 @@ def test_config_set_batching_on_and_off_swaps_without_dropping_a_request(agent: 
     assert served_version(agent) == "1.0.0"
     tunables.set({"batching.enabled": was_batching})
     assert agent.host.batching is was_batching and served_version(agent) == "1.0.0"
+
+
+# --------------------------------------------------------------------------- cold swaps
+
+
+def test_cold_install_frees_the_old_model_before_loading_the_new(
+    agent: Agent, sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    old = agent.host.model
+    assert old is not None
+    held = Held(old)
+    thread, result = request_in_thread(agent)
+    assert held.entered.wait(HANG_GUARD_S)
+    real_open = agent.admission.open
+    old_closed_at_open: list[bool] = []
+
+    def open_(*args: Any, **kwargs: Any) -> LoadedModel:
+        old_closed_at_open.append(old.closed.is_set())
+        return real_open(*args, **kwargs)
+
+    agent.admission.open = open_  # type: ignore[method-assign]
+    v2 = make_bundle(sample_parts, tmp / "v2.edgebundle", demo_key, version="2.0.0")
+    installed: dict[str, Any] = {}
+    installer = threading.Thread(
+        target=lambda: installed.update(model=agent.admission.install(v2, cold=True))
+    )
+    installer.start()
+    # While the old model drains, new requests are told to come back, by name.
+    deadline = time.monotonic() + HANG_GUARD_S
+    while True:
+        try:
+            with agent.host.lease("digits"):  # a lease only: nothing queues behind the held one
+                pass
+        except NotReadyError as exc:
+            assert "swapping models: digits 2.0.0 is loading" in exc.message
+            break
+        assert time.monotonic() < deadline, "new requests were never held off"
+        time.sleep(0.01)
+    held.release.set()
+    for t in (thread, installer):
+        t.join(HANG_GUARD_S)
+        assert not t.is_alive()
+    assert_correct(result, "1.0.0")
+    assert old_closed_at_open == [True], "the new model was loaded next to the old one"
+    assert installed["model"].manifest.version == "2.0.0"
+    assert served_version(agent) == "2.0.0"
+    assert [e.kind for e in agent.events.recent][-1] == "model.swapped"
+
+
+def test_a_cold_install_that_is_refused_serves_the_old_model_again(
+    agent: Agent, sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    old = agent.host.model
+    assert old is not None
+    with np.load(sample_parts.directory / "golden/outputs-onnx.npz") as data:
+        np.savez(tmp / "outputs-onnx.npz", logits=data["logits"] + 0.5)
+    files = {**sample_parts.files(), "golden/outputs-onnx.npz": tmp / "outputs-onnx.npz"}
+    bad = make_bundle(sample_parts, tmp / "bad.edgebundle", demo_key, files=files, version="3.0.0")
+    with pytest.raises(GoldenMismatchError):
+        agent.admission.install(bad, cold=True)
+    assert old.closed.is_set()  # it was freed for the candidate...
+    assert served_version(agent) == "1.0.0"  # ...and reopened when the candidate failed
+    assert agent.store.current() is not None
+    assert agent.store.manifest(agent.store.current()).version == "1.0.0"  # type: ignore[arg-type]
+    assert agent.events.recent[-1].data["code"] == "bundle.golden_mismatch"
+
+
+def test_a_cold_swap_that_cannot_drain_gives_up_and_keeps_serving(
+    agent: Agent, sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    old = agent.host.model
+    assert old is not None
+    held = Held(old)
+    thread, result = request_in_thread(agent)
+    assert held.entered.wait(HANG_GUARD_S)
+    v2 = make_bundle(sample_parts, tmp / "v2.edgebundle", demo_key, version="2.0.0")
+    agent.admission.config = dataclasses.replace(
+        agent.admission.config,
+        api=dataclasses.replace(agent.admission.config.api, drain_timeout_s=0.2),
+    )
+    with pytest.raises(SwapTimeoutError, match=r"1 request\(s\) still running on digits 1.0.0"):
+        agent.admission.install(v2, cold=True)
+    assert agent.host.model is old and not old.closed.is_set()
+    assert agent.events.recent[-1].data["code"] == "model.swap_timeout"
+    held.release.set()
+    thread.join(HANG_GUARD_S)
+    assert_correct(result, "1.0.0")
+    assert served_version(agent) == "1.0.0"
