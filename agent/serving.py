@@ -540,7 +540,7 @@ class ModelHost:
     def reclaim(self) -> bool:
         """Rebuild the current runtime to free what its pools keep; True if rebuilt."""
         current = self._current
-        if current is None or self.reopen is None:
+        if current is None or self.reopen is None or self.draining or self._swapping:
             return False
         try:
             fresh = self.reopen(current.model)
