@@ -297,16 +297,27 @@ class ModelHost:
         return None if old is None else old.model
 
     def swap_cold(
-        self, build: Callable[[], LoadedModel], what: str, timeout_s: float
+        self,
+        build: Callable[[], LoadedModel],
+        what: str,
+        timeout_s: float,
+        replacing: int | None = None,
     ) -> LoadedModel | None:
         """Free what is served, then build its replacement and serve it: for a device
         where both do not fit at once. Meanwhile new requests get 503
         `model.not_ready` naming `what`; requests in flight finish first, and if they
         do not within `timeout_s` the old model serves on and SwapTimeoutError is
         raised. If `build` raises, the old model is reopened (`reopen`) and served
-        again before the error propagates. Returns the old model (closed)."""
+        again before the error propagates. `replacing` as for `swap`. Returns the
+        old model (closed)."""
         with self._lock:
             old = self._current
+            if replacing is not None and (old is None or old.number != replacing):
+                raise SwapConflictError(
+                    f"generation {replacing} is no longer served (now {self.generation})"
+                )
+            if self._swapping is not None:
+                raise SwapConflictError(f"a cold swap to {self._swapping} is under way")
             if old is not None:
                 self._swapping = what
                 old.retired = True
@@ -538,25 +549,41 @@ class ModelHost:
         self._rest_rss = min(self._rest_rss, rss)
 
     def reclaim(self) -> bool:
-        """Rebuild the current runtime to free what its pools keep; True if rebuilt."""
+        """Rebuild the current runtime to free what its pools keep; True if rebuilt.
+
+        Hot (the fresh runtime loads next to the old one) when a second session fits
+        under the cap; else cold: the old one is closed first and requests arriving
+        during the load get 503 `model.not_ready`."""
         current = self._current
-        if current is None or self.reopen is None or self.draining or self._swapping:
+        reopen = self.reopen
+        if current is None or reopen is None or self.draining or self._swapping:
             return False
+        model = current.model
+        load = model.footprint.load_bytes if model.footprint is not None else 0
+        hot = self.watcher.rss + load < self.watcher.budget.cap_bytes
         try:
-            fresh = self.reopen(current.model)
+            if hot:
+                fresh = reopen(model)
+                try:
+                    self.swap(fresh, replacing=current.number)
+                except SwapConflictError:
+                    fresh.runtime.close()
+                    return False
+            else:
+                what = f"{model.manifest.name} {model.manifest.version} (rebuilt)"
+                self.swap_cold(lambda: reopen(model), what, timeout_s=1.0, replacing=current.number)
+        except (SwapTimeoutError, SwapConflictError) as exc:
+            log.warning("not rebuilding the runtime to give back memory: %s", exc)
+            return False
         except Exception:
             log.exception("rebuilding the runtime to give back memory failed; keeping it")
             return False
-        try:
-            self.swap(fresh, replacing=current.number)
-        except SwapConflictError:
-            fresh.runtime.close()
-            return False
         log.warning(
-            "rebuilt the %s runtime of %s %s to give back memory its pools kept",
-            fresh.runtime_name,
-            fresh.manifest.name,
-            fresh.manifest.version,
+            "rebuilt the %s runtime of %s %s (%s) to give back memory its pools kept",
+            model.runtime_name,
+            model.manifest.name,
+            model.manifest.version,
+            "hot" if hot else "cold",
         )
         return True
 

@@ -345,3 +345,26 @@ def test_a_cold_swap_that_cannot_drain_gives_up_and_keeps_serving(
     thread.join(HANG_GUARD_S)
     assert_correct(result, "1.0.0")
     assert served_version(agent) == "1.0.0"
+
+
+def test_a_rebuild_that_would_not_fit_twice_is_cold_and_never_runs_under_a_request(
+    agent: Agent,
+) -> None:
+    old = agent.host.model
+    assert old is not None
+    held = Held(old)
+    thread, result = request_in_thread(agent)
+    assert held.entered.wait(HANG_GUARD_S)
+    # As if RSS were at the cap: a second session next to the first would not fit.
+    agent.watcher.rss = agent.budget.cap_bytes
+    generation = agent.host.generation
+    assert agent.host.reclaim() is False  # gave up after 1 s: a request is running
+    assert agent.host.generation == generation and agent.host.model is old
+    held.release.set()
+    thread.join(HANG_GUARD_S)
+    assert_correct(result, "1.0.0")
+    assert not old.closed.is_set()
+    assert agent.host.reclaim() is True  # idle now: closed first, then reopened
+    assert old.closed.is_set() and agent.host.generation == generation + 1
+    agent.watcher.sample()  # the real RSS again
+    assert served_version(agent) == "1.0.0"
