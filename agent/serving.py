@@ -537,6 +537,12 @@ class ModelHost:
 
     # ------------------------------------------------------------------ memory
 
+    def headroom_bytes(self) -> int:
+        """What is left under the soft limit beside RSS and what admitted requests
+        hold: the figure a request body's size can be judged against before reading."""
+        soft = self.watcher.budget.soft_limit_bytes
+        return max(0, soft - self.watcher.rss - self._reserved)
+
     def idle_since(self) -> float | None:
         """monotonic() when the last request ended; None while one runs."""
         return self._idle_since
