@@ -108,6 +108,8 @@ class OrtRuntime(Runtime):
         if missing:
             raise ModelLoadError(f"model has no outputs named {missing}; it has {model_outputs}")
         self._output_names = [s.name for s in outputs]
+        # Kept for describe(): status may read a runtime that a swap is closing.
+        self._providers = list(self.session.get_providers())
         # Shrinking returns the arena's unused extensions at the end of a run: kept
         # for big requests only, as re-growing it costs small ones their speed.
         self._release = ort.RunOptions()
@@ -146,7 +148,7 @@ class OrtRuntime(Runtime):
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "providers": list(self.session.get_providers()),
+            "providers": list(self._providers),
             "intra_op_threads": self.config.intra_op_threads,
             "inter_op_threads": self.config.inter_op_threads,
             "graph_optimization": self.config.graph_optimization,
@@ -155,7 +157,8 @@ class OrtRuntime(Runtime):
         }
 
     def close(self) -> None:
-        del self.session
+        # Idempotent: the session goes with its last reference (the arena with it).
+        self.__dict__.pop("session", None)
 
 
 _ENV_ARENA: set[str] = set()  # registered once per process
