@@ -336,12 +336,16 @@ def test_concurrent_big_batches_stay_under_the_cap_and_the_agent_recovers(
                         assert time.monotonic() < deadline, "the agent never recovered"
                         time.sleep(0.1)
                 status = c.get_json("/v2/edgerun/status")
+                metrics = c.metrics()
         assert np.allclose(out["score"], expected(small), atol=1e-3)
         assert sampler.peak < cap_mb * MB, f"peak RSS {sampler.peak / MB:.1f} MB"
         assert set(codes) <= {"ok", "overloaded"}, (codes, messages)
         assert "ok" in codes, messages
         if "overloaded" in messages:
             assert "retry later" in messages["overloaded"]
+            assert 'edgerun_inference_errors_total{code="overloaded"}' in metrics
+        # Every memory refusal is counted as shed (the recovery poll's too).
+        assert status["memory"]["shed_requests"] >= codes.count("overloaded")
         assert status["memory"]["overloaded"] is False
         assert status["memory"]["rss_mb"] < status["memory"]["soft_limit_mb"]
     assert agent.proc.returncode == 0
