@@ -5,8 +5,13 @@ micro-batching on, its batcher, numbered from 1 up. Every request path (local AP
 MQTT `infer`, benchmarks) takes a `lease` on the generation it resolves to, and runs
 on that generation only. `swap` makes a new generation current for the next lease
 and retires the old one; a retired generation is closed (batcher, then runtime) by
-its last lease, never under a running request. Over-the-air updates build on the
-same three calls: `lease`, `swap`, `Generation.wait_closed`.
+its last lease, never under a running request. `swap_cold` frees what is served
+before building its replacement (for devices where two models do not fit), and
+reopens the old model if the new one is refused. Both take `replacing=N` to swap only
+if generation N is still current. Bundle installs, `config.set` (threads, batching)
+and the memory rebuild all swap through here; over-the-air updates (trial, shadow,
+rollback) build on the same calls: `lease`, `swap`, `swap_cold`,
+`Generation.wait_closed`.
 
 `infer` also admits each request against memory: what it will cost (rows x the
 per-row cost measured when the model was validated, agent.footprint) must fit in the
