@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.api.client import ApiClient, ApiError
 from agent.config.model import MemoryConfig
 from agent.errors import OverloadedError, TooLargeError
+from agent.footprint import PeakMeter
 from agent.link.tunables import Tunables
 from agent.memory import (
     MB,
@@ -225,6 +226,18 @@ def test_the_measured_cost_is_recorded_and_scales_with_rows(
         100 * fp.input_bytes_per_row
     )
     assert model.summary()["memory"]["per_row_mb"] == round(fp.per_row_bytes / MB, 4)
+
+
+def test_the_cost_is_measured_where_the_peak_rss_cannot_be_reset(
+    demo_key: Ed25519PrivateKey, tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some kernels or sandboxes refuse writes to /proc/self/clear_refs: the meter
+    # then reads RSS after each probe, which the runtime's pools still hold.
+    monkeypatch.setattr(PeakMeter, "_try_reset", staticmethod(lambda: False))
+    assert not PeakMeter().resettable
+    agent = make_agent(tmp)
+    model = agent.admission.install(make_wide_bundle(tmp / "wide", demo_key))
+    assert model.footprint is not None and model.footprint.per_row_bytes > 0.5 * MB
 
 
 def test_a_request_that_can_never_fit_is_refused_with_the_figures(
