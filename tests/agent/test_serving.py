@@ -368,3 +368,57 @@ def test_a_rebuild_that_would_not_fit_twice_is_cold_and_never_runs_under_a_reque
     assert old.closed.is_set() and agent.host.generation == generation + 1
     agent.watcher.sample()  # the real RSS again
     assert served_version(agent) == "1.0.0"
+
+
+def test_a_storm_of_swaps_under_load_loses_no_request_and_leaks_no_runtime(
+    agent: Agent,
+) -> None:
+    tunables = Tunables(agent)
+    images, labels = samples()
+    errors: list[BaseException] = []
+    done = threading.Event()
+    answered = [0]
+    lock = threading.Lock()
+
+    def client() -> None:
+        while not done.is_set():
+            try:
+                _, out = agent.host.infer("digits", {"input": images})
+                assert (out["logits"].argmax(1) == labels).mean() >= 0.9
+                with lock:
+                    answered[0] += 1
+            except BaseException as exc:  # recorded for the assertion below
+                errors.append(exc)
+                return
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for t in clients:
+        t.start()
+    models: list[LoadedModel] = []
+    for i in range(12):
+        model = agent.host.model
+        assert model is not None
+        models.append(model)
+        kind = i % 3
+        if kind == 0:
+            assert agent.host.reclaim()
+        elif kind == 1:
+            tunables.set({"runtimes.onnxruntime.intra_op_threads": 1 + i % 2})
+        else:
+            tunables.set({"batching.enabled": not agent.host.batching})
+    done.set()
+    for t in clients:
+        t.join(HANG_GUARD_S)
+        assert not t.is_alive(), "a request hung across the swaps"
+    assert errors == []
+    assert answered[0] > 0
+    deadline = time.monotonic() + HANG_GUARD_S
+    while agent.host.retiring():
+        assert time.monotonic() < deadline, "a retired generation was never closed"
+        time.sleep(0.01)
+    current = agent.host.model
+    for model in models:
+        if model is not current:
+            assert model.closed.is_set(), "a replaced runtime was never closed"
+    assert current is not None and not current.closed.is_set()
+    assert served_version(agent) == "1.0.0"
