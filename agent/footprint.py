@@ -2,15 +2,18 @@
 
 A manifest's `peak_memory_mb` was measured on the build machine (or not at all: it is
 just a number in a file). Before a candidate may serve, the agent runs it here on
-zero-filled inputs at 1 and at `PROBE_ROWS` rows and reads the process's peak RSS
-(`VmHWM`, reset through `/proc/self/clear_refs`) around each run: the difference gives
-what one more row costs in runtime activations, and what a run costs at all. Admission
+zero-filled inputs at 1 and at `PROBE_ROWS` rows (again with more rows when 32 are
+too cheap to see) and reads the process's peak RSS (`VmHWM`, reset through
+`/proc/self/clear_refs`) around each run: the difference gives what one more row
+costs in runtime activations, and what a run costs at all. Admission
 then judges the candidate on the larger of the manifest's figure and this one, and
 every request is admitted on `rows x per-row cost` against the headroom under the soft
 limit.
 
 The figure is process-wide: a request running on the outgoing model at the same time
-makes it larger, never smaller, which errs on the side of refusing.
+makes it larger, never smaller, which errs on the side of refusing. A model whose
+activations depend on input *values* (data-dependent shapes) can cost more than its
+zero-filled probes; the soft-limit watcher remains the backstop for those.
 """
 
 from __future__ import annotations
