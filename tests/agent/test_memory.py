@@ -413,5 +413,5 @@ def test_a_run_that_releases_leaves_the_arena_shrunk(tmp: Path) -> None:
         runtime.close()
         release_free_memory()
     assert kept["run"] > 60 * MB, kept  # the arena keeps the burst: what this fixes
-    # Part of it stays (measured: up to half, the region holding the first chunk).
+    # Part of it can stay in the arena (measured here: up to half).
     assert kept["run_and_release"] < kept["run"] * 0.75, kept
