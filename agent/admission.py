@@ -15,24 +15,25 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.bundle import BundleError, Limits, Manifest, VersionNotNewerError
 from agent.config.model import AgentConfig
 from agent.events import EventBus
+from agent.footprint import Footprint, PeakMeter, golden_rows, golden_shapes, measure
 from agent.golden import check_golden
-from agent.memory import (
-    AdmissionError,
-    MemoryBudget,
-    admit,
-    current_rss,
-    release_free_memory,
-)
+from agent.memory import MB, AdmissionError, MemoryBudget, admit, release_free_memory
 from agent.runtimes import choose_runtime, load_runtime
-from agent.runtimes.base import ModelLoadError, RuntimeUnavailableError
-from agent.serving import LoadedModel, ModelHost
+from agent.runtimes.base import InferenceError, ModelLoadError, Runtime, RuntimeUnavailableError
+from agent.serving import LoadedModel, ModelHost, SwapTimeoutError
 from agent.store import Store
 from agent.version import compare_versions
 
 log = logging.getLogger(__name__)
 
 # Everything a refused bundle can raise; callers catch this tuple.
-REFUSALS = (BundleError, AdmissionError, ModelLoadError, RuntimeUnavailableError)
+REFUSALS = (
+    BundleError,
+    AdmissionError,
+    ModelLoadError,
+    RuntimeUnavailableError,
+    SwapTimeoutError,
+)
 
 
 def limits_from(config: AgentConfig) -> Limits:
@@ -61,27 +62,86 @@ class Admission:
         self.budget = budget
         self.keys = keys
         self.events = events
+        host.reopen = self.reopen
 
     def open(self, directory: Path, sha256: str, manifest: Manifest | None = None) -> LoadedModel:
-        """Load an unpacked bundle into a runtime and validate it; do not serve it yet."""
+        """Load an unpacked bundle into a runtime, measure and validate it; do not
+        serve it yet. The outgoing model stays loaded until the swap, so it counts
+        against the cap in both checks."""
         manifest = manifest or self.store.manifest(directory)
         runtime_name = choose_runtime(
             manifest, self.config.model.runtime, list(self.config.model.preference)
         )
+        label = f"{manifest.name} {manifest.version}"
         peak = manifest.peak_memory_mb.get(runtime_name)
-        # The outgoing model stays loaded until the swap, so it counts against the cap.
-        admit(f"{manifest.name} {manifest.version}", peak, self.budget, current_rss())
+        meter = PeakMeter()
+        base = meter.reset()
+        # The claim first: what says it will not fit is not even loaded.
+        admit(label, peak, self.budget, base)
         runtime = load_runtime(runtime_name, manifest, directory, self.config.runtimes)
         try:
-            diffs = (
-                check_golden(manifest, directory, runtime)
-                if self.config.model.validate_golden
-                else {}
-            )
+            load_peak = meter.peak()
+            validate = self.config.model.validate_golden
+            golden = manifest.golden_inputs
+            shapes = golden_shapes(directory / golden) if golden is not None else {}
+            footprint = self._measure(runtime, manifest, meter, base, load_peak, shapes)
+            if footprint is not None:
+                # Judged before the golden replay runs: the replay of a bundle whose
+                # claim is a lie is exactly what must not take the device down.
+                replay_rows = golden_rows(shapes, manifest.inputs) if validate else 0
+                measured = footprint.peak_bytes(replay_rows) / MB
+                admit(label, peak, self.budget, base, measured_mb=measured)
+            diffs = check_golden(manifest, directory, runtime) if validate else {}
         except BaseException:
             runtime.close()
             raise
-        return LoadedModel(manifest, runtime, runtime_name, sha256, directory, golden_diffs=diffs)
+        return LoadedModel(
+            manifest,
+            runtime,
+            runtime_name,
+            sha256,
+            directory,
+            golden_diffs=diffs,
+            footprint=footprint,
+        )
+
+    @staticmethod
+    def _measure(
+        runtime: Runtime,
+        manifest: Manifest,
+        meter: PeakMeter,
+        base: int,
+        load_peak: int,
+        shapes: dict[str, tuple[int, ...]],
+    ) -> Footprint | None:
+        try:
+            return measure(runtime, manifest, meter, base, load_peak, shapes)
+        except InferenceError as exc:
+            # Zero-filled probes may be invalid input for some models (an index
+            # range, a minimum size); the golden replay still judges the model.
+            log.warning(
+                "cannot measure %s %s on zero inputs (%s); requests are admitted on RSS alone",
+                manifest.name,
+                manifest.version,
+                exc,
+            )
+            return None
+
+    def reopen(self, model: LoadedModel) -> LoadedModel:
+        """A fresh runtime for a model already validated here (same files, same
+        config): what the host swaps in to give back memory a runtime keeps."""
+        runtime = load_runtime(
+            model.runtime_name, model.manifest, model.directory, self.config.runtimes
+        )
+        return LoadedModel(
+            model.manifest,
+            runtime,
+            model.runtime_name,
+            model.sha256,
+            model.directory,
+            golden_diffs=dict(model.golden_diffs),
+            footprint=model.footprint,
+        )
 
     def serve_current(self) -> LoadedModel | None:
         """At start: load what `current` points at, falling back to `previous`."""
@@ -106,8 +166,15 @@ class Admission:
             return model
         return None
 
-    def install(self, bundle_path: Path, allow_downgrade: bool = False) -> LoadedModel:
-        """Verify, validate and swap in a bundle file. Raises one of REFUSALS on refusal."""
+    def install(
+        self, bundle_path: Path, allow_downgrade: bool = False, cold: bool = False
+    ) -> LoadedModel:
+        """Verify, validate and swap in a bundle file. Raises one of REFUSALS on refusal.
+
+        Hot (default): the new model is loaded next to the served one, which serves
+        until the swap. Cold: the served one is closed first (requests in flight
+        finish; new ones get 503 `model.not_ready`), so only one is ever resident;
+        a refused candidate is replaced by the old model again."""
         try:
             verified = self.store.install(bundle_path, self.keys, limits_from(self.config))
         except BundleError as exc:
@@ -125,7 +192,25 @@ class Admission:
                         f"bundle version {new} is not newer than the running {old}; "
                         "a rollback must be requested explicitly"
                     )
-            model = self.open(verified.directory, verified.sha256, verified.manifest)
+            if cold and current is not None:
+                directory = verified.directory
+                opened: list[LoadedModel] = []
+
+                def build() -> LoadedModel:
+                    opened.append(self.open(directory, verified.sha256, verified.manifest))
+                    try:
+                        self.store.activate(directory)
+                    except BaseException:
+                        opened[0].runtime.close()
+                        raise
+                    return opened[0]
+
+                label = f"{verified.manifest.name} {verified.manifest.version}"
+                old_model = self.host.swap_cold(build, label, self.config.api.drain_timeout_s)
+                model = opened[0]
+            else:
+                model = self.open(verified.directory, verified.sha256, verified.manifest)
+                old_model = None
         except REFUSALS as exc:
             self.store.discard(verified.directory)
             self.events.emit(
@@ -136,10 +221,11 @@ class Admission:
                 version=verified.manifest.version,
             )
             raise
-        self.store.activate(verified.directory)
-        # Not closed here: requests still in flight on the old model finish on it, and
-        # it is freed when the last of them lets go.
-        old_model = self.host.swap(model)
+        if old_model is None:
+            self.store.activate(verified.directory)
+            # Not closed here: requests still in flight on the old model finish on it,
+            # and it is freed when the last of them lets go.
+            old_model = self.host.swap(model)
         self.events.emit(
             "model.swapped" if old_model else "model.loaded",
             f"serving {model.manifest.name} {model.manifest.version}",

@@ -11,11 +11,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 
@@ -141,16 +143,31 @@ def current_rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def admit(model: str, peak_mb: float | None, budget: MemoryBudget, rss_bytes: int) -> None:
-    """Raise AdmissionError unless `rss + peak` fits under the cap (not the soft limit:
-    the soft limit is headroom for requests, the cap is what the kernel enforces)."""
-    if peak_mb is None:
-        log.warning("bundle %s carries no measured peak memory; admitting on RSS alone", model)
-        peak_mb = 0.0
-    need = rss_bytes + peak_mb * MB
+def admit(
+    model: str,
+    peak_mb: float | None,
+    budget: MemoryBudget,
+    rss_bytes: int,
+    measured_mb: float | None = None,
+) -> None:
+    """Raise AdmissionError unless `rss + need` fits under the cap (not the soft limit:
+    the soft limit is headroom for requests, the cap is what the kernel enforces).
+
+    `need` is the larger of the manifest's `peak_mb` and `measured_mb`, what loading
+    and validating the model took on this device: a manifest is only a claim."""
+    claimed = peak_mb if peak_mb is not None and math.isfinite(peak_mb) and peak_mb > 0 else None
+    if claimed is None and measured_mb is None:
+        log.warning("bundle %s carries no usable peak memory; admitting on RSS alone", model)
+    need_mb = max(claimed or 0.0, measured_mb or 0.0)
+    need = rss_bytes + need_mb * MB
     if need > budget.cap_bytes:
+        if measured_mb is not None and measured_mb >= (claimed or 0.0):
+            why = f"{need_mb:.1f} MB (measured on this device"
+            why += f"; its manifest claims {claimed:.1f} MB)" if claimed is not None else ")"
+        else:
+            why = f"{need_mb:.1f} MB (measured peak)"
         raise AdmissionError(
-            f"model {model} needs {peak_mb:.1f} MB (measured peak) on top of the agent's "
+            f"model {model} needs {why} on top of the agent's "
             f"{rss_bytes / MB:.1f} MB = {need / MB:.1f} MB, above the memory cap of "
             f"{budget.cap_bytes / MB:.1f} MB (set by {budget.source}); keeping the current model"
         )
@@ -179,24 +196,81 @@ def release_free_memory() -> bool:
     return bool(_MALLOC_TRIM(0))
 
 
-class RssWatcher:
-    """Samples RSS in a background thread; `overloaded` is read on every request."""
+# glibc serves blocks above this from their own mappings, returned to the kernel on
+# free. Its default threshold grows with each large block freed (up to 32 MiB), after
+# which request bodies and tensors of a few MB land in per-thread heaps that a burst
+# fragments and keeps: measured, RSS stayed 200 MB above rest after one burst of
+# 4.9 MB batches, and came back to rest with a fixed 1 MiB threshold.
+MMAP_THRESHOLD_BYTES = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
-    def __init__(self, budget: MemoryBudget, interval_s: float) -> None:
+
+def tune_allocator() -> bool:
+    """Fix glibc's mmap threshold (see MMAP_THRESHOLD_BYTES); False where not glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+class Reclaimer(Protocol):
+    """What holds memory the watcher can ask back (the served-model owner)."""
+
+    def idle_since(self) -> float | None:
+        """monotonic() when the last request in flight ended; None while one runs."""
+        ...
+
+    def rest_rss(self) -> int:
+        """RSS with what is served loaded and nothing running."""
+        ...
+
+    def observe_rest(self, rss: int) -> None:
+        """RSS sampled while nothing ran for a while."""
+        ...
+
+    def reclaim(self) -> bool:
+        """Rebuild what keeps freed memory (runtime pools); True if anything was."""
+        ...
+
+
+class RssWatcher:
+    """Samples RSS in a background thread; `overloaded` is read on every request.
+
+    Above the soft limit it first hands freed heap back (malloc_trim). When nothing
+    has run for `recover_after_s` and RSS is still above the soft limit, or well above
+    what the agent takes at rest (so requests would be refused for want of headroom),
+    it asks the reclaimer to rebuild the runtime, once per idle period: the agent
+    recovers by itself instead of refusing requests until a restart.
+    """
+
+    def __init__(
+        self, budget: MemoryBudget, interval_s: float, recover_after_s: float = 2.0
+    ) -> None:
         self.budget = budget
         self.interval_s = interval_s
+        self.recover_after_s = recover_after_s
         self._process = psutil.Process()
         self.rss = int(self._process.memory_info().rss)
         self.peak = self.rss
         self.overloaded = False
         self.shed_count = 0
+        self.reclaims = 0
+        self._reclaimed_for: float | None = None  # the idle period last reclaimed in
         self._last_trim = 0.0
+        self.reclaimer: Reclaimer | None = None
         # Called from the watcher thread on every transition (overloaded, rss bytes).
         self.on_change: Callable[[bool, int], None] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-watcher", daemon=True)
 
     def start(self) -> None:
+        tune_allocator()
         self._thread.start()
 
     def stop(self) -> None:
@@ -207,12 +281,14 @@ class RssWatcher:
         self.rss = int(self._process.memory_info().rss)
         self.peak = max(self.peak, self.rss)
         was = self.overloaded
-        if self.rss > self.budget.soft_limit_bytes and time.monotonic() - self._last_trim > 1.0:
+        soft = self.budget.soft_limit_bytes
+        if self.rss > soft and time.monotonic() - self._last_trim > 1.0:
             # A burst can leave freed-but-kept heap behind; give it back before judging.
             self._last_trim = time.monotonic()
             if release_free_memory():
                 self.rss = int(self._process.memory_info().rss)
-        self.overloaded = self.rss > self.budget.soft_limit_bytes
+        self._recover(soft)
+        self.overloaded = self.rss > soft
         if self.overloaded != was:
             if self.on_change is not None:
                 self.on_change(self.overloaded, self.rss)
@@ -220,11 +296,47 @@ class RssWatcher:
                 "RSS %.1f MB is %s the soft limit %.1f MB: %s",
                 self.rss / MB,
                 "above" if self.overloaded else "back under",
-                self.budget.soft_limit_bytes / MB,
+                soft / MB,
                 "shedding new requests" if self.overloaded else "accepting requests again",
             )
         return self.rss
 
+    def _recover(self, soft: int) -> None:
+        reclaimer = self.reclaimer
+        if reclaimer is None:
+            return
+        since = reclaimer.idle_since()
+        if since is None or since == self._reclaimed_for:
+            return
+        if time.monotonic() - since < self.recover_after_s:
+            return
+        reclaimer.observe_rest(self.rss)
+        rest = reclaimer.rest_rss()
+        # Slack for what an idle agent legitimately grows by (caches, warm pools).
+        slack = max(16 * MB, (soft - rest) // 4)
+        if self.rss <= soft and self.rss <= rest + slack:
+            return
+        self._reclaimed_for = since
+        before = self.rss
+        release_free_memory()
+        self.rss = int(self._process.memory_info().rss)
+        if self.rss <= soft and self.rss <= rest + slack:
+            return
+        # Nothing runs and RSS stays up: what is left is kept by the runtime's pools.
+        if reclaimer.reclaim():
+            self.reclaims += 1
+            release_free_memory()
+            self.rss = int(self._process.memory_info().rss)
+            log.warning(
+                "idle at RSS %.1f MB (%.1f MB at rest): rebuilt the runtime, RSS now %.1f MB",
+                before / MB,
+                rest / MB,
+                self.rss / MB,
+            )
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.sample()
+            try:
+                self.sample()
+            except Exception:  # the watcher must outlive any one bad sample
+                log.exception("RSS watcher sample failed")

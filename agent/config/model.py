@@ -52,6 +52,9 @@ class MemoryConfig:
     # An explicit soft limit in MiB overrides the fraction (0: use the fraction).
     soft_limit_mb: int = constraint(0, ge=0, le=16 * 1024 * 1024)
     check_interval_ms: int = constraint(100, ge=10, le=10_000)
+    # RSS still above the soft limit with nothing in flight for this long: rebuild the
+    # runtime session to give back what its memory pools keep.
+    recover_after_s: float = constraint(2.0, ge=0.1, le=3600)
 
 
 @dataclass(frozen=True)

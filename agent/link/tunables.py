@@ -20,6 +20,7 @@ from agent.config.model import AgentConfig
 from agent.config.typed import ConfigError, build
 from agent.memory import compute_budget
 from agent.protocol.messages import Code
+from agent.serving import SwapConflictError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ TUNABLE = (
     "runtimes.onnxruntime.intra_op_threads",
     "runtimes.litert.threads",
     "memory.soft_limit_mb",
+    "batching.enabled",
+    "batching.max_batch",
+    "batching.max_wait_ms",
 )
 
 
@@ -138,25 +142,36 @@ class Tunables:
             agent.watcher.sample()
         if new.runtimes != old.runtimes:
             self._reload_runtime(new)
+        if new.batching != old.batching:
+            # Same model, same runtime: a new generation with (or without) a batcher;
+            # requests queued in the old batcher still run.
+            agent.host.set_batching(new.batching)
 
     def _reload_runtime(self, new: AgentConfig) -> None:
-        """Thread counts are fixed when a runtime opens a model: reopen the served one."""
+        """Thread counts are fixed when a runtime opens a model: open the served one
+        again and swap it in through the host, which closes the old runtime when the
+        last request still running on it lets go (never under it)."""
         agent = self.agent
         previous = agent.admission.config
         agent.admission.config = dataclasses.replace(previous, runtimes=new.runtimes)
         current = agent.host.model
         if current is None:
             return
+        generation = agent.host.generation
         try:
-            fresh = agent.admission.open(current.directory, current.sha256)
+            fresh = agent.admission.open(current.directory, current.sha256, current.manifest)
         except REFUSALS as exc:
             agent.admission.config = previous
             raise TunableError(
                 Code.INVALID_VALUE, f"the model does not load with the new threads: {exc}"
             ) from exc
-        old = agent.host.swap(fresh)
-        if old is not None:
-            old.runtime.close()
+        try:
+            agent.host.swap(fresh, replacing=generation)
+        except SwapConflictError as exc:
+            # A model install won the race; it was opened with the new config already.
+            fresh.runtime.close()
+            log.info("config.set: %s; not swapping the reopened runtime", exc)
+            return
         agent.events.emit(
             "model.reloaded",
             f"reopened {fresh.manifest.name} {fresh.manifest.version} with new runtime threads",

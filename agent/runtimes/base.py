@@ -66,6 +66,12 @@ class Runtime(abc.ABC):
     def run(self, feeds: Feeds) -> Feeds:
         """Run one (possibly batched) request; feeds are already validated."""
 
+    def run_and_release(self, feeds: Feeds) -> Feeds:
+        """`run`, then hand back to the allocator what this run grew the runtime's
+        memory pools by. For requests far larger than usual: a pool that keeps its
+        high-water mark would hold the agent above its soft limit after one burst."""
+        return self.run(feeds)
+
     def describe(self) -> dict[str, Any]:
         """What the runtime chose (providers, threads...) for status and metrics."""
         return {"runtime": self.name, "version": self.library_version()}

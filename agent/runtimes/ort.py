@@ -25,12 +25,12 @@ class OrtConfig:
     inter_op_threads: int = constraint(0, ge=0, le=256)
     execution_mode: Literal["sequential", "parallel"] = "sequential"
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
-    # The arena keeps freed blocks for reuse: faster, but RSS never shrinks. Small
-    # devices under a tight cap may prefer it off.
     # Idle intra-op threads spin for a while waiting for more work: lowest latency on a
     # dedicated device, but on a small board they steal the CPU the caller (or a camera
     # pipeline) needs next. False makes them sleep at once.
     allow_spinning: bool = True
+    # The arena keeps freed blocks for reuse (faster); the agent shrinks it after
+    # requests far larger than usual, so a burst does not pin RSS at its peak.
     cpu_mem_arena: bool = True
     mem_pattern: bool = True
     arena_extend_strategy: Literal["next_power_of_two", "same_as_requested"] = "next_power_of_two"
@@ -108,6 +108,13 @@ class OrtRuntime(Runtime):
         if missing:
             raise ModelLoadError(f"model has no outputs named {missing}; it has {model_outputs}")
         self._output_names = [s.name for s in outputs]
+        # Kept for describe(): status may read a runtime that a swap is closing.
+        self._providers = list(self.session.get_providers())
+        # Shrinking returns the arena's unused extensions at the end of a run: kept
+        # for big requests only, as re-growing it costs small ones their speed.
+        self._release = ort.RunOptions()
+        if cfg.cpu_mem_arena:
+            self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         log.info("onnxruntime session for %s on %s", model_path.name, self.session.get_providers())
 
     @classmethod
@@ -131,10 +138,17 @@ class OrtRuntime(Runtime):
             raise InferenceError(f"onnxruntime failed: {exc}") from exc
         return dict(zip(self._output_names, results, strict=True))
 
+    def run_and_release(self, feeds: Feeds) -> Feeds:
+        try:
+            results = self.session.run(self._output_names, feeds, self._release)
+        except Exception as exc:
+            raise InferenceError(f"onnxruntime failed: {exc}") from exc
+        return dict(zip(self._output_names, results, strict=True))
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "providers": list(self.session.get_providers()),
+            "providers": list(self._providers),
             "intra_op_threads": self.config.intra_op_threads,
             "inter_op_threads": self.config.inter_op_threads,
             "graph_optimization": self.config.graph_optimization,
@@ -143,7 +157,8 @@ class OrtRuntime(Runtime):
         }
 
     def close(self) -> None:
-        del self.session
+        # Idempotent: the session goes with its last reference (the arena with it).
+        self.__dict__.pop("session", None)
 
 
 _ENV_ARENA: set[str] = set()  # registered once per process

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -10,12 +11,38 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.api.client import ApiClient, ApiError
-from agent.config.model import MemoryConfig
-from agent.memory import MB, AdmissionError, admit, cgroup_limit_bytes, compute_budget
-from tests.helpers import base_config, running_agent, samples, write_config
+from agent.bundle import TensorSpec
+from agent.config.model import MemoryConfig, RuntimesConfig
+from agent.errors import OverloadedError, TooLargeError
+from agent.footprint import PeakMeter
+from agent.link.tunables import Tunables
+from agent.memory import (
+    MB,
+    AdmissionError,
+    admit,
+    cgroup_limit_bytes,
+    compute_budget,
+    current_rss,
+    release_free_memory,
+    tune_allocator,
+)
+from agent.runtimes.ort import OrtRuntime
+from tests.agent.test_admission import make_agent
+from tests.helpers import (
+    SAMPLE_BUNDLE,
+    SampleParts,
+    base_config,
+    make_bundle,
+    running_agent,
+    samples,
+    write_config,
+)
+from tests.memory_model import ROW_SHAPE, build_model, expected, make_wide_bundle, rows
 
 # /proc/self/cgroup as captured on a cgroup v2 host (systemd service) and a v1 host.
 V2_PROC = "0::/system.slice/edgerun.service\n"
@@ -89,6 +116,22 @@ def test_admission_refuses_with_the_numbers() -> None:
     assert "memory cap of 100.0 MB (set by memory.max_mb)" in msg
 
 
+def test_admission_judges_on_the_larger_of_claim_and_measurement() -> None:
+    budget = compute_budget(MemoryConfig(max_mb=100), detect_cgroup=False)
+    admit("m 1", 5.0, budget, 70 * MB, measured_mb=20.0)  # 90 MB fits
+    with pytest.raises(AdmissionError) as info:
+        admit("m 1", 5.0, budget, 70 * MB, measured_mb=40.0)
+    assert "needs 40.0 MB (measured on this device; its manifest claims 5.0 MB)" in str(info.value)
+    with pytest.raises(AdmissionError, match=r"needs 40.0 MB \(measured peak\)"):
+        admit("m 1", 40.0, budget, 70 * MB, measured_mb=1.0)
+    # A claim that is no figure at all does not lower the measured need.
+    # (The manifest schema refuses such figures; admission never trusts them either.)
+    for claim in (float("nan"), -100000.0, 0.0, float("-inf"), float("inf")):
+        with pytest.raises(AdmissionError, match="needs 40.0 MB .measured on this device"):
+            admit("m 1", claim, budget, 70 * MB, measured_mb=40.0)
+        admit("m 1", claim, budget, 70 * MB, measured_mb=1.0)
+
+
 def _cgroup_v1_dir() -> Path | None:
     """A fresh memory cgroup under ours, when this machine lets us make one."""
     for line in Path("/proc/self/cgroup").read_text().splitlines():
@@ -148,58 +191,227 @@ def test_agent_refuses_a_model_that_does_not_fit_and_says_why(tmp: Path) -> None
     )
 
 
-def test_load_pushing_against_the_soft_limit_is_shed_and_the_agent_recovers(tmp: Path) -> None:
-    extra = (
-        "[memory]\nsoft_limit_mb = {soft}\ncheck_interval_ms = 20\n"
-        "[runtimes.onnxruntime]\ncpu_mem_arena = false\n"
+def test_a_bundle_whose_claim_is_a_lie_is_refused_on_what_it_measures(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    # Issue 7: 65,536 golden cases in a few hundred KB, claiming 28 MB, took the
+    # install to 900 MB. The agent measures the model on this device and judges the
+    # replay before running it.
+    rss = current_rss()
+    agent = make_agent(tmp, memory={"max_mb": rss // MB + 300})
+    agent.admission.install(SAMPLE_BUNDLE)
+    np.savez_compressed(tmp / "inputs.npz", input=np.zeros((65536, 1, 8, 8), np.float32))
+    files = {**sample_parts.files(), "golden/inputs.npz": tmp / "inputs.npz"}
+    lie = make_bundle(sample_parts, tmp / "lie.edgebundle", demo_key, files=files, version="2.0.0")
+    assert lie.stat().st_size < 1 * MB
+    with pytest.raises(AdmissionError) as info:
+        agent.admission.install(lie)
+    message = str(info.value)
+    assert "model digits 2.0.0 needs" in message
+    assert "(measured on this device; its manifest claims 28.2 MB)" in message
+    assert "above the memory cap" in message and "keeping the current model" in message
+    assert agent.events.recent[-1].data["code"] == "memory.refused"
+    model, out = agent.host.infer("digits", {"input": samples()[0]})
+    assert model.manifest.version == "1.0.0" and out["logits"].shape == (10, 10)
+
+
+def test_the_measured_cost_is_recorded_and_scales_with_rows(
+    demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    agent = make_agent(tmp)
+    model = agent.admission.install(make_wide_bundle(tmp / "wide", demo_key))
+    fp = model.footprint
+    assert fp is not None and fp.batched
+    # 96 x 100 inputs expanded 8 times, twice: at least 0.5 MB a row on any allocator.
+    assert fp.per_row_bytes > 0.5 * MB, fp
+    assert fp.request_bytes(2 * fp.input_bytes_per_row) < fp.request_bytes(
+        100 * fp.input_bytes_per_row
     )
-    api = "max_batch_size = 100000\nmax_request_mb = 64"
-    # First measure the idle RSS of this agent, then set the soft limit 60 MB above it.
-    config = base_config(tmp, extra=extra.format(soft=100000), api=api)
-    with running_agent(tmp, config) as agent, agent.client() as c:
-        idle_mb = c.get_json("/v2/edgerun/status")["memory"]["rss_mb"]
-    soft = int(idle_mb + 60)
-    with running_agent(tmp, base_config(tmp, extra=extra.format(soft=soft), api=api)) as agent:
-        big = np.random.default_rng(0).random((40000, 1, 8, 8), dtype=np.float32)  # ~10 MB
+    assert model.summary()["memory"]["per_row_mb"] == round(fp.per_row_bytes / MB, 4)
+
+
+def test_the_cost_is_measured_where_the_peak_rss_cannot_be_reset(
+    demo_key: Ed25519PrivateKey, tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some kernels or sandboxes refuse writes to /proc/self/clear_refs: the meter
+    # then reads RSS after each probe, which the runtime's pools still hold.
+    monkeypatch.setattr(PeakMeter, "_try_reset", staticmethod(lambda: False))
+    assert not PeakMeter().resettable
+    agent = make_agent(tmp)
+    model = agent.admission.install(make_wide_bundle(tmp / "wide", demo_key))
+    assert model.footprint is not None and model.footprint.per_row_bytes > 0.5 * MB
+
+
+def test_a_request_that_can_never_fit_is_refused_with_the_figures(
+    demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    tune_allocator()  # as the agent does at start: freed tensors go back to the kernel
+    agent = make_agent(tmp)
+    agent.admission.install(make_wide_bundle(tmp / "wide", demo_key))
+    soft = agent.host.rest_rss() // MB + 100
+    Tunables(agent).set({"memory.soft_limit_mb": soft})  # config.set, as over MQTT
+    with pytest.raises(TooLargeError) as info:
+        agent.host.infer("wide", {"input": rows(256)})
+    message = info.value.message
+    del info  # its traceback holds the refused request's 10 MB of input
+    assert message.startswith("256 rows need about "), message
+    assert "measured at validation" in message and f"soft limit of {soft:.1f} MB" in message
+    most = int(message.split("send at most ")[1].split()[0])
+    assert 0 < most < 256
+    assert "memory.max_mb / memory.soft_limit_mb" in message
+    # What the message says is no longer refused for good (it may have to wait for
+    # room: this test process's own RSS moves), and half of it runs.
+    try:
+        agent.host.infer("wide", {"input": rows(most)})
+    except OverloadedError as exc:
+        assert "retry later" in exc.message
+    _, out = agent.host.infer("wide", {"input": rows(most // 2)})
+    assert out["score"].shape == (most // 2, 96)
+    assert agent.host.inflight == 0 and agent.host._reserved == 0
+
+
+def test_an_idle_agent_rebuilds_a_runtime_whose_pools_keep_memory(
+    demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    tune_allocator()
+    agent = make_agent(tmp, memory={"max_mb": current_rss() // MB + 600, "recover_after_s": 0.1})
+    old = agent.admission.install(make_wide_bundle(tmp / "wide", demo_key))
+    rest = agent.host.rest_rss()
+    # Straight into the runtime, without the shrink the host asks for after big
+    # requests: the arena keeps ~170 MB, as an agent with a leaky runtime would.
+    old.runtime.run({"input": rows(256)})
+    release_free_memory()
+    grown = current_rss()
+    assert grown > rest + 100 * MB, (grown, rest)
+    generation = agent.host.generation
+    deadline = time.monotonic() + 60
+    while agent.watcher.reclaims == 0:
+        assert time.monotonic() < deadline, "the watcher never rebuilt the runtime"
+        agent.watcher.sample()
+        time.sleep(0.05)
+    assert agent.host.generation == generation + 1
+    assert old.closed.is_set()
+    assert agent.watcher.rss < grown - 100 * MB, (agent.watcher.rss, grown)
+    _, out = agent.host.infer("wide", {"input": rows(4)})
+    assert out["score"].shape == (4, 96)
+    # Once per idle period: sampling on does not rebuild again.
+    for _ in range(5):
+        agent.watcher.sample()
+    assert agent.watcher.reclaims == 1
+
+
+def test_concurrent_big_batches_stay_under_the_cap_and_the_agent_recovers(
+    demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    """Issue 7: 8 clients sending 4.9 MB binary batches took RSS to 0.7-2.3 GB and
+    the agent never came back. Default config but the cap."""
+    cap_mb = 320
+    bundle = make_wide_bundle(tmp / "wide", demo_key)
+    config = base_config(tmp, bundle=bundle, extra=f"[memory]\nmax_mb = {cap_mb}\n")
+    with running_agent(tmp, config) as agent:
+        sampler = RssSampler(agent.proc.pid)
+        batch = rows(128)
+        assert 4.8e6 < batch.nbytes < 5e6
         codes: list[str] = []
+        messages: dict[str, str] = {}
         lock = threading.Lock()
+        start = threading.Barrier(8)
 
-        def heavy() -> None:
-            with ApiClient(str(agent.socket), timeout=120) as client:
-                for _ in range(3):
+        def client() -> None:
+            with ApiClient(str(agent.socket), timeout=120) as c:
+                start.wait(60)
+                for _ in range(4):
                     try:
-                        client.infer("digits", {"input": big}, binary=True)
-                        result = "ok"
+                        out = c.infer("wide", {"input": batch}, binary=True)
+                        assert out["score"].shape == (128, 96)
+                        code = "ok"
                     except ApiError as exc:
-                        result = exc.code
+                        code = exc.code
+                        messages[code] = str(exc)
                     with lock:
-                        codes.append(result)
+                        codes.append(code)
 
-        threads = [threading.Thread(target=heavy) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        with agent.client() as c:
-            status = c.get_json("/v2/edgerun/status")
-            assert status["memory"]["peak_rss_mb"] > soft, status["memory"]
-            assert "overloaded" in codes, codes  # new requests were refused while above
-            assert "ok" in codes, codes
-            assert status["memory"]["shed_requests"] == codes.count("overloaded")
-            # Load is gone: the agent gives memory back and serves again.
-            images, labels = samples()
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    out = c.infer("digits", {"input": images})
-                    break
-                except ApiError as exc:
-                    assert exc.code == "overloaded"
-                    assert time.monotonic() < deadline, "agent never recovered"
-                    time.sleep(0.2)
-            assert (out["logits"].argmax(1) == labels).mean() >= 0.9
-            metrics = c.metrics()
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        with sampler:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert not any(t.is_alive() for t in threads)
+            # Load is gone: a good request succeeds again (hang guard only).
+            small = rows(8)
+            deadline = time.monotonic() + 60
+            with agent.client() as c:
+                while True:
+                    try:
+                        out = c.infer("wide", {"input": small}, binary=True)
+                        break
+                    except ApiError as exc:
+                        assert exc.code == "overloaded", exc
+                        assert time.monotonic() < deadline, "the agent never recovered"
+                        time.sleep(0.1)
+                status = c.get_json("/v2/edgerun/status")
+                metrics = c.metrics()
+        assert np.allclose(out["score"], expected(small), atol=1e-3)
+        assert sampler.peak < cap_mb * MB, f"peak RSS {sampler.peak / MB:.1f} MB"
+        assert set(codes) <= {"ok", "overloaded"}, (codes, messages)
+        assert "ok" in codes, messages
+        if "overloaded" in messages:
+            assert "retry later" in messages["overloaded"]
             assert 'edgerun_inference_errors_total{code="overloaded"}' in metrics
-        assert agent.proc.poll() is None
+        # Every memory refusal is counted as shed (the recovery poll's too).
+        assert status["memory"]["shed_requests"] >= codes.count("overloaded")
+        assert status["memory"]["overloaded"] is False
+        assert status["memory"]["rss_mb"] < status["memory"]["soft_limit_mb"]
     assert agent.proc.returncode == 0
-    assert "event overloaded" in agent.output()
+    log = agent.output()
+    if "event overloaded" in log:
+        assert "event overload.cleared" in log
+    assert "Traceback" not in log
+
+
+class RssSampler:
+    """Peak RSS of another process, sampled every 2 ms in a thread (psutil)."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_a_run_that_releases_leaves_the_arena_shrunk(tmp: Path) -> None:
+    tune_allocator()
+    model = build_model(tmp / "wide.onnx")
+    inputs = (TensorSpec("input", "float32", (-1, *ROW_SHAPE)),)
+    outputs = (TensorSpec("score", "float32", (-1, ROW_SHAPE[0])),)
+    batch = {"input": rows(192)}  # ~130 MB of activations
+    kept: dict[str, int] = {}
+    for how in ("run", "run_and_release"):
+        runtime = OrtRuntime(model, inputs, outputs, RuntimesConfig().onnxruntime)
+        release_free_memory()
+        before = current_rss()
+        out = getattr(runtime, how)(batch)
+        assert out["score"].shape == (192, 96)
+        del out
+        release_free_memory()
+        kept[how] = current_rss() - before
+        runtime.close()
+        release_free_memory()
+    assert kept["run"] > 60 * MB, kept  # the arena keeps the burst: what this fixes
+    # Part of it can stay in the arena (measured here: up to half).
+    assert kept["run_and_release"] < kept["run"] * 0.75, kept
