@@ -35,9 +35,7 @@ from agent.runtimes.ort import OrtRuntime
 from tests.agent.test_admission import make_agent
 from tests.helpers import (
     SAMPLE_BUNDLE,
-    SampleParts,
     base_config,
-    make_bundle,
     running_agent,
     samples,
     write_config,
@@ -192,23 +190,24 @@ def test_agent_refuses_a_model_that_does_not_fit_and_says_why(tmp: Path) -> None
 
 
 def test_a_bundle_whose_claim_is_a_lie_is_refused_on_what_it_measures(
-    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+    demo_key: Ed25519PrivateKey, tmp: Path
 ) -> None:
     # Issue 7: 65,536 golden cases in a few hundred KB, claiming 28 MB, took the
-    # install to 900 MB. The agent measures the model on this device and judges the
-    # replay before running it.
+    # install to 900 MB. Golden cases are now capped at 256 by the bundle rule; what
+    # is left is a model whose cases cost far more than its manifest claims. The agent
+    # measures the model on this device and judges the replay before running it.
     rss = current_rss()
-    agent = make_agent(tmp, memory={"max_mb": rss // MB + 300})
+    agent = make_agent(tmp, memory={"max_mb": rss // MB + 120})
     agent.admission.install(SAMPLE_BUNDLE)
-    np.savez_compressed(tmp / "inputs.npz", input=np.zeros((65536, 1, 8, 8), np.float32))
-    files = {**sample_parts.files(), "golden/inputs.npz": tmp / "inputs.npz"}
-    lie = make_bundle(sample_parts, tmp / "lie.edgebundle", demo_key, files=files, version="2.0.0")
+    lie = make_wide_bundle(
+        tmp / "wide", demo_key, version="2.0.0", peak_memory_mb=1.0, golden_rows=256, zeros=True
+    )
     assert lie.stat().st_size < 1 * MB
     with pytest.raises(AdmissionError) as info:
         agent.admission.install(lie)
     message = str(info.value)
-    assert "model digits 2.0.0 needs" in message
-    assert "(measured on this device; its manifest claims 28.2 MB)" in message
+    assert "needs" in message and "2.0.0" in message
+    assert "(measured on this device; its manifest claims 1.0 MB)" in message
     assert "above the memory cap" in message and "keeping the current model" in message
     assert agent.events.recent[-1].data["code"] == "memory.refused"
     model, out = agent.host.infer("digits", {"input": samples()[0]})

@@ -17,8 +17,14 @@ refusal and the highest RSS seen during any refusal.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 TRACEBACK_MARKERS = ("Traceback (most recent call last)", 'File "/')
@@ -72,4 +78,45 @@ def failures(outcomes: Iterable[Outcome]) -> list[str]:
     return [o.describe() for o in outcomes if not o.ok]
 
 
-__all__ = ["TRACEBACK_MARKERS", "Case", "Outcome", "failures", "timed"]
+# Runs the command as its own child and writes "exit-status max-rss-kib" to argv[1].
+# Why a middleman: Linux folds the pre-exec address space's high-water mark into a
+# child's ru_maxrss, so a child spawned straight from a test process of 700 MB reports
+# 700 MB whatever it used. The middleman is a fresh, small interpreter.
+_MEASURE = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(f'{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}')\n"
+)
+
+
+def run_measured(
+    args: list[str], env: Mapping[str, str], cwd: str | os.PathLike[str], hang_guard_s: float
+) -> tuple[int, str, float]:
+    """Run `args`; return its exit status, its output and its own peak RSS (MiB).
+    A run still going after `hang_guard_s` is killed (status -9)."""
+    with tempfile.NamedTemporaryFile("r", prefix="rusage-", dir="/tmp") as report:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _MEASURE, report.name, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,  # the hang guard kills the command with its middleman
+        )
+        assert proc.stdout is not None
+        guard = threading.Timer(hang_guard_s, os.killpg, (proc.pid, signal.SIGKILL))
+        guard.start()
+        try:
+            out = proc.stdout.read().decode(errors="replace")
+            proc.wait()
+        finally:
+            guard.cancel()
+            proc.stdout.close()
+        text = report.read().split()
+    if len(text) != 2:  # the middleman itself was killed
+        return -9, out + "\n<hung: killed by the hang guard>", 0.0
+    return int(text[0]), out, int(text[1]) / 1024
+
+
+__all__ = ["TRACEBACK_MARKERS", "Case", "Outcome", "failures", "run_measured", "timed"]

@@ -19,9 +19,7 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
-import threading
 import time
 import types
 import typing
@@ -31,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from tests.hostile import TRACEBACK_MARKERS, Case, Outcome
+from tests.hostile import TRACEBACK_MARKERS, Case, Outcome, run_measured
 
 CHECK = "config.check"
 RUN = "config.run"
@@ -449,27 +447,7 @@ def _measured(args: list[str], env: dict[str, str]) -> tuple[int, str, float]:
     """Run the CLI; return its exit status, its output and its own peak RSS (MiB)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGERUN_")}
     full_env.update(env)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=full_env,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    guard = threading.Timer(_HANG_GUARD_S, proc.kill)  # hang guard only
-    guard.start()
-    try:
-        out = proc.stdout.read().decode(errors="replace")
-        # wait4, not wait: its rusage is this child's own, whatever else runs.
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        guard.cancel()
-        proc.stdout.close()
-    proc.returncode = rc = os.waitstatus_to_exitcode(status)
-    if rc == -9:
-        out += "\n<hung: killed by the hang guard>"
-    return rc, out, usage.ru_maxrss / 1024
+    return run_measured([sys.executable, "-m", "agent.cli", *args], full_env, ROOT, _HANG_GUARD_S)
 
 
 _ERROR_LINE = re.compile(r"^  \[([a-z_.]+)\] (.*)$", re.MULTILINE)

@@ -28,8 +28,6 @@ from tests.helpers import (
     SAMPLE_BUNDLE,
     AgentProcess,
     base_config,
-    make_bundle,
-    unpack_sample,
     write_config,
 )
 from tests.hostile import Case, Outcome
@@ -220,12 +218,11 @@ def _admission_cases(workdir: Path) -> list[Outcome]:
     from tests.agent.test_admission import make_agent
 
     key = load_private_key(DEMO_KEY)
-    parts = unpack_sample(workdir / "digits")
     outcomes: list[Outcome] = []
     workdir.mkdir(parents=True, exist_ok=True)
     meter = PeakMeter()
     base = meter.reset()
-    agent = make_agent(workdir / "admission", memory={"max_mb": base // MB + 300})
+    agent = make_agent(workdir / "admission", memory={"max_mb": base // MB + 120})
     agent.admission.install(SAMPLE_BUNDLE)
 
     def install(name: str, note: str, bundle: Path) -> None:
@@ -247,19 +244,17 @@ def _admission_cases(workdir: Path) -> list[Outcome]:
             code, message = "damage", f"no longer serving digits 1.0.0 after {name}"
         outcomes.append(Outcome(case, code, message, seconds, round(meter.peak() / MB, 1), extra))
 
-    # 65,536 golden cases in a few hundred KB, still claiming the sample's 28 MB.
-    np.savez_compressed(workdir / "g.npz", input=np.zeros((65536, 1, 8, 8), np.float32))
-    files = {**parts.files(), "golden/inputs.npz": workdir / "g.npz"}
-    install(
-        "golden_replay_bomb",
-        "65,536 golden rows, claims 28 MB",
-        make_bundle(parts, workdir / "bomb.edgebundle", key, files=files, version="2.0.0"),
+    # Issue 7's bomb was 65,536 golden cases in a few hundred KB; the bundle rule now
+    # caps golden cases at 256 (tests/hostile/bundles.py), so the lie that is left is
+    # a model whose 256 cases cost far more than its manifest says.
+    bomb = make_wide_bundle(
+        workdir / "bomb", key, version="2.0.0", peak_memory_mb=28.2, golden_rows=256, zeros=True
     )
-    # A wide model claiming 0.001 MB, whose 4,096 golden rows need ~3 GB to replay.
+    install("golden_replay_bomb", "256 golden rows of ~0.7 MB each, claims 28 MB", bomb)
     lie = make_wide_bundle(
-        workdir / "wide", key, version="3.0.0", peak_memory_mb=0.001, golden_rows=4096, zeros=True
+        workdir / "wide", key, version="3.0.0", peak_memory_mb=1.0, golden_rows=256, zeros=True
     )
-    install("tiny_claim_wide_model", "claims 0.001 MB, 4,096 golden rows", lie)
+    install("tiny_claim_wide_model", "claims 1 MB (the least a manifest may), 256 rows", lie)
     agent.host.close()
     return outcomes
 
