@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.batching import BatcherClosedError, MicroBatcher
 from agent.bundle import Manifest
@@ -200,6 +200,24 @@ class _Leasing:
             self._host._release(generation)
 
 
+class RequestObserver(Protocol):
+    """Sees every answered or failed request (trial and shadow evaluation watch live
+    traffic through this). Called on the request's thread after the answer is known and
+    before it is sent: keep it to a few microseconds (count, or copy a sampled request
+    onto a queue), never block, never raise. `outputs` is None when the request failed;
+    `error` is then the stable code (runtime.failed, ...)."""
+
+    def observe(
+        self,
+        generation: int,
+        model: LoadedModel,
+        feeds: Feeds,
+        outputs: Feeds | None,
+        error: str | None,
+        seconds: float,
+    ) -> None: ...
+
+
 class ModelHost:
     def __init__(self, config: AgentConfig, metrics: Metrics, watcher: RssWatcher) -> None:
         self.config = config
@@ -219,6 +237,8 @@ class ModelHost:
         # Builds a fresh runtime for a served model (set by Admission): rebuilding is
         # the last resort to give back memory a runtime's pools keep.
         self.reopen: Callable[[LoadedModel], LoadedModel] | None = None
+        # Copied on write: a request reads the tuple without a lock.
+        self._observers: tuple[RequestObserver, ...] = ()
         watcher.reclaimer = self
         watcher.recover_after_s = config.memory.recover_after_s
 
@@ -429,6 +449,30 @@ class ModelHost:
         # The old model's memory is gone now: requests have that much more room.
         self._rest_rss = min(self._rest_rss, current_rss())
 
+    def add_observer(self, observer: RequestObserver) -> None:
+        with self._lock:
+            self._observers = (*self._observers, observer)
+
+    def remove_observer(self, observer: RequestObserver) -> None:
+        with self._lock:
+            self._observers = tuple(o for o in self._observers if o is not observer)
+
+    def _notify(
+        self,
+        generation: Generation,
+        feeds: Feeds,
+        outputs: Feeds | None,
+        error: str | None,
+        seconds: float,
+    ) -> None:
+        for observer in self._observers:
+            try:
+                observer.observe(
+                    generation.number, generation.model, feeds, outputs, error, seconds
+                )
+            except Exception:  # an observer must never fail a request
+                log.exception("request observer %r failed", observer)
+
     def resolve(self, name: str, version: str | None = None) -> LoadedModel:
         current = self._current
         if current is None:
@@ -459,8 +503,14 @@ class ModelHost:
             try:
                 out, direct = generation.run(feeds, rows, need)
             except InferenceError as exc:
+                if self._observers:
+                    elapsed = time.perf_counter() - start
+                    self._notify(generation, feeds, None, RuntimeFailureError.code, elapsed)
                 raise RuntimeFailureError(str(exc)) from exc
-            self.metrics.observe(time.perf_counter() - start, rows, rows if direct else None)
+            elapsed = time.perf_counter() - start
+            self.metrics.observe(elapsed, rows, rows if direct else None)
+            if self._observers:
+                self._notify(generation, feeds, out, None, elapsed)
             return model, out
         except ServingError as exc:
             self._refused(exc)

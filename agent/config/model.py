@@ -175,6 +175,49 @@ class KubeEdgeConfig:
 
 
 @dataclass(frozen=True)
+class UpdateTrialConfig:
+    # Defaults of a deploy's `trial` (agent/protocol/update.py TrialSpec has the meaning).
+    window_s: float = constraint(60.0, ge=0, le=86_400)
+    min_requests: int = constraint(20, ge=0, le=1_000_000)
+    max_error_rate: float = constraint(0.02, ge=0, le=1)
+    max_p95_ratio: float = constraint(2.0, ge=1, le=1000)
+    max_rss_growth_mb: float = constraint(64.0, ge=0, le=1 << 20)
+    max_nonfinite_rate: float = constraint(0.0, ge=0, le=1)
+    max_drift: float = constraint(0.25, ge=0, le=1)
+    max_crashes: int = constraint(2, ge=0, le=100)
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    # Over-the-air updates (agent/update). Off: deploy/rollback are refused.
+    enabled: bool = True
+    # Download bandwidth cap in kbit/s (0: none), timeouts, retries.
+    max_kbps: float = constraint(0.0, ge=0, le=10_000_000)
+    connect_timeout_s: float = constraint(10.0, ge=0.5, le=600)
+    read_timeout_s: float = constraint(30.0, ge=0.5, le=3600)
+    max_redirects: int = constraint(3, ge=0, le=10)
+    max_retries: int = constraint(8, ge=0, le=1000)
+    # PEM CA bundle for https downloads ("credential:NAME" allowed); "" = system CAs.
+    ca_file: str = constraint("", pattern=SECRET_REF_PATTERN)
+    # MQTT chunk transfers: how long to wait for missing chunks before asking again / giving up.
+    chunk_timeout_s: float = constraint(5.0, ge=0.1, le=600)
+    transfer_timeout_s: float = constraint(600.0, ge=1, le=86_400)
+    # Free disk space kept beyond what a job needs (MiB).
+    reserve_disk_mb: int = constraint(64, ge=0, le=1 << 20)
+    # Signed release index (pull updates, KubeEdge desired versions): URL ("" = none) and
+    # how often to poll it (0: only when the twin's desired version changes).
+    repository: str = constraint("", pattern=r"|https?://[\x21-\x7e]{1,2040}")
+    poll_s: float = constraint(0.0, ge=0, le=7 * 86_400)
+    # Keys that may sign the release index ("credential:NAME" allowed); empty: trust.public_keys.
+    index_keys: list[str] = field(default_factory=list)
+    # A job that sits in one phase this long is failed (and rolled back after the swap).
+    phase_timeout_s: float = constraint(1800.0, ge=1, le=86_400)
+    # Bounded wait of new requests during a cold swap (ms).
+    cold_swap_wait_ms: int = constraint(30_000, ge=100, le=600_000)
+    trial: UpdateTrialConfig = field(default_factory=UpdateTrialConfig)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str = constraint("edgerun-device", pattern=DEVICE_ID_PATTERN)
     state_dir: Path = Path("/var/lib/edgerun")
@@ -191,3 +234,4 @@ class AgentConfig:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     kubeedge: KubeEdgeConfig = field(default_factory=KubeEdgeConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
