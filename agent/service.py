@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import __version__
 from agent.admission import REFUSALS, Admission
-from agent.api.server import ApiServer
+from agent.api.server import ApiServer, ApiSetupError
 from agent.config.loader import ConfigError, read_public_keys
 from agent.config.model import AgentConfig
 from agent.events import EventBus
@@ -67,7 +67,10 @@ class Agent:
         self.admission = Admission(
             config, self.store, self.host, self.budget, self.keys, self.events
         )
-        self.api = ApiServer(self.host, config.api, self.status, self.metrics_text)
+        try:
+            self.api = ApiServer(self.host, config.api, self.status, self.metrics_text)
+        except ApiSetupError as exc:
+            raise StartupError(str(exc)) from exc
         self.notifier = Notifier()
         # What is installed does not change while the agent runs: look once, not per status.
         self.runtimes = {k: v or "available" for k, v in availability().items()}
@@ -159,7 +162,10 @@ class Agent:
         self.watcher.start()
         started = time.perf_counter()
         await loop.run_in_executor(None, self.load_initial_model)
-        self.api.start()
+        try:
+            self.api.start()
+        except ApiSetupError as exc:
+            raise StartupError(str(exc)) from exc
         for component in self.components:
             await component.start()
         ready_s = time.perf_counter() - started
@@ -183,7 +189,16 @@ class Agent:
             return  # not run under a systemd watchdog
         while True:
             await asyncio.sleep(period / 2)
-            self.notifier.watchdog()
+            # Alive is not enough: an agent whose accept loop or RSS watcher died is
+            # deaf or blind, and systemd should restart it.
+            if self.api.healthy() and self.watcher.running:
+                self.notifier.watchdog()
+            else:
+                log.error(
+                    "not petting the watchdog: API %s, RSS watcher %s",
+                    "ok" if self.api.healthy() else "not accepting",
+                    "ok" if self.watcher.running else "stopped",
+                )
 
     def _overload_changed(self, overloaded: bool, rss: int) -> None:
         soft = round(self.budget.soft_limit_bytes / MB, 1)

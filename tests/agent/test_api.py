@@ -219,21 +219,25 @@ def test_oversized_body_is_refused_before_it_is_read(agent: AgentProcess) -> Non
     head = b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 5000000\r\n\r\n"
     reply = raw(agent, head)
     assert reply.startswith(b"HTTP/1.1 413")
-    assert b"above the limit of 1048576 (api.max_request_mb)" in reply
+    assert b"above the limit of 1048576 (api.max_request_mb = 1)" in reply
 
 
 def test_garbage_and_chunked_requests(agent: AgentProcess) -> None:
     assert raw(agent, b"HELLO\r\n\r\n").startswith(b"HTTP/1.1 400")
-    assert raw(agent, b"GET /v2 HTTP/1.1\r\nno colon here\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert raw(agent, b"GET /v2 HTTP/1.1\r\nhost: x\r\nno colon here\r\n\r\n").startswith(
+        b"HTTP/1.1 400"
+    )
     chunked = (
-        b"POST /v2/models/digits/infer HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\n0\r\n\r\n"
     )
     assert raw(agent, chunked).startswith(b"HTTP/1.1 411")
-    assert raw(agent, b"GET /v2 HTTP/1.1\r\ncontent-length: -4\r\n\r\n").startswith(b"HTTP/1.1 400")
-    assert raw(agent, b"GET /v2 HTTP/1.1\r\n" + b"x: " + b"a" * 70000 + b"\r\n\r\n").startswith(
-        b"HTTP/1.1 431"
+    assert raw(agent, b"GET /v2 HTTP/1.1\r\nhost: x\r\ncontent-length: -4\r\n\r\n").startswith(
+        b"HTTP/1.1 400"
     )
+    assert raw(
+        agent, b"GET /v2 HTTP/1.1\r\nhost: x\r\n" + b"x: " + b"a" * 70000 + b"\r\n\r\n"
+    ).startswith(b"HTTP/1.1 431")
 
 
 def test_binary_extension_errors(client: ApiClient) -> None:
@@ -323,7 +327,7 @@ def test_connection_limit_and_idle_timeout(tmp: Path) -> None:
         try:
             assert first.get_json("/v2/health/live") == {"live": True}
             assert second.get_json("/v2/health/live") == {"live": True}
-            reply = raw(agent, b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+            reply = raw(agent, b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n")
             assert reply.startswith(b"HTTP/1.1 503")
             assert b"too many connections (api.max_connections = 2)" in reply
         finally:
@@ -333,7 +337,7 @@ def test_connection_limit_and_idle_timeout(tmp: Path) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(10)
             s.connect(str(agent.socket))
-            s.sendall(b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n")
             assert s.recv(65536).startswith(b"HTTP/1.1 200")
             assert s.recv(65536) == b""  # closed by the server, not by our timeout
         with agent.client() as c:
