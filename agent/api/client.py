@@ -152,7 +152,7 @@ class ApiClient:
         headers = {"content-type": "application/json"}
         if binary:
             req["parameters"] = {"binary_data_output": True}
-        head = json.dumps(req, separators=(",", ":")).encode()
+        head = json.dumps(req, separators=(",", ":"), allow_nan=False).encode()
         if binary:
             headers["inference-header-content-length"] = str(len(head))
         status, resp_headers, body = self.request(
@@ -178,6 +178,7 @@ class ApiClient:
             head = json.dumps(
                 {"inputs": tensors, "parameters": {"binary_data_output": True}},
                 separators=(",", ":"),
+                allow_nan=False,
             ).encode()
             size = len(head) + sum(a.nbytes for a in inputs.values())
             prefix = (

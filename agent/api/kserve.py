@@ -185,7 +185,10 @@ def decode_request(
                 or size < 0
                 or offset + size > len(binary)
             ):
-                raise BadRequestError(f"{where}.parameters.binary_data_size does not fit the body")
+                raise BadRequestError(
+                    f"{where}.parameters.binary_data_size {str(size)[:40]} is not a byte count "
+                    f"within the {len(binary) - offset} binary bytes left in the body"
+                )
             if size != count * dtype.itemsize:
                 raise BadRequestError(
                     f"input {name!r}: {size} binary bytes do not hold shape {list(shape)} "

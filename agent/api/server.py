@@ -338,13 +338,18 @@ class ApiServer:
         idle = [c for c in self._connections if c.idle_since is not None]
         if not idle:
             return
-        oldest = min(idle, key=lambda c: c.idle_since or 0.0)
-        if time.monotonic() - (oldest.idle_since or 0.0) < 1.0:
-            return
-        self._connections.discard(oldest)
-        oldest.idle_since = None
+        # A client that already hung up, whose thread has not noticed yet, goes first.
+        gone = [c for c in idle if _peer_closed(c.sock)]
+        if gone:
+            victim = gone[0]
+        else:
+            victim = min(idle, key=lambda c: c.idle_since or 0.0)
+            if time.monotonic() - (victim.idle_since or 0.0) < 1.0:
+                return  # it may be about to send its next request
+        self._connections.discard(victim)
+        victim.idle_since = None
         with contextlib.suppress(OSError):
-            oldest.sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and ends
+            victim.sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and ends
 
     # ------------------------------------------------------------- serving
 
@@ -474,6 +479,15 @@ class ApiServer:
             have += n
         view.release()
         return out  # a bytearray: json and numpy read it like bytes
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 __all__ = ["ApiServer", "ApiSetupError", "Response"]

@@ -259,7 +259,10 @@ def test_binary_extension_errors(client: ApiClient) -> None:
         head + b"\0" * 100,
         {"inference-header-content-length": str(len(head))},
     )
-    assert status == 400 and "binary_data_size does not fit" in json.loads(data)["error"]
+    assert (
+        status == 400
+        and "binary_data_size 256 is not a byte count within the 100" in json.loads(data)["error"]
+    )
     status, _, data = client.request(
         "POST",
         "/v2/models/digits/infer",
@@ -321,18 +324,29 @@ def test_api_error_type_carries_code(client: ApiClient) -> None:
 def test_connection_limit_and_idle_timeout(tmp: Path) -> None:
     from tests.helpers import running_agent
 
-    config = base_config(tmp, api="max_connections = 2\nidle_timeout_s = 1.0")
+    config = base_config(tmp, api="max_connections = 2\nidle_timeout_s = 1.0\nhead_timeout_s = 60")
     with running_agent(tmp, config) as agent:
-        first, second = agent.client(), agent.client()
+        busy = []
         try:
-            assert first.get_json("/v2/health/live") == {"live": True}
-            assert second.get_json("/v2/health/live") == {"live": True}
+            for _ in range(2):  # mid-request, not idle: these are not evicted
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(agent.socket))
+                s.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+                busy.append(s)
+            with agent.client() as c:
+                # Only once both slots are taken does the third get refused.
+                for _ in range(200):
+                    status, _, body = c.request("GET", "/v2/health/live")
+                    if status == 503:
+                        break
+                    c.close()
+            assert status == 503, body
+            assert b"too many connections (api.max_connections = 2)" in body
             reply = raw(agent, b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n")
-            assert reply.startswith(b"HTTP/1.1 503")
-            assert b"too many connections (api.max_connections = 2)" in reply
+            assert reply.startswith(b"HTTP/1.1 503") and b"\r\nretry-after: 1\r\n" in reply
         finally:
-            first.close()
-            second.close()
+            for s in busy:
+                s.close()
         # An idle keep-alive connection is closed by the agent after idle_timeout_s.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(10)
@@ -342,3 +356,262 @@ def test_connection_limit_and_idle_timeout(tmp: Path) -> None:
             assert s.recv(65536) == b""  # closed by the server, not by our timeout
         with agent.client() as c:
             assert c.get_json("/v2/health/ready") == {"ready": True}
+
+
+# ------------------------------------------------------------------ HTTP conformance
+
+
+def test_head_answers_headers_without_a_body(agent: AgentProcess) -> None:
+    reply = raw(agent, b"HEAD /v2 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == b""
+    get = raw(agent, b"GET /v2 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    length = next(h for h in get.split(b"\r\n") if h.startswith(b"content-length"))
+    assert length in head.split(b"\r\n")  # the length the GET body has
+
+
+def test_wrong_method_gets_405_with_allow(agent: AgentProcess) -> None:
+    reply = raw(agent, b"DELETE /v2 HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 405") and b"\r\nallow: GET, HEAD\r\n" in reply
+    reply = raw(agent, b"GET /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 405") and b"\r\nallow: POST\r\n" in reply
+
+
+def test_expect_100_continue_is_answered_before_the_body(agent: AgentProcess) -> None:
+    images, _ = samples()
+    body = json.dumps(
+        {"inputs": [tensor([1, 1, 8, 8], data=images[0].reshape(-1).tolist())]}
+    ).encode()
+    head = (
+        b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body)
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(agent.socket))
+        s.sendall(head)
+        assert s.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"  # sent before any body byte
+        s.sendall(body)
+        reply = s.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 200")
+    # Refused without the body: the final answer comes at once, no 100.
+    reply = raw(
+        agent,
+        b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+        b"content-length: 90000000\r\n\r\n",
+    )
+    assert reply.startswith(b"HTTP/1.1 413")
+
+
+def test_non_finite_outputs_are_valid_json_strings(client: ApiClient) -> None:
+    # Binary inputs pass NaN through (a sensor may send it); the JSON answer stays JSON.
+    images, _ = samples()
+    x = images[:2].copy()
+    x[0, 0, 0, 0] = np.nan
+    x[1] = np.inf
+    # JSON inputs must be finite (JSON has no NaN); the client refuses to write them.
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        client.infer("digits", {"input": x}, binary=False)
+    status, _, body = client.request(
+        "POST",
+        "/v2/models/digits/infer",
+        b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1],"data":[NaN]}]}',
+    )
+    assert status == 400 and b"contains NaN, which is not valid JSON" in body
+    raw_head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    status, _, body = client.request(
+        "POST",
+        "/v2/models/digits/infer",
+        raw_head + x.tobytes(),
+        {"inference-header-content-length": str(len(raw_head))},
+    )
+    assert status == 200
+    decoded = json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    data = decoded["outputs"][0]["data"]
+    assert "NaN" in data and all(isinstance(v, (float, str)) for v in data)
+    assert np.isnan(np.asarray(data, dtype=np.float32)).any()
+
+
+def test_statistics_endpoints(client: ApiClient) -> None:
+    images, _ = samples()
+    client.infer("digits", {"input": images[:4]})
+    every = client.get_json("/v2/models/stats")
+    one = client.get_json("/v2/models/digits/stats")
+    versioned = client.get_json("/v2/models/digits/versions/1.0.0/stats")
+    for answer in (every, one, versioned):
+        (entry,) = answer["model_stats"]
+        assert entry["name"] == "digits" and entry["version"] == "1.0.0"
+        assert entry["inference_count"] >= 4
+        assert entry["inference_stats"]["success"]["count"] >= 1
+        assert entry["inference_stats"]["success"]["ns"] > 0
+    with pytest.raises(ApiError) as info:
+        client.get_json("/v2/models/cats/stats")
+    assert info.value.code == "model.not_found"
+
+
+def test_unsupported_encoding_and_type_get_415(client: ApiClient) -> None:
+    import gzip
+
+    body = gzip.compress(json.dumps({"inputs": [tensor([1, 1, 8, 8])]}).encode())
+    status, _, data = client.request(
+        "POST", "/v2/models/digits/infer", body, {"content-encoding": "gzip"}
+    )
+    assert status == 415 and json.loads(data)["code"] == "request.media_type"
+    client.close()
+
+
+def test_slow_head_is_cut_off_and_others_are_served(tmp: Path) -> None:
+    from tests.helpers import running_agent
+
+    config = base_config(tmp, api="max_connections = 4\nhead_timeout_s = 1.0")
+    with running_agent(tmp, config) as agent:
+        slow = []
+        for _ in range(4):  # every slot held by a client that never finishes its head
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(20)
+            s.connect(str(agent.socket))
+            s.sendall(b"GET /v2 HTTP/1.1\r\nx-a: 1\r\n")
+            slow.append(s)
+        try:
+            for s in slow:
+                reply = s.recv(65536)
+                assert reply.startswith(b"HTTP/1.1 408"), reply
+                assert b"api.head_timeout_s" in reply
+            with agent.client() as c:  # the slots are free again
+                assert c.get_json("/v2/health/ready") == {"ready": True}
+        finally:
+            for s in slow:
+                s.close()
+
+
+def test_idle_connections_make_room_at_the_limit(tmp: Path) -> None:
+    from tests.helpers import running_agent
+
+    config = base_config(tmp, api="max_connections = 2")
+    with running_agent(tmp, config) as agent:
+        first, second = agent.client(), agent.client()
+        try:
+            assert first.get_json("/v2/health/live") == {"live": True}
+            assert second.get_json("/v2/health/live") == {"live": True}
+            import time
+
+            time.sleep(1.2)  # both are now idle keep-alive connections
+            with agent.client() as third:
+                assert third.get_json("/v2/health/ready") == {"ready": True}
+            # The evicted client reconnects by itself on its next request.
+            assert first.get_json("/v2/health/live") == {"live": True}
+            assert second.get_json("/v2/health/live") == {"live": True}
+        finally:
+            first.close()
+            second.close()
+
+
+# ------------------------------------------------------------------ who may call
+
+
+def _token_agent(tmp: Path, tcp: str, token: str | None) -> tuple[Path, str]:
+    api = f'tcp = "{tcp}"'
+    if token is not None:
+        (tmp / "creds").mkdir(exist_ok=True)
+        (tmp / "creds" / "api-token").write_text(token + "\n")
+        api += '\ntoken = "credential:api-token"'
+    return write_config(tmp / "agent.toml", base_config(tmp, api=api)), str(tmp / "creds")
+
+
+def test_non_loopback_tcp_without_token_refuses_to_start(tmp: Path) -> None:
+    import subprocess
+    import sys
+
+    config, _ = _token_agent(tmp, "0.0.0.0:0", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "cannot start: api.tcp = '0.0.0.0:0' listens beyond loopback" in out.stderr
+    assert "api.token" in out.stderr and "Traceback" not in out.stderr
+    config, creds = _token_agent(tmp, "0.0.0.0:0", "short")
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**__import__("os").environ, "CREDENTIALS_DIRECTORY": creds},
+    )
+    assert out.returncode == 1 and "holds 5 bytes; use at least 16" in out.stderr, out.stderr
+
+
+def test_token_guards_tcp_but_not_health_or_the_socket(tmp: Path) -> None:
+    import os
+
+    token = "t0ken-" + "9" * 30
+    config, creds = _token_agent(tmp, "0.0.0.0:0", token)
+    agent = AgentProcess(config, tmp / "api.sock", {"CREDENTIALS_DIRECTORY": creds})
+    try:
+        agent.wait_ready()
+        with agent.client() as c:  # the Unix socket: its mode and group decide
+            port = next(a for a in c.get_json("/v2/edgerun/status")["api"] if "tcp" in a)
+        address = "127.0.0.1:" + port.rsplit(":", 1)[1]
+        with ApiClient(address) as anon:
+            assert anon.get_json("/v2/health/ready") == {"ready": True}
+            status, headers, data = anon.request("GET", "/v2/edgerun/status")
+            assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+            assert json.loads(data)["code"] == "auth.required"
+        with ApiClient(address, token="x" * len(token)) as wrong:
+            status, _, data = wrong.request("GET", "/metrics")
+            assert status == 401 and json.loads(data)["code"] == "auth.invalid"
+        with ApiClient(address, token=token) as good:
+            images, labels = samples()
+            out = good.infer("digits", {"input": images[:3]})
+            assert list(out["logits"].argmax(1)) == list(labels[:3])
+        assert oct(os.stat(tmp / "api.sock").st_mode & 0o777) == "0o660"
+    finally:
+        agent.stop()
+
+
+def test_socket_mode_and_group_are_applied(tmp: Path) -> None:
+    import grp
+    import os
+
+    from tests.helpers import running_agent
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    config = base_config(tmp, api=f'socket_mode = "0600"\nsocket_group = "{group}"')
+    with running_agent(tmp, config) as agent:
+        st = os.stat(agent.socket)
+        assert st.st_mode & 0o777 == 0o600 and st.st_gid == os.getgid()
+    bad = base_config(tmp, api='socket_group = "no-such-group-x"')
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--config",
+            str(write_config(tmp / "b.toml", bad)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert "cannot start: api.socket_group = 'no-such-group-x' is not a group" in out.stderr
