@@ -183,7 +183,8 @@ def _api_error_hint(exc: Exception, binary: bool) -> str:
 
     if isinstance(exc, ApiError):
         hint = ""
-        if exc.code == "request.too_large" and not binary:
+        message = str(exc.body.get("error", ""))
+        if "api.max_request_mb" in message and not binary:
             hint = "; try --binary (binary tensors are about 4x smaller than JSON)"
         elif exc.status == 401:
             hint = "; pass --token-file with the token of api.token"

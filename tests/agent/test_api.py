@@ -615,3 +615,45 @@ def test_socket_mode_and_group_are_applied(tmp: Path) -> None:
     )
     assert out.returncode == 1
     assert "cannot start: api.socket_group = 'no-such-group-x' is not a group" in out.stderr
+
+
+# ------------------------------------------------------------------ edge-agent infer / status
+
+
+def test_cli_infer_reports_the_413_and_what_to_do(agent: AgentProcess, tmp: Path) -> None:
+    import subprocess
+    import sys
+
+    images, _ = samples()
+    big = np.repeat(images[:1], 20000, axis=0)  # ~5 MB as JSON, over max_request_mb = 1
+    np.save(tmp / "big.npy", big)
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "infer", "--socket", str(agent.socket)]
+        + ["--input", str(tmp / "big.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert "above the limit of 1048576 (api.max_request_mb = 1)" in out.stderr, out.stderr
+    assert "[request.too_large]" in out.stderr and "try --binary" in out.stderr
+    assert "Broken pipe" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_status_into_a_closed_pipe_exits_quietly(agent: AgentProcess) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        f"{sys.executable} -m agent.cli status --socket {agent.socket} | head -c 1 >/dev/null;"
+        " echo rc=${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.stderr == "", out.stderr
+    assert out.stdout.strip() == "rc=0"
