@@ -627,9 +627,9 @@ def test_cli_infer_reports_the_413_and_what_to_do(agent: AgentProcess, tmp: Path
     images, _ = samples()
     big = np.repeat(images[:1], 20000, axis=0)  # ~5 MB as JSON, over max_request_mb = 1
     np.save(tmp / "big.npy", big)
+    command = ["infer", "--socket", str(agent.socket), "--input", str(tmp / "big.npy")]
     out = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "infer", "--socket", str(agent.socket)]
-        + ["--input", str(tmp / "big.npy")],
+        [sys.executable, "-m", "agent.cli", *command],
         capture_output=True,
         text=True,
         timeout=120,
