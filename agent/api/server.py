@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # A connection that vanished between the kernel queueing it and accept().
 _TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN, errno.EPERM}
+# The listening socket itself is gone: no retry can help.
+_BROKEN = {errno.EBADF, errno.EINVAL, errno.ENOTSOCK}
 _BACKOFF_MAX_S = 0.5
 # Accept failing for this long without a single success counts as a deaf API.
 DEAF_AFTER_S = 60.0
@@ -252,6 +254,9 @@ class ApiServer:
                     return
                 if exc.errno in _TRANSIENT:
                     continue
+                if exc.errno in _BROKEN:
+                    log.error("the API socket %s is broken (%s); it accepts no more", listener, exc)
+                    return  # healthy() turns false: the watchdog gets the agent restarted
                 backoff = min(max(backoff * 2, 0.01), _BACKOFF_MAX_S)
                 self._accept_failed(listener, state, exc)
                 self._stopping.wait(backoff)

@@ -657,3 +657,83 @@ def test_cli_status_into_a_closed_pipe_exits_quietly(agent: AgentProcess) -> Non
     )
     assert out.stderr == "", out.stderr
     assert out.stdout.strip() == "rc=0"
+
+
+# ------------------------------------------------------------------ watchdog gating
+
+
+def _watchdog_scenario(tmp: Path, monkeypatch: pytest.MonkeyPatch, breaks: str) -> list[str]:
+    """Run a real Agent in this process under a systemd-style watchdog, break one part
+    (`watcher` or `api`) once it pets, and return what was sent to NOTIFY_SOCKET."""
+    import asyncio
+    import time
+
+    from agent.config.loader import load_config
+    from agent.service import Agent
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "notify.sock"))
+    notify.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp / "notify.sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # pet every 0.1 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    config = load_config(write_config(tmp / "agent.toml", base_config(tmp)), environ={})
+    agent = Agent(config)
+    seen: list[str] = []
+    after: list[str] = []
+
+    def drain(into: list[str]) -> None:
+        while True:
+            try:
+                into.append(notify.recv(4096).decode())
+            except BlockingIOError:
+                return
+
+    async def collect(into: list[str], seconds: float) -> None:
+        # Drain often: a full datagram queue would block the agent's sd_notify send.
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            drain(into)
+            await asyncio.sleep(0.05)
+        drain(into)
+
+    async def scenario() -> None:
+        try:
+            deadline = time.monotonic() + 30  # hang guard
+            while sum("WATCHDOG=1" in m for m in seen) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                drain(seen)
+            if breaks == "watcher":
+                await asyncio.get_running_loop().run_in_executor(None, agent.watcher.stop)
+            else:
+                for listener in agent.api._listeners:
+                    listener.close()
+            await collect(seen, 0.5)  # a pet already on its way before the break
+            await collect(after, 1.5)
+        finally:
+            agent.request_stop()
+
+    async def on_ready() -> None:
+        tasks.append(asyncio.create_task(scenario()))
+
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        asyncio.run(agent.run(on_ready))
+    finally:
+        notify.close()
+    assert sum("WATCHDOG=1" in m for m in seen) >= 2, seen  # it petted while healthy
+    return after
+
+
+def test_watchdog_is_not_petted_once_the_rss_watcher_stops(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    after = _watchdog_scenario(tmp, monkeypatch, "watcher")
+    assert not [m for m in after if "WATCHDOG=1" in m], after
+
+
+def test_watchdog_is_not_petted_once_the_api_stops_accepting(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    after = _watchdog_scenario(tmp, monkeypatch, "api")
+    assert not [m for m in after if "WATCHDOG=1" in m], after

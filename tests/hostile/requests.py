@@ -10,11 +10,13 @@ here at run time; nothing binary is committed.
 from __future__ import annotations
 
 import json
+import resource
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -563,3 +565,132 @@ def run_cases(agent: AgentProcess) -> list[Outcome]:
 def run_corpus(workdir: Path) -> list[Outcome]:
     with corpus_agent(workdir) as agent:
         return run_cases(agent)
+
+
+# ------------------------------------------------------------------ siege: slow clients + fd limit
+
+
+@dataclass
+class SiegeResult:
+    attempted: int = 0
+    answered: int = 0  # any HTTP answer: 200, or 503 while the agent is full
+    served: int = 0  # 200
+    latencies_ms: list[float] = field(default_factory=list)
+    slow_cut: int = 0  # slow connections the agent answered (408/503) or closed
+    peak_threads: int = 0
+    first_served_s: float | None = None
+
+
+def _answered(s: socket.socket) -> bool:
+    try:
+        s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # bytes or EOF: the agent spoke
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _slow_clients(
+    path: str,
+    count: int,
+    drip_s: float,
+    reconnect: bool,
+    stop: threading.Event,
+    result: SiegeResult,
+) -> None:
+    """`count` clients that each send a header line every `drip_s` and never finish."""
+    socks: dict[int, socket.socket] = {}
+    done: set[int] = set()
+    while not stop.is_set():
+        for i in range(count):
+            if i in done:
+                continue
+            s = socks.get(i)
+            if s is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                try:
+                    s.connect(path)
+                    s.send(b"GET /v2 HTTP/1.1\r\nhost: x\r\n")
+                except OSError:
+                    s.close()  # backlog full: try again next round
+                    continue
+                socks[i] = s
+                continue
+            if not _answered(s):
+                try:
+                    s.send(b"x-slow: 1\r\n")
+                    continue
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    pass
+            result.slow_cut += 1
+            s.close()
+            del socks[i]
+            if not reconnect:
+                done.add(i)
+        stop.wait(drip_s)
+    for s in socks.values():
+        s.close()
+
+
+def _good_request(path: str) -> int | None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(15)  # hang guard
+        s.connect(path)
+        s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return parse_answer(data).status
+
+
+def siege(
+    agent: AgentProcess,
+    slow: int = 64,
+    fd_limit: int | None = None,
+    seconds: float = 20.0,
+    drip_s: float = 1.0,
+    reconnect: bool = True,
+    until_served: bool = False,
+) -> SiegeResult:
+    """Slow clients hold connections while a good client asks every 50 ms; with
+    `fd_limit`, the agent's RLIMIT_NOFILE is lowered first (as LimitNOFILE= would)."""
+    process = psutil.Process(agent.proc.pid)
+    if fd_limit is not None:
+        resource.prlimit(agent.proc.pid, resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+    result = SiegeResult()
+    stop = threading.Event()
+    attacker = threading.Thread(
+        target=_slow_clients,
+        args=(str(agent.socket), slow, drip_s, reconnect, stop, result),
+        daemon=True,
+    )
+    attacker.start()
+    start = time.monotonic()
+    try:
+        stop.wait(min(1.0, seconds / 4))  # the slow clients connect first
+        while time.monotonic() - start < seconds:
+            result.attempted += 1
+            t = time.perf_counter()
+            try:
+                status = _good_request(str(agent.socket))
+            except OSError:
+                status = None
+            if status is not None:
+                result.answered += 1
+            if status == 200:
+                result.served += 1
+                result.latencies_ms.append((time.perf_counter() - t) * 1000)
+                if result.first_served_s is None:
+                    result.first_served_s = time.monotonic() - start
+                    if until_served:
+                        break
+            result.peak_threads = max(result.peak_threads, process.num_threads())
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        attacker.join(timeout=30)
+    return result

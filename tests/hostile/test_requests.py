@@ -9,9 +9,9 @@ from pathlib import Path
 
 import psutil
 
-from tests.helpers import samples
+from tests.helpers import base_config, running_agent, samples
 from tests.hostile import failures
-from tests.hostile.requests import CLASSES, SOFT_LIMIT_MB, cases, corpus_agent, run_cases
+from tests.hostile.requests import CLASSES, SOFT_LIMIT_MB, cases, corpus_agent, run_cases, siege
 
 
 def test_corpus_is_large_and_covers_every_class() -> None:
@@ -41,3 +41,25 @@ def test_every_hostile_request_is_refused_and_the_agent_keeps_serving() -> None:
         assert peak < SOFT_LIMIT_MB * 0.8, peak
         assert psutil.Process(agent.proc.pid).num_threads() < 40
         assert "Traceback" not in agent.output()
+
+
+def test_slow_clients_and_an_fd_limit_do_not_silence_the_api(tmp: Path) -> None:
+    """Issue 7 section 4: 64 slow clients and a descriptor limit below what they need."""
+    config = base_config(tmp, api="head_timeout_s = 2")
+    with running_agent(tmp, config) as agent:
+        process = psutil.Process(agent.proc.pid)
+        limit = process.num_fds() + 40  # fewer spare descriptors than slow clients
+        result = siege(
+            agent, slow=64, fd_limit=limit, seconds=90, reconnect=False, until_served=True
+        )
+        # The good client got in once the head deadline cut the slow ones.
+        assert result.served >= 1, (result, agent.output()[-3000:])
+        assert result.slow_cut >= 40, result
+        log = agent.output()
+        assert "API accept failed (Too many open files)" in log  # EMFILE really happened
+        # ... and after it, the agent serves its model (the accept loop survived).
+        images, labels = samples()
+        with agent.client() as client:
+            out = client.infer("digits", {"input": images})
+        assert (out["logits"].argmax(1) == labels).mean() >= 0.9
+        assert process.num_threads() < 64 + 30
