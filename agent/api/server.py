@@ -59,7 +59,8 @@ _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN, errno.EPERM}
 # The listening socket itself is gone: no retry can help.
 _BROKEN = {errno.EBADF, errno.EINVAL, errno.ENOTSOCK}
-_BACKOFF_MAX_S = 0.5
+_BACKOFF_MAX_S = 0.1
+_SHED_BATCH = 128  # the listen backlog
 # Accept failing for this long without a single success counts as a deaf API.
 DEAF_AFTER_S = 60.0
 # An accept loop wakes up at least this often (its socket timeout) ...
@@ -291,14 +292,17 @@ class ApiServer:
             return
         os.close(self._reserve_fd)
         self._reserve_fd = None
-        try:
-            sock, _ = listener.accept()
-        except OSError:
-            pass
-        else:
+        # Answer the whole backlog, one descriptor at a time: a waiting client gets a
+        # 503 it can act on instead of hanging until its own timeout.
+        for _ in range(_SHED_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                break
             send_nowait(sock, self._exhausted)
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
+                sock.recv(1 << 16, socket.MSG_DONTWAIT)  # read input closes without an RST
             sock.close()
         with contextlib.suppress(OSError):
             self._reserve_fd = os.open(os.devnull, os.O_RDONLY)

@@ -9,11 +9,13 @@ here at run time; nothing binary is committed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -579,6 +581,7 @@ class SiegeResult:
     slow_cut: int = 0  # slow connections the agent answered (408/503) or closed
     peak_threads: int = 0
     first_served_s: float | None = None
+    errors: Counter[str] = field(default_factory=Counter)  # why the unanswered were not
 
 
 def _answered(s: socket.socket) -> bool:
@@ -640,7 +643,9 @@ def _good_request(path: str) -> int | None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(15)  # hang guard
         s.connect(path)
-        s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            # Refused before it read the request: the answer is still there to read.
+            s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -677,8 +682,9 @@ def siege(
             t = time.perf_counter()
             try:
                 status = _good_request(str(agent.socket))
-            except OSError:
+            except OSError as exc:
                 status = None
+                result.errors[type(exc).__name__] += 1
             if status is not None:
                 result.answered += 1
             if status == 200:
