@@ -110,6 +110,12 @@ class Lingerer:
         finally:
             for conn in list(deadlines):
                 self._forget(conn, deadlines, drained, selector)
+            with self._lock:
+                left = list(self._pending)
+                self._pending.clear()
+                self._held -= len(left)
+            for conn in left:
+                conn.close()
             selector.close()
 
     def _forget(

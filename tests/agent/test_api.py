@@ -737,3 +737,61 @@ def test_watchdog_is_not_petted_once_the_api_stops_accepting(
 ) -> None:
     after = _watchdog_scenario(tmp, monkeypatch, "api")
     assert not [m for m in after if "WATCHDOG=1" in m], after
+
+
+# ------------------------------------------------------------------ body admission
+
+
+def test_bodies_in_flight_are_admitted_against_a_budget_before_reading(tmp: Path) -> None:
+    import time
+
+    from tests.helpers import running_agent
+
+    config = base_config(tmp, api="max_request_mb = 8\nmax_body_inflight_mb = 6")
+    size = int(4.9 * 1024 * 1024)
+    head = (
+        b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % size
+    )
+    with running_agent(tmp, config) as agent:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
+            first.settimeout(20)
+            first.connect(str(agent.socket))
+            first.sendall(head + b" " * 1000)  # admitted: its body is on its way
+            reply = b""
+            for _ in range(200):  # until the first head is admitted (it was sent first)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    probe.settimeout(0.5)
+                    probe.connect(str(agent.socket))
+                    probe.sendall(head)
+                    try:
+                        reply = probe.recv(65536)
+                    except TimeoutError:
+                        continue  # this one was admitted first; it goes away unread
+                if reply.startswith(b"HTTP/1.1 503"):
+                    break
+            assert reply.startswith(b"HTTP/1.1 503"), reply
+            assert b"\r\nretry-after: 1\r\n" in reply
+            assert b"request body of 4.90 MB does not fit now: 4.90 MB of request bodies" in reply
+            assert b"(api.max_body_inflight_mb)" in reply
+            with agent.client() as c:  # small requests are still served meanwhile
+                assert c.get_json("/v2/health/ready") == {"ready": True}
+        # The first client went away: its reservation is released.
+        with agent.client() as c:
+            images, _ = samples()
+            assert c.infer("digits", {"input": images[:2]})["logits"].shape == (2, 10)
+            for _ in range(200):  # released once the agent has seen the first one go
+                status, _, body = c.request("POST", "/v2/models/digits/infer", b" " * size)
+                if status != 503:
+                    break
+                time.sleep(0.05)
+            assert status == 400, body  # admitted and read this time (then not JSON)
+
+
+def test_client_reads_the_refusal_when_tcp_send_is_cut(
+    agent: AgentProcess, client: ApiClient
+) -> None:
+    tcp = next(a for a in client.get_json("/v2/edgerun/status")["api"] if a.startswith("tcp:"))
+    with ApiClient(tcp) as c:
+        status, _, body = c.request("POST", "/v2/models/digits/infer", b"x" * (30 << 20))
+    assert status == 413 and json.loads(body)["code"] == "request.too_large"
