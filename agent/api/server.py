@@ -48,7 +48,7 @@ from agent.api.limits import fit_connections
 from agent.api.linger import Lingerer, send_nowait
 from agent.api.routes import Router
 from agent.config.model import ApiConfig
-from agent.errors import ServingError, TooLargeError
+from agent.errors import OverloadedError, ServingError, TooLargeError
 from agent.serving import ModelHost
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class ApiServer:
         token = load_token(config)  # ApiSetupError: refuse to start exposed
         self._token = TokenCheck(token) if token is not None else None
         self.bodies = BodyBudget(host.watcher, int(config.max_body_inflight_mb * MB))
-        self.router = Router(host, status, metrics_text, self.bodies.reserve, self.bodies.release)
+        self.router = Router(host, status, metrics_text, self._reserve, self.bodies.release)
         self.max_connections = config.max_connections
         self.addresses: list[str] = []
         self._listeners: list[socket.socket] = []
@@ -397,7 +397,7 @@ class ApiServer:
             try:
                 try:
                     route = self._admit_request(conn, head)
-                    reserved = self.bodies.reserve(head.content_length, "request body")
+                    reserved = self._reserve(head.content_length, "request body")
                 except ServingError as exc:
                     self._refuse(conn, exc, head.method == "HEAD")
                     return
@@ -418,6 +418,15 @@ class ApiServer:
                 self.bodies.release(reserved)
             if not keep:
                 return
+
+    def _reserve(self, size: int, what: str) -> int:
+        try:
+            return self.bodies.reserve(size, what)
+        except OverloadedError:
+            # Shed like a request refused above the soft limit: counted the same way.
+            self.host.watcher.shed_count += 1
+            self.host.metrics.error(OverloadedError.code)
+            raise
 
     def _admit_request(self, conn: _Conn, head: RequestHead) -> Any:
         """Everything that can be judged from the head, before the body is read."""
