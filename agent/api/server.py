@@ -144,14 +144,27 @@ class ApiServer:
         self._lingerer.start()
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
         if self.config.socket is not None:
-            self._listen(self._bind_unix(Path(self.config.socket)), f"unix:{self.config.socket}")
+            try:
+                unix = self._bind_unix(Path(self.config.socket))
+            except OSError as exc:
+                raise ApiSetupError(
+                    f"cannot listen on api.socket = {str(self.config.socket)!r}: {exc.strerror}"
+                ) from exc
+            self._listen(unix, f"unix:{self.config.socket}")
         if self.config.tcp:
             host, _, port = self.config.tcp.rpartition(":")
             host = host.strip("[]")
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, int(port)))
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, int(port)))
+            except (OSError, OverflowError) as exc:
+                sock.close()
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ApiSetupError(
+                    f"cannot listen on api.tcp = {self.config.tcp!r}: {why}"
+                ) from exc
             name = sock.getsockname()
             self._listen(sock, f"tcp:{name[0]}:{name[1]}")
         log.info(
@@ -413,6 +426,8 @@ class ApiServer:
                 response = self.router.dispatch(route, head, body)
                 del body
                 keep = head.keep_alive and not self._stopping.is_set()
+                if keep and head.version == "HTTP/1.0":
+                    response[2]["connection"] = "keep-alive"  # 1.0 closes unless told
                 conn.sock.sendall(encode(response, keep, head.method == "HEAD"))
             finally:
                 self.bodies.release(reserved)

@@ -795,3 +795,38 @@ def test_client_reads_the_refusal_when_tcp_send_is_cut(
     with ApiClient(tcp) as c:
         status, _, body = c.request("POST", "/v2/models/digits/infer", b"x" * (30 << 20))
     assert status == 413 and json.loads(body)["code"] == "request.too_large"
+
+
+def test_a_taken_tcp_port_is_a_clear_startup_error(agent: AgentProcess, tmp: Path) -> None:
+    import subprocess
+    import sys
+
+    with agent.client() as c:
+        taken = next(a for a in c.get_json("/v2/edgerun/status")["api"] if a.startswith("tcp:"))
+    address = taken.removeprefix("tcp:")
+    config = write_config(tmp / "agent.toml", base_config(tmp, api=f'tcp = "{address}"'))
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 1, out.stderr
+    assert f"cannot start: cannot listen on api.tcp = '{address}': Address already in use" in (
+        out.stderr
+    )
+    assert "Traceback" not in out.stderr
+
+
+def test_http_1_0_keep_alive_is_honoured(agent: AgentProcess) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(agent.socket))
+        for _ in range(2):
+            s.sendall(b"GET /v2/health/live HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+            reply = s.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200") and b"\r\nconnection: keep-alive\r\n" in reply
+        s.sendall(b"GET /v2/health/live HTTP/1.0\r\n\r\n")
+        assert b"\r\nconnection: close\r\n" in s.recv(65536)
+        assert s.recv(65536) == b""
