@@ -275,7 +275,14 @@ class ApiServer:
                 self._accept_failed(listener, state, exc)
                 self._stopping.wait(backoff)
                 continue
-            if self._admit_connection(sock, listener.family != socket.AF_UNIX):
+            try:
+                admitted = self._admit_connection(sock, listener.family != socket.AF_UNIX)
+            except Exception:  # MemoryError and the like: this loop must outlive them
+                log.exception("unexpected error admitting an API connection")
+                with contextlib.suppress(OSError):
+                    sock.close()
+                admitted = False
+            if admitted:
                 backoff = 0.0
                 state.failing_since = None
             else:
