@@ -830,3 +830,42 @@ def test_http_1_0_keep_alive_is_honoured(agent: AgentProcess) -> None:
         s.sendall(b"GET /v2/health/live HTTP/1.0\r\n\r\n")
         assert b"\r\nconnection: close\r\n" in s.recv(65536)
         assert s.recv(65536) == b""
+
+
+def test_thread_start_failure_is_a_503_and_the_api_keeps_accepting(tmp: Path) -> None:
+    """When no thread can start (TasksMax=, pids.max, memory), a connection gets a 503
+    and the accept loop goes on. Made real here by asking for thread stacks of 1 TiB,
+    which the kernel cannot map, in a real Agent in this process."""
+    import asyncio
+    import threading
+
+    from agent.config.loader import load_config
+    from agent.service import Agent
+
+    config = load_config(write_config(tmp / "agent.toml", base_config(tmp)), environ={})
+    agent = Agent(config)
+    replies: list[bytes] = []
+
+    def ask() -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(tmp / "api.sock"))
+            s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            return data
+
+    async def on_ready() -> None:
+        previous = threading.stack_size(1 << 40)
+        try:
+            replies.append(ask())  # blocking on purpose: no executor thread can start now
+        finally:
+            threading.stack_size(previous)
+        replies.append(ask())
+        agent.request_stop()
+
+    asyncio.run(agent.run(on_ready))
+    assert replies[0].startswith(b"HTTP/1.1 503"), replies
+    assert b"out of file descriptors or threads" in replies[0]
+    assert replies[1].startswith(b"HTTP/1.1 200"), replies
