@@ -869,3 +869,27 @@ def test_thread_start_failure_is_a_503_and_the_api_keeps_accepting(tmp: Path) ->
     assert replies[0].startswith(b"HTTP/1.1 503"), replies
     assert b"out of file descriptors or threads" in replies[0]
     assert replies[1].startswith(b"HTTP/1.1 200"), replies
+
+
+def test_api_config_keys_are_validated_with_their_path() -> None:
+    from agent.config.loader import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {
+                "api": {
+                    "socket_mode": "rw-rw----",
+                    "socket_group": "bad group",
+                    "token": "s3cret-inline",  # the secret itself, not a reference
+                    "head_timeout_s": 0,
+                    "max_body_inflight_mb": 0,
+                }
+            },
+            environ={},
+        )
+    found = {issue.path: issue.message for issue in info.value.issues}
+    assert "does not match" in found["api.socket_mode"]
+    assert "does not match" in found["api.socket_group"]
+    assert "does not match" in found["api.token"]
+    assert "below the minimum" in found["api.head_timeout_s"]
+    assert "below the minimum" in found["api.max_body_inflight_mb"]
