@@ -13,6 +13,7 @@ import contextlib
 import json
 import resource
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -534,6 +535,8 @@ def corpus_config(tmp: Path) -> str:
 
 @contextmanager
 def corpus_agent(workdir: Path) -> Iterator[AgentProcess]:
+    if len(str(workdir / "api.sock")) > 100:  # sun_path holds 108 bytes
+        workdir = Path(tempfile.mkdtemp(prefix="er-hreq-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "api-token").write_text(TOKEN + "\n")
     config = write_config(workdir / "agent.toml", corpus_config(workdir))

@@ -3,7 +3,6 @@ no 500 for a client error, and the agent still serves its model afterwards."""
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -23,10 +22,8 @@ def test_corpus_is_large_and_covers_every_class() -> None:
     assert len(names) == len(set(names))
 
 
-def test_every_hostile_request_is_refused_and_the_agent_keeps_serving() -> None:
-    # A short path: the agent's Unix socket path must fit in sun_path.
-    workdir = Path(tempfile.mkdtemp(prefix="er-hreq-", dir="/tmp"))
-    with corpus_agent(workdir) as agent:
+def test_every_hostile_request_is_refused_and_the_agent_keeps_serving(tmp_path: Path) -> None:
+    with corpus_agent(tmp_path) as agent:
         outcomes = run_cases(agent)
         assert failures(outcomes) == []
         assert agent.proc.poll() is None
