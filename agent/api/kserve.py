@@ -63,7 +63,9 @@ def _refuse_constant(name: str) -> Any:
 
 def loads_bounded(data: bytes | bytearray, what: str = "request body") -> Any:
     """json.loads with its depth checked first and JSON's own rules kept (no NaN)."""
-    depth = json_depth(data)
+    # Fewer openings than the limit cannot nest deeper: the usual request skips the scan.
+    opens = data.count(b"[") + data.count(b"{")
+    depth = json_depth(data) if opens > MAX_JSON_DEPTH else 0
     if depth > MAX_JSON_DEPTH:
         raise BadRequestError(
             f"{what} nests arrays/objects {depth} deep; the limit is {MAX_JSON_DEPTH} "
@@ -146,10 +148,10 @@ def decode_request(
                 f"Inference-Header-Content-Length {header_length} is outside the body "
                 f"of {len(body)} bytes"
             )
-        # A view, not a copy: the tensors are read from the body where it lies.
-        head, binary = body[:header_length], memoryview(body)[header_length:]
+        # A copy, so tensors start aligned (the JSON head has any length).
+        head, binary = body[:header_length], bytes(body[header_length:])
     else:
-        head, binary = body, memoryview(b"")
+        head, binary = body, b""
     request = loads_bounded(head)
     if not isinstance(request, dict):
         raise BadRequestError("request body must be a JSON object")
