@@ -260,13 +260,45 @@ def _load_input(path: Path, name: str | None) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float32) for k, v in payload.items()}
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    if not args.token_file:
+        return None
+    return Path(args.token_file).read_text().strip()
+
+
+def _print_quietly(text: str) -> None:
+    """Print to stdout; a reader that went away (`| head`) ends us quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _api_error_hint(exc: Exception, binary: bool) -> str:
+    from agent.api.client import ApiError
+
+    if isinstance(exc, ApiError):
+        hint = ""
+        message = str(exc.body.get("error", ""))
+        if "api.max_request_mb" in message and not binary:
+            hint = "; try --binary (binary tensors are about 4x smaller than JSON)"
+        elif exc.status == 401:
+            hint = "; pass --token-file with the token of api.token"
+        elif exc.code == "overloaded":
+            hint = "; the agent is shedding load, retry in a moment"
+        return f"error: {exc.body.get('error', exc)} [{exc.code}]{hint}"
+    return f"error: {exc}"
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     import numpy as np
 
     from agent.api.client import ApiClient, ApiError
 
     try:
-        with ApiClient(args.socket) as client:
+        with ApiClient(args.socket, token=_token(args)) as client:
             meta = client.get_json("/v2/edgerun/status")
             model = args.model or (meta.get("model") or {}).get("name")
             if not model:
@@ -279,8 +311,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 if spec["name"] in inputs and spec["datatype"] == "FP32":
                     inputs[spec["name"]] = inputs[spec["name"]].astype(np.float32)
             outputs = client.infer(model, inputs, binary=args.binary)
-    except (OSError, ApiError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (OSError, ApiError, ValueError, KeyError) as exc:
+        print(_api_error_hint(exc, args.binary), file=sys.stderr)
         return 1
     labels = desc.get("parameters", {}).get("labels") or []
     result: dict[str, Any] = {k: v.tolist() for k, v in outputs.items()}
@@ -288,20 +320,23 @@ def cmd_infer(args: argparse.Namespace) -> int:
         scores = next(iter(outputs.values()))
         if scores.ndim == 2 and scores.shape[1] == len(labels):
             result["top1"] = [labels[i] for i in scores.argmax(axis=1)]
-    print(json.dumps(result))
+    _print_quietly(json.dumps(result))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.api.client import ApiClient
+    from agent.api.client import ApiClient, ApiError
 
     try:
-        with ApiClient(args.socket) as client:
+        with ApiClient(args.socket, token=_token(args)) as client:
             status = client.get_json("/v2/edgerun/status")
+    except ApiError as exc:
+        print(_api_error_hint(exc, False), file=sys.stderr)
+        return 1
     except (OSError, ValueError) as exc:
         print(f"error: cannot reach the agent at {args.socket}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(status, indent=2))
+    _print_quietly(json.dumps(status, indent=2))
     return 0 if status.get("ready") else 3
 
 
@@ -335,10 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--model", help="model name (default: the one served)")
     infer.add_argument("--socket", default=DEFAULT_SOCKET, help="unix socket path or host:port")
     infer.add_argument("--binary", action="store_true", help="use the binary tensor extension")
+    infer.add_argument("--token-file", help="file holding the API token (api.token), for TCP")
     infer.set_defaults(func=cmd_infer)
 
     status = sub.add_parser("status", help="print the agent's status")
     status.add_argument("--socket", default=DEFAULT_SOCKET, help="unix socket path or host:port")
+    status.add_argument("--token-file", help="file holding the API token (api.token), for TCP")
     status.set_defaults(func=cmd_status)
     return parser
 

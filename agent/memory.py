@@ -277,6 +277,11 @@ class RssWatcher:
         self._stop.set()
         self._thread.join(timeout=2)
 
+    @property
+    def running(self) -> bool:
+        """The sampling thread runs (the watchdog is petted only while it does)."""
+        return self._thread.is_alive()
+
     def sample(self) -> int:
         self.rss = int(self._process.memory_info().rss)
         self.peak = max(self.peak, self.rss)

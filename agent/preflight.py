@@ -218,7 +218,19 @@ def check_api(config: AgentConfig, in_use_note: str = "") -> list[Problem]:
         problems += check_socket(Path(config.api.socket), in_use_note)
     if config.api.tcp:
         problems += check_tcp(config.api.tcp, in_use_note)
+    problems += check_token(config)
     return problems
+
+
+def check_token(config: AgentConfig) -> list[Problem]:
+    """The API token as start-up reads it: required beyond loopback, readable, strong."""
+    from agent.api.auth import ApiSetupError, load_token
+
+    try:
+        load_token(config.api)
+    except ApiSetupError as exc:
+        return [Problem("api.token", str(exc))]
+    return []
 
 
 def check_bundle(config: AgentConfig) -> list[Problem]:

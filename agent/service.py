@@ -16,10 +16,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import __version__
 from agent.admission import REFUSALS, Admission
-from agent.api.server import ApiServer
+from agent.api.server import ApiServer, ApiSetupError
 from agent.bundle import BundleError
 from agent.config.loader import ConfigError, read_public_keys
 from agent.config.model import AgentConfig
+from agent.config.typed import INVALID
 from agent.events import EventBus
 from agent.memory import MB, RssWatcher, compute_budget
 from agent.metrics import Metrics
@@ -88,7 +89,10 @@ class Agent:
         self.admission = Admission(
             config, self.store, self.host, self.budget, self.keys, self.events
         )
-        self.api = ApiServer(self.host, config.api, self.status, self.metrics_text)
+        try:
+            self.api = ApiServer(self.host, config.api, self.status, self.metrics_text)
+        except ApiSetupError as exc:  # the token: a config value
+            raise StartupError(str(exc), INVALID) from exc
         self.notifier = Notifier()
         # What is installed does not change while the agent runs: look once, not per status.
         self.runtimes = {k: v or "available" for k, v in availability().items()}
@@ -233,6 +237,9 @@ class Agent:
             raise StartupError("; ".join(str(p) for p in problems), problems[0].code)
         try:
             self.api.start()
+        except ApiSetupError as exc:
+            self.api.close()
+            raise StartupError(str(exc)) from exc
         except OSError as exc:  # lost a race with another process since the check
             self.api.close()
             raise StartupError(f"api: cannot listen: {exc.strerror or exc}") from exc
@@ -304,7 +311,16 @@ class Agent:
             return  # not run under a systemd watchdog
         while True:
             await asyncio.sleep(period / 2)
-            self.notifier.watchdog()
+            # Alive is not enough: an agent whose accept loop or RSS watcher died is
+            # deaf or blind, and systemd should restart it.
+            if self.api.healthy() and self.watcher.running:
+                self.notifier.watchdog()
+            else:
+                log.error(
+                    "not petting the watchdog: API %s, RSS watcher %s",
+                    "ok" if self.api.healthy() else "not accepting",
+                    "ok" if self.watcher.running else "stopped",
+                )
 
     def _overload_changed(self, overloaded: bool, rss: int) -> None:
         soft = round(self.budget.soft_limit_bytes / MB, 1)

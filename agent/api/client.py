@@ -24,10 +24,12 @@ class ApiError(Exception):
 
 
 class ApiClient:
-    def __init__(self, address: str, timeout: float = 30.0) -> None:
-        """`address` is "unix:/path", a socket path, or "host:port"."""
+    def __init__(self, address: str, timeout: float = 30.0, token: str | None = None) -> None:
+        """`address` is "unix:/path", a socket path, or "host:port"; `token` is sent as
+        `Authorization: Bearer` (api.token)."""
         self.address = address
         self.timeout = timeout
+        self._auth = f"authorization: Bearer {token}\r\n" if token else ""
         self._sock: socket.socket | None = None
         self._buf = b""
         self._heads: dict[tuple[Any, ...], bytes] = {}
@@ -68,7 +70,7 @@ class ApiClient:
     ) -> tuple[int, dict[str, str], bytes]:
         head = [f"{method} {path} HTTP/1.1", "host: edgerun", f"content-length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        payload = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        payload = ("\r\n".join(head) + "\r\n" + self._auth + "\r\n").encode() + body
         # A server may close an idle keep-alive connection: _exchange reconnects once.
         return self._exchange(payload)
 
@@ -92,7 +94,12 @@ class ApiClient:
 
     def _read_response(self, sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
         head = self._read_until(sock, b"\r\n\r\n").decode("latin-1").split("\r\n")
-        status = int(head[0].split(" ")[1])
+        while head[0].startswith("HTTP/1.1 1"):  # 100 Continue: the final answer follows
+            head = self._read_until(sock, b"\r\n\r\n").decode("latin-1").split("\r\n")
+        parts = head[0].split(" ")
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise ValueError(f"not an HTTP answer: {head[0][:80]!r}")
+        status = int(parts[1])
         headers = {}
         for line in head[1:]:
             k, _, v = line.partition(":")
@@ -145,7 +152,7 @@ class ApiClient:
         headers = {"content-type": "application/json"}
         if binary:
             req["parameters"] = {"binary_data_output": True}
-        head = json.dumps(req, separators=(",", ":")).encode()
+        head = json.dumps(req, separators=(",", ":"), allow_nan=False).encode()
         if binary:
             headers["inference-header-content-length"] = str(len(head))
         status, resp_headers, body = self.request(
@@ -171,12 +178,13 @@ class ApiClient:
             head = json.dumps(
                 {"inputs": tensors, "parameters": {"binary_data_output": True}},
                 separators=(",", ":"),
+                allow_nan=False,
             ).encode()
             size = len(head) + sum(a.nbytes for a in inputs.values())
             prefix = (
                 f"POST /v2/models/{model}/infer HTTP/1.1\r\nhost: edgerun\r\n"
                 f"content-length: {size}\r\ncontent-type: application/json\r\n"
-                f"inference-header-content-length: {len(head)}\r\n\r\n"
+                f"inference-header-content-length: {len(head)}\r\n{self._auth}\r\n"
             ).encode() + head
             if len(self._heads) > 64:
                 self._heads.clear()
@@ -186,15 +194,33 @@ class ApiClient:
 
     def _exchange(self, payload: bytes) -> tuple[int, dict[str, str], bytes]:
         for attempt in (0, 1):
+            reused = self._sock is not None
             sock = self._connect()
             try:
                 sock.sendall(payload)
-                return self._read_response(sock)
-            except (BrokenPipeError, ConnectionResetError, _ClosedError):
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # The server may have refused the request (413, 401, 503) and closed
+                # before taking the whole body: its answer is still there to read.
+                answer = self._answer_after_cut(sock)
+                if answer is not None:
+                    return answer
                 self.close()
-                if attempt:
+                if attempt or not reused:
+                    raise ConnectionError(f"the agent closed the connection: {exc}") from exc
+                continue
+            try:
+                return self._read_response(sock)
+            except (ConnectionResetError, _ClosedError):
+                self.close()
+                if attempt or not reused:  # only a stale keep-alive connection is retried
                     raise
         raise AssertionError("unreachable")
+
+    def _answer_after_cut(self, sock: socket.socket) -> tuple[int, dict[str, str], bytes] | None:
+        try:
+            return self._read_response(sock)
+        except (OSError, ValueError, IndexError):
+            return None
 
 
 def decode_response(status: int, headers: dict[str, str], body: bytes) -> dict[str, np.ndarray]:

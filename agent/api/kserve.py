@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -31,33 +32,130 @@ def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "datatype": datatype(spec.dtype), "shape": list(spec.shape)}
 
 
+MAX_JSON_DEPTH = 64
+MAX_DIMENSIONS = 32  # numpy's own limit is 64; no model on a device has more than a few
+MAX_DIMENSION = 1 << 62
+_STRING = re.compile(rb'"(?:[^"\\]|\\[\s\S]?)*+"?')  # possessive: linear on any input
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = np.zeros(256, dtype=np.int8)
+_DEPTH_STEP[list(b"[{")] = 1
+_DEPTH_STEP[list(b"]}")] = -1
+
+
+def json_depth(data: bytes | bytearray) -> int:
+    """Deepest nesting of arrays and objects, counted in C and numpy (never recursing)."""
+    if b"[" not in data and b"{" not in data:
+        return 0
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    steps = _DEPTH_STEP[np.frombuffer(brackets, dtype=np.uint8)]
+    deepest, level = 0, 0
+    for start in range(0, len(steps), 1 << 20):  # bounded scratch memory for any body
+        running = np.cumsum(steps[start : start + (1 << 20)], dtype=np.int32) + level
+        if len(running):
+            deepest = max(deepest, int(running.max()))
+            level = int(running[-1])
+    return deepest
+
+
+def _refuse_constant(name: str) -> Any:
+    raise BadRequestError(f"request JSON contains {name}, which is not valid JSON; send a number")
+
+
+def loads_bounded(data: bytes | bytearray, what: str = "request body") -> Any:
+    """json.loads with its depth checked first and JSON's own rules kept (no NaN)."""
+    # Fewer openings than the limit cannot nest deeper: the usual request skips the scan.
+    opens = data.count(b"[") + data.count(b"{")
+    depth = json_depth(data) if opens > MAX_JSON_DEPTH else 0
+    if depth > MAX_JSON_DEPTH:
+        raise BadRequestError(
+            f"{what} nests arrays/objects {depth} deep; the limit is {MAX_JSON_DEPTH} "
+            "(send tensor data as a flat list with its shape)"
+        )
+    try:
+        return json.loads(data, parse_constant=_refuse_constant)
+    except BadRequestError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequestError(f"{what} is not valid JSON: {exc}") from exc
+    except ValueError as exc:  # an integer over Python's 4300-digit conversion limit
+        raise BadRequestError(f"{what} has a number that is too long: {str(exc)[:120]}") from exc
+    except RecursionError as exc:  # pragma: no cover - the depth check comes first
+        raise BadRequestError(f"{what} nests too deep") from exc
+
+
 def _shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIMENSION for d in value
     ):
         raise BadRequestError(f"{where}.shape must be a list of non-negative integers")
+    if len(value) > MAX_DIMENSIONS:
+        raise BadRequestError(
+            f"{where}.shape has {len(value)} dimensions; the limit is {MAX_DIMENSIONS}"
+        )
     return tuple(value)
 
 
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequestError(f"{where} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _flag(params: dict[str, Any], key: str, where: str) -> bool | None:
+    value = params.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequestError(f"{where}.{key} must be true or false")
+    return value
+
+
+def _check_request(request: dict[str, Any]) -> None:
+    """Every field besides the inputs, so later code can trust their types."""
+    rid = request.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise BadRequestError('"id" must be a string')
+    params = _object(request.get("parameters"), "parameters")
+    _flag(params, "binary_data_output", "parameters")
+    outputs = request.get("outputs")
+    if outputs is None:
+        return
+    if not isinstance(outputs, list):
+        raise BadRequestError('"outputs" must be a list of {"name": ...} objects')
+    seen = set()
+    for i, out in enumerate(outputs):
+        where = f"outputs[{i}]"
+        if not isinstance(out, dict):
+            raise BadRequestError(f"{where} must be an object")
+        name = out.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequestError(f"{where}.name must be a non-empty string")
+        if name in seen:
+            raise BadRequestError(f"output {name!r} is requested twice")
+        seen.add(name)
+        _flag(_object(out.get("parameters"), f"{where}.parameters"), "binary_data", where)
+
+
 def decode_request(
-    body: bytes, header_length: int | None
+    body: bytes | bytearray, header_length: int | None
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Parse an infer request; returns (the JSON header, input arrays by name)."""
+    """Parse an infer request; returns (the JSON header, input arrays by name).
+
+    Raises only BadRequestError, whatever the bytes."""
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise BadRequestError(
                 f"Inference-Header-Content-Length {header_length} is outside the body "
                 f"of {len(body)} bytes"
             )
-        head, binary = body[:header_length], body[header_length:]
+        # A copy, so tensors start aligned (the JSON head has any length).
+        head, binary = body[:header_length], bytes(body[header_length:])
     else:
         head, binary = body, b""
-    try:
-        request = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequestError(f"request body is not valid JSON: {exc}") from exc
+    request = loads_bounded(head)
     if not isinstance(request, dict):
         raise BadRequestError("request body must be a JSON object")
+    _check_request(request)
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BadRequestError('request needs "inputs": a non-empty list of tensors')
@@ -73,20 +171,26 @@ def decode_request(
         if name in arrays:
             raise BadRequestError(f"input {name!r} is given twice")
         dtname = tensor.get("datatype")
-        if dtname not in DATATYPES:
+        if not isinstance(dtname, str) or dtname not in DATATYPES:
             raise BadRequestError(
-                f"{where}.datatype {dtname!r} is not one of {', '.join(DATATYPES)}"
+                f"{where}.datatype {str(dtname)[:40]!r} is not one of {', '.join(DATATYPES)}"
             )
         dtype = np.dtype(DATATYPES[dtname])
         shape = _shape(tensor.get("shape"), where)
         count = math.prod(shape)
-        params = tensor.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise BadRequestError(f"{where}.parameters must be an object")
+        params = _object(tensor.get("parameters"), f"{where}.parameters")
         size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise BadRequestError(f"{where}.parameters.binary_data_size does not fit the body")
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or size < 0
+                or offset + size > len(binary)
+            ):
+                raise BadRequestError(
+                    f"{where}.parameters.binary_data_size {str(size)[:40]} is not a byte count "
+                    f"within the {len(binary) - offset} binary bytes left in the body"
+                )
             if size != count * dtype.itemsize:
                 raise BadRequestError(
                     f"input {name!r}: {size} binary bytes do not hold shape {list(shape)} "
@@ -95,35 +199,67 @@ def decode_request(
             array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
             offset += size
         else:
-            data = tensor.get("data")
-            if data is None:
-                raise BadRequestError(f'{where} has no "data" and no binary_data_size')
-            try:
-                array = np.asarray(data, dtype=dtype)
-            except (ValueError, TypeError, OverflowError) as exc:
-                raise BadRequestError(f"input {name!r}: data is not {dtname}: {exc}") from exc
-            if array.size != count:
-                raise BadRequestError(
-                    f"input {name!r}: {array.size} values do not fill shape {list(shape)} "
-                    f"({count} values)"
-                )
-            array = array.reshape(shape)
+            array = _json_data(tensor.get("data"), name, where, dtname, dtype, shape, count)
         arrays[name] = array
     if offset != len(binary):
         raise BadRequestError(f"{len(binary) - offset} trailing binary bytes are not claimed")
     return request, arrays
 
 
+def _json_data(
+    data: Any,
+    name: str,
+    where: str,
+    dtname: str,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    count: int,
+) -> np.ndarray:
+    if data is None:
+        raise BadRequestError(f'{where} has no "data" and no binary_data_size')
+    if not isinstance(data, list):
+        raise BadRequestError(f"{where}.data must be a list of numbers")
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BadRequestError(f"input {name!r}: data is not {dtname}: {exc}") from exc
+    if array.size != count:
+        raise BadRequestError(
+            f"input {name!r}: {array.size} values do not fill shape {list(shape)} ({count} values)"
+        )
+    if dtype.kind == "f" and not np.isfinite(array).all():
+        # JSON has no NaN or Infinity; a finite number became one: it is out of range.
+        raise BadRequestError(f"input {name!r}: a value in data is out of the range of {dtname}")
+    return array.reshape(shape)
+
+
 def wants_binary(request: dict[str, Any]) -> dict[str, bool]:
-    """Which outputs the client asked for as binary (the tensor extension)."""
+    """Which outputs the client asked for as binary (the tensor extension); `request`
+    has passed decode_request, so its fields have their types."""
     wanted: dict[str, bool] = {}
     default = bool((request.get("parameters") or {}).get("binary_data_output", False))
     for out in request.get("outputs") or []:
-        if isinstance(out, dict) and isinstance(out.get("name"), str):
-            params = out.get("parameters") or {}
-            wanted[out["name"]] = bool(params.get("binary_data", default))
+        binary = (out.get("parameters") or {}).get("binary_data")
+        wanted[out["name"]] = default if binary is None else bool(binary)
     wanted["*"] = default
     return wanted
+
+
+def selected_outputs(request: dict[str, Any]) -> list[str]:
+    return [out["name"] for out in request.get("outputs") or []]
+
+
+# JSON has no NaN or Infinity. Non-finite outputs are written as the strings
+# Python, numpy and tritonclient read back as floats (np.asarray(["NaN"], float32)).
+NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _json_values(array: np.ndarray) -> list[Any]:
+    values: list[Any] = array.reshape(-1).tolist()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        values = [v if math.isfinite(v) else NONFINITE[str(v)] for v in values]
+    return values
 
 
 def encode_response(
@@ -150,7 +286,7 @@ def encode_response(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            entry["data"] = _json_values(array)
         tensors.append(entry)
     response: dict[str, Any] = {
         "model_name": model_name,
@@ -159,7 +295,7 @@ def encode_response(
     }
     if request_id is not None:
         response["id"] = request_id
-    head = json.dumps(response, separators=(",", ":")).encode()
+    head = json.dumps(response, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)

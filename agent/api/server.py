@@ -1,74 +1,101 @@
 """The local API's HTTP/1.1 server (Unix socket and optional TCP), one thread per connection.
 
-Kept to what the Open Inference Protocol needs: keep-alive, Content-Length bodies,
-JSON errors. Blocking sockets with a thread per connection rather than asyncio: a
-request is then one recv and one send, with no event-loop wake-ups in between, which
-halves the round trip for small models (bench/overhead.py); onnxruntime and LiteRT
-release the GIL, so connections run their models in parallel, and a long inference
-never delays a health check on another connection.
+Blocking sockets with a thread per connection rather than asyncio: a request is then
+one recv and one send, with no event-loop wake-ups in between, which halves the round
+trip for small models (bench/overhead.py); onnxruntime and LiteRT release the GIL, so
+connections run their models in parallel, and a long inference never delays a health
+check on another connection.
+
+What keeps it up under hostile clients: a deadline for a complete request head
+(`api.head_timeout_s`) and body (`api.body_timeout_s`) apart from the idle timeout;
+refusals written without blocking and closed by one linger thread (no thread per
+refusal); an accept loop that survives EMFILE/ENFILE and thread-start failures by
+refusing with a spare descriptor and backing off; bodies admitted against memory
+before they are read (agent/api/bodies.py). `healthy()` tells the watchdog whether
+the accept loops really work.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import errno
+import grp
 import logging
 import os
-import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
-from agent.api.kserve import (
-    HEADER_LENGTH,
-    decode_request,
-    encode_response,
-    tensor_metadata,
-    wants_binary,
+from agent.api.auth import ApiSetupError, TokenCheck, load_token
+from agent.api.bodies import MB, BodyBudget
+from agent.api.http import (
+    CONTINUE,
+    RequestHead,
+    RequestTimeoutError,
+    Response,
+    encode,
+    error_response,
+    find_head_end,
+    json_response,
+    parse_head,
 )
+from agent.api.limits import fit_connections
+from agent.api.linger import Lingerer, send_nowait
+from agent.api.routes import Router
 from agent.config.model import ApiConfig
-from agent.errors import BadRequestError, ServingError, TooLargeError
+from agent.errors import OverloadedError, ServingError, TooLargeError
 from agent.serving import ModelHost
 
 log = logging.getLogger(__name__)
 
-_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
-_MAX_HEADER = 16 * 1024
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    411: "Length Required",
-    413: "Payload Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-Response = tuple[int, bytes, dict[str, str]]
-
-
-def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
-    h = {"content-type": "application/json"}
-    h.update(headers or {})
-    return status, json.dumps(body, separators=(",", ":")).encode(), h
+# Errors that mean "out of descriptors/memory right now", not "this listener is broken".
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# A connection that vanished between the kernel queueing it and accept().
+_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN, errno.EPERM}
+# The listening socket itself is gone: no retry can help.
+_BROKEN = {errno.EBADF, errno.EINVAL, errno.ENOTSOCK}
+_BACKOFF_MAX_S = 0.1
+_SHED_BATCH = 128  # the listen backlog
+# Accept failing for this long without a single success counts as a deaf API.
+DEAF_AFTER_S = 60.0
+# An accept loop wakes up at least this often (its socket timeout) ...
+_TICK_S = 0.2
+# ... so one silent for this long is stuck.
+_STUCK_AFTER_S = 10.0
 
 
-def _error(status: int, message: str, code: str) -> Response:
-    return _json(status, {"error": message, "code": code})
+@dataclass(eq=False)
+class _Conn:
+    sock: socket.socket
+    tcp: bool
+    accepted: float
+    timeout: float = -1.0  # the SO_RCVTIMEO now set
+    idle_since: float | None = None  # waiting for the next request on keep-alive
+    handed_off: bool = False  # closed by the lingerer, not by its thread
+
+    def set_timeout(self, seconds: float) -> None:
+        if abs(seconds - self.timeout) < 0.001:
+            return
+        whole = int(seconds)
+        self.sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_RCVTIMEO,
+            struct.pack("ll", whole, int((seconds - whole) * 1e6)),
+        )
+        self.timeout = seconds
 
 
-class _Refused(Exception):
-    """A request the connection answers with an error and then closes."""
-
-    def __init__(self, response: Response) -> None:
-        super().__init__(response[0])
-        self.response = response
+@dataclass
+class _ListenerState:
+    last_tick: float = field(default_factory=time.monotonic)
+    failing_since: float | None = None
+    failures: int = 0
+    last_warning: float = 0.0
 
 
 class ApiServer:
@@ -81,42 +108,110 @@ class ApiServer:
     ) -> None:
         self.host = host
         self.config = config
-        self.status = status
-        self.metrics_text = metrics_text
-        self.max_body = int(config.max_request_mb * 1024 * 1024)
+        self.max_body = int(config.max_request_mb * MB)
+        token = load_token(config)  # ApiSetupError: refuse to start exposed
+        self._token = TokenCheck(token) if token is not None else None
+        self.bodies = BodyBudget(host.watcher, int(config.max_body_inflight_mb * MB))
+        self.router = Router(host, status, metrics_text, self._reserve, self.bodies.release)
+        self.max_connections = config.max_connections
         self.addresses: list[str] = []
         self._listeners: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
-        self._connections: set[socket.socket] = set()
+        self._state: dict[socket.socket, _ListenerState] = {}
+        self._connections: set[_Conn] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._lingerer = Lingerer(capacity=config.max_connections)
+        self._reserve_fd: int | None = None
+        self._full = self._prebuilt(
+            503,
+            f"too many connections (api.max_connections = {config.max_connections}); retry later",
+        )
+        self._exhausted = self._prebuilt(
+            503, "the agent is out of file descriptors or threads right now; retry later"
+        )
+
+    @staticmethod
+    def _prebuilt(status: int, message: str) -> bytes:
+        response = json_response(status, {"error": message, "code": "overloaded"})
+        response[2]["retry-after"] = "1"
+        return encode(response, keep=False)
+
+    # ------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        self.max_connections = fit_connections(self.config)
+        self._lingerer.start()
+        self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
         if self.config.socket is not None:
-            path = Path(self.config.socket)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                if path.is_socket():
-                    path.unlink()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(str(path))
-            os.chmod(path, 0o660)  # the socket's group decides who may infer
-            self._listen(sock, f"unix:{path}")
+            try:
+                unix = self._bind_unix(Path(self.config.socket))
+            except OSError as exc:
+                raise ApiSetupError(
+                    f"cannot listen on api.socket = {str(self.config.socket)!r}: {exc.strerror}"
+                ) from exc
+            self._listen(unix, f"unix:{self.config.socket}")
         if self.config.tcp:
             host, _, port = self.config.tcp.rpartition(":")
             host = host.strip("[]")
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, int(port)))
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, int(port)))
+            except (OSError, OverflowError) as exc:
+                sock.close()
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ApiSetupError(
+                    f"cannot listen on api.tcp = {self.config.tcp!r}: {why}"
+                ) from exc
             name = sock.getsockname()
             self._listen(sock, f"tcp:{name[0]}:{name[1]}")
-        log.info("local API listening on %s", ", ".join(self.addresses))
+        log.info(
+            "local API listening on %s%s",
+            ", ".join(self.addresses),
+            " (TCP needs a bearer token)" if self._token else "",
+        )
+
+    def _bind_unix(self, path: Path) -> socket.socket:
+        mode = int(self.config.socket_mode, 8)
+        gid = -1
+        if self.config.socket_group:
+            try:
+                gid = grp.getgrnam(self.config.socket_group).gr_gid
+            except KeyError:
+                raise ApiSetupError(
+                    f"api.socket_group = {self.config.socket_group!r} is not a group on this system"
+                ) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_socket():
+                path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bind under a tight umask so the socket is never more open than configured,
+        # not even between bind and chmod.
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        try:
+            if gid != -1:
+                os.chown(path, -1, gid)
+            os.chmod(path, mode)
+        except OSError as exc:
+            sock.close()
+            raise ApiSetupError(
+                f"cannot give {path} group {self.config.socket_group!r} and mode "
+                f"{self.config.socket_mode} (api.socket_group, api.socket_mode): {exc.strerror}"
+            ) from exc
+        return sock
 
     def _listen(self, sock: socket.socket, address: str) -> None:
         sock.listen(128)
-        sock.settimeout(0.2)  # accept() wakes up to notice a stop
+        sock.settimeout(_TICK_S)  # accept() wakes up to notice a stop
         self._listeners.append(sock)
+        self._state[sock] = _ListenerState()
         self.addresses.append(address)
         thread = threading.Thread(
             target=self._accept_loop, args=(sock,), name=f"api-accept {address}", daemon=True
@@ -134,276 +229,305 @@ class ApiServer:
             connections = list(self._connections)
         for conn in connections:
             with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        self._lingerer.stop()
+        if self._reserve_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._reserve_fd)
+            self._reserve_fd = None
         if self.config.socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 Path(self.config.socket).unlink()
 
+    def healthy(self) -> bool:
+        """True while every accept loop runs and takes connections (for the watchdog)."""
+        now = time.monotonic()
+        for thread in self._threads:
+            if not thread.is_alive():
+                return False
+        for state in self._state.values():
+            if now - state.last_tick > _STUCK_AFTER_S:
+                return False
+            if state.failing_since is not None and now - state.failing_since > DEAF_AFTER_S:
+                return False
+        return self._lingerer.alive
+
+    # ------------------------------------------------------------- accepting
+
     def _accept_loop(self, listener: socket.socket) -> None:
+        state = self._state[listener]
+        backoff = 0.0
         while not self._stopping.is_set():
+            state.last_tick = time.monotonic()
             try:
-                conn, _ = listener.accept()
+                sock, _ = listener.accept()
             except TimeoutError:
                 continue
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                if exc.errno in _TRANSIENT:
+                    continue
+                if exc.errno in _BROKEN:
+                    log.error("the API socket %s is broken (%s); it accepts no more", listener, exc)
+                    return  # healthy() turns false: the watchdog gets the agent restarted
+                backoff = min(max(backoff * 2, 0.01), _BACKOFF_MAX_S)
+                self._accept_failed(listener, state, exc)
+                self._stopping.wait(backoff)
+                continue
+            try:
+                admitted = self._admit_connection(sock, listener.family != socket.AF_UNIX)
+            except Exception:  # MemoryError and the like: this loop must outlive them
+                log.exception("unexpected error admitting an API connection")
+                with contextlib.suppress(OSError):
+                    sock.close()
+                admitted = False
+            if admitted:
+                backoff = 0.0
+                state.failing_since = None
+            else:
+                backoff = min(max(backoff * 2, 0.01), _BACKOFF_MAX_S)
+                self._stopping.wait(backoff)
+
+    def _accept_failed(self, listener: socket.socket, state: _ListenerState, exc: OSError) -> None:
+        now = time.monotonic()
+        state.failures += 1
+        if state.failing_since is None:
+            state.failing_since = now
+        if now - state.last_warning > 10:
+            state.last_warning = now
+            log.warning(
+                "API accept failed (%s), %d time(s) so far; refusing and backing off "
+                "(raise LimitNOFILE= or lower api.max_connections)",
+                os.strerror(exc.errno or 0),
+                state.failures,
+            )
+        if exc.errno in _EXHAUSTED:
+            self._shed_with_reserve(listener)
+
+    def _shed_with_reserve(self, listener: socket.socket) -> None:
+        """Out of descriptors: use the spare one to answer one waiting client with 503
+        rather than leave it hanging in the backlog."""
+        if self._reserve_fd is None:
+            return
+        os.close(self._reserve_fd)
+        self._reserve_fd = None
+        # Answer the whole backlog, one descriptor at a time: a waiting client gets a
+        # 503 it can act on instead of hanging until its own timeout.
+        for _ in range(_SHED_BATCH):
+            try:
+                sock, _ = listener.accept()
             except OSError:
-                if not self._stopping.is_set():
-                    log.exception("accept failed on the API socket")
-                return
+                break
+            send_nowait(sock, self._exhausted)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+                sock.recv(1 << 16, socket.MSG_DONTWAIT)  # read input closes without an RST
+            sock.close()
+        with contextlib.suppress(OSError):
+            self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
+
+    def _admit_connection(self, sock: socket.socket, tcp: bool) -> bool:
+        """Serve `sock` on a thread of its own, or refuse it without one."""
+        conn = _Conn(sock, tcp, time.monotonic())
+        try:
             # Blocking socket with a kernel receive timeout: a Python-level timeout
             # would turn every recv into poll + recv.
-            conn.setblocking(True)
-            seconds = int(self.config.idle_timeout_s)
-            micros = int((self.config.idle_timeout_s - seconds) * 1e6)
-            conn.setsockopt(
-                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros)
-            )
-            if conn.family != socket.AF_UNIX:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                full = len(self._connections) >= self.config.max_connections
-                if not full:
-                    self._connections.add(conn)
-            if full:
-                msg = f"too many connections (api.max_connections = {self.config.max_connections})"
-                threading.Thread(
-                    target=_refuse, args=(conn, _error(503, msg, "overloaded")), daemon=True
-                ).start()
-                continue
+            sock.setblocking(True)
+            conn.set_timeout(self.config.head_timeout_s)
+            if tcp:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            sock.close()
+            return True
+        with self._lock:
+            if len(self._connections) >= self.max_connections:
+                self._evict_idle()
+            full = len(self._connections) >= self.max_connections
+            if not full:
+                self._connections.add(conn)
+        if full:
+            send_nowait(sock, self._full)
+            self._lingerer.close(sock)
+            return True
+        try:
             threading.Thread(target=self._serve, args=(conn,), name="api-conn", daemon=True).start()
+        except RuntimeError:  # can't start new thread: TasksMax / pids.max reached
+            with self._lock:
+                self._connections.discard(conn)
+            send_nowait(sock, self._exhausted)
+            self._lingerer.close(sock)
+            log.warning("cannot start a thread for an API connection; refused it (TasksMax=?)")
+            return False
+        return True
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _evict_idle(self) -> None:
+        """At the connection limit, the longest-idle keep-alive connection makes room:
+        a client between requests reconnects, one turned away may not come back."""
+        idle = [c for c in self._connections if c.idle_since is not None]
+        if not idle:
+            return
+        # A client that already hung up, whose thread has not noticed yet, goes first.
+        gone = [c for c in idle if _peer_closed(c.sock)]
+        if gone:
+            victim = gone[0]
+        else:
+            victim = min(idle, key=lambda c: c.idle_since or 0.0)
+            if time.monotonic() - (victim.idle_since or 0.0) < 1.0:
+                return  # it may be about to send its next request
+        self._connections.discard(victim)
+        victim.idle_since = None
+        with contextlib.suppress(OSError):
+            victim.sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and ends
+
+    # ------------------------------------------------------------- serving
+
+    def _serve(self, conn: _Conn) -> None:
         try:
             self._serve_requests(conn)
         except (ConnectionError, TimeoutError, OSError):
-            pass  # the client went away or idled out
+            pass  # the client went away
         except Exception:  # never let one connection take the agent down
             log.exception("unexpected error on an API connection")
         finally:
             with self._lock:
                 self._connections.discard(conn)
-            conn.close()
+            if not conn.handed_off:
+                conn.sock.close()
 
-    def _serve_requests(self, conn: socket.socket) -> None:
+    def _refuse(self, conn: _Conn, exc: ServingError, head_only: bool = False) -> None:
+        """Answer with an error and close (the rest of the request stays unread)."""
+        send_nowait(conn.sock, encode(error_response(exc), keep=False, head_only=head_only))
+        conn.handed_off = True
+        self._lingerer.close(conn.sock)
+
+    def _serve_requests(self, conn: _Conn) -> None:
         buf = bytearray()
+        first = True
         while not self._stopping.is_set():
             try:
-                request = self._read_request(conn, buf)
-            except _Refused as refused:
-                conn.sendall(_encode(refused.response, keep=False))
-                _linger(conn)
+                head = self._read_head(conn, buf, first)
+            except ServingError as exc:
+                self._refuse(conn, exc)
                 return
-            if request is None:
+            if head is None:
                 return
-            method, target, headers, body, keep = request
-            response = self.dispatch(method, target, headers, body)
-            conn.sendall(_encode(response, keep))
+            first = False
+            reserved = 0
+            try:
+                try:
+                    route = self._admit_request(conn, head)
+                    reserved = self._reserve(head.content_length, "request body")
+                except ServingError as exc:
+                    self._refuse(conn, exc, head.method == "HEAD")
+                    return
+                if head.expect_continue and len(buf) < head.content_length:
+                    conn.sock.sendall(CONTINUE)
+                try:
+                    body = self._read_body(conn, buf, head.content_length)
+                except RequestTimeoutError as exc:
+                    self._refuse(conn, exc)
+                    return
+                if body is None:
+                    return
+                response = self.router.dispatch(route, head, body)
+                del body
+                keep = head.keep_alive and not self._stopping.is_set()
+                if keep and head.version == "HTTP/1.0":
+                    response[2]["connection"] = "keep-alive"  # 1.0 closes unless told
+                conn.sock.sendall(encode(response, keep, head.method == "HEAD"))
+            finally:
+                self.bodies.release(reserved)
             if not keep:
                 return
 
-    def _read_request(
-        self, conn: socket.socket, buf: bytearray
-    ) -> tuple[str, str, dict[str, str], bytes, bool] | None:
-        while (end := buf.find(b"\r\n\r\n")) < 0:
-            if len(buf) > _MAX_HEADER:
-                raise _Refused(_error(431, "request headers too large", "request.headers"))
-            data = conn.recv(65536)
+    def _reserve(self, size: int, what: str) -> int:
+        try:
+            return self.bodies.reserve(size, what)
+        except OverloadedError:
+            # Shed like a request refused above the soft limit: counted the same way.
+            self.host.watcher.shed_count += 1
+            self.host.metrics.error(OverloadedError.code)
+            raise
+
+    def _admit_request(self, conn: _Conn, head: RequestHead) -> Any:
+        """Everything that can be judged from the head, before the body is read."""
+        if conn.tcp and self._token is not None:
+            self._token.check(head.path, head.headers)
+        route = self.router.resolve(head)
+        if head.content_length > self.max_body:
+            raise TooLargeError(
+                f"request body of {head.content_length} bytes is above the limit of "
+                f"{self.max_body} (api.max_request_mb = {self.config.max_request_mb:g}); "
+                "send tensors with the binary extension (edge-agent infer --binary) or "
+                "raise api.max_request_mb"
+            )
+        return route
+
+    def _read_head(self, conn: _Conn, buf: bytearray, first: bool) -> RequestHead | None:
+        deadline = conn.accepted + self.config.head_timeout_s if first else None
+        if not first and not buf:
+            conn.idle_since = time.monotonic()
+        while (end := find_head_end(buf)) < 0:
+            if deadline is None and buf:
+                deadline = time.monotonic() + self.config.head_timeout_s
+            if deadline is None:
+                conn.set_timeout(self.config.idle_timeout_s)
+            else:
+                conn.set_timeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, TimeoutError):
+                if deadline is None:
+                    return None  # idle keep-alive connection: close quietly
+                raise RequestTimeoutError(
+                    f"request head not complete within {self.config.head_timeout_s:g} s "
+                    "(api.head_timeout_s)"
+                ) from None
+            conn.idle_since = None
             if not data:
                 return None
             buf += data
-        if end > _MAX_HEADER:
-            raise _Refused(_error(431, "request headers too large", "request.headers"))
-        try:
-            method, target, version, headers = _parse_head(bytes(buf[: end + 4]))
-        except BadRequestError as exc:
-            raise _Refused(_error(400, exc.message, exc.code)) from None
-        if "transfer-encoding" in headers:
-            raise _Refused(
-                _error(
-                    411, "chunked bodies are not accepted; send Content-Length", "request.length"
-                )
-            )
-        try:
-            length = int(headers.get("content-length", "0"))
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            raise _Refused(_error(400, "bad Content-Length", "request.malformed")) from None
-        if length > self.max_body:
-            raise _Refused(
-                _error(
-                    413,
-                    f"request body of {length} bytes is above the limit of {self.max_body} "
-                    "(api.max_request_mb)",
-                    TooLargeError.code,
-                )
-            )
-        total = end + 4 + length
-        while len(buf) < total:
-            data = conn.recv(max(65536, total - len(buf)))
-            if not data:
+        conn.idle_since = None
+        head = parse_head(bytes(buf[:end]))
+        del buf[:end]
+        return head
+
+    def _read_body(self, conn: _Conn, buf: bytearray, length: int) -> bytes | bytearray | None:
+        if len(buf) >= length:
+            body = bytes(buf[:length])
+            del buf[:length]
+            return body
+        # Read straight into one buffer of the admitted size: no second copy.
+        out = bytearray(length)
+        have = len(buf)
+        out[:have] = buf
+        buf.clear()
+        view = memoryview(out)
+        deadline = time.monotonic() + self.config.body_timeout_s
+        while have < length:
+            conn.set_timeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                n = conn.sock.recv_into(view[have:])
+            except (BlockingIOError, TimeoutError):
+                raise RequestTimeoutError(
+                    f"request body of {length} bytes not complete within "
+                    f"{self.config.body_timeout_s:g} s (api.body_timeout_s)"
+                ) from None
+            if n == 0:
                 return None
-            buf += data
-        body = bytes(buf[end + 4 : total])
-        del buf[:total]
-        keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        return method, target, headers, body, keep
-
-    def dispatch(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response:
-        try:
-            return self._route(method, target, headers, body)
-        except Exception as exc:  # a bug must cost one request, not the connection
-            log.exception("unhandled error serving %s %s", method, target)
-            return _error(500, f"internal error: {type(exc).__name__}", "internal")
-
-    def _route(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response:
-        path = target.split("?", 1)[0]
-        get = method in ("GET", "HEAD")
-        if path == "/v2/health/live":
-            return _json(200, {"live": True}) if get else _not_allowed()
-        if path == "/v2/health/ready":
-            if not get:
-                return _not_allowed()
-            ready = self.host.ready()
-            return _json(200 if ready else 503, {"ready": ready})
-        if path == "/v2":
-            return _json(
-                200,
-                {
-                    "name": "edgerun",
-                    "version": __version__,
-                    "extensions": ["binary_tensor_data", "edgerun_status"],
-                },
-            )
-        if path == "/metrics":
-            text = self.metrics_text().encode()
-            return 200, text, {"content-type": "text/plain; version=0.0.4; charset=utf-8"}
-        if path == "/v2/edgerun/status":
-            return _json(200, self.status())
-        match = _MODEL.match(path)
-        if match is None:
-            return _error(404, f"no such endpoint: {method} {path}", "endpoint.not_found")
-        name, version, action = match.group(1), match.group(2), match.group(3)
-        try:
-            if action == "/infer":
-                if method != "POST":
-                    return _not_allowed()
-                return self._infer(name, version, headers, body)
-            if not get:
-                return _not_allowed()
-            model = self.host.resolve(name, version)
-            if action == "/ready":
-                return _json(200, {"name": name, "ready": self.host.ready()})
-            manifest = model.manifest
-            return _json(
-                200,
-                {
-                    "name": manifest.name,
-                    "versions": [manifest.version],
-                    "platform": {"onnx": "onnxruntime_onnx", "tflite": "tflite"}[
-                        model.runtime.format
-                    ],
-                    "inputs": [tensor_metadata(s) for s in manifest.inputs],
-                    "outputs": [tensor_metadata(s) for s in manifest.outputs],
-                    "parameters": {
-                        "sha256": model.sha256,
-                        "labels": list(manifest.labels),
-                        "runtime": model.runtime.describe(),
-                    },
-                },
-            )
-        except ServingError as exc:
-            return _error(exc.status, exc.message, exc.code)
-
-    def _infer(
-        self, name: str, version: str | None, headers: dict[str, str], body: bytes
-    ) -> Response:
-        try:
-            header_len = headers.get(HEADER_LENGTH)
-            try:
-                hlen = int(header_len) if header_len is not None else None
-            except ValueError:
-                raise BadRequestError(f"{HEADER_LENGTH} is not an integer") from None
-            try:
-                request, arrays = decode_request(body, hlen)
-            except BadRequestError:
-                self.host.metrics.error(BadRequestError.code)
-                raise
-            model, outputs = self.host.infer(name, arrays, version)
-            selected = [o["name"] for o in request.get("outputs") or [] if isinstance(o, dict)]
-            unknown = [s for s in selected if s not in outputs]
-            if unknown:
-                raise BadRequestError(
-                    f"requested output {unknown[0]!r} does not exist; outputs: {', '.join(outputs)}"
-                )
-            rid = request.get("id")
-            payload, head_len = encode_response(
-                model.manifest.name,
-                model.manifest.version,
-                rid if isinstance(rid, str) else None,
-                outputs,
-                wants_binary(request),
-                selected,
-            )
-        except ServingError as exc:
-            return _error(exc.status, exc.message, exc.code)
-        extra = (
-            {}
-            if head_len is None
-            else {
-                "inference-header-content-length": str(head_len),
-                "content-type": "application/octet-stream",
-            }
-        )
-        return 200, payload, {"content-type": "application/json", **extra}
+            have += n
+        view.release()
+        return out  # a bytearray: json and numpy read it like bytes
 
 
-def _refuse(conn: socket.socket, response: Response) -> None:
-    with contextlib.suppress(OSError):
-        conn.sendall(_encode(response, keep=False))
-        _linger(conn)
-    conn.close()
-
-
-def _linger(conn: socket.socket) -> None:
-    """Close after a refusal without resetting: closing with unread input sends an RST,
-    which can destroy the error reply before the client reads it."""
-    with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_WR)
-        conn.settimeout(1.0)
-        drained = 0
-        while drained < (4 << 20) and (chunk := conn.recv(65536)):
-            drained += len(chunk)
-
-
-def _encode(response: Response, keep: bool) -> bytes:
-    status, body, headers = response
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"content-length: {len(body)}"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    if not keep:
-        lines.append("connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def _not_allowed() -> Response:
-    return _error(405, "method not allowed here", "request.method")
-
-
-def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+def _peer_closed(sock: socket.socket) -> bool:
     try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError as exc:  # pragma: no cover - latin-1 decodes anything
-        raise BadRequestError("request head is not text") from exc
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-        raise BadRequestError(f"malformed request line {lines[0][:100]!r}")
-    method, target, version = parts
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        key, sep, value = line.partition(":")
-        if not sep:
-            raise BadRequestError(f"malformed header line {line[:100]!r}")
-        headers[key.strip().lower()] = value.strip()
-    return method, target, version, headers
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+__all__ = ["ApiServer", "ApiSetupError", "Response"]

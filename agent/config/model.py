@@ -57,17 +57,34 @@ class MemoryConfig:
     recover_after_s: float = constraint(2.0, ge=0.1, le=3600)
 
 
+# A file path, or "credential:NAME" for $CREDENTIALS_DIRECTORY/NAME (systemd LoadCredential=).
+SECRET_REF_PATTERN = r"|credential:[A-Za-z0-9._-]{1,128}|/.{0,4095}"
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     socket: Path | None = Path("/run/edgerun/api.sock")
+    # Who may use the Unix socket: its mode (octal) and group (empty: the agent's own).
+    socket_mode: str = constraint("0660", pattern=r"0?[0-7]{3}")
+    socket_group: str = constraint("", pattern=r"|[A-Za-z_][A-Za-z0-9_.-]{0,31}")
     # "127.0.0.1:8080" to also listen on TCP; empty to stay on the Unix socket only.
     tcp: str = constraint("", pattern=r"|(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}")
+    # Bearer token for TCP requests (a file path or "credential:NAME"); required when
+    # api.tcp is not a loopback address. Health endpoints stay open.
+    token: str = constraint("", pattern=SECRET_REF_PATTERN)
     max_request_mb: float = constraint(16.0, ge=0.001, le=1024)
+    # Request bodies admitted and not yet answered, across all connections.
+    max_body_inflight_mb: float = constraint(64.0, ge=0.001, le=65_536)
     max_inflight: int = constraint(64, ge=1, le=100_000)
     # One thread per connection; more connections are refused with 503.
     max_connections: int = constraint(64, ge=1, le=10_000)
-    # An idle keep-alive connection is closed after this long.
-    idle_timeout_s: float = constraint(300.0, ge=1, le=86_400)
+    # A request head must be complete this long after the connection (or the request's
+    # first byte); its body within body_timeout_s after the head.
+    head_timeout_s: float = constraint(10.0, ge=0.1, le=3600)
+    body_timeout_s: float = constraint(60.0, ge=0.1, le=3600)
+    # An idle keep-alive connection is closed after this long (and sooner, oldest
+    # first, when the connection limit is reached).
+    idle_timeout_s: float = constraint(30.0, ge=1, le=86_400)
     drain_timeout_s: float = constraint(10.0, ge=0, le=300)
     max_batch_size: int = constraint(256, ge=1, le=1_000_000)
 
@@ -90,8 +107,6 @@ class BundleLimitsConfig:
 # ------------------------------------------------------------------ MQTT link (issue 4)
 
 HOST_PATTERN = r"\[[0-9a-fA-F:]+\]|[0-9a-fA-F:]*:[0-9a-fA-F:]+|[A-Za-z0-9]([A-Za-z0-9.-]{0,252})"
-# A file path, or "credential:NAME" for $CREDENTIALS_DIRECTORY/NAME (systemd LoadCredential=).
-SECRET_REF_PATTERN = r"|credential:[A-Za-z0-9._-]{1,128}|/.{0,4095}"
 K8S_LABEL_PATTERN = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 K8S_NAME_PATTERN = r"|[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"
 

@@ -113,3 +113,32 @@ def test_install_script_stages_files(tmp: Path) -> None:
     assert (staged / "usr/lib/sysusers.d/edgerun.conf").exists()
     config = (staged / "etc/edgerun/agent.toml").read_text()
     assert "demo-INSECURE" not in config  # nothing trusts the demo key by default
+
+
+def _unit_value(key: str) -> str:
+    values = re.findall(rf"^{key}=(\S+)", UNIT.read_text(), re.MULTILINE)
+    assert len(values) == 1, (key, values)
+    return values[0]
+
+
+def test_unit_limits_agree_with_the_api_config() -> None:
+    """LimitNOFILE= and TasksMax= leave room for api.max_connections of the shipped config."""
+    from agent.api.limits import needed_fds, needed_tasks
+    from agent.config.loader import load_config
+
+    config = load_config(ROOT / "systemd/agent.toml.example", environ={})
+    assert int(_unit_value("LimitNOFILE")) >= needed_fds(config.api)
+    assert int(_unit_value("TasksMax")) >= needed_tasks(config.api)
+
+
+def test_unit_and_config_agree_on_who_may_use_the_socket() -> None:
+    from agent.config.loader import load_config
+
+    api = load_config(ROOT / "systemd/agent.toml.example", environ={}).api
+    assert str(api.socket).startswith("/run/edgerun/")  # RuntimeDirectory=edgerun
+    assert api.socket_group == _unit_value("Group") == "edgerun"
+    assert api.socket_mode == "0660"
+    # Group members must be able to reach the socket inside RuntimeDirectory.
+    assert int(_unit_value("RuntimeDirectoryMode"), 8) & 0o050 == 0o050
+    # The unit keeps TCP on loopback unless a token and an address allow list are set.
+    assert "IPAddressDeny=any" in UNIT.read_text() and not api.tcp
