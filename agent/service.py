@@ -20,7 +20,6 @@ from agent.api.server import ApiServer, ApiSetupError
 from agent.bundle import BundleError
 from agent.config.loader import ConfigError, read_public_keys
 from agent.config.model import AgentConfig
-from agent.config.typed import INVALID
 from agent.events import EventBus
 from agent.memory import MB, RssWatcher, compute_budget
 from agent.metrics import Metrics
@@ -89,10 +88,7 @@ class Agent:
         self.admission = Admission(
             config, self.store, self.host, self.budget, self.keys, self.events
         )
-        try:
-            self.api = ApiServer(self.host, config.api, self.status, self.metrics_text)
-        except ApiSetupError as exc:  # the token: a config value
-            raise StartupError(str(exc), INVALID) from exc
+        self.api = ApiServer(self.host, config.api, self.status, self.metrics_text)
         self.notifier = Notifier()
         # What is installed does not change while the agent runs: look once, not per status.
         self.runtimes = {k: v or "available" for k, v in availability().items()}
@@ -257,15 +253,23 @@ class Agent:
         # READY=1 does not wait for model.bundle: its check can take minutes on a big
         # bundle (past systemd's start timeout) while `current` is already served.
         self.notifier.ready(f"serving {what}")
-        if on_ready is not None:
-            await on_ready()
         watchdog = asyncio.create_task(self._watchdog())
+        # Started before `on_ready` runs: whatever waits for readiness must not hold
+        # back the check of model.bundle.
+        install = (
+            asyncio.create_task(self._install_at_start(Path(bundle)))
+            if bundle is not None
+            else None
+        )
         try:
-            if bundle is not None:
-                await self._install_at_start(Path(bundle))
+            if on_ready is not None:
+                await on_ready()
             await self._stop.wait()
         finally:
             watchdog.cancel()
+            if install is not None:
+                self._stop.set()  # already set, unless on_ready raised
+                await install  # returns at once once stop is set (_until_stopped)
         return await self.shutdown()
 
     def _serving(self) -> str:

@@ -109,8 +109,7 @@ class ApiServer:
         self.host = host
         self.config = config
         self.max_body = int(config.max_request_mb * MB)
-        token = load_token(config)  # ApiSetupError: refuse to start exposed
-        self._token = TokenCheck(token) if token is not None else None
+        self._token: TokenCheck | None = None  # read at start(), with the other checks
         self.bodies = BodyBudget(host.watcher, int(config.max_body_inflight_mb * MB))
         self.router = Router(host, status, metrics_text, self._reserve, self.bodies.release)
         self.max_connections = config.max_connections
@@ -140,6 +139,8 @@ class ApiServer:
     # ------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        token = load_token(self.config)  # ApiSetupError: refuse to start exposed
+        self._token = TokenCheck(token) if token is not None else None
         self.max_connections = fit_connections(self.config)
         self._lingerer.start()
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -542,7 +543,10 @@ def test_non_loopback_tcp_without_token_refuses_to_start(tmp: Path) -> None:
         check=False,
     )
     assert out.returncode == 1, out.stderr
-    assert "cannot start: api.tcp = '0.0.0.0:0' listens beyond loopback" in out.stderr
+    assert (
+        "cannot start [config.invalid]: api.token: api.tcp = '0.0.0.0:0' listens beyond loopback"
+        in out.stderr
+    )
     assert "api.token" in out.stderr and "Traceback" not in out.stderr
     config, creds = _token_agent(tmp, "0.0.0.0:0", "short")
     out = subprocess.run(
@@ -614,7 +618,10 @@ def test_socket_mode_and_group_are_applied(tmp: Path) -> None:
         check=False,
     )
     assert out.returncode == 1
-    assert "cannot start: api.socket_group = 'no-such-group-x' is not a group" in out.stderr
+    assert (
+        "cannot start [start.failed]: api.socket_group = 'no-such-group-x' is not a group"
+        in out.stderr
+    )
 
 
 # ------------------------------------------------------------------ edge-agent infer / status
@@ -813,7 +820,8 @@ def test_a_taken_tcp_port_is_a_clear_startup_error(agent: AgentProcess, tmp: Pat
         check=False,
     )
     assert out.returncode == 1, out.stderr
-    assert f"cannot start: cannot listen on api.tcp = '{address}': Address already in use" in (
+    # The start-up checks (agent/preflight.py, as check-config) see the port taken.
+    assert f"cannot start [start.failed]: api.tcp: {address} is in use by another process" in (
         out.stderr
     )
     assert "Traceback" not in out.stderr
@@ -862,7 +870,12 @@ def test_thread_start_failure_is_a_503_and_the_api_keeps_accepting(tmp: Path) ->
             replies.append(ask())  # blocking on purpose: no executor thread can start now
         finally:
             threading.stack_size(previous)
+        # The API answers before the start-up bundle is in: wait for the model (hang guard).
+        deadline = time.monotonic() + 60
         replies.append(ask())
+        while not replies[-1].startswith(b"HTTP/1.1 200") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            replies[-1] = ask()
         agent.request_stop()
 
     asyncio.run(agent.run(on_ready))
