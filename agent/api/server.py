@@ -22,6 +22,7 @@ import errno
 import grp
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -69,6 +70,27 @@ _TICK_S = 0.2
 _STUCK_AFTER_S = 10.0
 
 
+# At the connection limit, a head still arriving after this long makes room (408)
+# for a client whose whole head came within _HEAD_PEEK_S of its connection.
+_SLOW_HEAD_S = 1.0
+_HEAD_PEEK_S = 0.05
+
+
+def _whole_head_waiting(sock: socket.socket, wait_s: float) -> bool:
+    """Whether a complete request head is already queued on `sock` (peeked, not read)."""
+    try:
+        ready, _, _ = select.select([sock], [], [], wait_s)
+        if not ready:
+            return False
+        data = sock.recv(_PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (OSError, ValueError):
+        return False
+    return b"\r\n\r\n" in data
+
+
+_PEEK_BYTES = 16 * 1024
+
+
 @dataclass(eq=False)
 class _Conn:
     sock: socket.socket
@@ -76,6 +98,7 @@ class _Conn:
     accepted: float
     timeout: float = -1.0  # the SO_RCVTIMEO now set
     idle_since: float | None = None  # waiting for the next request on keep-alive
+    head_since: float | None = None  # a request head begun (or awaited) and not complete
     handed_off: bool = False  # closed by the lingerer, not by its thread
 
     def set_timeout(self, seconds: float) -> None:
@@ -128,6 +151,18 @@ class ApiServer:
         )
         self._exhausted = self._prebuilt(
             503, "the agent is out of file descriptors or threads right now; retry later"
+        )
+        self._slow_head = encode(
+            json_response(
+                408,
+                {
+                    "error": "request head still incomplete after "
+                    f"{_SLOW_HEAD_S:g} s while the agent is at api.max_connections; "
+                    "send the whole head at once",
+                    "code": "request.timeout",
+                },
+            ),
+            keep=False,
         )
 
     @staticmethod
@@ -342,8 +377,14 @@ class ApiServer:
             sock.close()
             return True
         with self._lock:
+            full = len(self._connections) >= self.max_connections
+        # Only a client whose whole head is already here may displace a slow head:
+        # otherwise slow clients would displace each other and the lingering sockets
+        # of the displaced would eat the descriptors good clients need.
+        whole_head = full and _whole_head_waiting(sock, _HEAD_PEEK_S)
+        with self._lock:
             if len(self._connections) >= self.max_connections:
-                self._evict_idle()
+                self._make_room(slow_heads=whole_head)
             full = len(self._connections) >= self.max_connections
             if not full:
                 self._connections.add(conn)
@@ -362,22 +403,40 @@ class ApiServer:
             return False
         return True
 
-    def _evict_idle(self) -> None:
-        """At the connection limit, the longest-idle keep-alive connection makes room:
-        a client between requests reconnects, one turned away may not come back."""
+    def _make_room(self, slow_heads: bool) -> None:
+        """At the connection limit, a connection that is not serving makes room:
+        first the longest-idle keep-alive one (a client between requests reconnects,
+        one turned away may not come back), else the one whose request head has been
+        arriving longest (a slow-drip client must not lock out those that send a head
+        at once; it gets a 408)."""
+        now = time.monotonic()
         idle = [c for c in self._connections if c.idle_since is not None]
-        if not idle:
-            return
         # A client that already hung up, whose thread has not noticed yet, goes first.
         gone = [c for c in idle if _peer_closed(c.sock)]
-        if gone:
-            victim = gone[0]
-        else:
-            victim = min(idle, key=lambda c: c.idle_since or 0.0)
-            if time.monotonic() - (victim.idle_since or 0.0) < 1.0:
-                return  # it may be about to send its next request
+        victim = gone[0] if gone else None
+        answer: bytes | None = None
+        if victim is None and idle:
+            oldest = min(idle, key=lambda c: c.idle_since or 0.0)
+            if now - (oldest.idle_since or 0.0) >= 1.0:  # else it may be about to send
+                victim = oldest
+        if victim is None:
+            if not slow_heads:
+                return
+            slow = [
+                c
+                for c in self._connections
+                if c.idle_since is None
+                and c.head_since is not None
+                and now - c.head_since >= _SLOW_HEAD_S
+            ]
+            if not slow:
+                return
+            victim = min(slow, key=lambda c: c.head_since or 0.0)
+            answer = self._slow_head
         self._connections.discard(victim)
-        victim.idle_since = None
+        victim.idle_since = victim.head_since = None
+        if answer is not None:
+            send_nowait(victim.sock, answer)
         with contextlib.suppress(OSError):
             victim.sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and ends
 
@@ -467,6 +526,7 @@ class ApiServer:
 
     def _read_head(self, conn: _Conn, buf: bytearray, first: bool) -> RequestHead | None:
         deadline = conn.accepted + self.config.head_timeout_s if first else None
+        conn.head_since = conn.accepted if first else (time.monotonic() if buf else None)
         if not first and not buf:
             conn.idle_since = time.monotonic()
         while (end := find_head_end(buf)) < 0:
@@ -488,8 +548,10 @@ class ApiServer:
             conn.idle_since = None
             if not data:
                 return None
+            if conn.head_since is None:
+                conn.head_since = time.monotonic()
             buf += data
-        conn.idle_since = None
+        conn.idle_since = conn.head_since = None
         head = parse_head(bytes(buf[:end]))
         del buf[:end]
         return head

@@ -906,3 +906,42 @@ def test_api_config_keys_are_validated_with_their_path() -> None:
     assert "does not match" in found["api.token"]
     assert "below the minimum" in found["api.head_timeout_s"]
     assert "below the minimum" in found["api.max_body_inflight_mb"]
+
+
+def test_slow_heads_make_room_for_a_client_that_sends_its_head_at_once(tmp: Path) -> None:
+    """Issue 7: connections dripping a header line every few seconds locked everyone
+    out. At the connection limit, the head that has been arriving longest gives way."""
+    from tests.helpers import running_agent
+
+    config = base_config(tmp, api="max_connections = 3\nhead_timeout_s = 60")
+    with running_agent(tmp, config) as agent:
+        slow = []
+        try:
+            for _ in range(3):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(30)
+                s.connect(str(agent.socket))
+                s.sendall(b"GET /v2/health/live HTTP/1.1\r\n")  # and never the rest
+                slow.append(s)
+            time.sleep(1.5)  # older than the slow-head threshold (1 s)
+            for _ in range(3):
+                request = b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+                reply = raw(agent, request)
+                assert reply.startswith(b"HTTP/1.1 200"), reply
+            # The first good client displaced the oldest slow head, which was told why;
+            # the next ones found the slot it freed (the good clients closed theirs).
+            answers = []
+            for s in slow:
+                s.settimeout(2)
+                try:
+                    answers.append(s.recv(65536))
+                except TimeoutError:
+                    answers.append(b"")
+            told = [a for a in answers if a]
+            assert len(told) == 1, answers
+            assert told[0].startswith(b"HTTP/1.1 408"), told
+            assert b"request.timeout" in told[0] and b"api.max_connections" in told[0]
+            assert answers[0] == told[0]  # the oldest
+        finally:
+            for s in slow:
+                s.close()
