@@ -61,13 +61,13 @@ KEEP_GENERATIONS = 4  # old generations' figures are dropped beyond this many
 _LAT_MIN_S = 1e-5
 _LAT_STEP = 1.04
 _LOG_STEP = math.log(_LAT_STEP)
-_BUCKETS = int(math.log(1e7) / _LOG_STEP) + 2
+LATENCY_BUCKETS = int(math.log(1e7) / _LOG_STEP) + 2
 
 
-def _bucket(seconds: float) -> int:
+def latency_bucket(seconds: float) -> int:
     if seconds <= _LAT_MIN_S:
         return 0
-    return min(_BUCKETS - 1, int(math.log(seconds / _LAT_MIN_S) / _LOG_STEP) + 1)
+    return min(LATENCY_BUCKETS - 1, int(math.log(seconds / _LAT_MIN_S) / _LOG_STEP) + 1)
 
 
 def quantile_ms(hist: list[int], q: float) -> float | None:
@@ -83,7 +83,7 @@ def quantile_ms(hist: list[int], q: float) -> float | None:
             if i == 0:
                 return _LAT_MIN_S * 1e3
             return float(_LAT_MIN_S * _LAT_STEP ** (i - 0.5) * 1e3)  # the bucket's geometric middle
-    return float(_LAT_MIN_S * _LAT_STEP ** (_BUCKETS - 1) * 1e3)
+    return float(_LAT_MIN_S * _LAT_STEP ** (LATENCY_BUCKETS - 1) * 1e3)
 
 
 def wilson_lower(bad: int, n: int, z: float = WILSON_Z) -> float:
@@ -104,7 +104,7 @@ class _Window:
     requests: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     nonfinite: int = 0
-    latency: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
+    latency: list[int] = field(default_factory=lambda: [0] * LATENCY_BUCKETS)
     top1: np.ndarray | None = None  # counts per class index, classifiers only
 
     def add(self, other: _Window) -> None:
@@ -225,7 +225,7 @@ class TrafficRecorder:
             bad = answer_is_bad(outputs)
             if traffic.classifier is not None:
                 top1 = _top1(outputs, *traffic.classifier)
-        bucket = _bucket(seconds)
+        bucket = latency_bucket(seconds)
         now = self.clock()
         with self._lock:
             for window in traffic.windows(now):
@@ -487,6 +487,7 @@ __all__ = [
     "answer_is_bad",
     "classifier_output",
     "judge",
+    "latency_bucket",
     "quantile_ms",
     "total_variation",
     "wilson_lower",

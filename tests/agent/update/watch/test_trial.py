@@ -20,7 +20,9 @@ from agent.update.trial import (
     quantile_ms,
     wilson_lower,
 )
-from agent.update.trial import _bucket as bucket
+from agent.update.trial import (
+    latency_bucket as bucket,
+)
 from tests.agent.update.watch.candidates import (
     LiveTraffic,
     build_candidate,
