@@ -172,7 +172,7 @@ class DeployRequest:
             size=size,
             version=version,
             name=name,
-            mode=mode,  # type: ignore[arg-type]
+            mode=mode,
             shadow=shadow,
             trial=trial,
             allow_downgrade=bool(p.get_seen("allow_downgrade")),

@@ -24,7 +24,7 @@ def test_journal_fuzz_finds_nothing(tmp: Path) -> None:
             now,
             candidate_sha="ab" * 32,
             figures={"bytes": 3},
-        )  # fmt: skip
+        )
     )
     journal.mark_bad("1.1.0", "ab" * 32, "trial: p95")
     journal.count_crash("ab" * 32)
