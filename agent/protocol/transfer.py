@@ -264,5 +264,6 @@ __all__ = [
     "chunks_of",
     "decode_chunk",
     "decode_need",
+    "expected_length",
     "ranges_of",
 ]
