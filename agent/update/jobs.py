@@ -937,7 +937,7 @@ def default_fetchers(config: AgentConfig) -> dict[type, FetcherFactory]:
         return out
 
     def build_http(request: DeployRequest) -> Fetcher:
-        fetcher: Fetcher = http.HttpFetcher(config.update)
+        fetcher: Fetcher = http.HttpFetcher(http.HttpSettings.from_config(config.update))
         return fetcher
 
     out[HttpSource] = build_http

@@ -408,6 +408,10 @@ class Watchdog:
     def baseline(self) -> dict[str, float]:
         return self.recorder.baseline()
 
+    def figures(self) -> dict[str, float]:
+        """The served model's recent live-traffic figures (telemetry `model.live`)."""
+        return self.recorder.baseline()
+
     def watch(
         self,
         generation: int,
