@@ -54,7 +54,8 @@ MIN_LATENCY_SAMPLES = 20
 MIN_DRIFT_SAMPLES = 30
 P95_FLOOR_MS = 1.0
 EXTEND_FACTOR = 3.0
-KEEP_GENERATIONS = 4  # old generations' figures are dropped beyond this many
+KEEP_GENERATIONS = 4
+REAL_KINDS = "fiub"  # dtype kinds whose values order: argmax means a class  # old generations' figures are dropped beyond this many
 
 # Latency histogram: log-spaced buckets 4% apart from 10 µs to ~100 s (a quantile
 # read from it is within 2% of the true value); mergeable, fixed size, no sorting.
@@ -105,7 +106,7 @@ class _Window:
     errors: dict[str, int] = field(default_factory=dict)
     nonfinite: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * LATENCY_BUCKETS)
-    top1: np.ndarray | None = None  # counts per class index, classifiers only
+    top1: list[int] | None = None  # counts per class index, classifiers only
 
     def add(self, other: _Window) -> None:
         self.requests += other.requests
@@ -114,7 +115,8 @@ class _Window:
         self.nonfinite += other.nonfinite
         self.latency = [a + b for a, b in zip(self.latency, other.latency, strict=True)]
         if other.top1 is not None:
-            self.top1 = other.top1.copy() if self.top1 is None else self.top1 + other.top1
+            mine = self.top1 or [0] * len(other.top1)
+            self.top1 = [a + b for a, b in zip(mine, other.top1, strict=True)]
 
     def copy(self) -> _Window:
         out = _Window()
@@ -133,26 +135,40 @@ def classifier_output(model: LoadedModel) -> tuple[str, int] | None:
 
 
 def answer_is_bad(outputs: Feeds) -> bool:
-    """An answer with an empty output or a NaN/inf anywhere in a float output.
+    """An answer with an empty output or a NaN/inf anywhere in a float (or complex) output.
 
-    A float64 sum propagates any NaN or inf (and does not overflow on finite
-    float32 values), at the cost of one pass and no temporary array."""
+    A NaN or inf anywhere makes the sum NaN or inf, so a finite sum (one pass, no
+    temporary array: the per-request fast path) proves every value finite; only a
+    non-finite sum, which huge finite float64 values can also give, is checked value
+    by value."""
     if not outputs:
         return True
     for array in outputs.values():
         if array.size == 0:
             return True
-        if array.dtype.kind == "f" and not math.isfinite(float(np.sum(array, dtype=np.float64))):
-            return True
+        kind = array.dtype.kind
+        if kind not in "fc":
+            continue
+        # float64 accumulation: finite float16/32 values cannot overflow the sum.
+        total = array.sum(dtype=np.float64) if array.dtype.itemsize < 8 else array.sum()
+        if not np.isfinite(total):
+            with np.errstate(all="ignore"):
+                if not np.isfinite(array).all():
+                    return True
     return False
 
 
-def _top1(outputs: Feeds, output: str, classes: int) -> np.ndarray | None:
+def _top1(outputs: Feeds, output: str, classes: int) -> list[int] | int | None:
+    """The winning class of a one-row answer, or the count per class of a batch."""
     array = outputs.get(output)
     if array is None or array.ndim < 1 or array.shape[-1] != classes or array.size == 0:
         return None
+    if array.dtype.kind not in REAL_KINDS:  # strings, objects, complex: no class order
+        return None
+    if array.size == classes:
+        return int(array.argmax())
     winners = array.reshape(-1, classes).argmax(axis=1)
-    return np.bincount(winners, minlength=classes)[:classes]
+    return [int(n) for n in np.bincount(winners, minlength=classes)[:classes]]
 
 
 class _Traffic:
@@ -162,21 +178,35 @@ class _Traffic:
         self.number = number
         self.name = model.manifest.name
         self.version = model.manifest.version
+        self.sha256 = model.sha256
         self.labels = model.manifest.labels
         self.classifier = classifier_output(model)
         self.rss_at_start = rss
         self.started = now
         self.span_s = span_s
-        self.total = _Window()
+        # A request counts in the current span only (one window to update); what
+        # leaves the recent pair is folded into `older`, so the whole life is the sum.
+        self.older = _Window()
         self.recent = [_Window(), _Window()]  # [previous span, current span]
         self.span_started = now
 
-    def windows(self, now: float) -> tuple[_Window, _Window]:
+    def current(self, now: float) -> _Window:
         if now - self.span_started >= self.span_s:
             spans = int((now - self.span_started) // self.span_s)
-            self.recent = [self.recent[1] if spans == 1 else _Window(), _Window()]
+            self.older.add(self.recent[0])
+            if spans == 1:
+                self.recent = [self.recent[1], _Window()]
+            else:
+                self.older.add(self.recent[1])
+                self.recent = [_Window(), _Window()]
             self.span_started += spans * self.span_s
-        return self.total, self.recent[1]
+        return self.recent[1]
+
+    def total(self) -> _Window:
+        out = self.older.copy()
+        out.add(self.recent[0])
+        out.add(self.recent[1])
+        return out
 
 
 class TrafficRecorder:
@@ -228,16 +258,24 @@ class TrafficRecorder:
         bucket = latency_bucket(seconds)
         now = self.clock()
         with self._lock:
-            for window in traffic.windows(now):
-                window.requests += 1
-                if error is not None:
-                    window.errors[error] = window.errors.get(error, 0) + 1
+            window = traffic.current(now)
+            window.requests += 1
+            if error is not None:
+                window.errors[error] = window.errors.get(error, 0) + 1
+            else:
+                window.latency[bucket] += 1
+            if bad:
+                window.nonfinite += 1
+            if top1 is not None:
+                assert traffic.classifier is not None
+                counts = window.top1
+                if counts is None:
+                    counts = window.top1 = [0] * traffic.classifier[1]
+                if isinstance(top1, int):
+                    counts[top1] += 1
                 else:
-                    window.latency[bucket] += 1
-                if bad:
-                    window.nonfinite += 1
-                if top1 is not None:
-                    window.top1 = top1.copy() if window.top1 is None else window.top1 + top1
+                    for i, n in enumerate(top1):
+                        counts[i] += n
 
     def _new(self, number: int, model: LoadedModel) -> _Traffic:
         rss = self.rss()
@@ -253,21 +291,31 @@ class TrafficRecorder:
     # ------------------------------------------------------------------ figures
 
     def figures(self, generation: int | None = None, recent: bool = True) -> dict[str, float]:
-        """Figures of `generation` (default: the one served now): over the recent
-        window, or over its whole life. Empty when it has not answered a request."""
+        """Figures of the model serving as `generation` (default: the one served now).
+
+        `recent`: over the recent window of every kept generation of the same model
+        (a runtime rebuilt to give back memory, or a batching change, is a new
+        generation of the same model); else over the whole life of `generation` and
+        the later generations of the same model. Empty before it answered a request."""
         number = self.host.generation if generation is None else generation
         with self._lock:
             traffic = self._generations.get(number)
             if traffic is None:
                 return {}
-            total, _ = traffic.windows(self.clock())
-            if recent:
-                window = traffic.recent[0].copy()
-                window.add(traffic.recent[1])
-            else:
-                window = total.copy()
-            classifier = traffic.classifier
+            now = self.clock()
+            window = _Window()
             rss = traffic.rss_at_start
+            for n, other in self._generations.items():
+                if other.sha256 != traffic.sha256 or (not recent and n < number):
+                    continue
+                other.current(now)  # rotates the spans of a generation no longer answering
+                if recent:
+                    window.add(other.recent[0])
+                    window.add(other.recent[1])
+                else:
+                    window.add(other.total())
+                rss = min(rss, other.rss_at_start)
+            classifier = traffic.classifier
         out = window_figures(window, classifier[1] if classifier else 0)
         out["generation"] = float(number)
         out["rss_at_start_mb"] = round(rss / MB, 1)
@@ -300,10 +348,10 @@ def window_figures(window: _Window, classes: int) -> dict[str, float]:
         out["p50_ms"] = round(p50, 4)
         out["p95_ms"] = round(p95, 4)
     if classes and window.top1 is not None:
-        rows = int(window.top1.sum())
+        rows = sum(window.top1)
         out["top1_samples"] = float(rows)
         if rows:
-            for i, count in enumerate(window.top1.tolist()):
+            for i, count in enumerate(window.top1):
                 out[f"top1.{i}"] = count / rows
     return out
 
@@ -397,6 +445,10 @@ class Watchdog:
     def baseline(self) -> dict[str, float]:
         return self.recorder.baseline()
 
+    def figures(self) -> dict[str, float]:
+        """The served model's recent live-traffic figures (telemetry `model.live`)."""
+        return self.recorder.baseline()
+
     def watch(
         self,
         generation: int,
@@ -408,6 +460,16 @@ class Watchdog:
         start = self.clock()
         rss0 = self.rss()
         figures = self._figures(generation, baseline, rss0, start)
+        host = self.recorder.host
+        served = host.model
+        if host.generation != generation or served is None:
+            return Verdict(
+                False,
+                f"generation {generation} is not served (now {host.generation})",
+                figures,
+                "served",
+            )
+        sha = served.sha256
         if spec.window_s <= 0:
             return Verdict(True, "no trial (window_s 0): committed at once", figures)
         next_progress = start + self.progress_s
@@ -416,11 +478,15 @@ class Watchdog:
             breach = judge(figures, baseline, spec, figures["rss_growth_mb"])
             if breach is not None:
                 return Verdict(False, f"{breach.bound}: {breach.reason}", figures, breach.bound)
-            served = self.recorder.host.generation
-            if served != generation:
+            # A new generation of the same model (runtime rebuilt, batching changed)
+            # goes on with the trial; another model served means someone else swapped.
+            now_serving = host.model
+            if now_serving is not None and now_serving.sha256 != sha:
                 return Verdict(
                     False,
-                    f"generation {generation} is no longer served (now {served})",
+                    f"generation {generation} is no longer served: "
+                    f"{now_serving.manifest.name} {now_serving.manifest.version} is "
+                    f"(generation {host.generation})",
                     figures,
                     "served",
                 )
