@@ -31,11 +31,13 @@ from agent.link.logring import LogRing
 from agent.link.replies import ReplyCache
 from agent.link.sender import OutboxSender
 from agent.link.telemetry import SystemProbe, inference_figures, model_figures
+from agent.link.transfer import LinkTransfers, mqtt_fetchers
 from agent.link.tunables import Tunables
 from agent.link.twin import TwinLink
 from agent.outbox import Kind, Outbox, OutboxError
 from agent.protocol.messages import Code, EventMessage, Status, TelemetryMessage, dumps, shown
 from agent.protocol.topics import DeviceTopics, command_subscriptions
+from agent.protocol.update import MqttSource
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,20 @@ class Link:
             on_disconnect=self._on_disconnect,
             on_message=self._on_message,
         )
-        self.table = build_table(agent, self.tunables, self.logs, self.link_status)
+        self.updates = getattr(agent, "updates", None)
+        self.table = build_table(
+            agent,
+            self.tunables,
+            self.logs,
+            self.link_status,
+            self.updates,
+            signed=config.commands.require_signature,
+        )
+        # MQTT bundle transfers (agent/update/fetch/mqtt.py): the ChunkTransport port;
+        # `transfer` deploys are fetched over this connection, so the link registers them.
+        self.transfers = LinkTransfers(self.client, self.topics)
+        if self.updates is not None:
+            self.updates.add_fetcher(MqttSource, mqtt_fetchers(self.transfers, config))
         self.dispatcher = Dispatcher(
             device_id=config.device_id,
             groups=config.mqtt.groups,
@@ -179,6 +194,7 @@ class Link:
         filters = command_subscriptions(self.config.device_id, self.config.mqtt.groups, self.table)
         if self.twin is not None:
             filters += self.twin.filters()
+        filters += self.transfers.filters()
         self.client.subscribe(filters, on_done=self._on_subscribed)
 
     def _on_subscribed(self, refused: list[str]) -> None:  # network thread
@@ -195,12 +211,15 @@ class Link:
             self.twin.on_connect()  # asks for the twin; the report below is its one report
         self.publish_state(force=True)
         self.online.set()
+        self.transfers.subscribed()
 
     def _on_disconnect(self, why: str) -> None:
         self.online.clear()
         self.sender.kick()
 
     def _on_message(self, message: Message) -> None:  # network thread: hand over, return
+        if self.transfers.deliver(message):  # bundle chunks: off the command path
+            return
         size = len(message.payload)
         with self._inbox_lock:
             fits = self._inbox_bytes + size <= INBOX_BYTES
@@ -272,6 +291,7 @@ class Link:
             "tunable": self.tunables.values(),
             "health": {"ready": agent.host.ready(), "overloaded": agent.watcher.overloaded},
             "desired": {} if self.twin is None else dict(self.twin.desired),
+            "update": None if self.updates is None else self.updates.snapshot(),
         }
 
     def publish_state(self, force: bool = False) -> None:
@@ -352,7 +372,7 @@ class Link:
         interval = self.tunables.telemetry_interval_s
         inference = inference_figures(agent.metrics.window(reset=True))
         system = self.probe.read()
-        model = model_figures(agent)
+        model = model_figures(agent, live=True)
         depth = self.outbox.depth()
         outbox = {
             "messages": depth.messages,

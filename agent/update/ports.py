@@ -42,7 +42,16 @@ class Fetcher(Protocol):
 class ChunkTransport(Protocol):
     """What an MQTT chunk transfer needs from the link (implemented by agent/link)."""
 
-    def subscribe_chunks(self, transfer_id: str, on_chunk: Callable[[bytes], None]) -> None: ...
+    def subscribe_chunks(
+        self,
+        transfer_id: str,
+        on_chunk: Callable[[bytes], None],
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
+        """Route chunk payloads of `transfer_id` to `on_chunk` (on the network thread:
+        it must only queue), across reconnects; `on_reconnect` runs after each new
+        connection's subscription, so the fetcher can say again what it lacks."""
+        ...
 
     def unsubscribe_chunks(self, transfer_id: str) -> None: ...
 
@@ -58,6 +67,8 @@ class Verdict:
     ok: bool
     reason: str
     figures: dict[str, float] = field(default_factory=dict)
+    # The bound crossed (a TrialSpec/ShadowSpec field name, or "cancelled"); None when ok.
+    bound: str | None = None
 
 
 class TrialMonitor(Protocol):
@@ -106,6 +117,11 @@ class UpdateService(Protocol):
         ...
 
     def cancel(self) -> dict[str, Any]: ...
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """Short form for the retained `state`: job, kind, phase, version, code; at the
+        end also the model served. None before the first job."""
+        ...
 
 
 __all__ = [
