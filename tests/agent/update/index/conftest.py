@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.update.index import Release, build_index
+from tests.agent.mqtt.conftest import broker, harness  # noqa: F401 (the twin tests' fixtures)
 
 NAME = "digits"
 
