@@ -107,6 +107,11 @@ class UpdateService(Protocol):
 
     def cancel(self) -> dict[str, Any]: ...
 
+    def snapshot(self) -> dict[str, Any] | None:
+        """Short form for the retained `state`: job, kind, phase, version, code; at the
+        end also the model served. None before the first job."""
+        ...
+
 
 __all__ = [
     "ChunkTransport",
