@@ -17,6 +17,7 @@ served keeps serving.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,8 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import __version__
+from agent.config.loader import CREDENTIAL_PREFIX, read_public_keys
+from agent.config.model import AgentConfig
 from agent.names import shown
 from agent.update.errors import UpdateCode, UpdateError
 from agent.update.index import IndexGuard, Release, runs_on
@@ -167,7 +170,8 @@ class PullUpdates:
                 )
         else:
             origin = "poll"
-            release = index.newest(name, version, self.agent_version, skip=self._bad)
+            skip = self._bad | _bad_versions(self.service.status())
+            release = index.newest(name, version, self.agent_version, skip=skip)
             if release is None:
                 self._settled()
                 return None
@@ -229,6 +233,16 @@ class PullUpdates:
         return "serving" if self.served() is not None else "no_model"
 
 
+def _bad_versions(status: Mapping[str, Any]) -> set[str]:
+    """Versions the service marked bad (rolled back): the poll does not offer them again."""
+    bad = status.get("bad_versions")
+    if not isinstance(bad, list):
+        return set()
+    return {
+        b["version"] for b in bad if isinstance(b, Mapping) and isinstance(b.get("version"), str)
+    }
+
+
 def _phase(status: Mapping[str, Any]) -> str | None:
     job = status.get("job")
     phase = job.get("phase") if isinstance(job, Mapping) else status.get("phase")
@@ -252,7 +266,7 @@ def build_pull_updates(
     max_redirects: int,
     ca_file: str | None = None,
 ) -> PullUpdates | None:
-    """The agent's pull updates from its [update] config; None when no repository is set."""
+    """Pull updates from explicit parts; None when no repository is set."""
     if not repository_url:
         return None
     getter = http_getter(connect_timeout_s, read_timeout_s, max_redirects, ca_file)
@@ -260,4 +274,57 @@ def build_pull_updates(
     return PullUpdates(repository, service, served, emit, poll_s)
 
 
-__all__ = ["PullUpdates", "Served", "build_pull_updates"]
+class PullComponent:
+    """PullUpdates as an agent component (started after the link, stopped before)."""
+
+    def __init__(self, pull: PullUpdates) -> None:
+        self.pull = pull
+
+    async def start(self) -> None:
+        self.pull.start()
+
+    async def stop(self) -> None:
+        self.pull.stop()
+
+
+def pull_for(
+    config: AgentConfig,
+    service: UpdateService,
+    served: Served,
+    emit: Emit,
+    environ: Mapping[str, str] | None = None,
+) -> PullUpdates | None:
+    """What `edge-agent run` attaches when `update.repository` is set. Raises ConfigError
+    (naming update.index_keys / update.ca_file) when a key or the CA file cannot be read."""
+    up = config.update
+    if not up.repository or not up.enabled:
+        return None
+    if up.index_keys:
+        keys = read_public_keys(list(up.index_keys), "update.index_keys", environ)
+    else:
+        keys = read_public_keys(list(config.trust.public_keys), "trust.public_keys", environ)
+    ca_file = None
+    if up.ca_file:
+        ca_file = str(up.ca_file)
+        if ca_file.startswith(CREDENTIAL_PREFIX):
+            # ssl wants a path; a credential is one under $CREDENTIALS_DIRECTORY.
+            env = os.environ if environ is None else environ
+            ca_file = os.path.join(
+                env.get("CREDENTIALS_DIRECTORY", ""), ca_file[len(CREDENTIAL_PREFIX) :]
+            )
+    return build_pull_updates(
+        up.repository,
+        config.state_dir,
+        keys,
+        service,
+        served,
+        emit,
+        poll_s=up.poll_s,
+        connect_timeout_s=up.connect_timeout_s,
+        read_timeout_s=up.read_timeout_s,
+        max_redirects=up.max_redirects,
+        ca_file=ca_file,
+    )
+
+
+__all__ = ["PullComponent", "PullUpdates", "Served", "build_pull_updates", "pull_for"]
