@@ -142,13 +142,21 @@ class PullUpdates:
                 return None
         elif self.poll_s <= 0:
             return None
-        if served is None:
-            raise UpdateError(
-                UpdateCode.NO_SUCH_VERSION,
-                "no model is served, so the release index cannot say which model to pull",
-            )
-        name, version = served
+        version: str | None
         index = self.repository.latest()
+        if served is None:
+            # A fresh device: the index names the model when it lists only one.
+            names = sorted({r.name for r in index.releases})
+            if len(names) != 1:
+                raise UpdateError(
+                    UpdateCode.NO_SUCH_VERSION,
+                    "no model is served and the release index lists "
+                    f"{len(names)} model names ({', '.join(names[:8]) or 'none'}): "
+                    "install a first bundle (model.bundle) so the device knows which to pull",
+                )
+            name, version = names[0], None
+        else:
+            name, version = served
         release: Release | None
         origin: Literal["twin", "poll"]
         if wanted is not None:

@@ -212,3 +212,20 @@ def test_the_thread_acts_on_want_and_stops(
     finally:
         pull.stop()
     assert [r.version for r in service.deploys] == ["1.1.0"]
+
+
+def test_a_fresh_device_pulls_the_one_model_the_index_lists(
+    tmp_path: Path, key: Ed25519PrivateKey, http_server: Served
+) -> None:
+    http_server.files["/index.json"] = (200, signed(key, 1, release("1.0.0"), release("1.1.0")))
+    pull, service, _ = _pull(tmp_path, key, http_server, [None])
+    pull.check_once()
+    assert [r.version for r in service.deploys] == ["1.1.0"]
+    http_server.files["/index.json"] = (
+        200,
+        signed(key, 2, release("1.0.0"), release("1.0.0", "other")),
+    )
+    pull2, service2, events = _pull(tmp_path, key, http_server, [None])
+    pull2.want("1.0.0")
+    pull2.check_once()
+    assert service2.deploys == [] and "2 model names" in events.seen[-1][1]

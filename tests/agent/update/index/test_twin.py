@@ -25,6 +25,7 @@ from tests.agent.mqtt.conftest import (
 from tests.agent.update.index.conftest import NAME, Served, release, signed
 from tests.agent.update.index.test_poll import RecordingService
 from tests.mqtt_broker import Broker, Listener
+from tests.system.test_kubeedge_manifests import REPORTED
 
 TWIN = TwinTopics("edge", DEVICE)
 
@@ -74,6 +75,7 @@ def test_a_desired_version_deploys_through_the_index_and_survives_a_restart(
         first = _actual(cloud)[0]
         assert first["model_version"] == "1.0.0" and first["model_status"] == "serving"
         assert "p95_ms" in first
+        assert set(first) == REPORTED  # what deploy/kubeedge/devicemodel.yaml declares
         cloud.client.publish(str(TWIN.update_delta), _delta("2.0.0"), qos=1)
         assert service.deployed.wait(30)  # hang guard
         [request] = service.deploys
