@@ -14,6 +14,7 @@ Generated at run time, judged by the real parts:
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import threading
@@ -316,10 +317,8 @@ def _server(files: dict[str, bytes]) -> Iterator[str]:
                 except OSError:
                     pass
                 return
-            try:
+            with contextlib.suppress(OSError):  # the agent stopped reading at its cap
                 self.wfile.write(body)
-            except OSError:  # the agent stopped reading at its cap
-                pass
 
         def log_message(self, *args: object) -> None:
             pass
