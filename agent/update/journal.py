@@ -90,7 +90,7 @@ class JobRecord:
         except ValueError:
             raise ValueError(f"unknown phase {str(raw.get('phase'))[:40]!r}") from None
         request = _typed(raw, "request", dict)
-        figures = raw.get("figures") or {}
+        figures = raw.get("figures", {})
         if not isinstance(figures, dict):
             raise ValueError("figures is not an object")
         return cls(
@@ -178,7 +178,7 @@ def parse_journal(data: bytes) -> JournalState:
     if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
         raise ValueError(f"not an update journal of schema {SCHEMA}")
     job = None if raw.get("job") is None else JobRecord.from_json(raw["job"])
-    bad_raw = raw.get("bad_versions") or []
+    bad_raw = raw.get("bad_versions", [])
     if not isinstance(bad_raw, list):
         raise ValueError("bad_versions is not a list")
     bad = []
@@ -193,7 +193,7 @@ def parse_journal(data: bytes) -> JournalState:
                 _number(entry, "ts"),
             )
         )
-    crashes_raw = raw.get("crashes") or {}
+    crashes_raw = raw.get("crashes", {})
     if not isinstance(crashes_raw, dict) or not all(
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
         for k, v in crashes_raw.items()
@@ -262,7 +262,9 @@ class Journal:
     def _write(self, state: JournalState) -> None:
         data = (json.dumps(state.to_json(), sort_keys=True, indent=1) + "\n").encode()
         tmp = self.root / f".{JOURNAL_FILE}.tmp"
-        with open(tmp, "wb") as fh:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # a crash's leftover may have other permissions
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

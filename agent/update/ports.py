@@ -67,6 +67,8 @@ class Verdict:
     ok: bool
     reason: str
     figures: dict[str, float] = field(default_factory=dict)
+    # The bound crossed (a TrialSpec/ShadowSpec field name, or "cancelled"); None when ok.
+    bound: str | None = None
 
 
 class TrialMonitor(Protocol):
