@@ -17,7 +17,7 @@ served keeps serving.
 from __future__ import annotations
 
 import logging
-import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,10 +28,11 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import __version__
-from agent.config.loader import CREDENTIAL_PREFIX, read_public_keys
+from agent.config.loader import read_public_keys
 from agent.config.model import AgentConfig
 from agent.names import shown
 from agent.update.errors import UpdateCode, UpdateError
+from agent.update.fetch.http import tls_context
 from agent.update.index import IndexGuard, Release, runs_on
 from agent.update.ports import UpdateService
 from agent.update.repository import Repository, http_getter
@@ -272,12 +273,12 @@ def build_pull_updates(
     connect_timeout_s: float,
     read_timeout_s: float,
     max_redirects: int,
-    ca_file: str | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> PullUpdates | None:
     """Pull updates from explicit parts; None when no repository is set."""
     if not repository_url:
         return None
-    getter = http_getter(connect_timeout_s, read_timeout_s, max_redirects, ca_file)
+    getter = http_getter(connect_timeout_s, read_timeout_s, max_redirects, tls)
     repository = Repository(repository_url, IndexGuard(state_dir, keys), getter)
     return PullUpdates(repository, service, served, emit, poll_s)
 
@@ -311,15 +312,7 @@ def pull_for(
         keys = read_public_keys(list(up.index_keys), "update.index_keys", environ)
     else:
         keys = read_public_keys(list(config.trust.public_keys), "trust.public_keys", environ)
-    ca_file = None
-    if up.ca_file:
-        ca_file = str(up.ca_file)
-        if ca_file.startswith(CREDENTIAL_PREFIX):
-            # ssl wants a path; a credential is one under $CREDENTIALS_DIRECTORY.
-            env = os.environ if environ is None else environ
-            ca_file = os.path.join(
-                env.get("CREDENTIALS_DIRECTORY", ""), ca_file[len(CREDENTIAL_PREFIX) :]
-            )
+    tls = tls_context(up.ca_file, environ)
     return build_pull_updates(
         up.repository,
         config.state_dir,
@@ -331,7 +324,7 @@ def pull_for(
         connect_timeout_s=up.connect_timeout_s,
         read_timeout_s=up.read_timeout_s,
         max_redirects=up.max_redirects,
-        ca_file=ca_file,
+        tls=tls,
     )
 
 
