@@ -432,9 +432,7 @@ class Console:
     def kinds(self, prefix: str = "update.") -> list[str]:
         return [e["kind"] for e in self.events(prefix)]
 
-    def wait_event(
-        self, kinds: set[str], timeout: float = 120, after: int = 0
-    ) -> dict[str, Any]:
+    def wait_event(self, kinds: set[str], timeout: float = 120, after: int = 0) -> dict[str, Any]:
         """The first event of one of `kinds` with seq > `after` (raises on timeout)."""
         found: list[dict[str, Any]] = []
 
@@ -458,7 +456,9 @@ class Console:
         bodies = self.listener.on("/state")
         return loads(bodies[-1]) if bodies else None
 
-    def wait_state(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+    def wait_state(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60
+    ) -> dict[str, Any]:
         def match(listener: Listener) -> bool:
             bodies = listener.on("/state")
             return bool(bodies) and predicate(loads(bodies[-1]))

@@ -16,8 +16,16 @@ from agent.bundle import unpack_bundle
 from agent.bundle_errors import BundleError
 from agent.signing import load_public_key
 from tests.helpers import DEMO_PUB, samples
-from tests.update_rig import LIVE_MARK, Bundles, BundleServer, Load, Rig, live_inputs, served_version
 from tests.mqtt_broker import make_pki
+from tests.update_rig import (
+    LIVE_MARK,
+    Bundles,
+    BundleServer,
+    Load,
+    Rig,
+    live_inputs,
+    served_version,
+)
 
 
 def _get(url: str, ctx: ssl.SSLContext, rng: str | None = None) -> tuple[int, bytes]:
