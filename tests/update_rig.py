@@ -237,6 +237,7 @@ class Route:
     cuts: int = 1  # ... this many times, then serve normally
     extra: int = 0  # bytes sent beyond the file (and beyond Content-Length when `lie`)
     lie: bool = False  # announce len(data) but send len(data) + extra
+    length: bool = True  # False: no Content-Length, the body ends when the server closes
     status: int = 200
     ranges: bool = True  # honour Range (else always 200 with the whole body)
     chunk: int = 16384
@@ -321,7 +322,11 @@ class BundleServer:
             h.send_header("Content-Range", f"bytes {start}-{len(route.data) - 1}/{len(route.data)}")
         else:
             h.send_response(200)
-        h.send_header("Content-Length", str(announced))
+        if route.length:
+            h.send_header("Content-Length", str(announced))
+        else:
+            h.send_header("Connection", "close")
+            h.close_connection = True
         h.send_header("Accept-Ranges", "bytes" if route.ranges else "none")
         h.send_header("Content-Type", "application/octet-stream")
         h.end_headers()
@@ -597,6 +602,7 @@ class Rig:
     console_key: Ed25519PrivateKey
     agent: AgentProcess | None = None
     config_text: str = ""
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
     def start_agent(self, update: str = "", extra: str = "", wait: bool = True) -> AgentProcess:
         """(Re)start `edge-agent run` on the same state directory."""
@@ -687,6 +693,8 @@ def update_rig(tmp: Path, console_key: Ed25519PrivateKey | None = None) -> Itera
     finally:
         if rig.agent is not None:
             rig.agent.stop()
+        for close in rig.closers:
+            close()
         console.close()
         server.close()
         broker.stop()
