@@ -207,6 +207,30 @@ class Bundles:
         make_bundle(self.parts, path, self.key, files=files, version=version, **changes)
         return Release(path, version)
 
+    def permuted(self, version: str) -> Release:
+        """Validates (its golden outputs are its own answers) but names another class
+        than the sample for every input: a shadow comparison must disagree."""
+
+        def edit(graph: Any) -> None:
+            from onnx import TensorProto, helper
+
+            out = _rename_output(graph, "logits_raw")
+            order = [(i + 1) % 10 for i in range(10)]
+            graph.initializer.extend([helper.make_tensor("order", TensorProto.INT64, [10], order)])
+            graph.node.extend([helper.make_node("Gather", ["logits_raw", "order"], [out], axis=1)])
+
+        model = _edited_model(self.parts, self.dir / f"perm-{version}.onnx", edit)
+        with np.load(self.parts.files()["golden/outputs-onnx.npz"]) as data:
+            arrays = {
+                k: np.asarray(data[k])[:, [(i + 1) % 10 for i in range(10)]] for k in data.files
+            }
+        golden = self.dir / f"golden-perm-{version}.npz"
+        np.savez(golden, **arrays)  # type: ignore[arg-type]
+        files, changes = _onnx_only(self.parts, self.dir, model=model, golden_outputs=golden)
+        path = self._out("perm", version)
+        make_bundle(self.parts, path, self.key, files=files, version=version, **changes)
+        return Release(path, version)
+
     def nan_on_live(self, version: str) -> Release:
         """Passes every golden case; answers NaN to live rows (see LIVE_MARK)."""
         model = _edited_model(self.parts, self.dir / f"nan-{version}.onnx", _nan_on_live)

@@ -117,3 +117,13 @@ def test_agent_console_and_steady_load(rig: Rig) -> None:
     with Load(agent.socket, clients=1, live=True) as live:
         live.wait_requests(20)
     assert live.report.failures == 0 and live.report.nonfinite == 0
+
+
+def test_permuted_variant_validates_but_names_other_classes(bundles: Bundles, tmp: Path) -> None:
+    perm = _unpack(bundles.permuted("1.6.0").path, tmp / "p")
+    golden_in = np.load(perm / "golden/inputs.npz")["input"]
+    claimed = np.load(perm / "golden/outputs-onnx.npz")["logits"]
+    got = _run(perm / "model.onnx", golden_in)
+    assert np.allclose(got, claimed, atol=1e-3)
+    x, labels = samples()
+    assert (_run(perm / "model.onnx", np.asarray(x, np.float32)).argmax(1) != labels).all()
