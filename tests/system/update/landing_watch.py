@@ -27,13 +27,12 @@ def test_a_model_breaking_the_trial_is_rolled_back_and_marked_bad(
         assert final is not None and final["kind"] == "update.rolled_back", final
         assert code_of(final) == "update.trial_failed", final
         wait_version(rig, "1.0.0")
-        # After the rollback, live rows are answered again, finite, by 1.0.0.
-        seen = load.report.ok
+        # After the rollback, live rows are answered again, finite, by 1.0.0 (a few
+        # requests first: one in flight at the rollback may still end on the candidate).
+        load.wait_requests(10)
         nonfinite = load.report.nonfinite
         load.wait_requests(50)
-    assert (load.report.ok > seen and load.report.nonfinite == nonfinite) or (
-        load.report.versions["1.0.0"] > 0
-    )
+    assert load.report.nonfinite == nonfinite, load.report
     kinds = rig.console.kinds()
     assert "update.swapping" in kinds and "update.trial" in kinds, kinds
     # The reason names the bound and carries the figures.
