@@ -521,6 +521,12 @@ class LoadReport:
     versions: Counter[str] = field(default_factory=Counter)
     nonfinite: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    # (perf_counter at the answer, model_version, finite) of every answered request
+    timeline: list[tuple[float, str, bool]] = field(default_factory=list)
+
+    def first(self, after: float, pred: Callable[[str, bool], bool]) -> float | None:
+        """perf_counter of the first answer after `after` for which pred(version, finite)."""
+        return next((t for t, v, f in self.timeline if t > after and pred(v, f)), None)
 
     @property
     def failures(self) -> int:
@@ -582,10 +588,13 @@ class Load:
                     raise ApiError(status, data)
                 values = np.asarray(data["outputs"][0]["data"], np.float64)
                 finite = bool(values.size) and bool(np.isfinite(values).all())
+                t1 = time.perf_counter()
+                version = str(data.get("model_version"))
                 with self._lock:
                     self.report.ok += 1
-                    self.report.versions[str(data.get("model_version"))] += 1
-                    self.report.latencies_ms.append((time.perf_counter() - t0) * 1000)
+                    self.report.versions[version] += 1
+                    self.report.latencies_ms.append((t1 - t0) * 1000)
+                    self.report.timeline.append((t1, version, finite))
                     if not finite:
                         self.report.nonfinite += 1
             except ApiError as exc:
