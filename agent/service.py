@@ -30,6 +30,9 @@ from agent.sdnotify import Notifier
 from agent.serving import ModelHost
 from agent.signing import key_id
 from agent.store import Store
+from agent.update.jobs import UpdateJobs, default_fetchers
+from agent.update.journal import Journal
+from agent.update.recovery import Recovered, recover
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,19 @@ class Agent:
         self.admission = Admission(
             config, self.store, self.host, self.budget, self.keys, self.events
         )
+        # One owner of update jobs; it gets the parts it uses, not the agent.
+        self.journal = Journal(config.state_dir)
+        self.updates = UpdateJobs(
+            config,
+            self.store,
+            self.host,
+            self.admission,
+            self.keys,
+            self.events.emit,
+            self.journal,
+            default_fetchers(config),
+        )
+        self.recovered = Recovered("none")
         self.api = ApiServer(self.host, config.api, self.status, self.metrics_text)
         self.notifier = Notifier()
         # What is installed does not change while the agent runs: look once, not per status.
@@ -160,7 +176,7 @@ class Agent:
 
     def load_initial_model(self) -> None:
         """Serve what the state dir has, then install `model.bundle` (synchronously)."""
-        self.admission.serve_current()
+        self.recover_and_serve()
         bundle = self.config.model.bundle
         if bundle is None:
             if self.host.model is None:
@@ -172,6 +188,11 @@ class Agent:
             if self.host.model is None:
                 raise StartupError(f"cannot serve {bundle}: {exc}", _code(exc)) from exc
             log.warning("keeping %s: %s", self.host.model.manifest.version, exc)
+
+    def recover_and_serve(self) -> Any:
+        """End (or mark for resuming) the job the last run left, then serve `current`."""
+        self.recovered = recover(self.config, self.journal, self.store, self.events.emit)
+        return self.admission.serve_current()
 
     def install_configured(self, bundle: Path) -> None:
         """Install `model.bundle`; raises one of REFUSALS when it is refused."""
@@ -237,10 +258,13 @@ class Agent:
             self.api.close()
             raise StartupError(f"api: cannot listen: {exc.strerror or exc}") from exc
         # The API answers from here on: 503 model.not_ready until a model is in.
-        if await self._until_stopped("load current", self.admission.serve_current) is STOPPED:
+        if await self._until_stopped("load current", self.recover_and_serve) is STOPPED:
             return await self.shutdown()
         for component in self.components:
             await component.start()
+        resume = self.recovered.resume
+        if resume is not None:  # after the link started: an MQTT transfer needs it
+            self.updates.resume(resume)
         ready_s = time.perf_counter() - started
         bundle = self.config.model.bundle
         what = self._serving()

@@ -449,6 +449,24 @@ class ModelHost:
         # The old model's memory is gone now: requests have that much more room.
         self._rest_rss = min(self._rest_rss, current_rss())
 
+    def pin(self, model: LoadedModel) -> None:
+        """Keep `model`'s runtime open after it is swapped out, until `unpin`: an update's
+        trial swaps back to it at once on a breach instead of loading it again."""
+        with self._lock:
+            model._holders += 1
+
+    def unpin(self, model: LoadedModel) -> None:
+        with self._lock:
+            model._holders -= 1
+            last = model._holders == 0
+        if last:
+            try:
+                model.runtime.close()
+            except Exception:
+                log.exception("closing %s %s failed", model.manifest.name, model.manifest.version)
+            model.closed.set()
+            release_free_memory()
+
     def add_observer(self, observer: RequestObserver) -> None:
         with self._lock:
             self._observers = (*self._observers, observer)

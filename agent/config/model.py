@@ -212,6 +212,10 @@ class UpdateConfig:
     index_keys: list[str] = field(default_factory=list)
     # A job that sits in one phase this long is failed (and rolled back after the swap).
     phase_timeout_s: float = constraint(1800.0, ge=1, le=86_400)
+    # Latency check at validation: the p50 of one golden case on this device must be at
+    # most the manifest's figures.latency_ms.<runtime>.p50 x latency_ratio + latency_slack_ms.
+    latency_ratio: float = constraint(3.0, ge=1, le=1000)
+    latency_slack_ms: float = constraint(1.0, ge=0, le=60_000)
     # Bounded wait of new requests during a cold swap (ms).
     cold_swap_wait_ms: int = constraint(30_000, ge=100, le=600_000)
     trial: UpdateTrialConfig = field(default_factory=UpdateTrialConfig)

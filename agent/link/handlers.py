@@ -16,6 +16,9 @@ from agent.link.logring import LogRing
 from agent.link.readable import READABLE, UnreadableKeyError, read, read_all
 from agent.link.tunables import TUNABLE, TunableError, Tunables
 from agent.protocol.messages import Code, dumps, loads, shown
+from agent.protocol.update import DeployRequest, RollbackRequest
+from agent.update.errors import UpdateCode, UpdateError
+from agent.update.ports import UpdateService
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,18 @@ def _output_names(outputs: Any) -> list[str] | None:
     return [o["name"] for o in outputs]
 
 
+DEPLOY_ARGS = ("url", "transfer", "sha256", "size", "version", "name", "mode", "shadow", "trial",
+               "allow_downgrade", "force")  # fmt: skip
+ROLLBACK_ARGS = ("version",)
+
+
 def build_table(
     agent: Any,
     tunables: Tunables,
     logs: LogRing,
     link_status: Callable[[], dict[str, Any]],
+    updates: UpdateService | None = None,
+    signed: bool = True,
 ) -> dict[str, CommandSpec]:
     def ping(args: Args) -> dict[str, Any]:
         return {"pong": True, "device_id": agent.config.device_id,
@@ -120,6 +130,57 @@ def build_table(
         assert level is not None
         return {"lines": logs.tail(lines, LOG_LEVELS[level])}
 
+    def refused(exc: UpdateError) -> CommandError:
+        return CommandError(exc.code, exc.message)
+
+    def need_updates() -> UpdateService:
+        if updates is None:
+            raise CommandError(UpdateCode.DISABLED, "this agent has no update service")
+        return updates
+
+    def downgrade_needs_signature(what: str) -> None:
+        # A downgrade is what an attacker on the broker would send: only a signed one.
+        if not signed:
+            raise CommandError(
+                UpdateCode.BAD_ARGS,
+                f"{what} needs signed commands, and this device accepts unsigned ones "
+                "(commands.require_signature = false)",
+            )
+
+    def deploy(args: Args) -> dict[str, Any]:
+        service = need_updates()
+        try:
+            request = DeployRequest.from_args(args.values)
+        except UpdateError as exc:
+            raise refused(exc) from None
+        if request.allow_downgrade or request.force:
+            downgrade_needs_signature('deploy with "allow_downgrade" or "force"')
+        try:
+            return service.deploy(request)
+        except UpdateError as exc:
+            raise refused(exc) from None
+
+    def rollback(args: Args) -> dict[str, Any]:
+        service = need_updates()
+        try:
+            request = RollbackRequest.from_args(args.values)
+        except UpdateError as exc:
+            raise refused(exc) from None
+        downgrade_needs_signature("rollback")
+        try:
+            return service.rollback(request)
+        except UpdateError as exc:
+            raise refused(exc) from None
+
+    def update_status(args: Args) -> dict[str, Any]:
+        return need_updates().status()
+
+    def update_cancel(args: Args) -> dict[str, Any]:
+        try:
+            return need_updates().cancel()
+        except UpdateError as exc:
+            raise refused(exc) from None
+
     specs = [
         CommandSpec("ping", "answer at once: is the device there?", (), ping),
         CommandSpec("status", "agent status: model, memory, runtimes, link", (), status),
@@ -127,5 +188,11 @@ def build_table(
         CommandSpec("config.set", "change tunable settings until restart", ("values",), config_set),
         CommandSpec("infer", "one small KServe v2 request", ("model", "inputs", "outputs"), infer),
         CommandSpec("logs", "the last N log lines", ("lines", "level"), logs_cmd),
+        CommandSpec("deploy", "start an over-the-air model update (a job)", DEPLOY_ARGS, deploy),
+        CommandSpec(
+            "rollback", "go back to previous or a version on disk", ROLLBACK_ARGS, rollback
+        ),
+        CommandSpec("update.status", "the running or last update job", (), update_status),
+        CommandSpec("update.cancel", "cancel the update job before its swap", (), update_cancel),
     ]
     return {spec.name: spec for spec in specs}

@@ -76,7 +76,15 @@ class Link:
             on_disconnect=self._on_disconnect,
             on_message=self._on_message,
         )
-        self.table = build_table(agent, self.tunables, self.logs, self.link_status)
+        self.updates = getattr(agent, "updates", None)
+        self.table = build_table(
+            agent,
+            self.tunables,
+            self.logs,
+            self.link_status,
+            self.updates,
+            signed=config.commands.require_signature,
+        )
         self.dispatcher = Dispatcher(
             device_id=config.device_id,
             groups=config.mqtt.groups,
@@ -272,6 +280,7 @@ class Link:
             "tunable": self.tunables.values(),
             "health": {"ready": agent.host.ready(), "overloaded": agent.watcher.overloaded},
             "desired": {} if self.twin is None else dict(self.twin.desired),
+            "update": None if self.updates is None else self.updates.snapshot(),
         }
 
     def publish_state(self, force: bool = False) -> None:

@@ -36,6 +36,9 @@ class UpdateCode:
     INDEX_ROLLBACK = (
         "update.index_rollback"  # release index counter lower than one seen (rollback attack)
     )
+    DISABLED = "update.disabled"  # update.enabled is false on this device
+    PHASE_TIMEOUT = "update.phase_timeout"  # a phase ran past update.phase_timeout_s
+    INTERRUPTED = "update.interrupted"  # the agent died mid-job; recovery ended it at start
     INTERNAL = "update.internal"  # a bug; the old model keeps serving
 
 

@@ -58,6 +58,8 @@ class Verdict:
     ok: bool
     reason: str
     figures: dict[str, float] = field(default_factory=dict)
+    # The bound crossed (a TrialSpec/ShadowSpec field name, or "cancelled"); None when ok.
+    bound: str | None = None
 
 
 class TrialMonitor(Protocol):
@@ -106,6 +108,11 @@ class UpdateService(Protocol):
         ...
 
     def cancel(self) -> dict[str, Any]: ...
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """Short form for the retained `state`: job, kind, phase, version, code; at the
+        end also the model served. None before the first job."""
+        ...
 
 
 __all__ = [
