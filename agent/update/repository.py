@@ -1,0 +1,110 @@
+"""The release repository (`update.repository`): get index.json over HTTP(S), bounded, and
+pass it through the IndexGuard (signature, expiry, counter).
+
+The index is small (capped at MAX_INDEX_BYTES), so this is one bounded GET rather than
+the resumable bundle downloader of fetch/http.py: same TLS rules (verified against the
+system CAs or `update.ca_file`), the same timeouts and redirect cap, never more bytes
+read than the cap.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from agent.names import shown
+from agent.update.errors import UpdateCode, UpdateError
+from agent.update.index import MAX_INDEX_BYTES, IndexGuard, ReleaseIndex
+
+Getter = Callable[[str], bytes]
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows at most `max_redirections` (set per getter), and only to http(s)."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if urlsplit(newurl).scheme not in ("http", "https"):
+            raise UpdateError(
+                UpdateCode.DOWNLOAD_FAILED,
+                f"release index: redirect to {shown(newurl)} refused (only http/https)",
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def http_getter(
+    connect_timeout_s: float,
+    read_timeout_s: float,
+    max_redirects: int,
+    cafile: str | None = None,
+    cap: int = MAX_INDEX_BYTES,
+) -> Getter:
+    """A GET of at most `cap` bytes; raises UpdateError (download_failed / index_invalid)."""
+    context = ssl.create_default_context(cafile=cafile or None)
+    opener = urllib.request.build_opener(
+        type("Redirects", (_Redirects,), {"max_redirections": max_redirects})(),
+        urllib.request.HTTPSHandler(context=context),
+    )
+    timeout = max(connect_timeout_s, read_timeout_s)
+
+    def get(url: str) -> bytes:
+        request = urllib.request.Request(url, headers={"Accept": "application/json"})
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                length = response.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) > cap:
+                    raise _oversize(url, int(length), cap)
+                data: bytes = response.read(cap + 1)
+        except UpdateError:
+            raise
+        except urllib.error.HTTPError as exc:
+            raise UpdateError(
+                UpdateCode.DOWNLOAD_FAILED,
+                f"release index {url}: HTTP {exc.code} {shown(exc.reason)}",
+                status=exc.code,
+            ) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            reason: Any = getattr(exc, "reason", exc)
+            raise UpdateError(
+                UpdateCode.DOWNLOAD_FAILED, f"release index {url}: {shown(str(reason), 200)}"
+            ) from None
+        if len(data) > cap:
+            raise _oversize(url, len(data), cap)
+        return data
+
+    return get
+
+
+def _oversize(url: str, size: int, cap: int) -> UpdateError:
+    return UpdateError(
+        UpdateCode.INDEX_INVALID,
+        f"release index {url}: {size}+ bytes; the cap is {cap} bytes",
+        cap=cap,
+    )
+
+
+class Repository:
+    """Where releases are listed: `latest()` gets, checks and returns the current index."""
+
+    def __init__(self, url: str, guard: IndexGuard, get: Getter) -> None:
+        self.url = url
+        self.guard = guard
+        self.get = get
+
+    def latest(self) -> ReleaseIndex:
+        return self.guard.accept(self.get(self.url))
+
+
+__all__ = ["Getter", "Repository", "http_getter"]
