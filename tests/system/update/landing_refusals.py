@@ -55,8 +55,16 @@ def golden_mismatch(rig: Rig, b: Bundles) -> dict[str, Any]:
 
 
 def too_big(rig: Rig, b: Bundles) -> dict[str, Any]:
-    r = b.fat("1.1.0", width=1 << 17)  # 32 MiB of activations a row
+    """32 MiB of activations a row: even the admission's own probe does not fit."""
+    r = b.fat("1.1.0", width=1 << 17)
     return r.deploy_args(_served(rig, r.path, "/fat"), trial=QUICK_TRIAL)
+
+
+def too_big_at_full_batch(rig: Rig, b: Bundles) -> dict[str, Any]:
+    """2 MiB a row: a probe fits beside the served model, a full batch (api.max_batch_size
+    rows) does not fit under the cap."""
+    r = b.fat("1.1.0", width=1 << 13)
+    return r.deploy_args(_served(rig, r.path, "/fat13"), trial=QUICK_TRIAL)
 
 
 def older(rig: Rig, b: Bundles) -> dict[str, Any]:
@@ -107,6 +115,12 @@ CASES = [
     Case(
         "too_big_for_the_cap", too_big, "update.validation_failed", agent="[memory]\nmax_mb = 300\n"
     ),
+    Case(
+        "too_big_at_full_batch",
+        too_big_at_full_batch,
+        "update.validation_failed",
+        agent="[memory]\nmax_mb = 300\n",
+    ),
     Case("older_version", older, "update.not_newer", at_once=True),
     Case("same_version", same, "update.not_newer", at_once=True),
     Case("oversize_stream", oversize, "update.oversize"),
@@ -139,6 +153,8 @@ def test_hostile_download_is_refused_and_the_old_model_keeps_serving(
         assert outcome.get("kind") == "update.failed", outcome
     assert code_of(outcome) == case.code, outcome
     assert len(message_of(outcome)) > 10, outcome
+    if load.report.failures:
+        print(agent.output()[-6000:])  # shown with the failure
     assert load.report.failures == 0, load.report.failed
     assert served_version(agent) == "1.0.0"
     assert rig.console.state()["model"]["version"] == "1.0.0"  # type: ignore[index]
