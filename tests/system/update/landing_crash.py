@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,11 @@ def _phase(rig: Rig) -> str | None:
         return None  # mid-rename: try again
     job = (data or {}).get("job") or {}
     return job.get("phase")
+
+
+def _partials(rig: Rig) -> list[Path]:
+    incoming = rig.state_dir / "incoming"
+    return [p for p in incoming.glob("*") if p.is_file()] if incoming.exists() else []
 
 
 @pytest.mark.parametrize("target", ["downloading", "verifying", "validating", "swapping", "trial"])
@@ -50,6 +56,11 @@ def test_kill_9_at_each_phase_then_restart(rig: Rig, bundles: Bundles, target: s
             pytest.fail(f"job ended ({phase}) before {target} was seen: {rig.journal()}")
         assert time.monotonic() < deadline, f"{target} never reached: {rig.journal()}"
         time.sleep(0.002)
+    if target == "downloading":
+        # Die with some bytes on disk, so there is something to resume.
+        while not any(p.stat().st_size >= 16384 for p in _partials(rig)):
+            assert time.monotonic() < deadline, f"no partial download: {rig.journal()}"
+            time.sleep(0.005)
     rig.kill_agent()
     died_in = _phase(rig)
     assert died_in in ORDER, rig.journal()
@@ -75,8 +86,13 @@ def test_kill_9_at_each_phase_then_restart(rig: Rig, bundles: Bundles, target: s
         # Interrupted validation: discarded; the old model never stopped.
         assert final["kind"] == "update.failed", final
         assert version == "1.0.0"
+    elif died_in == "swapping":
+        # Mid-swap: either the candidate was not yet current (failed, unchanged) or it was
+        # (rolled back); the old model serves either way.
+        assert final["kind"] in ("update.failed", "update.rolled_back"), final
+        assert version == "1.0.0"
     else:
-        # Died after the swap: rolled back to the old model.
+        # Died in the trial: rolled back to the old model.
         assert final["kind"] == "update.rolled_back", final
         assert version == "1.0.0"
     journal = rig.journal()
