@@ -46,11 +46,16 @@ def is_subsequence(wanted: list[str], seen: list[str]) -> bool:
 
 
 def deploy(
-    rig: Rig, args: dict[str, Any], timeout: float = 240
+    rig: Rig, args: dict[str, Any], timeout: float = 240, busy_retry_s: float = 0.0
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Send `deploy`; when accepted, wait for its final event. (reply, final event or None)."""
+    """Send `deploy`; when accepted, wait for its final event. (reply, final event or None).
+    With `busy_retry_s`, an `update.busy` refusal is retried that long (as a console would)."""
     after = rig.console.last_seq()
     reply = rig.console.deploy(args)
+    deadline = time.monotonic() + busy_retry_s
+    while code_of(reply) == "update.busy" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        reply = rig.console.deploy(args)
     if not reply.get("ok"):
         return reply, None
     result = reply["result"]

@@ -22,7 +22,9 @@ def test_50_swaps_in_a_row_grow_rss_less_than_a_bound(rig: Rig, bundles: Bundles
         for i in range(1, SWAPS + 1):
             release = bundles.good(f"1.0.{i}")
             url = rig.server.add(f"/b{i}", release.data)
-            reply, final = deploy(rig, release.deploy_args(url, trial={"window_s": 0}))
+            reply, final = deploy(
+                rig, release.deploy_args(url, trial={"window_s": 0}), busy_retry_s=30
+            )
             assert final is not None and final["kind"] == "update.committed", (i, reply, final)
             if i >= WARM:
                 readings.append(rss_mb(agent.proc.pid))
