@@ -33,6 +33,8 @@ from agent.store import Store
 from agent.update.jobs import UpdateJobs, default_fetchers
 from agent.update.journal import Journal
 from agent.update.recovery import Recovered, recover
+from agent.update.shadow import ShadowEvaluator
+from agent.update.trial import TrafficRecorder, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,13 @@ class Agent:
             config, self.store, self.host, self.budget, self.keys, self.events
         )
         # One owner of update jobs; it gets the parts it uses, not the agent.
+        # Live figures per generation, for trials; it observes requests from run() on.
+        self.traffic = TrafficRecorder(self.host)
         self.journal = Journal(config.state_dir)
+        try:
+            fetchers = default_fetchers(config)
+        except ConfigError as exc:  # update.ca_file: named by the issue
+            raise StartupError("; ".join(str(i) for i in exc.issues), exc.code) from exc
         self.updates = UpdateJobs(
             config,
             self.store,
@@ -101,7 +109,9 @@ class Agent:
             self.keys,
             self.events.emit,
             self.journal,
-            default_fetchers(config),
+            fetchers,
+            trial=Watchdog(self.traffic),
+            shadow=ShadowEvaluator(self.host),
         )
         self.recovered = Recovered("none")
         self.api = ApiServer(self.host, config.api, self.status, self.metrics_text)
@@ -248,6 +258,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         self.watcher.start()
+        self.traffic.start()
         started = time.perf_counter()
         problems = [p for p in check_api(self.config) if not p.warning]
         if problems:
@@ -366,6 +377,7 @@ class Agent:
             except Exception:
                 log.exception("stopping %r failed", component)
         self.api.close()
+        self.traffic.stop()
         self.host.close()
         self.watcher.stop()
         log.info("stopped")

@@ -693,7 +693,9 @@ class UpdateJobs:
                 candidate.model.runtime.close()
             self.store.discard(candidate.directory)
         if not keep_partial:
-            for leftover in (path, self._partial(sha)):
+            partial = self._partial(sha)
+            sidecars = [partial.with_name(partial.name + s) for s in (".meta", ".bitmap")]
+            for leftover in (path, partial, *sidecars):
                 if leftover is not None:
                     with contextlib.suppress(OSError):
                         leftover.unlink()
@@ -929,19 +931,16 @@ def latency_budget_ms(model: LoadedModel, ratio: float, slack_ms: float) -> floa
 
 
 def default_fetchers(config: AgentConfig) -> dict[type, FetcherFactory]:
-    """HTTP(S) downloads (agent.update.fetch.http) when that module is present."""
-    out: dict[type, FetcherFactory] = {}
-    try:
-        from agent.update.fetch import http
-    except ImportError:
-        return out
+    """HTTP(S) downloads; MQTT transfers are added by the link (it owns the connection)."""
+    from agent.update.fetch.http import HttpFetcher, HttpSettings
+
+    # Built once here: a bad update.ca_file is a start-up problem, not a deploy's.
+    settings = HttpSettings.from_config(config.update)
 
     def build_http(request: DeployRequest) -> Fetcher:
-        fetcher: Fetcher = http.HttpFetcher(config.update)
-        return fetcher
+        return HttpFetcher(settings)
 
-    out[HttpSource] = build_http
-    return out
+    return {HttpSource: build_http}
 
 
 __all__ = [

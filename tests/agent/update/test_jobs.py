@@ -82,8 +82,8 @@ def test_refusals_at_accept_name_the_value_and_keep_the_model(
     assert info.value.code == UpdateCode.BAD_ARGS
     assert "bundle_limits.max_bundle_mb" in info.value.message
     with pytest.raises(UpdateError) as info:
-        agent.updates.deploy(request_for(same, "2.0.0", shadow=True))
-    assert info.value.code == UpdateCode.BAD_ARGS and "shadow" in info.value.message
+        agent.updates.deploy(request_for(same, "2.0.0", shadow=True, mode="cold"))
+    assert info.value.code == UpdateCode.BAD_ARGS and "cold" in info.value.message
     assert served(agent) == "1.0.0"
     assert not agent.updates.running
 
