@@ -255,6 +255,16 @@ class MqttClient:
         if codes is not None:
             self._suback(names, codes, on_done)
 
+    def unsubscribe(self, filters: Sequence[TopicFilter]) -> None:
+        """Drop subscriptions on the current connection (a later connection subscribes
+        only to what its `on_connect` asks for anyway)."""
+        client = self._paho
+        if client is None or not self._connected.is_set():
+            raise NotConnectedError(f"not connected to {self._where()}")
+        rc, _ = client.unsubscribe([str(f) for f in filters])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise NotConnectedError(f"cannot unsubscribe: {paho.error_string(rc)}")
+
     def disconnect(self) -> None:
         """Close the connection cleanly now (no last will); the loop then reconnects
         unless `stop` was called."""

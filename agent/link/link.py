@@ -31,6 +31,7 @@ from agent.link.logring import LogRing
 from agent.link.replies import ReplyCache
 from agent.link.sender import OutboxSender
 from agent.link.telemetry import SystemProbe, inference_figures, model_figures
+from agent.link.transfer import LinkTransfers
 from agent.link.tunables import Tunables
 from agent.link.twin import DesiredVersions, TwinLink
 from agent.outbox import Kind, Outbox, OutboxError
@@ -85,6 +86,8 @@ class Link:
             self.updates,
             signed=config.commands.require_signature,
         )
+        # MQTT bundle transfers (agent/update/fetch/mqtt.py): the ChunkTransport port.
+        self.transfers = LinkTransfers(self.client, self.topics)
         self.dispatcher = Dispatcher(
             device_id=config.device_id,
             groups=config.mqtt.groups,
@@ -192,6 +195,7 @@ class Link:
         filters = command_subscriptions(self.config.device_id, self.config.mqtt.groups, self.table)
         if self.twin is not None:
             filters += self.twin.filters()
+        filters += self.transfers.filters()
         self.client.subscribe(filters, on_done=self._on_subscribed)
 
     def _on_subscribed(self, refused: list[str]) -> None:  # network thread
@@ -208,12 +212,15 @@ class Link:
             self.twin.on_connect()  # asks for the twin; the report below is its one report
         self.publish_state(force=True)
         self.online.set()
+        self.transfers.subscribed()
 
     def _on_disconnect(self, why: str) -> None:
         self.online.clear()
         self.sender.kick()
 
     def _on_message(self, message: Message) -> None:  # network thread: hand over, return
+        if self.transfers.deliver(message):  # bundle chunks: off the command path
+            return
         size = len(message.payload)
         with self._inbox_lock:
             fits = self._inbox_bytes + size <= INBOX_BYTES

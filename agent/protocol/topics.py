@@ -144,9 +144,39 @@ class DeviceTopics:
         return Topic(f"{self.root}/cmd/{command_name(name)}")
 
     def bundle(self, transfer_id: str) -> Topic:
-        if not NAME_RE.fullmatch(transfer_id):
-            raise TopicError(f"transfer id {transfer_id!r} must be 1-64 of A-Za-z0-9._-")
-        return Topic(f"{self.root}/bundle/{transfer_id}")
+        """Chunks of one MQTT bundle transfer, console -> device."""
+        return Topic(f"{self.root}/bundle/{transfer_name(transfer_id)}")
+
+    def need(self, transfer_id: str) -> Topic:
+        """Which chunks the device still lacks, device -> console. Under the device's own
+        root, so the recommended ACL (`pattern write edgerun/v1/%u/...`) covers it."""
+        return Topic(f"{self.root}/bundle/{transfer_name(transfer_id)}/need")
+
+
+def transfer_name(value: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
+        raise TopicError(f"transfer id {value!r} must be 1-64 of A-Za-z0-9._-")
+    return value
+
+
+def need_filter(device: str = "+") -> TopicFilter:
+    """What a console subscribes to for the need messages of one device or of all."""
+    return TopicFilter(f"{ROOT}/{device}/bundle/+/need")
+
+
+def parse_need_topic(topic: str) -> tuple[str, str] | None:
+    """`edgerun/v1/{device}/bundle/{transfer_id}/need` -> (device, transfer_id)."""
+    levels = topic.split("/")
+    prefix = ROOT.split("/")
+    rest = levels[len(prefix) :]
+    if levels[: len(prefix)] != prefix or len(rest) != 4 or rest[1] != "bundle":
+        return None
+    if rest[3] != "need":
+        return None
+    try:
+        return device_id(rest[0]), transfer_name(rest[2])
+    except TopicError:
+        return None
 
 
 def group_command(group: str, name: str) -> Topic:

@@ -42,7 +42,16 @@ class Fetcher(Protocol):
 class ChunkTransport(Protocol):
     """What an MQTT chunk transfer needs from the link (implemented by agent/link)."""
 
-    def subscribe_chunks(self, transfer_id: str, on_chunk: Callable[[bytes], None]) -> None: ...
+    def subscribe_chunks(
+        self,
+        transfer_id: str,
+        on_chunk: Callable[[bytes], None],
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
+        """Route chunk payloads of `transfer_id` to `on_chunk` (on the network thread:
+        it must only queue), across reconnects; `on_reconnect` runs after each new
+        connection's subscription, so the fetcher can say again what it lacks."""
+        ...
 
     def unsubscribe_chunks(self, transfer_id: str) -> None: ...
 

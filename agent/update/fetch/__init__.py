@@ -16,6 +16,7 @@ sidecars in place; the next fetch of the same sha256 resumes from them.
 from __future__ import annotations
 
 from agent.update.fetch.http import HttpFetcher, HttpSettings
+from agent.update.fetch.mqtt import MqttFetcher, MqttSettings
 from agent.update.fetch.partial import complete_path
 
-__all__ = ["HttpFetcher", "HttpSettings", "complete_path"]
+__all__ = ["HttpFetcher", "HttpSettings", "MqttFetcher", "MqttSettings", "complete_path"]

@@ -74,7 +74,7 @@ class PartialFile:
         except FileNotFoundError:
             return 0
         except OSError as exc:
-            raise self._io_error("cannot read", exc) from exc
+            raise self.io_error("cannot read", exc) from exc
         if n > self.size:
             self.truncate()
             return 0
@@ -99,9 +99,9 @@ class PartialFile:
         except FileNotFoundError:
             digest, got = hashlib.sha256(), 0
         except OSError as exc:
-            raise self._io_error("cannot read", exc) from exc
+            raise self.io_error("cannot read", exc) from exc
         if got != length:
-            raise self._io_error("cannot read", OSError(f"only {got} of {length} bytes there"))
+            raise self.io_error("cannot read", OSError(f"only {got} of {length} bytes there"))
         return digest
 
     def load_meta(self) -> dict[str, Any]:
@@ -124,7 +124,7 @@ class PartialFile:
             tmp.write_text(json.dumps(body, sort_keys=True))
             os.replace(tmp, self.meta_path)
         except OSError as exc:
-            raise self._io_error("cannot write", exc, self.meta_path) from exc
+            raise self.io_error("cannot write", exc, self.meta_path) from exc
 
     # ----------------------------------------------------------------- writing
 
@@ -135,7 +135,7 @@ class PartialFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise self._io_error("cannot open", exc) from exc
+            raise self.io_error("cannot open", exc) from exc
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
         """Write `data` at `offset`; refuse (and write nothing) past the signed size."""
@@ -154,14 +154,14 @@ class PartialFile:
                 n = os.pwrite(self._fd, view, offset)
                 view, offset = view[n:], offset + n
         except OSError as exc:
-            raise self._io_error("cannot write", exc) from exc
+            raise self.io_error("cannot write", exc) from exc
 
     def sync(self) -> None:
         if self._fd is not None:
             try:
                 os.fsync(self._fd)
             except OSError as exc:
-                raise self._io_error("cannot write", exc) from exc
+                raise self.io_error("cannot write", exc) from exc
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
@@ -199,7 +199,7 @@ class PartialFile:
         try:
             os.replace(self.path, final)
         except OSError as exc:
-            raise self._io_error("cannot rename", exc, final) from exc
+            raise self.io_error("cannot rename", exc, final) from exc
         for side in (self.meta_path, self.bitmap_path):
             with contextlib.suppress(FileNotFoundError):
                 side.unlink()
@@ -207,7 +207,7 @@ class PartialFile:
 
     # ----------------------------------------------------------------- errors
 
-    def _io_error(self, what: str, exc: OSError, path: Path | None = None) -> UpdateError:
+    def io_error(self, what: str, exc: OSError, path: Path | None = None) -> UpdateError:
         path = path or self.path
         on_disk = 0
         with contextlib.suppress(OSError):
