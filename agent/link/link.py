@@ -392,7 +392,7 @@ class Link:
         interval = self.tunables.telemetry_interval_s
         inference = inference_figures(agent.metrics.window(reset=True))
         system = self.probe.read()
-        model = model_figures(agent)
+        model = model_figures(agent, live=True)
         depth = self.outbox.depth()
         outbox = {
             "messages": depth.messages,

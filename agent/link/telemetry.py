@@ -96,13 +96,34 @@ def inference_figures(window: dict[str, Any]) -> dict[str, Any]:
     return {"interval": window["window"], "total": window["total"]}
 
 
-def model_figures(agent: Any) -> dict[str, Any] | None:
+def model_figures(agent: Any, live: bool = False) -> dict[str, Any] | None:
     model = agent.host.model
     if model is None:
         return None
-    return {
+    figures: dict[str, Any] = {
         "name": model.manifest.name,
         "version": model.manifest.version,
         "sha256": model.sha256,
         "runtime": model.runtime_name,
     }
+    if live:  # telemetry only: these change with every request, the retained state must not
+        figures.update(watch_figures(agent))
+    return figures
+
+
+def watch_figures(agent: Any) -> dict[str, Any]:
+    """`live`: the served model's live-traffic figures (agent/update/trial.py) and
+    `shadow`: the running or last shadow evaluation's (agent/update/shadow.py)."""
+    out: dict[str, Any] = {}
+    updates = getattr(agent, "updates", None)
+    for key, part in (("live", "trial"), ("shadow", "shadow")):
+        reader = getattr(getattr(updates, part, None), "figures", None)
+        if callable(reader):
+            try:
+                figures = reader()
+            except Exception:  # telemetry must go out even if a figure cannot be read
+                log.exception("reading %s figures failed", key)
+                continue
+            if figures:
+                out[key] = figures
+    return out

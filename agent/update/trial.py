@@ -162,6 +162,7 @@ class _Traffic:
         self.number = number
         self.name = model.manifest.name
         self.version = model.manifest.version
+        self.sha256 = model.sha256
         self.labels = model.manifest.labels
         self.classifier = classifier_output(model)
         self.rss_at_start = rss
@@ -253,21 +254,31 @@ class TrafficRecorder:
     # ------------------------------------------------------------------ figures
 
     def figures(self, generation: int | None = None, recent: bool = True) -> dict[str, float]:
-        """Figures of `generation` (default: the one served now): over the recent
-        window, or over its whole life. Empty when it has not answered a request."""
+        """Figures of the model serving as `generation` (default: the one served now).
+
+        `recent`: over the recent window of every kept generation of the same model
+        (a runtime rebuilt to give back memory, or a batching change, is a new
+        generation of the same model); else over the whole life of `generation` and
+        the later generations of the same model. Empty before it answered a request."""
         number = self.host.generation if generation is None else generation
         with self._lock:
             traffic = self._generations.get(number)
             if traffic is None:
                 return {}
-            total, _ = traffic.windows(self.clock())
-            if recent:
-                window = traffic.recent[0].copy()
-                window.add(traffic.recent[1])
-            else:
-                window = total.copy()
-            classifier = traffic.classifier
+            now = self.clock()
+            window = _Window()
             rss = traffic.rss_at_start
+            for n, other in self._generations.items():
+                if other.sha256 != traffic.sha256 or (not recent and n < number):
+                    continue
+                total, _ = other.windows(now)
+                if recent:
+                    window.add(other.recent[0])
+                    window.add(other.recent[1])
+                else:
+                    window.add(total)
+                rss = min(rss, other.rss_at_start)
+            classifier = traffic.classifier
         out = window_figures(window, classifier[1] if classifier else 0)
         out["generation"] = float(number)
         out["rss_at_start_mb"] = round(rss / MB, 1)
@@ -397,6 +408,10 @@ class Watchdog:
     def baseline(self) -> dict[str, float]:
         return self.recorder.baseline()
 
+    def figures(self) -> dict[str, float]:
+        """The served model's recent live-traffic figures (telemetry `model.live`)."""
+        return self.recorder.baseline()
+
     def watch(
         self,
         generation: int,
@@ -408,6 +423,16 @@ class Watchdog:
         start = self.clock()
         rss0 = self.rss()
         figures = self._figures(generation, baseline, rss0, start)
+        host = self.recorder.host
+        served = host.model
+        if host.generation != generation or served is None:
+            return Verdict(
+                False,
+                f"generation {generation} is not served (now {host.generation})",
+                figures,
+                "served",
+            )
+        sha = served.sha256
         if spec.window_s <= 0:
             return Verdict(True, "no trial (window_s 0): committed at once", figures)
         next_progress = start + self.progress_s
@@ -416,11 +441,15 @@ class Watchdog:
             breach = judge(figures, baseline, spec, figures["rss_growth_mb"])
             if breach is not None:
                 return Verdict(False, f"{breach.bound}: {breach.reason}", figures, breach.bound)
-            served = self.recorder.host.generation
-            if served != generation:
+            # A new generation of the same model (runtime rebuilt, batching changed)
+            # goes on with the trial; another model served means someone else swapped.
+            now_serving = host.model
+            if now_serving is not None and now_serving.sha256 != sha:
                 return Verdict(
                     False,
-                    f"generation {generation} is no longer served (now {served})",
+                    f"generation {generation} is no longer served: "
+                    f"{now_serving.manifest.name} {now_serving.manifest.version} is "
+                    f"(generation {host.generation})",
                     figures,
                     "served",
                 )

@@ -198,12 +198,73 @@ def test_cancel_and_a_generation_swapped_away_end_the_trial(
     agent.admission.install(other.bundle)
     verdict = watchdog.watch(generation, spec(), {}, threading.Event(), lambda f: None)
     assert not verdict.ok and verdict.bound == "served"
-    assert f"generation {generation} is no longer served" in verdict.reason
+    assert f"generation {generation} is not served (now {generation + 1})" in verdict.reason
+    # Swapped away during the watch.
+    out.clear()
+    generation = agent.host.generation
+    watching = threading.Event()
+    worker = threading.Thread(
+        target=lambda: out.append(
+            Watchdog(recorder, progress_s=0.01).watch(
+                generation, spec(), {}, threading.Event(), lambda f: watching.set()
+            )
+        )
+    )
+    worker.start()
+    assert watching.wait(HANG_GUARD_S)
+    third = build_candidate(sample_parts, demo_key, tmp / "third", "1.0.2")
+    agent.admission.install(third.bundle)
+    worker.join(HANG_GUARD_S)
+    [verdict] = out
+    assert not verdict.ok and verdict.bound == "served"
+    assert f"generation {generation} is no longer served: digits 1.0.2 is" in verdict.reason
+
+
+def test_a_rebuilt_runtime_of_the_same_model_goes_on_with_the_trial(agent: Agent) -> None:
+    recorder = TrafficRecorder(agent.host)
+    recorder.start()
+    images = np.zeros((1, 1, 8, 8), np.float32)
+    out: list[object] = []
+    try:
+        generation = agent.host.generation
+        watchdog = Watchdog(recorder, tick_s=0.02, progress_s=0.01)
+        watching = threading.Event()
+        worker = threading.Thread(
+            target=lambda: out.append(
+                watchdog.watch(
+                    generation,
+                    TrialSpec(window_s=1.0, min_requests=6),
+                    {},
+                    threading.Event(),
+                    lambda f: watching.set(),
+                )
+            )
+        )
+        worker.start()
+        assert watching.wait(HANG_GUARD_S)
+        for _ in range(3):
+            agent.host.infer("digits", {"input": images})
+        assert agent.host.reclaim()  # a fresh runtime of the same model: generation + 1
+        assert agent.host.generation == generation + 1
+        for _ in range(3):
+            agent.host.infer("digits", {"input": images})
+        worker.join(HANG_GUARD_S)
+    finally:
+        recorder.stop()
+    [verdict] = out
+    assert verdict.ok, verdict.reason  # type: ignore[attr-defined]
+    assert verdict.figures["requests"] == 6  # type: ignore[attr-defined]
+    # The baseline spans both generations of the model too.
+    assert recorder.baseline()["requests"] == 6
 
 
 def test_rss_bound_reads_the_injected_rss() -> None:
+    class Model:
+        sha256 = "a" * 64
+
     class Host:
         generation = 1
+        model = Model()
 
     readings = iter([100 * MB, 100 * MB, 100 * MB, 180 * MB])
     recorder = TrafficRecorder(Host(), rss=lambda: next(readings, 180 * MB))  # type: ignore[arg-type]
@@ -271,8 +332,13 @@ def test_recorder_keeps_figures_per_generation_and_bounded(agent: Agent) -> None
             agent.host.infer("digits", {"input": images})
     finally:
         recorder.stop()
-    now = recorder.figures()
-    assert now["requests"] == 1 and now["generation"] == agent.host.generation
+    # Recent figures span the kept generations of the same model; a generation's
+    # own life is its requests and those of later generations of the same model.
+    recent = recorder.figures()
+    assert recent["requests"] == 4 and recent["generation"] == agent.host.generation
+    now = recorder.figures(agent.host.generation, recent=False)
+    assert now["requests"] == 1
+    assert recorder.figures(agent.host.generation - 1, recent=False)["requests"] == 2
     assert recorder.figures(first) == {}  # dropped: only the last 4 are kept
     assert len(recorder._generations) == 4
     assert now["top1_samples"] == 1 and now["top1.0"] + sum(
