@@ -231,15 +231,28 @@ class PullUpdates:
         """For the twin: the running job's phase, else why the wanted release is not
         served, else "serving" (or "no_model")."""
         try:
-            phase = _phase(self.service.status())
+            status = self.service.status()
         except Exception:  # status must never break the twin report
             log.exception("update status failed")
-            phase = None
+            status = {}
+        job = status.get("job")
+        phase = _phase(status)
         if phase is not None and phase not in _FINAL:
             return phase
         if self.problem is not None:
             return f"failed: {self.problem}"
-        return "serving" if self.served() is not None else "no_model"
+        served = self.served()
+        wanted = self.wanted
+        # The job for the wanted version ended without it serving: say how it ended.
+        if (
+            isinstance(job, Mapping)
+            and phase in ("failed", "rolled_back", "cancelled")
+            and wanted is not None
+            and job.get("version") == wanted
+            and (served is None or served[1] != wanted)
+        ):
+            return f"{phase}: {job.get('code')}: {job.get('reason')}"
+        return "serving" if served is not None else "no_model"
 
 
 def _bad_versions(status: Mapping[str, Any]) -> set[str]:

@@ -23,6 +23,7 @@ class RecordingService:
         self.deploys: list[DeployRequest] = []
         self.refuse: UpdateError | None = None
         self.phase: str | None = None
+        self.job: dict[str, Any] | None = None
         self.deployed = threading.Event()
 
     def deploy(self, request: DeployRequest) -> dict[str, Any]:
@@ -36,6 +37,8 @@ class RecordingService:
         raise NotImplementedError
 
     def status(self) -> dict[str, Any]:
+        if self.job is not None:
+            return {"job": self.job}
         return {"job": None if self.phase is None else {"phase": self.phase}}
 
     def cancel(self) -> dict[str, Any]:
@@ -197,6 +200,17 @@ def test_model_status_shows_a_running_job(
     service.phase = "downloading"
     assert pull.model_status() == "downloading"
     service.phase = "committed"
+    assert pull.model_status() == "serving"
+    # The job for the desired version failed: the twin says how, not "serving".
+    pull.want("1.1.0")
+    service.job = {
+        "phase": "rolled_back",
+        "version": "1.1.0",
+        "code": "update.trial_failed",
+        "reason": "p95 3x",
+    }
+    assert pull.model_status() == "rolled_back: update.trial_failed: p95 3x"
+    pull.want("1.0.0")  # what is served
     assert pull.model_status() == "serving"
 
 
