@@ -650,7 +650,20 @@ class Rig:
         self.agent = AgentProcess(config, self.tmp / "api.sock")
         if wait:
             self.agent.wait_ready(120)
+            self.wait_link()
         return self.agent
+
+    def wait_link(self, timeout: float = 60) -> None:
+        """Until the agent answers a signed ping over MQTT: a command sent before the link
+        has subscribed would be lost (no persistent session), not refused."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.console.request("ping", timeout=2)
+                return
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
 
     def kill_agent(self) -> None:
         assert self.agent is not None
