@@ -35,7 +35,7 @@ def test_a_candidate_whose_probe_exceeds_the_cap_is_refused_without_failing_requ
 def test_a_deploy_sent_on_the_committed_event_is_accepted(rig: Rig, bundles: Bundles) -> None:
     """A console that sees `update.committed` (a final phase) may send the next deploy."""
     rig.start_agent()
-    for i in range(12):
+    for i in range(30):
         version = f"1.1.{i}"
         release = bundles.good(version)
         url = rig.server.add(f"/n{i}", release.data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tests.system.update.flows import (
     GOOD_PHASES,
     QUICK_TRIAL,
+    after_final,
     deploy,
     is_subsequence,
     no_traceback,
@@ -70,7 +71,7 @@ def test_rollback_command_returns_to_the_previous_version(rig: Rig, bundles: Bun
     assert final is not None and final["kind"] == "update.committed", final
     with Load(agent.socket, clients=2) as load:
         load.wait_requests(50)
-        reply = rig.console.request("rollback", {})
+        reply = after_final(rig, "rollback", {})
         assert reply["ok"], reply
         wait_version(rig, "1.0.0")
         load.wait_requests(50)

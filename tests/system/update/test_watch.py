@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from tests.system.update.flows import code_of, deploy, no_traceback, wait_version
+from tests.system.update.flows import after_final, code_of, deploy, no_traceback, wait_version
 from tests.update_rig import Bundles, Load, Rig, served_version
 
 
@@ -39,7 +39,7 @@ def test_a_model_breaking_the_trial_is_rolled_back_and_marked_bad(
     assert served_version(agent) == "1.0.0"
     rig.console.wait_state(lambda s: s.get("model", {}).get("version") == "1.0.0")
     # A second deploy of it is refused at once ...
-    again = rig.console.deploy(bad.deploy_args(url, trial=trial))
+    again = after_final(rig, "deploy", bad.deploy_args(url, trial=trial))
     assert not again["ok"] and code_of(again) == "update.marked_bad", again
     # ... and the mark survives a restart.
     agent.stop()
