@@ -637,16 +637,33 @@ class Rig:
     config_text: str = ""
     closers: list[Callable[[], None]] = field(default_factory=list)
 
-    def start_agent(self, update: str = "", extra: str = "", wait: bool = True) -> AgentProcess:
-        """(Re)start `edge-agent run` on the same state directory."""
+    def start_agent(
+        self, update: str = "", extra: str = "", wait: bool = True, mqtt_port: int | None = None
+    ) -> AgentProcess:
+        """(Re)start `edge-agent run` on the same state directory (the first call's config
+        is kept). `mqtt_port`: reach the broker there instead (a poor link in between)."""
         if not self.config_text:
             self.config_text = agent_config(self.tmp, self.broker, self.pki, self.console_key,
-                                            update=update, extra=extra)  # fmt: skip
+                                            update=update, extra=extra,
+                                            mqtt_port=mqtt_port)  # fmt: skip
         config = write_config(self.tmp / "agent.toml", self.config_text)
         self.agent = AgentProcess(config, self.tmp / "api.sock")
         if wait:
             self.agent.wait_ready(120)
+            self.wait_link()
         return self.agent
+
+    def wait_link(self, timeout: float = 60) -> None:
+        """Until the agent answers a signed ping over MQTT: a command sent before the link
+        has subscribed would be lost (no persistent session), not refused."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.console.request("ping", timeout=2)
+                return
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
 
     def kill_agent(self) -> None:
         assert self.agent is not None
@@ -665,7 +682,7 @@ class Rig:
 
 def agent_config(
     tmp: Path, broker: Broker, pki: Pki, console_key: Ed25519PrivateKey,
-    update: str = "", extra: str = "", bundle: Path | None = None,
+    update: str = "", extra: str = "", bundle: Path | None = None, mqtt_port: int | None = None,
 ) -> str:  # fmt: skip
     """An agent.toml: the sample served, the link on over mutual TLS, the console's key
     trusted for commands, the bundle server's CA trusted for https downloads."""
@@ -685,7 +702,7 @@ def agent_config(
         "[mqtt]",
         "enabled = true",
         'host = "localhost"',
-        f"port = {broker.port}",
+        f"port = {mqtt_port or broker.port}",
         "reconnect_min_s = 0.05",
         "reconnect_max_s = 0.5",
         "[mqtt.tls]",

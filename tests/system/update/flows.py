@@ -76,3 +76,14 @@ def wait_version(rig: Rig, version: str, timeout: float = 60) -> None:
 def no_traceback(rig: Rig) -> None:
     assert rig.agent is not None
     assert "Traceback" not in rig.agent.output(), rig.agent.output()[-4000:]
+
+
+def after_final(rig: Rig, name: str, args: dict[str, Any], retry_s: float = 30) -> dict[str, Any]:
+    """A command sent right after a job's final event, retried while `update.busy`: the
+    job thread may still be ending (a known bug, tests/system/update/landing_bugs.py)."""
+    deadline = time.monotonic() + retry_s
+    reply = rig.console.request(name, args)
+    while code_of(reply) == "update.busy" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        reply = rig.console.request(name, args)
+    return reply

@@ -2,14 +2,13 @@
 
 A model that validates but answers NaN to live traffic is rolled back by itself and
 marked bad; shadow disagreement blocks promotion; shadow agreement promotes.
-Needs h8/core, h8/fetch and h8/watch. Enable by renaming to test_watch.py.
 """
 
 from __future__ import annotations
 
 import time
 
-from tests.system.update.flows import code_of, deploy, no_traceback, wait_version
+from tests.system.update.flows import after_final, code_of, deploy, no_traceback, wait_version
 from tests.update_rig import Bundles, Load, Rig, served_version
 
 
@@ -40,7 +39,7 @@ def test_a_model_breaking_the_trial_is_rolled_back_and_marked_bad(
     assert served_version(agent) == "1.0.0"
     rig.console.wait_state(lambda s: s.get("model", {}).get("version") == "1.0.0")
     # A second deploy of it is refused at once ...
-    again = rig.console.deploy(bad.deploy_args(url, trial=trial))
+    again = after_final(rig, "deploy", bad.deploy_args(url, trial=trial))
     assert not again["ok"] and code_of(again) == "update.marked_bad", again
     # ... and the mark survives a restart.
     agent.stop()
@@ -82,8 +81,11 @@ def test_shadow_agreement_promotes_with_figures(rig: Rig, bundles: Bundles) -> N
         )
         load.wait_requests(20)
     assert final is not None and final["kind"] == "update.committed", final
-    shadows = [e for e in rig.console.events() if e["kind"] == "update.shadow"]
-    assert any("agreement" in (e.get("data") or {}) for e in shadows), shadows
+    assert "update.shadow" in rig.console.kinds()
+    # The agreement and both latencies are reported (in the events after the verdict).
+    keys = {k for e in rig.console.events() for k in (e.get("data") or {})}
+    assert any("agreement" in k for k in keys), sorted(keys)
+    assert final is not None and any("agreement" in k for k in final["data"]), final
     assert load.report.failures == 0, load.report.failed
     assert served_version(agent) == "1.1.0"
 

@@ -2,7 +2,7 @@
 
 A reload that leaks its model (session, arena, unpacked files mapped) would cost the
 sample's runtime footprint (tens of MB, `figures.peak_memory_mb`) per swap: 45 swaps
-would add far more than the bound. Needs h8/core and h8/fetch. Enable by renaming.
+would add far more than the bound.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ the moment of death is read back after the kill (that is what recovery sees), an
 outcome after restart is checked against it. Downloading and trial are held long (a slow
 server, a long window) so they are hit for sure; the quick phases are hit when the
 journal shows them first (the phase that was hit is asserted to be the target or later).
-Needs h8/core and h8/fetch. Enable by renaming to test_crash.py.
 """
 
 from __future__ import annotations
