@@ -143,10 +143,16 @@ class PullUpdates:
                 return None
         elif self.poll_s <= 0:
             return None
+        elif served is None:
+            # The first model comes from model.bundle (installing at start, maybe right
+            # now) or a desired version; the poll only moves a served model forward.
+            log.debug("pull updates: no model served yet; nothing to poll for")
+            return None
         version: str | None
         index = self.repository.latest()
         if served is None:
-            # A fresh device: the index names the model when it lists only one.
+            # A fresh device given a desired version: the index names the model when it
+            # lists only one.
             names = sorted({r.name for r in index.releases})
             if len(names) != 1:
                 raise UpdateError(

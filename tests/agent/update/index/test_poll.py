@@ -228,11 +228,16 @@ def test_the_thread_acts_on_want_and_stops(
     assert [r.version for r in service.deploys] == ["1.1.0"]
 
 
-def test_a_fresh_device_pulls_the_one_model_the_index_lists(
+def test_a_fresh_device_given_a_version_pulls_the_one_model_the_index_lists(
     tmp_path: Path, key: Ed25519PrivateKey, http_server: Served
 ) -> None:
     http_server.files["/index.json"] = (200, signed(key, 1, release("1.0.0"), release("1.1.0")))
-    pull, service, _ = _pull(tmp_path, key, http_server, [None])
+    pull, service, events = _pull(tmp_path, key, http_server, [None])
+    # The poll waits for a served model (model.bundle may be installing at start) ...
+    pull.check_once()
+    assert service.deploys == [] and events.seen == []
+    # ... a desired version on a fresh device resolves through the one name listed.
+    pull.want("1.1.0")
     pull.check_once()
     assert [r.version for r in service.deploys] == ["1.1.0"]
     http_server.files["/index.json"] = (
