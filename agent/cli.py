@@ -134,6 +134,25 @@ def _extra_components(agent: Any) -> list[Any]:
     except ImportError:
         return []
     result: list[Any] = components_for(agent)
+    # Pull updates through the signed release index (update.repository); the twin's
+    # desired versions go to them too.
+    from agent.config.typed import ConfigError
+    from agent.service import StartupError
+    from agent.update.poll import PullComponent, pull_for
+
+    def served() -> tuple[str, str] | None:
+        model = agent.host.model
+        return None if model is None else (model.manifest.name, model.manifest.version)
+
+    try:
+        pull = pull_for(agent.config, agent.updates, served, agent.events.emit)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from exc
+    if pull is not None:
+        for component in result:
+            if hasattr(component, "attach_pull"):
+                component.attach_pull(pull)
+        result.append(PullComponent(pull))
     return result
 
 
@@ -182,6 +201,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         )
         note = f"(probably by the agent running on this state_dir, {who}; it frees it on stop)"
     problems += preflight.check_api(config, note) + preflight.check_link(config)
+    problems += preflight.check_pull(config)
     for p in problems:
         if p.warning:
             print(f"warning [{p.code}] {_printable(str(p))}")

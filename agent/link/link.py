@@ -30,10 +30,10 @@ from agent.link.handlers import build_table, config_as_json
 from agent.link.logring import LogRing
 from agent.link.replies import ReplyCache
 from agent.link.sender import OutboxSender
-from agent.link.telemetry import SystemProbe, inference_figures, model_figures
+from agent.link.telemetry import SystemProbe, inference_figures, model_figures, watch_figures
 from agent.link.transfer import LinkTransfers, mqtt_fetchers
 from agent.link.tunables import Tunables
-from agent.link.twin import TwinLink
+from agent.link.twin import DesiredVersions, TwinLink
 from agent.outbox import Kind, Outbox, OutboxError
 from agent.protocol.messages import Code, EventMessage, Status, TelemetryMessage, dumps, shown
 from agent.protocol.topics import DeviceTopics, command_subscriptions
@@ -110,8 +110,13 @@ class Link:
         self.twin: TwinLink | None = None
         if config.kubeedge.enabled:
             self.twin = TwinLink(
-                settings.twin_topics(config), self.client, self.twin_values, agent.events.emit
+                settings.twin_topics(config),
+                self.client,
+                self.twin_values,
+                agent.events.emit,
+                config.state_dir,
             )
+        self.pull: DesiredVersions | None = None  # set by attach_pull when a release index is set
         self.probe = SystemProbe(config.state_dir)
         self.write_errors = 0
         self.online = threading.Event()  # connected, subscribed, status published
@@ -295,7 +300,13 @@ class Link:
         }
 
     def publish_state(self, force: bool = False) -> None:
-        """Retained `state`, re-sent on every connect and whenever it changes."""
+        """Retained `state`, re-sent on every connect and whenever it changes; the twin's
+        actual values too (they change apart from the state: a job's phase, p95_ms)."""
+        self._publish_state(force)
+        if self.twin is not None:
+            self.twin.report()
+
+    def _publish_state(self, force: bool) -> None:
         body = dumps(self.state())
         with self._state_lock:
             if not force and body == self._state_sent:
@@ -310,8 +321,6 @@ class Link:
                 self._state_sent = None
                 return
             self._state_sent = body
-        if self.twin is not None:
-            self.twin.report()
 
     def twin_values(self) -> dict[str, str]:
         model = self.agent.host.model
@@ -320,13 +329,32 @@ class Link:
             if self.agent.watcher.overloaded
             else ("ready" if self.agent.host.ready() else "not_ready")
         )
+        # The served model's recent p95 (the trial's live-traffic recorder), else the
+        # agent's since start.
+        p95 = watch_figures(self.agent).get("live", {}).get("p95_ms")
+        if p95 is None:
+            p95 = self.agent.metrics.window(reset=False)["total"]["p95_ms"]
+        status = (
+            self.pull.model_status()
+            if self.pull is not None
+            else ("serving" if model is not None else "no_model")
+        )
         return {
             "model_name": "" if model is None else model.manifest.name,
             "model_version": "" if model is None else model.manifest.version,
             "model_sha256": "" if model is None else model.sha256,
+            "model_status": status,  # a job's phase, "serving", or "failed: <code>: <why>"
+            "p95_ms": "" if p95 is None else f"{p95:g}",
             "agent_version": __version__,
             "health": health,
         }
+
+    def attach_pull(self, pull: DesiredVersions) -> None:
+        """Pull updates (agent/update/poll.py): the twin's desired versions go to them and
+        `model_status` comes from them."""
+        self.pull = pull
+        if self.twin is not None:
+            self.twin.attach(pull)
 
     def link_status(self) -> dict[str, Any]:
         depth = self.outbox.depth()

@@ -1,25 +1,44 @@
 """The agent as a KubeEdge device: report `actual` twin values, take desired ones.
 
-A desired `model_version` will start a deploy once deploys over MQTT exist; for now
-it is recorded (shown in the reported state) and announced as a `twin.desired` event.
+A desired `model_version` (KubeEdge's `expected`) is handed to the pull updates
+(`DesiredVersions`, agent/update/poll.py), which resolve it through the signed release
+index to a deploy; without a release index (`update.repository`) it is only recorded.
+The desired values are kept in STATE/twin-desired.json, so after a restart the agent
+re-applies the last desired version before the cloud says it again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from agent.link.client import MqttClient, MqttError
 from agent.protocol import twin
 from agent.protocol.messages import ProtocolError
 from agent.protocol.topics import TopicFilter, TwinTopics
+from agent.strictjson import JsonRefusedError
+from agent.strictjson import loads as strict_loads
 
 log = logging.getLogger(__name__)
 
 MAX_TWIN_BYTES = 64 * 1024  # a twin document of the properties below is far smaller
 MAX_DESIRED = 32  # desired properties remembered (model_version is the one used)
+DESIRED_FILE = "twin-desired.json"
+
+
+class DesiredVersions(Protocol):
+    """Who acts on a desired model_version (agent/update/poll.py PullUpdates)."""
+
+    def want(self, version: str | None) -> None: ...
+
+    def model_status(self) -> str:
+        """The twin's actual `model_status`: a job's phase, "serving", or why not."""
+        ...
 
 
 class TwinLink:
@@ -29,14 +48,58 @@ class TwinLink:
         client: MqttClient,
         actual: Callable[[], dict[str, str]],
         emit: Callable[..., Any],
+        state_dir: Path | None = None,
     ) -> None:
         self.topics = topics
         self.client = client
         self.actual = actual
         self.emit = emit
-        self.desired: dict[str, str] = {}
+        self.path = None if state_dir is None else state_dir / DESIRED_FILE
+        self.desired: dict[str, str] = self._load()
+        self.versions: DesiredVersions | None = None
         self._reported: dict[str, str] | None = None
         self._lock = threading.Lock()
+
+    def attach(self, versions: DesiredVersions) -> None:
+        """Hand desired versions to `versions` from now on, starting with the one kept
+        from before a restart (it does nothing when that version is already served)."""
+        self.versions = versions
+        version = self.desired.get("model_version")
+        if version:
+            versions.want(version)
+
+    def _load(self) -> dict[str, str]:
+        if self.path is None:
+            return {}
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            log.warning("cannot read %s: %s; starting without desired values", self.path, exc)
+            return {}
+        try:
+            doc = strict_loads(data[:MAX_TWIN_BYTES], str(self.path))
+            if not isinstance(doc, dict) or len(doc) > MAX_DESIRED:
+                raise TypeError(f"not an object of at most {MAX_DESIRED} values")
+            return {k: twin.check_value(k, v) for k, v in doc.items()}
+        except (JsonRefusedError, TypeError, twin.TwinError) as exc:
+            # The cloud sends the desired values again on connect (twin get).
+            log.warning("ignoring %s: %s", self.path, exc)
+            return {}
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(json.dumps(self.desired, sort_keys=True).encode())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot keep the desired twin values in %s: %s", self.path, exc)
 
     def filters(self) -> list[TopicFilter]:
         return [
@@ -106,17 +169,25 @@ class TwinLink:
         if not changed:
             return
         self.desired.update(changed)
+        self._save()
         version = changed.get("model_version")
         if version is not None:
             current = self.actual().get("model_version", "")
             if version != current:
+                how = (
+                    "resolving it through the release index"
+                    if self.versions is not None
+                    else "recorded: no release index (update.repository) to resolve it"
+                )
                 self.emit(
                     "twin.desired",
-                    f"KubeEdge twin wants model_version {version} (running {current or 'none'}); "
-                    "recorded: deploys over MQTT come in a later release",
+                    f"KubeEdge twin wants model_version {version} (running "
+                    f"{current or 'none'}); {how}",
                     model_version=version,
                     event_id=doc.event_id,
                 )
+            if self.versions is not None:
+                self.versions.want(version)
 
 
 def _cut(value: str) -> str:

@@ -1,0 +1,79 @@
+"""A good update under steady load: committed, the new version served, zero failed requests."""
+
+from __future__ import annotations
+
+from tests.system.update.flows import (
+    GOOD_PHASES,
+    QUICK_TRIAL,
+    after_final,
+    deploy,
+    is_subsequence,
+    no_traceback,
+    wait_version,
+)
+from tests.update_rig import Bundles, Load, Rig, served_version
+
+
+def test_good_update_over_https_under_load_fails_no_request(rig: Rig, bundles: Bundles) -> None:
+    agent = rig.start_agent()
+    release = bundles.good("1.1.0")
+    url = rig.server.add("/digits-1.1.0.edgebundle", release.data)
+    with Load(agent.socket, clients=4) as load:
+        load.wait_requests(200)
+        reply, final = deploy(rig, release.deploy_args(url, trial=QUICK_TRIAL))
+        assert reply["ok"], reply
+        assert final is not None and final["kind"] == "update.committed", final
+        wait_version(rig, "1.1.0")
+        # ... and the new model keeps answering under the same load.
+        load.wait_requests(200)
+    report = load.report
+    assert report.failures == 0, report.failed
+    assert report.nonfinite == 0
+    assert report.versions["1.0.0"] > 0 and report.versions["1.1.0"] > 0, report.versions
+    assert served_version(agent) == "1.1.0"
+    kinds = rig.console.kinds()
+    assert is_subsequence(GOOD_PHASES, kinds), kinds
+    progress = [e for e in rig.console.events() if e["kind"] == "update.downloading"]
+    assert progress and all(
+        0 <= (e.get("data") or {}).get("percent", -1) <= 100 for e in progress
+    ), progress
+    state = rig.console.wait_state(lambda s: s.get("model", {}).get("version") == "1.1.0")
+    assert state["model"]["sha256"], state
+    # status and ping answered all along; update.status reports the finished job.
+    status = rig.console.request("update.status")
+    assert status["ok"], status
+    assert "committed" in str(status["result"]), status
+    no_traceback(rig)
+
+
+def test_ping_and_status_answer_while_a_slow_download_runs(rig: Rig, bundles: Bundles) -> None:
+    rig.start_agent()
+    release = bundles.good("1.1.0")
+    # 16 KiB every 0.1 s: the download lasts about 2 s.
+    url = rig.server.add("/slow.edgebundle", release.data, delay_s=0.1)
+    after = rig.console.last_seq()
+    reply = rig.console.deploy(release.deploy_args(url, trial=QUICK_TRIAL))
+    assert reply["ok"], reply
+    rig.console.wait_event({"update.downloading"}, 60, after=after)
+    assert rig.console.request("ping", timeout=10)["ok"]
+    assert rig.console.request("status", timeout=10)["ok"]
+    busy = rig.console.deploy(bundles.good("1.2.0").deploy_args(url))
+    assert not busy["ok"] and busy["error"]["code"] == "update.busy", busy
+    final = rig.console.wait_event({"update.committed", "update.failed"}, 240, after=after)
+    assert final["kind"] == "update.committed", final
+
+
+def test_rollback_command_returns_to_the_previous_version(rig: Rig, bundles: Bundles) -> None:
+    agent = rig.start_agent()
+    release = bundles.good("1.1.0")
+    url = rig.server.add("/r.edgebundle", release.data)
+    _, final = deploy(rig, release.deploy_args(url, trial=QUICK_TRIAL))
+    assert final is not None and final["kind"] == "update.committed", final
+    with Load(agent.socket, clients=2) as load:
+        load.wait_requests(50)
+        reply = after_final(rig, "rollback", {})
+        assert reply["ok"], reply
+        wait_version(rig, "1.0.0")
+        load.wait_requests(50)
+    assert load.report.failures == 0, load.report.failed
+    rig.console.wait_state(lambda s: s.get("model", {}).get("version") == "1.0.0")

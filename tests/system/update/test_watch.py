@@ -1,0 +1,103 @@
+"""The ML watchdog and shadow evaluation across real processes.
+
+A model that validates but answers NaN to live traffic is rolled back by itself and
+marked bad; shadow disagreement blocks promotion; shadow agreement promotes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tests.system.update.flows import after_final, code_of, deploy, no_traceback, wait_version
+from tests.update_rig import Bundles, Load, Rig, served_version
+
+
+def test_a_model_breaking_the_trial_is_rolled_back_and_marked_bad(
+    rig: Rig, bundles: Bundles
+) -> None:
+    agent = rig.start_agent()
+    bad = bundles.nan_on_live("1.1.0")
+    url = rig.server.add("/nan", bad.data)
+    trial = {"window_s": 60, "min_requests": 10, "max_nonfinite_rate": 0.0}
+    with Load(agent.socket, clients=2, live=True) as load:
+        load.wait_requests(50)
+        reply, final = deploy(rig, bad.deploy_args(url, trial=trial))
+        assert reply["ok"], reply
+        assert final is not None and final["kind"] == "update.rolled_back", final
+        assert code_of(final) == "update.trial_failed", final
+        wait_version(rig, "1.0.0")
+        # After the rollback, live rows are answered again, finite, by 1.0.0 (a few
+        # requests first: one in flight at the rollback may still end on the candidate).
+        load.wait_requests(10)
+        nonfinite = load.report.nonfinite
+        load.wait_requests(50)
+    assert load.report.nonfinite == nonfinite, load.report
+    kinds = rig.console.kinds()
+    assert "update.swapping" in kinds and "update.trial" in kinds, kinds
+    # The reason names the bound and carries the figures.
+    assert "nonfinite" in str(final).lower() or "non-finite" in str(final).lower(), final
+    assert served_version(agent) == "1.0.0"
+    rig.console.wait_state(lambda s: s.get("model", {}).get("version") == "1.0.0")
+    # A second deploy of it is refused at once ...
+    again = after_final(rig, "deploy", bad.deploy_args(url, trial=trial))
+    assert not again["ok"] and code_of(again) == "update.marked_bad", again
+    # ... and the mark survives a restart.
+    agent.stop()
+    agent = rig.start_agent()
+    again = rig.console.deploy(bad.deploy_args(url, trial=trial))
+    assert not again["ok"] and code_of(again) == "update.marked_bad", again
+    no_traceback(rig)
+
+
+def test_shadow_disagreement_blocks_promotion(rig: Rig, bundles: Bundles) -> None:
+    agent = rig.start_agent()
+    other = bundles.permuted("1.1.0")
+    url = rig.server.add("/perm", other.data)
+    shadow = {"sample": 1.0, "min_requests": 20, "min_agreement": 0.9, "timeout_s": 120}
+    with Load(agent.socket, clients=2) as load:
+        load.wait_requests(20)
+        reply, final = deploy(rig, other.deploy_args(url, shadow=shadow))
+        assert reply["ok"], reply
+        load.wait_requests(20)
+    assert final is not None and final["kind"] == "update.failed", final
+    assert code_of(final) == "update.shadow_disagreed", final
+    assert "update.shadow" in rig.console.kinds()
+    assert "update.swapping" not in rig.console.kinds()
+    # Every live answer came from the served model.
+    assert load.report.failures == 0 and set(load.report.versions) == {"1.0.0"}, load.report
+    assert served_version(agent) == "1.0.0"
+    no_traceback(rig)
+
+
+def test_shadow_agreement_promotes_with_figures(rig: Rig, bundles: Bundles) -> None:
+    agent = rig.start_agent()
+    good = bundles.good("1.1.0")
+    url = rig.server.add("/good", good.data)
+    shadow = {"sample": 1.0, "min_requests": 20, "min_agreement": 0.9, "timeout_s": 120}
+    with Load(agent.socket, clients=2) as load:
+        load.wait_requests(20)
+        reply, final = deploy(
+            rig, good.deploy_args(url, shadow=shadow, trial={"window_s": 0.5, "min_requests": 0})
+        )
+        load.wait_requests(20)
+    assert final is not None and final["kind"] == "update.committed", final
+    assert "update.shadow" in rig.console.kinds()
+    # The agreement and both latencies are reported (in the events after the verdict).
+    keys = {k for e in rig.console.events() for k in (e.get("data") or {})}
+    assert any("agreement" in k for k in keys), sorted(keys)
+    assert final is not None and any("agreement" in k for k in final["data"]), final
+    assert load.report.failures == 0, load.report.failed
+    assert served_version(agent) == "1.1.0"
+
+
+def test_trial_passes_on_a_healthy_model_and_commits(rig: Rig, bundles: Bundles) -> None:
+    agent = rig.start_agent()
+    good = bundles.good("1.1.0")
+    url = rig.server.add("/good", good.data)
+    t0 = time.monotonic()
+    with Load(agent.socket, clients=2, live=True) as load:
+        load.wait_requests(20)
+        _, final = deploy(rig, good.deploy_args(url, trial={"window_s": 3, "min_requests": 5}))
+    assert final is not None and final["kind"] == "update.committed", final
+    assert time.monotonic() - t0 >= 3  # the trial window was honoured
+    assert load.report.failures == 0, load.report.failed
