@@ -150,7 +150,9 @@ class DeployRequest:
         name = p.get("name", str)
         if name is not None and not is_name(name):
             raise p.bad("name", "1-64 of A-Za-z0-9._-", name)
-        mode = p.get("mode", str) or "auto"
+        mode = p.get("mode", str)
+        if mode is None:  # absent; an empty string is a wrong value, not a default
+            mode = "auto"
         if mode not in ("auto", "hot", "cold"):
             raise p.bad("mode", '"auto", "hot" or "cold"', mode)
         shadow_raw = p.get("shadow", (dict, bool))
@@ -170,7 +172,7 @@ class DeployRequest:
             size=size,
             version=version,
             name=name,
-            mode=mode,  # type: ignore[arg-type]
+            mode=mode,
             shadow=shadow,
             trial=trial,
             allow_downgrade=bool(p.get_seen("allow_downgrade")),
