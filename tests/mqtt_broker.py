@@ -168,6 +168,8 @@ def device_acl(consoles: list[str]) -> str:
         "pattern read edgerun/v1/%u/cmd/#",
         "pattern read edgerun/v1/group/+/cmd/#",
         "pattern write edgerun/v1/console/+/reply",
+        "pattern read edgerun/v1/%u/bundle/+",
+        "pattern write edgerun/v1/%u/bundle/+/need",
     ]
     return "\n".join(lines) + "\n"
 

@@ -31,12 +31,13 @@ from agent.link.logring import LogRing
 from agent.link.replies import ReplyCache
 from agent.link.sender import OutboxSender
 from agent.link.telemetry import SystemProbe, inference_figures, model_figures
-from agent.link.transfer import LinkTransfers
+from agent.link.transfer import LinkTransfers, mqtt_fetchers
 from agent.link.tunables import Tunables
 from agent.link.twin import DesiredVersions, TwinLink
 from agent.outbox import Kind, Outbox, OutboxError
 from agent.protocol.messages import Code, EventMessage, Status, TelemetryMessage, dumps, shown
 from agent.protocol.topics import DeviceTopics, command_subscriptions
+from agent.protocol.update import MqttSource
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,11 @@ class Link:
             self.updates,
             signed=config.commands.require_signature,
         )
-        # MQTT bundle transfers (agent/update/fetch/mqtt.py): the ChunkTransport port.
+        # MQTT bundle transfers (agent/update/fetch/mqtt.py): the ChunkTransport port;
+        # `transfer` deploys are fetched over this connection, so the link registers them.
         self.transfers = LinkTransfers(self.client, self.topics)
+        if self.updates is not None:
+            self.updates.add_fetcher(MqttSource, mqtt_fetchers(self.transfers, config))
         self.dispatcher = Dispatcher(
             device_id=config.device_id,
             groups=config.mqtt.groups,

@@ -13,8 +13,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.config.model import AgentConfig
 from agent.link.client import Message, MqttClient, MqttError
 from agent.protocol.topics import DeviceTopics, TopicFilter
+from agent.protocol.update import DeployRequest
+from agent.update.fetch.mqtt import MqttFetcher, MqttSettings
+from agent.update.ports import Fetcher
 
 log = logging.getLogger(__name__)
 
@@ -101,4 +105,16 @@ class LinkTransfers:
         return True
 
 
-__all__ = ["LinkTransfers"]
+def mqtt_fetchers(
+    transfers: LinkTransfers, config: AgentConfig
+) -> Callable[[DeployRequest], Fetcher]:
+    """The factory the update jobs call for a `transfer` deploy."""
+    settings = MqttSettings.from_config(config.update)
+
+    def build(request: DeployRequest) -> Fetcher:
+        return MqttFetcher(transfers, settings)
+
+    return build
+
+
+__all__ = ["LinkTransfers", "mqtt_fetchers"]

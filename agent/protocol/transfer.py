@@ -20,7 +20,8 @@ padding). All integers big-endian::
 
 A "need" message on `…/bundle/{transfer_id}/need` (QoS 1) is compact JSON:
 `{"v": 1, "transfer", "sha256", "size", "total": int|null, "missing": [[start, end), ...],
-"reason": "start"|"silence"|"reconnect"}`: `total` null (no chunk seen yet) means
+"reason": "start"|"silence"|"reconnect"|"gap"}` (`gap`: the last chunk asked for
+arrived and some before it did not): `total` null (no chunk seen yet) means
 "everything"; otherwise `missing` lists half-open ranges of chunk indexes, at most
 MAX_RANGES of them (the rest is asked for in the next round).
 
@@ -49,8 +50,8 @@ DEFAULT_CHUNK = 32 * 1024
 MAX_TOTAL = 1 << 24  # chunks per transfer (a 1 TiB bundle at 64 KiB chunks)
 MAX_RANGES = 256
 MAX_NEED_BYTES = 16 * 1024
-NeedReason = Literal["start", "silence", "reconnect"]
-_REASONS = ("start", "silence", "reconnect")
+NeedReason = Literal["start", "silence", "reconnect", "gap"]
+_REASONS = ("start", "silence", "reconnect", "gap")
 
 
 class TransferError(ValueError):
@@ -264,5 +265,6 @@ __all__ = [
     "chunks_of",
     "decode_chunk",
     "decode_need",
+    "expected_length",
     "ranges_of",
 ]

@@ -155,6 +155,30 @@ def check_hop(url: str, came_from: str | None) -> str:
     return url
 
 
+MAX_INTERIM = 8  # 1xx answers before the real one; http.client would read them forever
+
+
+class _Response(http.client.HTTPResponse):
+    """http.client skips any number of `100 Continue` answers; a server sending them
+    without end would hold the fetch in `begin()` past every read timeout."""
+
+    _interim = 0
+
+    def _read_status(self) -> tuple[str, int, str]:
+        self._interim += 1
+        if self._interim > MAX_INTERIM:
+            raise http.client.HTTPException(f"more than {MAX_INTERIM} interim (1xx) answers")
+        return super()._read_status()  # type: ignore[misc, no-any-return]
+
+
+class _Connection(http.client.HTTPConnection):
+    response_class = _Response
+
+
+class _TlsConnection(http.client.HTTPSConnection):
+    response_class = _Response
+
+
 class _Retry(Exception):
     """This attempt failed in a way another attempt may not (drop, timeout, 5xx)."""
 
@@ -336,11 +360,9 @@ class HttpFetcher:
         host = parts.hostname or ""
         conn: http.client.HTTPConnection
         if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                host, parts.port, timeout=s.connect_timeout_s, context=self._tls
-            )
+            conn = _TlsConnection(host, parts.port, timeout=s.connect_timeout_s, context=self._tls)
         else:
-            conn = http.client.HTTPConnection(host, parts.port, timeout=s.connect_timeout_s)
+            conn = _Connection(host, parts.port, timeout=s.connect_timeout_s)
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query

@@ -4,8 +4,8 @@ The console (fleet/transfer.py `ChunkSender`) publishes chunks on
 `…/bundle/{transfer_id}` (format: agent/protocol/transfer.py). This side keeps a
 bitmap of the chunks it has, persisted beside the partial file (`.part.bitmap`), and
 writes each chunk at its offset. It asks for what it lacks (a "need" message) at
-start, after `update.chunk_timeout_s` without a new chunk and after every
-reconnect, so a transfer survives drops, broker restarts and agent restarts (a new
+start, after `update.chunk_timeout_s` without a new chunk, after every reconnect,
+and as soon as the last chunk of a round arrived with gaps before it, so a transfer survives drops, broker restarts and agent restarts (a new
 fetch resumes from the bitmap). A chunk that fails its own checks, names another
 bundle, or does not fit the layout seen first is dropped and counted, never
 written; the whole file's sha256 is checked at the end. After
@@ -194,6 +194,9 @@ class _Run:
         self.dirty = False
         self.saved_at = self.clock()
         self.reported_at = float("-inf")
+        # The last index the latest need asked for (None: everything, so total - 1).
+        self.round_last: int | None = None
+        self.round_ended = False
 
     def until_complete(self, inbox: queue.Queue[object], cancel: threading.Event) -> Path:
         s = self.f.settings
@@ -235,6 +238,8 @@ class _Run:
             assert isinstance(item, bytes)
             if self.take(item):
                 last_news = self.clock()
+                if self.round_ended and self.bitmap is not None and not self.bitmap.complete:
+                    self.ask("gap")  # the sender is done with the last need: ask now, not later
             self.maybe_save()
             self.report()
         self.save()
@@ -280,6 +285,8 @@ class _Run:
         self.part.write_at(chunk.offset, chunk.payload)
         self.bitmap.set(chunk.index)
         self.dirty = True
+        last = self.round_last if self.round_last is not None else self.bitmap.total - 1
+        self.round_ended = chunk.index == last
 
     def drop(self, reason: str, message: str) -> None:
         self.f.dropped[reason] += 1
@@ -297,6 +304,8 @@ class _Run:
             () if bitmap is None else ranges_of(bitmap.missing()),
             reason,
         )
+        self.round_last = need.missing[-1][1] - 1 if need.missing else None
+        self.round_ended = False
         try:
             self.f.transport.request_chunks(self.tid, need.encode())
             self.f.needs_sent[reason] += 1

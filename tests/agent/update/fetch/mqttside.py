@@ -25,12 +25,13 @@ DEVICE = "fetch-dev"
 
 
 class Device:
-    def __init__(self, broker: Broker, device: str = DEVICE) -> None:
+    def __init__(self, broker: Broker, device: str = DEVICE, password: str | None = None) -> None:
         self.topics = DeviceTopics(device)
         self.client = MqttClient(
             ClientSettings(
                 broker.host, broker.port, f"{device}-{os.urandom(3).hex()}",
                 reconnect_min_s=0.05, reconnect_max_s=0.3, max_packet_bytes=192 * 1024,
+                username=device if password else None, password=password,
             ),
             on_connect=self._on_connect,
             on_message=self._on_message,
@@ -59,9 +60,11 @@ class Device:
 
 
 class Console:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, user: tuple[str, str] | None = None) -> None:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"console-{os.urandom(3).hex()}",
                                   protocol=paho.MQTTv5)  # fmt: skip
+        if user is not None:
+            self.client.username_pw_set(*user)
         self.client.reconnect_delay_set(0.05, 0.3)  # type: ignore[arg-type]
         self.senders: list[ChunkSender] = []
         self.connected = threading.Event()

@@ -366,3 +366,47 @@ def test_disk_full_is_no_space_with_figures(tmp: Path) -> None:
     with HttpServer(tmp, {"/b": Route(data)}) as srv:
         err = refused(fetcher(), request(srv.url("/b"), data), part)
     assert err.code == UpdateCode.NO_SPACE and "bytes free" in err.message
+
+
+def test_tls_download_cut_across_a_poor_link_resumes(tmp: Path) -> None:
+    pki = make_pki(tmp / "pki")
+    data = blob(200_000)
+    with (
+        HttpServer(tmp, {"/b": Route(data)}, pki=pki) as srv,
+        PoorLink(("127.0.0.1", srv.port), rate_bytes_s=500_000, cut_after=[60_000, 90_000]) as link,
+    ):
+        f = fetcher(tls=tls_context(str(pki.ca_cert)))
+        got = run(f, request(srv.url("/b", port=link.port, host="localhost"), data), tmp / "p.part")
+    assert got.read_bytes() == data and link.cuts >= 2 and f.attempts >= 3
+
+
+def test_progress_is_reported_a_few_times_a_second_at_most(tmp: Path) -> None:
+    data = blob(150_000)
+    progress = Progress()
+    with HttpServer(tmp, {"/b": Route(data)}) as srv:
+        start = time.monotonic()
+        fetcher(max_kbps=2400).fetch(request(srv.url("/b"), data), tmp / "p.part", progress,
+                                     threading.Event())  # fmt: skip
+        elapsed = time.monotonic() - start
+    # One call at the start and one at the end, at most one per 0.25 s between.
+    assert 3 <= len(progress.calls) <= elapsed / 0.25 + 3, (len(progress.calls), elapsed)
+    done = [d for d, _ in progress.calls]
+    assert done == sorted(done) and done[-1] == len(data)
+
+
+def test_ca_file_from_a_credential_and_a_bad_ca_file_is_a_config_error(tmp: Path) -> None:
+    from agent.config.typed import ConfigError
+
+    pki = make_pki(tmp / "pki")
+    creds = tmp / "creds"
+    creds.mkdir()
+    (creds / "update-ca").write_bytes(pki.ca_cert.read_bytes())
+    data = blob(5000)
+    with HttpServer(tmp, {"/b": Route(data)}, pki=pki) as srv:
+        ctx = tls_context("credential:update-ca", {"CREDENTIALS_DIRECTORY": str(creds)})
+        assert run(fetcher(tls=ctx), request(srv.url("/b"), data), tmp / "p.part").exists()
+    (tmp / "junk.pem").write_text("not a certificate")
+    for ref in (str(tmp / "junk.pem"), str(tmp / "missing.pem")):
+        with pytest.raises(ConfigError) as info:
+            tls_context(ref)
+        assert info.value.issues[0].path == "update.ca_file"
