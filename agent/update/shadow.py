@@ -10,8 +10,8 @@ runs the candidate on them and compares its answer with the served one:
   output (`trial.classifier_output`), else on the first output both models name;
 - `cosine`: the mean cosine similarity of the outputs both models name, flattened.
 
-A candidate that fails on a request, answers NaN/inf, or answers a shape the served
-model does not, disagrees on that request (counted in `candidate_errors` / compared).
+A candidate that fails on a request, answers NaN/inf, a shape the served model does
+not, or values without an order (complex, strings), disagrees on that request (counted in `candidate_errors` / compared).
 
 CPU budget: the worker counts a candidate run as busy for its wall time times the
 runtime's thread count (an upper bound of the CPU it took), and after each run sleeps
@@ -41,6 +41,7 @@ from agent.protocol.update import ShadowSpec
 from agent.update.ports import Verdict
 from agent.update.trial import (
     LATENCY_BUCKETS,
+    REAL_KINDS,
     classifier_output,
     latency_bucket,
     quantile_ms,
@@ -84,6 +85,8 @@ def top1_agreement(served: Feeds, candidate: Feeds, output: str) -> tuple[float,
     a, b = served.get(output), candidate.get(output)
     if a is None or b is None or a.shape != b.shape or a.size == 0 or a.ndim < 1:
         return 0.0, 1
+    if a.dtype.kind not in REAL_KINDS or b.dtype.kind not in REAL_KINDS:
+        return 0.0, max(1, a.size // max(1, a.shape[-1]))
     rows = a.size // a.shape[-1]
     same = a.reshape(rows, -1).argmax(axis=1) == b.reshape(rows, -1).argmax(axis=1)
     if b.dtype.kind == "f":
@@ -97,6 +100,8 @@ def cosine(served: Feeds, candidate: Feeds, names: list[str]) -> float:
     for name in names:
         a, b = served.get(name), candidate.get(name)
         if a is None or b is None or a.shape != b.shape:
+            return 0.0
+        if a.dtype.kind not in REAL_KINDS or b.dtype.kind not in REAL_KINDS:
             return 0.0
         parts_a.append(np.asarray(a, np.float64).ravel())
         parts_b.append(np.asarray(b, np.float64).ravel())

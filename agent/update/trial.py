@@ -54,7 +54,8 @@ MIN_LATENCY_SAMPLES = 20
 MIN_DRIFT_SAMPLES = 30
 P95_FLOOR_MS = 1.0
 EXTEND_FACTOR = 3.0
-KEEP_GENERATIONS = 4  # old generations' figures are dropped beyond this many
+KEEP_GENERATIONS = 4
+REAL_KINDS = "fiub"  # dtype kinds whose values order: argmax means a class  # old generations' figures are dropped beyond this many
 
 # Latency histogram: log-spaced buckets 4% apart from 10 µs to ~100 s (a quantile
 # read from it is within 2% of the true value); mergeable, fixed size, no sorting.
@@ -133,7 +134,7 @@ def classifier_output(model: LoadedModel) -> tuple[str, int] | None:
 
 
 def answer_is_bad(outputs: Feeds) -> bool:
-    """An answer with an empty output or a NaN/inf anywhere in a float output.
+    """An answer with an empty output or a NaN/inf anywhere in a float (or complex) output.
 
     A float64 sum propagates any NaN or inf (and does not overflow on finite
     float32 values), at the cost of one pass and no temporary array."""
@@ -142,7 +143,10 @@ def answer_is_bad(outputs: Feeds) -> bool:
     for array in outputs.values():
         if array.size == 0:
             return True
-        if array.dtype.kind == "f" and not math.isfinite(float(np.sum(array, dtype=np.float64))):
+        kind = array.dtype.kind
+        if kind == "f" and not math.isfinite(float(np.sum(array, dtype=np.float64))):
+            return True
+        if kind == "c" and not bool(np.isfinite(np.sum(array, dtype=np.complex128))):
             return True
     return False
 
@@ -150,6 +154,8 @@ def answer_is_bad(outputs: Feeds) -> bool:
 def _top1(outputs: Feeds, output: str, classes: int) -> np.ndarray | None:
     array = outputs.get(output)
     if array is None or array.ndim < 1 or array.shape[-1] != classes or array.size == 0:
+        return None
+    if array.dtype.kind not in REAL_KINDS:  # strings, objects, complex: no class order
         return None
     winners = array.reshape(-1, classes).argmax(axis=1)
     return np.bincount(winners, minlength=classes)[:classes]
