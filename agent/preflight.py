@@ -246,6 +246,29 @@ def check_keys(config: AgentConfig) -> list[Problem]:
     return []
 
 
+def check_pull(config: AgentConfig) -> list[Problem]:
+    """What pull updates read at start (agent/update/poll.py pull_for): the index keys
+    and the CA file, when a release index (update.repository) is set."""
+    if not (config.update.enabled and config.update.repository):
+        return []
+    from agent.config.loader import read_public_keys
+    from agent.update.fetch.http import tls_context
+
+    problems = []
+    for run in (
+        lambda: read_public_keys(list(config.update.index_keys), "update.index_keys"),
+        lambda: tls_context(config.update.ca_file),
+    ):
+        try:
+            run()
+        except ConfigError as exc:
+            problems += [Problem(i.path, i.message) for i in exc.issues]
+    if not config.update.index_keys and not config.trust.public_keys:
+        message = "empty, and so is trust.public_keys: no release index could be verified"
+        problems.append(Problem("update.index_keys", message))
+    return problems
+
+
 def check_link(config: AgentConfig) -> list[Problem]:
     """What the link refuses when it starts: the same calls, made here for check-config."""
     if not (config.mqtt.enabled or config.kubeedge.enabled):

@@ -30,7 +30,7 @@ from agent.link.handlers import build_table, config_as_json
 from agent.link.logring import LogRing
 from agent.link.replies import ReplyCache
 from agent.link.sender import OutboxSender
-from agent.link.telemetry import SystemProbe, inference_figures, model_figures
+from agent.link.telemetry import SystemProbe, inference_figures, model_figures, watch_figures
 from agent.link.transfer import LinkTransfers, mqtt_fetchers
 from agent.link.tunables import Tunables
 from agent.link.twin import DesiredVersions, TwinLink
@@ -329,7 +329,11 @@ class Link:
             if self.agent.watcher.overloaded
             else ("ready" if self.agent.host.ready() else "not_ready")
         )
-        p95 = self.agent.metrics.window(reset=False)["total"]["p95_ms"]
+        # The served model's recent p95 (the trial's live-traffic recorder), else the
+        # agent's since start.
+        p95 = watch_figures(self.agent).get("live", {}).get("p95_ms")
+        if p95 is None:
+            p95 = self.agent.metrics.window(reset=False)["total"]["p95_ms"]
         status = (
             self.pull.model_status()
             if self.pull is not None

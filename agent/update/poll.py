@@ -17,7 +17,7 @@ served keeps serving.
 from __future__ import annotations
 
 import logging
-import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,10 +28,11 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import __version__
-from agent.config.loader import CREDENTIAL_PREFIX, read_public_keys
+from agent.config.loader import read_public_keys
 from agent.config.model import AgentConfig
 from agent.names import shown
 from agent.update.errors import UpdateCode, UpdateError
+from agent.update.fetch.http import tls_context
 from agent.update.index import IndexGuard, Release, runs_on
 from agent.update.ports import UpdateService
 from agent.update.repository import Repository, http_getter
@@ -142,13 +143,27 @@ class PullUpdates:
                 return None
         elif self.poll_s <= 0:
             return None
-        if served is None:
-            raise UpdateError(
-                UpdateCode.NO_SUCH_VERSION,
-                "no model is served, so the release index cannot say which model to pull",
-            )
-        name, version = served
+        elif served is None:
+            # The first model comes from model.bundle (installing at start, maybe right
+            # now) or a desired version; the poll only moves a served model forward.
+            log.debug("pull updates: no model served yet; nothing to poll for")
+            return None
+        version: str | None
         index = self.repository.latest()
+        if served is None:
+            # A fresh device given a desired version: the index names the model when it
+            # lists only one.
+            names = sorted({r.name for r in index.releases})
+            if len(names) != 1:
+                raise UpdateError(
+                    UpdateCode.NO_SUCH_VERSION,
+                    "no model is served and the release index lists "
+                    f"{len(names)} model names ({', '.join(names[:8]) or 'none'}): "
+                    "install a first bundle (model.bundle) so the device knows which to pull",
+                )
+            name, version = names[0], None
+        else:
+            name, version = served
         release: Release | None
         origin: Literal["twin", "poll"]
         if wanted is not None:
@@ -222,15 +237,28 @@ class PullUpdates:
         """For the twin: the running job's phase, else why the wanted release is not
         served, else "serving" (or "no_model")."""
         try:
-            phase = _phase(self.service.status())
+            status = self.service.status()
         except Exception:  # status must never break the twin report
             log.exception("update status failed")
-            phase = None
+            status = {}
+        job = status.get("job")
+        phase = _phase(status)
         if phase is not None and phase not in _FINAL:
             return phase
         if self.problem is not None:
             return f"failed: {self.problem}"
-        return "serving" if self.served() is not None else "no_model"
+        served = self.served()
+        wanted = self.wanted
+        # The job for the wanted version ended without it serving: say how it ended.
+        if (
+            isinstance(job, Mapping)
+            and phase in ("failed", "rolled_back", "cancelled")
+            and wanted is not None
+            and job.get("version") == wanted
+            and (served is None or served[1] != wanted)
+        ):
+            return f"{phase}: {job.get('code')}: {job.get('reason')}"
+        return "serving" if served is not None else "no_model"
 
 
 def _bad_versions(status: Mapping[str, Any]) -> set[str]:
@@ -264,12 +292,12 @@ def build_pull_updates(
     connect_timeout_s: float,
     read_timeout_s: float,
     max_redirects: int,
-    ca_file: str | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> PullUpdates | None:
     """Pull updates from explicit parts; None when no repository is set."""
     if not repository_url:
         return None
-    getter = http_getter(connect_timeout_s, read_timeout_s, max_redirects, ca_file)
+    getter = http_getter(connect_timeout_s, read_timeout_s, max_redirects, tls)
     repository = Repository(repository_url, IndexGuard(state_dir, keys), getter)
     return PullUpdates(repository, service, served, emit, poll_s)
 
@@ -303,15 +331,7 @@ def pull_for(
         keys = read_public_keys(list(up.index_keys), "update.index_keys", environ)
     else:
         keys = read_public_keys(list(config.trust.public_keys), "trust.public_keys", environ)
-    ca_file = None
-    if up.ca_file:
-        ca_file = str(up.ca_file)
-        if ca_file.startswith(CREDENTIAL_PREFIX):
-            # ssl wants a path; a credential is one under $CREDENTIALS_DIRECTORY.
-            env = os.environ if environ is None else environ
-            ca_file = os.path.join(
-                env.get("CREDENTIALS_DIRECTORY", ""), ca_file[len(CREDENTIAL_PREFIX) :]
-            )
+    tls = tls_context(up.ca_file, environ)
     return build_pull_updates(
         up.repository,
         config.state_dir,
@@ -323,7 +343,7 @@ def pull_for(
         connect_timeout_s=up.connect_timeout_s,
         read_timeout_s=up.read_timeout_s,
         max_redirects=up.max_redirects,
-        ca_file=ca_file,
+        tls=tls,
     )
 
 

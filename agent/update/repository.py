@@ -1,10 +1,12 @@
 """The release repository (`update.repository`): get index.json over HTTP(S), bounded, and
 pass it through the IndexGuard (signature, expiry, counter).
 
-The index is small (capped at MAX_INDEX_BYTES), so this is one bounded GET rather than
-the resumable bundle downloader of fetch/http.py: same TLS rules (verified against the
-system CAs or `update.ca_file`), the same timeouts and redirect cap, never more bytes
-read than the cap.
+The index is small (capped at MAX_INDEX_BYTES) and its size and hash are not known in
+advance, so this is one bounded GET rather than the resumable bundle downloader of
+fetch/http.py, with that module's rules: its TLS context (TLS 1.2+, verified against the
+system CAs or `update.ca_file`), its check of every hop (`check_hop`: http/https only, no
+credentials, no https -> http), URLs shown without their query (`public_url`), the same
+timeouts and redirect cap; never more bytes read than the cap.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 from agent.names import shown
 from agent.update.errors import UpdateCode, UpdateError
+from agent.update.fetch.http import check_hop, public_url, tls_context
 from agent.update.index import MAX_INDEX_BYTES, IndexGuard, ReleaseIndex
 
 Getter = Callable[[str], bytes]
@@ -36,11 +38,7 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         headers: http.client.HTTPMessage,
         newurl: str,
     ) -> urllib.request.Request | None:
-        if urlsplit(newurl).scheme not in ("http", "https"):
-            raise UpdateError(
-                UpdateCode.DOWNLOAD_FAILED,
-                f"release index: redirect to {shown(newurl)} refused (only http/https)",
-            )
+        check_hop(newurl, req.full_url)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -48,11 +46,11 @@ def http_getter(
     connect_timeout_s: float,
     read_timeout_s: float,
     max_redirects: int,
-    cafile: str | None = None,
+    tls: ssl.SSLContext | None = None,
     cap: int = MAX_INDEX_BYTES,
 ) -> Getter:
     """A GET of at most `cap` bytes; raises UpdateError (download_failed / index_invalid)."""
-    context = ssl.create_default_context(cafile=cafile or None)
+    context = tls or tls_context()
     opener = urllib.request.build_opener(
         type("Redirects", (_Redirects,), {"max_redirections": max_redirects})(),
         urllib.request.HTTPSHandler(context=context),
@@ -60,28 +58,31 @@ def http_getter(
     timeout = max(connect_timeout_s, read_timeout_s)
 
     def get(url: str) -> bytes:
+        check_hop(url, None)
+        shown_url = public_url(url)
         request = urllib.request.Request(url, headers={"Accept": "application/json"})
         try:
             with opener.open(request, timeout=timeout) as response:
                 length = response.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) > cap:
-                    raise _oversize(url, int(length), cap)
+                    raise _oversize(shown_url, int(length), cap)
                 data: bytes = response.read(cap + 1)
         except UpdateError:
             raise
         except urllib.error.HTTPError as exc:
             raise UpdateError(
                 UpdateCode.DOWNLOAD_FAILED,
-                f"release index {url}: HTTP {exc.code} {shown(exc.reason)}",
+                f"release index {shown_url}: HTTP {exc.code} {shown(exc.reason)}",
                 status=exc.code,
             ) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
             reason: Any = getattr(exc, "reason", exc)
             raise UpdateError(
-                UpdateCode.DOWNLOAD_FAILED, f"release index {url}: {shown(str(reason), 200)}"
+                UpdateCode.DOWNLOAD_FAILED,
+                f"release index {shown_url}: {shown(str(reason), 200)}",
             ) from None
         if len(data) > cap:
-            raise _oversize(url, len(data), cap)
+            raise _oversize(shown_url, len(data), cap)
         return data
 
     return get

@@ -23,6 +23,7 @@ class RecordingService:
         self.deploys: list[DeployRequest] = []
         self.refuse: UpdateError | None = None
         self.phase: str | None = None
+        self.job: dict[str, Any] | None = None
         self.deployed = threading.Event()
 
     def deploy(self, request: DeployRequest) -> dict[str, Any]:
@@ -36,6 +37,8 @@ class RecordingService:
         raise NotImplementedError
 
     def status(self) -> dict[str, Any]:
+        if self.job is not None:
+            return {"job": self.job}
         return {"job": None if self.phase is None else {"phase": self.phase}}
 
     def cancel(self) -> dict[str, Any]:
@@ -198,6 +201,17 @@ def test_model_status_shows_a_running_job(
     assert pull.model_status() == "downloading"
     service.phase = "committed"
     assert pull.model_status() == "serving"
+    # The job for the desired version failed: the twin says how, not "serving".
+    pull.want("1.1.0")
+    service.job = {
+        "phase": "rolled_back",
+        "version": "1.1.0",
+        "code": "update.trial_failed",
+        "reason": "p95 3x",
+    }
+    assert pull.model_status() == "rolled_back: update.trial_failed: p95 3x"
+    pull.want("1.0.0")  # what is served
+    assert pull.model_status() == "serving"
 
 
 def test_the_thread_acts_on_want_and_stops(
@@ -212,3 +226,25 @@ def test_the_thread_acts_on_want_and_stops(
     finally:
         pull.stop()
     assert [r.version for r in service.deploys] == ["1.1.0"]
+
+
+def test_a_fresh_device_given_a_version_pulls_the_one_model_the_index_lists(
+    tmp_path: Path, key: Ed25519PrivateKey, http_server: Served
+) -> None:
+    http_server.files["/index.json"] = (200, signed(key, 1, release("1.0.0"), release("1.1.0")))
+    pull, service, events = _pull(tmp_path, key, http_server, [None])
+    # The poll waits for a served model (model.bundle may be installing at start) ...
+    pull.check_once()
+    assert service.deploys == [] and events.seen == []
+    # ... a desired version on a fresh device resolves through the one name listed.
+    pull.want("1.1.0")
+    pull.check_once()
+    assert [r.version for r in service.deploys] == ["1.1.0"]
+    http_server.files["/index.json"] = (
+        200,
+        signed(key, 2, release("1.0.0"), release("1.0.0", "other")),
+    )
+    pull2, service2, events = _pull(tmp_path, key, http_server, [None])
+    pull2.want("1.0.0")
+    pull2.check_once()
+    assert service2.deploys == [] and "2 model names" in events.seen[-1][1]

@@ -25,6 +25,7 @@ from tests.agent.mqtt.conftest import (
 from tests.agent.update.index.conftest import NAME, Served, release, signed
 from tests.agent.update.index.test_poll import RecordingService
 from tests.mqtt_broker import Broker, Listener
+from tests.system.test_kubeedge_manifests import REPORTED
 
 TWIN = TwinTopics("edge", DEVICE)
 
@@ -74,6 +75,7 @@ def test_a_desired_version_deploys_through_the_index_and_survives_a_restart(
         first = _actual(cloud)[0]
         assert first["model_version"] == "1.0.0" and first["model_status"] == "serving"
         assert "p95_ms" in first
+        assert set(first) == REPORTED  # what deploy/kubeedge/devicemodel.yaml declares
         cloud.client.publish(str(TWIN.update_delta), _delta("2.0.0"), qos=1)
         assert service.deployed.wait(30)  # hang guard
         [request] = service.deploys
@@ -105,6 +107,16 @@ def test_a_desired_version_deploys_through_the_index_and_survives_a_restart(
     assert service2.deployed.wait(30)
     assert [r.version for r in service2.deploys] == ["9.9.9"]
     assert wait_until(lambda: h2.link.twin_values()["model_status"] == "serving")
+    # p95_ms is the served model's, once it answered requests.
+    assert h2.link.twin_values()["p95_ms"] == ""
+    from tests.helpers import samples
+
+    x, _ = samples()
+    model = h2.agent.host.model
+    assert model is not None
+    for _ in range(5):
+        h2.agent.host.infer(model.manifest.name, {model.manifest.inputs[0].name: x[:1]})
+    assert wait_until(lambda: float(h2.link.twin_values()["p95_ms"] or 0) > 0)
 
 
 def test_a_damaged_desired_file_is_ignored(tmp: Path, broker: Broker, harness: MakeHarness) -> None:
