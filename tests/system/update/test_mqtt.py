@@ -1,8 +1,7 @@
 """A good update over an MQTT chunk transfer under steady load, also across a poor link.
 
 The console serves the bundle with fleet/transfer.py's ChunkSender on its own
-connection; the device asks for what it lacks. Needs h8/core and h8/fetch with the
-MQTT fetcher registered for `transfer` deploys. Enable by renaming to test_mqtt.py.
+connection; the device asks for what it lacks.
 """
 
 from __future__ import annotations
