@@ -101,3 +101,21 @@ def test_trial_passes_on_a_healthy_model_and_commits(rig: Rig, bundles: Bundles)
     assert final is not None and final["kind"] == "update.committed", final
     assert time.monotonic() - t0 >= 3  # the trial window was honoured
     assert load.report.failures == 0, load.report.failed
+
+
+def test_a_much_slower_model_is_rolled_back_on_its_p95(rig: Rig, bundles: Bundles) -> None:
+    agent = rig.start_agent()
+    slow = bundles.slow("1.1.0")
+    url = rig.server.add("/slow", slow.data)
+    trial = {"window_s": 60, "min_requests": 20, "max_p95_ratio": 2.0}
+    with Load(agent.socket, clients=2) as load:
+        load.wait_requests(200)  # the baseline p95 of 1.0.0 on this device
+        reply, final = deploy(rig, slow.deploy_args(url, trial=trial))
+        assert reply["ok"], reply
+        assert final is not None and final["kind"] == "update.rolled_back", final
+        wait_version(rig, "1.0.0")
+        load.wait_requests(20)
+    assert code_of(final) == "update.trial_failed", final
+    assert "p95" in str(final), final
+    assert load.report.failures == 0, load.report.failed
+    assert load.report.versions["1.1.0"] > 0  # it did serve, and was caught live
