@@ -16,7 +16,10 @@ GOOD_PHASES = [
     "update.swapping",
     "update.committed",
 ]
-QUICK_TRIAL = {"window_s": 0.5, "min_requests": 0}
+# A short trial of a model known to be good: the p95 bound is loosened because half a
+# second of p95 on a loaded 2-core box is noise (with the default ratio 2 an identical
+# model was seen rolled back: 2.x ms against a 0.9 ms baseline). Tests about p95 set it.
+QUICK_TRIAL = {"window_s": 0.5, "min_requests": 0, "max_p95_ratio": 50}
 
 
 def code_of(event_or_reply: dict[str, Any]) -> str:

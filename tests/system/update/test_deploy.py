@@ -38,7 +38,10 @@ def test_good_update_over_https_under_load_fails_no_request(rig: Rig, bundles: B
         0 <= (e.get("data") or {}).get("percent", -1) <= 100 for e in progress
     ), progress
     state = rig.console.wait_state(lambda s: s.get("model", {}).get("version") == "1.1.0")
-    assert state["model"]["sha256"], state
+    assert state["model"]["sha256"] == release.sha256, state
+    # ... with the job, its phase and version (docs/mqtt.md "the retained state").
+    job = rig.console.wait_state(lambda s: (s.get("update") or {}).get("phase") == "committed")
+    assert job["update"]["job"] == reply["result"]["job"] and job["update"]["version"] == "1.1.0"
     # status and ping answered all along; update.status reports the finished job.
     status = rig.console.request("update.status")
     assert status["ok"], status

@@ -46,7 +46,7 @@ def _refusal(rig: Rig, timeout: float = 120) -> dict[str, Any]:
 
 def _pull_agent(rig: Rig) -> None:
     rig.start_agent(update=f'repository = "{rig.server.url("/index.json")}"\npoll_s = 0.5\n'
-                           '[update.trial]\nwindow_s = 0.5\nmin_requests = 0\n')  # fmt: skip
+                           '[update.trial]\nwindow_s = 0.5\nmin_requests = 0\nmax_p95_ratio = 50\n')  # fmt: skip
 
 
 def test_a_good_index_pulls_and_commits(

@@ -10,6 +10,7 @@ from fleet.transfer import ChunkSender
 from tests.poorlink import PoorLink
 from tests.system.update.flows import (
     GOOD_PHASES,
+    QUICK_TRIAL,
     deploy,
     is_subsequence,
     no_traceback,
@@ -20,7 +21,7 @@ from tests.update_rig import DEVICE, Bundles, Load, Rig, served_version
 
 def _transfer_args(sender: ChunkSender, version: str) -> dict[str, object]:
     return {"transfer": sender.transfer_id, "sha256": sender.sha256, "size": sender.size,
-            "version": version, "trial": {"window_s": 0.5, "min_requests": 0}}  # fmt: skip
+            "version": version, "trial": QUICK_TRIAL}  # fmt: skip
 
 
 def test_good_update_over_an_mqtt_chunk_transfer_under_load(rig: Rig, bundles: Bundles) -> None:
