@@ -80,3 +80,25 @@ def test_rollback_command_returns_to_the_previous_version(rig: Rig, bundles: Bun
         load.wait_requests(50)
     assert load.report.failures == 0, load.report.failed
     rig.console.wait_state(lambda s: s.get("model", {}).get("version") == "1.0.0")
+
+
+def test_cancel_during_a_slow_download_keeps_the_old_model(rig: Rig, bundles: Bundles) -> None:
+    agent = rig.start_agent()
+    release = bundles.good("1.1.0")
+    url = rig.server.add("/slow", release.data, delay_s=0.2, chunk=8192)  # ~8 s in all
+    with Load(agent.socket, clients=2) as load:
+        after = rig.console.last_seq()
+        reply = rig.console.deploy(release.deploy_args(url, trial=QUICK_TRIAL))
+        assert reply["ok"], reply
+        rig.console.wait_event({"update.downloading"}, 60, after=after)
+        cancel = rig.console.request("update.cancel")
+        assert cancel["ok"], cancel
+        final = rig.console.wait_event(
+            {"update.cancelled", "update.committed", "update.failed"}, 60, after=after
+        )
+        load.wait_requests(20)
+    assert final["kind"] == "update.cancelled", final
+    assert load.report.failures == 0, load.report.failed
+    assert served_version(agent) == "1.0.0"
+    nothing = after_final(rig, "update.cancel", {})
+    assert not nothing["ok"] and nothing["error"]["code"] == "update.nothing_to_cancel", nothing
