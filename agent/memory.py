@@ -35,6 +35,13 @@ class AdmissionError(Exception):
 
     code = "memory.refused"
 
+    def __init__(self, message: str, need_mb: float | None = None, rss_mb: float | None = None):
+        super().__init__(message)
+        # The figures behind the refusal (an update decides on them whether a cold swap,
+        # with the served model released first, would fit).
+        self.need_mb = need_mb
+        self.rss_mb = rss_mb
+
 
 @dataclass(frozen=True)
 class MemoryBudget:
@@ -169,7 +176,9 @@ def admit(
         raise AdmissionError(
             f"model {model} needs {why} on top of the agent's "
             f"{rss_bytes / MB:.1f} MB = {need / MB:.1f} MB, above the memory cap of "
-            f"{budget.cap_bytes / MB:.1f} MB (set by {budget.source}); keeping the current model"
+            f"{budget.cap_bytes / MB:.1f} MB (set by {budget.source}); keeping the current model",
+            need_mb=need_mb,
+            rss_mb=rss_bytes / MB,
         )
 
 

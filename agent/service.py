@@ -112,6 +112,7 @@ class Agent:
             fetchers,
             trial=Watchdog(self.traffic),
             shadow=ShadowEvaluator(self.host),
+            memory_cap_bytes=self.budget.cap_bytes,
         )
         self.recovered = Recovered("none")
         self.api = ApiServer(self.host, config.api, self.status, self.metrics_text)

@@ -145,6 +145,7 @@ class UpdateJobs:
         fetchers: dict[type, FetcherFactory] | None = None,
         trial: TrialMonitor | None = None,
         shadow: ShadowRunner | None = None,
+        memory_cap_bytes: int | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -157,6 +158,7 @@ class UpdateJobs:
         self.trial = trial
         self.shadow = shadow
         self.incoming = Path(config.state_dir) / INCOMING
+        self.budget_cap_mb = None if memory_cap_bytes is None else memory_cap_bytes / MB
         self._lock = threading.Lock()  # guards _thread, _cancel, the job record
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
@@ -282,10 +284,14 @@ class UpdateJobs:
 
     def join(self, timeout_s: float | None = None) -> bool:
         """Wait for the running job to end (tests, shutdown); True once none runs."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout_s)
-        return not self.running
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            thread = self._thread
+            if thread is None:
+                return True
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread is self._thread or (deadline is not None and time.monotonic() > deadline):
+                return not self.running
 
     # ------------------------------------------------------------------ checks at accept
 
@@ -295,7 +301,8 @@ class UpdateJobs:
                 UpdateCode.DISABLED, "over-the-air updates are off on this device (update.enabled)"
             )
         job = self._job
-        if self.running and job is not None:
+        # A job whose final phase is recorded is over: the thread does nothing after it.
+        if self.running and job is not None and not job.phase.final:
             raise UpdateError(
                 UpdateCode.BUSY,
                 f"job {job.id} ({job.kind} {job.version}) is in phase {job.phase.value}; "
@@ -626,6 +633,7 @@ class UpdateJobs:
                     check="memory",
                     detail_code=exc.code,
                 ) from exc
+            self._check_fits_alone(exc)
             log.info("hot swap does not fit (%s); swapping cold", exc)
             self._figures(mode="cold", hot_refused=str(exc))
             return
@@ -633,6 +641,27 @@ class UpdateJobs:
             raise _validation_error(exc) from exc
         self._figures(mode="hot", validate_s=round(time.monotonic() - started, 3))
         self._check_model(candidate.model)
+
+    def _check_fits_alone(self, exc: AdmissionError) -> None:
+        """A cold swap closes the served model before loading the candidate: only worth it
+        when the candidate fits once the served model's memory is given back."""
+        served = self.host.model
+        if exc.need_mb is None or exc.rss_mb is None or served is None:
+            return
+        freed_mb = 0.0 if served.footprint is None else served.footprint.load_bytes / MB
+        alone_mb = exc.rss_mb - freed_mb + exc.need_mb
+        cap_mb = self.budget_cap_mb
+        if cap_mb is not None and alone_mb > cap_mb:
+            raise UpdateError(
+                UpdateCode.VALIDATION_FAILED,
+                f"the candidate does not fit even alone: {exc.need_mb:.1f} MB on top of "
+                f"{exc.rss_mb - freed_mb:.1f} MB without the served model = {alone_mb:.1f} MB, "
+                f"above the memory cap of {cap_mb:.1f} MB; the served model keeps serving",
+                check="memory",
+                detail_code=exc.code,
+                need_mb=round(exc.need_mb, 1),
+                cap_mb=round(cap_mb, 1),
+            )
 
     def _check_model(self, model: LoadedModel) -> None:
         """Golden diffs and memory figures; the latency budget (raises, model left open)."""
@@ -841,10 +870,11 @@ class UpdateJobs:
     def _commit(self, reason: str) -> None:
         model = self.host.model
         summary = {} if model is None else {"model": model.summary()}
-        self._finish(self._job_now(), Phase.COMMITTED, None, reason, summary)
+        # Before the final record: once it is written the next job may start.
         for removed in self.store.gc():
             log.info("removed bundle %s (neither current nor previous)", removed)
         release_free_memory()
+        self._finish(self._job_now(), Phase.COMMITTED, None, reason, summary)
 
     # ------------------------------------------------------------------ rollback
 
@@ -865,6 +895,8 @@ class UpdateJobs:
             return
         # A rollback is committed at once: the old model is not kept loaded for a trial.
         self._swap_in(candidate, old, pin=False)
+        self.store.gc()
+        release_free_memory()
         self._finish(
             self._job_now(),
             Phase.ROLLED_BACK,
@@ -872,8 +904,6 @@ class UpdateJobs:
             f"rolled back to {manifest.version} (rollback requested)",
             {} if self.host.model is None else {"model": self.host.model.summary()},
         )
-        self.store.gc()
-        release_free_memory()
 
 
 def _validation_error(exc: BaseException) -> UpdateError:

@@ -106,7 +106,7 @@ class _Window:
     errors: dict[str, int] = field(default_factory=dict)
     nonfinite: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * LATENCY_BUCKETS)
-    top1: np.ndarray | None = None  # counts per class index, classifiers only
+    top1: list[int] | None = None  # counts per class index, classifiers only
 
     def add(self, other: _Window) -> None:
         self.requests += other.requests
@@ -115,7 +115,8 @@ class _Window:
         self.nonfinite += other.nonfinite
         self.latency = [a + b for a, b in zip(self.latency, other.latency, strict=True)]
         if other.top1 is not None:
-            self.top1 = other.top1.copy() if self.top1 is None else self.top1 + other.top1
+            mine = self.top1 or [0] * len(other.top1)
+            self.top1 = [a + b for a, b in zip(mine, other.top1, strict=True)]
 
     def copy(self) -> _Window:
         out = _Window()
@@ -136,29 +137,38 @@ def classifier_output(model: LoadedModel) -> tuple[str, int] | None:
 def answer_is_bad(outputs: Feeds) -> bool:
     """An answer with an empty output or a NaN/inf anywhere in a float (or complex) output.
 
-    A float64 sum propagates any NaN or inf (and does not overflow on finite
-    float32 values), at the cost of one pass and no temporary array."""
+    A NaN or inf anywhere makes the sum NaN or inf, so a finite sum (one pass, no
+    temporary array: the per-request fast path) proves every value finite; only a
+    non-finite sum, which huge finite float64 values can also give, is checked value
+    by value."""
     if not outputs:
         return True
     for array in outputs.values():
         if array.size == 0:
             return True
         kind = array.dtype.kind
-        if kind == "f" and not math.isfinite(float(np.sum(array, dtype=np.float64))):
-            return True
-        if kind == "c" and not bool(np.isfinite(np.sum(array, dtype=np.complex128))):
-            return True
+        if kind not in "fc":
+            continue
+        # float64 accumulation: finite float16/32 values cannot overflow the sum.
+        total = array.sum(dtype=np.float64) if array.dtype.itemsize < 8 else array.sum()
+        if not np.isfinite(total):
+            with np.errstate(all="ignore"):
+                if not np.isfinite(array).all():
+                    return True
     return False
 
 
-def _top1(outputs: Feeds, output: str, classes: int) -> np.ndarray | None:
+def _top1(outputs: Feeds, output: str, classes: int) -> list[int] | int | None:
+    """The winning class of a one-row answer, or the count per class of a batch."""
     array = outputs.get(output)
     if array is None or array.ndim < 1 or array.shape[-1] != classes or array.size == 0:
         return None
     if array.dtype.kind not in REAL_KINDS:  # strings, objects, complex: no class order
         return None
+    if array.size == classes:
+        return int(array.argmax())
     winners = array.reshape(-1, classes).argmax(axis=1)
-    return np.bincount(winners, minlength=classes)[:classes]
+    return [int(n) for n in np.bincount(winners, minlength=classes)[:classes]]
 
 
 class _Traffic:
@@ -174,16 +184,29 @@ class _Traffic:
         self.rss_at_start = rss
         self.started = now
         self.span_s = span_s
-        self.total = _Window()
+        # A request counts in the current span only (one window to update); what
+        # leaves the recent pair is folded into `older`, so the whole life is the sum.
+        self.older = _Window()
         self.recent = [_Window(), _Window()]  # [previous span, current span]
         self.span_started = now
 
-    def windows(self, now: float) -> tuple[_Window, _Window]:
+    def current(self, now: float) -> _Window:
         if now - self.span_started >= self.span_s:
             spans = int((now - self.span_started) // self.span_s)
-            self.recent = [self.recent[1] if spans == 1 else _Window(), _Window()]
+            self.older.add(self.recent[0])
+            if spans == 1:
+                self.recent = [self.recent[1], _Window()]
+            else:
+                self.older.add(self.recent[1])
+                self.recent = [_Window(), _Window()]
             self.span_started += spans * self.span_s
-        return self.total, self.recent[1]
+        return self.recent[1]
+
+    def total(self) -> _Window:
+        out = self.older.copy()
+        out.add(self.recent[0])
+        out.add(self.recent[1])
+        return out
 
 
 class TrafficRecorder:
@@ -235,16 +258,24 @@ class TrafficRecorder:
         bucket = latency_bucket(seconds)
         now = self.clock()
         with self._lock:
-            for window in traffic.windows(now):
-                window.requests += 1
-                if error is not None:
-                    window.errors[error] = window.errors.get(error, 0) + 1
+            window = traffic.current(now)
+            window.requests += 1
+            if error is not None:
+                window.errors[error] = window.errors.get(error, 0) + 1
+            else:
+                window.latency[bucket] += 1
+            if bad:
+                window.nonfinite += 1
+            if top1 is not None:
+                assert traffic.classifier is not None
+                counts = window.top1
+                if counts is None:
+                    counts = window.top1 = [0] * traffic.classifier[1]
+                if isinstance(top1, int):
+                    counts[top1] += 1
                 else:
-                    window.latency[bucket] += 1
-                if bad:
-                    window.nonfinite += 1
-                if top1 is not None:
-                    window.top1 = top1.copy() if window.top1 is None else window.top1 + top1
+                    for i, n in enumerate(top1):
+                        counts[i] += n
 
     def _new(self, number: int, model: LoadedModel) -> _Traffic:
         rss = self.rss()
@@ -277,12 +308,12 @@ class TrafficRecorder:
             for n, other in self._generations.items():
                 if other.sha256 != traffic.sha256 or (not recent and n < number):
                     continue
-                total, _ = other.windows(now)
+                other.current(now)  # rotates the spans of a generation no longer answering
                 if recent:
                     window.add(other.recent[0])
                     window.add(other.recent[1])
                 else:
-                    window.add(total)
+                    window.add(other.total())
                 rss = min(rss, other.rss_at_start)
             classifier = traffic.classifier
         out = window_figures(window, classifier[1] if classifier else 0)
@@ -317,10 +348,10 @@ def window_figures(window: _Window, classes: int) -> dict[str, float]:
         out["p50_ms"] = round(p50, 4)
         out["p95_ms"] = round(p95, 4)
     if classes and window.top1 is not None:
-        rows = int(window.top1.sum())
+        rows = sum(window.top1)
         out["top1_samples"] = float(rows)
         if rows:
-            for i, count in enumerate(window.top1.tolist()):
+            for i, count in enumerate(window.top1):
                 out[f"top1.{i}"] = count / rows
     return out
 

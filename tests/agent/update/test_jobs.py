@@ -245,3 +245,42 @@ def test_cold_swap_and_rollback_commands(
     assert info.value.code == UpdateCode.NO_SUCH_VERSION and "1.1.0" in info.value.message
     agent.updates.rollback(RollbackRequest(version="1.1.0"))
     assert agent.updates.join(60) and served(agent) == "1.1.0"
+
+
+def test_a_deploy_sent_on_the_final_event_is_accepted(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    agent = started(tmp)
+    v2 = make_bundle(sample_parts, tmp / "v2.edgebundle", demo_key, version="1.1.0")
+    v3 = make_bundle(sample_parts, tmp / "v3.edgebundle", demo_key, version="1.2.0")
+    replies: list[Any] = []
+
+    def on_event(event: Any) -> None:
+        # Runs on the job thread, as the link's forwarding of the event does: the
+        # console that sees the final event may send the next deploy at once.
+        if event.kind == "update.committed" and event.data.get("version") == "1.1.0":
+            try:
+                replies.append(agent.updates.deploy(request_for(v3, "1.2.0")))
+            except UpdateError as exc:
+                replies.append(exc.code)
+
+    agent.events.subscribe(on_event)
+    agent.updates.deploy(request_for(v2, "1.1.0"))
+    assert agent.updates.join(120) and served(agent) == "1.2.0"
+    assert len(replies) == 1 and isinstance(replies[0], dict), replies
+
+
+def test_a_candidate_that_does_not_fit_even_alone_is_refused_without_a_cold_swap(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    agent = started(tmp)
+    figures = dict(sample_parts.manifest["figures"])
+    figures["peak_memory_mb"] = {"onnxruntime": 1_000_000.0, "litert": 1_000_000.0}
+    bundle = make_bundle(sample_parts, tmp / "huge.edgebundle", demo_key, version="1.1.0",
+                         figures=figures)  # fmt: skip
+    generation = agent.host.generation
+    job = run(agent, request_for(bundle, "1.1.0"))
+    assert job["code"] == UpdateCode.VALIDATION_FAILED and job["figures"]["check"] == "memory"
+    assert "even alone" in job["reason"]
+    assert agent.host.generation == generation  # never released for a cold swap
+    assert served(agent) == "1.0.0"

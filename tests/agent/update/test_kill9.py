@@ -16,7 +16,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.update.journal import Journal
-from tests.agent.mqtt.conftest import DEVICE, Console, broker, console, console_key, wait_until
+from tests.agent.mqtt.conftest import (
+    DEVICE,
+    Console,
+    broker,
+    console,
+    console_key,
+    listening,
+    wait_until,
+)
 from tests.agent.update.fetch.httpserver import HttpServer, Route
 from tests.helpers import DEMO_PUB, SAMPLE_BUNDLE, AgentProcess, SampleParts, make_bundle
 from tests.mqtt_broker import Broker
@@ -149,6 +157,19 @@ def test_kill_9_mid_deploy_then_restart(
             assert wait_until(lambda: phase(state) == "committed", 180), phase(state)
             assert served_version(console) == "1.1.0"
             assert any("Range" in seen.headers for seen in served_over_http.seen)
+            # The retained state names the job, its phase and, at the end, the model.
+            with listening(broker, f"edgerun/v1/{DEVICE}/state") as states:
+
+                def final_state() -> bool:
+                    bodies = [json.loads(b) for b in states.on("/state")]
+                    return any(
+                        (b.get("update") or {}).get("phase") == "committed"
+                        and b["update"]["job"] == job_id
+                        and b["update"]["model"]["version"] == "1.1.0"
+                        for b in bodies
+                    )
+
+                assert wait_until(final_state, 30)
         else:
             assert phase(state) == "rolled_back"
             assert served_version(console) == "1.0.0"

@@ -36,8 +36,8 @@ from tests.agent.update.watch.candidates import (
 from tests.helpers import SampleParts
 
 # Latency bound of these tests: generous, since a loaded 2-core CI box makes p95
-# of a sub-millisecond model jumpy; the slow candidate is ~100x slower.
-P95_RATIO = 5.0
+# of a sub-millisecond model jumpy; the slow candidate is ~500x slower.
+P95_RATIO = 10.0
 HANG_GUARD_S = 120.0
 
 
@@ -131,13 +131,18 @@ def test_bad_candidate_breaches_its_bound_at_once(
     builds = {
         "nan": (nan_below, low, live_images[sums >= low][:16]),
         "errors": (fails_above, high, live_images[sums <= high][:16]),
-        "slow": (slow, 1000.0, None),
+        "slow": (slow, 3000.0, None),
         "permuted": (permuted, 5.0, None),
         "grows": (grows_above, high, live_images[sums <= high][:16]),
     }
     fault, arg, golden = builds[kind]
     bad = build_candidate(sample_parts, demo_key, tmp / kind, "1.0.1", fault, arg, golden)
-    verdict, _, _ = run_trial(agent, live_images, bad.bundle, spec(max_rss_growth_mb=32.0))
+    # Filling a scratch tensor of tens of MB takes milliseconds too: the memory case
+    # is judged on its own bound.
+    ratio = 1000.0 if kind == "grows" else P95_RATIO
+    verdict, _, _ = run_trial(
+        agent, live_images, bad.bundle, spec(max_rss_growth_mb=32.0, max_p95_ratio=ratio)
+    )
     assert not verdict.ok  # type: ignore[attr-defined]
     assert verdict.bound == bound, verdict.reason  # type: ignore[attr-defined]
     reason: str = verdict.reason  # type: ignore[attr-defined]
