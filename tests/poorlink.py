@@ -68,6 +68,8 @@ class PoorLink:
     def stop(self) -> None:
         self._stopping.set()
         with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+        with contextlib.suppress(OSError):
             self._server.close()
         self.cut(count=False)
         self._thread.join(5)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from agent.config.model import UpdateConfig
 from agent.protocol.transfer import (
+    HEADER_BYTES,
+    MAX_CHUNK,
     Chunk,
     Need,
     NeedReason,
@@ -47,7 +49,9 @@ from agent.update.ports import ChunkTransport, Progress
 
 log = logging.getLogger(__name__)
 
-QUEUE_CHUNKS = 256  # chunks waiting to be written; beyond: dropped and asked again
+# Chunks waiting to be written; beyond: dropped and asked again. Each is at most
+# HEADER_BYTES + MAX_CHUNK (bigger ones are dropped on arrival): <= 16 MiB queued.
+QUEUE_CHUNKS = 256
 BITMAP_SAVE_S = 1.0  # how often the bitmap is written (after an fsync of the data)
 PROGRESS_EVERY_S = 0.25
 _BITMAP = struct.Struct(">4sIIQ32s")
@@ -157,6 +161,9 @@ class MqttFetcher:
         inbox: queue.Queue[object] = queue.Queue(QUEUE_CHUNKS)
 
         def on_chunk(data: bytes) -> None:  # network thread: queue and return
+            if len(data) > HEADER_BYTES + MAX_CHUNK:
+                self.dropped["length"] += 1
+                return
             try:
                 inbox.put_nowait(data)
             except queue.Full:
