@@ -156,6 +156,9 @@ class _Run:
         if random.random() >= self.spec.sample:
             return
         self.sampled += 1
+        if self.queue.full():  # the worker is behind (or pacing): not worth a copy
+            self.dropped += 1
+            return
         # Copies: the feeds may be views into the request's buffer, reused after the reply.
         sample = _Sample(
             {k: np.array(v, copy=True) for k, v in feeds.items()},

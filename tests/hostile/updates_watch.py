@@ -119,7 +119,7 @@ def cases() -> list[tuple[Case, Answer, bool, bool]]:
 
 def _trial(answer: Answer, name: str) -> tuple[str | None, str]:
     from agent.update.trial import TrafficRecorder
-    from tests.hostile.updates_watch_host import served_model
+    from tests.hostile._updates_watch_host import served_model
 
     host, model = served_model()
     recorder = TrafficRecorder(host)
@@ -138,7 +138,7 @@ def _trial(answer: Answer, name: str) -> tuple[str | None, str]:
 def _shadow(answer: Answer, name: str) -> tuple[str | None, str]:
     from agent.protocol.update import ShadowSpec
     from agent.update.shadow import ShadowEvaluator, _Run, _Sample
-    from tests.hostile.updates_watch_host import served_model
+    from tests.hostile._updates_watch_host import served_model
 
     _, model = served_model()
     verdicts = []

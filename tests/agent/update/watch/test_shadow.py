@@ -50,12 +50,13 @@ def evaluate(
 ) -> tuple[Verdict, list[dict[str, float]]]:
     shadow = ShadowEvaluator(agent.host)
     seen: list[dict[str, float]] = []
+    before = agent.host._observers
     if live is None:
         verdict = shadow.evaluate(candidate, spec, threading.Event(), seen.append)
     else:
         with LiveTraffic(agent.host, live).running():
             verdict = shadow.evaluate(candidate, spec, threading.Event(), seen.append)
-    assert agent.host._observers == ()  # unregistered on every path
+    assert agent.host._observers == before  # unregistered on every path
     assert not any(t.name == "shadow-worker" for t in threading.enumerate())
     assert shadow.figures() == verdict.figures  # what telemetry reports afterwards
     return verdict, seen
@@ -149,6 +150,7 @@ def test_cancel_stops_at_once_and_no_traffic_times_out(
     same = build_candidate(sample_parts, demo_key, tmp / "same", "1.0.1")
     with loaded(agent, same.bundle) as candidate:
         shadow = ShadowEvaluator(agent.host)
+        before = agent.host._observers
         cancel = threading.Event()
         out: list[Verdict] = []
         worker = threading.Thread(
@@ -163,7 +165,7 @@ def test_cancel_stops_at_once_and_no_traffic_times_out(
         assert not worker.is_alive()
         [verdict] = out
         assert not verdict.ok and verdict.bound == "cancelled"
-        assert agent.host._observers == ()
+        assert agent.host._observers == before
         verdict, _ = evaluate(agent, candidate, ShadowSpec(timeout_s=1, min_requests=5), None)
     assert not verdict.ok and verdict.bound == "timeout_s"
     assert verdict.reason.startswith("not enough live traffic: 0 of min_requests 5")
@@ -182,11 +184,12 @@ def test_a_failing_progress_callback_does_not_end_the_evaluation(
     def broken(figures: dict[str, float]) -> None:
         raise RuntimeError("event sink down")
 
+    before = agent.host._observers
     with loaded(agent, same.bundle) as candidate, LiveTraffic(agent.host, live_images).running():
         verdict = ShadowEvaluator(agent.host, progress_s=0.05).evaluate(
             candidate, ShadowSpec(sample=0.5, min_requests=30), threading.Event(), broken
         )
-    assert verdict.ok and agent.host._observers == ()
+    assert verdict.ok and agent.host._observers == before
 
 
 def test_sampled_requests_are_copies(agent: Agent) -> None:

@@ -10,15 +10,17 @@ from agent.link.telemetry import model_figures
 from agent.protocol.update import ShadowSpec
 from agent.service import Agent
 from agent.update.shadow import ShadowEvaluator
-from agent.update.trial import TrafficRecorder, Watchdog
+from agent.update.trial import Watchdog
 
 
 def test_live_and_shadow_figures_go_into_telemetry_only(agent: Agent) -> None:
-    recorder = TrafficRecorder(agent.host)
+    # As the agent wires them: its recorder (started with the agent) behind the
+    # update service's trial port, and its shadow runner.
+    recorder = agent.traffic
     recorder.start()
-    shadow = ShadowEvaluator(agent.host)
-    agent.updates.trial = Watchdog(recorder)
-    agent.updates.shadow = shadow
+    assert isinstance(agent.updates.trial, Watchdog) and agent.updates.trial.recorder is recorder
+    shadow = agent.updates.shadow
+    assert isinstance(shadow, ShadowEvaluator)
     try:
         assert "live" not in (model_figures(agent, live=True) or {})  # nothing answered yet
         images = np.zeros((3, 1, 8, 8), np.float32)
