@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.client
 import ssl
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -48,14 +49,18 @@ def http_getter(
     max_redirects: int,
     tls: ssl.SSLContext | None = None,
     cap: int = MAX_INDEX_BYTES,
+    deadline_s: float | None = None,
 ) -> Getter:
-    """A GET of at most `cap` bytes; raises UpdateError (download_failed / index_invalid)."""
+    """A GET of at most `cap` bytes within `deadline_s` (default: 4x the two timeouts);
+    raises UpdateError (download_failed / index_invalid)."""
     context = tls or tls_context()
     opener = urllib.request.build_opener(
         type("Redirects", (_Redirects,), {"max_redirections": max_redirects})(),
         urllib.request.HTTPSHandler(context=context),
     )
     timeout = max(connect_timeout_s, read_timeout_s)
+    # Per-read timeouts alone let a server trickle a byte every few seconds for hours.
+    budget = deadline_s if deadline_s is not None else 4 * (connect_timeout_s + read_timeout_s)
 
     def get(url: str) -> bytes:
         check_hop(url, None)
@@ -66,7 +71,7 @@ def http_getter(
                 length = response.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) > cap:
                     raise _oversize(shown_url, int(length), cap)
-                data: bytes = response.read(cap + 1)
+                data = _read(response, cap + 1, time.monotonic() + budget, shown_url)
         except UpdateError:
             raise
         except urllib.error.HTTPError as exc:
@@ -86,6 +91,24 @@ def http_getter(
         return data
 
     return get
+
+
+def _read(response: Any, limit: int, deadline: float, url: str) -> bytes:
+    parts: list[bytes] = []
+    have = 0
+    while have < limit:
+        if time.monotonic() > deadline:
+            raise UpdateError(
+                UpdateCode.DOWNLOAD_FAILED,
+                f"release index {url}: not complete after {have} bytes within the time "
+                "allowed (4x update.connect_timeout_s + update.read_timeout_s)",
+            )
+        block: bytes = response.read1(min(65536, limit - have))
+        if not block:
+            break
+        parts.append(block)
+        have += len(block)
+    return b"".join(parts)
 
 
 def _oversize(url: str, size: int, cap: int) -> UpdateError:

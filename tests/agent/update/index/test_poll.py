@@ -248,3 +248,35 @@ def test_a_fresh_device_given_a_version_pulls_the_one_model_the_index_lists(
     pull2.want("1.0.0")
     pull2.check_once()
     assert service2.deploys == [] and "2 model names" in events.seen[-1][1]
+
+
+def test_a_trickling_repository_is_cut_at_the_deadline(tmp_path: Path) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        while not stop.wait(0.05):
+            try:
+                conn.sendall(b" ")
+            except OSError:
+                break
+        conn.close()
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    get = http_getter(5, 5, 0, deadline_s=0.5)
+    try:
+        with pytest.raises(UpdateError) as info:
+            get(f"http://127.0.0.1:{listener.getsockname()[1]}/index.json")
+    finally:
+        stop.set()
+        listener.close()
+    assert info.value.code == UpdateCode.DOWNLOAD_FAILED
+    assert "within the time allowed" in info.value.message
