@@ -9,7 +9,7 @@ Printed as a table, medians of --runs runs:
   and the swap alone (`update.swapping` -> `update.trial` event times on the device);
 * trial breach (first NaN answer of a model that breaks the trial) -> first answer of
   the old model again (target under 2 s);
-* RSS growth over 50 swaps (one run);
+* RSS growth over 50 swaps of a model with 8 MiB of weights (one run);
 * shadow mode's cost to live latency (p50/p95 without a job and while a candidate runs
   in shadow on every request);
 * download throughput of the sample with and without `update.max_kbps`.
@@ -52,7 +52,7 @@ def _deploy(rig: Rig, args: dict[str, Any], timeout: float = 300) -> dict[str, A
     reply = rig.console.deploy(args)
     deadline = time.monotonic() + 30
     # A job whose final event was sent may still be ending (update.busy): retry, as a
-    # console would (the race is a known bug: tests/system/update/landing_bugs.py).
+    # console would (a job used to outlive its final event).
     while (reply.get("error") or {}).get("code") == "update.busy" and time.monotonic() < deadline:
         time.sleep(0.05)
         reply = rig.console.deploy(args)
@@ -122,7 +122,7 @@ def bench_swaps(tmp: Path, bundles: Bundles, swaps: int) -> dict[str, float]:
         readings = []
         with Load(agent.socket, clients=2) as load:
             for i in range(1, swaps + 1):
-                release = bundles.good(f"1.0.{i}")
+                release = bundles.weighty(f"1.0.{i}")
                 url = rig.server.add(f"/b{i}", release.data)
                 final = _deploy(rig, release.deploy_args(url, trial={"window_s": 0}))
                 if final["kind"] != "update.committed":

@@ -82,8 +82,9 @@ def no_traceback(rig: Rig) -> None:
 
 
 def after_final(rig: Rig, name: str, args: dict[str, Any], retry_s: float = 30) -> dict[str, Any]:
-    """A command sent right after a job's final event, retried while `update.busy`: the
-    job thread may still be ending (a known bug, tests/system/update/landing_bugs.py)."""
+    """A command sent right after a job's final event, retried while `update.busy` (the job
+    thread used to outlive its final event; test_deploy.py checks that it no longer does,
+    so here the retry only keeps other tests about other things)."""
     deadline = time.monotonic() + retry_s
     reply = rig.console.request(name, args)
     while code_of(reply) == "update.busy" and time.monotonic() < deadline:

@@ -102,3 +102,15 @@ def test_cancel_during_a_slow_download_keeps_the_old_model(rig: Rig, bundles: Bu
     assert served_version(agent) == "1.0.0"
     nothing = after_final(rig, "update.cancel", {})
     assert not nothing["ok"] and nothing["error"]["code"] == "update.nothing_to_cancel", nothing
+
+
+def test_a_deploy_sent_on_the_committed_event_is_accepted(rig: Rig, bundles: Bundles) -> None:
+    """A console that sees `update.committed` (a final phase) may send the next deploy."""
+    rig.start_agent()
+    for i in range(30):
+        version = f"1.1.{i}"
+        release = bundles.good(version)
+        url = rig.server.add(f"/n{i}", release.data)
+        reply, final = deploy(rig, release.deploy_args(url, trial={"window_s": 0}))
+        assert reply["ok"], (version, reply)
+        assert final is not None and final["kind"] == "update.committed", final
