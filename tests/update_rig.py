@@ -231,6 +231,90 @@ class Bundles:
         make_bundle(self.parts, path, self.key, files=files, version=version, **changes)
         return Release(path, version)
 
+    def slow(self, version: str, layers: int = 20, width: int = 1024) -> Release:
+        """Same answers, ~`layers` x 2 x width^2 more FLOPs a row (tens of ms); its manifest
+        claims a latency that covers it, so validation passes and only the trial's p95
+        against the previous model on this device can catch it."""
+
+        def edit(graph: Any) -> None:
+            from onnx import TensorProto, helper, numpy_helper
+
+            out = _rename_output(graph, "logits_raw")
+            rng = np.random.default_rng(0)
+            w_in = (rng.standard_normal((64, width)) / 8).astype(np.float32)
+            w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+            graph.initializer.extend([
+                numpy_helper.from_array(w_in, "slow_in"),
+                numpy_helper.from_array(w, "slow_w"),
+                helper.make_tensor("slow_flat", TensorProto.INT64, [2], [0, -1]),
+                helper.make_tensor("slow_zero", TensorProto.FLOAT, [], [0.0]),
+                helper.make_tensor("slow_axes", TensorProto.INT64, [1], [1]),
+            ])  # fmt: skip
+            nodes = [
+                helper.make_node("Reshape", ["input", "slow_flat"], ["slow_x"]),
+                helper.make_node("MatMul", ["slow_x", "slow_in"], ["slow_h0"]),
+            ]
+            for i in range(layers):
+                nodes.append(
+                    helper.make_node("MatMul", [f"slow_h{i}", "slow_w"], [f"slow_h{i + 1}"])
+                )
+            nodes += [
+                helper.make_node(
+                    "ReduceSum", [f"slow_h{layers}", "slow_axes"], ["slow_sum"], keepdims=1
+                ),
+                helper.make_node("Mul", ["slow_sum", "slow_zero"], ["slow_nothing"]),
+                helper.make_node("Add", ["logits_raw", "slow_nothing"], [out]),
+            ]
+            graph.node.extend(nodes)
+
+        model = _edited_model(self.parts, self.dir / f"slow-{version}.onnx", edit)
+        files, changes = _onnx_only(self.parts, self.dir, model=model)
+        figures = json.loads(json.dumps(self.parts.manifest["figures"]))
+        figures["latency_ms"]["onnxruntime"].update({"p50": 500.0, "p90": 600.0, "p99": 800.0,
+                                                     "mean": 500.0})  # fmt: skip
+        path = self._out("slow", version)
+        make_bundle(self.parts, path, self.key, files=files, version=version, figures=figures,
+                    **changes)  # fmt: skip
+        return Release(path, version)
+
+    def weighty(self, version: str, mb: int = 8) -> Release:
+        """Same answers plus 0 x (input @ an `mb` MiB weight): a session of it holds the
+        weights, so leaking one per swap shows in RSS (the sample's 150 KB would not)."""
+        model = self.dir / f"weighty-{mb}.onnx"
+        if not model.exists():
+
+            def edit(graph: Any) -> None:
+                from onnx import TensorProto, helper, numpy_helper
+
+                out = _rename_output(graph, "logits_raw")
+                cols = mb * (1 << 20) // (64 * 4)
+                w = np.random.default_rng(0).standard_normal((64, cols)).astype(np.float32)
+                graph.initializer.extend([
+                    numpy_helper.from_array(w, "heavy_w"),
+                    helper.make_tensor("heavy_flat", TensorProto.INT64, [2], [0, -1]),
+                    helper.make_tensor("heavy_zero", TensorProto.FLOAT, [], [0.0]),
+                    helper.make_tensor("heavy_axes", TensorProto.INT64, [1], [1]),
+                ])  # fmt: skip
+                graph.node.extend([
+                    helper.make_node("Reshape", ["input", "heavy_flat"], ["heavy_x"]),
+                    helper.make_node("MatMul", ["heavy_x", "heavy_w"], ["heavy_h"]),
+                    helper.make_node("ReduceSum", ["heavy_h", "heavy_axes"], ["heavy_sum"],
+                                     keepdims=1),
+                    helper.make_node("Mul", ["heavy_sum", "heavy_zero"], ["heavy_nothing"]),
+                    helper.make_node("Add", ["logits_raw", "heavy_nothing"], [out]),
+                ])  # fmt: skip
+
+            _edited_model(self.parts, model, edit)
+        files, changes = _onnx_only(self.parts, self.dir, model=model)
+        # Its matmul costs about a millisecond a row: a budget that covers it on a busy box.
+        figures = json.loads(json.dumps(self.parts.manifest["figures"]))
+        figures["latency_ms"]["onnxruntime"]["p50"] = 20.0
+        path = self._out("weighty", version)
+        if not path.exists():
+            make_bundle(self.parts, path, self.key, files=files, version=version,
+                        figures=figures, **changes)  # fmt: skip
+        return Release(path, version)
+
     def nan_on_live(self, version: str) -> Release:
         """Passes every golden case; answers NaN to live rows (see LIVE_MARK)."""
         model = _edited_model(self.parts, self.dir / f"nan-{version}.onnx", _nan_on_live)

@@ -16,7 +16,10 @@ GOOD_PHASES = [
     "update.swapping",
     "update.committed",
 ]
-QUICK_TRIAL = {"window_s": 0.5, "min_requests": 0}
+# A short trial of a model known to be good: the p95 bound is loosened because half a
+# second of p95 on a loaded 2-core box is noise (with the default ratio 2 an identical
+# model was seen rolled back: 2.x ms against a 0.9 ms baseline). Tests about p95 set it.
+QUICK_TRIAL = {"window_s": 0.5, "min_requests": 0, "max_p95_ratio": 50}
 
 
 def code_of(event_or_reply: dict[str, Any]) -> str:
@@ -79,8 +82,9 @@ def no_traceback(rig: Rig) -> None:
 
 
 def after_final(rig: Rig, name: str, args: dict[str, Any], retry_s: float = 30) -> dict[str, Any]:
-    """A command sent right after a job's final event, retried while `update.busy`: the
-    job thread may still be ending (a known bug, tests/system/update/landing_bugs.py)."""
+    """A command sent right after a job's final event, retried while `update.busy` (the job
+    thread used to outlive its final event; test_deploy.py checks that it no longer does,
+    so here the retry only keeps other tests about other things)."""
     deadline = time.monotonic() + retry_s
     reply = rig.console.request(name, args)
     while code_of(reply) == "update.busy" and time.monotonic() < deadline:

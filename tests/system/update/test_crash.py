@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.system.update.flows import FINAL, QUICK_TRIAL
+from tests.system.update.flows import FINAL, QUICK_TRIAL, after_final
 from tests.update_rig import Bundles, Load, Rig, served_version
 
 ORDER = ["accepted", "downloading", "verifying", "validating", "shadow", "swapping", "trial"]
@@ -100,3 +100,53 @@ def test_kill_9_at_each_phase_then_restart(rig: Rig, bundles: Bundles, target: s
     ), json.dumps(journal)
     # The retained state agrees with what is served.
     rig.console.wait_state(lambda s: s.get("model", {}).get("version") == version)
+
+
+def _kill_in_trial(rig: Rig, args: dict[str, Any]) -> None:
+    reply = rig.console.deploy(args)
+    assert reply["ok"], reply
+    deadline = time.monotonic() + 120
+    while _phase(rig) != "trial":
+        assert time.monotonic() < deadline, rig.journal()
+        time.sleep(0.005)
+    rig.kill_agent()
+
+
+def test_a_candidate_the_agent_dies_with_is_marked_bad_at_max_crashes(
+    rig: Rig, bundles: Bundles
+) -> None:
+    rig.start_agent()
+    release = bundles.good("1.1.0")
+    url = rig.server.add("/b", release.data)
+    trial = {"window_s": 120, "min_requests": 0, "max_crashes": 1}
+    _kill_in_trial(rig, release.deploy_args(url, trial=trial))
+    after = rig.console.last_seq()
+    agent = rig.start_agent()
+    final = rig.console.wait_event(FINAL, 120, after=after)
+    assert final["kind"] == "update.rolled_back", final
+    assert final["data"].get("code") == "update.crash_loop", final
+    assert served_version(agent) == "1.0.0"
+    again = after_final(rig, "deploy", release.deploy_args(url, trial=trial))
+    assert not again["ok"] and again["error"]["code"] == "update.marked_bad", again
+
+
+def test_one_crash_under_max_crashes_rolls_back_without_marking_bad(
+    rig: Rig, bundles: Bundles
+) -> None:
+    rig.start_agent()
+    release = bundles.good("1.1.0")
+    url = rig.server.add("/b", release.data)
+    _kill_in_trial(rig, release.deploy_args(url, trial={"window_s": 120, "min_requests": 0,
+                                                         "max_crashes": 2}))  # fmt: skip
+    after = rig.console.last_seq()
+    agent = rig.start_agent()
+    final = rig.console.wait_event(FINAL, 120, after=after)
+    assert final["kind"] == "update.rolled_back", final
+    assert final["data"].get("code") == "update.interrupted", final
+    assert served_version(agent) == "1.0.0"
+    # Not marked bad: the same version may be deployed again, and commits.
+    rolled = final["seq"]
+    reply = after_final(rig, "deploy", release.deploy_args(url, trial=QUICK_TRIAL))
+    assert reply["ok"], reply
+    final = rig.console.wait_event({"update.committed", "update.failed"}, 120, after=rolled)
+    assert final["kind"] == "update.committed", final

@@ -38,7 +38,10 @@ def test_good_update_over_https_under_load_fails_no_request(rig: Rig, bundles: B
         0 <= (e.get("data") or {}).get("percent", -1) <= 100 for e in progress
     ), progress
     state = rig.console.wait_state(lambda s: s.get("model", {}).get("version") == "1.1.0")
-    assert state["model"]["sha256"], state
+    assert state["model"]["sha256"] == release.sha256, state
+    # ... with the job, its phase and version (docs/mqtt.md "the retained state").
+    job = rig.console.wait_state(lambda s: (s.get("update") or {}).get("phase") == "committed")
+    assert job["update"]["job"] == reply["result"]["job"] and job["update"]["version"] == "1.1.0"
     # status and ping answered all along; update.status reports the finished job.
     status = rig.console.request("update.status")
     assert status["ok"], status
@@ -77,3 +80,37 @@ def test_rollback_command_returns_to_the_previous_version(rig: Rig, bundles: Bun
         load.wait_requests(50)
     assert load.report.failures == 0, load.report.failed
     rig.console.wait_state(lambda s: s.get("model", {}).get("version") == "1.0.0")
+
+
+def test_cancel_during_a_slow_download_keeps_the_old_model(rig: Rig, bundles: Bundles) -> None:
+    agent = rig.start_agent()
+    release = bundles.good("1.1.0")
+    url = rig.server.add("/slow", release.data, delay_s=0.2, chunk=8192)  # ~8 s in all
+    with Load(agent.socket, clients=2) as load:
+        after = rig.console.last_seq()
+        reply = rig.console.deploy(release.deploy_args(url, trial=QUICK_TRIAL))
+        assert reply["ok"], reply
+        rig.console.wait_event({"update.downloading"}, 60, after=after)
+        cancel = rig.console.request("update.cancel")
+        assert cancel["ok"], cancel
+        final = rig.console.wait_event(
+            {"update.cancelled", "update.committed", "update.failed"}, 60, after=after
+        )
+        load.wait_requests(20)
+    assert final["kind"] == "update.cancelled", final
+    assert load.report.failures == 0, load.report.failed
+    assert served_version(agent) == "1.0.0"
+    nothing = after_final(rig, "update.cancel", {})
+    assert not nothing["ok"] and nothing["error"]["code"] == "update.nothing_to_cancel", nothing
+
+
+def test_a_deploy_sent_on_the_committed_event_is_accepted(rig: Rig, bundles: Bundles) -> None:
+    """A console that sees `update.committed` (a final phase) may send the next deploy."""
+    rig.start_agent()
+    for i in range(30):
+        version = f"1.1.{i}"
+        release = bundles.good(version)
+        url = rig.server.add(f"/n{i}", release.data)
+        reply, final = deploy(rig, release.deploy_args(url, trial={"window_s": 0}))
+        assert reply["ok"], (version, reply)
+        assert final is not None and final["kind"] == "update.committed", final

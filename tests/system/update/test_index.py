@@ -46,7 +46,7 @@ def _refusal(rig: Rig, timeout: float = 120) -> dict[str, Any]:
 
 def _pull_agent(rig: Rig) -> None:
     rig.start_agent(update=f'repository = "{rig.server.url("/index.json")}"\npoll_s = 0.5\n'
-                           '[update.trial]\nwindow_s = 0.5\nmin_requests = 0\n')  # fmt: skip
+                           '[update.trial]\nwindow_s = 0.5\nmin_requests = 0\nmax_p95_ratio = 50\n')  # fmt: skip
 
 
 def test_a_good_index_pulls_and_commits(
@@ -99,3 +99,19 @@ def test_an_older_index_is_refused(rig: Rig, bundles: Bundles, demo_key: Ed25519
     assert code_of(refused) == "update.index_rollback", refused
     assert served_version(rig.agent) == "1.0.0"
     no_traceback(rig)
+
+
+def test_start_with_a_repository_reports_no_spurious_refusal(
+    rig: Rig, bundles: Bundles, demo_key: Ed25519PrivateKey
+) -> None:
+    """The first poll must wait for the model served at start: a device that serves 1.0.0
+    must not say "no model is served" on every start."""
+    rig.server.add("/a", bundles.good("1.0.0").data)
+    rig.server.add("/index.json", _index(rig, demo_key, 9, timedelta(hours=1), [("1.0.0", "/a")]))
+    _pull_agent(rig)
+    deadline = time.monotonic() + 60
+    while len(rig.server.requests("/index.json")) < 3:  # a few polls
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    refusals = [e for e in rig.console.events() if e["kind"] == "update.pull_refused"]
+    assert refusals == [], refusals

@@ -1,8 +1,8 @@
 """50 updates in a row under load: no request fails and RSS grows by less than a bound.
 
-A reload that leaks its model (session, arena, unpacked files mapped) would cost the
-sample's runtime footprint (tens of MB, `figures.peak_memory_mb`) per swap: 45 swaps
-would add far more than the bound.
+The candidates carry 8 MiB of weights (the sample's 150 KB would leak too little to be
+seen): a reload that leaks its model (a session never closed, its weights, the unpacked
+files mapped) costs at least that per swap, 360 MiB over 45 swaps, far above the bound.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from tests.update_rig import Bundles, Load, Rig, rss_mb, served_version
 
 SWAPS = 50
 WARM = 5  # swaps before the first reading (arenas and caches reach their size)
-BOUND_MB = 48.0
+BOUND_MB = 64.0  # measured: a few MB
 
 
 def test_50_swaps_in_a_row_grow_rss_less_than_a_bound(rig: Rig, bundles: Bundles) -> None:
@@ -20,7 +20,7 @@ def test_50_swaps_in_a_row_grow_rss_less_than_a_bound(rig: Rig, bundles: Bundles
     readings: list[float] = []
     with Load(agent.socket, clients=2) as load:
         for i in range(1, SWAPS + 1):
-            release = bundles.good(f"1.0.{i}")
+            release = bundles.weighty(f"1.0.{i}")
             url = rig.server.add(f"/b{i}", release.data)
             reply, final = deploy(
                 rig, release.deploy_args(url, trial={"window_s": 0}), busy_retry_s=30

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import time
 
-from tests.system.update.flows import after_final, code_of, deploy, no_traceback, wait_version
+from tests.system.update.flows import (
+    QUICK_TRIAL,
+    after_final,
+    code_of,
+    deploy,
+    no_traceback,
+    wait_version,
+)
 from tests.update_rig import Bundles, Load, Rig, served_version
 
 
@@ -18,7 +25,8 @@ def test_a_model_breaking_the_trial_is_rolled_back_and_marked_bad(
     agent = rig.start_agent()
     bad = bundles.nan_on_live("1.1.0")
     url = rig.server.add("/nan", bad.data)
-    trial = {"window_s": 60, "min_requests": 10, "max_nonfinite_rate": 0.0}
+    # Only the non-finite bound is under test (p95 loosened so it cannot trip first).
+    trial = {"window_s": 60, "min_requests": 10, "max_nonfinite_rate": 0.0, "max_p95_ratio": 50}
     with Load(agent.socket, clients=2, live=True) as load:
         load.wait_requests(50)
         reply, final = deploy(rig, bad.deploy_args(url, trial=trial))
@@ -76,9 +84,7 @@ def test_shadow_agreement_promotes_with_figures(rig: Rig, bundles: Bundles) -> N
     shadow = {"sample": 1.0, "min_requests": 20, "min_agreement": 0.9, "timeout_s": 120}
     with Load(agent.socket, clients=2) as load:
         load.wait_requests(20)
-        reply, final = deploy(
-            rig, good.deploy_args(url, shadow=shadow, trial={"window_s": 0.5, "min_requests": 0})
-        )
+        reply, final = deploy(rig, good.deploy_args(url, shadow=shadow, trial=QUICK_TRIAL))
         load.wait_requests(20)
     assert final is not None and final["kind"] == "update.committed", final
     assert "update.shadow" in rig.console.kinds()
@@ -97,7 +103,28 @@ def test_trial_passes_on_a_healthy_model_and_commits(rig: Rig, bundles: Bundles)
     t0 = time.monotonic()
     with Load(agent.socket, clients=2, live=True) as load:
         load.wait_requests(20)
-        _, final = deploy(rig, good.deploy_args(url, trial={"window_s": 3, "min_requests": 5}))
+        _, final = deploy(
+            rig,
+            good.deploy_args(url, trial={"window_s": 3, "min_requests": 5, "max_p95_ratio": 10}),
+        )
     assert final is not None and final["kind"] == "update.committed", final
     assert time.monotonic() - t0 >= 3  # the trial window was honoured
     assert load.report.failures == 0, load.report.failed
+
+
+def test_a_much_slower_model_is_rolled_back_on_its_p95(rig: Rig, bundles: Bundles) -> None:
+    agent = rig.start_agent()
+    slow = bundles.slow("1.1.0")
+    url = rig.server.add("/slow", slow.data)
+    trial = {"window_s": 60, "min_requests": 20, "max_p95_ratio": 2.0}
+    with Load(agent.socket, clients=2) as load:
+        load.wait_requests(200)  # the baseline p95 of 1.0.0 on this device
+        reply, final = deploy(rig, slow.deploy_args(url, trial=trial))
+        assert reply["ok"], reply
+        assert final is not None and final["kind"] == "update.rolled_back", final
+        wait_version(rig, "1.0.0")
+        load.wait_requests(20)
+    assert code_of(final) == "update.trial_failed", final
+    assert "p95" in str(final), final
+    assert load.report.failures == 0, load.report.failed
+    assert load.report.versions["1.1.0"] > 0  # it did serve, and was caught live

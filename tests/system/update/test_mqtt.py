@@ -1,8 +1,7 @@
 """A good update over an MQTT chunk transfer under steady load, also across a poor link.
 
 The console serves the bundle with fleet/transfer.py's ChunkSender on its own
-connection; the device asks for what it lacks. Needs h8/core and h8/fetch with the
-MQTT fetcher registered for `transfer` deploys. Enable by renaming to test_mqtt.py.
+connection; the device asks for what it lacks.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from fleet.transfer import ChunkSender
 from tests.poorlink import PoorLink
 from tests.system.update.flows import (
     GOOD_PHASES,
+    QUICK_TRIAL,
     deploy,
     is_subsequence,
     no_traceback,
@@ -21,7 +21,7 @@ from tests.update_rig import DEVICE, Bundles, Load, Rig, served_version
 
 def _transfer_args(sender: ChunkSender, version: str) -> dict[str, object]:
     return {"transfer": sender.transfer_id, "sha256": sender.sha256, "size": sender.size,
-            "version": version, "trial": {"window_s": 0.5, "min_requests": 0}}  # fmt: skip
+            "version": version, "trial": QUICK_TRIAL}  # fmt: skip
 
 
 def test_good_update_over_an_mqtt_chunk_transfer_under_load(rig: Rig, bundles: Bundles) -> None:
