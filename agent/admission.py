@@ -17,7 +17,14 @@ from agent.config.model import AgentConfig
 from agent.events import EventBus
 from agent.footprint import Footprint, PeakMeter, golden_rows, golden_shapes, measure
 from agent.golden import check_golden
-from agent.memory import MB, AdmissionError, MemoryBudget, admit, release_free_memory
+from agent.memory import (
+    MB,
+    AdmissionError,
+    MemoryBudget,
+    admit,
+    current_rss,
+    release_free_memory,
+)
 from agent.runtimes import choose_runtime, load_runtime
 from agent.runtimes.base import InferenceError, ModelLoadError, Runtime, RuntimeUnavailableError
 from agent.serving import LoadedModel, ModelHost, SwapTimeoutError
@@ -105,8 +112,8 @@ class Admission:
             footprint=footprint,
         )
 
-    @staticmethod
     def _measure(
+        self,
         runtime: Runtime,
         manifest: Manifest,
         meter: PeakMeter,
@@ -114,8 +121,11 @@ class Admission:
         load_peak: int,
         shapes: dict[str, tuple[int, ...]],
     ) -> Footprint | None:
+        # What the probes may take: the headroom under the soft limit right now (the
+        # served model and its requests are resident).
+        budget = max(0, int(self.budget.soft_limit_bytes) - current_rss())
         try:
-            return measure(runtime, manifest, meter, base, load_peak, shapes)
+            return measure(runtime, manifest, meter, base, load_peak, shapes, budget)
         except InferenceError as exc:
             # Zero-filled probes may be invalid input for some models (an index
             # range, a minimum size); the golden replay still judges the model.

@@ -171,10 +171,14 @@ def measure(
     base_rss: int,
     load_peak: int,
     like: dict[str, tuple[int, ...]] | None = None,
+    budget_bytes: int | None = None,
 ) -> Footprint:
     """Probe the loaded `runtime`; `base_rss` is the RSS before it was loaded and
     `load_peak` the peak RSS seen while it loaded. `like` holds the golden inputs'
-    shapes. Runtime errors (InferenceError) propagate."""
+    shapes. `budget_bytes` bounds what the probes may take (the headroom under the
+    soft limit: live requests beside a candidate must not be shed because of its
+    probes); the multi-row probes use no more rows than the one-row cost says fit.
+    Runtime errors (InferenceError) propagate."""
     specs = manifest.inputs
     like = like or {}
     is_batched = batched(specs)
@@ -188,19 +192,29 @@ def measure(
     runtime.run(one_row)
     one = max(0, meter.peak() - start)
     per_row = 0
-    if is_batched:
+    # How many rows the budget lets a probe run, judged on the one-row cost (a row
+    # costs at most what one row took, counted from the same start).
+    fits = PROBE_ROWS if budget_bytes is None else budget_bytes // (2 * max(one, 1))
+    rows = min(PROBE_ROWS, fits)
+    if is_batched and rows < 2:
+        # Not even two rows fit beside what is served: take one row's cost per row
+        # (an upper bound for any batch), and let admission judge it.
+        per_row = one
+    elif is_batched:
         # The arena keeps what the 1-row run took, so measure from the same start.
         meter.reset()
-        runtime.run(_probe_feeds(specs, PROBE_ROWS, like))
+        runtime.run(_probe_feeds(specs, rows, like))
         many = max(0, meter.peak() - start)
         # The slope alone under-reads an arena that grows in powers of two; the
         # average over the larger probe bounds it from above for batches near it.
-        per_row = max((many - one) // (PROBE_ROWS - 1), many // PROBE_ROWS)
+        per_row = max((many - one) // (rows - 1), many // rows)
         if many < _SMALL_PROBE_BYTES:
             # Cheap rows: 32 of them are lost in the allocator's granularity, and a
             # replay of 65,536 such rows is not cheap. Probe again with enough rows
             # to cost about _REPROBE_BYTES, and take that figure instead.
             n = min(_MAX_PROBE_ROWS, max(2 * PROBE_ROWS, _REPROBE_BYTES // max(per_row, 1024)))
+            if budget_bytes is not None:
+                n = max(2, min(n, budget_bytes // (2 * max(per_row, 1))))
             meter.reset()
             runtime.run(_probe_feeds(specs, n, like))
             more = max(0, meter.peak() - start)
