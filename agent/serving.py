@@ -234,6 +234,9 @@ class ModelHost:
         self._rest_rss = current_rss()  # RSS with the current model loaded and idle
         self.draining = False
         self._swapping: str | None = None  # what a cold swap is loading, while it does
+        # New requests wait on this (bounded by update.cold_swap_wait_ms) during a cold
+        # swap, and are then served by the new model.
+        self._swap_done = threading.Condition(self._lock)
         # Builds a fresh runtime for a served model (set by Admission): rebuilding is
         # the last resort to give back memory a runtime's pools keep.
         self.reopen: Callable[[LoadedModel], LoadedModel] | None = None
@@ -248,6 +251,11 @@ class ModelHost:
     def model(self) -> LoadedModel | None:
         current = self._current
         return None if current is None else current.model
+
+    @property
+    def swapping(self) -> str | None:
+        """What a cold swap is loading, while it does (new requests wait for it)."""
+        return self._swapping
 
     @property
     def generation(self) -> int:
@@ -363,7 +371,7 @@ class ModelHost:
             with self._lock:
                 if not old.closing:
                     old.retired = False
-                    self._swapping = None
+                    self._end_swap()
                     raise SwapTimeoutError(
                         f"{old.users} request(s) still running on {old.model.manifest.name} "
                         f"{old.model.manifest.version} after {timeout_s:.1f} s; it keeps "
@@ -377,10 +385,15 @@ class ModelHost:
         except BaseException:
             self._restore(old.model)
             raise
-        with self._lock:
-            self._swapping = None
         self.swap(new)
+        with self._lock:
+            self._end_swap()
         return old.model
+
+    def _end_swap(self) -> None:
+        """With the lock held: the cold swap is over; wake the requests waiting on it."""
+        self._swapping = None
+        self._swap_done.notify_all()
 
     def _restore(self, model: LoadedModel) -> None:
         try:
@@ -394,11 +407,11 @@ class ModelHost:
                 model.manifest.version,
             )
             with self._lock:
-                self._swapping = None
+                self._end_swap()
             return
-        with self._lock:
-            self._swapping = None
         self.swap(again)
+        with self._lock:
+            self._end_swap()
 
     def set_batching(self, batching: BatchingConfig) -> bool:
         """Serve the current model with micro-batching per `batching` from the next
@@ -421,11 +434,16 @@ class ModelHost:
 
     def _acquire(self, name: str | None, version: str | None) -> Generation:
         with self._lock:
+            if self._swapping is not None:
+                # A cold swap: wait (bounded) and be served by what comes out of it.
+                wait_s = self.config.update.cold_swap_wait_ms / 1000
+                self._swap_done.wait_for(lambda: self._swapping is None, wait_s)
             current = self._current
             if self._swapping is not None:
                 raise NotReadyError(
-                    f"swapping models: {self._swapping} is loading in place of the old one; "
-                    "retry in a moment"
+                    f"swapping models: {self._swapping} is loading in place of the old one "
+                    f"for longer than update.cold_swap_wait_ms = "
+                    f"{self.config.update.cold_swap_wait_ms}; retry in a moment"
                 )
             if current is None:
                 raise NotReadyError("no model is loaded yet")

@@ -284,26 +284,62 @@ def test_cold_install_frees_the_old_model_before_loading_the_new(
         target=lambda: installed.update(model=agent.admission.install(v2, cold=True))
     )
     installer.start()
-    # While the old model drains, new requests are told to come back, by name.
+    # While the old model drains, a new request waits (update.cold_swap_wait_ms) and
+    # is then served by the new model.
     deadline = time.monotonic() + HANG_GUARD_S
-    while True:
-        try:
-            with agent.host.lease("digits"):  # a lease only: nothing queues behind the held one
-                pass
-        except NotReadyError as exc:
-            assert "swapping models: digits 2.0.0 is loading" in exc.message
-            break
-        assert time.monotonic() < deadline, "new requests were never held off"
+    while agent.host.swapping is None:
+        assert time.monotonic() < deadline, "the cold swap never started"
         time.sleep(0.01)
+    assert agent.host.swapping == "digits 2.0.0"
+    waiting, waited = request_in_thread(agent)
+    # It cannot be answered while the held request keeps the old model open: the swap
+    # cannot finish until then. (Not a timing bound: an answer here is the bug.)
+    waiting.join(0.3)
+    assert waiting.is_alive() and not waited, waited
     held.release.set()
-    for t in (thread, installer):
+    for t in (thread, installer, waiting):
         t.join(HANG_GUARD_S)
         assert not t.is_alive()
     assert_correct(result, "1.0.0")
+    assert_correct(waited, "2.0.0")
     assert old_closed_at_open == [True], "the new model was loaded next to the old one"
     assert installed["model"].manifest.version == "2.0.0"
     assert served_version(agent) == "2.0.0"
     assert [e.kind for e in agent.events.recent][-1] == "model.swapped"
+
+
+def test_a_request_waits_for_a_cold_swap_no_longer_than_its_bound(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    data: dict[str, object] = {
+        "state_dir": str(tmp / "state"),
+        "trust": {"public_keys": [str(DEMO_PUB)]},
+        "api": {"socket": str(tmp / "api.sock")},
+        "update": {"cold_swap_wait_ms": 100},
+    }
+    agent = Agent(parse_config(data, {}))
+    agent.admission.install(SAMPLE_BUNDLE)
+    old = agent.host.model
+    assert old is not None
+    held = Held(old)
+    thread, result = request_in_thread(agent)
+    assert held.entered.wait(HANG_GUARD_S)
+    v2 = make_bundle(sample_parts, tmp / "v2.edgebundle", demo_key, version="2.0.0")
+    installer = threading.Thread(target=lambda: agent.admission.install(v2, cold=True))
+    installer.start()
+    deadline = time.monotonic() + HANG_GUARD_S
+    while agent.host.swapping is None:
+        assert time.monotonic() < deadline, "the cold swap never started"
+        time.sleep(0.01)
+    with pytest.raises(NotReadyError) as info:
+        agent.host.infer("digits", {"input": samples()[0]})
+    assert "update.cold_swap_wait_ms = 100" in info.value.message
+    held.release.set()
+    for t in (thread, installer):
+        t.join(HANG_GUARD_S)
+        assert not t.is_alive()
+    assert served_version(agent) == "2.0.0"
+    agent.host.close()
 
 
 def test_a_cold_install_that_is_refused_serves_the_old_model_again(
