@@ -340,6 +340,16 @@ class HttpFetcher:
                         announced=length,
                         size=size,
                     )
+                if start == 0 and length is not None and length < size:
+                    # The whole file, and it is shorter than the signed bundle: no retry
+                    # or resume can make it the bundle that was signed.
+                    raise UpdateError(
+                        UpdateCode.DOWNLOAD_FAILED,
+                        f"{public_url(current)} serves a file of {length} bytes; the deploy "
+                        f"signed {size} bytes (size): not the signed bundle",
+                        announced=length,
+                        size=size,
+                    )
                 if start == 0:
                     part.save_meta(
                         url=public_url(url),

@@ -267,6 +267,19 @@ def test_wrong_hash_is_refused_and_the_partial_removed(tmp: Path) -> None:
     assert not part.exists() and not complete_path(part).exists()
 
 
+def test_a_whole_file_shorter_than_the_signed_size_is_refused_at_once(tmp: Path) -> None:
+    # A 200 with a complete Content-Length below `size` is another file: no retry or
+    # resume can turn it into the signed bundle.
+    data = blob(40_000)
+    part = tmp / "p.part"
+    with HttpServer(tmp, {"/short": Route(data[:-100])}) as srv:
+        f = fetcher()
+        err = refused(f, request(srv.url("/short"), data), part)
+    assert err.code == UpdateCode.DOWNLOAD_FAILED, err
+    assert "39900 bytes" in err.message and "40000" in err.message
+    assert f.attempts == 1
+
+
 def test_404_is_final_and_500_is_retried(tmp: Path) -> None:
     data = blob(5000)
     with HttpServer(
