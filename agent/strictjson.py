@@ -40,7 +40,7 @@ def nesting_depth(text: str) -> int:
     return int(np.cumsum(steps).max())
 
 
-def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
@@ -49,11 +49,12 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _constant(name: str) -> Any:
+def refuse_constant(name: str) -> Any:
     raise JsonRefusedError(f"{name} is not a JSON number")
 
 
-def _float(text: str) -> float:
+def finite_float(text: str) -> float:
+    # "1e999" is not a NaN/Infinity literal, yet Python reads it as inf.
     value = float(text)
     if not math.isfinite(value):
         raise JsonRefusedError(f"number {text[:40]} is out of range")
@@ -80,9 +81,9 @@ def loads(data: bytes, what: str, max_depth: int = MAX_DEPTH) -> Any:
     try:
         value = json.loads(
             text,
-            object_pairs_hook=_pairs,
-            parse_constant=_constant,
-            parse_float=_float,
+            object_pairs_hook=unique_keys,
+            parse_constant=refuse_constant,
+            parse_float=finite_float,
             parse_int=_int,
         )
     except JsonRefusedError as exc:
@@ -98,4 +99,12 @@ def loads(data: bytes, what: str, max_depth: int = MAX_DEPTH) -> Any:
     return value
 
 
-__all__ = ["MAX_DEPTH", "JsonRefusedError", "loads", "nesting_depth"]
+__all__ = [
+    "MAX_DEPTH",
+    "JsonRefusedError",
+    "finite_float",
+    "loads",
+    "nesting_depth",
+    "refuse_constant",
+    "unique_keys",
+]

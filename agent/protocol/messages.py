@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.protocol.topics import TopicError, command_name, is_reply_topic, target_name
+from agent.strictjson import finite_float, refuse_constant, unique_keys
 
 
 class Code:
@@ -58,27 +59,6 @@ MAX_TIME = 1e11
 COMMAND_KEYS = frozenset({"id", "name", "args", "issued_at", "expires_at", "to", "reply_to", "sig"})
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    # "1e999" is not a NaN/Infinity literal, yet Python reads it as inf.
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} appears twice")
-        out[key] = value
-    return out
-
-
 def loads(payload: bytes) -> Any:
     """Strict JSON: UTF-8, no NaN/Infinity (nor numbers that overflow to it), no repeated keys (a signed body means one
     thing), and no lone surrogates: JSON lets "\\ud800" through, but such a string can
@@ -87,9 +67,10 @@ def loads(payload: bytes) -> Any:
         text = payload.decode("utf-8")
         value = json.loads(
             text,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-            object_pairs_hook=_no_duplicates,
+            # The bundle reader's hooks: one rule for NaN, overflow and repeated keys.
+            parse_constant=refuse_constant,
+            parse_float=finite_float,
+            object_pairs_hook=unique_keys,
         )
     except UnicodeDecodeError as exc:
         raise ProtocolError(Code.MALFORMED, f"payload is not UTF-8: {exc}") from exc

@@ -43,11 +43,12 @@ from agent import __version__
 from agent.config.loader import read_credential
 from agent.config.model import UpdateConfig
 from agent.config.typed import ConfigError, ConfigIssue
+from agent.link.client import Backoff  # the link's jittered reconnect backoff
 from agent.names import shown
 from agent.protocol.update import DeployRequest, HttpSource
 from agent.update.errors import UpdateCode, UpdateError
 from agent.update.fetch.partial import PartialFile
-from agent.update.fetch.ratelimit import Backoff, TokenBucket, kbps_to_bytes_s
+from agent.update.fetch.ratelimit import TokenBucket, kbps_to_bytes_s
 from agent.update.ports import Progress
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -54,22 +53,4 @@ def kbps_to_bytes_s(kbps: float) -> float:
     return kbps * 1000.0 / 8.0
 
 
-class Backoff:
-    """Doubling waits from `low` to `high`, each drawn from [wait/2, wait] ("equal jitter"),
-    so a fleet that lost the same server does not come back in step."""
-
-    def __init__(self, low: float, high: float, rng: random.Random | None = None) -> None:
-        self.low, self.high = low, max(low, high)
-        self._next = low
-        self._rng = rng or random.Random()
-
-    def reset(self) -> None:
-        self._next = self.low
-
-    def next(self) -> float:
-        wait = self._next
-        self._next = min(self._next * 2, self.high)
-        return wait / 2 + self._rng.uniform(0, wait / 2)
-
-
-__all__ = ["Backoff", "TokenBucket", "kbps_to_bytes_s"]
+__all__ = ["TokenBucket", "kbps_to_bytes_s"]
