@@ -1,5 +1,5 @@
-"""edge-fleet: the operator console. For now one command: `index`, which builds and
-signs the release index devices pull updates from (fleet/releases.py)."""
+"""`edge-fleet index`: build and sign the release index devices pull updates from
+(fleet/releases.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import argparse
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from agent.bundle_errors import BundleError
 from agent.signing import KeyFileError, load_private_key, load_public_key
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-fleet", description="edgerun fleet console")
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(sub: Any) -> None:
     index = sub.add_parser("index", help="build and sign a release index (index.json)")
     index.add_argument("bundles", nargs="+", type=Path, help="bundle files to list")
     index.add_argument("--key", type=Path, required=True, help="ed25519 private key (PEM)")
@@ -30,11 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--expires-days", type=float, default=30.0)
     index.add_argument("--counter", type=int, default=None, help="default: the old one + 1")
     index.add_argument("--min-agent-version", default=None)
-    return parser
+    index.set_defaults(run=run)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+def run(args: argparse.Namespace, ctx: Any) -> int:
     from fleet.releases import write_index
 
     try:
@@ -57,7 +55,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.name} {r.version} {r.sha256[:12]} {r.size} {r.url}")
     print(f"wrote {args.out} (counter {counter}, {len(releases)} releases)")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
