@@ -335,3 +335,22 @@ def test_every_reader_raises_only_protocol_errors(obj: object) -> None:
         except ProtocolError as exc:
             assert exc.code in (Code.MALFORMED, Code.BAD_REPLY_TOPIC, Code.BAD_SIGNATURE)
             assert exc.message
+
+
+def test_the_agent_warns_at_start_of_names_nats_cannot_carry(tmp: Path) -> None:
+    from agent.config.loader import parse_config
+    from agent.link import settings
+
+    base = {"state_dir": str(tmp / "s"), "mqtt": {"enabled": True}}
+    fine = parse_config(
+        {**base, "device_id": "press-17", "mqtt": {"groups": ["line_a"]}}, environ={}
+    )
+    assert settings.portability_warnings(fine) == []
+    dotted = parse_config(
+        {**base, "device_id": "press.17", "mqtt": {"enabled": True, "groups": ["ok", "eu.west"]}},
+        environ={},
+    )
+    warnings = settings.portability_warnings(dotted)
+    assert len(warnings) == 2, warnings
+    assert "'press.17'" in warnings[0] and "device_id" in warnings[0]
+    assert "mqtt.groups[1]" in warnings[1] and "'eu.west'" in warnings[1]
