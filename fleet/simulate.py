@@ -92,7 +92,7 @@ class _Conn:
         if sim.tls is not None:
             ca, cert, key = sim.tls
             self.client.tls_set(
-                ca_certs=str(ca),
+                ca_certs=None if ca is None else str(ca),
                 certfile=None if cert is None else str(cert),
                 keyfile=None if key is None else str(key),
             )
@@ -279,7 +279,7 @@ class Simulator:
         console_keys: Iterable[KeyLike] = (),
         require_signature: bool | None = None,
         protocol: str = "5",
-        tls: tuple[Path | str, Path | str | None, Path | str | None] | None = None,
+        tls: tuple[Path | str | None, Path | str | None, Path | str | None] | None = None,
         username: str | Callable[[str], str] | None = None,
         password: str | None = None,
         connections: int | None = None,
