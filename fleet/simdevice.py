@@ -23,16 +23,23 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from agent import __version__
+from agent.protocol.events import EventKind
 from agent.protocol.messages import EventMessage, Status, TelemetryMessage, dumps
+from agent.protocol.state import Health, ModelInfo, ReportedState, Slots, UpdateSnapshot
 from agent.protocol.topics import DeviceTopics, command_subscriptions
 from agent.protocol.transfer import Need, TransferError, decode_chunk, ranges_of
 from agent.protocol.update import (
+    BadVersion,
+    CancelAccepted,
     DeployRequest,
     HttpSource,
+    JobAccepted,
+    ModelRef,
     MqttSource,
     Phase,
     RollbackRequest,
     TrialSpec,
+    UpdateStatus,
 )
 from agent.update.errors import UpdateCode, UpdateError
 from agent.version import compare_versions
@@ -128,6 +135,9 @@ class _Model:
         return {"name": self.name, "version": self.version, "sha256": self.sha256,
                 "runtime": "simulated"}  # fmt: skip
 
+    def info(self, runtime: bool = False) -> ModelInfo:
+        return ModelInfo(self.name, self.version, self.sha256, "simulated" if runtime else "")
+
 
 @dataclass
 class _Job:
@@ -212,7 +222,7 @@ class SimDevice:
         self.model: _Model | None = _Model(name, version, model_sha(name, version))
         self.previous: _Model | None = None
         self.generation = 1
-        self.bad: dict[str, str] = {}  # version -> why it was marked bad
+        self.bad: dict[str, tuple[str, float]] = {}  # version -> (why, when) marked bad
         self.job: _Job | None = None
         self.shadow: dict[str, Any] = {}
         self.interval_s = shared.telemetry_interval_s
@@ -275,40 +285,31 @@ class SimDevice:
     # ----------------------------------------------------------------- state and streams
 
     def state(self) -> dict[str, Any]:
+        """The retained state, built through the typed `ReportedState` as the agent's."""
         model = self.model
         tunable = {"telemetry.interval_s": self.interval_s, "log_level": self.log_level}
-        return {
-            "device_id": self.id,
-            "agent_version": __version__,
-            "model": None if model is None else model.summary(),
-            "slots": {
-                "current": None if model is None else model.sha256,
-                "previous": None if self.previous is None else self.previous.sha256,
-            },
-            "previous": None
-            if self.previous is None
-            else {"version": self.previous.version, "sha256": self.previous.sha256},
-            "groups": list(self.groups),
-            "config_digest": hashlib.sha256(dumps(tunable)).hexdigest(),
-            "tunable": tunable,
-            "health": {"ready": model is not None, "overloaded": False},
-            "desired": {},
-            "update": self._snapshot(),
-        }
-
-    def _snapshot(self) -> dict[str, Any] | None:
         job = self.job
-        if job is None:
-            return None
-        out: dict[str, Any] = {"job": job.id, "kind": job.kind, "phase": job.phase.value,
-                               "version": job.version}  # fmt: skip
-        if job.code is not None:
-            out["code"] = job.code
-        if job.phase.final:
-            out["model"] = None if self.model is None else {
-                "name": self.model.name, "version": self.model.version,
-                "sha256": self.model.sha256}  # fmt: skip
-        return out
+        update = None
+        if job is not None:
+            served = None if model is None or not job.phase.final else model.info()
+            update = UpdateSnapshot(
+                job.id, job.kind, job.phase.value, job.version, job.code, served
+            )
+        return ReportedState(
+            device_id=self.id,
+            agent_version=__version__,
+            model=None if model is None else model.info(runtime=True),
+            slots=Slots(
+                None if model is None else model.sha256,
+                None if self.previous is None else self.previous.sha256,
+            ),
+            last_known_good=None if self.previous is None else self.previous.info(),
+            groups=self.groups,
+            config_digest=hashlib.sha256(dumps(tunable)).hexdigest(),
+            tunable=tunable,
+            health=Health(ready=model is not None, overloaded=False),
+            update=update,
+        ).to_json()
 
     def publish_state(self, force: bool = False) -> None:
         body = dumps(self.state())
@@ -320,7 +321,7 @@ class SimDevice:
         self._send("state", str(self.topics.state), body, True)
         self._state_sent = body
 
-    def emit(self, kind: str, reason: str, **data: Any) -> None:
+    def emit(self, kind: EventKind, reason: str, **data: Any) -> None:
         self.event_seq += 1
         message = EventMessage(self.id, self.event_seq, time.time(), kind, reason, data)
         payload = dumps(message.to_json())
@@ -329,7 +330,7 @@ class SimDevice:
             self._send("events", str(self.topics.events), payload)
         elif not self.crashed:
             self.queued.append((str(self.topics.events), payload))  # the outbox keeps it
-        if not kind.startswith("command."):
+        if kind.republishes_state:
             self.publish_state()
 
     def _refused(self, code: str, message: str, data: dict[str, Any]) -> None:
@@ -337,7 +338,7 @@ class SimDevice:
         if now - self._refusal_at.get(code, -1e18) < 1.0:
             return
         self._refusal_at[code] = now
-        self.emit("command.refused", message, code=code, suppressed=0, **data)
+        self.emit(EventKind.COMMAND_REFUSED, message, code=code, suppressed=0, **data)
 
     def signal(self, version: str | None = None) -> Signal:
         v = version or (self.model.version if self.model else "")
@@ -547,7 +548,7 @@ class SimDevice:
             raise CommandError(
                 UpdateCode.MARKED_BAD,
                 f"version {request.version} was rolled back on this device "
-                f'({self.bad[request.version]}); deploy it with "force": true to try it again',
+                f'({self.bad[request.version][0]}); deploy it with "force": true to try it again',
             )
         served = self.model
         if (
@@ -569,7 +570,7 @@ class SimDevice:
         job = self._new_job("deploy", request.version, request, request.to_args())
         job.candidate = _Model(name, request.version, request.sha256)
         self._start(job, Phase.DOWNLOADING)
-        return {"job": job.id, "accepted": True}
+        return JobAccepted(job.id).to_json()
 
     def _rollback(self, raw: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -597,21 +598,22 @@ class SimDevice:
         job = self._new_job("rollback", target.version, None, {"version": request.version})
         job.candidate = target
         self._start(job, Phase.VALIDATING)
-        return {"job": job.id, "accepted": True, "version": target.version}
+        return JobAccepted(job.id, target.version).to_json()
 
     def _update_status(self) -> dict[str, Any]:
         job = self.job
-        return {
-            "job": None if job is None else job.record(),
-            "running": job is not None and not job.phase.final,
-            "served": None
-            if self.model is None
-            else {"version": self.model.version, "sha256": self.model.sha256},
-            "previous": None
+        return UpdateStatus(
+            job=None,
+            running=job is not None and not job.phase.final,
+            served=None if self.model is None else ModelRef(self.model.version, self.model.sha256),
+            previous=None
             if self.previous is None
-            else {"version": self.previous.version, "sha256": self.previous.sha256},
-            "bad_versions": [{"version": v, "reason": r} for v, r in sorted(self.bad.items())],
-        }
+            else ModelRef(self.previous.version, self.previous.sha256),
+            bad_versions=tuple(
+                BadVersion(v, "", why, ts) for v, (why, ts) in sorted(self.bad.items())
+            ),
+            job_json=None if job is None else job.record(),
+        ).to_json()
 
     def _cancel(self) -> dict[str, Any]:
         job = self.job
@@ -627,7 +629,7 @@ class SimDevice:
         job.cancel = True
         # Handled on the next turn, after this reply went out (as the agent's job thread).
         self.reactor.call_later(0, lambda: self._cancel_now(job))
-        return {"job": job.id, "cancelling": True, "phase": phase.value}
+        return CancelAccepted(job.id, phase.value).to_json()
 
     def _cancel_now(self, job: _Job) -> None:
         if job is not self.job or job.phase.final:
@@ -648,7 +650,7 @@ class SimDevice:
 
     def _start(self, job: _Job, first: Phase) -> None:
         self.job = job
-        self.emit("update.accepted", f"{job.kind} {job.version}: accepted as job {job.id}",
+        self.emit(EventKind.UPDATE_ACCEPTED, f"{job.kind} {job.version}: accepted as job {job.id}",
                   job=job.id, version=job.version)  # fmt: skip
         job.timer = self.reactor.call_later(0, lambda: self._enter(job, first))
 
@@ -801,7 +803,7 @@ class SimDevice:
             self.previous = old
             self.generation += 1
             job.figures["swap_s"] = round(latency, 3)
-            self.emit("model.swapped", f"serving {candidate.name} {candidate.version}",
+            self.emit(EventKind.MODEL_SWAPPED, f"serving {candidate.name} {candidate.version}",
                       previous=None if old is None else old.version,
                       **candidate.summary())  # fmt: skip
             if job.kind == "rollback":
@@ -847,7 +849,7 @@ class SimDevice:
             job.figures.update(figures)
             if breach is not None:
                 self._swap_back(job)
-                self.bad[job.version] = breach
+                self.bad[job.version] = (breach, time.time())
                 self._finish(
                     job, Phase.ROLLED_BACK, UpdateCode.TRIAL_FAILED,
                     f"trial: {breach}; rolled back to {old.version if old else 'nothing'} "
@@ -872,7 +874,7 @@ class SimDevice:
         self.model = old
         self.previous = rejected
         self.generation += 1
-        self.emit("model.rolled_back", f"serving {old.name} {old.version} again",
+        self.emit(EventKind.MODEL_ROLLED_BACK, f"serving {old.name} {old.version} again",
                   rejected=None if rejected is None else rejected.version)  # fmt: skip
 
     def _finish(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.protocol.messages import TelemetryMessage
+from agent.protocol.state import ReportedState
 from agent.protocol.update import DeployRequest, HttpSource, TrialSpec
 from agent.signing import load_private_key, load_public_key
 from fleet.bundle_source import HttpBundleSource, MqttBundleSource
@@ -60,9 +61,10 @@ def test_every_device_retains_status_and_state_and_reports_telemetry(
         assert console.wait(lambda c: {t.device_id for t in c.telemetry()} >= set(ids))
         for d in ids:
             assert console.status(d).state == "online"  # type: ignore[union-attr]
-            state = console.state(d)
-            assert state is not None and state["model"]["version"] == "1.0.0"
-            assert state["groups"] == [["a", "b"][ids.index(d) % 2]]
+            state = ReportedState.from_json(console.state(d))
+            assert state.model is not None and state.model.version == "1.0.0"
+            assert state.groups == (["a", "b"][ids.index(d) % 2],)
+            assert state.health.word == "ready" and state.update is None
         # Each device's own baseline: gates must be relative to it.
         p95 = {t.device_id: t.model["live"]["p95_ms"] for t in console.telemetry() if t.model}
         assert len({round(v) for v in p95.values()}) > 5
@@ -167,7 +169,9 @@ def test_a_deploy_downloads_over_http_and_runs_every_phase(
         assert done.data["download_s"] >= 0 and done.data["model"]["version"] == "2.0.0"
         assert source.served == 1
         state = console.wait_state(d, lambda st: st["update"]["phase"] == "committed")
-        assert state["model"]["version"] == "2.0.0" and state["previous"]["version"] == "1.0.0"
+        assert (
+            state["model"]["version"] == "2.0.0" and state["last_known_good"]["version"] == "1.0.0"
+        )
         assert state["model"]["sha256"] == source.info.sha256
         # Same version again: not newer, refused at once.
         again = console.request(d, "deploy", source.deploy_args())
