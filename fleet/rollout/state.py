@@ -60,6 +60,7 @@ class DeviceState:
     message: str = ""
     rolled_back_to: str | None = None  # set once DEVICE_ROLLED_BACK said ok
     rollback_code: str | None = None  # a rollback that did not succeed
+    rollback_done: bool = False  # a DEVICE_ROLLED_BACK was recorded (needed or not)
 
     @property
     def status(self) -> str:
@@ -178,6 +179,9 @@ class RolloutState:
             self.abort_requested = True
         elif k is RecordKind.ROLLBACK_REQUESTED:
             self.rollback_requested = True
+            if self.finished in (FINAL_SUCCEEDED, FINAL_ABORTED):
+                # Rolling back a finished rollout reopens it until the devices are back.
+                self.finished = None
         elif k is RecordKind.ROLLOUT_PAUSED:
             self.paused = True
         elif k is RecordKind.ROLLOUT_RESUMED:
@@ -186,10 +190,11 @@ class RolloutState:
             self.halted = dict(d)
             self.reason = str(d.get("reason", ""))
         elif k is RecordKind.DEVICE_ROLLED_BACK and dev is not None:
-            if d.get("ok"):
-                dev.rolled_back_to, dev.rollback_code = str(d.get("to_version")), None
-            else:
+            dev.rollback_done = True
+            if not d.get("ok"):
                 dev.rollback_code = str(d.get("code") or "failed")
+            elif d.get("needed", True):
+                dev.rolled_back_to, dev.rollback_code = str(d.get("to_version")), None
         elif k is RecordKind.ROLLOUT_FINISHED:
             self.finished = str(r.result or d.get("outcome"))
             self.reason = str(d.get("reason", self.reason))
@@ -237,9 +242,7 @@ class RolloutState:
         return [
             d
             for d in self.devices.values()
-            if d.outcome in (SUCCEEDED, TIMED_OUT)
-            and d.rolled_back_to is None
-            and d.rollback_code is None
+            if d.outcome in (SUCCEEDED, TIMED_OUT) and not d.rollback_done
         ]
 
     def failed_gates(self) -> list[GateResult]:
