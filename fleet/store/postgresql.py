@@ -58,12 +58,15 @@ class PostgresDialect:
         if self._conn is not None and not self._conn.closed and not self._conn.broken:
             return
         self.close()
-        self._conn = self._psycopg.connect(
-            self.url,
-            autocommit=True,  # transactions are explicit (conn.transaction())
-            connect_timeout=max(1, round(self.connect_timeout_s)),
-            application_name="edge-fleet",
-        )
+        try:
+            self._conn = self._psycopg.connect(
+                self.url,
+                autocommit=True,  # transactions are explicit (conn.transaction())
+                connect_timeout=max(1, round(self.connect_timeout_s)),
+                application_name="edge-fleet",
+            )
+        except self._psycopg.Error as exc:
+            raise self.translate(exc, "connecting", connecting=True) from exc
 
     def close(self) -> None:
         if self._conn is not None:
@@ -109,7 +112,7 @@ class PostgresDialect:
     def is_error(self, exc: BaseException) -> bool:
         return isinstance(exc, self._psycopg.Error)
 
-    def translate(self, exc: BaseException, doing: str) -> FleetError:
+    def translate(self, exc: BaseException, doing: str, *, connecting: bool = False) -> FleetError:
         msg = str(exc).strip()
         first = msg.splitlines()[0] if msg else type(exc).__name__
         low = msg.lower()
@@ -126,14 +129,7 @@ class PostgresDialect:
             text = f"PostgreSQL at {where}: {first}; create it first (createdb {db})"
         elif "pg_hba.conf" in low:
             text = f"PostgreSQL at {where} refused this client ({first}): allow it in pg_hba.conf"
-        elif (
-            "connection refused" in low
-            or "could not connect" in low
-            or "timeout expired" in low
-            or "could not translate host name" in low
-            or "no route to host" in low
-            or "connection failed" in low
-        ):
+        elif connecting:
             text = (
                 f"cannot reach PostgreSQL at {where} ({first}): is the server running and "
                 "are the host and port right?"
