@@ -44,7 +44,7 @@ def register(sub: Any) -> None:
         "--to",
         action="append",
         required=True,
-        help='DEVICE, group:NAME or all (repeat or comma-separate for several)',
+        help="DEVICE, group:NAME or all (repeat or comma-separate for several)",
     )
     p.add_argument("--canary", default="1", help="first wave: N devices or N%% (default 1)")
     waves = p.add_mutually_exclusive_group()
@@ -56,7 +56,9 @@ def register(sub: Any) -> None:
     p.add_argument("--abort-min", type=int, default=None, help="finished devices before --abort")
     p.add_argument("--soak", type=float, default=None, help="seconds after a wave (default 60)")
     p.add_argument("--device-timeout", type=float, default=None, help="seconds (default 600)")
-    p.add_argument("--gate", action="append", default=[], help='e.g. "p95_ms<=1.2x,error_rate<=0.01"')
+    p.add_argument(
+        "--gate", action="append", default=[], help='e.g. "p95_ms<=1.2x,error_rate<=0.01"'
+    )
     p.add_argument("--allow-no-data", action="store_true", help="a gate without figures passes")
     p.add_argument("--gate-min-requests", type=int, default=10, help="live requests a gate needs")
     p.add_argument("--via", choices=("http", "mqtt"), default=None, help="bundle transport")
@@ -85,9 +87,7 @@ def register(sub: Any) -> None:
         c.add_argument("rollout_id")
         c.add_argument("--reason", default="")
         if what in ("resume", "rollback"):
-            c.add_argument(
-                "--no-drive", action="store_true", help="only record the request"
-            )
+            c.add_argument("--no-drive", action="store_true", help="only record the request")
             _driving(c)
         c.set_defaults(run=run_request, what=what)
     d = rs.add_parser("drive", help="take over driving a rollout (its lease must be free)")
@@ -113,27 +113,67 @@ def _driving(p: argparse.ArgumentParser) -> None:
 
 
 class Parts:
-    """What the commands need from the Context: config, commander, view, store."""
+    """What the commands need from the Context: config, commander, view, store. The
+    Context (fleet/cli/context.py) builds them lazily; what it lacks is built here."""
 
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
+        self._own: dict[str, Any] = {}
+
+    def _get(self, name: str, build: Any) -> Any:
+        value = getattr(self.ctx, name, None)
+        if value is not None:
+            return value
+        if name not in self._own:
+            self._own[name] = build()
+        return self._own[name]
 
     @property
     def config(self) -> Any:
-        return self.ctx.config
+        def build() -> Any:
+            from fleet.config import FleetConfig
+
+            a = self.ctx.args
+            return FleetConfig.load(
+                a.config, broker=a.broker, key=a.key, db=a.db, operator=a.operator
+            )
+
+        return self._get("config", build)
 
     @property
     def store(self) -> Store:
-        store: Store = self.ctx.store
+        def build() -> Any:
+            from fleet.store import open_store
+
+            store = open_store(self.config.db)
+            self.ctx._closers.append(store.close)
+            return store
+
+        store: Store = self._get("store", build)
         return store
 
     @property
     def client(self) -> Any:
-        return self.ctx.client
+        def build() -> Any:
+            from fleet.mqtt import FleetClient
+
+            client = FleetClient(self.config)
+            self.ctx._closers.append(client.close)
+            client.connect()
+            return client
+
+        return self._get("client", build)
 
     @property
     def view(self) -> View:
-        view: View = self.ctx.view
+        def build() -> Any:
+            from fleet.view import FleetView
+
+            view = FleetView(self.client)
+            self.ctx._closers.append(view.close)
+            return view.start()
+
+        view: View = self._get("view", build)
         return view
 
     @property
@@ -179,10 +219,10 @@ class Parts:
 
 
 def _key_id(config: Any) -> str:
-    from agent.signing import public_key_id
+    from agent.signing import key_id
 
     try:
-        return public_key_id(config.signing_key().public_key())
+        return str(key_id(config.signing_key().public_key()))
     except FleetError:
         return ""
 
@@ -342,14 +382,18 @@ def run_show(args: argparse.Namespace, ctx: Any) -> int:
         print(f"  reason   {state.reason}")
     for i, wave in enumerate(state.waves):
         done = state.waves_finished.get(i)
-        mark = "not started" if i >= state.waves_started else ("passed" if done and done.get("passed") else ("failed" if done else "running"))
+        mark = (
+            "not started"
+            if i >= state.waves_started
+            else ("passed" if done and done.get("passed") else ("failed" if done else "running"))
+        )
         print(f"  wave {i}: {len(wave)} device(s), {mark}")
         for dev in state.wave_devices(i):
             code = f" [{dev.code}]" if dev.code else ""
             print(f"    {dev.device_id:<24} {dev.status}{code} {dev.message}".rstrip())
-    for wave, gate in state.gate_results:
+    for wave_no, gate in state.gate_results:
         if not gate.passed or gate.inconclusive:
-            print(f"  gate (wave {wave}) {gate.describe()}")
+            print(f"  gate (wave {wave_no}) {gate.describe()}")
     return 0
 
 

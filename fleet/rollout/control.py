@@ -147,7 +147,11 @@ def rollback_devices(
                 err = reply.error
                 done(
                     DirectRollback(
-                        dev, False, version, err.code if err else "failed", err.message if err else ""
+                        dev,
+                        False,
+                        version,
+                        err.code if err else "failed",
+                        err.message if err else "",
                     )
                 )
                 continue
@@ -158,9 +162,13 @@ def rollback_devices(
             for dev, (job, to) in list(jobs.items()):
                 final = finals.get((dev, job))
                 row = view.row(dev)
-                if final is None and row is not None and row.job == job and row.phase:
-                    if Phase(row.phase).final:
-                        final = (row.phase, None)
+                if (
+                    final is None
+                    and row is not None
+                    and row.job == job
+                    and row.phase in {p.value for p in Phase if p.final}
+                ):
+                    final = (str(row.phase), None)
                 if final is not None:
                     del jobs[dev]
                     phase, code = final
