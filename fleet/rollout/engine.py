@@ -523,6 +523,11 @@ class _Drive:
                     "update.device_timeout",
                     f"no final phase within {timeout:g} s (last phase seen: {last})",
                 )
+                # Stop the stuck job so it cannot swap later behind the rollout's back;
+                # its reply does not matter (a halt checks what the device serves).
+                self.e.commander.submit(
+                    dev.device_id, "update.cancel", {}, timeout_s=self.e.command_timeout_s
+                )
 
     # ------------------------------------------------------------- closing waves
 
