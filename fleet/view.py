@@ -36,7 +36,7 @@ from agent.protocol.messages import (
     TelemetryMessage,
     loads,
 )
-from agent.protocol.topics import ROOT, console_reply, device_of, fleet_filter
+from agent.protocol.topics import ROOT, DeviceTopics, console_reply, device_of, fleet_filter
 from agent.protocol.update import Phase
 from fleet.mqtt import FleetClient, Message
 from fleet.ports import DeviceRow, ViewKind, ViewListener
@@ -63,8 +63,12 @@ class FleetView:
         *,
         shared_group: str | None = None,
         telemetry_qos: int = 0,
+        device: str | None = None,
     ) -> None:
+        """`device`: follow that one device only (its four topics), for commands
+        to one device that need only its status."""
         self.client = client
+        self.device = None if device is None else DeviceTopics(device).device
         self.shared_group = shared_group if shared_group is not None else (
             client.config.shared_group
         )  # fmt: skip
@@ -97,7 +101,10 @@ class FleetView:
         marker = sync_topic(client.console_id)
         client.subscribe(marker, self._on_marker, qos=1)
         for stream in STREAMS:
-            value = str(fleet_filter(stream))
+            if self.device is not None:
+                value = f"{DeviceTopics(self.device).root}/{stream}"
+            else:
+                value = str(fleet_filter(stream))
             qos = self.telemetry_qos if stream == "telemetry" else 1
             if stream == "telemetry" and self.shared_group:
                 value = f"$share/{self.shared_group}/{value}"
