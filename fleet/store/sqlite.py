@@ -95,8 +95,9 @@ class SqliteDialect:
     def lock_migrations(self, cur: Any) -> None:
         pass  # BEGIN IMMEDIATE: one writer at a time
 
-    def lock_appends(self, cur: Any) -> None:
-        pass  # BEGIN IMMEDIATE: one writer at a time, so seq order is commit order
+    def lock_appends(self, cur: Any) -> float:
+        # BEGIN IMMEDIATE: one writer at a time, so seq order is commit order already.
+        return time.time()
 
     def table_exists(self, cur: Any, table: str) -> bool:
         row = cur.execute(
