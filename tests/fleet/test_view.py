@@ -34,7 +34,9 @@ def fleet(
     tmp_path_factory: pytest.TempPathFactory, broker: Broker, console_pub: Path
 ) -> Iterator[dict[str, AgentProcess]]:
     directory = tmp_path_factory.mktemp("agents")
-    with agents(directory, broker, DEVICES, console_pub, telemetry_s=0.2) as procs:
+    with agents(
+        directory, broker, DEVICES, console_pub, telemetry_s=0.2, groups=["line-1"]
+    ) as procs:
         yield procs
 
 
@@ -63,6 +65,9 @@ def test_rows_from_real_agents(fleet: dict[str, AgentProcess], broker: Broker) -
             assert row.rss_mb is not None and row.rss_mb > 10
             assert row.outbox_messages is not None and row.rate_per_s is not None
             assert row.since is not None and row.seen_at is not None
+            assert row.groups == ("line-1",) and row.previous_version is None
+        assert [r.device_id for r in view.rows(group="line-1")] == DEVICES
+        assert view.rows(group="line-2") == []
 
 
 def test_listeners_see_every_stream_and_can_be_removed(
