@@ -147,6 +147,7 @@ class FleetClient:
         )
         self._subscribed = threading.Event()  # the SUBACK after a connect came
         self._reply_refused = False
+        self._probe: tuple[str, threading.Event] | None = None
         self.connections = 0
 
     # ------------------------------------------------------------------ connection
@@ -258,6 +259,7 @@ class FleetClient:
         # The reply topic is subscribed in _handle_connect; wait for its SUBACK so no
         # reply can be sent before the broker routes it here.
         self._wait_connected(max(0.1, deadline - time.monotonic()))
+        self._probe_reply_topic(max(0.5, deadline - time.monotonic()))
         with self._lock:
             if self._timer is None:
                 self._timer = threading.Thread(
@@ -265,6 +267,28 @@ class FleetClient:
                 )
                 self._timer.start()
         return self
+
+    def _probe_reply_topic(self, timeout: float) -> None:
+        """Send one message to our own reply topic and wait for it: mosquitto grants a
+        subscription its ACL forbids and then delivers nothing, and every command would
+        time out for a reason the operator could not see."""
+        probe = f"probe-{uuid.uuid4().hex}"
+        self._probe = (probe, threading.Event())
+        body = dumps({"id": probe, "ok": True, "result": "reply topic probe"})
+        try:
+            self.publish(self.reply_topic, body, wait=False)
+        except FleetError:
+            self._abort_connect()
+            raise
+        if not self._probe[1].wait(timeout):
+            self._abort_connect()
+            raise FleetError(
+                FleetCode.BROKER,
+                f"the broker at {self._where()} does not deliver this console's reply topic "
+                f"{self.reply_topic} to it within {timeout:g} s: its ACL must let this user "
+                f"({self.config.username or 'anonymous'}) read and write edgerun/v1/console/#",
+                broker=self.config.broker.url,
+            )
 
     def _wait_connected(self, timeout: float) -> None:
         if not self._subscribed.wait(timeout) or self._reply_refused:
@@ -671,6 +695,10 @@ class FleetClient:
                             self.malformed_replies, exc.message)  # fmt: skip
             return
         command_id = reply.id
+        probe = self._probe
+        if probe is not None and command_id == probe[0]:
+            probe[1].set()
+            return
         with self._lock:
             pending = None if command_id is None else self._pending.get(command_id)
             # Any device may write to a console's reply topic (the recommended ACL):

@@ -113,8 +113,11 @@ class _Conn:
         if not self.wanted:
             return
         try:
-            self.client.connect(self.sim.host, self.sim.port, keepalive=30, clean_start=True)
-        except (OSError, ValueError) as exc:
+            if self.v5:
+                self.client.connect(self.sim.host, self.sim.port, keepalive=30, clean_start=True)
+            else:
+                self.client.connect(self.sim.host, self.sim.port, keepalive=30)
+        except OSError as exc:
             log.debug("%s: connect failed: %s", self.client._client_id, exc)
             self._retry()
 
@@ -127,7 +130,7 @@ class _Conn:
             return
         try:
             self.client.reconnect()
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             log.debug("reconnect failed: %s", exc)
             self._retry()
 

@@ -36,7 +36,8 @@ from agent.protocol.messages import (
     TelemetryMessage,
     loads,
 )
-from agent.protocol.topics import ROOT, console_reply, device_of, fleet_filter
+from agent.protocol.state import ReportedState
+from agent.protocol.topics import ROOT, DeviceTopics, console_reply, device_of, fleet_filter
 from agent.protocol.update import Phase
 from fleet.mqtt import FleetClient, Message
 from fleet.ports import DeviceRow, ViewKind, ViewListener
@@ -63,8 +64,12 @@ class FleetView:
         *,
         shared_group: str | None = None,
         telemetry_qos: int = 0,
+        device: str | None = None,
     ) -> None:
+        """`device`: follow that one device only (its four topics), for commands
+        to one device that need only its status."""
         self.client = client
+        self.device = None if device is None else DeviceTopics(device).device
         self.shared_group = shared_group if shared_group is not None else (
             client.config.shared_group
         )  # fmt: skip
@@ -97,7 +102,10 @@ class FleetView:
         marker = sync_topic(client.console_id)
         client.subscribe(marker, self._on_marker, qos=1)
         for stream in STREAMS:
-            value = str(fleet_filter(stream))
+            if self.device is not None:
+                value = f"{DeviceTopics(self.device).root}/{stream}"
+            else:
+                value = str(fleet_filter(stream))
             qos = self.telemetry_qos if stream == "telemetry" else 1
             if stream == "telemetry" and self.shared_group:
                 value = f"$share/{self.shared_group}/{value}"
@@ -306,44 +314,24 @@ _PARSERS = {
 }
 
 
-def _state_changes(body: Any) -> tuple[Any, dict[str, Any]]:
-    """The row fields the retained `state` carries (docs/mqtt.md "state")."""
-    try:
-        from agent.protocol.state import ReportedState  # h/protocol's typed state
-    except ImportError:  # pragma: no cover - until it lands, the dict is read
-        typed: Any = None
-    else:
-        typed = ReportedState.from_json(body)
-    if not isinstance(body, dict):
-        raise ProtocolError("command.malformed", "a state is a JSON object")
-    changes: dict[str, Any] = {}
-    if body.get("agent_version"):
-        changes["agent_version"] = _str(body.get("agent_version"))
-    model = _obj(body.get("model"))
-    changes["model_name"] = _str(model.get("name"))
-    changes["model_version"] = _str(model.get("version"))
-    changes["model_sha256"] = _str(model.get("sha256"))
-    slots = _obj(body.get("slots"))
-    previous = slots.get("previous_version")
-    if previous is None:
-        previous = _obj(body.get("previous")).get("version")
-    changes["previous_version"] = _str(previous)
-    groups = body.get("groups")
-    if isinstance(groups, list):
-        changes["groups"] = tuple(g for g in groups if isinstance(g, str))
-    health = _obj(body.get("health"))
-    if health:
-        if health.get("overloaded") is True:
-            changes["health"] = "overloaded"
-        elif health.get("ready") is True:
-            changes["health"] = "ready"
-        elif health.get("ready") is False:
-            changes["health"] = "not_ready"
-    update = _obj(body.get("update"))
-    job, phase = update.get("job"), update.get("phase")
-    if isinstance(job, str) and isinstance(phase, str) and phase in _PHASES:
-        changes["job"], changes["phase"] = job, phase
-    return (typed if typed is not None else body), changes
+def _state_changes(body: Any) -> tuple[ReportedState, dict[str, Any]]:
+    """The row fields the retained `state` carries (agent.protocol.state)."""
+    state = ReportedState.from_json(body)
+    model = state.model
+    changes: dict[str, Any] = {
+        "model_name": model.name or None if model else None,
+        "model_version": model.version if model else None,
+        "model_sha256": model.sha256 or None if model else None,
+        "previous_version": state.last_known_good.version if state.last_known_good else None,
+        "groups": state.groups,
+        "health": state.health.word,
+    }
+    if state.agent_version:
+        changes["agent_version"] = state.agent_version
+    update = state.update
+    if update is not None and update.known_phase is not None:
+        changes["job"], changes["phase"] = update.job, update.phase
+    return state, changes
 
 
 def _obj(value: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from fleet.errors import FleetError
 # One line per command module; each registers its own parsers.
 COMMAND_MODULES = [
     "fleet.cli.index",
+    "fleet.cli.records",
     "fleet.cli.rollout",
 ]
 

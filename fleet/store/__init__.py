@@ -29,17 +29,20 @@ def open_store(
     url: str | os.PathLike[str],
     *,
     migrate: bool = True,
+    create: bool | None = None,
     busy_timeout_s: float = 10.0,
     connect_timeout_s: float = 5.0,
 ) -> SqlStore:
     """A path or `sqlite:///path` → SQLite; `postgresql://…` → PostgreSQL.
 
-    `migrate=False` opens without touching the schema (for `db status`)."""
+    `migrate=False` opens without touching the schema and (unless `create`) without
+    creating a missing SQLite file (FleetError console.not_found), for `db status`."""
+    make = migrate if create is None else create
     dialect: Dialect
     if isinstance(url, os.PathLike):
         from fleet.store.sqlite import SqliteDialect
 
-        dialect = SqliteDialect(Path(url), busy_timeout_s=busy_timeout_s)
+        dialect = SqliteDialect(Path(url), busy_timeout_s=busy_timeout_s, create=make)
     else:
         text = str(url).strip()
         scheme = urlsplit(text).scheme.lower() if "://" in text else ""
@@ -64,7 +67,7 @@ def open_store(
                     f"bad SQLite URL {text!r}: write sqlite:///relative/path or "
                     "sqlite:////absolute/path",
                 )
-            dialect = SqliteDialect(Path(path[1:]), busy_timeout_s=busy_timeout_s)
+            dialect = SqliteDialect(Path(path[1:]), busy_timeout_s=busy_timeout_s, create=make)
         elif scheme:
             raise FleetError(
                 FleetCode.CONFIG,
@@ -74,5 +77,7 @@ def open_store(
         else:
             from fleet.store.sqlite import SqliteDialect
 
-            dialect = SqliteDialect(Path(text).expanduser(), busy_timeout_s=busy_timeout_s)
+            dialect = SqliteDialect(
+                Path(text).expanduser(), busy_timeout_s=busy_timeout_s, create=make
+            )
     return SqlStore(dialect, migrate=migrate)

@@ -46,9 +46,10 @@ class Dialect(Protocol):
         """Keep two consoles from migrating at once (inside the transaction)."""
         ...
 
-    def lock_appends(self, cur: Cursor) -> None:
+    def lock_appends(self, cur: Cursor) -> float:
         """Make `seq` order the commit order, so a reader tailing `after_seq` never
-        misses a row that committed late."""
+        misses a row that committed late; the database's time once locked (one round
+        trip for both)."""
         ...
 
     def table_exists(self, cur: Cursor, table: str) -> bool: ...

@@ -92,8 +92,13 @@ class PostgresDialect:
     def lock_migrations(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
 
-    def lock_appends(self, cur: Any) -> None:
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_APPEND_LOCK,))
+    def lock_appends(self, cur: Any) -> float:
+        # The lock first (in the select list's order), then the clock after any wait.
+        cur.execute(
+            "SELECT pg_advisory_xact_lock(%s), extract(epoch FROM clock_timestamp())::float8",
+            (_APPEND_LOCK,),
+        )
+        return float(cur.fetchone()[1])
 
     def table_exists(self, cur: Any, table: str) -> bool:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))

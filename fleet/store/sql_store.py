@@ -145,9 +145,9 @@ class SqlStore:
         if not rows:
             return []
         with self._tx("appending to it", write=True) as cur:
-            now = self._check_lease(cur, lease) if lease is not None else None
-            self._dialect.lock_appends(cur)
-            ts = self._dialect.now(cur) if now is None else now
+            if lease is not None:
+                self._check_lease(cur, lease)
+            ts = self._dialect.lock_appends(cur)
             out: list[Record] = []
             for entry, data in rows:
                 cur.execute(
@@ -261,14 +261,15 @@ class SqlStore:
         row = cur.fetchone()
         return None if row is None else (str(row[0]), int(row[1]), float(row[2]))
 
-    def _check_lease(self, cur: Cursor, lease: Lease) -> float:
-        """Inside an append's transaction: the lease must be current; the db time."""
+    def _check_lease(self, cur: Cursor, lease: Lease) -> None:
+        """Inside an append's transaction: the lease must be current. Its row stays
+        locked until commit, so nobody can take it between this check and the append."""
         row = self._lease_row(cur, lease.name)
         now = self._dialect.now(cur)
         if row is not None:
             holder, token, expires_at = row
             if holder == lease.holder and token == lease.token and expires_at > now:
-                return now
+                return
         raise self._lost(lease, row, now)
 
     def _lost(self, lease: Lease, row: tuple[str, int, float] | None, now: float) -> FleetError:

@@ -24,10 +24,11 @@ class SqliteDialect:
     for_update = ""  # BEGIN IMMEDIATE already holds the whole file's write lock
     json_param = "?"
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 10.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 10.0, create: bool = True) -> None:
         self.path = path
         self.where = str(path)
         self.busy_timeout_s = busy_timeout_s
+        self.create = create  # False: a missing file is not made (`db status`)
         self._conn: sqlite3.Connection | None = None
 
     def connect(self) -> None:
@@ -38,6 +39,13 @@ class SqliteDialect:
                 FleetCode.STORE,
                 f"the record {self.where} is a folder: give a file path such as "
                 f"{self.where.rstrip('/')}/fleet.db",
+            )
+        if not self.create and not self.path.exists():
+            raise FleetError(
+                FleetCode.NOT_FOUND,
+                f"there is no record at {self.where} yet: the first command that records "
+                "anything creates it (or run `edge-fleet db migrate`)",
+                path=self.where,
             )
         conn = sqlite3.connect(
             self.path,
@@ -87,8 +95,9 @@ class SqliteDialect:
     def lock_migrations(self, cur: Any) -> None:
         pass  # BEGIN IMMEDIATE: one writer at a time
 
-    def lock_appends(self, cur: Any) -> None:
-        pass  # BEGIN IMMEDIATE: one writer at a time, so seq order is commit order
+    def lock_appends(self, cur: Any) -> float:
+        # BEGIN IMMEDIATE: one writer at a time, so seq order is commit order already.
+        return time.time()
 
     def table_exists(self, cur: Any, table: str) -> bool:
         row = cur.execute(

@@ -392,7 +392,11 @@ both = pytest.mark.parametrize("empty_url", ["sqlite", "postgresql"], indirect=T
 def test_migrations_from_empty_and_idempotent_reopen(empty_url: str) -> None:
     latest = len(load("sqlite"))
     assert latest == len(load("postgresql")) >= 2
-    with open_store(empty_url, migrate=False) as s:
+    if not empty_url.startswith("postgresql://"):
+        with pytest.raises(FleetError) as info:
+            open_store(empty_url, migrate=False)  # `db status` does not create a file
+        assert info.value.code is FleetCode.NOT_FOUND and not Path(empty_url).exists()
+    with open_store(empty_url, migrate=False, create=True) as s:
         status = s.schema()
         assert status.current == 0 and status.latest == latest and len(status.pending) == latest
     with open_store(empty_url) as s:
