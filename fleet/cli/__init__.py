@@ -26,6 +26,9 @@ from fleet.errors import FleetError
 # One line per command module; each registers its own parsers.
 COMMAND_MODULES = [
     "fleet.cli.index",
+    "fleet.cli.simulate",
+    "fleet.cli.records",
+    "fleet.cli.rollout",
 ]
 
 
