@@ -27,6 +27,8 @@ from fleet.errors import FleetError
 COMMAND_MODULES = [
     "fleet.cli.index",
     "fleet.cli.records",
+    "fleet.cli.devices",
+    "fleet.cli.device",
 ]
 
 
