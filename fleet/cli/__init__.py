@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "fleet.cli.records",
     "fleet.cli.devices",
     "fleet.cli.device",
+    "fleet.cli.simulate",
 ]
 
 
