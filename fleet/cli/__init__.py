@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "fleet.cli.devices",
     "fleet.cli.device",
     "fleet.cli.simulate",
+    "fleet.cli.rollout",
 ]
 
 
