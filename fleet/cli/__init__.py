@@ -26,8 +26,10 @@ from fleet.errors import FleetError
 # One line per command module; each registers its own parsers.
 COMMAND_MODULES = [
     "fleet.cli.index",
-    "fleet.cli.simulate",
     "fleet.cli.records",
+    "fleet.cli.devices",
+    "fleet.cli.device",
+    "fleet.cli.simulate",
     "fleet.cli.rollout",
 ]
 

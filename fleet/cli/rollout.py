@@ -23,7 +23,7 @@ from typing import Any
 from agent.protocol.topics import TopicError, device_id, group_name
 from fleet.errors import FleetCode, FleetError
 from fleet.ports import Commander, Store, View
-from fleet.rollout.bundle import inspect_bundle
+from fleet.rollout.bundle import inspect_bundle, trust_keys
 from fleet.rollout.control import load, request, rollback_devices, rollout_rows
 from fleet.rollout.engine import RolloutEngine, lease_name, resolve_targets
 from fleet.rollout.plan import RolloutPlan
@@ -65,7 +65,6 @@ def register(sub: Any) -> None:
     p.add_argument("--window", action="append", default=[], help="GROUP=HH:MM-HH:MM (UTC)")
     p.add_argument("--trial-window", type=float, default=None, help="device trial seconds")
     p.add_argument("--shadow", action="store_true", help="devices shadow-evaluate first")
-    p.add_argument("--trust", action="append", default=None, help="release public key (PEM)")
     _driving(p)
     p.set_defaults(run=run_deploy)
 
@@ -107,81 +106,40 @@ def _driving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tick", type=float, default=0.2, help=argparse.SUPPRESS)
     p.add_argument("--bundle-path", default=None, help="the bundle file on this console")
     p.add_argument("--http-host", default=None, help="address devices fetch the bundle from")
+    p.add_argument("--trust", action="append", default=None, help="release public key (PEM)")
 
 
 # ------------------------------------------------------------------------ the parts
 
 
 class Parts:
-    """What the commands need from the Context: config, commander, view, store. The
-    Context (fleet/cli/context.py) builds them lazily; what it lacks is built here."""
+    """What the commands need, from the Context (fleet/cli/context.py builds each part
+    on first use: commands that need no broker never connect to one)."""
 
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
-        self._own: dict[str, Any] = {}
-
-    def _get(self, name: str, build: Any) -> Any:
-        value = getattr(self.ctx, name, None)
-        if value is not None:
-            return value
-        if name not in self._own:
-            self._own[name] = build()
-        return self._own[name]
 
     @property
     def config(self) -> Any:
-        def build() -> Any:
-            from fleet.config import FleetConfig
-
-            a = self.ctx.args
-            return FleetConfig.load(
-                a.config, broker=a.broker, key=a.key, db=a.db, operator=a.operator
-            )
-
-        return self._get("config", build)
+        return self.ctx.config
 
     @property
     def store(self) -> Store:
-        def build() -> Any:
-            from fleet.store import open_store
-
-            store = open_store(self.config.db)
-            self.ctx._closers.append(store.close)
-            return store
-
-        store: Store = self._get("store", build)
+        store: Store = self.ctx.store()
         return store
 
     @property
     def client(self) -> Any:
-        def build() -> Any:
-            from fleet.mqtt import FleetClient
-
-            client = FleetClient(self.config)
-            self.ctx._closers.append(client.close)
-            client.connect()
-            return client
-
-        return self._get("client", build)
+        return self.ctx.client()
 
     @property
     def view(self) -> View:
-        def build() -> Any:
-            from fleet.view import FleetView
-
-            view = FleetView(self.client)
-            self.ctx._closers.append(view.close)
-            return view.start()
-
-        view: View = self._get("view", build)
+        view: View = self.ctx.view()
         return view
 
     @property
     def who(self) -> tuple[str, str]:
-        key_id = getattr(self.ctx, "key_id", None)
-        if key_id is None:
-            key_id = _key_id(self.config)
-        return (key_id, self.config.operator)
+        return (_key_id(self.config), self.config.operator)
 
     def rollout_defaults(self) -> dict[str, Any]:
         sections = getattr(self.config, "sections", {}) or {}
@@ -194,6 +152,12 @@ class Parts:
                 f"known: {', '.join(sorted(ROLLOUT_KEYS))}",
             )
         return table
+
+    def trust(self, args: argparse.Namespace) -> list[Any]:
+        paths = args.trust if args.trust is not None else self.rollout_defaults().get("trust", [])
+        if isinstance(paths, str):
+            paths = [paths]
+        return trust_keys(paths)
 
     def engine(self, args: argparse.Namespace, printer: Printer) -> RolloutEngine:
         defaults = self.rollout_defaults()
@@ -209,7 +173,7 @@ class Parts:
             self.view,
             commander,
             operator=self.config.operator,
-            sources=console_sources(client, str(http_host)),
+            sources=console_sources(client, str(http_host), self.trust(args)),
             tick_s=args.tick,
             lease_ttl_s=float(lease_ttl),
             command_timeout_s=float(getattr(self.config, "timeout_s", 10.0)),
@@ -301,15 +265,10 @@ def run_deploy(args: argparse.Namespace, ctx: Any) -> int:
     parts = Parts(ctx)
     defaults = parts.rollout_defaults()
     plan = plan_from_args(args, defaults)  # refused before anything connects
-    trust = args.trust if args.trust is not None else defaults.get("trust", [])
-    if isinstance(trust, str):
-        trust = [trust]
-    bundle = inspect_bundle(args.bundle, trust)
+    bundle = inspect_bundle(args.bundle, parts.trust(args))
     printer = Printer(ctx.json)
     engine = parts.engine(args, printer)
     state = engine.create(plan, bundle)
-    if not bundle.verified and not ctx.json:
-        printer.note("bundle signature not checked here (no --trust): every device checks it")
     final = engine.drive(state.rollout_id, bundle_path=args.bundle_path)
     _final(ctx, final)
     return _exit(final)

@@ -364,9 +364,7 @@ class _Drive:
     def _bundle(self) -> BundleInfo:
         info = BundleInfo.from_json(self.state.bundle)
         if self.bundle_path is not None:
-            info = BundleInfo(
-                self.bundle_path, info.name, info.version, info.sha256, info.size, False
-            )
+            info = BundleInfo(self.bundle_path, info.name, info.version, info.sha256, info.size)
         return info
 
     def _deploy_args(self, device: str) -> dict[str, Any]:
@@ -414,6 +412,8 @@ class _Drive:
             )
 
     def _outcome(self, dev: DeviceState, outcome: str, code: str | None, message: str) -> None:
+        if self.source is not None:
+            self.source.done(dev.device_id)
         self._add(
             RecordKind.DEVICE_OUTCOME,
             {

@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from agent.protocol.update import HttpSource
+from agent.signing import load_public_key
 from fleet.config import FleetConfig
 from fleet.mqtt import FleetClient
 from fleet.ports import RecordKind
 from fleet.rollout.bundle import BundleInfo, inspect_bundle
 from fleet.rollout.engine import RolloutEngine
 from fleet.rollout.plan import RolloutPlan
-from fleet.rollout.sources import SourceFactory
+from fleet.rollout.sources import SourceFactory, console_sources
 from fleet.rollout.state import RolloutState
 from fleet.simulate import Simulator
 from fleet.store import SqlStore, open_store
@@ -31,7 +31,6 @@ from fleet.view import FleetView
 from tests.helpers import DEMO_PUB, SampleParts, make_bundle
 from tests.mqtt_broker import Broker
 from tests.pg import pg_database_fixture
-from tests.update_rig import BundleServer
 
 pg_db = pg_database_fixture()
 OPERATOR = "rollout-tester"
@@ -81,24 +80,11 @@ def console(broker: Broker, console_key_file: Path) -> Iterator[Console]:
     client.close()
 
 
-class ServedBundle:
-    """The bundle on a real HTTP server (tests/update_rig.py); every device fetches it."""
-
-    def __init__(self, server: BundleServer, info: BundleInfo) -> None:
-        self.url = server.add("/" + Path(info.path).name, Path(info.path).read_bytes())
-
-    def source_for(self, device: str) -> HttpSource:
-        return HttpSource(self.url)
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def http_sources() -> Iterator[SourceFactory]:
-    server = BundleServer()
-    yield lambda via, info: ServedBundle(server, info)
-    server.httpd.shutdown()
+def http_sources(console: Console) -> SourceFactory:
+    """The console's own bundle sources (fleet.bundle_source): an HTTP server for the
+    bundle, or chunks over MQTT; the devices download it for real and check its sha256."""
+    return console_sources(console.client, "127.0.0.1", [load_public_key(DEMO_PUB)])
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +96,7 @@ def bundle(
         sample_parts, tmp_path_factory.mktemp("bundle") / "digits-2.0.0.edgebundle", demo_key,
         version="2.0.0",
     )  # fmt: skip
-    return inspect_bundle(path, [DEMO_PUB])
+    return inspect_bundle(path, [load_public_key(DEMO_PUB)])
 
 
 Sims = Callable[..., Simulator]
@@ -350,3 +336,16 @@ def test_a_group_with_an_offline_device(
         (0, 100.0),
         (1, 100.0),
     ]
+
+
+def test_chunks_over_mqtt(
+    store: SqlStore, console: Console, sims: Sims, bundle: BundleInfo, http_sources: SourceFactory
+) -> None:
+    sim = sims(4)
+    state = run(store, console, http_sources, plan(sim, canary=1, wave="50%", via="mqtt"), bundle)
+    assert state.finished == "succeeded" and state.counts() == {"succeeded": 4}
+    assert all(served(sim, d) == "2.0.0" for d in sim.device_ids)
+    deploys = [
+        r for r in store.records(rollout_id=state.rollout_id) if r.kind is RecordKind.DEVICE_STARTED
+    ]
+    assert len(deploys) == 4
