@@ -177,7 +177,10 @@ def bench_size(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"devices": n}
     prefix = f"b{n}"
-    telemetry_s = 10.0 if n <= 1000 else 30.0
+    # A gate needs a telemetry report of the new model inside the soak: the soak is
+    # at least 1.5 telemetry intervals (2 s at 1,000 devices, 10 s at 10,000).
+    telemetry_s = 2.0 if n <= 2000 else 10.0
+    soak_s = max(soak_s, 1.5 * telemetry_s)
     with (
         Broker(work / f"broker-{n}") as broker,
         simulator(broker, n, pub, prefix, telemetry_s, latency_s=0.1) as sim,
@@ -256,7 +259,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="1000,10000")
     ap.add_argument("--rollout-sizes", default="1000")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--soak", type=float, default=2.0, help="soak seconds per wave")
+    ap.add_argument("--soak", type=float, default=3.0, help="soak seconds per wave (at least)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]

@@ -73,6 +73,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 P95_FLOOR_MS = 2.0  # the agent's trial: a previous p95 counts as 2 ms at least
 PRE_SWAP = (Phase.DOWNLOADING, Phase.VERIFYING, Phase.VALIDATING, Phase.SHADOW)
 DEFAULT_LATENCY = {p.value: 0.05 for p in Phase}
+LIVE_WINDOW_S = 300.0  # the watchdog's recent window (5-10 minutes on the agent)
 MAX_QUEUED = 1000  # events kept while offline (the agent's outbox, much smaller)
 CHUNK_TIMEOUT_S = 1.0  # update.chunk_timeout_s (the agent's default is 5 s)
 TRANSFER_TIMEOUT_S = 120.0
@@ -236,6 +237,7 @@ class SimDevice:
         self.model: _Model | None = _Model(name, version, model_sha(name, version))
         self.previous: _Model | None = None
         self.generation = 1
+        self.served_since = time.monotonic() - LIVE_WINDOW_S  # served long before we started
         self.bad: dict[str, tuple[str, float]] = {}  # version -> (why, when) marked bad
         self.job: _Job | None = None
         self.shadow: dict[str, Any] = {}
@@ -358,15 +360,21 @@ class SimDevice:
         return self.shared.profile(self.id, v)
 
     def live(self) -> dict[str, Any]:
-        """`model.live` as the agent's watchdog reports it, from this version's signal."""
+        """`model.live` as the agent's watchdog reports it, from this version's signal:
+        over the last 5 minutes of the served generation, so a model just swapped in
+        has only the requests it answered since (a gate must wait for them)."""
         sig = self.signal()
-        n = max(1, round(self.rate_per_s * 300))  # a 5-minute window
+        served_s = min(LIVE_WINDOW_S, time.monotonic() - self.served_since)
+        n = max(0, round(self.rate_per_s * served_s))
         errors = round(n * sig.error_rate)
         nonfinite = round(n * sig.nonfinite_rate)
         p95 = self.baseline_p95_ms * sig.p95_factor * self.rng.uniform(0.99, 1.01)
         return {
-            "requests": float(n), "errors": float(errors), "error_rate": errors / n,
-            "nonfinite": float(nonfinite), "nonfinite_rate": nonfinite / n,
+            # Rates as the version's signal says (not errors / n): a gate on a model
+            # swapped in a second ago must see the same rate as one an hour later.
+            "requests": float(n), "errors": float(errors),
+            "error_rate": sig.error_rate if n else 0.0, "nonfinite": float(nonfinite),
+            "nonfinite_rate": sig.nonfinite_rate if n else 0.0,
             "latency_samples": float(n), "p50_ms": round(p95 * 0.55, 4),
             "p95_ms": round(p95, 4), "generation": float(self.generation),
             "rss_at_start_mb": self.rss_mb,
@@ -808,6 +816,7 @@ class SimDevice:
             self.model = candidate
             self.previous = old
             self.generation += 1
+            self.served_since = time.monotonic()
             job.figures["swap_s"] = round(latency, 3)
             self.emit(EventKind.MODEL_SWAPPED, f"serving {candidate.name} {candidate.version}",
                       previous=None if old is None else old.version,
@@ -837,7 +846,8 @@ class SimDevice:
 
         def done() -> None:
             old = job.previous
-            live = self.live()
+            live = {**self.live(), "error_rate": self.signal().error_rate,
+                    "nonfinite_rate": self.signal().nonfinite_rate}  # fmt: skip
             figures = {f"trial_{k}": v for k, v in live.items()}
             breach = None
             if old is not None:
@@ -880,6 +890,7 @@ class SimDevice:
         self.model = old
         self.previous = rejected
         self.generation += 1
+        self.served_since = time.monotonic()
         self.emit(EventKind.MODEL_ROLLED_BACK, f"serving {old.name} {old.version} again",
                   rejected=None if rejected is None else rejected.version)  # fmt: skip
 

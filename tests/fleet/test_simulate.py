@@ -21,6 +21,7 @@ from agent.signing import load_private_key, load_public_key
 from fleet.bundle_source import HttpBundleSource, MqttBundleSource
 from fleet.simulate import Simulator
 from tests.fleet._sim import FINAL_KINDS, SimConsole, console_keypair
+from tests.fleet.conftest import SecureBroker
 from tests.helpers import DEMO_KEY, DEMO_PUB, make_bundle, unpack_sample
 from tests.mqtt_broker import Broker
 
@@ -310,3 +311,47 @@ def test_edge_fleet_simulate_runs_until_sigterm_and_devices_lists_them(
     assert proc.returncode == 0, err
     assert out.startswith("12 devices") and "status 12" in out
     assert console.wait(lambda c: all(c.status(d).reason == "agent stopped" for d in ids))  # type: ignore[union-attr]
+
+
+def test_the_real_console_drives_simulated_devices_over_tls_with_the_device_acl(
+    secure_broker: SecureBroker, console_key_file: Path, console_pub: Path, tmp_path: Path
+) -> None:
+    """Each simulated device logs in as itself (username = device id, docs/mqtt.md's ACL):
+    a device that published outside its own topics would be refused by the broker."""
+    from fleet.config import FleetConfig
+    from fleet.mqtt import FleetClient
+    from fleet.view import FleetView
+
+    password = tmp_path / "pw"
+    password.write_text(secure_broker.users[secure_broker.console_user] + "\n")
+    config = FleetConfig.load(None, broker=secure_broker.url, username=secure_broker.console_user,
+                              password_file=str(password), ca_file=str(secure_broker.pki.ca_cert),
+                              key=str(console_key_file))  # fmt: skip
+    ids = ["dev-1", "dev-2", "dev-3"]
+    b = secure_broker.broker
+    with (
+        Simulator(
+            "localhost",
+            b.port,
+            3,
+            device_ids=ids,
+            console_keys=[console_pub],
+            username=lambda d: d,
+            password=lambda d: secure_broker.users[d],
+            tls=(secure_broker.pki.ca_cert, None, None),
+            groups=["acl"],
+            telemetry_interval_s=0.3,
+            start_timeout_s=15,
+        ),  # fmt: skip
+        FleetClient(config) as client,
+    ):
+        view = FleetView(client)
+        view.start()
+        assert view.wait(lambda v: all((r := v.row(d)) is not None and r.online for d in ids), 15)
+        assert view.wait(lambda v: all(v.row(d).p95_ms is not None for d in ids), 15)  # type: ignore[union-attr]
+        for d in ids:
+            reply = client.request(d, "ping", timeout_s=10)
+            assert reply.ok and reply.device_id == d
+        applied = client.request("dev-2", "config.set", {"values": {"log_level": "debug"}})
+        assert applied.ok and applied.result == {"applied": {"log_level": "debug"}}
+        assert [r.device_id for r in view.rows(group="acl")] == ids
