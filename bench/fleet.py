@@ -146,7 +146,7 @@ def simulator(
     cmd = [*CLI, "--broker", f"mqtt://{broker.host}:{broker.port}", "simulate", str(n),
            "--prefix", prefix, "--console-key", str(pub), "--telemetry-interval",
            str(telemetry_s), "--phase-latency", str(latency_s), "--trial", "0.5",
-           "--model", "digits:1.0.0"]  # fmt: skip
+           "--model", "digits:1.0.0", "--live-since-swap"]  # fmt: skip
     if n > MUX_ABOVE:
         # 10,000 real downloads of the sample through Python on 2 cores would measure
         # the HTTP server, not the console: devices skip the transfer (said in the output).

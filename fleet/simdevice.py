@@ -102,6 +102,10 @@ class Knobs:
     latency: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LATENCY))
     trial_s: float | None = None  # trial length; None: the deploy's trial.window_s (or latency)
     skip_download: bool = False  # no real download (benchmarks at 10,000 devices)
+    # `model.live` of a model just swapped in counts only what it answered since (the
+    # watchdog's truth: a gate must wait for traffic); off: a full window at once, so
+    # tests with sub-second soaks get figures.
+    live_since_swap: bool = False
 
 
 class Port(Protocol):
@@ -360,11 +364,13 @@ class SimDevice:
         return self.shared.profile(self.id, v)
 
     def live(self) -> dict[str, Any]:
-        """`model.live` as the agent's watchdog reports it, from this version's signal:
-        over the last 5 minutes of the served generation, so a model just swapped in
-        has only the requests it answered since (a gate must wait for them)."""
+        """`model.live` as the agent's watchdog reports it, from this version's signal,
+        over a 5-minute window of the served generation (with `live_since_swap`, only
+        the part since it was swapped in)."""
         sig = self.signal()
-        served_s = min(LIVE_WINDOW_S, time.monotonic() - self.served_since)
+        served_s = LIVE_WINDOW_S
+        if self.knobs.live_since_swap:
+            served_s = min(LIVE_WINDOW_S, time.monotonic() - self.served_since)
         n = max(0, round(self.rate_per_s * served_s))
         errors = round(n * sig.error_rate)
         nonfinite = round(n * sig.nonfinite_rate)

@@ -296,6 +296,7 @@ class Simulator:
         trial_s: float | None = None,
         crash_downtime_s: float = 0.5,
         skip_download: bool = False,
+        live_since_swap: bool = False,
         profile: Mapping[str, Mapping[str, Any]] | None = None,
         model: tuple[str, str] = ("sim-model", "1.0.0"),
         download_workers: int = 8,
@@ -333,7 +334,7 @@ class Simulator:
         self.knobs = Knobs(
             fail_rate=fail_rate, crash_rate=crash_rate, hang_rate=hang_rate,
             hang_phase=hang_phase, crash_downtime_s=crash_downtime_s, latency=lat,
-            trial_s=trial_s, skip_download=skip_download,
+            trial_s=trial_s, skip_download=skip_download, live_since_swap=live_since_swap,
         )  # fmt: skip
         width = max(4, len(str(n - 1)))
         if device_ids is not None and len(device_ids) != n:

@@ -43,6 +43,11 @@ def register(sub: Any) -> None:
     p.add_argument("--model", default="sim-model:1.0.0", help="NAME:VERSION served at start")
     p.add_argument("--skip-download", action="store_true", help="no real bundle downloads")
     p.add_argument(
+        "--live-since-swap",
+        action="store_true",
+        help="model.live of a new model counts only requests since its swap (as the agent)",
+    )
+    p.add_argument(
         "--profile",
         action="append",
         default=[],
@@ -145,6 +150,7 @@ def run(args: argparse.Namespace, ctx: Any) -> int:
             latency=args.phase_latency,
             trial_s=args.trial,
             skip_download=args.skip_download,
+            live_since_swap=args.live_since_swap,
             profile=parse_profiles(args.profile),
             model=(name or "sim-model", version or "1.0.0"),
         )

@@ -355,3 +355,28 @@ def test_the_real_console_drives_simulated_devices_over_tls_with_the_device_acl(
         applied = client.request("dev-2", "config.set", {"values": {"log_level": "debug"}})
         assert applied.ok and applied.result == {"applied": {"log_level": "debug"}}
         assert [r.device_id for r in view.rows(group="acl")] == ids
+
+
+def test_live_figures_follow_the_served_generation(
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole, bundle_v2: Path
+) -> None:
+    with (
+        sim(broker, keys, 1, skip_download=True, live_since_swap=True) as s,
+        HttpBundleSource(bundle_v2, trust=[load_public_key(DEMO_PUB)]) as source,
+    ):
+        d = s.device_ids[0]
+
+        def live(generation: int) -> dict[str, Any] | None:
+            for t in reversed(console.telemetry(d)):
+                if t.model and t.model["live"]["generation"] == generation:
+                    return dict(t.model["live"])
+            return None
+
+        assert console.wait(lambda c: live(1) is not None)
+        old = live(1)
+        assert old is not None and old["requests"] >= 5 * 300 * 0.99  # a full window
+        assert console.request(d, "deploy", source.deploy_args(trial=TrialSpec(window_s=0))).ok
+        assert console.wait_event(d, FINAL_KINDS).kind == "update.committed"
+        assert console.wait(lambda c: live(2) is not None)
+        new = live(2)
+        assert new is not None and new["requests"] < old["requests"] / 10  # only since the swap
