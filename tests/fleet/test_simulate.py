@@ -380,3 +380,25 @@ def test_live_figures_follow_the_served_generation(
         assert console.wait(lambda c: live(2) is not None)
         new = live(2)
         assert new is not None and new["requests"] < old["requests"] / 10  # only since the swap
+
+
+def test_devices_come_back_after_a_broker_restart(
+    tmp_path: Path, keys: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    own = Broker(tmp_path).start()
+    try:
+        with sim(own, keys, 4, connections=2) as s, SimConsole(own, keys[0]) as c:
+            ids = s.device_ids
+            assert c.wait(lambda c: set(ids) <= set(c.states()))
+            own.kill()  # no persistence: every retained message is gone with it
+            own.start()
+            seen = len(c.listener.messages)
+
+            def back(c: SimConsole) -> bool:
+                fresh = c.listener.messages[seen:]
+                return {t.split("/")[2] for t, _, _, _ in fresh if t.endswith("/state")} >= set(ids)
+
+            assert c.wait(back, 30)
+            assert c.request(ids[3], "ping").ok
+    finally:
+        own.stop()
