@@ -173,7 +173,10 @@ class Parts:
             self.view,
             commander,
             operator=self.config.operator,
-            sources=console_sources(client, str(http_host), self.trust(args)),
+            # Keys are read when a bundle is served: a rollback needs none.
+            sources=lambda via, bundle: console_sources(client, str(http_host), self.trust(args))(
+                via, bundle
+            ),
             tick_s=args.tick,
             lease_ttl_s=float(lease_ttl),
             command_timeout_s=float(getattr(self.config, "timeout_s", 10.0)),
