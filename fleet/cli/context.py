@@ -127,7 +127,10 @@ class Context:
     def console(self, stderr: bool = False) -> Console:
         from rich.console import Console
 
-        return Console(stderr=stderr, highlight=False, soft_wrap=False)
+        stream = sys.stderr if stderr else sys.stdout
+        # Piped or captured output gets whole rows, not a table cut to 80 columns.
+        width = None if stream.isatty() else 250
+        return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
     def emit(self, data: Any, human: Callable[[Console], None] | None = None) -> None:
         """--json: `data` as one JSON document on stdout; else `human(console)` (or the

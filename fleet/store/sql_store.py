@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet.errors import FleetCode, FleetError
-from fleet.ports import Lease, NewRecord, Record, RecordKind
+from fleet.ports import Lease, NewRecord, Record, RecordKind, Store
 from fleet.store import migrations
 from fleet.store.dialect import Cursor, Dialect
 
@@ -414,3 +414,8 @@ class SqlStore:
         with self._tx("pruning telemetry", write=True) as cur:
             cur.execute(self._q("DELETE FROM telemetry WHERE ts < ?"), (float(older_than),))
             return int(cur.rowcount or 0)
+
+
+def _implements_the_seam(store: SqlStore) -> Store:
+    # mypy checks here that SqlStore still satisfies fleet.ports.Store.
+    return store

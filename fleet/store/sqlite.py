@@ -77,12 +77,13 @@ class SqliteDialect:
         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield cur
+            cur.execute("COMMIT")
         except BaseException:
+            # Also when COMMIT itself failed (busy, disk full): never leave the
+            # connection inside a transaction the next BEGIN would trip over.
             if self._conn.in_transaction:
                 self._conn.rollback()
             raise
-        else:
-            cur.execute("COMMIT")
         finally:
             cur.close()
 

@@ -321,6 +321,37 @@ def test_lease_race_between_processes(store_url: str, tmp_path: Path) -> None:
     assert held is not None and held.holder == winners[0]["lease"]["holder"]
 
 
+def test_fencing_holds_under_contention(store_url: str, tmp_path: Path) -> None:
+    """Three console processes fight over one lease for a second: appends under it
+    never interleave (one holder per token, tokens only grow in seq order), and every
+    append made after the lease's time ran out is refused."""
+    name, go = uid("fight"), tmp_path / "go"
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(worker(["drive", store_url, name, f"drv-{i}", str(go)]))
+            for i in range(3)
+        ]
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        go.touch()
+        reports = []
+        for p in procs:
+            out, _ = p.communicate(timeout=60)
+            assert p.returncode == 0, out
+            reports.append(json.loads(out))
+    assert sum(r["late_tries"] for r in reports) > 0
+    assert [r["late_accepted"] for r in reports] == [0, 0, 0]
+    with open_store(store_url) as s:
+        seen = [(r.data["token"], r.data["holder"]) for r in s.records(rollout_id=name)]
+    assert len({holder for _, holder in seen}) >= 2, reports  # they did contend
+    tokens = [token for token, _ in seen]
+    assert tokens == sorted(tokens)
+    holders: dict[int, set[str]] = {}
+    for token, holder in seen:
+        holders.setdefault(token, set()).add(holder)
+    assert all(len(h) == 1 for h in holders.values()), holders
+
+
 def test_killed_holder_loses_the_lease_after_its_ttl(store_url: str) -> None:
     name, ttl = uid("crash"), 1.5
     with worker(["hold", store_url, name, "doomed-console", str(ttl)]) as proc:
@@ -608,6 +639,8 @@ def _main(argv: list[str]) -> int:
         out: dict[str, Any] = {"lease": None if lease is None else {"holder": lease.holder}}
         print(json.dumps(out), flush=True)
         return 0
+    if command == "drive":
+        return _drive(url, name, holder, Path(rest[0]))
     if command == "hold":
         s = open_store(url)
         lease = s.acquire_lease(name, holder, ttl_s=float(rest[0]))
@@ -621,6 +654,50 @@ def _main(argv: list[str]) -> int:
         time.sleep(120)  # until killed
         return 1
     return 2
+
+
+def _drive(url: str, name: str, holder: str, go: Path) -> int:
+    """Take the lease whenever free, append under it, then either release it or keep
+    quiet past its TTL and try one late append (which must be refused)."""
+    ttl = 0.15
+    late_tries = late_accepted = appended = 0
+    with open_store(url) as s:
+        print("ready", flush=True)
+        deadline = time.monotonic() + 30
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        end = time.monotonic() + 1.0
+        turn = 0
+        while time.monotonic() < end:
+            lease = s.acquire_lease(name, holder, ttl_s=ttl)
+            if lease is None:
+                time.sleep(0.01)
+                continue
+            turn += 1
+            entry = NewRecord(
+                RecordKind.WAVE_STARTED, {"token": lease.token, "holder": holder}, name
+            )
+            try:
+                for _ in range(3):
+                    s.append([entry], who=WHO, lease=lease)
+                    appended += 1
+            except FleetError as exc:
+                assert exc.code is FleetCode.LEASE  # a slow turn outlived its ttl
+                continue
+            if turn % 2:
+                s.release_lease(lease)
+                continue
+            # Expired by the database's clock: the lease it reports is no longer ours.
+            wait_for(lambda lease=lease: s.lease(name) != lease, 10, "the lease to expire")
+            late_tries += 1
+            try:
+                s.append([entry], who=WHO, lease=lease)
+                late_accepted += 1
+            except FleetError as exc:
+                assert exc.code is FleetCode.LEASE
+    report = {"appended": appended, "late_tries": late_tries, "late_accepted": late_accepted}
+    print(json.dumps(report), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
