@@ -110,13 +110,13 @@ def sim(cluster: NatsCluster, console_pub: Path, console: Console) -> Iterator[S
     groups = {ROLL: list(range(5)), GATE: list(range(5, 9))}
     with Simulator(node.host, node.port, 9, prefix="nats", groups=groups,
                    console_keys=[console_pub], protocol="3.1.1", telemetry_interval_s=0.2,
-                   latency=0.02, model=("digits", "1.0.0")) as s:  # fmt: skip
+                   latency=0.02, model=("digits", "1.0.0"), start_timeout_s=180) as s:  # fmt: skip
         ids = set(s.device_ids)
         assert console.view.wait(
             lambda v: all(
                 (r := v.row(d)) is not None and r.online and r.model_version and r.live for d in ids
             ),
-            60,
+            120,
         ), "the simulated devices on node 1 did not all show up in the view on node 2"
         yield s
 
