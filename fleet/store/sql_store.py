@@ -148,10 +148,10 @@ class SqlStore:
             if lease is not None:
                 self._check_lease(cur, lease)
             ts = self._dialect.lock_appends(cur)
-            out: list[Record] = []
-            for entry, data in rows:
-                cur.execute(
-                    self._insert,
+            seqs = self._dialect.insert_returning(
+                cur,
+                self._insert,
+                [
                     (
                         ts,
                         key_id,
@@ -161,22 +161,24 @@ class SqlStore:
                         entry.device_id,
                         entry.result,
                         self._dialect.encode_json(data),
-                    ),
-                )
-                seq = int(cur.fetchone()[0])
-                out.append(
-                    Record(
-                        seq=seq,
-                        ts=ts,
-                        key_id=key_id,
-                        operator=operator,
-                        kind=entry.kind,
-                        data=json.loads(data),
-                        rollout_id=entry.rollout_id,
-                        device_id=entry.device_id,
-                        result=entry.result,
                     )
+                    for entry, data in rows
+                ],
+            )
+            out = [
+                Record(
+                    seq=seq,
+                    ts=ts,
+                    key_id=key_id,
+                    operator=operator,
+                    kind=entry.kind,
+                    data=json.loads(data),
+                    rollout_id=entry.rollout_id,
+                    device_id=entry.device_id,
+                    result=entry.result,
                 )
+                for seq, (entry, data) in zip(seqs, rows, strict=True)
+            ]
             return out
 
     @staticmethod

@@ -100,6 +100,14 @@ class SqliteDialect:
         # BEGIN IMMEDIATE: one writer at a time, so seq order is commit order already.
         return time.time()
 
+    def insert_returning(self, cur: Any, query: str, rows: list[tuple[Any, ...]]) -> list[int]:
+        # sqlite3's executemany cannot return rows; in-process calls are cheap anyway.
+        out = []
+        for row in rows:
+            cur.execute(query, row)
+            out.append(int(cur.fetchone()[0]))
+        return out
+
     def table_exists(self, cur: Any, table: str) -> bool:
         row = cur.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)

@@ -27,7 +27,7 @@ import pytest
 
 from fleet.errors import FleetCode, FleetError
 from fleet.ports import Lease, NewRecord, RecordKind
-from fleet.store import SqlStore, TelemetrySample, open_store
+from fleet.store import RecordBatcher, SqlStore, TelemetrySample, open_store
 from fleet.store.migrations import load
 from tests.pg import fresh_database, pg_database_fixture
 
@@ -184,6 +184,56 @@ def test_store_is_shared_by_threads(store: SqlStore) -> None:
     assert errors == []
     seqs = [r.seq for r in store.records(rollout_id=rid)]
     assert len(seqs) == 40 and seqs == sorted(set(seqs))
+
+
+def test_batcher_writes_everything_in_few_transactions(store: SqlStore) -> None:
+    rid = uid("r")
+    batcher = RecordBatcher(store, WHO, max_batch=200, max_delay_s=0.05)
+
+    def sender(n: int) -> None:
+        for i in range(300):
+            batcher.add(NewRecord(RecordKind.COMMAND_SENT, {"n": n, "i": i}, rid, f"dev-{n}"))
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    batcher.flush(timeout_s=60)
+    assert batcher.pending == 0 and batcher.error is None
+    written = store.records(rollout_id=rid)
+    assert len(written) == 1200
+    for n in range(4):  # each sender's records in the order it added them
+        assert [r.data["i"] for r in written if r.data["n"] == n] == list(range(300))
+    # One transaction shares one ts: far fewer commits than records.
+    assert len({r.ts for r in written}) < len(written) / 2
+    batcher.add(NewRecord(RecordKind.COMMAND_REPLY, {"last": True}, rid))
+    batcher.close()
+    assert store.records(rollout_id=rid, kinds=[RecordKind.COMMAND_REPLY])[0].data == {"last": True}
+    with pytest.raises(FleetError):
+        batcher.add(NewRecord(RecordKind.COMMAND_SENT, rollout_id=rid))
+
+
+def test_batcher_keeps_records_while_the_database_is_locked(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    with open_store(path, busy_timeout_s=0.05) as store:
+        batcher = RecordBatcher(store, WHO, max_delay_s=0.01, retry_max_s=0.2)
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            for i in range(10):
+                batcher.add(NewRecord(RecordKind.COMMAND_SENT, {"i": i}, "r"))
+            wait_for(lambda: batcher.error is not None, 30, "the append to fail")
+            assert "locked" in batcher.error.message
+            with pytest.raises(FleetError) as info:
+                batcher.flush(timeout_s=0.2)
+            assert "10 records are not written yet" in info.value.message
+            assert batcher.pending == 10
+        finally:
+            holder.close()  # the lock goes; the queued records get written
+        batcher.close(timeout_s=30)
+        assert batcher.error is None
+        assert [r.data["i"] for r in store.records(rollout_id="r")] == list(range(10))
 
 
 # ------------------------------------------------------------------- leases
