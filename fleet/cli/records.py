@@ -123,7 +123,8 @@ def run_history(args: argparse.Namespace, ctx: Any) -> int:
             FleetCode.BAD_INPUT, f"--limit {args.limit} is out of range: 1 to {MAX_LIMIT}"
         )
     kinds = _kinds(args.kind)
-    with open_store(db_url(args)) as store:
+    # Reading never creates a record file (a mistyped --db must not look empty).
+    with open_store(db_url(args), create=False) as store:
         records = store.records(
             rollout_id=args.rollout,
             device_id=args.device,
