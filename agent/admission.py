@@ -25,6 +25,7 @@ from agent.memory import (
     current_rss,
     release_free_memory,
 )
+from agent.protocol.events import EventKind
 from agent.runtimes import choose_runtime, load_runtime
 from agent.runtimes.base import InferenceError, ModelLoadError, Runtime, RuntimeUnavailableError
 from agent.serving import LoadedModel, ModelHost, SwapTimeoutError
@@ -162,14 +163,16 @@ class Admission:
             try:
                 model = self.open(directory, directory.name)
             except REFUSALS as exc:
-                self.events.emit("model.refused", str(exc), link=name, code=_code(exc))
+                self.events.emit(EventKind.MODEL_REFUSED, str(exc), link=name, code=_code(exc))
                 continue
             if name == "previous":
                 self.store.rollback()
-                self.events.emit("model.rolled_back", "current bundle failed to load at start")
+                self.events.emit(
+                    EventKind.MODEL_ROLLED_BACK, "current bundle failed to load at start"
+                )
             self.host.swap(model)
             self.events.emit(
-                "model.loaded",
+                EventKind.MODEL_LOADED,
                 f"serving {model.manifest.name} {model.manifest.version}",
                 **model.summary(),
             )
@@ -188,7 +191,9 @@ class Admission:
         try:
             verified = self.store.install(bundle_path, self.keys, limits_from(self.config))
         except BundleError as exc:
-            self.events.emit("model.refused", str(exc), bundle=str(bundle_path), code=exc.code)
+            self.events.emit(
+                EventKind.MODEL_REFUSED, str(exc), bundle=str(bundle_path), code=exc.code
+            )
             raise
         assert verified.directory is not None
         current = self.host.model
@@ -224,7 +229,7 @@ class Admission:
         except REFUSALS as exc:
             self.store.discard(verified.directory)
             self.events.emit(
-                "model.refused",
+                EventKind.MODEL_REFUSED,
                 str(exc),
                 bundle=str(bundle_path),
                 code=_code(exc),
@@ -237,7 +242,7 @@ class Admission:
             # and it is freed when the last of them lets go.
             old_model = self.host.swap(model)
         self.events.emit(
-            "model.swapped" if old_model else "model.loaded",
+            EventKind.MODEL_SWAPPED if old_model else EventKind.MODEL_LOADED,
             f"serving {model.manifest.name} {model.manifest.version}",
             previous=None if old_model is None else old_model.manifest.version,
             **model.summary(),

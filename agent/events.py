@@ -10,14 +10,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+from agent.protocol.events import EventKind
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # e.g. "model.loaded", "model.refused", "overloaded"
+    kind: EventKind
     reason: str
     data: dict[str, Any] = field(default_factory=dict)
     ts: float = field(default_factory=time.time)
@@ -27,6 +29,13 @@ class Event:
 
 
 Subscriber = Callable[[Event], None]
+
+
+class Emit(Protocol):
+    """What the parts that report events hold: `EventBus.emit`, typed, so a bare
+    string kind is refused by mypy wherever an event is emitted."""
+
+    def __call__(self, kind: EventKind, reason: str, /, **data: Any) -> Any: ...
 
 
 class EventBus:
@@ -39,8 +48,9 @@ class EventBus:
         with self._lock:
             self._subscribers.append(fn)
 
-    def emit(self, kind: str, reason: str, **data: Any) -> Event:
-        event = Event(kind, reason, data)
+    def emit(self, kind: EventKind, reason: str, /, **data: Any) -> Event:
+        # A str that is no kind fails here, where it was emitted (mypy catches most).
+        event = Event(EventKind(kind), reason, data)
         log.info("event %s: %s", kind, reason)
         with self._lock:
             self.recent = [*self.recent[-99:], event]

@@ -24,6 +24,7 @@ from agent.events import EventBus
 from agent.memory import MB, RssWatcher, compute_budget
 from agent.metrics import Metrics
 from agent.preflight import START_FAILED, START_INTERNAL, check_api
+from agent.protocol.events import EventKind
 from agent.regular_files import check_regular
 from agent.runtimes import availability
 from agent.sdnotify import Notifier
@@ -212,7 +213,9 @@ class Agent:
             check_regular(bundle)
         except OSError as exc:
             refused = UnreadableBundleError(f"model.bundle {bundle}: {exc.strerror or exc}")
-            self.events.emit("model.refused", str(refused), bundle=str(bundle), code=refused.code)
+            self.events.emit(
+                EventKind.MODEL_REFUSED, str(refused), bundle=str(bundle), code=refused.code
+            )
             raise refused from exc
         self.admission.install(bundle)
 
@@ -367,7 +370,7 @@ class Agent:
         if overloaded:
             self._shed_at_overload = self.watcher.shed_count
             self.events.emit(
-                "overloaded",
+                EventKind.OVERLOADED,
                 f"RSS {rss / MB:.1f} MB is above the soft limit {soft} MB: shedding new requests",
                 rss_mb=round(rss / MB, 1),
                 soft_limit_mb=soft,
@@ -375,7 +378,7 @@ class Agent:
         else:
             shed = self.watcher.shed_count - self._shed_at_overload
             self.events.emit(
-                "overload.cleared",
+                EventKind.OVERLOAD_CLEARED,
                 f"RSS {rss / MB:.1f} MB is back under {soft} MB; {shed} request(s) were shed",
                 rss_mb=round(rss / MB, 1),
                 shed=shed,

@@ -15,8 +15,6 @@ import math
 import re
 from typing import Any
 
-import numpy as np
-
 MAX_DEPTH = 32
 MAX_INT_DIGITS = 20
 # A string runs to its closing quote or, unterminated, to the end of the text: the
@@ -35,6 +33,10 @@ def nesting_depth(text: str) -> int:
     brackets = _NOT_BRACKET.sub("", _STRING.sub('""', text)).encode("ascii")
     if not brackets:
         return 0
+    # Imported here: agent.protocol reads JSON through this module's hooks and must
+    # import without numpy (the console does not install it).
+    import numpy as np
+
     arr = np.frombuffer(brackets, dtype=np.uint8)
     steps = np.where((arr == ord("[")) | (arr == ord("{")), 1, -1)
     return int(np.cumsum(steps).max())

@@ -23,8 +23,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import ServingError
+from agent.events import Emit
 from agent.link.replies import LEGACY_DIGEST, Remembered, ReplyCache
 from agent.protocol.canonical import SignatureError, canonical_json, verify_body
+from agent.protocol.events import EventKind
 from agent.protocol.messages import (
     ID_RE,
     Code,
@@ -139,7 +141,7 @@ class RefusalReporter:
 
     def __init__(
         self,
-        emit: Callable[..., Any],
+        emit: Emit,
         every_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -158,7 +160,7 @@ class RefusalReporter:
                 return
             self._last[code] = now
             hidden = self._hidden.pop(code, 0)
-        self._emit("command.refused", message, code=code, suppressed=hidden, **data)
+        self._emit(EventKind.COMMAND_REFUSED, message, code=code, suppressed=hidden, **data)
 
 
 class Dispatcher:

@@ -17,12 +17,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.bundle import BundleError
 from agent.config.model import AgentConfig
 from agent.config.typed import ConfigError
-from agent.events import Event
+from agent.events import Emit, Event
 from agent.link import settings
 from agent.link.client import Message, MqttClient, MqttError
 from agent.link.commands import Dispatcher, RefusalReporter, Request
@@ -35,7 +37,9 @@ from agent.link.transfer import LinkTransfers, mqtt_fetchers
 from agent.link.tunables import Tunables
 from agent.link.twin import DesiredVersions, TwinLink
 from agent.outbox import Kind, Outbox, OutboxError
+from agent.protocol.events import EventKind
 from agent.protocol.messages import Code, EventMessage, Status, TelemetryMessage, dumps, shown
+from agent.protocol.state import Health, ModelInfo, ReportedState, Slots
 from agent.protocol.topics import DeviceTopics, command_subscriptions
 from agent.protocol.update import MqttSource
 
@@ -54,6 +58,8 @@ class Link:
             raise ConfigError(issues, "mqtt link")
         self.agent = agent
         self.config = config
+        # Typed, so mypy refuses a bare string kind here (agent is Any).
+        self.emit: Emit = agent.events.emit
         self.started = time.time()
         self.topics = DeviceTopics(config.device_id)
         # What can fail on a bad config goes first, before files and threads exist.
@@ -124,6 +130,7 @@ class Link:
         self._put_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._state_sent: bytes | None = None
+        self._previous_model: tuple[str, ModelInfo | None] | None = None
         self._inbox: queue.Queue[Message | None] = queue.Queue(INBOX_LIMIT)
         self._inbox_lock = threading.Lock()
         self._inbox_bytes = 0
@@ -135,8 +142,8 @@ class Link:
         agent.events.subscribe(self._on_event)
         self.tunables.on_change(self._on_tunables)
         if self.outbox.recovered_from is not None:
-            agent.events.emit(
-                "outbox.recovered",
+            self.emit(
+                EventKind.OUTBOX_RECOVERED,
                 f"the outbox was unreadable and was moved to {self.outbox.recovered_from}",
             )
 
@@ -205,8 +212,8 @@ class Link:
     def _on_subscribed(self, refused: list[str]) -> None:  # network thread
         # "online" is said once commands can arrive: a console may send right away.
         if refused:
-            self.agent.events.emit(
-                "link.subscription_refused",
+            self.emit(
+                EventKind.LINK_SUBSCRIPTION_REFUSED,
                 f"the broker refused {len(refused)} subscription(s); check its ACL",
                 topics=refused,
             )
@@ -278,26 +285,49 @@ class Link:
 
     # ----------------------------------------------------------------- state
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> ReportedState:
         agent = self.agent
         store = agent.store
         current, previous = store.link("current"), store.link("previous")
         effective = self.tunables.effective
         digest = hashlib.sha256(dumps(config_as_json(effective))).hexdigest()
-        return {
-            "device_id": self.config.device_id,
-            "agent_version": __version__,
-            "model": model_figures(agent),
-            "slots": {
-                "current": None if current is None else current.name,
-                "previous": None if previous is None else previous.name,
-            },
-            "config_digest": digest,
-            "tunable": self.tunables.values(),
-            "health": {"ready": agent.host.ready(), "overloaded": agent.watcher.overloaded},
-            "desired": {} if self.twin is None else dict(self.twin.desired),
-            "update": None if self.updates is None else self.updates.snapshot(),
-        }
+        served = model_figures(agent)
+        return ReportedState(
+            device_id=self.config.device_id,
+            agent_version=__version__,
+            model=None
+            if served is None
+            else ModelInfo(served["name"], served["version"], served["sha256"], served["runtime"]),
+            slots=Slots(
+                current=None if current is None else current.name,
+                previous=None if previous is None else previous.name,
+            ),
+            last_known_good=self._last_known_good(previous),
+            groups=tuple(self.config.mqtt.groups),
+            config_digest=digest,
+            tunable=self.tunables.values(),
+            health=Health(ready=agent.host.ready(), overloaded=agent.watcher.overloaded),
+            desired={} if self.twin is None else dict(self.twin.desired),
+            update=None if self.updates is None else self.updates.snapshot(),
+        )
+
+    def _last_known_good(self, previous: Path | None) -> ModelInfo | None:
+        """The model in the `previous` slot, where a rollback goes. Its manifest is read
+        once per slot change: state() runs after every event and telemetry report."""
+        if previous is None:
+            return None
+        cached = self._previous_model
+        if cached is not None and cached[0] == previous.name:
+            return cached[1]
+        try:
+            manifest = self.agent.store.manifest(previous)
+        except (BundleError, OSError) as exc:
+            log.warning("previous slot %s: manifest unreadable: %s", previous.name, exc)
+            info = None
+        else:
+            info = ModelInfo(manifest.name, manifest.version, previous.name)
+        self._previous_model = (previous.name, info)
+        return info
 
     def publish_state(self, force: bool = False) -> None:
         """Retained `state`, re-sent on every connect and whenever it changes; the twin's
@@ -307,7 +337,7 @@ class Link:
             self.twin.report()
 
     def _publish_state(self, force: bool) -> None:
-        body = dumps(self.state())
+        body = dumps(self.state().to_json())
         with self._state_lock:
             if not force and body == self._state_sent:
                 return
@@ -377,9 +407,10 @@ class Link:
             return dumps(message.to_json())
 
         self._put("event", str(self.topics.events), build)
-        # Any event may follow a change of what `state` shows (overloaded and
-        # overload.cleared, model swaps, twin desires); publish_state sends only a change.
-        if not event.kind.startswith("command."):
+        # Most events follow a change of what `state` shows (overloaded and
+        # overload.cleared, model swaps, update phases, twin desires): the kind says
+        # which (EventKind.republishes_state); publish_state sends only a change.
+        if event.kind.republishes_state:
             self.publish_state()
 
     def _put(self, kind: Kind, topic: str, build: Callable[[int], bytes]) -> None:
@@ -451,8 +482,8 @@ class Link:
         for key, n in sorted(dropped.items()):
             cause, _, kind = key.partition(".")
             parts.append(f"{n} {kind} message(s): {causes.get(cause, cause)}")
-        self.agent.events.emit(
-            "outbox.dropped",
+        self.emit(
+            EventKind.OUTBOX_DROPPED,
             "dropped " + ", ".join(parts),
             **{k.replace(".", "_"): v for k, v in dropped.items()},
         )

@@ -19,6 +19,7 @@ from agent.admission import REFUSALS
 from agent.config.model import AgentConfig
 from agent.config.typed import ConfigError, build
 from agent.memory import compute_budget
+from agent.protocol.events import EventKind
 from agent.protocol.messages import Code
 from agent.serving import SwapConflictError
 
@@ -173,7 +174,7 @@ class Tunables:
             log.info("config.set: %s; not swapping the reopened runtime", exc)
             return
         agent.events.emit(
-            "model.reloaded",
+            EventKind.MODEL_RELOADED,
             f"reopened {fresh.manifest.name} {fresh.manifest.version} with new runtime threads",
             runtime=fresh.runtime.describe(),
         )

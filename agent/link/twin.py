@@ -15,10 +15,12 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from agent.events import Emit
 from agent.link.client import MqttClient, MqttError
 from agent.protocol import twin
+from agent.protocol.events import EventKind
 from agent.protocol.messages import ProtocolError
 from agent.protocol.topics import TopicFilter, TwinTopics
 from agent.strictjson import JsonRefusedError
@@ -47,7 +49,7 @@ class TwinLink:
         topics: TwinTopics,
         client: MqttClient,
         actual: Callable[[], dict[str, str]],
-        emit: Callable[..., Any],
+        emit: Emit,
         state_dir: Path | None = None,
     ) -> None:
         self.topics = topics
@@ -180,7 +182,7 @@ class TwinLink:
                     else "recorded: no release index (update.repository) to resolve it"
                 )
                 self.emit(
-                    "twin.desired",
+                    EventKind.TWIN_DESIRED,
                     f"KubeEdge twin wants model_version {version} (running "
                     f"{current or 'none'}); {how}",
                     model_version=version,

@@ -40,6 +40,8 @@ class Code:
     FAILED = "command.failed"  # the handler broke; the agent keeps running
     NOT_TUNABLE = "config.not_tunable"
     INVALID_VALUE = "config.invalid"
+    STATE_MALFORMED = "state.malformed"  # a retained state a console cannot read
+    REPLY_MALFORMED = "reply.malformed"  # a job reply's result a console cannot read
 
 
 class ProtocolError(Exception):

@@ -18,6 +18,9 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from agent.names import is_name, shown
+from agent.protocol.events import EventKind
+from agent.protocol.messages import Code
+from agent.protocol.reader import Reader, Subject
 from agent.update.errors import UpdateCode, UpdateError
 from agent.version import VersionFormatError, parse_version
 
@@ -48,8 +51,8 @@ class Phase(StrEnum):
         return self in _FINAL
 
     @property
-    def event(self) -> str:
-        return f"update.{self.value}"
+    def event(self) -> EventKind:
+        return EventKind(f"update.{self.value}")
 
 
 _FINAL = frozenset({Phase.COMMITTED, Phase.FAILED, Phase.ROLLED_BACK, Phase.CANCELLED})
@@ -330,14 +333,189 @@ class RollbackRequest:
         return cls(version=version)
 
 
+# ----------------------------------------------------------------- job replies
+# What the device answers to `deploy`, `rollback`, `update.status` and `update.cancel`
+# (the `result` of an ok Reply). The update service builds them; a console reads
+# them with `from_json`, which raises ProtocolError(reply.malformed) naming the field.
+
+
+def _reader(value: object, what: str) -> Reader:
+    return Reader.of(value, "", Subject(what, Code.REPLY_MALFORMED))
+
+
+@dataclass(frozen=True)
+class JobAccepted:
+    """`deploy` and `rollback`: the job started (progress follows as events)."""
+
+    job: str
+    version: str | None = None  # rollback: the version it goes back to
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"job": self.job, "accepted": True}
+        if self.version is not None:
+            out["version"] = self.version
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any) -> JobAccepted:
+        r = _reader(obj, "job reply")
+        if r.flag("accepted") is not True:
+            raise r.bad("accepted", "true", obj.get("accepted"))
+        return cls(job=r.need_text("job"), version=r.text("version"))
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    version: str | None  # None when the slot's manifest cannot be read
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "sha256": self.sha256}
+
+    @classmethod
+    def read(cls, r: Reader | None) -> ModelRef | None:
+        if r is None:
+            return None
+        return cls(version=r.text("version"), sha256=r.text("sha256", "") or "")
+
+
+@dataclass(frozen=True)
+class BadVersion:
+    """A version rolled back once: refused again unless deployed with `force`."""
+
+    version: str
+    sha256: str
+    reason: str
+    ts: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "sha256": self.sha256, "reason": self.reason,
+                "ts": self.ts}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One job as the journal keeps it (`update.status`'s `job`)."""
+
+    id: str
+    kind: str
+    phase: str  # a Phase value, as text: a newer agent's phase still reads
+    version: str
+    started: float | None = None
+    phase_started: float | None = None
+    finished: float | None = None
+    code: str | None = None
+    reason: str | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+    previous_version: str | None = None
+    previous_sha: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # request, candidate, mode...
+
+    @property
+    def known_phase(self) -> Phase | None:
+        try:
+            return Phase(self.phase)
+        except ValueError:
+            return None
+
+    @classmethod
+    def read(cls, r: Reader | None) -> JobInfo | None:
+        if r is None:
+            return None
+        known = {"id", "kind", "phase", "version", "started", "phase_started", "finished",
+                 "code", "reason", "figures", "previous_version", "previous_sha"}  # fmt: skip
+        return cls(
+            id=r.need_text("id"),
+            kind=r.text("kind", "deploy") or "deploy",
+            phase=r.need_text("phase"),
+            version=r.text("version", "") or "",
+            started=r.number("started"),
+            phase_started=r.number("phase_started"),
+            finished=r.number("finished"),
+            code=r.text("code"),
+            reason=r.text("reason"),
+            figures=r.mapping("figures"),
+            previous_version=r.text("previous_version"),
+            previous_sha=r.text("previous_sha"),
+            extra={k: v for k, v in r.obj.items() if k not in known},
+        )
+
+
+@dataclass(frozen=True)
+class UpdateStatus:
+    """`update.status`: the running or last job, the served and the previous model."""
+
+    job: JobInfo | None
+    running: bool
+    served: ModelRef | None
+    previous: ModelRef | None
+    bad_versions: tuple[BadVersion, ...] = ()
+    job_json: dict[str, Any] | None = None  # the journal's own form, sent as is
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.job_json,
+            "running": self.running,
+            "served": None if self.served is None else self.served.to_json(),
+            "previous": None if self.previous is None else self.previous.to_json(),
+            "bad_versions": [b.to_json() for b in self.bad_versions],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> UpdateStatus:
+        r = _reader(obj, "update.status reply")
+        bad = tuple(
+            BadVersion(
+                b.need_text("version"),
+                b.text("sha256", "") or "",
+                b.text("reason", "") or "",
+                b.number("ts") or 0.0,
+            )
+            for b in r.children("bad_versions")
+        )
+        job = r.child("job")
+        return cls(
+            job=JobInfo.read(job),
+            running=r.flag("running"),
+            served=ModelRef.read(r.child("served")),
+            previous=ModelRef.read(r.child("previous")),
+            bad_versions=bad,
+            job_json=None if job is None else dict(job.obj),
+        )
+
+
+@dataclass(frozen=True)
+class CancelAccepted:
+    """`update.cancel`: the job stops at its next step (never past the swap)."""
+
+    job: str
+    phase: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"job": self.job, "cancelling": True, "phase": self.phase}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> CancelAccepted:
+        r = _reader(obj, "update.cancel reply")
+        if r.flag("cancelling") is not True:
+            raise r.bad("cancelling", "true", obj.get("cancelling"))
+        return cls(job=r.need_text("job"), phase=r.need_text("phase"))
+
+
 __all__ = [
+    "BadVersion",
+    "CancelAccepted",
     "DeployRequest",
     "HttpSource",
+    "JobAccepted",
+    "JobInfo",
     "Mode",
+    "ModelRef",
     "MqttSource",
     "Phase",
     "RollbackRequest",
     "ShadowSpec",
     "Source",
     "TrialSpec",
+    "UpdateStatus",
 ]

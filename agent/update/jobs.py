@@ -41,15 +41,23 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.admission import REFUSALS, limits_from
 from agent.bundle import BundleError, Manifest
 from agent.config.model import AgentConfig
+from agent.events import Emit
 from agent.memory import MB, AdmissionError, release_free_memory
+from agent.protocol.events import EventKind
+from agent.protocol.state import ModelInfo, UpdateSnapshot
 from agent.protocol.update import (
+    BadVersion,
+    CancelAccepted,
     DeployRequest,
     HttpSource,
+    JobAccepted,
+    ModelRef,
     MqttSource,
     Phase,
     RollbackRequest,
     Source,
     TrialSpec,
+    UpdateStatus,
 )
 from agent.serving import LoadedModel
 from agent.store import Store
@@ -101,7 +109,6 @@ class Loader(Protocol):
     def reopen(self, model: LoadedModel) -> LoadedModel: ...
 
 
-Emit = Callable[..., Any]
 # Builds the fetcher for one deploy (the source type picks it: HttpSource, MqttSource).
 FetcherFactory = Callable[[DeployRequest], Fetcher]
 
@@ -186,7 +193,7 @@ class UpdateJobs:
             )
             job = self._new_job("deploy", request.to_args(), request.version)
             self._start(job, lambda: self._run_deploy(request, fetcher))
-        return {"job": job.id, "accepted": True}
+        return JobAccepted(job.id).to_json()
 
     def resume(self, job: JobRecord) -> bool:
         """Restart an interrupted download (recovery's "resume"): same job, same partial."""
@@ -214,7 +221,7 @@ class UpdateJobs:
                 "rollback", {"version": request.version}, manifest.version, directory.name
             )
             self._start(job, lambda: self._run_rollback(directory, manifest))
-        return {"job": job.id, "accepted": True, "version": manifest.version}
+        return JobAccepted(job.id, manifest.version).to_json()
 
     def status(self) -> dict[str, Any]:
         job = self._job
@@ -224,20 +231,18 @@ class UpdateJobs:
         if previous is not None:
             with contextlib.suppress(BundleError, OSError):
                 prev_manifest = self.store.manifest(previous)
-        return {
-            "job": None if job is None else job.to_json(),
-            "running": self.running,
-            "served": None
-            if served is None
-            else {"version": served.manifest.version, "sha256": served.sha256},
-            "previous": None
+        return UpdateStatus(
+            job=None,  # the journal's own form goes out as is (job_json)
+            running=self.running,
+            served=None if served is None else ModelRef(served.manifest.version, served.sha256),
+            previous=None
             if previous is None
-            else {
-                "version": None if prev_manifest is None else prev_manifest.version,
-                "sha256": previous.name,
-            },
-            "bad_versions": [b.to_json() for b in self.journal.state.bad],
-        }
+            else ModelRef(None if prev_manifest is None else prev_manifest.version, previous.name),
+            bad_versions=tuple(
+                BadVersion(b.version, b.sha256, b.reason, b.ts) for b in self.journal.state.bad
+            ),
+            job_json=None if job is None else job.to_json(),
+        ).to_json()
 
     def cancel(self) -> dict[str, Any]:
         with self._lock:
@@ -253,29 +258,26 @@ class UpdateJobs:
                     phase=job.phase.value,
                 )
             self._cancel.set()
-        return {"job": job.id, "cancelling": True, "phase": job.phase.value}
+        return CancelAccepted(job.id, job.phase.value).to_json()
 
-    def snapshot(self) -> dict[str, Any] | None:
+    def snapshot(self) -> UpdateSnapshot | None:
         """The retained `state`'s `update` field: job, phase, version; at the end the model."""
         job = self._job
         if job is None:
             return None
-        out: dict[str, Any] = {"job": job.id, "kind": job.kind, "phase": job.phase.value,
-                               "version": job.version}  # fmt: skip
-        if job.code is not None:
-            out["code"] = job.code
+        model = None
         if job.phase.final:
-            model = self.host.model
-            out["model"] = (
-                None
-                if model is None
-                else {
-                    "name": model.manifest.name,
-                    "version": model.manifest.version,
-                    "sha256": model.sha256,
-                }
-            )
-        return out
+            served = self.host.model
+            if served is not None:
+                model = ModelInfo(served.manifest.name, served.manifest.version, served.sha256)
+        return UpdateSnapshot(
+            job=job.id,
+            kind=job.kind,
+            phase=job.phase.value,
+            version=job.version,
+            code=job.code,
+            model=model,
+        )
 
     @property
     def running(self) -> bool:
@@ -426,7 +428,7 @@ class UpdateJobs:
         self._job = job
         self.journal.record(job)
         self.emit(
-            "update.accepted", f"{job.kind} {job.version}: accepted as job {job.id}",
+            EventKind.UPDATE_ACCEPTED, f"{job.kind} {job.version}: accepted as job {job.id}",
             job=job.id, version=job.version,
         )  # fmt: skip
         thread = threading.Thread(target=self._guard, args=(work,), name="update-job", daemon=True)
@@ -821,7 +823,7 @@ class UpdateJobs:
         assert model is not None
         self._figures(swap_s=round(time.monotonic() - started, 3))
         self.emit(
-            "model.swapped",
+            EventKind.MODEL_SWAPPED,
             f"serving {model.manifest.name} {model.manifest.version}",
             previous=None if old is None else old.manifest.version,
             **model.summary(),
@@ -861,7 +863,7 @@ class UpdateJobs:
                 self.config.api.drain_timeout_s,
             )
         self.emit(
-            "model.rolled_back",
+            EventKind.MODEL_ROLLED_BACK,
             f"serving {old.manifest.name} {old.manifest.version} again",
             rejected=candidate.manifest.version,
         )

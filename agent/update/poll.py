@@ -30,7 +30,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent import __version__
 from agent.config.loader import read_public_keys
 from agent.config.model import AgentConfig
+from agent.events import Emit
 from agent.names import shown
+from agent.protocol.events import EventKind
 from agent.update.errors import UpdateCode, UpdateError
 from agent.update.fetch.http import tls_context
 from agent.update.index import IndexGuard, Release, runs_on
@@ -42,7 +44,6 @@ log = logging.getLogger(__name__)
 
 # (name, version) of the model served now, or None.
 Served = Callable[[], tuple[str, str] | None]
-Emit = Callable[..., Any]
 RETRY_S = 3600.0  # the same release is not deployed again sooner (a failed job, say)
 # Phases a job is in while it runs; `model_status` shows them (UpdateService.status()).
 _FINAL = {"committed", "failed", "rolled_back", "cancelled"}
@@ -210,7 +211,7 @@ class PullUpdates:
         self._attempts[key] = now
         self._settled()
         self.emit(
-            "update.pull",
+            EventKind.UPDATE_PULL,
             f"release {release.name} {release.version} from the release index: deploy "
             f"started ({origin})",
             version=release.version,
@@ -228,7 +229,7 @@ class PullUpdates:
         self.problem = text
         if text != self._last_event:  # the same refusal every poll is said once
             self._last_event = text
-            self.emit("update.pull_refused", exc.message, code=exc.code, **exc.data)
+            self.emit(EventKind.UPDATE_PULL_REFUSED, exc.message, code=exc.code, **exc.data)
         log.warning("pull update refused: %s", text)
 
     # ------------------------------------------------------------------ reporting

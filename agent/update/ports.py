@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.protocol.state import UpdateSnapshot
 from agent.protocol.update import DeployRequest, RollbackRequest, ShadowSpec, TrialSpec
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ class UpdateService(Protocol):
 
     def cancel(self) -> dict[str, Any]: ...
 
-    def snapshot(self) -> dict[str, Any] | None:
+    def snapshot(self) -> UpdateSnapshot | None:
         """Short form for the retained `state`: job, kind, phase, version, code; at the
         end also the model served. None before the first job."""
         ...

@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config.model import AgentConfig
+from agent.events import Emit
 from agent.protocol.update import DeployRequest, Phase, TrialSpec
 from agent.store import Store
 from agent.update.errors import UpdateCode, UpdateError
-from agent.update.jobs import INCOMING, Emit, trial_defaults
+from agent.update.jobs import INCOMING, trial_defaults
 from agent.update.journal import JobRecord, Journal
 
 log = logging.getLogger(__name__)

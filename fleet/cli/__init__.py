@@ -27,6 +27,10 @@ from fleet.errors import FleetError
 COMMAND_MODULES = [
     "fleet.cli.index",
     "fleet.cli.records",
+    "fleet.cli.devices",
+    "fleet.cli.device",
+    "fleet.cli.simulate",
+    "fleet.cli.rollout",
 ]
 
 

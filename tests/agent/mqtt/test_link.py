@@ -19,6 +19,7 @@ from agent.link.client import Message
 from agent.link.commands import CommandSpec
 from agent.link.link import INBOX_BYTES
 from agent.protocol.canonical import sign_body
+from agent.protocol.events import EventKind
 from agent.protocol.messages import dumps, loads
 from agent.protocol.topics import DeviceTopics, group_command
 from agent.service import Agent
@@ -59,7 +60,7 @@ def test_status_state_telemetry_and_events_arrive(
         # The model.loaded event happened before the broker connection: the outbox kept it.
         events = json_on(feed, "/events")
         assert events[0]["kind"] == "model.loaded" and events[0]["seq"] == 1
-        h.agent.events.emit("overloaded", "test reason", rss_mb=1.0)
+        h.agent.events.emit(EventKind.OVERLOADED, "test reason", rss_mb=1.0)
         assert feed.wait_for(lambda f: len(f.on("/events")) >= 2)
         assert json_on(feed, "/events")[1] == {
             **json_on(feed, "/events")[1], "seq": 2, "kind": "overloaded", "reason": "test reason",

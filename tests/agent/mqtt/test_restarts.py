@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+from agent.protocol.events import EventKind
 from agent.protocol.messages import loads
 from tests.agent.mqtt.conftest import DEVICE, MakeHarness, agent_config
 from tests.mqtt_broker import Broker, Listener
@@ -36,7 +37,7 @@ def test_broker_killed_and_restarted_mid_stream_loses_nothing(
         n = 0
         while not stop.wait(0.03):
             n += 1
-            h.agent.events.emit("test.tick", f"tick {n}", n=n)
+            h.agent.events.emit(EventKind.COMMAND_REFUSED, f"test tick {n}", n=n)
 
     ticker = threading.Thread(target=tick)
     ticker.start()

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from agent.protocol.events import EventKind
 from agent.protocol.messages import loads
 from agent.protocol.topics import TwinTopics
 from tests.agent.mqtt.conftest import (
@@ -58,9 +59,9 @@ def test_twin_reports_actual_values_and_records_a_desired_version(
         cloud.client.publish(str(TWIN.update_delta), json.dumps(delta), qos=1)
         cloud.client.publish(str(TWIN.get_result), b"{not json", qos=1)
         cloud.client.publish(str(TWIN.get_result), json.dumps({**delta, "delta": None}), qos=1)
-        h.agent.events.emit("test.marker", "after the twin messages")
+        h.agent.events.emit(EventKind.COMMAND_REFUSED, "test marker: after the twin messages")
         assert cloud.wait_for(
-            lambda f: any(e["kind"] == "test.marker" for e in json_on(f, "/events"))
+            lambda f: any(e["reason"].startswith("test marker") for e in json_on(f, "/events"))
         )
         assert sum(e["kind"] == "twin.desired" for e in json_on(cloud, "/events")) == 1
         assert h.link.online.is_set()
@@ -75,7 +76,8 @@ def test_one_twin_report_per_connect_and_health_stopped_after_a_clean_stop(
                                  kubeedge={"enabled": True, "namespace": "edge"}))  # fmt: skip
         h.wait_connected()
         assert cloud.wait_for(lambda f: len(f.on("/twin/update")) >= 1)
-        h.agent.events.emit("test.marker", "nothing the twin shows changed")
+        # An event that re-publishes the state, while nothing the twin shows changed.
+        h.agent.events.emit(EventKind.OVERLOAD_CLEARED, "test: nothing the twin shows changed")
         h.link.client.disconnect()  # a clean disconnect: the client connects again
         assert wait_until(lambda: h.link.client.connections == 2 and h.link.online.is_set())
         assert cloud.wait_for(lambda f: len(f.on("/twin/update")) >= 2)

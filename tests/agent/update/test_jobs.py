@@ -64,7 +64,8 @@ def test_a_good_deploy_runs_every_phase_and_commits(
     assert journal(agent)["job"]["phase"] == "committed"
     assert list((agent.config.state_dir / "incoming").iterdir()) == []
     snapshot = agent.updates.snapshot()
-    assert snapshot is not None and snapshot["model"]["version"] == "1.1.0"
+    assert snapshot is not None and snapshot.model is not None
+    assert snapshot.model.version == "1.1.0" and snapshot.final
 
 
 def test_refusals_at_accept_name_the_value_and_keep_the_model(

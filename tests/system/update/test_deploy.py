@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from agent.protocol.state import ReportedState
+from agent.protocol.update import JobAccepted, Phase, UpdateStatus
 from tests.system.update.flows import (
     GOOD_PHASES,
     QUICK_TRIAL,
@@ -42,10 +44,18 @@ def test_good_update_over_https_under_load_fails_no_request(rig: Rig, bundles: B
     # ... with the job, its phase and version (docs/mqtt.md "the retained state").
     job = rig.console.wait_state(lambda s: (s.get("update") or {}).get("phase") == "committed")
     assert job["update"]["job"] == reply["result"]["job"] and job["update"]["version"] == "1.1.0"
+    # Read as a console does: the typed state names the device's own rollback target.
+    typed = ReportedState.from_json(job)
+    assert typed.last_known_good is not None and typed.last_known_good.version == "1.0.0"
+    assert typed.last_known_good.sha256 == typed.slots.previous
+    assert typed.update is not None and typed.update.final
+    assert JobAccepted.from_json(reply["result"]).job == typed.update.job
     # status and ping answered all along; update.status reports the finished job.
     status = rig.console.request("update.status")
     assert status["ok"], status
-    assert "committed" in str(status["result"]), status
+    read = UpdateStatus.from_json(status["result"])
+    assert read.job is not None and read.job.known_phase is Phase.COMMITTED, status
+    assert read.previous is not None and read.previous.version == "1.0.0"
     no_traceback(rig)
 
 

@@ -1,0 +1,351 @@
+"""Staged rollouts end to end: a real mosquitto, simulated devices speaking the agent's
+protocol (fleet/simulate.py), the console's real FleetClient/FleetView, and the record on
+a real SQLite file and on the machine's PostgreSQL (the core is parametrized over both).
+
+Each test takes its own devices (a prefix and group of its own): the broker and its
+retained messages are shared by the module, the targets never overlap.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.signing import load_public_key
+from fleet.config import FleetConfig
+from fleet.mqtt import FleetClient
+from fleet.ports import RecordKind
+from fleet.rollout.bundle import BundleInfo, inspect_bundle
+from fleet.rollout.engine import RolloutEngine
+from fleet.rollout.plan import RolloutPlan
+from fleet.rollout.sources import SourceFactory, console_sources
+from fleet.rollout.state import RolloutState
+from fleet.simulate import Simulator
+from fleet.store import SqlStore, open_store
+from fleet.view import FleetView
+from tests.helpers import DEMO_PUB, SampleParts, make_bundle
+from tests.mqtt_broker import Broker
+from tests.pg import pg_database_fixture
+
+pg_db = pg_database_fixture()
+OPERATOR = "rollout-tester"
+GATES = "p95_ms<=1.2x,error_rate<=0.01"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SqlStore]:
+    if request.param == "sqlite":
+        url = str(tmp_path_factory.mktemp("record") / "fleet.db")
+    else:
+        url = str(request.getfixturevalue("pg_db"))
+    s = open_store(url)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlStore]:
+    s = open_store(str(tmp_path_factory.mktemp("record-sqlite") / "fleet.db"))
+    yield s
+    s.close()
+
+
+@dataclass
+class Console:
+    client: FleetClient
+    view: FleetView
+
+
+@pytest.fixture(scope="module")
+def console(broker: Broker, console_key_file: Path) -> Iterator[Console]:
+    config = FleetConfig.load(
+        None,
+        broker=f"mqtt://{broker.host}:{broker.port}",
+        key=str(console_key_file),
+        operator=OPERATOR,
+        console_id=f"rollout-{uuid.uuid4().hex[:6]}",
+        timeout_s=5,
+    )
+    client = FleetClient(config).connect()
+    view = FleetView(client).start(settle_s=5)
+    yield Console(client, view)
+    view.close()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def http_sources(console: Console) -> SourceFactory:
+    """The console's own bundle sources (fleet.bundle_source): an HTTP server for the
+    bundle, or chunks over MQTT; the devices download it for real and check its sha256."""
+    return console_sources(console.client, "127.0.0.1", [load_public_key(DEMO_PUB)])
+
+
+@pytest.fixture(scope="module")
+def bundle(
+    tmp_path_factory: pytest.TempPathFactory, sample_parts: SampleParts, demo_key: Any
+) -> BundleInfo:
+    """A real signed bundle of the sample model, version 2.0.0, verified as deploy does."""
+    path = make_bundle(
+        sample_parts, tmp_path_factory.mktemp("bundle") / "digits-2.0.0.edgebundle", demo_key,
+        version="2.0.0",
+    )  # fmt: skip
+    return inspect_bundle(path, [load_public_key(DEMO_PUB)])
+
+
+Sims = Callable[..., Simulator]
+
+
+@pytest.fixture
+def sims(broker: Broker, console_pub: Path, console: Console) -> Iterator[Sims]:
+    """sims(n, **knobs) -> a started Simulator whose devices are all in the view, in a
+    group of their own (`sim.group`)."""
+    started: list[Simulator] = []
+
+    def make(n: int, **kw: Any) -> Simulator:
+        tag = uuid.uuid4().hex[:6]
+        group = f"g-{tag}"
+        options: dict[str, Any] = {
+            "prefix": f"s{tag}",
+            "groups": [group],
+            "console_keys": [console_pub],
+            "telemetry_interval_s": 0.2,
+            "latency": 0.02,
+            "model": ("digits", "1.0.0"),
+        }
+        options.update(kw)
+        sim = Simulator(broker.host, broker.port, n, **options)
+        sim.__enter__()
+        started.append(sim)
+        sim.group = group  # type: ignore[attr-defined]
+        ids = set(sim.device_ids)
+        # Every device seen online with its state and live figures (baselines need them).
+        assert console.view.wait(
+            lambda v: all(
+                (r := v.row(d)) is not None and r.online and r.model_version and r.live for d in ids
+            ),
+            30,
+        ), "simulated devices did not all show up in the view"
+        return sim
+
+    yield make
+    for sim in started:
+        sim.close()
+
+
+def engine(store: SqlStore, console: Console, sources: SourceFactory, **kw: Any) -> RolloutEngine:
+    options: dict[str, Any] = {
+        "operator": OPERATOR,
+        "sources": sources,
+        "tick_s": 0.05,
+        "lease_ttl_s": 5.0,
+        "command_timeout_s": 5.0,
+    }
+    options.update(kw)
+    return RolloutEngine(store, console.view, console.client, **options)
+
+
+def plan(sim: Simulator, **kw: Any) -> RolloutPlan:
+    options: dict[str, Any] = {
+        "targets": (f"group:{sim.group}",),  # type: ignore[attr-defined]
+        "canary": 2,
+        "wave": "25%",
+        "soak_s": 0.3,
+        "device_timeout_s": 10.0,
+        "gates": GATES,
+    }
+    options.update(kw)
+    return RolloutPlan(**options)
+
+
+def served(sim: Simulator, device: str) -> str:
+    model = sim.state(device)["model"]
+    return str(model["version"])
+
+
+def kinds(store: SqlStore, rollout_id: str, kind: RecordKind) -> list[Any]:
+    return store.records(rollout_id=rollout_id, kinds=[kind])
+
+
+def run(
+    store: SqlStore, console: Console, sources: SourceFactory, p: RolloutPlan, b: BundleInfo
+) -> RolloutState:
+    e = engine(store, console, sources)
+    created = e.create(p, b)
+    return e.drive(created.rollout_id)
+
+
+# --------------------------------------------------------------------------- core
+
+
+def test_fifty_devices_all_pass(
+    store: SqlStore, console: Console, sims: Sims, bundle: BundleInfo, http_sources: SourceFactory
+) -> None:
+    sim = sims(50)
+    state = run(store, console, http_sources, plan(sim), bundle)
+    assert state.finished == "succeeded", state.summary()
+    assert [len(w) for w in state.waves] == [2, 13, 13, 13, 9]
+    assert state.counts() == {"succeeded": 50}
+    assert all(served(sim, d) == "2.0.0" for d in sim.device_ids)
+    gates = kinds(store, state.rollout_id, RecordKind.GATE_RESULT)
+    assert len(gates) == 100 and all(g.result == "passed" for g in gates)
+    # The gate compared each device with its own figure before the update.
+    g = next(r for r in gates if r.data["metric"] == "p95_ms")
+    baseline = state.baselines[str(g.device_id)]["p95_ms"]
+    assert g.data["baseline"] == baseline and g.data["limit"] == pytest.approx(1.2 * baseline)
+    waves = kinds(store, state.rollout_id, RecordKind.WAVE_FINISHED)
+    assert [w.data["succeeded"] for w in waves] == [2, 13, 13, 13, 9]
+    # Who: every record names the console's key and the operator.
+    records = store.records(rollout_id=state.rollout_id)
+    assert {(r.key_id, r.operator) for r in records} == {(console.client.key_id, OPERATOR)}
+    # Canary first: no device of wave 1 started before the canary's gates were recorded.
+    seqs = {r.kind: r.seq for r in reversed(records)}  # first seq of each kind
+    first_wave1 = next(
+        r.seq for r in records if r.kind is RecordKind.WAVE_STARTED and r.data["wave"] == 1
+    )
+    assert seqs[RecordKind.GATE_RESULT] < first_wave1
+
+
+def test_two_canaries_break_the_latency_gate(
+    store: SqlStore, console: Console, sims: Sims, bundle: BundleInfo, http_sources: SourceFactory
+) -> None:
+    sim = sims(20)
+    canaries = sorted(sim.device_ids)[:2]
+    # 1.5x slower on those two only: under the device's own trial bound (2x), so the
+    # devices commit it; the console's gate (1.2x of each device's own p95) catches it.
+    sim.set_profile("2.0.0", p95_factor=1.5, devices=canaries)
+    state = run(store, console, http_sources, plan(sim), bundle)
+    assert state.finished == "halted"
+    assert state.halted is not None and state.halted["cause"] == "gate"
+    failed = {d["device_id"]: d for d in state.halted["details"]}
+    assert set(failed) == set(canaries)
+    for dev in canaries:
+        detail = failed[dev]
+        assert detail["gate"] == "p95_ms<=1.2x" and not detail["passed"]
+        assert detail["figure"] > detail["limit"] == pytest.approx(1.2 * detail["baseline"])
+        assert state.devices[dev].status == "rolled_back"
+        assert state.devices[dev].rolled_back_to == "1.0.0"
+        assert served(sim, dev) == "1.0.0"  # back on its own previous version
+    assert "p95_ms<=1.2x" in state.reason and canaries[0] in state.reason
+    # The rest were never touched: no deploy reached them, nothing recorded for them.
+    rest = sorted(set(sim.device_ids) - set(canaries))
+    started = {r.device_id for r in kinds(store, state.rollout_id, RecordKind.DEVICE_STARTED)}
+    assert started == set(canaries)
+    for dev in rest:
+        assert sim.state(dev)["update"] is None, dev  # the device never saw a job
+        assert served(sim, dev) == "1.0.0"
+        assert state.devices[dev].status == "pending"
+    assert state.waves_started == 1
+
+
+def test_a_device_that_hangs_times_out_and_halts_the_wave(
+    store: SqlStore, console: Console, sims: Sims, bundle: BundleInfo, http_sources: SourceFactory
+) -> None:
+    sim = sims(6)
+    ids = sorted(sim.device_ids)
+    hung = ids[3]  # in wave 1 (canary 2, then waves of 2)
+    sim.set_knobs([hung], hang_rate=1.0, hang_phase="downloading")
+    state = run(store, console, http_sources, plan(sim, wave="2", device_timeout_s=1.5), bundle)
+    assert state.finished == "halted"
+    dev = state.devices[hung]
+    assert dev.outcome == "timed_out" and dev.code == "update.device_timeout"
+    assert "downloading" in dev.message
+    assert state.halted is not None and state.halted["cause"] == "success_threshold"
+    # Those it updated are back on 1.0.0; the hung one never swapped: nothing to undo,
+    # and its job was cancelled.
+    for d in ids[:3]:
+        assert state.devices[d].status == "rolled_back" and served(sim, d) == "1.0.0"
+    assert served(sim, hung) == "1.0.0"
+    assert state.devices[hung].rollback_done and state.devices[hung].rolled_back_to is None
+    assert console.view.wait(
+        lambda v: (r := v.row(hung)) is not None and r.phase == "cancelled", 10
+    )
+    assert all(sim.state(d)["update"] is None for d in ids[4:])
+
+
+def test_abort_threshold_waits_for_its_minimum_of_finished_devices(
+    store: SqlStore, console: Console, sims: Sims, bundle: BundleInfo, http_sources: SourceFactory
+) -> None:
+    sim = sims(10)
+    ids = sorted(sim.device_ids)
+    sim.set_knobs(ids[2:4], fail_rate=1.0)  # validation fails on two devices of wave 1
+    # No per-wave threshold (0%): only the abort threshold can stop it.
+    p = plan(
+        sim,
+        canary=1,
+        wave="3",
+        success_threshold=0,
+        abort_threshold=25,
+        abort_min_finished=4,
+        gates="",
+    )
+    state = run(store, console, http_sources, p, bundle)
+    assert state.finished == "halted"
+    assert state.halted is not None and state.halted["cause"] == "abort_threshold"
+    assert "2 of 4 finished devices failed (50%)" in state.reason
+    assert {d["device_id"] for d in state.halted["details"]} == set(ids[2:4])
+    assert all(state.devices[d].code == "update.validation_failed" for d in ids[2:4])
+    assert all(sim.state(d)["update"] is None for d in ids[4:])  # later waves never started
+
+    # The same failures under a minimum no rollout of 10 reaches: it carries on.
+    sim2 = sims(10)
+    ids2 = sorted(sim2.device_ids)
+    sim2.set_knobs(ids2[2:4], fail_rate=1.0)
+    p2 = plan(
+        sim2,
+        canary=1,
+        wave="3",
+        success_threshold=0,
+        abort_threshold=25,
+        abort_min_finished=11,
+        gates="",
+    )
+    state2 = run(store, console, http_sources, p2, bundle)
+    assert state2.finished == "succeeded"
+    assert state2.counts() == {"failed": 2, "succeeded": 8}
+
+
+def test_a_group_with_an_offline_device(
+    store: SqlStore, console: Console, sims: Sims, bundle: BundleInfo, http_sources: SourceFactory
+) -> None:
+    sim = sims(5)
+    ids = sorted(sim.device_ids)
+    away = ids[3]
+    sim.offline(away)
+    assert console.view.wait(lambda v: (r := v.row(away)) is not None and r.online is False, 10)
+    state = run(store, console, http_sources, plan(sim, canary=1, wave="2"), bundle)
+    # Offline devices are skipped (recorded, listed), never sent anything, and count in
+    # neither threshold: the rollout of the reachable ones succeeds.
+    assert state.finished == "succeeded"
+    assert state.counts() == {"skipped_offline": 1, "succeeded": 4}
+    assert "1 skipped offline" in state.reason
+    dev = state.devices[away]
+    assert dev.outcome == "skipped_offline" and dev.job is None
+    assert "offline when its wave started" in dev.message
+    sim.online(away)
+    assert sim.state(away)["update"] is None and served(sim, away) == "1.0.0"
+    waves = kinds(store, state.rollout_id, RecordKind.WAVE_FINISHED)
+    assert [(w.data["skipped"], w.data["success_pct"]) for w in waves] == [
+        (0, 100.0),
+        (0, 100.0),
+        (1, 100.0),
+    ]
+
+
+def test_chunks_over_mqtt(
+    store: SqlStore, console: Console, sims: Sims, bundle: BundleInfo, http_sources: SourceFactory
+) -> None:
+    sim = sims(4)
+    state = run(store, console, http_sources, plan(sim, canary=1, wave="50%", via="mqtt"), bundle)
+    assert state.finished == "succeeded" and state.counts() == {"succeeded": 4}
+    assert all(served(sim, d) == "2.0.0" for d in sim.device_ids)
+    deploys = [
+        r for r in store.records(rollout_id=state.rollout_id) if r.kind is RecordKind.DEVICE_STARTED
+    ]
+    assert len(deploys) == 4

@@ -1,0 +1,279 @@
+"""The simulator against a real mosquitto: the device's contract, seen from a console."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.protocol.messages import TelemetryMessage
+from agent.protocol.state import ReportedState
+from agent.protocol.update import DeployRequest, HttpSource, TrialSpec
+from agent.signing import load_private_key, load_public_key
+from fleet.bundle_source import HttpBundleSource, MqttBundleSource
+from fleet.simulate import Simulator
+from tests.fleet._sim import FINAL_KINDS, SimConsole, console_keypair
+from tests.helpers import DEMO_KEY, DEMO_PUB, make_bundle, unpack_sample
+from tests.mqtt_broker import Broker
+
+FAST = {"latency": 0.02, "telemetry_interval_s": 0.3, "start_timeout_s": 15.0}
+
+
+@pytest.fixture(scope="module")
+def mqtt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    with Broker(tmp_path_factory.mktemp("broker")) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    return console_keypair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def bundle_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("bundles")
+    parts = unpack_sample(work / "sample")
+    return make_bundle(parts, work / "digits-2.0.0.edgebundle", load_private_key(DEMO_KEY),
+                       version="2.0.0")  # fmt: skip
+
+
+@pytest.fixture
+def console(mqtt: Broker, keys: tuple[object, Path]) -> Iterator[SimConsole]:
+    with SimConsole(mqtt, keys[0]) as c:  # type: ignore[arg-type]
+        yield c
+
+
+def sim(mqtt: Broker, keys: tuple[object, Path], n: int, **kw: object) -> Simulator:
+    prefix = kw.pop("prefix", f"s{time.monotonic_ns() % 10**8}")
+    options = {**FAST, "model": ("digits", "1.0.0"), **kw}
+    return Simulator(mqtt.host, mqtt.port, n, prefix=prefix, console_keys=[keys[1]], **options)  # type: ignore[arg-type]
+
+
+def test_every_device_retains_status_and_state_and_reports_telemetry(
+    mqtt: Broker, keys: tuple[object, Path], console: SimConsole
+) -> None:
+    with sim(mqtt, keys, 30, groups=["a", "b"]) as s:
+        ids = s.device_ids
+        assert console.wait(lambda c: set(ids) <= set(c.states()) and set(ids) <= set(c.statuses()))
+        assert console.wait(lambda c: {t.device_id for t in c.telemetry()} >= set(ids))
+        for d in ids:
+            assert console.status(d).state == "online"  # type: ignore[union-attr]
+            state = ReportedState.from_json(console.state(d))
+            assert state.model is not None and state.model.version == "1.0.0"
+            assert state.groups == (["a", "b"][ids.index(d) % 2],)
+            assert state.health.word == "ready" and state.update is None
+        # Each device's own baseline: gates must be relative to it.
+        p95 = {t.device_id: t.model["live"]["p95_ms"] for t in console.telemetry() if t.model}
+        assert len({round(v) for v in p95.values()}) > 5
+        t = console.telemetry(ids[0])[-1]
+        assert isinstance(t, TelemetryMessage) and t.inference["interval"]["requests"] > 0
+        assert t.system["rss_mb"] > 0 and t.outbox["messages"] == 0
+        seqs = [m.seq for m in console.telemetry(ids[0])]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_signed_commands_are_answered_and_bad_ones_refused_with_the_devices_codes(
+    mqtt: Broker, keys: tuple[object, Path], console: SimConsole, tmp_path: Path
+) -> None:
+    other, _ = console_keypair(tmp_path, "intruder")
+    with sim(mqtt, keys, 3, groups=["g"]) as s:
+        a, b = s.device_ids[:2]
+        pong = console.request(a, "ping")
+        assert pong.ok and pong.result["device_id"] == a and pong.device_id == a
+
+        def code(**fields: object) -> str | None:
+            reply = console.request(a, "ping", **fields)
+            assert not reply.ok and reply.error is not None
+            return reply.error.code
+
+        assert code(sig=None) == "command.unsigned"
+        assert code(to=b) == "command.wrong_target"
+        assert code(to=None) == "command.no_target"
+        assert code(expires_at=None) == "command.no_expiry"
+        assert code(issued_at=time.time() - 120, lifetime_s=60) == "command.expired"
+        assert code(lifetime_s=7200) == "command.lifetime_too_long"
+        forged = console.body(a, "ping")
+        forged["sig"] = console.body(a, "ping", id=forged["id"])["sig"]  # another body's
+        assert console.request(a, "ping", body=forged).error.code == "command.bad_signature"  # type: ignore[union-attr]
+        intruder = SimConsole.body(console, a, "ping")  # signed by the console key...
+        from agent.protocol.canonical import sign_body
+
+        intruder = sign_body(intruder, other)  # ...then re-signed by an untrusted one
+        assert console.request(a, "ping", body=intruder).error.code == "command.bad_signature"  # type: ignore[union-attr]
+        # The same id and body again: the first reply again; another body: refused.
+        body = console.body(a, "config.get", {"keys": ["telemetry.interval_s"]})
+        first = console.request(a, "config.get", body=body)
+        again = console.request(a, "config.get", body=body)
+        assert first.ok and again.result == first.result
+        changed = console.body(a, "config.get", {}, id=body["id"])
+        assert console.request(a, "config.get", body=changed).error.code == "command.id_reused"  # type: ignore[union-attr]
+        assert console.request(a, "deploy", {"url": "ftp://x"}).error.code == "update.bad_args"  # type: ignore[union-attr]
+        assert console.request(a, "ping", {"x": 1}).error.code == "command.bad_args"  # type: ignore[union-attr]
+        assert console.request(a, "ping", body=b"{not json").error.code == "command.malformed"  # type: ignore[union-attr]
+        refused = console.wait_event(a, {"command.refused"})
+        assert refused.data["code"] == "command.unsigned"
+        # config.set changes the telemetry interval; a key that is not tunable is named.
+        ok = console.request(a, "config.set", {"values": {"telemetry.interval_s": 5}})
+        assert ok.ok and ok.result == {"applied": {"telemetry.interval_s": 5.0}}
+        bad = console.request(a, "config.set", {"values": {"model.bundle": "x"}})
+        assert bad.error.code == "config.not_tunable"  # type: ignore[union-attr]
+        # A group command is answered by every member, each saying who it is.
+        console.publish("group:g", "ping", console.body("group:g", "ping"))
+        assert console.wait(
+            lambda c: (
+                {r.device_id for r, _ in c.replies() if r.ok and r.result.get("pong")}
+                >= set(s.device_ids)
+            )
+        )
+
+
+def test_mqtt_311_replies_go_to_reply_to_on_a_multiplexed_connection(
+    mqtt: Broker, keys: tuple[object, Path]
+) -> None:
+    with (
+        sim(mqtt, keys, 12, protocol="3.1.1", connections=3) as s,
+        SimConsole(
+            mqtt,
+            keys[0],
+            protocol=4,  # type: ignore[arg-type]
+        ) as c,
+    ):
+        for d in s.device_ids[::4]:
+            reply = c.request(d, "ping")
+            assert reply.ok and reply.device_id == d
+        s.offline(s.device_ids[5])
+        assert c.wait(lambda c: c.status(s.device_ids[5]).state == "offline")  # type: ignore[union-attr]
+        s.online(s.device_ids[5])
+        assert c.wait(lambda c: c.status(s.device_ids[5]).state == "online")  # type: ignore[union-attr]
+
+
+def test_a_deploy_downloads_over_http_and_runs_every_phase(
+    mqtt: Broker, keys: tuple[object, Path], console: SimConsole, bundle_v2: Path
+) -> None:
+    with (
+        sim(mqtt, keys, 2) as s,
+        HttpBundleSource(bundle_v2, trust=[load_public_key(DEMO_PUB)]) as source,
+    ):
+        d = s.device_ids[0]
+        reply = console.request(d, "deploy", source.deploy_args(trial=TrialSpec(window_s=0.1)))
+        assert reply.ok and reply.result["accepted"]
+        done = console.wait_event(d, FINAL_KINDS)
+        assert done.kind == "update.committed", done
+        assert console.kinds(d) == [
+            "update.accepted", "update.downloading", "update.downloading", "update.verifying",
+            "update.validating", "update.swapping", "update.trial", "update.committed",
+        ]  # fmt: skip
+        assert done.data["download_s"] >= 0 and done.data["model"]["version"] == "2.0.0"
+        assert source.served == 1
+        state = console.wait_state(d, lambda st: st["update"]["phase"] == "committed")
+        assert (
+            state["model"]["version"] == "2.0.0" and state["last_known_good"]["version"] == "1.0.0"
+        )
+        assert state["model"]["sha256"] == source.info.sha256
+        # Same version again: not newer, refused at once.
+        again = console.request(d, "deploy", source.deploy_args())
+        assert again.error.code == "update.not_newer"  # type: ignore[union-attr]
+        # Roll back to the previous slot: the device serves 1.0.0 again.
+        back = console.request(d, "rollback")
+        assert back.ok and back.result["version"] == "1.0.0"
+        state = console.wait_state(
+            d,
+            lambda st: (
+                st["update"]["phase"] == "rolled_back" and st["update"]["kind"] == "rollback"
+            ),
+        )
+        assert state["model"]["version"] == "1.0.0"
+        # A sha256 that is not the bundle's: the device downloads and refuses it.
+        e = s.device_ids[1]
+        wrong = DeployRequest.from_args(source.deploy_args())
+        args = {**wrong.to_args(), "sha256": "0" * 64}
+        assert console.request(e, "deploy", args).ok
+        failed = console.wait_event(e, FINAL_KINDS)
+        assert failed.kind == "update.failed" and failed.data["code"] == "update.hash_mismatch"
+        # A URL that answers 404: update.download_failed.
+        args = DeployRequest(
+            HttpSource(source.url + "x"), wrong.sha256, wrong.size, "2.0.0"
+        ).to_args()
+        last = console.events(e)[-1].seq
+        assert console.request(e, "deploy", args).ok
+        failed = console.wait_event(e, FINAL_KINDS, after=last)
+        assert failed.data["code"] == "update.download_failed"
+
+
+def test_a_deploy_over_mqtt_chunks(
+    mqtt: Broker, keys: tuple[object, Path], console: SimConsole, bundle_v2: Path
+) -> None:
+    with sim(mqtt, keys, 2) as s:
+        d = s.device_ids[1]
+        paho = console.listener.client
+        with MqttBundleSource(paho, bundle_v2, trust=[load_public_key(DEMO_PUB)]) as source:
+            tid = source.transfer_for(d)
+            assert source.transfer_for(d) == tid
+            assert console.request(d, "deploy", source.deploy_args(tid)).ok
+            done = console.wait_event(d, FINAL_KINDS)
+            assert done.kind == "update.committed", done
+            sender = source._senders[d]
+            assert sender.needs and sender.needs[0].reason == "start"
+            assert sum(sender.sent.values()) >= sender.total
+
+
+def test_fail_crash_hang_and_profile_knobs(
+    mqtt: Broker, keys: tuple[object, Path], console: SimConsole, bundle_v2: Path
+) -> None:
+    with (
+        sim(mqtt, keys, 5, skip_download=True, crash_downtime_s=0.3) as s,
+        HttpBundleSource(bundle_v2, trust=[load_public_key(DEMO_PUB)]) as source,
+    ):
+        failing, crashing, hanging, slow, good = s.device_ids
+        s.set_knobs([failing], fail_rate=1.0)
+        s.set_knobs([crashing], crash_rate=1.0)
+        s.set_knobs([hanging], hang_rate=1.0, hang_phase="validating")
+        s.set_profile("2.0.0", devices=[slow], p95_factor=3.0)
+        args = source.deploy_args(trial=TrialSpec(window_s=0.1))
+        for d in s.device_ids:
+            assert console.request(d, "deploy", args).ok
+        outcome = {d: console.wait_event(d, FINAL_KINDS) for d in (failing, crashing, slow, good)}
+        assert outcome[failing].data["code"] == "update.validation_failed"
+        assert outcome[failing].data["check"] == "latency"
+        assert outcome[crashing].data["code"] == "update.interrupted"
+        statuses = [e for e in console._bodies("status", crashing)]
+        assert [b["state"] for _, b in statuses][-3:] == ["online", "offline", "online"]
+        assert outcome[slow].kind == "update.rolled_back"
+        assert outcome[slow].data["code"] == "update.trial_failed"
+        assert outcome[slow].data["trial_p95_ratio"] > 2.0
+        assert outcome[good].kind == "update.committed"
+        assert console.state(slow)["model"]["version"] == "1.0.0"  # type: ignore[index]
+        # Marked bad after its trial breach: refused at once unless forced.
+        marked = console.request(slow, "deploy", args)
+        assert marked.error.code == "update.marked_bad"  # type: ignore[union-attr]
+        # The hanging device stays in its phase until cancelled.
+        console.wait_state(hanging, lambda st: st["update"]["phase"] == "validating")
+        assert "update.swapping" not in console.kinds(hanging)
+        status = console.request(hanging, "update.status")
+        assert status.result["running"] and status.result["job"]["phase"] == "validating"
+        cancel = console.request(hanging, "update.cancel")
+        assert cancel.ok and cancel.result["phase"] == "validating"
+        assert console.wait_event(hanging, FINAL_KINDS).kind == "update.cancelled"
+        nothing = console.request(hanging, "update.cancel")
+        assert nothing.error.code == "update.nothing_to_cancel"  # type: ignore[union-attr]
+
+
+def test_offline_device_leaves_its_last_will_and_does_not_answer(
+    mqtt: Broker, keys: tuple[object, Path], console: SimConsole
+) -> None:
+    with sim(mqtt, keys, 3) as s:
+        d = s.device_ids[2]
+        assert console.wait(lambda c: c.status(d) is not None)
+        s.offline(d)
+        assert console.wait(lambda c: c.status(d).state == "offline")  # type: ignore[union-attr]
+        assert console.status(d).reason == "connection lost (last will)"  # type: ignore[union-attr]
+        with pytest.raises(AssertionError, match="no reply"):
+            console.request(d, "ping", timeout=0.5)
+        s.online(d)
+        assert console.wait(lambda c: c.status(d).state == "online")  # type: ignore[union-attr]
+        assert console.request(d, "ping").ok
+    # A clean stop says so, as `edge-agent` does.
+    assert console.wait(lambda c: c.status(d).reason == "agent stopped")  # type: ignore[union-attr]
