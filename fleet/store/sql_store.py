@@ -58,6 +58,16 @@ def _finite(value: float | None) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _finite_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(v) for v in value]
+    return value
+
+
 class SqlStore:
     def __init__(self, dialect: Dialect, *, migrate: bool = True) -> None:
         self._dialect = dialect
@@ -184,7 +194,12 @@ class SqlStore:
     @staticmethod
     def _encode(entry: NewRecord) -> str:
         try:
-            return json.dumps(dict(entry.data), allow_nan=False, separators=(",", ":"))
+            try:
+                return json.dumps(dict(entry.data), allow_nan=False, separators=(",", ":"))
+            except ValueError:
+                # NaN/inf (a gate figure over no samples) is not JSON: keep it as the
+                # string float() reads back rather than lose the record or the figure.
+                return json.dumps(_finite_json(dict(entry.data)), separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             # A programming error upstream, but it must not lose the rest silently.
             raise FleetError(

@@ -157,12 +157,22 @@ def test_record_is_append_only(store: SqlStore, store_url: str) -> None:
 def test_a_failed_append_writes_nothing(store: SqlStore) -> None:
     rid = uid("r")
     good = NewRecord(RecordKind.WAVE_STARTED, {"wave": 0}, rollout_id=rid)
-    for bad in ({"figure": float("nan")}, {"when": object()}):
+    for bad in ({"when": object()}, {"nested": [1, {b"bytes"}]}):
         with pytest.raises(FleetError) as info:
             store.append([good, NewRecord(RecordKind.GATE_RESULT, bad, rid)], who=WHO)
         assert info.value.code is FleetCode.STORE
         assert "not plain JSON" in info.value.message
     assert store.records(rollout_id=rid) == []
+
+
+def test_non_finite_figures_are_kept_as_strings(store: SqlStore) -> None:
+    rid = uid("r")
+    data = {"figure": float("nan"), "limits": [float("inf"), -float("inf"), 1.5]}
+    (written,) = store.append([NewRecord(RecordKind.GATE_RESULT, data, rid)], who=WHO)
+    (read,) = store.records(rollout_id=rid)
+    assert read.data == {"figure": "NaN", "limits": ["Infinity", "-Infinity", 1.5]}
+    assert written.data == read.data
+    assert float(read.data["limits"][0]) == float("inf")  # float() reads them back
 
 
 def test_store_is_shared_by_threads(store: SqlStore) -> None:
