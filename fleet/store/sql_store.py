@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet.errors import FleetCode, FleetError
-from fleet.ports import Lease, NewRecord, Record, RecordKind
+from fleet.ports import Lease, NewRecord, Record, RecordKind, Store
 from fleet.store import migrations
 from fleet.store.dialect import Cursor, Dialect
 
@@ -56,6 +56,16 @@ def _finite(value: float | None) -> float | None:
         return None
     number = float(value)
     return number if math.isfinite(number) else None
+
+
+def _finite_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 class SqlStore:
@@ -148,10 +158,10 @@ class SqlStore:
             if lease is not None:
                 self._check_lease(cur, lease)
             ts = self._dialect.lock_appends(cur)
-            out: list[Record] = []
-            for entry, data in rows:
-                cur.execute(
-                    self._insert,
+            seqs = self._dialect.insert_returning(
+                cur,
+                self._insert,
+                [
                     (
                         ts,
                         key_id,
@@ -161,28 +171,35 @@ class SqlStore:
                         entry.device_id,
                         entry.result,
                         self._dialect.encode_json(data),
-                    ),
-                )
-                seq = int(cur.fetchone()[0])
-                out.append(
-                    Record(
-                        seq=seq,
-                        ts=ts,
-                        key_id=key_id,
-                        operator=operator,
-                        kind=entry.kind,
-                        data=json.loads(data),
-                        rollout_id=entry.rollout_id,
-                        device_id=entry.device_id,
-                        result=entry.result,
                     )
+                    for entry, data in rows
+                ],
+            )
+            out = [
+                Record(
+                    seq=seq,
+                    ts=ts,
+                    key_id=key_id,
+                    operator=operator,
+                    kind=entry.kind,
+                    data=json.loads(data),
+                    rollout_id=entry.rollout_id,
+                    device_id=entry.device_id,
+                    result=entry.result,
                 )
+                for seq, (entry, data) in zip(seqs, rows, strict=True)
+            ]
             return out
 
     @staticmethod
     def _encode(entry: NewRecord) -> str:
         try:
-            return json.dumps(dict(entry.data), allow_nan=False, separators=(",", ":"))
+            try:
+                return json.dumps(dict(entry.data), allow_nan=False, separators=(",", ":"))
+            except ValueError:
+                # NaN/inf (a gate figure over no samples) is not JSON: keep it as the
+                # string float() reads back rather than lose the record or the figure.
+                return json.dumps(_finite_json(dict(entry.data)), separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             # A programming error upstream, but it must not lose the rest silently.
             raise FleetError(
@@ -414,3 +431,8 @@ class SqlStore:
         with self._tx("pruning telemetry", write=True) as cur:
             cur.execute(self._q("DELETE FROM telemetry WHERE ts < ?"), (float(older_than),))
             return int(cur.rowcount or 0)
+
+
+def _implements_the_seam(store: SqlStore) -> Store:
+    # mypy checks here that SqlStore still satisfies fleet.ports.Store.
+    return store

@@ -77,12 +77,13 @@ class SqliteDialect:
         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield cur
+            cur.execute("COMMIT")
         except BaseException:
+            # Also when COMMIT itself failed (busy, disk full): never leave the
+            # connection inside a transaction the next BEGIN would trip over.
             if self._conn.in_transaction:
                 self._conn.rollback()
             raise
-        else:
-            cur.execute("COMMIT")
         finally:
             cur.close()
 
@@ -98,6 +99,14 @@ class SqliteDialect:
     def lock_appends(self, cur: Any) -> float:
         # BEGIN IMMEDIATE: one writer at a time, so seq order is commit order already.
         return time.time()
+
+    def insert_returning(self, cur: Any, query: str, rows: list[tuple[Any, ...]]) -> list[int]:
+        # sqlite3's executemany cannot return rows; in-process calls are cheap anyway.
+        out = []
+        for row in rows:
+            cur.execute(query, row)
+            out.append(int(cur.fetchone()[0]))
+        return out
 
     def table_exists(self, cur: Any, table: str) -> bool:
         row = cur.execute(

@@ -27,7 +27,7 @@ import pytest
 
 from fleet.errors import FleetCode, FleetError
 from fleet.ports import Lease, NewRecord, RecordKind
-from fleet.store import SqlStore, TelemetrySample, open_store
+from fleet.store import RecordBatcher, SqlStore, TelemetrySample, open_store
 from fleet.store.migrations import load
 from tests.pg import fresh_database, pg_database_fixture
 
@@ -157,12 +157,22 @@ def test_record_is_append_only(store: SqlStore, store_url: str) -> None:
 def test_a_failed_append_writes_nothing(store: SqlStore) -> None:
     rid = uid("r")
     good = NewRecord(RecordKind.WAVE_STARTED, {"wave": 0}, rollout_id=rid)
-    for bad in ({"figure": float("nan")}, {"when": object()}):
+    for bad in ({"when": object()}, {"nested": [1, {b"bytes"}]}):
         with pytest.raises(FleetError) as info:
             store.append([good, NewRecord(RecordKind.GATE_RESULT, bad, rid)], who=WHO)
         assert info.value.code is FleetCode.STORE
         assert "not plain JSON" in info.value.message
     assert store.records(rollout_id=rid) == []
+
+
+def test_non_finite_figures_are_kept_as_strings(store: SqlStore) -> None:
+    rid = uid("r")
+    data = {"figure": float("nan"), "limits": [float("inf"), -float("inf"), 1.5]}
+    (written,) = store.append([NewRecord(RecordKind.GATE_RESULT, data, rid)], who=WHO)
+    (read,) = store.records(rollout_id=rid)
+    assert read.data == {"figure": "NaN", "limits": ["Infinity", "-Infinity", 1.5]}
+    assert written.data == read.data
+    assert float(read.data["limits"][0]) == float("inf")  # float() reads them back
 
 
 def test_store_is_shared_by_threads(store: SqlStore) -> None:
@@ -184,6 +194,56 @@ def test_store_is_shared_by_threads(store: SqlStore) -> None:
     assert errors == []
     seqs = [r.seq for r in store.records(rollout_id=rid)]
     assert len(seqs) == 40 and seqs == sorted(set(seqs))
+
+
+def test_batcher_writes_everything_in_few_transactions(store: SqlStore) -> None:
+    rid = uid("r")
+    batcher = RecordBatcher(store, WHO, max_batch=200, max_delay_s=0.05)
+
+    def sender(n: int) -> None:
+        for i in range(300):
+            batcher.add(NewRecord(RecordKind.COMMAND_SENT, {"n": n, "i": i}, rid, f"dev-{n}"))
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    batcher.flush(timeout_s=60)
+    assert batcher.pending == 0 and batcher.error is None
+    written = store.records(rollout_id=rid)
+    assert len(written) == 1200
+    for n in range(4):  # each sender's records in the order it added them
+        assert [r.data["i"] for r in written if r.data["n"] == n] == list(range(300))
+    # One transaction shares one ts: far fewer commits than records.
+    assert len({r.ts for r in written}) < len(written) / 2
+    batcher.add(NewRecord(RecordKind.COMMAND_REPLY, {"last": True}, rid))
+    batcher.close()
+    assert store.records(rollout_id=rid, kinds=[RecordKind.COMMAND_REPLY])[0].data == {"last": True}
+    with pytest.raises(FleetError):
+        batcher.add(NewRecord(RecordKind.COMMAND_SENT, rollout_id=rid))
+
+
+def test_batcher_keeps_records_while_the_database_is_locked(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    with open_store(path, busy_timeout_s=0.05) as store:
+        batcher = RecordBatcher(store, WHO, max_delay_s=0.01, retry_max_s=0.2)
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            for i in range(10):
+                batcher.add(NewRecord(RecordKind.COMMAND_SENT, {"i": i}, "r"))
+            wait_for(lambda: batcher.error is not None, 30, "the append to fail")
+            assert "locked" in batcher.error.message
+            with pytest.raises(FleetError) as info:
+                batcher.flush(timeout_s=0.2)
+            assert "10 records are not written yet" in info.value.message
+            assert batcher.pending == 10
+        finally:
+            holder.close()  # the lock goes; the queued records get written
+        batcher.close(timeout_s=30)
+        assert batcher.error is None
+        assert [r.data["i"] for r in store.records(rollout_id="r")] == list(range(10))
 
 
 # ------------------------------------------------------------------- leases
@@ -319,6 +379,38 @@ def test_lease_race_between_processes(store_url: str, tmp_path: Path) -> None:
     with open_store(store_url) as s:
         held = s.lease(name)
     assert held is not None and held.holder == winners[0]["lease"]["holder"]
+
+
+def test_fencing_holds_under_contention(store_url: str, tmp_path: Path) -> None:
+    """Three console processes fight over one lease for a second: appends under it
+    never interleave (one holder per token, tokens only grow in seq order), and every
+    append made after the lease's time ran out is refused."""
+    name, go = uid("fight"), tmp_path / "go"
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(worker(["drive", store_url, name, f"drv-{i}", str(go)]))
+            for i in range(3)
+        ]
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        go.touch()
+        reports = []
+        for p in procs:
+            out, _ = p.communicate(timeout=60)
+            assert p.returncode == 0, out
+            reports.append(json.loads(out))
+    assert sum(r["late_tries"] for r in reports) > 0
+    assert [r["late_accepted"] for r in reports] == [0, 0, 0]
+    with open_store(store_url) as s:
+        seen = [(r.data["token"], r.data["holder"]) for r in s.records(rollout_id=name)]
+    assert all(r["turns"] > 0 for r in reports), reports  # they did contend
+    assert len({holder for _, holder in seen}) >= 2, reports
+    tokens = [token for token, _ in seen]
+    assert tokens == sorted(tokens)
+    holders: dict[int, set[str]] = {}
+    for token, holder in seen:
+        holders.setdefault(token, set()).add(holder)
+    assert all(len(h) == 1 for h in holders.values()), holders
 
 
 def test_killed_holder_loses_the_lease_after_its_ttl(store_url: str) -> None:
@@ -608,6 +700,8 @@ def _main(argv: list[str]) -> int:
         out: dict[str, Any] = {"lease": None if lease is None else {"holder": lease.holder}}
         print(json.dumps(out), flush=True)
         return 0
+    if command == "drive":
+        return _drive(url, name, holder, Path(rest[0]))
     if command == "hold":
         s = open_store(url)
         lease = s.acquire_lease(name, holder, ttl_s=float(rest[0]))
@@ -621,6 +715,58 @@ def _main(argv: list[str]) -> int:
         time.sleep(120)  # until killed
         return 1
     return 2
+
+
+def _drive(url: str, name: str, holder: str, go: Path) -> int:
+    """Take the lease whenever free, append under it, then either release it or keep
+    quiet past its TTL and try one late append (which must be refused)."""
+    ttl = 0.4
+    late_tries = late_accepted = appended = 0
+    with open_store(url) as s:
+        print("ready", flush=True)
+        deadline = time.monotonic() + 30
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        # About a second of fighting, and longer (bounded) until this one had a turn.
+        start = time.monotonic()
+        turn = 0
+        while time.monotonic() < start + (1.0 if turn else 10.0):
+            lease = s.acquire_lease(name, holder, ttl_s=ttl)
+            if lease is None:
+                time.sleep(0.005)
+                continue
+            turn += 1
+            entry = NewRecord(
+                RecordKind.WAVE_STARTED, {"token": lease.token, "holder": holder}, name
+            )
+            try:
+                for _ in range(3):
+                    s.append([entry], who=WHO, lease=lease)
+                    appended += 1
+            except FleetError as exc:
+                assert exc.code is FleetCode.LEASE  # a slow turn outlived its ttl
+                continue
+            if turn % 2:
+                s.release_lease(lease)
+                time.sleep(0.03)  # let the others at it, or one console starves them
+                continue
+            # Expired by the database's clock: the lease it reports is no longer ours.
+            wait_for(lambda lease=lease: s.lease(name) != lease, 10, "the lease to expire")
+            late_tries += 1
+            try:
+                s.append([entry], who=WHO, lease=lease)
+                late_accepted += 1
+            except FleetError as exc:
+                assert exc.code is FleetCode.LEASE
+            time.sleep(0.03)
+    report = {
+        "turns": turn,
+        "appended": appended,
+        "late_tries": late_tries,
+        "late_accepted": late_accepted,
+    }
+    print(json.dumps(report), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
