@@ -54,11 +54,26 @@ COMMANDS = ("ping", "status", "config.get", "config.set", "infer", "logs", "depl
             "rollback", "update.status", "update.cancel")  # fmt: skip
 DEPLOY_ARGS = ("url", "transfer", "sha256", "size", "version", "name", "mode", "shadow", "trial",
                "allow_downgrade", "force")  # fmt: skip
-TUNABLE_BOUNDS = {"telemetry.interval_s": (0.05, 86_400.0)}
+# The agent's run-time tunables (agent/link/tunables.py) with its defaults, and bounds.
+TUNABLE_DEFAULTS: dict[str, Any] = {
+    "telemetry.interval_s": 10.0, "log_level": "info",
+    "runtimes.onnxruntime.intra_op_threads": 0, "runtimes.litert.threads": 1,
+    "memory.soft_limit_mb": 0, "batching.enabled": False, "batching.max_batch": 32,
+    "batching.max_wait_ms": 2.0,
+}  # fmt: skip
+TUNABLE_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "telemetry.interval_s": (float, 0.05, 86_400.0),
+    "runtimes.onnxruntime.intra_op_threads": (int, 0, 256),
+    "runtimes.litert.threads": (int, 1, 256),
+    "memory.soft_limit_mb": (float, 0, 1 << 20),
+    "batching.max_batch": (int, 1, 4096),
+    "batching.max_wait_ms": (float, 0, 1000),
+}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 P95_FLOOR_MS = 2.0  # the agent's trial: a previous p95 counts as 2 ms at least
 PRE_SWAP = (Phase.DOWNLOADING, Phase.VERIFYING, Phase.VALIDATING, Phase.SHADOW)
 DEFAULT_LATENCY = {p.value: 0.05 for p in Phase}
+LIVE_WINDOW_S = 300.0  # the watchdog's recent window (5-10 minutes on the agent)
 MAX_QUEUED = 1000  # events kept while offline (the agent's outbox, much smaller)
 CHUNK_TIMEOUT_S = 1.0  # update.chunk_timeout_s (the agent's default is 5 s)
 TRANSFER_TIMEOUT_S = 120.0
@@ -87,6 +102,10 @@ class Knobs:
     latency: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LATENCY))
     trial_s: float | None = None  # trial length; None: the deploy's trial.window_s (or latency)
     skip_download: bool = False  # no real download (benchmarks at 10,000 devices)
+    # `model.live` of a model just swapped in counts only what it answered since (the
+    # watchdog's truth: a gate must wait for traffic); off: a full window at once, so
+    # tests with sub-second soaks get figures.
+    live_since_swap: bool = False
 
 
 class Port(Protocol):
@@ -222,11 +241,11 @@ class SimDevice:
         self.model: _Model | None = _Model(name, version, model_sha(name, version))
         self.previous: _Model | None = None
         self.generation = 1
+        self.served_since = time.monotonic() - LIVE_WINDOW_S  # served long before we started
         self.bad: dict[str, tuple[str, float]] = {}  # version -> (why, when) marked bad
         self.job: _Job | None = None
         self.shadow: dict[str, Any] = {}
-        self.interval_s = shared.telemetry_interval_s
-        self.log_level = "info"
+        self.tunable = {**TUNABLE_DEFAULTS, "telemetry.interval_s": shared.telemetry_interval_s}
         self.event_seq = 0
         self.telemetry_seq = 0
         self.totals = {"requests": 0, "errors": 0}
@@ -287,7 +306,7 @@ class SimDevice:
     def state(self) -> dict[str, Any]:
         """The retained state, built through the typed `ReportedState` as the agent's."""
         model = self.model
-        tunable = {"telemetry.interval_s": self.interval_s, "log_level": self.log_level}
+        tunable = dict(self.tunable)
         job = self.job
         update = None
         if job is not None:
@@ -345,15 +364,23 @@ class SimDevice:
         return self.shared.profile(self.id, v)
 
     def live(self) -> dict[str, Any]:
-        """`model.live` as the agent's watchdog reports it, from this version's signal."""
+        """`model.live` as the agent's watchdog reports it, from this version's signal,
+        over a 5-minute window of the served generation (with `live_since_swap`, only
+        the part since it was swapped in)."""
         sig = self.signal()
-        n = max(1, round(self.rate_per_s * 300))  # a 5-minute window
+        served_s = LIVE_WINDOW_S
+        if self.knobs.live_since_swap:
+            served_s = min(LIVE_WINDOW_S, time.monotonic() - self.served_since)
+        n = max(0, round(self.rate_per_s * served_s))
         errors = round(n * sig.error_rate)
         nonfinite = round(n * sig.nonfinite_rate)
         p95 = self.baseline_p95_ms * sig.p95_factor * self.rng.uniform(0.99, 1.01)
         return {
-            "requests": float(n), "errors": float(errors), "error_rate": errors / n,
-            "nonfinite": float(nonfinite), "nonfinite_rate": nonfinite / n,
+            # Rates as the version's signal says (not errors / n): a gate on a model
+            # swapped in a second ago must see the same rate as one an hour later.
+            "requests": float(n), "errors": float(errors),
+            "error_rate": sig.error_rate if n else 0.0, "nonfinite": float(nonfinite),
+            "nonfinite_rate": sig.nonfinite_rate if n else 0.0,
             "latency_samples": float(n), "p50_ms": round(p95 * 0.55, 4),
             "p95_ms": round(p95, 4), "generation": float(self.generation),
             "rss_at_start_mb": self.rss_mb,
@@ -436,7 +463,7 @@ class SimDevice:
                     "link": {"connected": True, "simulated": True}}  # fmt: skip
         if name == "config.get":
             keys = Args(name, raw, ("keys",)).strings("keys")
-            tunable = {"telemetry.interval_s": self.interval_s, "log_level": self.log_level}
+            tunable = dict(self.tunable)
             config = {"device_id": self.id, "mqtt": {"groups": list(self.groups)}, **tunable}
             if keys is None:
                 return {"tunable": tunable, "config": config}
@@ -472,34 +499,27 @@ class SimDevice:
             return self._cancel()
         raise CommandError("command.unknown", f"unknown command {name!r}")
 
+    @property
+    def interval_s(self) -> float:
+        return float(self.tunable["telemetry.interval_s"])
+
     def _config_set(self, values: dict[str, Any]) -> dict[str, Any]:
-        for key in values:
-            if key not in ("telemetry.interval_s", "log_level"):
+        """All or nothing, with the agent's codes (config.not_tunable, config.invalid)."""
+        if not values:
+            raise CommandError("command.bad_args", "nothing to set: pass {key: value}")
+        applied: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in TUNABLE_DEFAULTS:
                 raise CommandError(
                     "config.not_tunable",
                     f"config.set: {key[:64]!r} cannot be changed at run time "
-                    "(tunable: telemetry.interval_s, log_level); change agent.toml and restart",
+                    f"(tunable: {', '.join(TUNABLE_DEFAULTS)}); change agent.toml and restart",
                 )
-        applied: dict[str, Any] = {}
-        if "telemetry.interval_s" in values:
-            v = values["telemetry.interval_s"]
-            low, high = TUNABLE_BOUNDS["telemetry.interval_s"]
-            if isinstance(v, bool) or not isinstance(v, int | float) or not low <= v <= high:
-                raise CommandError(
-                    "config.invalid",
-                    f"telemetry.interval_s: {v!r} must be a number from {low:g} to {high:g}",
-                )
-            applied["telemetry.interval_s"] = float(v)
-        if "log_level" in values:
-            if values["log_level"] not in LOG_LEVELS:
-                raise CommandError(
-                    "config.invalid", f"log_level: must be one of {', '.join(LOG_LEVELS)}"
-                )
-            applied["log_level"] = values["log_level"]
-        if "telemetry.interval_s" in applied:
-            self.interval_s = applied["telemetry.interval_s"]
+            applied[key] = _tunable(key, value)
+        interval = self.interval_s
+        self.tunable.update(applied)
+        if self.interval_s != interval and self.online:
             self._schedule_telemetry()
-        self.log_level = applied.get("log_level", self.log_level)
         self.publish_state()
         return {"applied": applied}
 
@@ -802,6 +822,7 @@ class SimDevice:
             self.model = candidate
             self.previous = old
             self.generation += 1
+            self.served_since = time.monotonic()
             job.figures["swap_s"] = round(latency, 3)
             self.emit(EventKind.MODEL_SWAPPED, f"serving {candidate.name} {candidate.version}",
                       previous=None if old is None else old.version,
@@ -831,7 +852,8 @@ class SimDevice:
 
         def done() -> None:
             old = job.previous
-            live = self.live()
+            live = {**self.live(), "error_rate": self.signal().error_rate,
+                    "nonfinite_rate": self.signal().nonfinite_rate}  # fmt: skip
             figures = {f"trial_{k}": v for k, v in live.items()}
             breach = None
             if old is not None:
@@ -874,6 +896,7 @@ class SimDevice:
         self.model = old
         self.previous = rejected
         self.generation += 1
+        self.served_since = time.monotonic()
         self.emit(EventKind.MODEL_ROLLED_BACK, f"serving {old.name} {old.version} again",
                   rejected=None if rejected is None else rejected.version)  # fmt: skip
 
@@ -1011,6 +1034,27 @@ class SimDevice:
                          f"transfer {t.tid}: the sha256 of the bundle differs from the deploy's")  # fmt: skip
             return
         self._downloaded(job, seconds)
+
+
+def _tunable(key: str, value: Any) -> Any:
+    if key == "log_level":
+        if value not in LOG_LEVELS:
+            raise CommandError(
+                "config.invalid", f"log_level: must be one of {', '.join(LOG_LEVELS)}"
+            )
+        return value
+    if key == "batching.enabled":
+        if not isinstance(value, bool):
+            raise CommandError("config.invalid", "batching.enabled: must be true or false")
+        return value
+    kind, low, high = TUNABLE_BOUNDS[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise CommandError(
+            "config.invalid", f"{key}: {value!r} must be a number from {low:g} to {high:g}"
+        )
+    if kind is int and not isinstance(value, int):
+        raise CommandError("config.invalid", f"{key}: {value!r} must be an integer")
+    return kind(value)
 
 
 # --------------------------------------------------------------------------- HTTP

@@ -87,8 +87,10 @@ class _Conn:
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         if sim.username is not None:
-            user = sim.username(devices[0].id) if callable(sim.username) else sim.username
-            self.client.username_pw_set(user, sim.password)
+            first = devices[0].id
+            user = sim.username(first) if callable(sim.username) else sim.username
+            secret = sim.password(first) if callable(sim.password) else sim.password
+            self.client.username_pw_set(user, secret)
         if sim.tls is not None:
             ca, cert, key = sim.tls
             self.client.tls_set(
@@ -281,8 +283,9 @@ class Simulator:
         protocol: str = "5",
         tls: tuple[Path | str | None, Path | str | None, Path | str | None] | None = None,
         username: str | Callable[[str], str] | None = None,
-        password: str | None = None,
+        password: str | Callable[[str], str] | None = None,
         connections: int | None = None,
+        device_ids: Sequence[str] | None = None,
         telemetry_interval_s: float = 10.0,
         seed: int = 0,
         fail_rate: float = 0.0,
@@ -293,6 +296,7 @@ class Simulator:
         trial_s: float | None = None,
         crash_downtime_s: float = 0.5,
         skip_download: bool = False,
+        live_since_swap: bool = False,
         profile: Mapping[str, Mapping[str, Any]] | None = None,
         model: tuple[str, str] = ("sim-model", "1.0.0"),
         download_workers: int = 8,
@@ -330,10 +334,15 @@ class Simulator:
         self.knobs = Knobs(
             fail_rate=fail_rate, crash_rate=crash_rate, hang_rate=hang_rate,
             hang_phase=hang_phase, crash_downtime_s=crash_downtime_s, latency=lat,
-            trial_s=trial_s, skip_download=skip_download,
+            trial_s=trial_s, skip_download=skip_download, live_since_swap=live_since_swap,
         )  # fmt: skip
         width = max(4, len(str(n - 1)))
-        ids = [check_device_id(f"{prefix}-{i:0{width}d}") for i in range(n)]
+        if device_ids is not None and len(device_ids) != n:
+            raise ValueError(f"device_ids names {len(device_ids)} devices, not n = {n}")
+        names = device_ids or [f"{prefix}-{i:0{width}d}" for i in range(n)]
+        ids = [check_device_id(d) for d in names]
+        if len(set(ids)) != n:
+            raise ValueError("device_ids repeats a name")
         member = _groups_of(groups, ids)
         self.devices: dict[str, SimDevice] = {
             d: SimDevice(d, member[d], self.shared, self.knobs) for d in ids

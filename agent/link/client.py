@@ -25,7 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.protocol.topics import Topic, TopicFilter
+from agent.protocol.topics import Topic, TopicFilter, is_legacy_command_filter
 
 log = logging.getLogger(__name__)
 
@@ -471,8 +471,11 @@ class MqttClient:
         on_done: Callable[[list[str]], None] | None,
     ) -> None:
         refused = [name for name, r in zip(names, reasons, strict=False) if r.is_failure]
-        if refused:
-            log.warning("broker refused subscription(s) to %s", ", ".join(refused))
+        # The dotted command spelling is refused by NATS, and that is expected there
+        # (the link says so once, at info); any other refusal is worth a warning.
+        alarming = [name for name in refused if not is_legacy_command_filter(name)]
+        if alarming:
+            log.warning("broker refused subscription(s) to %s", ", ".join(alarming))
         if on_done is not None:
             _safe(on_done, refused)
 

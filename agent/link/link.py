@@ -40,7 +40,7 @@ from agent.outbox import Kind, Outbox, OutboxError
 from agent.protocol.events import EventKind
 from agent.protocol.messages import Code, EventMessage, Status, TelemetryMessage, dumps, shown
 from agent.protocol.state import Health, ModelInfo, ReportedState, Slots
-from agent.protocol.topics import DeviceTopics, command_subscriptions
+from agent.protocol.topics import DeviceTopics, command_subscriptions, is_legacy_command_filter
 from agent.protocol.update import MqttSource
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,10 @@ class Link:
             raise ConfigError(issues, "mqtt link")
         self.agent = agent
         self.config = config
+        self.unportable = settings.portability_warnings(config)
+        for problem in self.unportable:
+            log.warning("%s", problem)
+        self._legacy_refused_said = False
         # Typed, so mypy refuses a bare string kind here (agent is Any).
         self.emit: Emit = agent.events.emit
         self.started = time.time()
@@ -210,13 +214,29 @@ class Link:
         self.client.subscribe(filters, on_done=self._on_subscribed)
 
     def _on_subscribed(self, refused: list[str]) -> None:  # network thread
-        # "online" is said once commands can arrive: a console may send right away.
+        legacy = [f for f in refused if is_legacy_command_filter(f)]
+        refused = [f for f in refused if not is_legacy_command_filter(f)]
+        if legacy and not self._legacy_refused_said:
+            # NATS refuses '.' in topics: the dotted spelling is only for old consoles,
+            # the portable one (cmd/config-get) was granted. Normal there; said once.
+            self._legacy_refused_said = True
+            log.info(
+                "the broker refused the %d legacy dotted command subscription(s) (e.g. %s): "
+                "commands arrive on the portable spelling (cmd/config-get) only",
+                len(legacy), legacy[0],
+            )  # fmt: skip
         if refused:
+            hint = (
+                "; names with '.' are refused by brokers such as NATS: " + self.unportable[0]
+                if self.unportable
+                else "; check its ACL"
+            )
             self.emit(
                 EventKind.LINK_SUBSCRIPTION_REFUSED,
-                f"the broker refused {len(refused)} subscription(s); check its ACL",
+                f"the broker refused {len(refused)} subscription(s){hint}",
                 topics=refused,
             )
+        # "online" is said once commands can arrive: a console may send right away.
         status = Status(self.config.device_id, "online", __version__, time.time(), "connected")
         self.client.publish(self.topics.status, dumps(status.to_json()), retain=True)
         if self.twin is not None:

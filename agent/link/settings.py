@@ -19,7 +19,14 @@ from agent.config.model import AgentConfig, TlsConfig
 from agent.config.typed import ConfigError, ConfigIssue
 from agent.link.client import ClientSettings, Will
 from agent.protocol.messages import Status, dumps
-from agent.protocol.topics import DeviceTopics, TopicError, TwinTopics, device_id, group_name
+from agent.protocol.topics import (
+    DeviceTopics,
+    TopicError,
+    TwinTopics,
+    device_id,
+    group_name,
+    portability_problem,
+)
 
 
 def check(config: AgentConfig) -> list[ConfigIssue]:
@@ -63,6 +70,22 @@ def check(config: AgentConfig) -> list[ConfigIssue]:
             key = "kubeedge.device_name" if not config.kubeedge.device_name else "kubeedge"
             issues.append(ConfigIssue(key, str(exc)))
     return issues
+
+
+def portability_warnings(config: AgentConfig) -> list[str]:
+    """Names in this config that clustered brokers such as NATS cannot carry in topics.
+    Warnings, not errors: mosquitto, EMQX, HiveMQ and VerneMQ take them, and a fleet
+    may already use them (docs/fleet.md "Clustered brokers")."""
+    named = [("device_id", config.device_id)]
+    named += [(f"mqtt.groups[{i}]", g) for i, g in enumerate(config.mqtt.groups)]
+    if config.kubeedge.enabled:
+        named.append(("kubeedge.device_name", config.kubeedge.device_name or config.device_id))
+    found = []
+    for key, value in named:
+        problem = portability_problem(key, value)
+        if problem is not None:
+            found.append(problem)
+    return found
 
 
 def twin_topics(config: AgentConfig) -> TwinTopics:

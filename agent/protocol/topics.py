@@ -1,6 +1,17 @@
 """Every MQTT topic edgerun uses, built, validated and parsed in this one module.
 
 The device and the fleet console both import it; no other module spells a topic.
+
+Command names on topics (portable spelling): a command's name is lower-case words
+joined by dots (`config.get`, in the body's `name`), but brokers that map topic
+levels to subjects refuse a `.` in a topic (NATS: a subscription is refused, a
+publish closes the connection). So the topic level spells the name with `-` for
+each `.` (`cmd/config-get`); `-` is never part of a command name, so the mapping is
+one to one. Consoles publish only that spelling; the device also subscribes to the
+legacy dotted one (`cmd/config.get`) for older consoles, and a broker that refuses
+those legacy subscriptions is normal (`is_legacy_command_filter`). Device ids, group
+names, console ids and transfer ids with a `.` cannot travel on such brokers at all:
+`portability_problem` says so, for a warning at start.
 """
 
 from __future__ import annotations
@@ -103,6 +114,21 @@ def group_name(value: str) -> str:
     return value
 
 
+PORTABLE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def portability_problem(what: str, value: str) -> str | None:
+    """Why `value` (a device id, group, console id, transfer id) cannot be a topic level
+    on NATS and similar clustered brokers, or None when it can."""
+    if PORTABLE_RE.fullmatch(value):
+        return None
+    return (
+        f"{what} {value!r} contains '.', which brokers that map topic levels to subjects "
+        "(NATS) refuse in topics: there its subscriptions are refused and a publish closes "
+        "the connection; use only A-Za-z0-9_- for a fleet that may run on such a broker"
+    )
+
+
 def command_name(value: str) -> str:
     if not isinstance(value, str) or len(value) > 64 or not COMMAND_RE.fullmatch(value):
         raise TopicError(
@@ -141,6 +167,11 @@ class DeviceTopics:
         return Topic(f"{self.root}/events")
 
     def command(self, name: str) -> Topic:
+        """Where a console sends `name` (portable spelling: `cmd/config-get`)."""
+        return Topic(f"{self.root}/cmd/{command_level(name)}")
+
+    def legacy_command(self, name: str) -> Topic:
+        """The dotted spelling (`cmd/config.get`) that older consoles publish."""
         return Topic(f"{self.root}/cmd/{command_name(name)}")
 
     def bundle(self, transfer_id: str) -> Topic:
@@ -179,7 +210,23 @@ def parse_need_topic(topic: str) -> tuple[str, str] | None:
         return None
 
 
+def command_level(name: str) -> str:
+    """A command name as a topic level: `.` spelt `-` (NATS refuses `.` in topics)."""
+    return command_name(name).replace(".", "-")
+
+
+def name_of_level(level: str) -> str:
+    """The command name a topic level spells, in either spelling; TopicError if none."""
+    if "." in level and "-" in level:
+        raise TopicError(f"command level {level!r} mixes '.' and '-'")
+    return command_name(level.replace("-", "."))
+
+
 def group_command(group: str, name: str) -> Topic:
+    return Topic(f"{ROOT}/group/{group_name(group)}/cmd/{command_level(name)}")
+
+
+def legacy_group_command(group: str, name: str) -> Topic:
     return Topic(f"{ROOT}/group/{group_name(group)}/cmd/{command_name(name)}")
 
 
@@ -225,15 +272,30 @@ def target_name(value: object) -> str | None:
 
 
 def command_subscriptions(
-    device: str, groups: Iterable[str], names: Iterable[str]
+    device: str, groups: Iterable[str], names: Iterable[str], legacy: bool = True
 ) -> list[TopicFilter]:
-    """One filter per command a device handles, for itself and each of its groups."""
+    """One filter per command a device handles, for itself and each of its groups, in
+    the portable spelling; with `legacy`, also the dotted spelling of names with a `.`
+    (for older consoles; a broker such as NATS refuses those, which is fine)."""
     topics = DeviceTopics(device)
     names = sorted(names)
+    groups = list(groups)
     filters = [TopicFilter(str(topics.command(n))) for n in names]
     for group in groups:
         filters += [TopicFilter(str(group_command(group, n))) for n in names]
+    if legacy:
+        dotted = [n for n in names if "." in n]
+        filters += [TopicFilter(str(topics.legacy_command(n))) for n in dotted]
+        for group in groups:
+            filters += [TopicFilter(str(legacy_group_command(group, n))) for n in dotted]
     return filters
+
+
+def is_legacy_command_filter(value: str) -> bool:
+    """True for a dotted-spelling command filter (`…/cmd/config.get`) whose portable
+    twin the device subscribes to as well."""
+    levels = value.split("/")
+    return len(levels) >= 2 and levels[-2] == "cmd" and "." in levels[-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +308,8 @@ class CommandRoute:
 
 
 def parse_command_topic(topic: str) -> CommandRoute | None:
-    """`edgerun/v1/{id}/cmd/{name}` or `edgerun/v1/group/{g}/cmd/{name}`; None otherwise."""
+    """`edgerun/v1/{id}/cmd/{name}` or `edgerun/v1/group/{g}/cmd/{name}`, the name in
+    either spelling (`config-get` or `config.get`); None otherwise."""
     levels = topic.split("/")
     prefix = ROOT.split("/")
     if levels[: len(prefix)] != prefix:
@@ -254,9 +317,9 @@ def parse_command_topic(topic: str) -> CommandRoute | None:
     rest = levels[len(prefix) :]
     try:
         if len(rest) == 3 and rest[1] == "cmd":
-            return CommandRoute("device", device_id(rest[0]), command_name(rest[2]))
+            return CommandRoute("device", device_id(rest[0]), name_of_level(rest[2]))
         if len(rest) == 4 and rest[0] == "group" and rest[2] == "cmd":
-            return CommandRoute("group", group_name(rest[1]), command_name(rest[3]))
+            return CommandRoute("group", group_name(rest[1]), name_of_level(rest[3]))
     except TopicError:
         return None
     return None

@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from agent.protocol.topics import NAME_RE
 from agent.signing import KeyFileError, load_public_key
@@ -44,6 +43,11 @@ def register(sub: Any) -> None:
     p.add_argument("--model", default="sim-model:1.0.0", help="NAME:VERSION served at start")
     p.add_argument("--skip-download", action="store_true", help="no real bundle downloads")
     p.add_argument(
+        "--live-since-swap",
+        action="store_true",
+        help="model.live of a new model counts only requests since its swap (as the agent)",
+    )
+    p.add_argument(
         "--profile",
         action="append",
         default=[],
@@ -59,26 +63,12 @@ def _bad(message: str) -> FleetError:
     return FleetError(FleetCode.BAD_INPUT, message)
 
 
-def broker_address(args: argparse.Namespace) -> tuple[str, int, bool]:
-    """--broker mqtt[s]://host:port, else fleet.toml's broker (fleet/config.py)."""
-    if args.broker:
-        parts = urlsplit(args.broker if "://" in args.broker else f"mqtt://{args.broker}")
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise FleetError(
-                FleetCode.CONFIG, f"--broker {args.broker!r}: want mqtt://host:port or mqtts://"
-            )
-        try:
-            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-        except ValueError:
-            raise FleetError(FleetCode.CONFIG, f"--broker {args.broker!r}: bad port") from None
-        return parts.hostname, port, parts.scheme == "mqtts"
-    try:
-        from fleet.config import FleetConfig  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return "127.0.0.1", 1883, False
-    config: Any = FleetConfig.load(Path(args.config) if args.config else None)
+def broker_address(ctx: Any) -> tuple[str, int, bool, str | None]:
+    """The console's broker (--broker, else fleet.toml: fleet/config.py): host, port, TLS, CA.
+    The simulated devices connect where the console would."""
+    config = ctx.config
     broker = config.broker
-    return str(broker.host), int(broker.port), bool(getattr(broker, "tls", False))
+    return str(broker.host), int(broker.port), bool(broker.tls), config.tls_ca
 
 
 def parse_profiles(items: list[str]) -> dict[str, dict[str, float]]:
@@ -131,7 +121,9 @@ def run(args: argparse.Namespace, ctx: Any) -> int:
     from fleet.simulate import Simulator
 
     _check(args)
-    host, port, tls = broker_address(args)
+    host, port, tls, ca = broker_address(ctx)
+    if args.tls_ca is not None:
+        ca = str(args.tls_ca)
     try:
         keys = [load_public_key(p) for p in args.console_key]
     except KeyFileError as exc:
@@ -147,7 +139,7 @@ def run(args: argparse.Namespace, ctx: Any) -> int:
             groups=groups,
             console_keys=keys,
             protocol=args.protocol,
-            tls=(args.tls_ca, None, None) if tls else None,
+            tls=(ca, None, None) if tls else None,
             connections=args.connections,
             telemetry_interval_s=args.telemetry_interval,
             seed=args.seed,
@@ -158,6 +150,7 @@ def run(args: argparse.Namespace, ctx: Any) -> int:
             latency=args.phase_latency,
             trial_s=args.trial,
             skip_download=args.skip_download,
+            live_since_swap=args.live_since_swap,
             profile=parse_profiles(args.profile),
             model=(name or "sim-model", version or "1.0.0"),
         )

@@ -123,6 +123,7 @@ class RolloutEngine:
         tick_s: float = 0.2,
         lease_ttl_s: float = 15.0,
         command_timeout_s: float = 10.0,
+        baseline_wait_s: float = 30.0,
         on_record: RecordHook | None = None,
         on_note: NoteHook | None = None,
     ) -> None:
@@ -133,6 +134,7 @@ class RolloutEngine:
         self.tick_s = tick_s
         self.lease_ttl_s = lease_ttl_s
         self.command_timeout_s = command_timeout_s
+        self.baseline_wait_s = baseline_wait_s
         self.on_record = on_record
         self.on_note = on_note
 
@@ -141,6 +143,8 @@ class RolloutEngine:
     ) -> RolloutState:
         """Resolve the targets, record the rollout and every device's baseline."""
         devices = resolve_targets(self.view, plan.targets)
+        if plan.gates:
+            self._await_telemetry(devices)
         rid = rollout_id or new_rollout_id()
         waves = plan.waves(devices)
         entries = [
@@ -166,6 +170,31 @@ class RolloutEngine:
             )
         self.store.append(entries, who=self.who)
         return RolloutState.fold(self.store.records(rollout_id=rid))
+
+    def _await_telemetry(self, devices: list[str]) -> None:
+        """A console that just connected has the retained state but no telemetry yet:
+        wait (bounded) for each online device's first report, so that every baseline
+        holds the device's figures. One that sends none by then has an empty baseline,
+        and a relative gate on it is inconclusive (said in its result)."""
+        deadline = time.monotonic() + self.baseline_wait_s
+
+        def missing() -> list[str]:
+            out = []
+            for dev in devices:
+                row = self.view.row(dev)
+                if row is not None and row.online and row.telemetry_ts is None:
+                    out.append(dev)
+            return out
+
+        waiting = missing()
+        while waiting and time.monotonic() < deadline:
+            time.sleep(0.05)
+            waiting = missing()
+        if waiting and self.on_note is not None:
+            self.on_note(
+                f"{len(waiting)} device(s) sent no telemetry within {self.baseline_wait_s:g} s "
+                f"(e.g. {waiting[0]}): their baselines are empty"
+            )
 
     def drive(self, rollout_id: str, bundle_path: str | None = None) -> RolloutState:
         """Take the lease and drive the rollout to its end; returns the final state."""

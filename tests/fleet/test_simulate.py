@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.protocol.messages import TelemetryMessage
 from agent.protocol.state import ReportedState
@@ -15,21 +21,16 @@ from agent.signing import load_private_key, load_public_key
 from fleet.bundle_source import HttpBundleSource, MqttBundleSource
 from fleet.simulate import Simulator
 from tests.fleet._sim import FINAL_KINDS, SimConsole, console_keypair
+from tests.fleet.conftest import SecureBroker
 from tests.helpers import DEMO_KEY, DEMO_PUB, make_bundle, unpack_sample
 from tests.mqtt_broker import Broker
 
 FAST = {"latency": 0.02, "telemetry_interval_s": 0.3, "start_timeout_s": 15.0}
 
 
-@pytest.fixture(scope="module")
-def mqtt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    with Broker(tmp_path_factory.mktemp("broker")) as broker:
-        yield broker
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
-    return console_keypair(tmp_path_factory.mktemp("keys"))
+@pytest.fixture
+def keys(console_key: Ed25519PrivateKey, console_pub: Path) -> tuple[Ed25519PrivateKey, Path]:
+    return console_key, console_pub
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +42,21 @@ def bundle_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def console(mqtt: Broker, keys: tuple[object, Path]) -> Iterator[SimConsole]:
-    with SimConsole(mqtt, keys[0]) as c:  # type: ignore[arg-type]
+def console(broker: Broker, keys: tuple[Ed25519PrivateKey, Path]) -> Iterator[SimConsole]:
+    with SimConsole(broker, keys[0]) as c:
         yield c
 
 
-def sim(mqtt: Broker, keys: tuple[object, Path], n: int, **kw: object) -> Simulator:
+def sim(broker: Broker, keys: tuple[Ed25519PrivateKey, Path], n: int, **kw: object) -> Simulator:
     prefix = kw.pop("prefix", f"s{time.monotonic_ns() % 10**8}")
     options = {**FAST, "model": ("digits", "1.0.0"), **kw}
-    return Simulator(mqtt.host, mqtt.port, n, prefix=prefix, console_keys=[keys[1]], **options)  # type: ignore[arg-type]
+    return Simulator(broker.host, broker.port, n, prefix=prefix, console_keys=[keys[1]], **options)  # type: ignore[arg-type]
 
 
 def test_every_device_retains_status_and_state_and_reports_telemetry(
-    mqtt: Broker, keys: tuple[object, Path], console: SimConsole
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole
 ) -> None:
-    with sim(mqtt, keys, 30, groups=["a", "b"]) as s:
+    with sim(broker, keys, 30, groups=["a", "b"]) as s:
         ids = s.device_ids
         assert console.wait(lambda c: set(ids) <= set(c.states()) and set(ids) <= set(c.statuses()))
         assert console.wait(lambda c: {t.device_id for t in c.telemetry()} >= set(ids))
@@ -76,15 +77,15 @@ def test_every_device_retains_status_and_state_and_reports_telemetry(
 
 
 def test_signed_commands_are_answered_and_bad_ones_refused_with_the_devices_codes(
-    mqtt: Broker, keys: tuple[object, Path], console: SimConsole, tmp_path: Path
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole, tmp_path: Path
 ) -> None:
     other, _ = console_keypair(tmp_path, "intruder")
-    with sim(mqtt, keys, 3, groups=["g"]) as s:
+    with sim(broker, keys, 3, groups=["g"]) as s:
         a, b = s.device_ids[:2]
         pong = console.request(a, "ping")
         assert pong.ok and pong.result["device_id"] == a and pong.device_id == a
 
-        def code(**fields: object) -> str | None:
+        def code(**fields: Any) -> str | None:
             reply = console.request(a, "ping", **fields)
             assert not reply.ok and reply.error is not None
             return reply.error.code
@@ -131,15 +132,11 @@ def test_signed_commands_are_answered_and_bad_ones_refused_with_the_devices_code
 
 
 def test_mqtt_311_replies_go_to_reply_to_on_a_multiplexed_connection(
-    mqtt: Broker, keys: tuple[object, Path]
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path]
 ) -> None:
     with (
-        sim(mqtt, keys, 12, protocol="3.1.1", connections=3) as s,
-        SimConsole(
-            mqtt,
-            keys[0],
-            protocol=4,  # type: ignore[arg-type]
-        ) as c,
+        sim(broker, keys, 12, protocol="3.1.1", connections=3) as s,
+        SimConsole(broker, keys[0], protocol=4) as c,
     ):
         for d in s.device_ids[::4]:
             reply = c.request(d, "ping")
@@ -151,10 +148,10 @@ def test_mqtt_311_replies_go_to_reply_to_on_a_multiplexed_connection(
 
 
 def test_a_deploy_downloads_over_http_and_runs_every_phase(
-    mqtt: Broker, keys: tuple[object, Path], console: SimConsole, bundle_v2: Path
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole, bundle_v2: Path
 ) -> None:
     with (
-        sim(mqtt, keys, 2) as s,
+        sim(broker, keys, 2) as s,
         HttpBundleSource(bundle_v2, trust=[load_public_key(DEMO_PUB)]) as source,
     ):
         d = s.device_ids[0]
@@ -204,9 +201,9 @@ def test_a_deploy_downloads_over_http_and_runs_every_phase(
 
 
 def test_a_deploy_over_mqtt_chunks(
-    mqtt: Broker, keys: tuple[object, Path], console: SimConsole, bundle_v2: Path
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole, bundle_v2: Path
 ) -> None:
-    with sim(mqtt, keys, 2) as s:
+    with sim(broker, keys, 2) as s:
         d = s.device_ids[1]
         paho = console.listener.client
         with MqttBundleSource(paho, bundle_v2, trust=[load_public_key(DEMO_PUB)]) as source:
@@ -221,10 +218,10 @@ def test_a_deploy_over_mqtt_chunks(
 
 
 def test_fail_crash_hang_and_profile_knobs(
-    mqtt: Broker, keys: tuple[object, Path], console: SimConsole, bundle_v2: Path
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole, bundle_v2: Path
 ) -> None:
     with (
-        sim(mqtt, keys, 5, skip_download=True, crash_downtime_s=0.3) as s,
+        sim(broker, keys, 5, skip_download=True, crash_downtime_s=0.3) as s,
         HttpBundleSource(bundle_v2, trust=[load_public_key(DEMO_PUB)]) as source,
     ):
         failing, crashing, hanging, slow, good = s.device_ids
@@ -262,9 +259,9 @@ def test_fail_crash_hang_and_profile_knobs(
 
 
 def test_offline_device_leaves_its_last_will_and_does_not_answer(
-    mqtt: Broker, keys: tuple[object, Path], console: SimConsole
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole
 ) -> None:
-    with sim(mqtt, keys, 3) as s:
+    with sim(broker, keys, 3) as s:
         d = s.device_ids[2]
         assert console.wait(lambda c: c.status(d) is not None)
         s.offline(d)
@@ -277,3 +274,131 @@ def test_offline_device_leaves_its_last_will_and_does_not_answer(
         assert console.request(d, "ping").ok
     # A clean stop says so, as `edge-agent` does.
     assert console.wait(lambda c: c.status(d).reason == "agent stopped")  # type: ignore[union-attr]
+
+
+def test_edge_fleet_simulate_runs_until_sigterm_and_devices_lists_them(
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole
+) -> None:
+    url = f"mqtt://{broker.host}:{broker.port}"
+    base = [sys.executable, "-m", "fleet.cli", "--broker", url]
+    bad = subprocess.run([*base, "--json", "simulate", "5", "--fail-rate", "2"],
+                         check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert json.loads(bad.stdout)["error"]["code"] == "console.bad_input"
+    proc = subprocess.Popen(
+        [*base, "simulate", "12", "--prefix", "cli", "--connections", "3", "--groups", "x,y",
+         "--console-key", str(keys[1]), "--telemetry-interval", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        ids = [f"cli-{i:04d}" for i in range(12)]
+        assert console.wait(
+            lambda c: all(c.status(d) is not None and c.status(d).state == "online" for d in ids),  # type: ignore[union-attr]
+            30,
+        )
+        assert console.request("cli-0003", "ping").ok
+        listed = subprocess.run([*base, "--json", "devices", "--group", "y", "--settle", "5"],
+                                check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        rows = json.loads(listed.stdout)
+        rows = rows["devices"] if isinstance(rows, dict) else rows
+        assert (
+            sorted(r["device_id"] for r in rows if r["device_id"].startswith("cli-")) == ids[1::2]
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out.startswith("12 devices") and "status 12" in out
+    assert console.wait(lambda c: all(c.status(d).reason == "agent stopped" for d in ids))  # type: ignore[union-attr]
+
+
+def test_the_real_console_drives_simulated_devices_over_tls_with_the_device_acl(
+    secure_broker: SecureBroker, console_key_file: Path, console_pub: Path, tmp_path: Path
+) -> None:
+    """Each simulated device logs in as itself (username = device id, docs/mqtt.md's ACL):
+    a device that published outside its own topics would be refused by the broker."""
+    from fleet.config import FleetConfig
+    from fleet.mqtt import FleetClient
+    from fleet.view import FleetView
+
+    password = tmp_path / "pw"
+    password.write_text(secure_broker.users[secure_broker.console_user] + "\n")
+    config = FleetConfig.load(None, broker=secure_broker.url, username=secure_broker.console_user,
+                              password_file=str(password), ca_file=str(secure_broker.pki.ca_cert),
+                              key=str(console_key_file))  # fmt: skip
+    ids = ["dev-1", "dev-2", "dev-3"]
+    b = secure_broker.broker
+    with (
+        Simulator(
+            "localhost",
+            b.port,
+            3,
+            device_ids=ids,
+            console_keys=[console_pub],
+            username=lambda d: d,
+            password=lambda d: secure_broker.users[d],
+            tls=(secure_broker.pki.ca_cert, None, None),
+            groups=["acl"],
+            telemetry_interval_s=0.3,
+            start_timeout_s=15,
+        ),  # fmt: skip
+        FleetClient(config) as client,
+    ):
+        view = FleetView(client)
+        view.start()
+        assert view.wait(lambda v: all((r := v.row(d)) is not None and r.online for d in ids), 15)
+        assert view.wait(lambda v: all(v.row(d).p95_ms is not None for d in ids), 15)  # type: ignore[union-attr]
+        for d in ids:
+            reply = client.request(d, "ping", timeout_s=10)
+            assert reply.ok and reply.device_id == d
+        applied = client.request("dev-2", "config.set", {"values": {"log_level": "debug"}})
+        assert applied.ok and applied.result == {"applied": {"log_level": "debug"}}
+        assert [r.device_id for r in view.rows(group="acl")] == ids
+
+
+def test_live_figures_follow_the_served_generation(
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole, bundle_v2: Path
+) -> None:
+    with (
+        sim(broker, keys, 1, skip_download=True, live_since_swap=True) as s,
+        HttpBundleSource(bundle_v2, trust=[load_public_key(DEMO_PUB)]) as source,
+    ):
+        d = s.device_ids[0]
+
+        def live(generation: int) -> dict[str, Any] | None:
+            for t in reversed(console.telemetry(d)):
+                if t.model and t.model["live"]["generation"] == generation:
+                    return dict(t.model["live"])
+            return None
+
+        assert console.wait(lambda c: live(1) is not None)
+        old = live(1)
+        assert old is not None and old["requests"] >= 5 * 300 * 0.99  # a full window
+        assert console.request(d, "deploy", source.deploy_args(trial=TrialSpec(window_s=0))).ok
+        assert console.wait_event(d, FINAL_KINDS).kind == "update.committed"
+        assert console.wait(lambda c: live(2) is not None)
+        new = live(2)
+        assert new is not None and new["requests"] < old["requests"] / 10  # only since the swap
+
+
+def test_devices_come_back_after_a_broker_restart(
+    tmp_path: Path, keys: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    own = Broker(tmp_path).start()
+    try:
+        with sim(own, keys, 4, connections=2) as s, SimConsole(own, keys[0]) as c:
+            ids = s.device_ids
+            assert c.wait(lambda c: set(ids) <= set(c.states()))
+            own.kill()  # no persistence: every retained message is gone with it
+            own.start()
+            seen = len(c.listener.messages)
+
+            def back(c: SimConsole) -> bool:
+                fresh = c.listener.messages[seen:]
+                return {t.split("/")[2] for t, _, _, _ in fresh if t.endswith("/state")} >= set(ids)
+
+            assert c.wait(back, 30)
+            assert c.request(ids[3], "ping").ok
+    finally:
+        own.stop()

@@ -35,8 +35,10 @@ from agent.protocol.topics import (
     device_of,
     fleet_filter,
     group_command,
+    is_legacy_command_filter,
     is_reply_topic,
     parse_command_topic,
+    portability_problem,
     target_name,
 )
 from agent.signing import key_id
@@ -50,7 +52,8 @@ def test_device_topics_follow_the_design() -> None:
     assert str(t.state) == "edgerun/v1/dev-1/state"
     assert str(t.telemetry) == "edgerun/v1/dev-1/telemetry"
     assert str(t.events) == "edgerun/v1/dev-1/events"
-    assert str(t.command("config.get")) == "edgerun/v1/dev-1/cmd/config.get"
+    assert str(t.command("config.get")) == "edgerun/v1/dev-1/cmd/config-get"  # portable
+    assert str(t.legacy_command("config.get")) == "edgerun/v1/dev-1/cmd/config.get"
     assert str(t.bundle("tx-1")) == "edgerun/v1/dev-1/bundle/tx-1"
     assert str(group_command("lab", "ping")) == "edgerun/v1/group/lab/cmd/ping"
     assert device_of("edgerun/v1/dev-1/telemetry") == "dev-1"
@@ -92,6 +95,40 @@ def test_subscriptions_come_from_the_command_names() -> None:
     )
     assert parse_command_topic("edgerun/v1/d/cmd/Bad") is None
     assert parse_command_topic("other/v1/d/cmd/ping") is None
+
+
+def test_command_names_have_a_portable_spelling_and_the_legacy_one_still_parses() -> None:
+    names = ["config.get", "config.set", "ping", "update.cancel", "update.status"]
+    filters = [str(f) for f in command_subscriptions("d", ["g1"], names)]
+    # Portable first (what a NATS broker grants), then the dotted ones for old consoles.
+    assert filters == [
+        "edgerun/v1/d/cmd/config-get", "edgerun/v1/d/cmd/config-set", "edgerun/v1/d/cmd/ping",
+        "edgerun/v1/d/cmd/update-cancel", "edgerun/v1/d/cmd/update-status",
+        "edgerun/v1/group/g1/cmd/config-get", "edgerun/v1/group/g1/cmd/config-set",
+        "edgerun/v1/group/g1/cmd/ping", "edgerun/v1/group/g1/cmd/update-cancel",
+        "edgerun/v1/group/g1/cmd/update-status",
+        "edgerun/v1/d/cmd/config.get", "edgerun/v1/d/cmd/config.set",
+        "edgerun/v1/d/cmd/update.cancel", "edgerun/v1/d/cmd/update.status",
+        "edgerun/v1/group/g1/cmd/config.get", "edgerun/v1/group/g1/cmd/config.set",
+        "edgerun/v1/group/g1/cmd/update.cancel", "edgerun/v1/group/g1/cmd/update.status",
+    ]  # fmt: skip
+    assert [f for f in filters if is_legacy_command_filter(f)] == filters[10:]
+    assert not [f for f in filters[:10] if "." in f]
+    assert [str(f) for f in command_subscriptions("d", [], names, legacy=False)] == filters[:5]
+    for name in names:
+        for topic in (DeviceTopics("d").command(name), DeviceTopics("d").legacy_command(name)):
+            route = parse_command_topic(str(topic))
+            assert route is not None and route.name == name, topic
+    assert str(group_command("g1", "update.status")) == "edgerun/v1/group/g1/cmd/update-status"
+    # One to one: `-` is never part of a name, and the spellings do not mix.
+    for bad in ("config-", "-get", "config--get", "config.get-x", "Config-get"):
+        assert parse_command_topic(f"edgerun/v1/d/cmd/{bad}") is None, bad
+
+
+def test_names_that_clustered_brokers_cannot_carry_are_named() -> None:
+    assert portability_problem("device id", "press-17_a") is None
+    problem = portability_problem("device id", "press.17")
+    assert problem is not None and "'press.17'" in problem and "NATS" in problem
 
 
 def test_twin_topics() -> None:
@@ -298,3 +335,22 @@ def test_every_reader_raises_only_protocol_errors(obj: object) -> None:
         except ProtocolError as exc:
             assert exc.code in (Code.MALFORMED, Code.BAD_REPLY_TOPIC, Code.BAD_SIGNATURE)
             assert exc.message
+
+
+def test_the_agent_warns_at_start_of_names_nats_cannot_carry(tmp: Path) -> None:
+    from agent.config.loader import parse_config
+    from agent.link import settings
+
+    base = {"state_dir": str(tmp / "s"), "mqtt": {"enabled": True}}
+    fine = parse_config(
+        {**base, "device_id": "press-17", "mqtt": {"groups": ["line_a"]}}, environ={}
+    )
+    assert settings.portability_warnings(fine) == []
+    dotted = parse_config(
+        {**base, "device_id": "press.17", "mqtt": {"enabled": True, "groups": ["ok", "eu.west"]}},
+        environ={},
+    )
+    warnings = settings.portability_warnings(dotted)
+    assert len(warnings) == 2, warnings
+    assert "'press.17'" in warnings[0] and "device_id" in warnings[0]
+    assert "mqtt.groups[1]" in warnings[1] and "'eu.west'" in warnings[1]
