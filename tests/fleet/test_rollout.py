@@ -349,3 +349,31 @@ def test_chunks_over_mqtt(
         r for r in store.records(rollout_id=state.rollout_id) if r.kind is RecordKind.DEVICE_STARTED
     ]
     assert len(deploys) == 4
+
+
+def test_a_gate_without_enough_data_is_inconclusive_and_fails_unless_allowed(
+    sqlite_store: SqlStore,
+    console: Console,
+    sims: Sims,
+    bundle: BundleInfo,
+    http_sources: SourceFactory,
+) -> None:
+    sim = sims(3)
+    strict = plan(sim, canary=1, wave="2", gate_min_requests=10**9)  # more than any device has
+    e = engine(sqlite_store, console, http_sources, gate_wait_s=0.5)
+    state = e.drive(e.create(strict, bundle).rollout_id)
+    assert state.finished == "halted" and state.halted is not None
+    assert state.halted["cause"] == "gate"
+    results = kinds(sqlite_store, state.rollout_id, RecordKind.GATE_RESULT)
+    assert {r.result for r in results} == {"inconclusive"}
+    assert "fewer than 1000000000; counts as failed" in results[0].data["reason"]
+    assert served(sim, sorted(sim.device_ids)[0]) == "1.0.0"  # the canary was rolled back
+
+    sim2 = sims(3)
+    allowed = plan(sim2, canary=1, wave="2", gate_min_requests=10**9, allow_no_data=True)
+    e2 = engine(sqlite_store, console, http_sources, gate_wait_s=0.5)
+    state2 = e2.drive(e2.create(allowed, bundle).rollout_id)
+    assert state2.finished == "succeeded"
+    results2 = kinds(sqlite_store, state2.rollout_id, RecordKind.GATE_RESULT)
+    assert {r.result for r in results2} == {"passed"}
+    assert all(r.data["inconclusive"] and "allowed" in r.data["reason"] for r in results2)
