@@ -8,6 +8,9 @@ retained messages are shared by the module, the targets never overlap.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from fleet.config import FleetConfig
 from fleet.mqtt import FleetClient
 from fleet.ports import RecordKind
 from fleet.rollout.bundle import BundleInfo, inspect_bundle
+from fleet.rollout.control import request
 from fleet.rollout.engine import RolloutEngine
 from fleet.rollout.plan import RolloutPlan
 from fleet.rollout.sources import SourceFactory, console_sources
@@ -51,8 +55,13 @@ def store(
 
 
 @pytest.fixture(scope="module")
-def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlStore]:
-    s = open_store(str(tmp_path_factory.mktemp("record-sqlite") / "fleet.db"))
+def sqlite_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("record-sqlite") / "fleet.db")
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(sqlite_path: str) -> Iterator[SqlStore]:
+    s = open_store(sqlite_path)
     yield s
     s.close()
 
@@ -377,3 +386,42 @@ def test_a_gate_without_enough_data_is_inconclusive_and_fails_unless_allowed(
     results2 = kinds(sqlite_store, state2.rollout_id, RecordKind.GATE_RESULT)
     assert {r.result for r in results2} == {"passed"}
     assert all(r.data["inconclusive"] and "allowed" in r.data["reason"] for r in results2)
+
+
+def test_a_closed_maintenance_window_holds_devices_until_an_abort(
+    sqlite_store: SqlStore,
+    sqlite_path: str,
+    console: Console,
+    sims: Sims,
+    bundle: BundleInfo,
+    http_sources: SourceFactory,
+) -> None:
+    sim = sims(2)
+    group = sim.group  # type: ignore[attr-defined]
+    now_min = int(time.time() // 60) % 1440
+    start, end = (now_min + 120) % 1440, (now_min + 180) % 1440
+    window = f"{group}={start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d}"
+    notes: list[str] = []
+    e = engine(sqlite_store, console, http_sources, on_note=notes.append)
+    created = e.create(plan(sim, canary=1, wave="1", windows=(window,)), bundle)
+    rid = created.rollout_id
+    result: list[RolloutState] = []
+    driver = threading.Thread(target=lambda: result.append(e.drive(rid)), daemon=True)
+    driver.start()
+    deadline = time.monotonic() + 20
+    while not any("maintenance window" in n for n in notes) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert any("waits for its group's maintenance window" in n for n in notes), notes
+    # Another console (its own connection to the record) aborts it.
+    with contextlib.closing(open_store(sqlite_path)) as other:
+        request(other, rid, "abort", ("other-key", "dana"), "window too late")
+    driver.join(20)
+    assert result and result[0].finished == "aborted"
+    assert not kinds(sqlite_store, rid, RecordKind.DEVICE_STARTED)
+    assert all(sim.state(d)["update"] is None for d in sim.device_ids)
+    abort = kinds(sqlite_store, rid, RecordKind.ABORT_REQUESTED)[0]
+    assert (abort.key_id, abort.operator, abort.data["reason"]) == (
+        "other-key",
+        "dana",
+        "window too late",
+    )
