@@ -163,3 +163,16 @@ def test_fresh_databases_are_apart() -> None:
             store.append([NewRecord(RecordKind.COMMAND_SENT)], who=("k", uuid.uuid4().hex))
         with open_store(b) as store:
             assert store.records() == []
+
+
+def test_fleet_extra_is_pinned_and_the_device_stays_small() -> None:
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = meta["optional-dependencies"]
+    assert set(extras["fleet"]) == {"rich==15.0.0", "psycopg[binary]==3.3.9"}
+    assert not any(req.startswith(("rich", "psycopg")) for req in extras["device"])
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "migrations/*/*.sql" in package_data["package-data"]["fleet.store"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "'.[device,litert,export,test,fleet]'" in makefile
