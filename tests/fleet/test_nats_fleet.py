@@ -2,8 +2,9 @@
 
 Simulated devices connect to node 1; the console (FleetClient, FleetView, the rollout
 engine, SQLite record) connects to node 2 only. Devices are listed, a staged rollout
-with an ML gate runs, a gate failure halts and rolls the canary back, and a direct
-rollback returns every device to its own previous version: all through the cluster.
+with an ML gate runs with the bundle sent as MQTT chunks through the cluster, a direct
+rollback returns every device to its own previous version, and a gate failure (bundle
+over HTTP) halts and rolls the canary back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent.protocol.update import HttpSource
+from agent.signing import load_public_key
 from fleet.config import FleetConfig
 from fleet.mqtt import FleetClient
 from fleet.ports import RecordKind
@@ -24,14 +25,13 @@ from fleet.rollout.bundle import BundleInfo, inspect_bundle
 from fleet.rollout.control import rollback_devices
 from fleet.rollout.engine import RolloutEngine, resolve_targets
 from fleet.rollout.plan import RolloutPlan
-from fleet.rollout.sources import SourceFactory
+from fleet.rollout.sources import SourceFactory, console_sources
 from fleet.rollout.state import RolloutState
 from fleet.simulate import Simulator
 from fleet.store import SqlStore, open_store
 from fleet.view import FleetView
 from tests.helpers import DEMO_PUB, SampleParts, make_bundle
 from tests.nats_cluster import NatsCluster, available
-from tests.update_rig import BundleServer
 
 pytestmark = pytest.mark.skipif(not available(), reason="nats-server is not installed")
 
@@ -76,22 +76,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlStore]:
     s.close()
 
 
-class _ServedBundle:
-    def __init__(self, server: BundleServer, info: BundleInfo) -> None:
-        self.url = server.add("/" + Path(info.path).name, Path(info.path).read_bytes())
-
-    def source_for(self, device: str) -> HttpSource:
-        return HttpSource(self.url)
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def sources() -> Iterator[SourceFactory]:
-    server = BundleServer()
-    yield lambda via, info: _ServedBundle(server, info)
-    server.httpd.shutdown()
+def sources(console: Console) -> SourceFactory:
+    """The console's own bundle sources: an HTTP server for `via=http`, chunks over
+    MQTT through the cluster for `via=mqtt` (fleet/bundle_source.py)."""
+    return console_sources(console.client, "127.0.0.1", [load_public_key(DEMO_PUB)])
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +166,8 @@ def test_a_rollout_then_a_rollback_through_the_cluster(
     store: SqlStore, console: Console, sim: Simulator, bundle: BundleInfo, sources: SourceFactory
 ) -> None:
     ids = _members(sim, ROLL)
-    state = _run(store, console, sources, _plan(ROLL), bundle)
+    # The bundle travels as MQTT chunks through the cluster (transfer ids without '.').
+    state = _run(store, console, sources, _plan(ROLL, via="mqtt"), bundle)
     assert state.finished == "succeeded", state.summary()
     assert [len(w) for w in state.waves] == [1, 2, 2]
     assert all(_served(sim, d) == "2.0.0" for d in ids)
