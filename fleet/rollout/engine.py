@@ -237,6 +237,7 @@ class _Drive:
         self.deploys: dict[str, Future[Reply]] = {}
         self.status_asks: dict[str, Future[Reply]] = {}
         self.watch_since: dict[str, float] = {}
+        self.asked_at_timeout: set[str] = set()
         self.soak_until: dict[int, float] = {}
         self.rollbacks: dict[str, _Rollback] = {}
         self.notes: set[str] = set()
@@ -550,6 +551,15 @@ class _Drive:
             since = self.watch_since.setdefault(dev.device_id, now)
             timeout = self.state.plan.device_timeout_s
             if now - since > timeout:
+                if dev.device_id not in self.asked_at_timeout:
+                    # Its final event may have been lost: ask once before giving up.
+                    self.asked_at_timeout.add(dev.device_id)
+                    self.status_asks[dev.device_id] = self.e.commander.submit(
+                        dev.device_id, "update.status", {}, timeout_s=self.e.command_timeout_s
+                    )
+                    continue
+                if dev.device_id in self.status_asks:
+                    continue  # its answer comes first
                 row = self.e.view.row(dev.device_id)
                 last = row.phase if row is not None and row.job == dev.job else "unknown"
                 self._outcome(
