@@ -425,3 +425,37 @@ def test_a_closed_maintenance_window_holds_devices_until_an_abort(
         "dana",
         "window too late",
     )
+
+
+def test_shadow_and_trial_reach_the_devices_and_the_agreement_gate_halts(
+    sqlite_store: SqlStore,
+    console: Console,
+    sims: Sims,
+    bundle: BundleInfo,
+    http_sources: SourceFactory,
+) -> None:
+    sim = sims(3)
+    ids = sorted(sim.device_ids)
+    # The device's own shadow bound (0.95) lets 0.97 through; the console's gate does not.
+    sim.set_profile("2.0.0", agreement=0.97, devices=ids[1:2])
+    p = plan(sim, canary=1, wave="2", shadow=True, trial_window_s=0.2, gates="agreement>=0.98")
+    sent: list[dict[str, Any]] = []
+    console.client.on_sent = lambda body, target: sent.append(dict(body))
+    try:
+        state = run(sqlite_store, console, http_sources, p, bundle)
+    finally:
+        console.client.on_sent = None
+    deploys = [b["args"] for b in sent if b["name"] == "deploy"]
+    assert len(deploys) == 3
+    assert all(a["trial"] == {"window_s": 0.2} and a["shadow"]["min_agreement"] for a in deploys)
+    assert {a["sha256"] for a in deploys} == {bundle.sha256}
+    rollbacks = [(b["to"], b["args"]) for b in sent if b["name"] == "rollback"]
+    assert sorted(rollbacks) == [(d, {"version": "1.0.0"}) for d in ids]  # each updated one
+    assert state.finished == "halted"
+    failed = state.failed_gates()
+    assert [(g.device_id, g.gate, g.figure) for g in failed] == [(ids[1], "agreement>=0.98", 0.97)]
+    started = kinds(sqlite_store, state.rollout_id, RecordKind.DEVICE_STARTED)
+    assert {r.device_id for r in started} == set(ids)
+    job = sim.state(ids[0])["update"]
+    assert job is not None and job["kind"] == "rollback"  # the canary passed, then went back
+    assert all(served(sim, d) == "1.0.0" for d in ids)
