@@ -124,6 +124,7 @@ class RolloutEngine:
         lease_ttl_s: float = 15.0,
         command_timeout_s: float = 10.0,
         baseline_wait_s: float = 30.0,
+        gate_wait_s: float = 30.0,
         on_record: RecordHook | None = None,
         on_note: NoteHook | None = None,
     ) -> None:
@@ -135,6 +136,7 @@ class RolloutEngine:
         self.lease_ttl_s = lease_ttl_s
         self.command_timeout_s = command_timeout_s
         self.baseline_wait_s = baseline_wait_s
+        self.gate_wait_s = gate_wait_s
         self.on_record = on_record
         self.on_note = on_note
 
@@ -235,11 +237,13 @@ class _Drive:
         self.deploys: dict[str, Future[Reply]] = {}
         self.status_asks: dict[str, Future[Reply]] = {}
         self.watch_since: dict[str, float] = {}
+        self.asked_at_timeout: set[str] = set()
         self.soak_until: dict[int, float] = {}
         self.rollbacks: dict[str, _Rollback] = {}
         self.notes: set[str] = set()
         self.source: DeploySource | None = None
         self._finals: dict[tuple[str, str], tuple[str, str | None, str]] = {}
+        self._telemetry_at: dict[str, float] = {}  # device -> monotonic time of its last report
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._remove_listener = engine.view.add_listener(self._on_view)
@@ -258,7 +262,10 @@ class _Drive:
             self.e.store.release_lease(self.lease)
 
     def _on_view(self, kind: str, device_id: str, message: Any) -> None:
-        # On the MQTT thread: only note final update phases, and wake the loop.
+        # On the MQTT thread: note telemetry arrivals and final update phases only.
+        if kind == "telemetry":
+            self._telemetry_at[device_id] = time.monotonic()
+            return
         if kind != "event":
             return
         event_kind = _field(message, "kind")
@@ -544,6 +551,15 @@ class _Drive:
             since = self.watch_since.setdefault(dev.device_id, now)
             timeout = self.state.plan.device_timeout_s
             if now - since > timeout:
+                if dev.device_id not in self.asked_at_timeout:
+                    # Its final event may have been lost: ask once before giving up.
+                    self.asked_at_timeout.add(dev.device_id)
+                    self.status_asks[dev.device_id] = self.e.commander.submit(
+                        dev.device_id, "update.status", {}, timeout_s=self.e.command_timeout_s
+                    )
+                    continue
+                if dev.device_id in self.status_asks:
+                    continue  # its answer comes first
                 row = self.e.view.row(dev.device_id)
                 last = row.phase if row is not None and row.job == dev.job else "unknown"
                 self._outcome(
@@ -595,6 +611,21 @@ class _Drive:
         if now < self.soak_until[wave]:
             return
         results = [r for d in succeeded for r in self._gates(d)]
+        # A device short of data whose last telemetry predates the soak's end is asked
+        # again on later ticks (bounded): its next report covers the soak.
+        soak_end = self.soak_until[wave]
+        stale = {
+            r.device_id
+            for r in results
+            if r.inconclusive and self._telemetry_at.get(r.device_id, -1.0) < soak_end
+        }
+        if stale and now < soak_end + self.e.gate_wait_s:
+            self._note(
+                f"wave {wave}: waiting for fresh telemetry from {len(stale)} device(s) "
+                f"(at most {self.e.gate_wait_s:g} s)",
+                once=f"stale:{wave}",
+            )
+            return
         for r in results:
             self._add(
                 RecordKind.GATE_RESULT,
