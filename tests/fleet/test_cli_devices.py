@@ -67,6 +67,9 @@ def test_devices_lists_every_device(cli: Callable[..., tuple[int, Any, str]]) ->
     assert "2 devices: 2 online, 0 offline" in text
     code, rows, _ = cli("--json", "devices", "--group", "nobody")
     assert code == 0 and rows == []
+    # Telemetry is not retained: --telemetry waits for a report from each device.
+    code, rows, _ = cli("devices", "--telemetry", "30", "--json")  # --json after it, too
+    assert code == 0 and all(r["telemetry_ts"] and r["rss_mb"] for r in rows)
 
 
 def test_ping_status_logs_and_the_record(cli: Callable[..., tuple[int, Any, str]]) -> None:
