@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -668,7 +669,17 @@ class FleetClient:
         )  # fmt: skip
         # The timer thread resolves every future; the bound here only guards a bug.
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
-        return future.result(timeout + 30)
+        try:
+            return future.result(timeout + 30)
+        except FutureTimeout:
+            with self._lock:  # never reached unless the timer thread died: forget it
+                for command_id, p in list(self._pending.items()):
+                    if p.future is future:
+                        del self._pending[command_id]
+            raise FleetError(
+                FleetCode.TIMEOUT, f"no reply from {target} to {name} within {timeout:g} s",
+                device=target,
+            ) from None  # fmt: skip
 
     def _refuse_offline(self, target: str) -> None:
         lookup = self.device_lookup
