@@ -49,7 +49,10 @@ def cli(
         code = main(["--config", str(config), *argv])
         out, err = capsys.readouterr()
         assert "Traceback" not in out + err
-        return code, json.loads(out) if "--json" in argv else out, err
+        if "--json" not in argv:
+            return code, out, err
+        docs = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return code, docs[0] if len(docs) == 1 else docs, err  # watch: one a line
 
     run.config = config  # type: ignore[attr-defined]
     return run
@@ -170,9 +173,11 @@ def test_errors_reach_the_operator_as_codes(
 def test_watch_once_and_as_json_lines(cli: Callable[..., tuple[int, Any, str]]) -> None:
     code, text, _ = cli("watch", "--once", "--sort", "p95")
     assert code == 0 and "cli-a" in text and "sorted by p95" in text
-    code = main(["--config", str(cli.config), "--json", "watch", "--for", "0.3",  # type: ignore[attr-defined]
-                 "--interval", "0.1"])  # fmt: skip
-    assert code == 0
+    code, lines, _ = cli("--json", "watch", "--for", "0.3", "--interval", "0.1")
+    assert code == 0 and len(lines) >= 2  # one snapshot a refresh
+    assert all([r["device_id"] for r in doc["devices"]] == DEVICES for doc in lines)
+    code, text, _ = cli("watch", "--for", "0.3", "--interval", "0.1")  # rich Live, redrawn
+    assert code == 0 and "cli-b" in text and "2 devices: 2 online" in text
 
 
 def test_a_real_edge_fleet_process(cli: Callable[..., tuple[int, Any, str]]) -> None:
