@@ -264,6 +264,6 @@ def test_tls_passwords_and_acl(
     with pytest.raises(FleetError) as info:
         FleetClient(
             secure_config(secure_broker, tmp_path, username="dev-1", password="pw-dev-1")
-        ).connect(timeout_s=1)
+        ).connect(timeout_s=2.5)
     assert "does not deliver this console's reply topic" in info.value.message
     assert "(dev-1) read and write edgerun/v1/console/#" in info.value.message
