@@ -158,6 +158,7 @@ class FleetClient:
         self._subscribed = threading.Event()  # the SUBACK after a connect came
         self._reply_refused = False
         self._probe: tuple[str, threading.Event] | None = None
+        self._connect_listeners: list[Callable[[], None]] = []
         self.connections = 0
 
     # ------------------------------------------------------------------ connection
@@ -367,6 +368,19 @@ class FleetClient:
                 with self._lock:
                     self._subs = [s for s in self._subs if s is not sub]
                 raise
+
+    def add_connect_listener(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call `fn` after every reconnect (network thread), once this client's own
+        subscriptions are sent again. For parts that subscribe through `.paho` directly
+        (a clean session forgets their subscriptions). Returns `remove`."""
+        with self._lock:
+            self._connect_listeners = [*self._connect_listeners, fn]
+
+        def remove() -> None:
+            with self._lock:
+                self._connect_listeners = [f for f in self._connect_listeners if f is not fn]
+
+        return remove
 
     def unsubscribe(self, filter: str | TopicFilter) -> None:
         value = str(filter)
@@ -818,6 +832,8 @@ class FleetClient:
             return
         if self.connections > 1:
             log.info("reconnected to %s", self._where())
+            for fn in self._connect_listeners:
+                _safe(fn)
 
     def _handle_disconnect(
         self, client: mqttc.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
