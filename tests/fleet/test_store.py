@@ -569,19 +569,33 @@ def test_postgresql_refusals_say_what_to_do(pg_db: str) -> None:
     assert info.value.code is FleetCode.STORE and "role" in info.value.message
 
 
-def test_lost_postgresql_connection_then_reconnect() -> None:
+def test_lost_postgresql_connection_then_reconnect(caplog: pytest.LogCaptureFixture) -> None:
     # Its own database: terminating backends must not hit the module's shared store.
-    with fresh_database() as url, open_store(url) as s:
-        s.records(limit=1)
+    def cut(url: str) -> None:
         raw_execute(
             url,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE application_name = 'edge-fleet' AND pid <> pg_backend_pid()"
             " AND datname = current_database()",
         )
+
+    with fresh_database() as url, open_store(url) as s:
+        s.append([NewRecord(RecordKind.COMMAND_SENT, rollout_id="before")], who=WHO)
+        cut(url)
+        # A read is repeated once on a new connection: the caller sees no failure.
+        with caplog.at_level("WARNING", logger="fleet.store.sql_store"):
+            assert len(s.records(rollout_id="before")) == 1
+        assert any("reconnecting once" in r.getMessage() for r in caplog.records)
+        lease = s.acquire_lease("r", "console-a", ttl_s=30)
+        assert lease is not None
+        cut(url)
+        assert s.renew_lease(lease, ttl_s=30).token == lease.token
+        # An append is not repeated (its commit may have happened): a clear error.
+        cut(url)
         with pytest.raises(FleetError) as info:
-            s.records(limit=1)
+            s.append([NewRecord(RecordKind.COMMAND_SENT, rollout_id="after")], who=WHO)
         assert info.value.code is FleetCode.STORE and "retry" in info.value.message
+        assert "lost the connection" in info.value.message
         s.append([NewRecord(RecordKind.COMMAND_SENT, rollout_id="after")], who=WHO)
         assert len(s.records(rollout_id="after")) == 1
 
