@@ -9,6 +9,7 @@ kills a real holder process with SIGKILL.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -234,7 +235,8 @@ def test_batcher_keeps_records_while_the_database_is_locked(tmp_path: Path) -> N
             for i in range(10):
                 batcher.add(NewRecord(RecordKind.COMMAND_SENT, {"i": i}, "r"))
             wait_for(lambda: batcher.error is not None, 30, "the append to fail")
-            assert "locked" in batcher.error.message
+            error = batcher.error
+            assert error is not None and "locked" in error.message
             with pytest.raises(FleetError) as info:
                 batcher.flush(timeout_s=0.2)
             assert "10 records are not written yet" in info.value.message
@@ -731,6 +733,10 @@ def _main(argv: list[str]) -> int:
     return 2
 
 
+def _lease_moved_on(s: SqlStore, lease: Lease) -> bool:
+    return s.lease(lease.name) != lease
+
+
 def _drive(url: str, name: str, holder: str, go: Path) -> int:
     """Take the lease whenever free, append under it, then either release it or keep
     quiet past its TTL and try one late append (which must be refused)."""
@@ -765,7 +771,7 @@ def _drive(url: str, name: str, holder: str, go: Path) -> int:
                 time.sleep(0.03)  # let the others at it, or one console starves them
                 continue
             # Expired by the database's clock: the lease it reports is no longer ours.
-            wait_for(lambda lease=lease: s.lease(name) != lease, 10, "the lease to expire")
+            wait_for(functools.partial(_lease_moved_on, s, lease), 10, "the lease to expire")
             late_tries += 1
             try:
                 s.append([entry], who=WHO, lease=lease)
