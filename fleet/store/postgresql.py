@@ -152,7 +152,11 @@ class PostgresDialect:
         elif isinstance(exc, self._psycopg.OperationalError) or "connection" in low:
             text = (
                 f"lost the connection to PostgreSQL at {where} while {doing} ({first}): "
-                "nothing half-written was kept; retry"
+                "a transaction commits whole or not at all; retry"
+            )
+            # Reads and lease calls are safe to repeat: the store retries them once.
+            return FleetError(
+                FleetCode.STORE, text, store="postgresql", url=where, lost_connection=True
             )
         elif "permission denied" in low:
             text = (

@@ -8,14 +8,15 @@ same transaction as an append made under it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from fleet.errors import FleetCode, FleetError
 from fleet.ports import Lease, NewRecord, Record, RecordKind, Store
@@ -23,6 +24,29 @@ from fleet.store import migrations
 from fleet.store.dialect import Cursor, Dialect
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _retry_once_on_lost_connection(fn: Callable[P, T]) -> Callable[P, T]:
+    """For calls that are safe to repeat (reads, lease calls: re-acquiring or renewing
+    as the same holder is idempotent): a dropped server connection (a restart, a
+    failover) is retried once on a new one. Appends are not repeated: the caller
+    decides, since a commit whose answer was lost may have happened."""
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except FleetError as exc:
+            if not exc.details.get("lost_connection"):
+                raise
+            log.warning("%s; reconnecting once", exc.message)
+            return fn(*args, **kwargs)
+
+    return call
+
 
 _COLUMNS = "seq, ts, key_id, operator, kind, rollout_id, device_id, result, data"
 
@@ -136,6 +160,7 @@ class SqlStore:
 
     # ---------------------------------------------------------------- migrations
 
+    @_retry_once_on_lost_connection
     def schema(self) -> migrations.SchemaStatus:
         with self._tx("reading its schema version", write=False) as cur:
             return migrations.status(self._dialect, cur)
@@ -207,6 +232,7 @@ class SqlStore:
                 f"a {entry.kind} record's data is not plain JSON ({exc}); nothing was appended",
             ) from exc
 
+    @_retry_once_on_lost_connection
     def records(
         self,
         *,
@@ -257,6 +283,7 @@ class SqlStore:
             result=result,
         )
 
+    @_retry_once_on_lost_connection
     def rollout_ids(self, limit: int = 100) -> list[str]:
         query = (
             "SELECT rollout_id FROM records WHERE rollout_id IS NOT NULL"
@@ -313,6 +340,7 @@ class SqlStore:
             )
         return float(ttl_s)
 
+    @_retry_once_on_lost_connection
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> Lease | None:
         ttl = self._ttl(ttl_s)
         if not name or not holder:
@@ -341,6 +369,7 @@ class SqlStore:
             )
             return Lease(name=name, holder=holder, token=token, expires_at=now + ttl)
 
+    @_retry_once_on_lost_connection
     def renew_lease(self, lease: Lease, ttl_s: float) -> Lease:
         ttl = self._ttl(ttl_s)
         with self._tx(f"renewing lease {lease.name!r}", write=True) as cur:
@@ -356,6 +385,7 @@ class SqlStore:
             )
             return Lease(lease.name, lease.holder, lease.token, now + ttl)
 
+    @_retry_once_on_lost_connection
     def release_lease(self, lease: Lease) -> None:
         # The row stays (holder '' = free) so the next holder's token is higher still.
         with self._tx(f"releasing lease {lease.name!r}", write=True) as cur:
@@ -367,6 +397,7 @@ class SqlStore:
                 (lease.name, lease.holder, lease.token),
             )
 
+    @_retry_once_on_lost_connection
     def lease(self, name: str) -> Lease | None:
         """The current (unexpired, by the database's clock) holder, or None."""
         with self._tx(f"reading lease {name!r}", write=False) as cur:
@@ -405,6 +436,7 @@ class SqlStore:
             )
         return len(rows)
 
+    @_retry_once_on_lost_connection
     def telemetry(
         self, *, device_id: str | None = None, since: float | None = None, limit: int | None = None
     ) -> list[TelemetrySample]:
@@ -426,6 +458,7 @@ class SqlStore:
             found = cur.fetchall()
         return [TelemetrySample(*row) for row in found]
 
+    @_retry_once_on_lost_connection
     def prune(self, older_than: float) -> int:
         """Drop telemetry with ts < older_than; how many rows went."""
         with self._tx("pruning telemetry", write=True) as cur:
