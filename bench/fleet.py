@@ -163,6 +163,17 @@ def simulator(
             proc.wait()
 
 
+def process_figures(pid: int, name: str) -> dict[str, float]:
+    """RSS now and CPU seconds so far of a running process (from /proc)."""
+    with open(f"/proc/{pid}/status") as fh:
+        rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {f"{name}_rss_mb": round(rss / 1024, 1),
+            f"{name}_cpu_s": round((int(fields[11]) + int(fields[12])) / ticks, 1)}  # fmt: skip
+
+
 def rows_of(stdout: str) -> int:
     data = json.loads(stdout)
     rows = data["devices"] if isinstance(data, dict) else data
@@ -173,14 +184,22 @@ def rows_of(stdout: str) -> int:
 
 
 def bench_size(
-    work: Path, n: int, runs: int, rollout: bool, soak_s: float, key: Path, pub: Path
+    work: Path,
+    n: int,
+    runs: int,
+    rollout: bool,
+    soak_s: float,
+    key: Path,
+    pub: Path,
+    telemetry: float | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"devices": n}
     prefix = f"b{n}"
     # A gate needs a telemetry report of the new model inside the soak: the soak is
     # at least 1.5 telemetry intervals (2 s at 1,000 devices, 10 s at 10,000).
-    telemetry_s = 2.0 if n <= 2000 else 10.0
+    telemetry_s = telemetry or (2.0 if n <= 2000 else 10.0)
     soak_s = max(soak_s, 1.5 * telemetry_s)
+    out["telemetry_interval_s"] = telemetry_s
     with (
         Broker(work / f"broker-{n}") as broker,
         simulator(broker, n, pub, prefix, telemetry_s, latency_s=0.1) as sim,
@@ -210,6 +229,7 @@ def bench_size(
             out["devices_cpu_s"] = round(statistics.median(cpu), 3)
             if rollout:
                 out.update(bench_rollout(work, n, base, counter, soak_s))
+            out.update(process_figures(sim.pid, "simulator"))
         finally:
             counter.close()
     return out
@@ -260,6 +280,7 @@ def main() -> int:
     ap.add_argument("--rollout-sizes", default="1000")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--soak", type=float, default=3.0, help="soak seconds per wave (at least)")
+    ap.add_argument("--telemetry", type=float, default=None, help="device telemetry interval s")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -277,7 +298,9 @@ def main() -> int:
         pub.write_bytes(pk.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
         for n in sizes:
-            r = bench_size(work, n, args.runs, n in rollout_sizes, args.soak, key, pub)
+            r = bench_size(
+                work, n, args.runs, n in rollout_sizes, args.soak, key, pub, args.telemetry
+            )
             results.append(r)
             print(f"-- {n} devices: {json.dumps(r)}", file=sys.stderr, flush=True)
     print(f"{'devices':>8} {'devices --json':>15} {'RSS MB':>7} {'CPU s':>6} "
