@@ -402,3 +402,41 @@ def test_devices_come_back_after_a_broker_restart(
             assert c.request(ids[3], "ping").ok
     finally:
         own.stop()
+
+
+def test_simulated_commands_are_refused_like_the_agents_hostile_corpus() -> None:
+    """Every hostile command of tests/hostile/commands.py (whose codes the agent's own
+    dispatcher is held to) gets the same code from a simulated device, but the two
+    `infer` cases that need the real model's input shape."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fleet.simcommands import Incoming, SignatureCache
+    from fleet.simdevice import Knobs, Shared, Signal, SimDevice
+    from tests.hostile import commands as hostile
+
+    shared = Shared(SignatureCache([hostile.KEY.public_key()]), ThreadPoolExecutor(1), 0, 10.0,
+                    "digits", "1.0.0", lambda d, v: Signal())  # fmt: skip
+    device = SimDevice(hostile.DEVICE, (hostile.GROUP,), shared, Knobs())
+    events: list[str] = []
+    device.emit = lambda kind, reason, **data: events.append(data.get("code", kind))  # type: ignore[method-assign]
+    device._refusal_at = _NoLimit()  # count every refusal, as the corpus judge does
+    wrong = []
+    for h in hostile.all_cases():
+        if h.case.name in ("infer-wrong-shape", "infer-huge-shape"):
+            continue
+        before = len(events)
+        out = device.dispatcher.handle(Incoming(h.topic, h.payload, h.response_topic, b"corr"))
+        if out is not None:
+            assert out.topic == hostile.CONSOLE_REPLY, h.case.name
+            code = out.reply.error.code if out.reply.error else "accepted"
+        else:
+            code = events[-1] if len(events) > before else "nothing"
+        if code not in h.case.expect:
+            wrong.append((h.case.name, code, h.case.expect))
+    shared.downloads.shutdown()
+    assert wrong == []
+
+
+class _NoLimit(dict[str, float]):
+    def get(self, key: str, default: float | None = None) -> float:  # type: ignore[override]
+        return -1e18
