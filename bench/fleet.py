@@ -192,13 +192,15 @@ def bench_size(
     key: Path,
     pub: Path,
     telemetry: float | None = None,
+    via: str = "http",
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"devices": n}
     prefix = f"b{n}"
-    # A gate needs a telemetry report of the new model inside the soak: the soak is
-    # at least 1.5 telemetry intervals (2 s at 1,000 devices, 10 s at 10,000).
+    # A gate needs the new model's live figures inside the soak: enough requests
+    # (gate_min_requests 10 at 5-50 requests/s: 2 s) and then a telemetry report, so
+    # the soak is at least 2 telemetry intervals + 2 s (6 s at 1,000, 22 s at 10,000).
     telemetry_s = telemetry or (2.0 if n <= 2000 else 10.0)
-    soak_s = max(soak_s, 1.5 * telemetry_s)
+    soak_s = max(soak_s, 2 * telemetry_s + 2)
     out["telemetry_interval_s"] = telemetry_s
     with (
         Broker(work / f"broker-{n}") as broker,
@@ -228,7 +230,7 @@ def bench_size(
             out["devices_rss_mb"] = round(statistics.median(rss), 1)
             out["devices_cpu_s"] = round(statistics.median(cpu), 3)
             if rollout:
-                out.update(bench_rollout(work, n, base, counter, soak_s))
+                out.update(bench_rollout(work, n, base, counter, soak_s, via))
             out.update(process_figures(sim.pid, "simulator"))
         finally:
             counter.close()
@@ -236,7 +238,7 @@ def bench_size(
 
 
 def bench_rollout(
-    work: Path, n: int, base: list[str], counter: Counter_, soak_s: float
+    work: Path, n: int, base: list[str], counter: Counter_, soak_s: float, via: str = "http"
 ) -> dict[str, Any]:
     from agent.signing import load_private_key
     from tests.helpers import make_bundle, unpack_sample
@@ -248,7 +250,7 @@ def bench_rollout(
     before = counter.snapshot()
     cmd = [*base, "deploy", str(bundle), "--to", "all", "--canary", "1%", "--wave", "25%",
            "--soak", str(soak_s), "--trial-window", "0.5", "--device-timeout", "300",
-           "--via", "http", "--trust", str(DEMO_PUB), "--http-host", "127.0.0.1",
+           "--via", via, "--trust", str(DEMO_PUB), "--http-host", "127.0.0.1",
            "--gate", GATE]  # fmt: skip
     wall, rc, peak, cpu_s, stdout, stderr = timed(cmd, timeout_s=1800)
     time.sleep(1.0)  # the last replies and events still in flight reach the counter
@@ -259,7 +261,7 @@ def bench_rollout(
     per_device = {k: round(v / n, 2) for k, v in sorted(delta.items())}
     return {
         "rollout_exit": rc,
-        "rollout_downloads": "skipped" if n > MUX_ABOVE else "http",
+        "rollout_downloads": "skipped" if n > MUX_ABOVE else via,
         "rollout_gate": GATE,
         "rollout_s": round(wall, 2),
         "rollout_waves": waves,
@@ -281,6 +283,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--soak", type=float, default=3.0, help="soak seconds per wave (at least)")
     ap.add_argument("--telemetry", type=float, default=None, help="device telemetry interval s")
+    ap.add_argument("--via", choices=("http", "mqtt"), default="http", help="bundle transport")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -299,7 +302,15 @@ def main() -> int:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
         for n in sizes:
             r = bench_size(
-                work, n, args.runs, n in rollout_sizes, args.soak, key, pub, args.telemetry
+                work,
+                n,
+                args.runs,
+                n in rollout_sizes,
+                args.soak,
+                key,
+                pub,
+                args.telemetry,
+                args.via,
             )
             results.append(r)
             print(f"-- {n} devices: {json.dumps(r)}", file=sys.stderr, flush=True)
