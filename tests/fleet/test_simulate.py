@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.protocol.messages import TelemetryMessage
 from agent.protocol.state import ReportedState
-from agent.protocol.update import DeployRequest, HttpSource, TrialSpec
+from agent.protocol.update import DeployRequest, HttpSource, ShadowSpec, TrialSpec
 from agent.signing import load_private_key, load_public_key
 from fleet.bundle_source import HttpBundleSource, MqttBundleSource
 from fleet.simulate import Simulator
@@ -440,3 +440,31 @@ def test_simulated_commands_are_refused_like_the_agents_hostile_corpus() -> None
 class _NoLimit(dict[str, float]):
     def get(self, key: str, default: float | None = None) -> float:  # type: ignore[override]
         return -1e18
+
+
+def test_a_shadow_reports_agreement_and_blocks_a_disagreeing_version(
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole, bundle_v2: Path
+) -> None:
+    with (
+        sim(broker, keys, 2, skip_download=True) as s,
+        HttpBundleSource(bundle_v2, trust=[load_public_key(DEMO_PUB)]) as source,
+    ):
+        agree, disagree = s.device_ids
+        s.set_profile("2.0.0", devices=[disagree], agreement=0.9)
+        args = source.deploy_args(
+            shadow=ShadowSpec(min_agreement=0.95), trial=TrialSpec(window_s=0)
+        )
+        for d in s.device_ids:
+            assert console.request(d, "deploy", args).ok
+        ok, refused = (
+            console.wait_event(agree, FINAL_KINDS),
+            console.wait_event(disagree, FINAL_KINDS),
+        )
+        assert ok.kind == "update.committed" and ok.data["shadow_agreement"] == 1.0
+        assert "update.shadow" in console.kinds(agree)
+        assert refused.kind == "update.failed" and refused.data["code"] == "update.shadow_disagreed"
+        assert refused.data["shadow_agreement"] == 0.9
+        assert console.wait(
+            lambda c: any(t.model and t.model.get("shadow", {}).get("agreement") == 0.9
+                          for t in c.telemetry(disagree))
+        )  # fmt: skip
