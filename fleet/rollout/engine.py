@@ -100,6 +100,24 @@ def resolve_targets(view: View, targets: Iterable[str]) -> list[str]:
     return sorted(out)
 
 
+def driven_elsewhere(store: Store, rollout_id: str) -> FleetError:
+    held = store.lease(lease_name(rollout_id))
+    who = held.holder if held else "another console"
+    left = max(0.0, held.expires_at - time.time()) if held else 0.0
+    return FleetError(
+        FleetCode.LEASE,
+        f"rollout {rollout_id} is driven by {who} (its lease runs {left:.0f} s more); "
+        "a console that died lets it lapse: then `edge-fleet rollout resume "
+        f"{rollout_id}` takes over",
+        holder=who,
+    )
+
+
+def lease_is_live(store: Store, rollout_id: str) -> bool:
+    held = store.lease(lease_name(rollout_id))
+    return held is not None and held.expires_at > time.time()
+
+
 @dataclass
 class _Rollback:
     future: Future[Reply] | None
@@ -205,16 +223,7 @@ class RolloutEngine:
             raise FleetError(FleetCode.NOT_FOUND, f"no rollout {rollout_id!r} in the record")
         lease = self.store.acquire_lease(name, self.holder, self.lease_ttl_s)
         if lease is None:
-            held = self.store.lease(name)
-            who = held.holder if held else "another console"
-            left = max(0.0, held.expires_at - time.time()) if held else 0.0
-            raise FleetError(
-                FleetCode.LEASE,
-                f"rollout {rollout_id} is driven by {who} (its lease runs {left:.0f} s more); "
-                "a console that died lets it lapse: then `edge-fleet rollout resume "
-                f"{rollout_id}` takes over",
-                holder=who,
-            )
+            raise driven_elsewhere(self.store, rollout_id)
         drive = _Drive(self, rollout_id, lease, bundle_path)
         try:
             return drive.run()
