@@ -44,11 +44,13 @@ from fleet.rollout.gates import GateResult, evaluate, figures_of, is_new_model
 from fleet.rollout.plan import RolloutPlan
 from fleet.rollout.sources import DeploySource, SourceFactory
 from fleet.rollout.state import (
+    ALREADY_CURRENT,
     FAILED,
     FINAL_ABORTED,
     FINAL_HALTED,
     FINAL_ROLLED_BACK,
     FINAL_SUCCEEDED,
+    NOT_TRIED,
     SKIPPED_OFFLINE,
     SUCCEEDED,
     TIMED_OUT,
@@ -395,12 +397,14 @@ class _Drive:
                 wave = s.waves_started
                 self._add(RecordKind.WAVE_STARTED, {"wave": wave, "devices": s.waves[wave]})
             else:
-                skipped = s.counts().get(SKIPPED_OFFLINE, 0)
-                updated = s.counts().get(SUCCEEDED, 0)
+                counts = s.counts()
+                skipped = counts.get(SKIPPED_OFFLINE, 0)
+                current = counts.get(ALREADY_CURRENT, 0)
                 self._finish(
                     FINAL_SUCCEEDED,
-                    f"{updated} device(s) updated to {s.version}"
-                    + (f", {skipped} skipped offline (not updated)" if skipped else ""),
+                    f"{counts.get(SUCCEEDED, 0)} device(s) updated to {s.version}"
+                    + (f", {skipped} skipped offline (not updated)" if skipped else "")
+                    + (f", {current} already on it" if current else ""),
                 )
         self._flush()
 
@@ -437,6 +441,9 @@ class _Drive:
         now = time.time()
         for dev in s.wave_devices(wave):
             if dev.status != "pending" or dev.device_id in self.deploys:
+                continue
+            if s.baselines.get(dev.device_id, {}).get("sha256") == s.bundle["sha256"]:
+                self._outcome(dev, ALREADY_CURRENT, None, "served this bundle before the rollout")
                 continue
             row = self.e.view.row(dev.device_id)
             if row is None or row.online is not True:
@@ -644,7 +651,7 @@ class _Drive:
                 if r.inconclusive and not r.passed
                 else ("passed" if r.passed else "failed"),
             )
-        reached = [d for d in devices if d.outcome != SKIPPED_OFFLINE]
+        reached = [d for d in devices if d.outcome not in NOT_TRIED]
         share = 100.0 * len(succeeded) / len(reached) if reached else 100.0
         failed_gates = [r for r in results if not r.passed]
         passed = not failed_gates and share >= s.plan.success_threshold

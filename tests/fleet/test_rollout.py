@@ -459,3 +459,25 @@ def test_shadow_and_trial_reach_the_devices_and_the_agreement_gate_halts(
     job = sim.state(ids[0])["update"]
     assert job is not None and job["kind"] == "rollback"  # the canary passed, then went back
     assert all(served(sim, d) == "1.0.0" for d in ids)
+
+
+def test_devices_already_on_the_bundle_are_left_alone(
+    sqlite_store: SqlStore,
+    console: Console,
+    sims: Sims,
+    bundle: BundleInfo,
+    http_sources: SourceFactory,
+) -> None:
+    sim = sims(3)
+    first = run(sqlite_store, console, http_sources, plan(sim, canary=1, wave="2"), bundle)
+    assert first.finished == "succeeded"
+    assert console.view.wait(
+        lambda v: all((r := v.row(d)) and r.model_sha256 == bundle.sha256 for d in sim.device_ids),
+        10,
+    )
+    again = run(sqlite_store, console, http_sources, plan(sim, canary=1, wave="2"), bundle)
+    # Not deployed again, not gated, never rolled back: they were there before it began.
+    assert again.finished == "succeeded" and again.counts() == {"already_current": 3}
+    assert "3 already on it" in again.reason
+    assert not kinds(sqlite_store, again.rollout_id, RecordKind.DEVICE_STARTED)
+    assert not kinds(sqlite_store, again.rollout_id, RecordKind.GATE_RESULT)
