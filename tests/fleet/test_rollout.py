@@ -495,7 +495,7 @@ def test_a_deploy_sent_but_never_recorded_is_adopted_not_repeated(
     `update.busy`, asks `update.status`, and adopts the job when it installs its version."""
     sim = sims(1)
     (dev,) = sim.device_ids
-    sim.set_knobs([dev], latency={"trial": 1.0})
+    sim.set_knobs([dev], latency={"trial": 3.0})  # busy for a while after the deploy
     e = engine(sqlite_store, console, http_sources)
     created = e.create(plan(sim, canary=1, gates=""), bundle)
     source = http_sources("http", bundle)
