@@ -399,12 +399,12 @@ class _Drive:
             else:
                 counts = s.counts()
                 skipped = counts.get(SKIPPED_OFFLINE, 0)
-                current = counts.get(ALREADY_CURRENT, 0)
+                on_it = counts.get(ALREADY_CURRENT, 0)
                 self._finish(
                     FINAL_SUCCEEDED,
                     f"{counts.get(SUCCEEDED, 0)} device(s) updated to {s.version}"
                     + (f", {skipped} skipped offline (not updated)" if skipped else "")
-                    + (f", {current} already on it" if current else ""),
+                    + (f", {on_it} already on it" if on_it else ""),
                 )
         self._flush()
 
@@ -775,6 +775,12 @@ class _Drive:
             self._rolled_back(
                 dev.device_id, rb, True, None, "never served the new version", needed=False
             )
+            return
+        if serving is not None and serving == to_version and serving != s.version:
+            # Back already (a driver that died after sending its rollback, or the device's
+            # own trial): a second rollback would be refused.
+            rb = _Rollback(None, None, time.monotonic(), serving)
+            self._rolled_back(dev.device_id, rb, True, None, f"already serves {serving}")
             return
         args = {"version": to_version} if isinstance(to_version, str) else {}
         future = self.e.commander.submit(

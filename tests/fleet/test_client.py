@@ -5,6 +5,7 @@ pending reply behind."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import wait
 from pathlib import Path
@@ -18,7 +19,7 @@ from agent.protocol.canonical import verify_body
 from agent.signing import key_id
 from fleet.config import FleetConfig
 from fleet.errors import FleetCode, FleetError
-from fleet.mqtt import FleetClient
+from fleet.mqtt import SEND_WINDOW, FleetClient
 from fleet.view import FleetView
 from tests.fleet._agents import agents
 from tests.fleet.conftest import CONSOLE_PASSWORD, SecureBroker
@@ -179,6 +180,26 @@ def test_a_lost_connection_fails_what_waits(tmp_path: Path) -> None:
             assert client.pending() == 0
         finally:
             client.close()
+
+
+def test_publishes_keep_their_order_beyond_the_send_window(broker: Broker) -> None:
+    """More QoS 1 messages than paho is handed at once (SEND_WINDOW): they wait in the
+    client, in order, and a waiting publish after them returns once all are acked."""
+    config = FleetConfig.load(None, broker=f"mqtt://{broker.host}:{broker.port}")
+    got: list[bytes] = []
+    acks: list[object] = []
+    n = SEND_WINDOW * 5
+    with FleetClient(config) as sub, FleetClient(config) as pub:
+        sub.subscribe("edgerun/v1/console/order/+", lambda m: got.append(m.payload), qos=1)
+        for i in range(n):
+            pub.publish(f"edgerun/v1/console/order/{i % 7}", b"%d" % i, wait=False,
+                        on_ack=acks.append)  # fmt: skip
+        pub.publish("edgerun/v1/console/order/last", b"last")  # waits for its PUBACK
+        assert len(acks) == n and all(a is not None and not a.is_failure for a in acks)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 30
+        while len(got) < n + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert got == [b"%d" % i for i in range(n)] + [b"last"]
 
 
 def test_an_unreachable_broker_is_named() -> None:

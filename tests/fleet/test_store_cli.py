@@ -112,6 +112,13 @@ def test_bad_input_is_refused_with_a_code(
     assert code == 2 and "[console.config]" in err
 
 
+def test_history_of_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "typo.db"
+    code, _, err = cli(capsys, "--db", str(missing), "history")
+    assert code == 2 and "[console.not_found]" in err and str(missing) in err
+    assert not missing.exists()
+
+
 def test_too_new_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import sqlite3
 
