@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fleet.errors import FleetError
-from fleet.ports import DeviceRow, RecordKind
+from fleet.ports import DeviceRow
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -189,37 +189,23 @@ def run_devices(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def rollout_line(store: Store) -> str | None:
-    """The newest rollout in the record, in one line (None when there is none)."""
+    """The newest rollout in the record, in one line (None when there is none), from
+    the rollout's own fold of its records (fleet/rollout/state.py)."""
+    from fleet.rollout.state import RolloutState
+
     ids = store.rollout_ids(limit=1)
     if not ids:
         return None
-    rollout_id = ids[0]
-    records = store.records(rollout_id=rollout_id)
-    waves = sum(1 for r in records if r.kind is RecordKind.WAVE_STARTED)
-    outcomes: dict[str, int] = {}
-    for r in records:
-        if r.kind is RecordKind.DEVICE_OUTCOME:
-            key = r.result or str(r.data.get("outcome", "?"))
-            outcomes[key] = outcomes.get(key, 0) + 1
-    finished = halted = None
-    paused = False
-    for r in records:
-        if r.kind is RecordKind.ROLLOUT_FINISHED:
-            finished = r
-        elif r.kind is RecordKind.ROLLOUT_HALTED:
-            halted = r
-        elif r.kind in (RecordKind.ROLLOUT_PAUSED, RecordKind.ROLLOUT_RESUMED):
-            paused = r.kind is RecordKind.ROLLOUT_PAUSED
-    if finished is not None:
-        status = f"finished: {finished.result or finished.data.get('outcome', '?')}"
-    elif halted is not None:
-        status = f"halted: {halted.data.get('reason', halted.result or '?')}"
-    elif paused:
-        status = "paused"
-    else:
-        status = "running"
-    done = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "no device finished yet"
-    return f"rollout {rollout_id}: wave {waves}, {done}; {status}"
+    state = RolloutState.fold(store.records(rollout_id=ids[0]))
+    counts = ", ".join(f"{n} {k}" for k, n in state.counts().items()) or "no devices"
+    phase = state.phase
+    if state.finished is not None:
+        phase = f"finished: {state.finished}"
+    if state.reason and state.phase in ("finished", "halting"):
+        phase += f" ({state.reason})"
+    bundle = f"{state.bundle.get('name', '?')} {state.version}"
+    return (f"rollout {state.rollout_id} ({bundle}): wave {state.waves_started}/"
+            f"{len(state.waves)}, {counts}; {phase}")  # fmt: skip
 
 
 def run_watch(args: argparse.Namespace, ctx: Context) -> int:

@@ -6,7 +6,7 @@ pending reply behind."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
@@ -228,11 +228,24 @@ def secure_config(secure: SecureBroker, tmp_path: Path, **keys: Any) -> FleetCon
 
 
 def test_tls_passwords_and_acl(
-    secure_broker: SecureBroker, tmp_path: Path, fleet_config: Callable[..., FleetConfig]
+    secure_broker: SecureBroker, tmp_path: Path, console_pub: Path, console_key: Ed25519PrivateKey
 ) -> None:
-    with FleetClient(secure_config(secure_broker, tmp_path)) as client:
+    # A real agent logs in as dev-1 (password, TLS); the ACL lets it answer on the
+    # console's reply topic and read only its own commands.
+    password = tmp_path / "dev-1.pw"
+    password.write_text("pw-dev-1")
+    mqtt_extra = (f'username = "dev-1"\npassword = "{password}"\n[mqtt.tls]\nenabled = true\n'
+                  f'ca_file = "{secure_broker.pki.ca_cert}"\n')  # fmt: skip
+    with (
+        agents(tmp_path / "agents", secure_broker.broker, ["dev-1"], console_pub,
+               host="localhost", mqtt_extra=mqtt_extra),
+        FleetClient(secure_config(secure_broker, tmp_path), key=console_key) as client,
+    ):  # fmt: skip
         client.publish("edgerun/v1/console/x/probe", b"{}")  # PUBACK awaited
-        assert client.connected
+        view = FleetView(client).start()
+        assert view.wait(lambda v: (r := v.row("dev-1")) is not None and bool(r.online), 60)
+        reply = client.request("dev-1", "ping")
+        assert reply.ok and reply.device_id == "dev-1"
     with pytest.raises(FleetError) as info:
         FleetClient(secure_config(secure_broker, tmp_path, password="wrong")).connect()
     assert info.value.code is FleetCode.BROKER
