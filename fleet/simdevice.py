@@ -518,7 +518,7 @@ class SimDevice:
             applied[key] = _tunable(key, value)
         interval = self.interval_s
         self.tunable.update(applied)
-        if self.interval_s != interval and self.online:
+        if self.interval_s != interval and self.online and self.port is not None:
             self._schedule_telemetry()
         self.publish_state()
         return {"applied": applied}
@@ -535,6 +535,9 @@ class SimDevice:
             )
         if self.model is None:
             raise CommandError("model.not_ready", "no model is served")
+        name = a.values.get("model")
+        if name is not None and name != self.model.name:
+            raise CommandError("model.not_found", f"no model {str(name)[:64]!r} is served here")
         # A fixed answer from the input: the same input gives the same output.
         seed = _fraction(self.shared.seed, dumps(inputs).decode())
         data = [round(seed, 6), round(1 - seed, 6)]
