@@ -26,7 +26,13 @@ from fleet.errors import FleetCode, FleetError
 from fleet.ports import Commander, Store, View
 from fleet.rollout.bundle import BundleInfo, inspect_bundle, trust_keys
 from fleet.rollout.control import load, request, rollback_devices, rollout_rows
-from fleet.rollout.engine import RolloutEngine, lease_name, resolve_targets
+from fleet.rollout.engine import (
+    RolloutEngine,
+    driven_elsewhere,
+    lease_is_live,
+    lease_name,
+    resolve_targets,
+)
 from fleet.rollout.plan import RolloutPlan
 from fleet.rollout.progress import Printer
 from fleet.rollout.sources import DeploySource, console_sources, reachable_host
@@ -282,6 +288,9 @@ def run_deploy(args: argparse.Namespace, ctx: Any) -> int:
 
 def run_drive(args: argparse.Namespace, ctx: Any) -> int:
     parts = Parts(ctx)
+    load(parts.store, args.rollout_id)  # exists
+    if lease_is_live(parts.store, args.rollout_id):  # before connecting to anything
+        raise driven_elsewhere(parts.store, args.rollout_id)
     printer = Printer(ctx.json)
     final = parts.engine(args, printer).drive(args.rollout_id, bundle_path=args.bundle_path)
     _final(ctx, final)

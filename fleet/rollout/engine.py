@@ -44,11 +44,13 @@ from fleet.rollout.gates import GateResult, evaluate, figures_of, is_new_model
 from fleet.rollout.plan import RolloutPlan
 from fleet.rollout.sources import DeploySource, SourceFactory
 from fleet.rollout.state import (
+    ALREADY_CURRENT,
     FAILED,
     FINAL_ABORTED,
     FINAL_HALTED,
     FINAL_ROLLED_BACK,
     FINAL_SUCCEEDED,
+    NOT_TRIED,
     SKIPPED_OFFLINE,
     SUCCEEDED,
     TIMED_OUT,
@@ -98,6 +100,24 @@ def resolve_targets(view: View, targets: Iterable[str]) -> list[str]:
     if not out:
         raise FleetError(FleetCode.BAD_INPUT, "no device to update: the broker shows none")
     return sorted(out)
+
+
+def driven_elsewhere(store: Store, rollout_id: str) -> FleetError:
+    held = store.lease(lease_name(rollout_id))
+    who = held.holder if held else "another console"
+    left = max(0.0, held.expires_at - time.time()) if held else 0.0
+    return FleetError(
+        FleetCode.LEASE,
+        f"rollout {rollout_id} is driven by {who} (its lease runs {left:.0f} s more); "
+        "a console that died lets it lapse: then `edge-fleet rollout resume "
+        f"{rollout_id}` takes over",
+        holder=who,
+    )
+
+
+def lease_is_live(store: Store, rollout_id: str) -> bool:
+    held = store.lease(lease_name(rollout_id))
+    return held is not None and held.expires_at > time.time()
 
 
 @dataclass
@@ -205,16 +225,7 @@ class RolloutEngine:
             raise FleetError(FleetCode.NOT_FOUND, f"no rollout {rollout_id!r} in the record")
         lease = self.store.acquire_lease(name, self.holder, self.lease_ttl_s)
         if lease is None:
-            held = self.store.lease(name)
-            who = held.holder if held else "another console"
-            left = max(0.0, held.expires_at - time.time()) if held else 0.0
-            raise FleetError(
-                FleetCode.LEASE,
-                f"rollout {rollout_id} is driven by {who} (its lease runs {left:.0f} s more); "
-                "a console that died lets it lapse: then `edge-fleet rollout resume "
-                f"{rollout_id}` takes over",
-                holder=who,
-            )
+            raise driven_elsewhere(self.store, rollout_id)
         drive = _Drive(self, rollout_id, lease, bundle_path)
         try:
             return drive.run()
@@ -386,12 +397,14 @@ class _Drive:
                 wave = s.waves_started
                 self._add(RecordKind.WAVE_STARTED, {"wave": wave, "devices": s.waves[wave]})
             else:
-                skipped = s.counts().get(SKIPPED_OFFLINE, 0)
-                updated = s.counts().get(SUCCEEDED, 0)
+                counts = s.counts()
+                skipped = counts.get(SKIPPED_OFFLINE, 0)
+                on_it = counts.get(ALREADY_CURRENT, 0)
                 self._finish(
                     FINAL_SUCCEEDED,
-                    f"{updated} device(s) updated to {s.version}"
-                    + (f", {skipped} skipped offline (not updated)" if skipped else ""),
+                    f"{counts.get(SUCCEEDED, 0)} device(s) updated to {s.version}"
+                    + (f", {skipped} skipped offline (not updated)" if skipped else "")
+                    + (f", {on_it} already on it" if on_it else ""),
                 )
         self._flush()
 
@@ -428,6 +441,9 @@ class _Drive:
         now = time.time()
         for dev in s.wave_devices(wave):
             if dev.status != "pending" or dev.device_id in self.deploys:
+                continue
+            if s.baselines.get(dev.device_id, {}).get("sha256") == s.bundle["sha256"]:
+                self._outcome(dev, ALREADY_CURRENT, None, "served this bundle before the rollout")
                 continue
             row = self.e.view.row(dev.device_id)
             if row is None or row.online is not True:
@@ -635,7 +651,7 @@ class _Drive:
                 if r.inconclusive and not r.passed
                 else ("passed" if r.passed else "failed"),
             )
-        reached = [d for d in devices if d.outcome != SKIPPED_OFFLINE]
+        reached = [d for d in devices if d.outcome not in NOT_TRIED]
         share = 100.0 * len(succeeded) / len(reached) if reached else 100.0
         failed_gates = [r for r in results if not r.passed]
         passed = not failed_gates and share >= s.plan.success_threshold
@@ -759,6 +775,12 @@ class _Drive:
             self._rolled_back(
                 dev.device_id, rb, True, None, "never served the new version", needed=False
             )
+            return
+        if serving is not None and serving == to_version and serving != s.version:
+            # Back already (a driver that died after sending its rollback, or the device's
+            # own trial): a second rollback would be refused.
+            rb = _Rollback(None, None, time.monotonic(), serving)
+            self._rolled_back(dev.device_id, rb, True, None, f"already serves {serving}")
             return
         args = {"version": to_version} if isinstance(to_version, str) else {}
         future = self.e.commander.submit(

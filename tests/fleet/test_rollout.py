@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 
+from agent.protocol.update import DeployRequest
 from agent.signing import load_public_key
 from fleet.config import FleetConfig
 from fleet.mqtt import FleetClient
-from fleet.ports import RecordKind
+from fleet.ports import NewRecord, RecordKind
 from fleet.rollout.bundle import BundleInfo, inspect_bundle
 from fleet.rollout.control import request
 from fleet.rollout.engine import RolloutEngine
@@ -459,3 +460,65 @@ def test_shadow_and_trial_reach_the_devices_and_the_agreement_gate_halts(
     job = sim.state(ids[0])["update"]
     assert job is not None and job["kind"] == "rollback"  # the canary passed, then went back
     assert all(served(sim, d) == "1.0.0" for d in ids)
+
+
+def test_devices_already_on_the_bundle_are_left_alone(
+    sqlite_store: SqlStore,
+    console: Console,
+    sims: Sims,
+    bundle: BundleInfo,
+    http_sources: SourceFactory,
+) -> None:
+    sim = sims(3)
+    first = run(sqlite_store, console, http_sources, plan(sim, canary=1, wave="2"), bundle)
+    assert first.finished == "succeeded"
+    assert console.view.wait(
+        lambda v: all((r := v.row(d)) and r.model_sha256 == bundle.sha256 for d in sim.device_ids),
+        10,
+    )
+    again = run(sqlite_store, console, http_sources, plan(sim, canary=1, wave="2"), bundle)
+    # Not deployed again, not gated, never rolled back: they were there before it began.
+    assert again.finished == "succeeded" and again.counts() == {"already_current": 3}
+    assert "3 already on it" in again.reason
+    assert not kinds(sqlite_store, again.rollout_id, RecordKind.DEVICE_STARTED)
+    assert not kinds(sqlite_store, again.rollout_id, RecordKind.GATE_RESULT)
+
+
+def test_a_deploy_sent_but_never_recorded_is_adopted_not_repeated(
+    sqlite_store: SqlStore,
+    console: Console,
+    sims: Sims,
+    bundle: BundleInfo,
+    http_sources: SourceFactory,
+) -> None:
+    """A driver killed between sending a deploy and recording it: the next one meets
+    `update.busy`, asks `update.status`, and adopts the job when it installs its version."""
+    sim = sims(1)
+    (dev,) = sim.device_ids
+    sim.set_knobs([dev], latency={"trial": 3.0})  # busy for a while after the deploy
+    e = engine(sqlite_store, console, http_sources)
+    created = e.create(plan(sim, canary=1, gates=""), bundle)
+    source = http_sources("http", bundle)
+    try:
+        args = DeployRequest(source=source.source_for(dev), sha256=bundle.sha256,
+                             size=bundle.size, version=bundle.version).to_args()  # fmt: skip
+        reply = console.client.request(dev, "deploy", args)
+        assert reply.ok
+        job = reply.result["job"]
+        sqlite_store.append(  # what the dead driver had recorded before it died
+            [
+                NewRecord(
+                    RecordKind.WAVE_STARTED,
+                    {"wave": 0, "devices": [dev]},
+                    rollout_id=created.rollout_id,
+                )
+            ],
+            who=("dead-key", "dead"),
+        )
+        state = e.drive(created.rollout_id)
+    finally:
+        source.close()
+    assert state.finished == "succeeded"
+    started = kinds(sqlite_store, state.rollout_id, RecordKind.DEVICE_STARTED)
+    assert [r.data["job"] for r in started] == [job]  # adopted, not a second job
+    assert sim.state(dev)["update"]["job"] == job and served(sim, dev) == "2.0.0"
