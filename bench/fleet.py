@@ -163,6 +163,17 @@ def simulator(
             proc.wait()
 
 
+def process_figures(pid: int, name: str) -> dict[str, float]:
+    """RSS now and CPU seconds so far of a running process (from /proc)."""
+    with open(f"/proc/{pid}/status") as fh:
+        rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {f"{name}_rss_mb": round(rss / 1024, 1),
+            f"{name}_cpu_s": round((int(fields[11]) + int(fields[12])) / ticks, 1)}  # fmt: skip
+
+
 def rows_of(stdout: str) -> int:
     data = json.loads(stdout)
     rows = data["devices"] if isinstance(data, dict) else data
@@ -173,14 +184,24 @@ def rows_of(stdout: str) -> int:
 
 
 def bench_size(
-    work: Path, n: int, runs: int, rollout: bool, soak_s: float, key: Path, pub: Path
+    work: Path,
+    n: int,
+    runs: int,
+    rollout: bool,
+    soak_s: float,
+    key: Path,
+    pub: Path,
+    telemetry: float | None = None,
+    via: str = "http",
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"devices": n}
     prefix = f"b{n}"
-    # A gate needs a telemetry report of the new model inside the soak: the soak is
-    # at least 1.5 telemetry intervals (2 s at 1,000 devices, 10 s at 10,000).
-    telemetry_s = 2.0 if n <= 2000 else 10.0
-    soak_s = max(soak_s, 1.5 * telemetry_s)
+    # A gate needs the new model's live figures inside the soak: enough requests
+    # (gate_min_requests 10 at 5-50 requests/s: 2 s) and then a telemetry report, so
+    # the soak is at least 2 telemetry intervals + 2 s (6 s at 1,000, 22 s at 10,000).
+    telemetry_s = telemetry or (2.0 if n <= 2000 else 10.0)
+    soak_s = max(soak_s, 2 * telemetry_s + 2)
+    out["telemetry_interval_s"] = telemetry_s
     with (
         Broker(work / f"broker-{n}") as broker,
         simulator(broker, n, pub, prefix, telemetry_s, latency_s=0.1) as sim,
@@ -209,14 +230,15 @@ def bench_size(
             out["devices_rss_mb"] = round(statistics.median(rss), 1)
             out["devices_cpu_s"] = round(statistics.median(cpu), 3)
             if rollout:
-                out.update(bench_rollout(work, n, base, counter, soak_s))
+                out.update(bench_rollout(work, n, base, counter, soak_s, via))
+            out.update(process_figures(sim.pid, "simulator"))
         finally:
             counter.close()
     return out
 
 
 def bench_rollout(
-    work: Path, n: int, base: list[str], counter: Counter_, soak_s: float
+    work: Path, n: int, base: list[str], counter: Counter_, soak_s: float, via: str = "http"
 ) -> dict[str, Any]:
     from agent.signing import load_private_key
     from tests.helpers import make_bundle, unpack_sample
@@ -228,7 +250,7 @@ def bench_rollout(
     before = counter.snapshot()
     cmd = [*base, "deploy", str(bundle), "--to", "all", "--canary", "1%", "--wave", "25%",
            "--soak", str(soak_s), "--trial-window", "0.5", "--device-timeout", "300",
-           "--via", "http", "--trust", str(DEMO_PUB), "--http-host", "127.0.0.1",
+           "--via", via, "--trust", str(DEMO_PUB), "--http-host", "127.0.0.1",
            "--gate", GATE]  # fmt: skip
     wall, rc, peak, cpu_s, stdout, stderr = timed(cmd, timeout_s=1800)
     time.sleep(1.0)  # the last replies and events still in flight reach the counter
@@ -239,7 +261,7 @@ def bench_rollout(
     per_device = {k: round(v / n, 2) for k, v in sorted(delta.items())}
     return {
         "rollout_exit": rc,
-        "rollout_downloads": "skipped" if n > MUX_ABOVE else "http",
+        "rollout_downloads": "skipped" if n > MUX_ABOVE else via,
         "rollout_gate": GATE,
         "rollout_s": round(wall, 2),
         "rollout_waves": waves,
@@ -260,6 +282,8 @@ def main() -> int:
     ap.add_argument("--rollout-sizes", default="1000")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--soak", type=float, default=3.0, help="soak seconds per wave (at least)")
+    ap.add_argument("--telemetry", type=float, default=None, help="device telemetry interval s")
+    ap.add_argument("--via", choices=("http", "mqtt"), default="http", help="bundle transport")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -277,7 +301,17 @@ def main() -> int:
         pub.write_bytes(pk.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
         for n in sizes:
-            r = bench_size(work, n, args.runs, n in rollout_sizes, args.soak, key, pub)
+            r = bench_size(
+                work,
+                n,
+                args.runs,
+                n in rollout_sizes,
+                args.soak,
+                key,
+                pub,
+                args.telemetry,
+                args.via,
+            )
             results.append(r)
             print(f"-- {n} devices: {json.dumps(r)}", file=sys.stderr, flush=True)
     print(f"{'devices':>8} {'devices --json':>15} {'RSS MB':>7} {'CPU s':>6} "

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.protocol.messages import TelemetryMessage
 from agent.protocol.state import ReportedState
-from agent.protocol.update import DeployRequest, HttpSource, TrialSpec
+from agent.protocol.update import DeployRequest, HttpSource, ShadowSpec, TrialSpec
 from agent.signing import load_private_key, load_public_key
 from fleet.bundle_source import HttpBundleSource, MqttBundleSource
 from fleet.simulate import Simulator
@@ -221,12 +221,13 @@ def test_fail_crash_hang_and_profile_knobs(
     broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole, bundle_v2: Path
 ) -> None:
     with (
-        sim(broker, keys, 5, skip_download=True, crash_downtime_s=0.3) as s,
+        sim(broker, keys, 6, skip_download=True, crash_downtime_s=0.3) as s,
         HttpBundleSource(bundle_v2, trust=[load_public_key(DEMO_PUB)]) as source,
     ):
-        failing, crashing, hanging, slow, good = s.device_ids
+        failing, crashing, hanging, slow, good, crash_in_trial = s.device_ids
         s.set_knobs([failing], fail_rate=1.0)
-        s.set_knobs([crashing], crash_rate=1.0)
+        s.set_knobs([crashing], crash_rate=1.0, crash_phase="validating")
+        s.set_knobs([crash_in_trial], crash_rate=1.0, crash_phase="trial")
         s.set_knobs([hanging], hang_rate=1.0, hang_phase="validating")
         s.set_profile("2.0.0", devices=[slow], p95_factor=3.0)
         args = source.deploy_args(trial=TrialSpec(window_s=0.1))
@@ -236,6 +237,18 @@ def test_fail_crash_hang_and_profile_knobs(
         assert outcome[failing].data["code"] == "update.validation_failed"
         assert outcome[failing].data["check"] == "latency"
         assert outcome[crashing].data["code"] == "update.interrupted"
+        # Recovery: discarded before the swap, rolled back after it; 1.0.0 serves on.
+        assert outcome[crashing].kind == "update.failed"
+        in_trial = console.wait_event(crash_in_trial, FINAL_KINDS)
+        assert in_trial.kind == "update.rolled_back"
+        assert in_trial.data["code"] == "update.interrupted"
+        for d, phase in ((crashing, "failed"), (crash_in_trial, "rolled_back")):
+
+            def ended(st: dict[str, Any], phase: str = phase) -> bool:
+                return bool(st["update"]["phase"] == phase)
+
+            assert console.wait_state(d, ended)["model"]["version"] == "1.0.0"
+        assert "model.rolled_back" in console.kinds(crash_in_trial, "model.")
         statuses = [e for e in console._bodies("status", crashing)]
         assert [b["state"] for _, b in statuses][-3:] == ["online", "offline", "online"]
         assert outcome[slow].kind == "update.rolled_back"
@@ -402,3 +415,69 @@ def test_devices_come_back_after_a_broker_restart(
             assert c.request(ids[3], "ping").ok
     finally:
         own.stop()
+
+
+def test_simulated_commands_are_refused_like_the_agents_hostile_corpus() -> None:
+    """Every hostile command of tests/hostile/commands.py (whose codes the agent's own
+    dispatcher is held to) gets the same code from a simulated device, but the two
+    `infer` cases that need the real model's input shape."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fleet.simcommands import Incoming, SignatureCache
+    from fleet.simdevice import Knobs, Shared, Signal, SimDevice
+    from tests.hostile import commands as hostile
+
+    shared = Shared(SignatureCache([hostile.KEY.public_key()]), ThreadPoolExecutor(1), 0, 10.0,
+                    "digits", "1.0.0", lambda d, v: Signal())  # fmt: skip
+    device = SimDevice(hostile.DEVICE, (hostile.GROUP,), shared, Knobs())
+    events: list[str] = []
+    device.emit = lambda kind, reason, **data: events.append(data.get("code", kind))  # type: ignore[method-assign]
+    device._refusal_at = _NoLimit()  # count every refusal, as the corpus judge does
+    wrong = []
+    for h in hostile.all_cases():
+        if h.case.name in ("infer-wrong-shape", "infer-huge-shape"):
+            continue
+        before = len(events)
+        out = device.dispatcher.handle(Incoming(h.topic, h.payload, h.response_topic, b"corr"))
+        if out is not None:
+            assert out.topic == hostile.CONSOLE_REPLY, h.case.name
+            code = out.reply.error.code if out.reply.error else "accepted"
+        else:
+            code = events[-1] if len(events) > before else "nothing"
+        if code not in h.case.expect:
+            wrong.append((h.case.name, code, h.case.expect))
+    shared.downloads.shutdown()
+    assert wrong == []
+
+
+class _NoLimit(dict[str, float]):
+    def get(self, key: str, default: float | None = None) -> float:  # type: ignore[override]
+        return -1e18
+
+
+def test_a_shadow_reports_agreement_and_blocks_a_disagreeing_version(
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole, bundle_v2: Path
+) -> None:
+    with (
+        sim(broker, keys, 2, skip_download=True) as s,
+        HttpBundleSource(bundle_v2, trust=[load_public_key(DEMO_PUB)]) as source,
+    ):
+        agree, disagree = s.device_ids
+        s.set_profile("2.0.0", devices=[disagree], agreement=0.9)
+        args = source.deploy_args(
+            shadow=ShadowSpec(min_agreement=0.95), trial=TrialSpec(window_s=0)
+        )
+        for d in s.device_ids:
+            assert console.request(d, "deploy", args).ok
+        ok, refused = (
+            console.wait_event(agree, FINAL_KINDS),
+            console.wait_event(disagree, FINAL_KINDS),
+        )
+        assert ok.kind == "update.committed" and ok.data["shadow_agreement"] == 1.0
+        assert "update.shadow" in console.kinds(agree)
+        assert refused.kind == "update.failed" and refused.data["code"] == "update.shadow_disagreed"
+        assert refused.data["shadow_agreement"] == 0.9
+        assert console.wait(
+            lambda c: any(t.model and t.model.get("shadow", {}).get("agreement") == 0.9
+                          for t in c.telemetry(disagree))
+        )  # fmt: skip
