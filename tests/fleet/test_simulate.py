@@ -98,7 +98,7 @@ def test_signed_commands_are_answered_and_bad_ones_refused_with_the_devices_code
         assert code(issued_at=time.time() - 120, lifetime_s=60) == "command.expired"
         assert code(lifetime_s=7200) == "command.lifetime_too_long"
         forged = console.body(a, "ping")
-        forged["sig"] = console.body(a, "ping", id=forged["id"])["sig"]  # another body's
+        forged["sig"] = console.body(a, "ping", {"x": 1}, id=forged["id"])["sig"]  # another body
         assert console.request(a, "ping", body=forged).error.code == "command.bad_signature"  # type: ignore[union-attr]
         intruder = SimConsole.body(console, a, "ping")  # signed by the console key...
         from agent.protocol.canonical import sign_body
