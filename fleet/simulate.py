@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -332,6 +333,7 @@ class Simulator:
             model_name=model[0],
             model_version=model[1],
             profile=self._signal,
+            rng=random.Random(seed),
         )
         lat = dict(DEFAULT_LATENCY)
         if isinstance(latency, Mapping):
