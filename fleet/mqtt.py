@@ -57,6 +57,7 @@ from fleet.ports import DeviceRow
 log = logging.getLogger(__name__)
 
 SHARE_PREFIX = "$share/"
+MAX_ROUTES = 200_000  # topics whose matching subscriptions are remembered (4 a device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,7 @@ class FleetClient:
         self._timer: threading.Thread | None = None
 
         self._subs: list[_Subscription] = []
+        self._routes: tuple[list[_Subscription], dict[str, list[_Subscription]]] = (self._subs, {})
         # SUBACK callbacks by message id; early ones (before registration) kept apart.
         self._subacks: dict[int, Callable[[list[ReasonCode]], None]] = {}
         self._early_subacks: dict[int, list[ReasonCode]] = {}
@@ -803,15 +805,24 @@ class FleetClient:
             self._on_reply(msg)
             return
         subs = self._subs  # replaced, never mutated in place, under the lock
-        message: Message | None = None
-        for sub in subs:
-            if sub.match.matches(topic):
-                if message is None:
-                    props = getattr(msg, "properties", None)
-                    corr = getattr(props, "CorrelationData", None) if props else None
-                    message = Message(topic, bytes(msg.payload), bool(msg.retain), msg.qos,
-                                      bytes(corr) if corr is not None else None)  # fmt: skip
-                _safe(sub.callback, message)
+        # Which subscriptions a topic matches, remembered per topic (a fleet sends the
+        # same 4 topics per device over and over); forgotten when the subscriptions change.
+        cache = self._routes
+        if cache[0] is not subs:
+            cache = self._routes = (subs, {})
+        matched = cache[1].get(topic)
+        if matched is None:
+            matched = [sub for sub in subs if sub.match.matches(topic)]
+            if len(cache[1]) < MAX_ROUTES:
+                cache[1][topic] = matched
+        if not matched:
+            return
+        props = getattr(msg, "properties", None)
+        corr = getattr(props, "CorrelationData", None) if props else None
+        message = Message(topic, bytes(msg.payload), bool(msg.retain), msg.qos,
+                          bytes(corr) if corr is not None else None)  # fmt: skip
+        for sub in matched:
+            _safe(sub.callback, message)
 
 
 def _since(row: DeviceRow) -> str:

@@ -36,6 +36,10 @@ NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 CLUSTER_NAME = "edgerun-test"
 
 
+class PortTakenError(RuntimeError):
+    """A node could not bind one of its ports."""
+
+
 def available() -> bool:
     return os.access(NATS_SERVER, os.X_OK)
 
@@ -84,9 +88,15 @@ class NatsCluster:
     def __init__(self, directory: Path, size: int = 3) -> None:
         self.directory = Path(directory) / f"nats-{os.urandom(3).hex()}"
         self.directory.mkdir(parents=True)
+        self.size = size
         self.nodes: list[NatsNode] = []
-        for i in range(size):
-            node_dir = self.directory / f"n{i + 1}"
+        self._layout(0)
+
+    def _layout(self, attempt: int) -> None:
+        """Fresh free ports, config files and JetStream stores for every node."""
+        self.nodes = []
+        for i in range(self.size):
+            node_dir = self.directory / f"try{attempt}" / f"n{i + 1}"
             (node_dir / "jetstream").mkdir(parents=True)
             self.nodes.append(
                 NatsNode(f"n{i + 1}", node_dir, free_port(), free_port(), free_port(), free_port())
@@ -126,7 +136,20 @@ class NatsCluster:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout: float = 60.0) -> NatsCluster:
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> NatsCluster:
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except PortTakenError:
+                # Another process took a port between free_port() and the bind (a
+                # shared machine): stop what started, take new ports, try again.
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
+                self._layout(attempt + 1)
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> NatsCluster:
         for node in self.nodes:
             self.start_node(node)
         deadline = time.monotonic() + timeout
@@ -143,8 +166,16 @@ class NatsCluster:
                 [NATS_SERVER, "-c", str(node.config)], stdout=log, stderr=subprocess.STDOUT
             )
 
-    def _check_alive(self, node: NatsNode) -> None:
+    def _check_alive(self) -> None:
+        """Every node, not only the one waited on: a node that died stops the others
+        from ever forming the cluster."""
+        for node in self.nodes:
+            self._check_node(node)
+
+    def _check_node(self, node: NatsNode) -> None:
         if node.proc is not None and node.proc.poll() is not None:
+            if "address already in use" in node.log():
+                raise PortTakenError(f"nats-server {node.name}: a port was taken:\n{node.log()}")
             raise RuntimeError(
                 f"nats-server {node.name} exited with {node.proc.returncode}:\n{node.log()}"
             )
@@ -152,7 +183,7 @@ class NatsCluster:
     def _wait_routes(self, node: NatsNode, deadline: float) -> None:
         want = len(self.nodes) - 1
         while time.monotonic() < deadline:
-            self._check_alive(node)
+            self._check_alive()
             with contextlib.suppress(OSError, ValueError):
                 routes = node.monitor("routez").get("num_routes", 0)
                 if isinstance(routes, int) and routes >= want:
@@ -165,7 +196,7 @@ class NatsCluster:
         gateway made its streams); before that NATS refuses or drops the connection."""
         last = "no answer"
         while time.monotonic() < deadline:
-            self._check_alive(node)
+            self._check_alive()
             result = _try_connect(node.host, node.port)
             if result is None:
                 return

@@ -332,6 +332,10 @@ class RollbackRequest:
         p.done()
         return cls(version=version)
 
+    def to_args(self) -> dict[str, Any]:
+        """What a console sends: no version means the device's own `previous` slot."""
+        return {} if self.version is None else {"version": self.version}
+
 
 # ----------------------------------------------------------------- job replies
 # What the device answers to `deploy`, `rollback`, `update.status` and `update.cancel`

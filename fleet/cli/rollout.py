@@ -23,12 +23,12 @@ from typing import Any
 from agent.protocol.topics import TopicError, device_id, group_name
 from fleet.errors import FleetCode, FleetError
 from fleet.ports import Commander, Store, View
-from fleet.rollout.bundle import inspect_bundle, trust_keys
+from fleet.rollout.bundle import BundleInfo, inspect_bundle, trust_keys
 from fleet.rollout.control import load, request, rollback_devices, rollout_rows
 from fleet.rollout.engine import RolloutEngine, lease_name, resolve_targets
 from fleet.rollout.plan import RolloutPlan
 from fleet.rollout.progress import Printer
-from fleet.rollout.sources import console_sources, reachable_host
+from fleet.rollout.sources import DeploySource, console_sources, reachable_host
 from fleet.rollout.state import FINAL_SUCCEEDED, RolloutState
 
 ROLLOUT_KEYS = {"soak_s", "device_timeout_s", "via", "lease_ttl_s", "http_host", "trust"}
@@ -168,12 +168,17 @@ class Parts:
             broker = self.config.broker
             http_host = reachable_host(broker.host, broker.port)
         lease_ttl = args.lease_ttl or defaults.get("lease_ttl_s") or 15.0
+
+        def sources(via: str, bundle: BundleInfo) -> DeploySource:
+            # Keys are read when a bundle is served: a rollback needs none.
+            return console_sources(client, str(http_host), self.trust(args))(via, bundle)
+
         return RolloutEngine(
             self.store,
             self.view,
             commander,
             operator=self.config.operator,
-            sources=console_sources(client, str(http_host), self.trust(args)),
+            sources=sources,
             tick_s=args.tick,
             lease_ttl_s=float(lease_ttl),
             command_timeout_s=float(getattr(self.config, "timeout_s", 10.0)),

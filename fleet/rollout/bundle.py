@@ -63,10 +63,17 @@ def trust_keys(paths: Iterable[str | Path]) -> list[Ed25519PublicKey]:
     return keys
 
 
-def inspect_bundle(path: str | Path, keys: Iterable[Ed25519PublicKey]) -> BundleInfo:
-    """Verify the bundle file; FleetError(console.bundle) naming what is wrong."""
+def inspect_bundle(path: str | Path, keys: Iterable[Ed25519PublicKey | str | Path]) -> BundleInfo:
+    """Verify the bundle file with the trusted keys (keys, or their PEM files);
+    FleetError(console.bundle) naming what is wrong."""
     from fleet.bundle_source import inspect_bundle as verify
 
+    given = list(keys)
+    files = [k for k in given if isinstance(k, str | Path)]
+    loaded = [k for k in given if isinstance(k, Ed25519PublicKey)]
+    keys = loaded + (trust_keys(files) if files else [])
+    if not keys:
+        trust_keys([])  # raises, saying how to give one
     path = Path(path)
     if not path.is_file():
         raise FleetError(

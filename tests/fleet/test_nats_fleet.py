@@ -2,12 +2,14 @@
 
 Simulated devices connect to node 1; the console (FleetClient, FleetView, the rollout
 engine, SQLite record) connects to node 2 only. Devices are listed, a staged rollout
-with an ML gate runs, a gate failure halts and rolls the canary back, and a direct
-rollback returns every device to its own previous version: all through the cluster.
+with an ML gate runs with the bundle sent as MQTT chunks through the cluster, a direct
+rollback returns every device to its own previous version, and a gate failure (bundle
+over HTTP) halts and rolls the canary back.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from agent.protocol.update import HttpSource
+from agent.signing import load_public_key
+from fleet.cli import main
 from fleet.config import FleetConfig
 from fleet.mqtt import FleetClient
 from fleet.ports import RecordKind
@@ -24,14 +27,14 @@ from fleet.rollout.bundle import BundleInfo, inspect_bundle
 from fleet.rollout.control import rollback_devices
 from fleet.rollout.engine import RolloutEngine, resolve_targets
 from fleet.rollout.plan import RolloutPlan
-from fleet.rollout.sources import SourceFactory
+from fleet.rollout.sources import SourceFactory, console_sources
 from fleet.rollout.state import RolloutState
 from fleet.simulate import Simulator
 from fleet.store import SqlStore, open_store
 from fleet.view import FleetView
+from tests.fleet.conftest import write_fleet_toml
 from tests.helpers import DEMO_PUB, SampleParts, make_bundle
 from tests.nats_cluster import NatsCluster, available
-from tests.update_rig import BundleServer
 
 pytestmark = pytest.mark.skipif(not available(), reason="nats-server is not installed")
 
@@ -61,6 +64,7 @@ def console(cluster: NatsCluster, console_key_file: Path) -> Iterator[Console]:
         operator=OPERATOR,
         console_id=f"nats-{uuid.uuid4().hex[:6]}",  # no '.': NATS refuses it in topics
         timeout_s=10,
+        connect_timeout_s=30,  # JetStream session setup (see test_the_cli_on_node_3)
     )
     client = FleetClient(config).connect()
     view = FleetView(client).start(settle_s=5)
@@ -76,22 +80,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlStore]:
     s.close()
 
 
-class _ServedBundle:
-    def __init__(self, server: BundleServer, info: BundleInfo) -> None:
-        self.url = server.add("/" + Path(info.path).name, Path(info.path).read_bytes())
-
-    def source_for(self, device: str) -> HttpSource:
-        return HttpSource(self.url)
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def sources() -> Iterator[SourceFactory]:
-    server = BundleServer()
-    yield lambda via, info: _ServedBundle(server, info)
-    server.httpd.shutdown()
+def sources(console: Console) -> SourceFactory:
+    """The console's own bundle sources: an HTTP server for `via=http`, chunks over
+    MQTT through the cluster for `via=mqtt` (fleet/bundle_source.py)."""
+    return console_sources(console.client, "127.0.0.1", [load_public_key(DEMO_PUB)])
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +110,13 @@ def sim(cluster: NatsCluster, console_pub: Path, console: Console) -> Iterator[S
     groups = {ROLL: list(range(5)), GATE: list(range(5, 9))}
     with Simulator(node.host, node.port, 9, prefix="nats", groups=groups,
                    console_keys=[console_pub], protocol="3.1.1", telemetry_interval_s=0.2,
-                   latency=0.02, model=("digits", "1.0.0")) as s:  # fmt: skip
+                   latency=0.02, model=("digits", "1.0.0"), start_timeout_s=180) as s:  # fmt: skip
         ids = set(s.device_ids)
         assert console.view.wait(
             lambda v: all(
                 (r := v.row(d)) is not None and r.online and r.model_version and r.live for d in ids
             ),
-            60,
+            120,
         ), "the simulated devices on node 1 did not all show up in the view on node 2"
         yield s
 
@@ -173,11 +166,41 @@ def test_devices_on_node_1_are_listed_through_node_2(console: Console, sim: Simu
     assert reply.ok and reply.device_id == ids[0], reply
 
 
+def test_the_cli_on_node_3(
+    cluster: NatsCluster, sim: Simulator, console_key_file: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    node = cluster.nodes[2]
+    config = write_fleet_toml(tmp_path / "fleet.toml", {
+        "broker": f"mqtt://{node.host}:{node.port}", "protocol": "3.1.1",
+        "key": console_key_file, "operator": OPERATOR, "db": tmp_path / "fleet.db",
+        "console_id": f"cli-{uuid.uuid4().hex[:6]}", "timeout_s": 10,
+        # A NATS CONNECT sets up (or clears) the session in JetStream: seconds on a
+        # busy machine, more than the 5 s default leaves for the reply topic's SUBACK.
+        "connect_timeout_s": 30,
+    })  # fmt: skip
+
+    def cli(*argv: str) -> tuple[int, Any]:
+        capsys.readouterr()
+        code = main(["--config", str(config), "--json", *argv])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err
+        return code, json.loads(out)
+
+    ids = _members(sim, ROLL)
+    code, rows = cli("devices", "--group", ROLL)
+    assert code == 0 and [r["device_id"] for r in rows] == ids
+    assert all(r["online"] is True and r["groups"] == [ROLL] for r in rows), rows
+    code, out = cli("ping", f"group:{ROLL}")
+    assert code == 0, out["error"]["message"] if "error" in out else out
+
+
 def test_a_rollout_then_a_rollback_through_the_cluster(
     store: SqlStore, console: Console, sim: Simulator, bundle: BundleInfo, sources: SourceFactory
 ) -> None:
     ids = _members(sim, ROLL)
-    state = _run(store, console, sources, _plan(ROLL), bundle)
+    # The bundle travels as MQTT chunks through the cluster (transfer ids without '.').
+    state = _run(store, console, sources, _plan(ROLL, via="mqtt"), bundle)
     assert state.finished == "succeeded", state.summary()
     assert [len(w) for w in state.waves] == [1, 2, 2]
     assert all(_served(sim, d) == "2.0.0" for d in ids)

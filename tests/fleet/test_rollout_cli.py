@@ -11,6 +11,7 @@ mosquitto and simulated devices, the record on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,18 +37,25 @@ ROOT = Path(__file__).resolve().parents[2]
 pg_db = pg_database_fixture()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path_factory.mktemp("record") / "fleet.db")
-    return str(request.getfixturevalue("pg_db"))
-
-
 @pytest.fixture(scope="module")
-def store(db_url: str) -> Iterator[SqlStore]:
-    s = open_store(db_url)
-    yield s
-    s.close()
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("record") / "fleet.db")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def any_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    """The kill-and-resume test runs on both records; the rest on SQLite (the code
+    paths above the store are the same, and test_rollout.py covers both)."""
+    return sqlite_url if request.param == "sqlite" else str(request.getfixturevalue("pg_db"))
+
+
+@contextlib.contextmanager
+def opened(url: str) -> Iterator[SqlStore]:
+    s = open_store(url)
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +131,19 @@ def wait_for(
 
 
 @pytest.fixture
-def fleet(fleet_toml: Callable[..., Path], tmp_path: Path, db_url: str) -> Fleet:
-    return Fleet(fleet_toml(tmp_path / "console", timeout_s=5), db_url)
+def console_toml(fleet_toml: Callable[..., Path], tmp_path: Path) -> Path:
+    return fleet_toml(tmp_path / "console", timeout_s=5)
+
+
+@pytest.fixture
+def fleet(console_toml: Path, sqlite_url: str) -> Fleet:
+    return Fleet(console_toml, sqlite_url)
+
+
+@pytest.fixture
+def store(sqlite_url: str) -> Iterator[SqlStore]:
+    with opened(sqlite_url) as s:
+        yield s
 
 
 @pytest.fixture
@@ -176,6 +195,14 @@ def served(sim: Simulator, device: str) -> str:
 
 
 def test_a_console_killed_in_wave_two_is_resumed_by_another(
+    console_toml: Path, any_url: str, sim_factory: Callable[..., Simulator], bundle_path: Path
+) -> None:
+    fleet = Fleet(console_toml, any_url)
+    with opened(any_url) as store:
+        killed_and_resumed(fleet, store, sim_factory, bundle_path)
+
+
+def killed_and_resumed(
     fleet: Fleet, store: SqlStore, sim_factory: Callable[..., Simulator], bundle_path: Path
 ) -> None:
     sim = sim_factory(12)
@@ -258,13 +285,15 @@ def test_pause_and_resume_from_a_second_console(
             30,
             "the driver to pause",
         )
-        # The wave in flight finishes; no new one starts while paused.
+
+        # The devices in flight finish; no new one starts while paused.
+        def settled() -> bool:
+            started = store.records(rollout_id=rid, kinds=[RecordKind.DEVICE_STARTED])
+            ended = store.records(rollout_id=rid, kinds=[RecordKind.DEVICE_OUTCOME])
+            return len(started) == len(ended)
+
+        wait_for(settled, 30, "the devices in flight to finish", driver)
         started = len(store.records(rollout_id=rid, kinds=[RecordKind.WAVE_STARTED]))
-        wait_for(
-            lambda: len(store.records(rollout_id=rid, kinds=[RecordKind.WAVE_FINISHED])) >= started,
-            30,
-            "the wave in flight to finish",
-        )
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:  # bounded: a driver ignoring the pause starts one
             assert len(store.records(rollout_id=rid, kinds=[RecordKind.WAVE_STARTED])) == started
@@ -285,3 +314,81 @@ def test_pause_and_resume_from_a_second_console(
     request = next(r for r in records if r.kind is RecordKind.PAUSE_REQUESTED)
     assert request.operator == "carol" and request.data["reason"] == "lunch"
     assert all(served(sim, d) == "2.0.0" for d in sim.device_ids)
+
+
+def test_rollout_rollback_and_a_direct_rollback(
+    fleet: Fleet, store: SqlStore, sim_factory: Callable[..., Simulator], bundle_path: Path
+) -> None:
+    sim = sim_factory(3)
+    ids = sorted(sim.device_ids)
+    done = fleet.run("--json", *deploy_args(bundle_path, sim, "--canary", "1", "--wave", "2"))
+    assert done.returncode == 0, done.stderr
+    rid = json.loads(done.stdout.strip().splitlines()[-1])["summary"]["rollout_id"]
+    assert all(served(sim, d) == "2.0.0" for d in ids)
+    listed = fleet.run("rollout", "list")
+    assert rid in listed.stdout and "succeeded" in listed.stdout
+    # Roll the finished rollout back: every device it updated, to its own previous version.
+    back = fleet.run("rollout", "rollback", rid, "--reason", "regression", "--lease-ttl", "1")
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert "rolled back to 1.0.0" in back.stdout
+    assert all(served(sim, d) == "1.0.0" for d in ids)
+    shown = json.loads(fleet.run("--json", "rollout", "show", rid).stdout)
+    assert shown["outcome"] == "rolled_back" and shown["devices"] == {"rolled_back": 3}
+    # A direct rollback of one device (to the version it keeps as previous), recorded.
+    direct = fleet.run("--json", "rollback", "--to", ids[0], "--wait", "30")
+    assert direct.returncode == 0, direct.stderr
+    result = json.loads(direct.stdout.strip().splitlines()[0])
+    assert result == {**result, "device_id": ids[0], "ok": True, "to_version": "2.0.0"}
+    assert served(sim, ids[0]) == "2.0.0"
+    recorded = store.records(device_id=ids[0], kinds=[RecordKind.DEVICE_ROLLED_BACK])
+    assert recorded[-1].rollout_id is None and recorded[-1].result == "ok"
+    # Nothing left to roll back on that device's other versions: refused by the device.
+    again = fleet.run("rollback", "--to", ids[1], "--version", "9.9.9", "--wait", "30")
+    assert again.returncode == 1 and "update.no_such_version" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["--gate", "p99<=2x"], "console.bad_input", "unknown metric 'p99'; known metrics"),
+        (["--canary", "0%"], "console.bad_input", "canary must be a share above 0%"),
+        (["--window", "line-2=25:00-01:00"], "console.bad_input", "00:00 to 23:59"),
+        (["--success", "most"], "console.bad_input", "--success must be a share"),
+        (["--to", "group:"], "console.bad_input", "group:NAME"),
+    ],
+)
+def test_bad_plans_are_refused_before_anything_is_sent(
+    fleet: Fleet, bundle_path: Path, args: list[str], code: str, needle: str
+) -> None:
+    base = ["deploy", str(bundle_path), "--to", "all", "--trust", str(DEMO_PUB)]
+    done = fleet.run("--json", *base, *args)
+    assert done.returncode == 2
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == code and needle in error["message"]
+    assert "Traceback" not in done.stderr and f"[{code}]" in done.stderr
+
+
+def test_bad_bundles_keys_and_ids_are_refused(
+    fleet: Fleet, tmp_path: Path, bundle_path: Path
+) -> None:
+    junk = tmp_path / "junk.edgebundle"
+    junk.write_bytes(b"not a tar archive at all")
+    cases = [
+        (["deploy", str(tmp_path / "nope.edgebundle"), "--to", "all", "--trust", str(DEMO_PUB)],
+         "console.bundle", "no such file"),
+        (["deploy", str(junk), "--to", "all", "--trust", str(DEMO_PUB)],
+         "console.bundle", "does not verify"),
+        (["deploy", str(bundle_path), "--to", "all"], "console.bundle", "--trust release.pub"),
+        (["deploy", str(bundle_path), "--to", "all", "--trust", str(junk)],
+         "console.bad_input", "not a PEM public key"),
+        (["rollout", "show", "r-nope"], "console.not_found", "no rollout 'r-nope'"),
+        (["rollout", "pause", "r-nope"], "console.not_found", "rollout list"),
+        (["rollback", "--to", "all"], "console.bad_input", "rollback --to all is refused"),
+        (["rollback", "--to", "x", "--version", "v1"], "console.bad_input", "--version"),
+    ]  # fmt: skip
+    for args, code, needle in cases:
+        done = fleet.run("--json", *args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        error = json.loads(done.stdout)["error"]
+        assert error["code"] == code and needle in error["message"], (args, error)
+        assert "Traceback" not in done.stderr

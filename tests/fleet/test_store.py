@@ -343,7 +343,8 @@ def test_fencing_holds_under_contention(store_url: str, tmp_path: Path) -> None:
     assert [r["late_accepted"] for r in reports] == [0, 0, 0]
     with open_store(store_url) as s:
         seen = [(r.data["token"], r.data["holder"]) for r in s.records(rollout_id=name)]
-    assert len({holder for _, holder in seen}) >= 2, reports  # they did contend
+    assert all(r["turns"] > 0 for r in reports), reports  # they did contend
+    assert len({holder for _, holder in seen}) >= 2, reports
     tokens = [token for token, _ in seen]
     assert tokens == sorted(tokens)
     holders: dict[int, set[str]] = {}
@@ -659,19 +660,20 @@ def _main(argv: list[str]) -> int:
 def _drive(url: str, name: str, holder: str, go: Path) -> int:
     """Take the lease whenever free, append under it, then either release it or keep
     quiet past its TTL and try one late append (which must be refused)."""
-    ttl = 0.15
+    ttl = 0.4
     late_tries = late_accepted = appended = 0
     with open_store(url) as s:
         print("ready", flush=True)
         deadline = time.monotonic() + 30
         while not go.exists() and time.monotonic() < deadline:
             time.sleep(0.002)
-        end = time.monotonic() + 1.0
+        # About a second of fighting, and longer (bounded) until this one had a turn.
+        start = time.monotonic()
         turn = 0
-        while time.monotonic() < end:
+        while time.monotonic() < start + (1.0 if turn else 10.0):
             lease = s.acquire_lease(name, holder, ttl_s=ttl)
             if lease is None:
-                time.sleep(0.01)
+                time.sleep(0.005)
                 continue
             turn += 1
             entry = NewRecord(
@@ -686,6 +688,7 @@ def _drive(url: str, name: str, holder: str, go: Path) -> int:
                 continue
             if turn % 2:
                 s.release_lease(lease)
+                time.sleep(0.03)  # let the others at it, or one console starves them
                 continue
             # Expired by the database's clock: the lease it reports is no longer ours.
             wait_for(lambda lease=lease: s.lease(name) != lease, 10, "the lease to expire")
@@ -695,7 +698,13 @@ def _drive(url: str, name: str, holder: str, go: Path) -> int:
                 late_accepted += 1
             except FleetError as exc:
                 assert exc.code is FleetCode.LEASE
-    report = {"appended": appended, "late_tries": late_tries, "late_accepted": late_accepted}
+            time.sleep(0.03)
+    report = {
+        "turns": turn,
+        "appended": appended,
+        "late_tries": late_tries,
+        "late_accepted": late_accepted,
+    }
     print(json.dumps(report), flush=True)
     return 0
 

@@ -184,8 +184,13 @@ def test_the_last_will_and_a_forgotten_device(
 
 
 def test_start_settles_thousands_of_retained_devices(tmp_path: Path) -> None:
+    """On a mosquitto with its default queue (20 in flight, 1,000 queued a client): at
+    QoS 1 it dropped the retained messages of all but ~1,000 devices."""
     n = 2000
-    with Broker(tmp_path) as own, connect(own) as pub:
+    own = Broker(tmp_path)
+    own.config.write_text(own.config.read_text().replace("max_queued_messages 100000\n", ""))
+    assert "max_queued_messages" not in own.config.read_text()
+    with own, connect(own) as pub:
         for i in range(n):
             topics = DeviceTopics(f"many-{i:05d}")
             status = {"device_id": topics.device, "state": "online", "agent_version": "0.1.0",

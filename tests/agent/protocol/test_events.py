@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,25 @@ def test_the_bus_refuses_a_string_that_is_no_kind() -> None:
     with pytest.raises(ValueError):
         bus.emit("test.marker", "not a kind")  # type: ignore[arg-type]
     assert seen == [EventKind.OVERLOADED]
+
+
+def test_mypy_refuses_a_bare_string_kind(tmp: Path) -> None:
+    # The point of the enum: `emit("overloaded", ...)` is a type error, caught before run.
+    snippet = tmp / "emitter.py"
+    snippet.write_text(
+        "from agent.events import EventBus\n"
+        "from agent.protocol.events import EventKind\n"
+        "bus = EventBus()\n"
+        'bus.emit(EventKind.OVERLOADED, "typed")\n'
+        'bus.emit("overloaded", "bare")\n'
+    )
+    root = str(Path(__file__).resolve().parents[3])
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", os.devnull,
+         str(snippet)],
+        check=False, cwd=tmp, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "MYPYPATH": root, "PYTHONPATH": root},
+    )  # fmt: skip
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and "emitter.py:5:" in errors[0], done.stdout
+    assert '"EventKind"' in errors[0]

@@ -13,6 +13,7 @@ from agent.protocol.update import (
     JobAccepted,
     ModelRef,
     Phase,
+    RollbackRequest,
     UpdateStatus,
 )
 
@@ -44,6 +45,12 @@ def test_update_status_reads_the_journal_form() -> None:
     assert read.served == status.served and read.previous == status.previous
     assert read.bad_versions == status.bad_versions and read.running
     assert read.to_json() == status.to_json()
+
+
+def test_rollback_arguments_round_trip() -> None:
+    for request in (RollbackRequest(), RollbackRequest(version="1.0.0")):
+        assert RollbackRequest.from_args(request.to_args()) == request
+    assert RollbackRequest().to_args() == {}  # the device's own previous slot
 
 
 def test_cancel_round_trips() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.link.twin import DESIRED_FILE
+from agent.protocol.events import EventKind
 from agent.protocol.messages import loads
 from agent.protocol.topics import TwinTopics
 from agent.update.index import IndexGuard
@@ -95,8 +96,8 @@ def test_a_desired_version_deploys_through_the_index_and_survives_a_restart(
         # Junk from the twin is ignored: the wrong type, a value over 512 bytes.
         cloud.client.publish(str(TWIN.update_delta), _delta(5), qos=1)
         cloud.client.publish(str(TWIN.update_delta), _delta("1." + "1" * 600), qos=1)
-        h.agent.events.emit("test.marker", "after the junk")
-        assert cloud.wait_for(lambda f: any(b"test.marker" in p for p in f.on("/events")))
+        h.agent.events.emit(EventKind.COMMAND_REFUSED, "test marker: after the junk")
+        assert cloud.wait_for(lambda f: any(b"test marker" in p for p in f.on("/events")))
         assert json.loads((tmp / "state" / DESIRED_FILE).read_text()) == {"model_version": "9.9.9"}
         h.stop()
     # Restart: the kept desired version is re-applied before the cloud says it again.
