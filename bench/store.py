@@ -5,6 +5,7 @@
 Prints medians (and p90) per operation for each dialect:
   append x1     one record per transaction (what a driver does per device event)
   append x100   100 records in one transaction, per record
+  batcher       1,000 records through RecordBatcher (add + flush), per record
   read          one rollout's records (`records(rollout_id=…)`), n * 10 rows in the table
   history       the latest 50 records (`history`'s query)
   lease         acquire + renew + release of a driver lease
@@ -28,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fleet.ports import NewRecord, RecordKind
-from fleet.store import SqlStore, open_store
+from fleet.store import RecordBatcher, SqlStore, open_store
 
 WHO = ("bench-key", "bench")
 
@@ -65,6 +66,15 @@ def run(store: SqlStore, n: int) -> None:
     show(d, "append x1", timed(lambda: store.append([record(next(i), rollout)], who=WHO), n))
     batch = [record(k, "r-batch") for k in range(100)]
     show(d, "append x100", timed(lambda: store.append(batch, who=WHO), max(5, n // 50)), 100)
+    batcher = RecordBatcher(store, WHO)
+
+    def batched() -> None:
+        for k in range(1000):
+            batcher.add(record(k, "r-batcher"))
+        batcher.flush()
+
+    show(d, "batcher", timed(batched, 5), 1000)
+    batcher.close()
     # Many rollouts in the table, so `read` uses the index, not luck.
     for k in range(n // 100):
         store.append([record(j, f"r-other-{k}") for j in range(100)], who=WHO)

@@ -18,6 +18,7 @@ done-callbacks run there and must be quick.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -28,6 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +59,7 @@ from fleet.ports import DeviceRow
 log = logging.getLogger(__name__)
 
 SHARE_PREFIX = "$share/"
+SEND_WINDOW = 100  # QoS 1 messages handed to paho and not yet acknowledged (see publish)
 MAX_ROUTES = 200_000  # topics whose matching subscriptions are remembered (4 a device)
 
 
@@ -139,6 +142,11 @@ class FleetClient:
         self._subacks: dict[int, Callable[[list[ReasonCode]], None]] = {}
         self._early_subacks: dict[int, list[ReasonCode]] = {}
         self._acks: dict[int, Callable[[ReasonCode | None], None] | None] = {}
+        # QoS 1 messages waiting for room in the send window: (topic, payload, retain,
+        # properties, on_ack), in order.
+        self._backlog: collections.deque[
+            tuple[str, bytes, bool, Properties | None, Callable[[ReasonCode | None], None] | None]
+        ] = collections.deque()
         self._paho: mqttc.Client | None = None
         self._connected = threading.Event()
         self._connack: tuple[bool, str] | None = None
@@ -150,6 +158,7 @@ class FleetClient:
         self._subscribed = threading.Event()  # the SUBACK after a connect came
         self._reply_refused = False
         self._probe: tuple[str, threading.Event] | None = None
+        self._connect_listeners: list[Callable[[], None]] = []
         self.connections = 0
 
     # ------------------------------------------------------------------ connection
@@ -207,7 +216,9 @@ class FleetClient:
         password = cfg.password()
         client = mqttc.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"edge-fleet-{self.console_id}",
+            # Unique per connection: two consoles given one console_id (one fleet.toml)
+            # must not take each other's session over in a loop.
+            client_id=f"edge-fleet-{self.console_id}-{uuid.uuid4().hex[:6]}",
             protocol=mqttc.MQTTv5 if self.is_v5 else mqttc.MQTTv311,
             clean_session=None if self.is_v5 else True,
         )
@@ -358,6 +369,19 @@ class FleetClient:
                     self._subs = [s for s in self._subs if s is not sub]
                 raise
 
+    def add_connect_listener(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call `fn` after every reconnect (network thread), once this client's own
+        subscriptions are sent again. For parts that subscribe through `.paho` directly
+        (a clean session forgets their subscriptions). Returns `remove`."""
+        with self._lock:
+            self._connect_listeners = [*self._connect_listeners, fn]
+
+        def remove() -> None:
+            with self._lock:
+                self._connect_listeners = [f for f in self._connect_listeners if f is not fn]
+
+        return remove
+
     def unsubscribe(self, filter: str | TopicFilter) -> None:
         value = str(filter)
         with self._lock:
@@ -438,31 +462,24 @@ class FleetClient:
             done.set()
 
         callback = acked if (wait and qos > 0) else on_ack
-        # paho holds `_out_message_mutex` (an RLock) while it matches a PUBACK and calls
-        # on_publish; holding it across publish() and our registration means no ack
-        # can be looked up before its message id is registered.
-        with _ack_lock(client):
-            try:
-                info = client.publish(
-                    str(topic), payload, qos=qos, retain=retain, properties=properties
-                )
-            except (ValueError, TypeError) as exc:
-                raise FleetError(FleetCode.BAD_INPUT, f"cannot publish to {topic}: {exc}") from None
-            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-                raise self._not_connected()
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                raise FleetError(
-                    FleetCode.BROKER, f"cannot publish to {topic}: {mqttc.error_string(info.rc)}"
-                )
-            if qos > 0:
-                with self._lock:
-                    self._acks[info.mid] = callback
+        queued = False
+        if qos > 0:
+            # A rollout wave hands thousands of commands over at once; paho walks its
+            # whole queue on every PUBACK (quadratic: 10,000 at once took 4.6 s to be
+            # acknowledged; with this window 0.7 s), so at most SEND_WINDOW go to paho
+            # and the rest wait here, in order (a waiting publish too), each handed over
+            # when an ack makes room.
+            with self._lock:
+                if self._backlog or len(self._acks) >= SEND_WINDOW:
+                    self._backlog.append((str(topic), payload, retain, properties, callback))
+                    queued = True
+        if not queued:
+            self._hand_over(client, str(topic), payload, qos, retain, properties, callback)
         if not (wait and qos > 0):
             return
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         if not done.wait(timeout):
-            with self._lock:
-                self._acks.pop(info.mid, None)
+            # A late ack still finds its callback in `_acks` and removes it.
             raise FleetError(
                 FleetCode.BROKER,
                 f"the broker at {self._where()} did not acknowledge a message on {topic} "
@@ -480,6 +497,50 @@ class FleetClient:
                 FleetCode.BROKER, f"the broker at {self._where()} refused a message on {topic}: "
                 f"{reason}",
             )  # fmt: skip
+
+    def _hand_over(
+        self,
+        client: mqttc.Client,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: Properties | None,
+        callback: Callable[[ReasonCode | None], None] | None,
+    ) -> None:
+        # paho holds `_out_message_mutex` (an RLock) while it matches a PUBACK and calls
+        # on_publish; holding it across publish() and our registration means no ack
+        # can be looked up before its message id is registered.
+        with _ack_lock(client):
+            try:
+                info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            except (ValueError, TypeError) as exc:
+                raise FleetError(FleetCode.BAD_INPUT, f"cannot publish to {topic}: {exc}") from None
+            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                raise self._not_connected()
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise FleetError(
+                    FleetCode.BROKER, f"cannot publish to {topic}: {mqttc.error_string(info.rc)}"
+                )
+            if qos > 0:
+                with self._lock:
+                    self._acks[info.mid] = callback
+
+    def _send_backlog(self) -> None:
+        """Hand waiting messages to paho while the window has room (network thread, on
+        an ack; or after a reconnect)."""
+        client = self._paho
+        while client is not None:
+            with self._lock:
+                if not self._backlog or len(self._acks) >= SEND_WINDOW:
+                    return
+                topic, payload, retain, properties, callback = self._backlog.popleft()
+            try:
+                self._hand_over(client, topic, payload, 1, retain, properties, callback)
+            except FleetError as exc:
+                log.debug("a queued message to %s was not sent: %s", topic, exc)
+                if callback is not None:
+                    _safe(callback, None)
 
     def _not_connected(self) -> FleetError:
         return FleetError(FleetCode.BROKER, f"not connected to the broker at {self._where()}")
@@ -622,7 +683,17 @@ class FleetClient:
         )  # fmt: skip
         # The timer thread resolves every future; the bound here only guards a bug.
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
-        return future.result(timeout + 30)
+        try:
+            return future.result(timeout + 30)
+        except FutureTimeout:
+            with self._lock:  # never reached unless the timer thread died: forget it
+                for command_id, p in list(self._pending.items()):
+                    if p.future is future:
+                        del self._pending[command_id]
+            raise FleetError(
+                FleetCode.TIMEOUT, f"no reply from {target} to {name} within {timeout:g} s",
+                device=target,
+            ) from None  # fmt: skip
 
     def _refuse_offline(self, target: str) -> None:
         lookup = self.device_lookup
@@ -761,6 +832,8 @@ class FleetClient:
             return
         if self.connections > 1:
             log.info("reconnected to %s", self._where())
+            for fn in self._connect_listeners:
+                _safe(fn)
 
     def _handle_disconnect(
         self, client: mqttc.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
@@ -769,7 +842,8 @@ class FleetClient:
         self._connected.clear()
         with self._lock:
             acks, self._acks = self._acks, {}
-        for callback in acks.values():
+            backlog, self._backlog = self._backlog, collections.deque()
+        for callback in [*acks.values(), *(item[4] for item in backlog)]:
             if callback is not None:
                 _safe(callback, None)
         if was and not self._closed:
@@ -793,8 +867,11 @@ class FleetClient:
     ) -> None:
         with self._lock:
             callback = self._acks.pop(mid, None)
+            more = bool(self._backlog)
         if callback is not None:
             _safe(callback, reason)
+        if more:
+            self._send_backlog()
 
     def _handle_message(self, client: mqttc.Client, userdata: Any, msg: mqttc.MQTTMessage) -> None:
         try:

@@ -1,30 +1,29 @@
 """Every command the console sends, and every reply, goes to the record.
 
 `CommandRecorder` is wired to `FleetClient.on_sent` / `on_reply`. Those hooks run on
-the caller's thread and on the MQTT network thread, so they only queue; one writer
-thread appends in batches (one transaction for a whole rollout wave's commands
-instead of one each). `close()` writes what is queued before it returns.
+the caller's thread and on the MQTT network thread, so they only queue into the
+store's `RecordBatcher`, whose one writer appends in batches (a rollout wave's commands
+in a few transactions instead of one each). `close()` writes what is queued.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import queue
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 from agent.protocol.canonical import canonical_json
 from agent.protocol.messages import Reply
+from fleet.errors import FleetError
 from fleet.ports import NewRecord, RecordKind, Store
+from fleet.store.batch import RecordBatcher
 
 log = logging.getLogger(__name__)
 
 # Arguments up to this size are kept in the record as they were sent (config.set
 # values, deploy arguments); bigger ones (infer inputs) only by their digest.
 MAX_RECORDED_ARGS = 4096
-BATCH = 500
 
 
 def sent_record(body: Mapping[str, Any], target: str) -> NewRecord:
@@ -60,46 +59,21 @@ def reply_record(command_id: str, reply: Reply) -> NewRecord:
 
 
 class CommandRecorder:
+    """FleetClient's hooks -> records, written by the store's RecordBatcher (never
+    blocks the MQTT thread; a failed write is retried, nothing dropped)."""
+
     def __init__(self, store: Store, who: tuple[str, str]) -> None:
-        self.store = store
-        self.who = who
-        self.failures = 0
-        self._queue: queue.SimpleQueue[NewRecord | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="fleet-recorder", daemon=True)
-        self._thread.start()
+        self.batcher = RecordBatcher(store, who)
 
     def sent(self, body: Mapping[str, Any], target: str) -> None:
-        self._queue.put(sent_record(body, target))
+        self.batcher.add(sent_record(body, target))
 
     def reply(self, command_id: str, reply: Reply) -> None:
-        self._queue.put(reply_record(command_id, reply))
+        try:
+            self.batcher.add(reply_record(command_id, reply))
+        except FleetError as exc:  # a reply after close: it can no longer be recorded
+            log.warning("reply to %s not recorded: %s", command_id, exc.message)
 
     def close(self, timeout_s: float = 30.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout_s)
-
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            item = self._queue.get()
-            batch: list[NewRecord] = []
-            while True:
-                if item is None:
-                    stop = True
-                else:
-                    batch.append(item)
-                if stop or len(batch) >= BATCH:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self._write(batch)
-
-    def _write(self, batch: list[NewRecord]) -> None:
-        try:
-            self.store.append(batch, who=self.who)
-        except Exception as exc:  # the record's trouble is reported, the commands go on
-            self.failures += len(batch)
-            log.error("could not record %d command(s): %s", len(batch), exc)
+        """Write what is queued; FleetError(console.store) when it could not be."""
+        self.batcher.close(timeout_s)

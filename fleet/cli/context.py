@@ -104,13 +104,11 @@ class Context:
         recorder = self._recorder
         if recorder is None:
             return
-        recorder.close()
-        if recorder.failures:
-            print(
-                f"edge-fleet: warning: {recorder.failures} command record(s) could not be "
-                f"written to {self.config.db}",
-                file=sys.stderr,
-            )
+        try:
+            recorder.close()
+        except FleetError as exc:  # said, not raised: the command's own result stands
+            print(f"edge-fleet: warning: commands not all recorded in {self.config.db}: "
+                  f"{exc.message}", file=sys.stderr)  # fmt: skip
 
     def view(self, settle_s: float = 10.0, device: str | None = None) -> FleetView:
         """The fleet view, started (returns once the retained messages are in).

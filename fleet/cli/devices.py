@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fleet.errors import FleetError
-from fleet.ports import DeviceRow, RecordKind
+from fleet.ports import DeviceRow
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -57,6 +57,11 @@ def register(sub: Any) -> None:
         "--settle", type=float, default=10.0, metavar="S",
         help="wait at most S seconds for the retained messages (default 10)",
     )  # fmt: skip
+    devices.add_argument(
+        "--telemetry", type=float, default=0.0, metavar="S",
+        help="telemetry is not retained: wait up to S seconds for a report from every "
+        "online device (default 0: the table shows what the broker keeps)",
+    )  # fmt: skip
     devices.set_defaults(run=run_devices)
     watch = sub.add_parser("watch", help="the devices table, live")
     _common(watch)
@@ -67,7 +72,15 @@ def register(sub: Any) -> None:
     watch.set_defaults(run=run_watch)
 
 
+def json_option(parser: argparse.ArgumentParser) -> None:
+    """`--json` after the command too (`edge-fleet ping X --json`); SUPPRESS keeps the
+    global one when this is not given."""
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")  # fmt: skip
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
+    json_option(parser)
     parser.add_argument("--group", default=None, help="only the members of this group")
     parser.add_argument("--sort", default="device", choices=sorted(SORTS), help="sort key")
 
@@ -170,6 +183,12 @@ def summary(rows: Sequence[DeviceRow]) -> str:
 def run_devices(args: argparse.Namespace, ctx: Context) -> int:
     ctx.record_commands = False  # listing sends no command
     view = ctx.view(settle_s=args.settle)
+    if args.telemetry > 0:
+        online = {r.device_id for r in view.rows(args.group) if r.online}
+        view.wait(
+            lambda v: all((r := v.row(d)) is None or r.telemetry_ts for d in online),
+            args.telemetry,
+        )
     rows = sort_rows(view.rows(args.group), args.sort)
     if not view.settled:
         ctx.progress(f"edge-fleet: the retained messages did not settle in {args.settle:g} s; "
@@ -189,37 +208,23 @@ def run_devices(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def rollout_line(store: Store) -> str | None:
-    """The newest rollout in the record, in one line (None when there is none)."""
+    """The newest rollout in the record, in one line (None when there is none), from
+    the rollout's own fold of its records (fleet/rollout/state.py)."""
+    from fleet.rollout.state import RolloutState
+
     ids = store.rollout_ids(limit=1)
     if not ids:
         return None
-    rollout_id = ids[0]
-    records = store.records(rollout_id=rollout_id)
-    waves = sum(1 for r in records if r.kind is RecordKind.WAVE_STARTED)
-    outcomes: dict[str, int] = {}
-    for r in records:
-        if r.kind is RecordKind.DEVICE_OUTCOME:
-            key = r.result or str(r.data.get("outcome", "?"))
-            outcomes[key] = outcomes.get(key, 0) + 1
-    finished = halted = None
-    paused = False
-    for r in records:
-        if r.kind is RecordKind.ROLLOUT_FINISHED:
-            finished = r
-        elif r.kind is RecordKind.ROLLOUT_HALTED:
-            halted = r
-        elif r.kind in (RecordKind.ROLLOUT_PAUSED, RecordKind.ROLLOUT_RESUMED):
-            paused = r.kind is RecordKind.ROLLOUT_PAUSED
-    if finished is not None:
-        status = f"finished: {finished.result or finished.data.get('outcome', '?')}"
-    elif halted is not None:
-        status = f"halted: {halted.data.get('reason', halted.result or '?')}"
-    elif paused:
-        status = "paused"
-    else:
-        status = "running"
-    done = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "no device finished yet"
-    return f"rollout {rollout_id}: wave {waves}, {done}; {status}"
+    state = RolloutState.fold(store.records(rollout_id=ids[0]))
+    counts = ", ".join(f"{n} {k}" for k, n in state.counts().items()) or "no devices"
+    phase = state.phase
+    if state.finished is not None:
+        phase = f"finished: {state.finished}"
+    if state.reason and state.phase in ("finished", "halting"):
+        phase += f" ({state.reason})"
+    bundle = f"{state.bundle.get('name', '?')} {state.version}"
+    return (f"rollout {state.rollout_id} ({bundle}): wave {state.waves_started}/"
+            f"{len(state.waves)}, {counts}; {phase}")  # fmt: skip
 
 
 def run_watch(args: argparse.Namespace, ctx: Context) -> int:

@@ -57,14 +57,18 @@ def _json_flag(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------- helpers
 
 
-def db_url(args: argparse.Namespace) -> str:
-    """--db, else `db` in fleet.toml (--config or ./fleet.toml), else ./fleet.db."""
+def db_url(args: argparse.Namespace, ctx: Any) -> str:
+    """--db, else `db` in fleet.toml (--config or ./fleet.toml), else ./fleet.db.
+    These commands open the record themselves (not `ctx.store()`): `db status` must
+    not migrate it and neither may create a missing file."""
     if getattr(args, "db", None):
         return str(args.db)
-    from fleet.config import FleetConfig
+    config = getattr(ctx, "config", None)
+    if config is None:
+        from fleet.config import FleetConfig
 
-    config = FleetConfig.load(getattr(args, "config", None))
-    return config.db or DEFAULT_DB
+        config = FleetConfig.load(getattr(args, "config", None))
+    return str(config.db or DEFAULT_DB)
 
 
 def _kinds(values: list[str]) -> list[RecordKind] | None:
@@ -123,7 +127,8 @@ def run_history(args: argparse.Namespace, ctx: Any) -> int:
             FleetCode.BAD_INPUT, f"--limit {args.limit} is out of range: 1 to {MAX_LIMIT}"
         )
     kinds = _kinds(args.kind)
-    with open_store(db_url(args)) as store:
+    # Reading never creates a record file (a mistyped --db must not look empty).
+    with open_store(db_url(args, ctx), create=False) as store:
         records = store.records(
             rollout_id=args.rollout,
             device_id=args.device,
@@ -178,7 +183,7 @@ def _status_json(store: SqlStore) -> dict[str, Any]:
 
 
 def run_db_status(args: argparse.Namespace, ctx: Any) -> int:
-    url = db_url(args)
+    url = db_url(args, ctx)
     try:
         store = open_store(url, migrate=False)
     except FleetError as exc:
@@ -213,7 +218,7 @@ def run_db_status(args: argparse.Namespace, ctx: Any) -> int:
 
 
 def run_db_migrate(args: argparse.Namespace, ctx: Any) -> int:
-    with open_store(db_url(args), migrate=False, create=True) as store:
+    with open_store(db_url(args, ctx), migrate=False, create=True) as store:
         before = store.schema().current
         applied = store.migrate()  # refuses a schema newer than this code
         out = _status_json(store)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from agent.protocol.topics import TopicError, device_id, group_name
@@ -25,7 +26,13 @@ from fleet.errors import FleetCode, FleetError
 from fleet.ports import Commander, Store, View
 from fleet.rollout.bundle import BundleInfo, inspect_bundle, trust_keys
 from fleet.rollout.control import load, request, rollback_devices, rollout_rows
-from fleet.rollout.engine import RolloutEngine, lease_name, resolve_targets
+from fleet.rollout.engine import (
+    RolloutEngine,
+    driven_elsewhere,
+    lease_is_live,
+    lease_name,
+    resolve_targets,
+)
 from fleet.rollout.plan import RolloutPlan
 from fleet.rollout.progress import Printer
 from fleet.rollout.sources import DeploySource, console_sources, reachable_host
@@ -281,6 +288,9 @@ def run_deploy(args: argparse.Namespace, ctx: Any) -> int:
 
 def run_drive(args: argparse.Namespace, ctx: Any) -> int:
     parts = Parts(ctx)
+    load(parts.store, args.rollout_id)  # exists
+    if lease_is_live(parts.store, args.rollout_id):  # before connecting to anything
+        raise driven_elsewhere(parts.store, args.rollout_id)
     printer = Printer(ctx.json)
     final = parts.engine(args, printer).drive(args.rollout_id, bundle_path=args.bundle_path)
     _final(ctx, final)
@@ -292,8 +302,6 @@ def run_request(args: argparse.Namespace, ctx: Any) -> int:
     state = request(parts.store, args.rollout_id, args.what, parts.who, args.reason)
     what = args.what
     held = parts.store.lease(lease_name(args.rollout_id))
-    import time
-
     live = held is not None and held.expires_at > time.time()
     if what in ("resume", "rollback") and not args.no_drive and not live:
         if not ctx.json:
@@ -302,7 +310,13 @@ def run_request(args: argparse.Namespace, ctx: Any) -> int:
         final = parts.engine(args, printer).drive(args.rollout_id, bundle_path=args.bundle_path)
         _final(ctx, final)
         return 0 if final.finished in (FINAL_SUCCEEDED, "rolled_back") else 1
-    driver = held.holder if live and held else "no console (drive it with `rollout drive ID`)"
+    if live and held is not None:
+        driver = (
+            f"{held.holder} (lease for {held.expires_at - time.time():.0f} s more; if that "
+            "console died, run this again once it lapses)"
+        )
+    else:
+        driver = f"no console (drive it with `edge-fleet rollout drive {args.rollout_id}`)"
     _print(
         ctx,
         {"rollout_id": args.rollout_id, "requested": what, "driver": driver, **state.summary()},
@@ -346,11 +360,12 @@ def run_show(args: argparse.Namespace, ctx: Any) -> int:
         print(f"  reason   {state.reason}")
     for i, wave in enumerate(state.waves):
         done = state.waves_finished.get(i)
-        mark = (
-            "not started"
-            if i >= state.waves_started
-            else ("passed" if done and done.get("passed") else ("failed" if done else "running"))
-        )
+        if i >= state.waves_started:
+            mark = "not started"
+        elif done is not None:
+            mark = "passed" if done.get("passed") else "failed"
+        else:
+            mark = "stopped" if state.finished else "running"
         print(f"  wave {i}: {len(wave)} device(s), {mark}")
         for dev in state.wave_devices(i):
             code = f" [{dev.code}]" if dev.code else ""

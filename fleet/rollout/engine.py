@@ -44,11 +44,13 @@ from fleet.rollout.gates import GateResult, evaluate, figures_of, is_new_model
 from fleet.rollout.plan import RolloutPlan
 from fleet.rollout.sources import DeploySource, SourceFactory
 from fleet.rollout.state import (
+    ALREADY_CURRENT,
     FAILED,
     FINAL_ABORTED,
     FINAL_HALTED,
     FINAL_ROLLED_BACK,
     FINAL_SUCCEEDED,
+    NOT_TRIED,
     SKIPPED_OFFLINE,
     SUCCEEDED,
     TIMED_OUT,
@@ -100,6 +102,24 @@ def resolve_targets(view: View, targets: Iterable[str]) -> list[str]:
     return sorted(out)
 
 
+def driven_elsewhere(store: Store, rollout_id: str) -> FleetError:
+    held = store.lease(lease_name(rollout_id))
+    who = held.holder if held else "another console"
+    left = max(0.0, held.expires_at - time.time()) if held else 0.0
+    return FleetError(
+        FleetCode.LEASE,
+        f"rollout {rollout_id} is driven by {who} (its lease runs {left:.0f} s more); "
+        "a console that died lets it lapse: then `edge-fleet rollout resume "
+        f"{rollout_id}` takes over",
+        holder=who,
+    )
+
+
+def lease_is_live(store: Store, rollout_id: str) -> bool:
+    held = store.lease(lease_name(rollout_id))
+    return held is not None and held.expires_at > time.time()
+
+
 @dataclass
 class _Rollback:
     future: Future[Reply] | None
@@ -124,6 +144,7 @@ class RolloutEngine:
         lease_ttl_s: float = 15.0,
         command_timeout_s: float = 10.0,
         baseline_wait_s: float = 30.0,
+        gate_wait_s: float = 30.0,
         on_record: RecordHook | None = None,
         on_note: NoteHook | None = None,
     ) -> None:
@@ -135,6 +156,7 @@ class RolloutEngine:
         self.lease_ttl_s = lease_ttl_s
         self.command_timeout_s = command_timeout_s
         self.baseline_wait_s = baseline_wait_s
+        self.gate_wait_s = gate_wait_s
         self.on_record = on_record
         self.on_note = on_note
 
@@ -203,16 +225,7 @@ class RolloutEngine:
             raise FleetError(FleetCode.NOT_FOUND, f"no rollout {rollout_id!r} in the record")
         lease = self.store.acquire_lease(name, self.holder, self.lease_ttl_s)
         if lease is None:
-            held = self.store.lease(name)
-            who = held.holder if held else "another console"
-            left = max(0.0, held.expires_at - time.time()) if held else 0.0
-            raise FleetError(
-                FleetCode.LEASE,
-                f"rollout {rollout_id} is driven by {who} (its lease runs {left:.0f} s more); "
-                "a console that died lets it lapse: then `edge-fleet rollout resume "
-                f"{rollout_id}` takes over",
-                holder=who,
-            )
+            raise driven_elsewhere(self.store, rollout_id)
         drive = _Drive(self, rollout_id, lease, bundle_path)
         try:
             return drive.run()
@@ -235,11 +248,13 @@ class _Drive:
         self.deploys: dict[str, Future[Reply]] = {}
         self.status_asks: dict[str, Future[Reply]] = {}
         self.watch_since: dict[str, float] = {}
+        self.asked_at_timeout: set[str] = set()
         self.soak_until: dict[int, float] = {}
         self.rollbacks: dict[str, _Rollback] = {}
         self.notes: set[str] = set()
         self.source: DeploySource | None = None
         self._finals: dict[tuple[str, str], tuple[str, str | None, str]] = {}
+        self._telemetry_at: dict[str, float] = {}  # device -> monotonic time of its last report
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._remove_listener = engine.view.add_listener(self._on_view)
@@ -258,7 +273,10 @@ class _Drive:
             self.e.store.release_lease(self.lease)
 
     def _on_view(self, kind: str, device_id: str, message: Any) -> None:
-        # On the MQTT thread: only note final update phases, and wake the loop.
+        # On the MQTT thread: note telemetry arrivals and final update phases only.
+        if kind == "telemetry":
+            self._telemetry_at[device_id] = time.monotonic()
+            return
         if kind != "event":
             return
         event_kind = _field(message, "kind")
@@ -379,12 +397,14 @@ class _Drive:
                 wave = s.waves_started
                 self._add(RecordKind.WAVE_STARTED, {"wave": wave, "devices": s.waves[wave]})
             else:
-                skipped = s.counts().get(SKIPPED_OFFLINE, 0)
-                updated = s.counts().get(SUCCEEDED, 0)
+                counts = s.counts()
+                skipped = counts.get(SKIPPED_OFFLINE, 0)
+                on_it = counts.get(ALREADY_CURRENT, 0)
                 self._finish(
                     FINAL_SUCCEEDED,
-                    f"{updated} device(s) updated to {s.version}"
-                    + (f", {skipped} skipped offline (not updated)" if skipped else ""),
+                    f"{counts.get(SUCCEEDED, 0)} device(s) updated to {s.version}"
+                    + (f", {skipped} skipped offline (not updated)" if skipped else "")
+                    + (f", {on_it} already on it" if on_it else ""),
                 )
         self._flush()
 
@@ -421,6 +441,9 @@ class _Drive:
         now = time.time()
         for dev in s.wave_devices(wave):
             if dev.status != "pending" or dev.device_id in self.deploys:
+                continue
+            if s.baselines.get(dev.device_id, {}).get("sha256") == s.bundle["sha256"]:
+                self._outcome(dev, ALREADY_CURRENT, None, "served this bundle before the rollout")
                 continue
             row = self.e.view.row(dev.device_id)
             if row is None or row.online is not True:
@@ -544,6 +567,15 @@ class _Drive:
             since = self.watch_since.setdefault(dev.device_id, now)
             timeout = self.state.plan.device_timeout_s
             if now - since > timeout:
+                if dev.device_id not in self.asked_at_timeout:
+                    # Its final event may have been lost: ask once before giving up.
+                    self.asked_at_timeout.add(dev.device_id)
+                    self.status_asks[dev.device_id] = self.e.commander.submit(
+                        dev.device_id, "update.status", {}, timeout_s=self.e.command_timeout_s
+                    )
+                    continue
+                if dev.device_id in self.status_asks:
+                    continue  # its answer comes first
                 row = self.e.view.row(dev.device_id)
                 last = row.phase if row is not None and row.job == dev.job else "unknown"
                 self._outcome(
@@ -595,6 +627,21 @@ class _Drive:
         if now < self.soak_until[wave]:
             return
         results = [r for d in succeeded for r in self._gates(d)]
+        # A device short of data whose last telemetry predates the soak's end is asked
+        # again on later ticks (bounded): its next report covers the soak.
+        soak_end = self.soak_until[wave]
+        stale = {
+            r.device_id
+            for r in results
+            if r.inconclusive and self._telemetry_at.get(r.device_id, -1.0) < soak_end
+        }
+        if stale and now < soak_end + self.e.gate_wait_s:
+            self._note(
+                f"wave {wave}: waiting for fresh telemetry from {len(stale)} device(s) "
+                f"(at most {self.e.gate_wait_s:g} s)",
+                once=f"stale:{wave}",
+            )
+            return
         for r in results:
             self._add(
                 RecordKind.GATE_RESULT,
@@ -604,7 +651,7 @@ class _Drive:
                 if r.inconclusive and not r.passed
                 else ("passed" if r.passed else "failed"),
             )
-        reached = [d for d in devices if d.outcome != SKIPPED_OFFLINE]
+        reached = [d for d in devices if d.outcome not in NOT_TRIED]
         share = 100.0 * len(succeeded) / len(reached) if reached else 100.0
         failed_gates = [r for r in results if not r.passed]
         passed = not failed_gates and share >= s.plan.success_threshold
@@ -728,6 +775,12 @@ class _Drive:
             self._rolled_back(
                 dev.device_id, rb, True, None, "never served the new version", needed=False
             )
+            return
+        if serving is not None and serving == to_version and serving != s.version:
+            # Back already (a driver that died after sending its rollback, or the device's
+            # own trial): a second rollback would be refused.
+            rb = _Rollback(None, None, time.monotonic(), serving)
+            self._rolled_back(dev.device_id, rb, True, None, f"already serves {serving}")
             return
         args = {"version": to_version} if isinstance(to_version, str) else {}
         future = self.e.commander.submit(

@@ -46,7 +46,8 @@ def describe(r: Record, state: RolloutState) -> str | None:
     if k is RecordKind.DEVICE_OUTCOME:
         outcome = str(r.result)
         code = f" [{d['code']}]" if d.get("code") else ""
-        shown = outcome if outcome in ("succeeded", "skipped_offline") else outcome.upper()
+        ok = ("succeeded", "skipped_offline", "already_current")
+        shown = outcome if outcome in ok else outcome.upper()
         return f"  {dev}: {shown}{code} {d.get('message', '')}".rstrip()
     if k is RecordKind.GATE_RESULT:
         return "  gate " + GateResult.from_json(d).describe()
@@ -54,7 +55,7 @@ def describe(r: Record, state: RolloutState) -> str | None:
         verdict = "passed" if d.get("passed") else "FAILED"
         return (
             f"wave {d['wave']} {verdict}: {d['succeeded']} succeeded, {d['failed']} failed, "
-            f"{d['skipped']} skipped offline ({d['success_pct']:g}% success)"
+            f"{d['skipped']} not tried (offline or already current) ({d['success_pct']:g}% success)"
         )
     if k is RecordKind.ROLLOUT_HALTED:
         return f"HALTED ({d.get('cause')}): {d.get('reason')}; rolling back the updated devices"

@@ -38,7 +38,9 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 TIMED_OUT = "timed_out"
 SKIPPED_OFFLINE = "skipped_offline"
-OUTCOMES = (SUCCEEDED, FAILED, TIMED_OUT, SKIPPED_OFFLINE)
+ALREADY_CURRENT = "already_current"  # served this bundle before the rollout: left alone
+OUTCOMES = (SUCCEEDED, FAILED, TIMED_OUT, SKIPPED_OFFLINE, ALREADY_CURRENT)
+NOT_TRIED = (SKIPPED_OFFLINE, ALREADY_CURRENT)  # count in no threshold
 FAILURES = (FAILED, TIMED_OUT)
 
 # Final outcomes of a rollout (ROLLOUT_FINISHED result).
@@ -65,7 +67,7 @@ class DeviceState:
     @property
     def status(self) -> str:
         """pending | started | succeeded | failed | timed_out | skipped_offline |
-        rolled_back | rollback_failed"""
+        already_current | rolled_back | rollback_failed"""
         if self.rolled_back_to is not None:
             return "rolled_back"
         if self.rollback_code is not None:

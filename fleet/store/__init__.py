@@ -16,11 +16,19 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fleet.errors import FleetCode, FleetError
+from fleet.store.batch import RecordBatcher
 from fleet.store.dialect import Dialect
 from fleet.store.migrations import SchemaStatus
 from fleet.store.sql_store import SqlStore, TelemetrySample
 
-__all__ = ["DEFAULT_DB", "SchemaStatus", "SqlStore", "TelemetrySample", "open_store"]
+__all__ = [
+    "DEFAULT_DB",
+    "RecordBatcher",
+    "SchemaStatus",
+    "SqlStore",
+    "TelemetrySample",
+    "open_store",
+]
 
 DEFAULT_DB = "fleet.db"
 

@@ -100,6 +100,16 @@ class PostgresDialect:
         )
         return float(cur.fetchone()[1])
 
+    def insert_returning(self, cur: Any, query: str, rows: list[tuple[Any, ...]]) -> list[int]:
+        # One pipelined round trip for the whole batch instead of one per row.
+        cur.executemany(query, rows, returning=True)
+        out = []
+        while True:
+            out.append(int(cur.fetchone()[0]))
+            if not cur.nextset():
+                break
+        return out
+
     def table_exists(self, cur: Any, table: str) -> bool:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
         return bool(cur.fetchone()[0])
@@ -142,7 +152,11 @@ class PostgresDialect:
         elif isinstance(exc, self._psycopg.OperationalError) or "connection" in low:
             text = (
                 f"lost the connection to PostgreSQL at {where} while {doing} ({first}): "
-                "nothing half-written was kept; retry"
+                "a transaction commits whole or not at all; retry"
+            )
+            # Reads and lease calls are safe to repeat: the store retries them once.
+            return FleetError(
+                FleetCode.STORE, text, store="postgresql", url=where, lost_connection=True
             )
         elif "permission denied" in low:
             text = (

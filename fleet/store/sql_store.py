@@ -8,14 +8,15 @@ same transaction as an append made under it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from fleet.errors import FleetCode, FleetError
 from fleet.ports import Lease, NewRecord, Record, RecordKind, Store
@@ -23,6 +24,29 @@ from fleet.store import migrations
 from fleet.store.dialect import Cursor, Dialect
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _retry_once_on_lost_connection(fn: Callable[P, T]) -> Callable[P, T]:
+    """For calls that are safe to repeat (reads, lease calls: re-acquiring or renewing
+    as the same holder is idempotent): a dropped server connection (a restart, a
+    failover) is retried once on a new one. Appends are not repeated: the caller
+    decides, since a commit whose answer was lost may have happened."""
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except FleetError as exc:
+            if not exc.details.get("lost_connection"):
+                raise
+            log.warning("%s; reconnecting once", exc.message)
+            return fn(*args, **kwargs)
+
+    return call
+
 
 _COLUMNS = "seq, ts, key_id, operator, kind, rollout_id, device_id, result, data"
 
@@ -56,6 +80,16 @@ def _finite(value: float | None) -> float | None:
         return None
     number = float(value)
     return number if math.isfinite(number) else None
+
+
+def _finite_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 class SqlStore:
@@ -126,6 +160,7 @@ class SqlStore:
 
     # ---------------------------------------------------------------- migrations
 
+    @_retry_once_on_lost_connection
     def schema(self) -> migrations.SchemaStatus:
         with self._tx("reading its schema version", write=False) as cur:
             return migrations.status(self._dialect, cur)
@@ -148,10 +183,10 @@ class SqlStore:
             if lease is not None:
                 self._check_lease(cur, lease)
             ts = self._dialect.lock_appends(cur)
-            out: list[Record] = []
-            for entry, data in rows:
-                cur.execute(
-                    self._insert,
+            seqs = self._dialect.insert_returning(
+                cur,
+                self._insert,
+                [
                     (
                         ts,
                         key_id,
@@ -161,28 +196,35 @@ class SqlStore:
                         entry.device_id,
                         entry.result,
                         self._dialect.encode_json(data),
-                    ),
-                )
-                seq = int(cur.fetchone()[0])
-                out.append(
-                    Record(
-                        seq=seq,
-                        ts=ts,
-                        key_id=key_id,
-                        operator=operator,
-                        kind=entry.kind,
-                        data=json.loads(data),
-                        rollout_id=entry.rollout_id,
-                        device_id=entry.device_id,
-                        result=entry.result,
                     )
+                    for entry, data in rows
+                ],
+            )
+            out = [
+                Record(
+                    seq=seq,
+                    ts=ts,
+                    key_id=key_id,
+                    operator=operator,
+                    kind=entry.kind,
+                    data=json.loads(data),
+                    rollout_id=entry.rollout_id,
+                    device_id=entry.device_id,
+                    result=entry.result,
                 )
+                for seq, (entry, data) in zip(seqs, rows, strict=True)
+            ]
             return out
 
     @staticmethod
     def _encode(entry: NewRecord) -> str:
         try:
-            return json.dumps(dict(entry.data), allow_nan=False, separators=(",", ":"))
+            try:
+                return json.dumps(dict(entry.data), allow_nan=False, separators=(",", ":"))
+            except ValueError:
+                # NaN/inf (a gate figure over no samples) is not JSON: keep it as the
+                # string float() reads back rather than lose the record or the figure.
+                return json.dumps(_finite_json(dict(entry.data)), separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             # A programming error upstream, but it must not lose the rest silently.
             raise FleetError(
@@ -190,6 +232,7 @@ class SqlStore:
                 f"a {entry.kind} record's data is not plain JSON ({exc}); nothing was appended",
             ) from exc
 
+    @_retry_once_on_lost_connection
     def records(
         self,
         *,
@@ -240,6 +283,7 @@ class SqlStore:
             result=result,
         )
 
+    @_retry_once_on_lost_connection
     def rollout_ids(self, limit: int = 100) -> list[str]:
         query = (
             "SELECT rollout_id FROM records WHERE rollout_id IS NOT NULL"
@@ -296,6 +340,7 @@ class SqlStore:
             )
         return float(ttl_s)
 
+    @_retry_once_on_lost_connection
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> Lease | None:
         ttl = self._ttl(ttl_s)
         if not name or not holder:
@@ -324,6 +369,7 @@ class SqlStore:
             )
             return Lease(name=name, holder=holder, token=token, expires_at=now + ttl)
 
+    @_retry_once_on_lost_connection
     def renew_lease(self, lease: Lease, ttl_s: float) -> Lease:
         ttl = self._ttl(ttl_s)
         with self._tx(f"renewing lease {lease.name!r}", write=True) as cur:
@@ -339,6 +385,7 @@ class SqlStore:
             )
             return Lease(lease.name, lease.holder, lease.token, now + ttl)
 
+    @_retry_once_on_lost_connection
     def release_lease(self, lease: Lease) -> None:
         # The row stays (holder '' = free) so the next holder's token is higher still.
         with self._tx(f"releasing lease {lease.name!r}", write=True) as cur:
@@ -350,6 +397,7 @@ class SqlStore:
                 (lease.name, lease.holder, lease.token),
             )
 
+    @_retry_once_on_lost_connection
     def lease(self, name: str) -> Lease | None:
         """The current (unexpired, by the database's clock) holder, or None."""
         with self._tx(f"reading lease {name!r}", write=False) as cur:
@@ -388,6 +436,7 @@ class SqlStore:
             )
         return len(rows)
 
+    @_retry_once_on_lost_connection
     def telemetry(
         self, *, device_id: str | None = None, since: float | None = None, limit: int | None = None
     ) -> list[TelemetrySample]:
@@ -409,6 +458,7 @@ class SqlStore:
             found = cur.fetchall()
         return [TelemetrySample(*row) for row in found]
 
+    @_retry_once_on_lost_connection
     def prune(self, older_than: float) -> int:
         """Drop telemetry with ts < older_than; how many rows went."""
         with self._tx("pruning telemetry", write=True) as cur:

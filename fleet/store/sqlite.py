@@ -9,6 +9,7 @@ shared by consoles on one machine (not over NFS, where its locks do not hold).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -74,8 +75,8 @@ class SqliteDialect:
         self.connect()
         assert self._conn is not None
         cur = self._conn.cursor()
-        cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
+            cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield cur
             cur.execute("COMMIT")
         except BaseException:
@@ -100,6 +101,14 @@ class SqliteDialect:
         # BEGIN IMMEDIATE: one writer at a time, so seq order is commit order already.
         return time.time()
 
+    def insert_returning(self, cur: Any, query: str, rows: list[tuple[Any, ...]]) -> list[int]:
+        # sqlite3's executemany cannot return rows; in-process calls are cheap anyway.
+        out = []
+        for row in rows:
+            cur.execute(query, row)
+            out.append(int(cur.fetchone()[0]))
+        return out
+
     def table_exists(self, cur: Any, table: str) -> bool:
         row = cur.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
@@ -110,8 +119,6 @@ class SqliteDialect:
         return text
 
     def decode_json(self, value: Any) -> Any:
-        import json
-
         return json.loads(value) if isinstance(value, str) else value
 
     def complete(self, text: str) -> bool:

@@ -20,7 +20,10 @@ def agent_config(
     groups: Sequence[str] = (),
     telemetry_s: float = 0.5,
     extra: str = "",
+    host: str | None = None,
+    mqtt_extra: str = "",
 ) -> str:
+    """`mqtt_extra`: more lines for [mqtt] (username, password, [mqtt.tls] after them)."""
     group_list = ", ".join(f'"{g}"' for g in groups)
     return "\n".join([
         f'device_id = "{device}"',
@@ -33,11 +36,12 @@ def agent_config(
         f'bundle = "{SAMPLE_BUNDLE}"',
         "[mqtt]",
         "enabled = true",
-        f'host = "{broker.host}"',
+        f'host = "{host or broker.host}"',
         f"port = {broker.port}",
         "reconnect_min_s = 0.05",
         "reconnect_max_s = 0.5",
         f"groups = [{group_list}]",
+        mqtt_extra,
         "[telemetry]",
         f"interval_s = {telemetry_s}",
         "[commands]",

@@ -5,7 +5,8 @@ pending reply behind."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from agent.protocol.canonical import verify_body
 from agent.signing import key_id
 from fleet.config import FleetConfig
 from fleet.errors import FleetCode, FleetError
-from fleet.mqtt import FleetClient
+from fleet.mqtt import SEND_WINDOW, FleetClient
 from fleet.view import FleetView
 from tests.fleet._agents import agents
 from tests.fleet.conftest import CONSOLE_PASSWORD, SecureBroker
@@ -181,6 +182,46 @@ def test_a_lost_connection_fails_what_waits(tmp_path: Path) -> None:
             client.close()
 
 
+def test_publishes_keep_their_order_beyond_the_send_window(broker: Broker) -> None:
+    """More QoS 1 messages than paho is handed at once (SEND_WINDOW): they wait in the
+    client, in order, and a waiting publish after them returns once all are acked."""
+    config = FleetConfig.load(None, broker=f"mqtt://{broker.host}:{broker.port}")
+    got: list[bytes] = []
+    acks: list[object] = []
+    n = SEND_WINDOW * 5
+    with FleetClient(config) as sub, FleetClient(config) as pub:
+        sub.subscribe("edgerun/v1/console/order/+", lambda m: got.append(m.payload), qos=1)
+        for i in range(n):
+            pub.publish(f"edgerun/v1/console/order/{i % 7}", b"%d" % i, wait=False,
+                        on_ack=acks.append)  # fmt: skip
+        pub.publish("edgerun/v1/console/order/last", b"last")  # waits for its PUBACK
+        assert len(acks) == n and all(a is not None and not a.is_failure for a in acks)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 30
+        while len(got) < n + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert got == [b"%d" % i for i in range(n)] + [b"last"]
+
+
+def test_a_broker_restart_restores_subscriptions(tmp_path: Path) -> None:
+    with Broker(tmp_path) as own:
+        config = FleetConfig.load(None, broker=f"mqtt://{own.host}:{own.port}")
+        with FleetClient(config) as client, FleetClient(config.replace(console_id="p")) as pub:
+            got: list[bytes] = []
+            reconnects: list[int] = []
+            client.subscribe("edgerun/v1/console/restart/+", lambda m: got.append(m.payload))
+            client.add_connect_listener(lambda: reconnects.append(client.connections))
+            own.kill()
+            own.start()
+            deadline = time.monotonic() + 30
+            while not (client.connected and pub.connected) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert client.connected and pub.connected and reconnects == [2]
+            pub.publish("edgerun/v1/console/restart/x", b"again")
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert got == [b"again"]  # subscribed again on the new connection
+
+
 def test_an_unreachable_broker_is_named() -> None:
     port = free_port()
     config = FleetConfig.load(None, broker=f"mqtt://127.0.0.1:{port}")
@@ -207,11 +248,24 @@ def secure_config(secure: SecureBroker, tmp_path: Path, **keys: Any) -> FleetCon
 
 
 def test_tls_passwords_and_acl(
-    secure_broker: SecureBroker, tmp_path: Path, fleet_config: Callable[..., FleetConfig]
+    secure_broker: SecureBroker, tmp_path: Path, console_pub: Path, console_key: Ed25519PrivateKey
 ) -> None:
-    with FleetClient(secure_config(secure_broker, tmp_path)) as client:
+    # A real agent logs in as dev-1 (password, TLS); the ACL lets it answer on the
+    # console's reply topic and read only its own commands.
+    password = tmp_path / "dev-1.pw"
+    password.write_text("pw-dev-1")
+    mqtt_extra = (f'username = "dev-1"\npassword = "{password}"\n[mqtt.tls]\nenabled = true\n'
+                  f'ca_file = "{secure_broker.pki.ca_cert}"\n')  # fmt: skip
+    with (
+        agents(tmp_path / "agents", secure_broker.broker, ["dev-1"], console_pub,
+               host="localhost", mqtt_extra=mqtt_extra),
+        FleetClient(secure_config(secure_broker, tmp_path), key=console_key) as client,
+    ):  # fmt: skip
         client.publish("edgerun/v1/console/x/probe", b"{}")  # PUBACK awaited
-        assert client.connected
+        view = FleetView(client).start()
+        assert view.wait(lambda v: (r := v.row("dev-1")) is not None and bool(r.online), 60)
+        reply = client.request("dev-1", "ping")
+        assert reply.ok and reply.device_id == "dev-1"
     with pytest.raises(FleetError) as info:
         FleetClient(secure_config(secure_broker, tmp_path, password="wrong")).connect()
     assert info.value.code is FleetCode.BROKER
@@ -230,6 +284,6 @@ def test_tls_passwords_and_acl(
     with pytest.raises(FleetError) as info:
         FleetClient(
             secure_config(secure_broker, tmp_path, username="dev-1", password="pw-dev-1")
-        ).connect(timeout_s=1)
+        ).connect(timeout_s=2.5)
     assert "does not deliver this console's reply topic" in info.value.message
     assert "(dev-1) read and write edgerun/v1/console/#" in info.value.message

@@ -67,6 +67,9 @@ def test_three_real_agents_updated_and_rolled_back_by_the_console(
         for device, proc in procs.items():
             assert served_version(proc) == "2.0.0", device
 
+        watch = edge_fleet(config, "watch", "--once", "--group", "e2e")
+        assert watch.returncode == 0, watch.stderr
+        assert "(digits 2.0.0): wave 2/2, 3 succeeded; finished: succeeded" in watch.stdout
         rows = json.loads(edge_fleet(config, "--json", "devices", "--group", "e2e").stdout)
         assert {r["model_version"] for r in rows} == {"2.0.0"}
         assert {r["previous_version"] for r in rows} == {"1.0.0"}  # each one's last-known-good

@@ -8,6 +8,9 @@ retained messages are shared by the module, the targets never overlap.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,11 +19,13 @@ from typing import Any
 
 import pytest
 
+from agent.protocol.update import DeployRequest
 from agent.signing import load_public_key
 from fleet.config import FleetConfig
 from fleet.mqtt import FleetClient
-from fleet.ports import RecordKind
+from fleet.ports import NewRecord, RecordKind
 from fleet.rollout.bundle import BundleInfo, inspect_bundle
+from fleet.rollout.control import request
 from fleet.rollout.engine import RolloutEngine
 from fleet.rollout.plan import RolloutPlan
 from fleet.rollout.sources import SourceFactory, console_sources
@@ -51,8 +56,13 @@ def store(
 
 
 @pytest.fixture(scope="module")
-def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlStore]:
-    s = open_store(str(tmp_path_factory.mktemp("record-sqlite") / "fleet.db"))
+def sqlite_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("record-sqlite") / "fleet.db")
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(sqlite_path: str) -> Iterator[SqlStore]:
+    s = open_store(sqlite_path)
     yield s
     s.close()
 
@@ -349,3 +359,166 @@ def test_chunks_over_mqtt(
         r for r in store.records(rollout_id=state.rollout_id) if r.kind is RecordKind.DEVICE_STARTED
     ]
     assert len(deploys) == 4
+
+
+def test_a_gate_without_enough_data_is_inconclusive_and_fails_unless_allowed(
+    sqlite_store: SqlStore,
+    console: Console,
+    sims: Sims,
+    bundle: BundleInfo,
+    http_sources: SourceFactory,
+) -> None:
+    sim = sims(3)
+    strict = plan(sim, canary=1, wave="2", gate_min_requests=10**9)  # more than any device has
+    e = engine(sqlite_store, console, http_sources, gate_wait_s=0.5)
+    state = e.drive(e.create(strict, bundle).rollout_id)
+    assert state.finished == "halted" and state.halted is not None
+    assert state.halted["cause"] == "gate"
+    results = kinds(sqlite_store, state.rollout_id, RecordKind.GATE_RESULT)
+    assert {r.result for r in results} == {"inconclusive"}
+    assert "fewer than 1000000000; counts as failed" in results[0].data["reason"]
+    assert served(sim, sorted(sim.device_ids)[0]) == "1.0.0"  # the canary was rolled back
+
+    sim2 = sims(3)
+    allowed = plan(sim2, canary=1, wave="2", gate_min_requests=10**9, allow_no_data=True)
+    e2 = engine(sqlite_store, console, http_sources, gate_wait_s=0.5)
+    state2 = e2.drive(e2.create(allowed, bundle).rollout_id)
+    assert state2.finished == "succeeded"
+    results2 = kinds(sqlite_store, state2.rollout_id, RecordKind.GATE_RESULT)
+    assert {r.result for r in results2} == {"passed"}
+    assert all(r.data["inconclusive"] and "allowed" in r.data["reason"] for r in results2)
+
+
+def test_a_closed_maintenance_window_holds_devices_until_an_abort(
+    sqlite_store: SqlStore,
+    sqlite_path: str,
+    console: Console,
+    sims: Sims,
+    bundle: BundleInfo,
+    http_sources: SourceFactory,
+) -> None:
+    sim = sims(2)
+    group = sim.group  # type: ignore[attr-defined]
+    now_min = int(time.time() // 60) % 1440
+    start, end = (now_min + 120) % 1440, (now_min + 180) % 1440
+    window = f"{group}={start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d}"
+    notes: list[str] = []
+    e = engine(sqlite_store, console, http_sources, on_note=notes.append)
+    created = e.create(plan(sim, canary=1, wave="1", windows=(window,)), bundle)
+    rid = created.rollout_id
+    result: list[RolloutState] = []
+    driver = threading.Thread(target=lambda: result.append(e.drive(rid)), daemon=True)
+    driver.start()
+    deadline = time.monotonic() + 20
+    while not any("maintenance window" in n for n in notes) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert any("waits for its group's maintenance window" in n for n in notes), notes
+    # Another console (its own connection to the record) aborts it.
+    with contextlib.closing(open_store(sqlite_path)) as other:
+        request(other, rid, "abort", ("other-key", "dana"), "window too late")
+    driver.join(20)
+    assert result and result[0].finished == "aborted"
+    assert not kinds(sqlite_store, rid, RecordKind.DEVICE_STARTED)
+    assert all(sim.state(d)["update"] is None for d in sim.device_ids)
+    abort = kinds(sqlite_store, rid, RecordKind.ABORT_REQUESTED)[0]
+    assert (abort.key_id, abort.operator, abort.data["reason"]) == (
+        "other-key",
+        "dana",
+        "window too late",
+    )
+
+
+def test_shadow_and_trial_reach_the_devices_and_the_agreement_gate_halts(
+    sqlite_store: SqlStore,
+    console: Console,
+    sims: Sims,
+    bundle: BundleInfo,
+    http_sources: SourceFactory,
+) -> None:
+    sim = sims(3)
+    ids = sorted(sim.device_ids)
+    # The device's own shadow bound (0.95) lets 0.97 through; the console's gate does not.
+    sim.set_profile("2.0.0", agreement=0.97, devices=ids[1:2])
+    p = plan(sim, canary=1, wave="2", shadow=True, trial_window_s=0.2, gates="agreement>=0.98")
+    sent: list[dict[str, Any]] = []
+    console.client.on_sent = lambda body, target: sent.append(dict(body))
+    try:
+        state = run(sqlite_store, console, http_sources, p, bundle)
+    finally:
+        console.client.on_sent = None
+    deploys = [b["args"] for b in sent if b["name"] == "deploy"]
+    assert len(deploys) == 3
+    assert all(a["trial"] == {"window_s": 0.2} and a["shadow"]["min_agreement"] for a in deploys)
+    assert {a["sha256"] for a in deploys} == {bundle.sha256}
+    rollbacks = [(b["to"], b["args"]) for b in sent if b["name"] == "rollback"]
+    assert sorted(rollbacks) == [(d, {"version": "1.0.0"}) for d in ids]  # each updated one
+    assert state.finished == "halted"
+    failed = state.failed_gates()
+    assert [(g.device_id, g.gate, g.figure) for g in failed] == [(ids[1], "agreement>=0.98", 0.97)]
+    started = kinds(sqlite_store, state.rollout_id, RecordKind.DEVICE_STARTED)
+    assert {r.device_id for r in started} == set(ids)
+    job = sim.state(ids[0])["update"]
+    assert job is not None and job["kind"] == "rollback"  # the canary passed, then went back
+    assert all(served(sim, d) == "1.0.0" for d in ids)
+
+
+def test_devices_already_on_the_bundle_are_left_alone(
+    sqlite_store: SqlStore,
+    console: Console,
+    sims: Sims,
+    bundle: BundleInfo,
+    http_sources: SourceFactory,
+) -> None:
+    sim = sims(3)
+    first = run(sqlite_store, console, http_sources, plan(sim, canary=1, wave="2"), bundle)
+    assert first.finished == "succeeded"
+    assert console.view.wait(
+        lambda v: all((r := v.row(d)) and r.model_sha256 == bundle.sha256 for d in sim.device_ids),
+        10,
+    )
+    again = run(sqlite_store, console, http_sources, plan(sim, canary=1, wave="2"), bundle)
+    # Not deployed again, not gated, never rolled back: they were there before it began.
+    assert again.finished == "succeeded" and again.counts() == {"already_current": 3}
+    assert "3 already on it" in again.reason
+    assert not kinds(sqlite_store, again.rollout_id, RecordKind.DEVICE_STARTED)
+    assert not kinds(sqlite_store, again.rollout_id, RecordKind.GATE_RESULT)
+
+
+def test_a_deploy_sent_but_never_recorded_is_adopted_not_repeated(
+    sqlite_store: SqlStore,
+    console: Console,
+    sims: Sims,
+    bundle: BundleInfo,
+    http_sources: SourceFactory,
+) -> None:
+    """A driver killed between sending a deploy and recording it: the next one meets
+    `update.busy`, asks `update.status`, and adopts the job when it installs its version."""
+    sim = sims(1)
+    (dev,) = sim.device_ids
+    sim.set_knobs([dev], latency={"trial": 3.0})  # busy for a while after the deploy
+    e = engine(sqlite_store, console, http_sources)
+    created = e.create(plan(sim, canary=1, gates=""), bundle)
+    source = http_sources("http", bundle)
+    try:
+        args = DeployRequest(source=source.source_for(dev), sha256=bundle.sha256,
+                             size=bundle.size, version=bundle.version).to_args()  # fmt: skip
+        reply = console.client.request(dev, "deploy", args)
+        assert reply.ok
+        job = reply.result["job"]
+        sqlite_store.append(  # what the dead driver had recorded before it died
+            [
+                NewRecord(
+                    RecordKind.WAVE_STARTED,
+                    {"wave": 0, "devices": [dev]},
+                    rollout_id=created.rollout_id,
+                )
+            ],
+            who=("dead-key", "dead"),
+        )
+        state = e.drive(created.rollout_id)
+    finally:
+        source.close()
+    assert state.finished == "succeeded"
+    started = kinds(sqlite_store, state.rollout_id, RecordKind.DEVICE_STARTED)
+    assert [r.data["job"] for r in started] == [job]  # adopted, not a second job
+    assert sim.state(dev)["update"]["job"] == job and served(sim, dev) == "2.0.0"

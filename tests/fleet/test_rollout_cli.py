@@ -300,6 +300,14 @@ def test_pause_and_resume_from_a_second_console(
             time.sleep(0.05)
         shown = fleet.run("--json", "rollout", "show", rid)
         assert json.loads(shown.stdout)["paused"] is True
+        # One driver at a time: another console cannot take a live lease.
+        taken = fleet.run("--json", "rollout", "drive", rid, "--lease-ttl", "1")
+        assert taken.returncode == 2
+        error = json.loads(taken.stdout)["error"]
+        assert (
+            error["code"] == "console.lease_held"
+            and f"rollout {rid} is driven by" in error["message"]
+        )
         resumed = fleet.run("--operator", "carol", "rollout", "resume", rid)
         assert resumed.returncode == 0, resumed.stderr
         rc, err = driver.wait(60)

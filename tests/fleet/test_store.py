@@ -9,6 +9,7 @@ kills a real holder process with SIGKILL.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ import pytest
 
 from fleet.errors import FleetCode, FleetError
 from fleet.ports import Lease, NewRecord, RecordKind
-from fleet.store import SqlStore, TelemetrySample, open_store
+from fleet.store import RecordBatcher, SqlStore, TelemetrySample, open_store
 from fleet.store.migrations import load
 from tests.pg import fresh_database, pg_database_fixture
 
@@ -157,12 +158,22 @@ def test_record_is_append_only(store: SqlStore, store_url: str) -> None:
 def test_a_failed_append_writes_nothing(store: SqlStore) -> None:
     rid = uid("r")
     good = NewRecord(RecordKind.WAVE_STARTED, {"wave": 0}, rollout_id=rid)
-    for bad in ({"figure": float("nan")}, {"when": object()}):
+    for bad in ({"when": object()}, {"nested": [1, {b"bytes"}]}):
         with pytest.raises(FleetError) as info:
             store.append([good, NewRecord(RecordKind.GATE_RESULT, bad, rid)], who=WHO)
         assert info.value.code is FleetCode.STORE
         assert "not plain JSON" in info.value.message
     assert store.records(rollout_id=rid) == []
+
+
+def test_non_finite_figures_are_kept_as_strings(store: SqlStore) -> None:
+    rid = uid("r")
+    data = {"figure": float("nan"), "limits": [float("inf"), -float("inf"), 1.5]}
+    (written,) = store.append([NewRecord(RecordKind.GATE_RESULT, data, rid)], who=WHO)
+    (read,) = store.records(rollout_id=rid)
+    assert read.data == {"figure": "NaN", "limits": ["Infinity", "-Infinity", 1.5]}
+    assert written.data == read.data
+    assert float(read.data["limits"][0]) == float("inf")  # float() reads them back
 
 
 def test_store_is_shared_by_threads(store: SqlStore) -> None:
@@ -184,6 +195,98 @@ def test_store_is_shared_by_threads(store: SqlStore) -> None:
     assert errors == []
     seqs = [r.seq for r in store.records(rollout_id=rid)]
     assert len(seqs) == 40 and seqs == sorted(set(seqs))
+
+
+def test_a_tailing_reader_never_misses_a_row(store_url: str) -> None:
+    """Consoles follow a rollout with records(after_seq=last seen). That only works if
+    seq order is commit order: writers racing on separate connections must never let
+    a smaller seq commit after a larger one was visible."""
+    rid = uid("tail")
+    writers = [open_store(store_url) for _ in range(3)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(s: SqlStore, n: int) -> None:
+        try:
+            while not stop.is_set():
+                s.append([NewRecord(RecordKind.COMMAND_SENT, {"n": n}, rid)] * 3, who=WHO)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(s, n)) for n, s in enumerate(writers)]
+    seen: list[int] = []
+    with open_store(store_url) as reader:
+        try:
+            for t in threads:
+                t.start()
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                new = reader.records(rollout_id=rid, after_seq=seen[-1] if seen else 0)
+                seen.extend(r.seq for r in new)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+            for s in writers:
+                s.close()
+        seen.extend(
+            r.seq for r in reader.records(rollout_id=rid, after_seq=seen[-1] if seen else 0)
+        )
+        everything = [r.seq for r in reader.records(rollout_id=rid)]
+    assert errors == []
+    assert len(everything) > 30  # they did write concurrently
+    assert seen == everything
+
+
+def test_batcher_writes_everything_in_few_transactions(store: SqlStore) -> None:
+    rid = uid("r")
+    batcher = RecordBatcher(store, WHO, max_batch=200, max_delay_s=0.05)
+
+    def sender(n: int) -> None:
+        for i in range(300):
+            batcher.add(NewRecord(RecordKind.COMMAND_SENT, {"n": n, "i": i}, rid, f"dev-{n}"))
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    batcher.flush(timeout_s=60)
+    assert batcher.pending == 0 and batcher.error is None
+    written = store.records(rollout_id=rid)
+    assert len(written) == 1200
+    for n in range(4):  # each sender's records in the order it added them
+        assert [r.data["i"] for r in written if r.data["n"] == n] == list(range(300))
+    # One transaction shares one ts: far fewer commits than records.
+    assert len({r.ts for r in written}) < len(written) / 2
+    batcher.add(NewRecord(RecordKind.COMMAND_REPLY, {"last": True}, rid))
+    batcher.close()
+    assert store.records(rollout_id=rid, kinds=[RecordKind.COMMAND_REPLY])[0].data == {"last": True}
+    with pytest.raises(FleetError):
+        batcher.add(NewRecord(RecordKind.COMMAND_SENT, rollout_id=rid))
+
+
+def test_batcher_keeps_records_while_the_database_is_locked(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    with open_store(path, busy_timeout_s=0.05) as store:
+        batcher = RecordBatcher(store, WHO, max_delay_s=0.01, retry_max_s=0.2)
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            for i in range(10):
+                batcher.add(NewRecord(RecordKind.COMMAND_SENT, {"i": i}, "r"))
+            wait_for(lambda: batcher.error is not None, 30, "the append to fail")
+            error = batcher.error
+            assert error is not None and "locked" in error.message
+            with pytest.raises(FleetError) as info:
+                batcher.flush(timeout_s=0.2)
+            assert "10 records are not written yet" in info.value.message
+            assert batcher.pending == 10
+        finally:
+            holder.close()  # the lock goes; the queued records get written
+        batcher.close(timeout_s=30)
+        assert batcher.error is None
+        assert [r.data["i"] for r in store.records(rollout_id="r")] == list(range(10))
 
 
 # ------------------------------------------------------------------- leases
@@ -509,19 +612,33 @@ def test_postgresql_refusals_say_what_to_do(pg_db: str) -> None:
     assert info.value.code is FleetCode.STORE and "role" in info.value.message
 
 
-def test_lost_postgresql_connection_then_reconnect() -> None:
+def test_lost_postgresql_connection_then_reconnect(caplog: pytest.LogCaptureFixture) -> None:
     # Its own database: terminating backends must not hit the module's shared store.
-    with fresh_database() as url, open_store(url) as s:
-        s.records(limit=1)
+    def cut(url: str) -> None:
         raw_execute(
             url,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE application_name = 'edge-fleet' AND pid <> pg_backend_pid()"
             " AND datname = current_database()",
         )
+
+    with fresh_database() as url, open_store(url) as s:
+        s.append([NewRecord(RecordKind.COMMAND_SENT, rollout_id="before")], who=WHO)
+        cut(url)
+        # A read is repeated once on a new connection: the caller sees no failure.
+        with caplog.at_level("WARNING", logger="fleet.store.sql_store"):
+            assert len(s.records(rollout_id="before")) == 1
+        assert any("reconnecting once" in r.getMessage() for r in caplog.records)
+        lease = s.acquire_lease("r", "console-a", ttl_s=30)
+        assert lease is not None
+        cut(url)
+        assert s.renew_lease(lease, ttl_s=30).token == lease.token
+        # An append is not repeated (its commit may have happened): a clear error.
+        cut(url)
         with pytest.raises(FleetError) as info:
-            s.records(limit=1)
+            s.append([NewRecord(RecordKind.COMMAND_SENT, rollout_id="after")], who=WHO)
         assert info.value.code is FleetCode.STORE and "retry" in info.value.message
+        assert "lost the connection" in info.value.message
         s.append([NewRecord(RecordKind.COMMAND_SENT, rollout_id="after")], who=WHO)
         assert len(s.records(rollout_id="after")) == 1
 
@@ -657,6 +774,10 @@ def _main(argv: list[str]) -> int:
     return 2
 
 
+def _lease_moved_on(s: SqlStore, lease: Lease) -> bool:
+    return s.lease(lease.name) != lease
+
+
 def _drive(url: str, name: str, holder: str, go: Path) -> int:
     """Take the lease whenever free, append under it, then either release it or keep
     quiet past its TTL and try one late append (which must be refused)."""
@@ -691,7 +812,7 @@ def _drive(url: str, name: str, holder: str, go: Path) -> int:
                 time.sleep(0.03)  # let the others at it, or one console starves them
                 continue
             # Expired by the database's clock: the lease it reports is no longer ours.
-            wait_for(lambda lease=lease: s.lease(name) != lease, 10, "the lease to expire")
+            wait_for(functools.partial(_lease_moved_on, s, lease), 10, "the lease to expire")
             late_tries += 1
             try:
                 s.append([entry], who=WHO, lease=lease)

@@ -112,6 +112,13 @@ def test_bad_input_is_refused_with_a_code(
     assert code == 2 and "[console.config]" in err
 
 
+def test_history_of_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "typo.db"
+    code, _, err = cli(capsys, "--db", str(missing), "history")
+    assert code == 2 and "[console.not_found]" in err and str(missing) in err
+    assert not missing.exists()
+
+
 def test_too_new_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import sqlite3
 
@@ -163,3 +170,16 @@ def test_fresh_databases_are_apart() -> None:
             store.append([NewRecord(RecordKind.COMMAND_SENT)], who=("k", uuid.uuid4().hex))
         with open_store(b) as store:
             assert store.records() == []
+
+
+def test_fleet_extra_is_pinned_and_the_device_stays_small() -> None:
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = meta["optional-dependencies"]
+    assert set(extras["fleet"]) == {"rich==15.0.0", "psycopg[binary]==3.3.9"}
+    assert not any(req.startswith(("rich", "psycopg")) for req in extras["device"])
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "migrations/*/*.sql" in package_data["package-data"]["fleet.store"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "'.[device,litert,export,test,fleet]'" in makefile

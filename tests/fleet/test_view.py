@@ -207,3 +207,29 @@ def test_start_settles_thousands_of_retained_devices(tmp_path: Path) -> None:
             assert view.settled and len(view) == n
             assert all(r.online and r.model_version == "1.0.0" for r in view.rows())
             assert len(view.rows(group="even")) == n // 2
+
+
+def test_shared_group_workers_split_the_telemetry(broker: Broker, publisher: FleetClient) -> None:
+    """Two console workers with shared_group: each telemetry report reaches one of them
+    ($share/<group>/...), while status and state reach both."""
+    n = 200
+    with connect(broker, shared_group="w1") as a, connect(broker, shared_group="w1") as b:
+        views = [FleetView(a).start(), FleetView(b).start()]
+        for i in range(n):
+            topics = DeviceTopics(f"shr-{i:03d}")
+            body = {"device_id": topics.device, "seq": 1, "ts": 5.0, "interval_s": 1.0,
+                    "inference": {}, "system": {"rss_mb": 10.0}, "model": None,
+                    "outbox": {"messages": 0}}  # fmt: skip
+            publisher.publish(topics.telemetry, dumps(body), wait=False)
+        publisher.publish(DeviceTopics("shr-000").status, dumps(
+            {"device_id": "shr-000", "state": "online", "agent_version": "0.1.0", "since": 1.0}
+        ))  # fmt: skip
+
+        def seen(v: FleetView) -> set[str]:
+            return {r.device_id for r in v.rows() if r.device_id.startswith("shr-") and r.rss_mb}
+
+        assert views[0].wait(lambda _: len(seen(views[0]) | seen(views[1])) == n, 30)
+        assert seen(views[0]) and seen(views[1])  # both took a share
+        assert not seen(views[0]) & seen(views[1])  # and no report went to both
+        for v in views:
+            assert v.wait(lambda v: (r := v.row("shr-000")) is not None and bool(r.online), 10)
