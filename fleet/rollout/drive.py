@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from fleet.rollout.engine import RolloutEngine
 
 _FINAL_PHASES = {p.value for p in Phase if p.final}
+ROW_CHECK_S = 1.0  # how often the retained state is read for jobs whose event is missing
+MIN_STEP_S = 0.05  # the shortest time between two steps
 
 
 @dataclass
@@ -76,6 +78,8 @@ class Drive:
         self._telemetry_at: dict[str, float] = {}  # device -> monotonic time of its last report
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._rows_checked = 0.0
+        self.use_rows = True  # this step also reads the retained state (see _rows_due)
         self._remove_listener = engine.view.add_listener(self._on_view)
         records = engine.store.records(rollout_id=rollout_id)
         self.state = RolloutState.fold(records)
@@ -111,12 +115,15 @@ class Drive:
                 self._finals[(device_id, job)] = (phase, code, str(reason))
             self._wake.set()
 
-    def _final_of(self, device: str, job: str | None) -> tuple[str, str | None, str] | None:
+    def _final_of(
+        self, device: str, job: str | None, use_row: bool = True
+    ) -> tuple[str, str | None, str] | None:
+        """The job's final phase: from its event, else (`use_row`) the retained state."""
         if job is None:
             return None
         with self._lock:
             seen = self._finals.get((device, job))
-        if seen is not None:
+        if seen is not None or not use_row:
             return seen
         row = self.e.view.row(device)
         if row is not None and row.job == job and row.phase in _FINAL_PHASES:
@@ -181,15 +188,22 @@ class Drive:
             )
         self._flush()
         while self.state.finished is None:
+            began = time.monotonic()
             self._renew()
             self._step()
             if self.state.finished is None:
+                # An event wakes the loop early, but steps stay MIN_STEP_S apart: a wave
+                # of thousands of final events must not become thousands of steps.
                 self._wake.wait(self.e.tick_s)
                 self._wake.clear()
+                rest = began + min(MIN_STEP_S, self.e.tick_s) - time.monotonic()
+                if rest > 0:
+                    time.sleep(rest)
         return self.state
 
     def _step(self) -> None:
         s = self.state
+        self.use_rows = self._rows_due()
         self._poll_deploys()
         self._poll_status_asks()
         self._poll_jobs()
@@ -372,10 +386,20 @@ class Drive:
                         str(job.get("reason") or ""),
                     )
 
+    def _rows_due(self) -> bool:
+        """The retained state is the fallback for a lost event: looked at about once a
+        second, not every tick (a wave of thousands would rebuild thousands of rows)."""
+        now = time.monotonic()
+        if now - self._rows_checked < ROW_CHECK_S:
+            return False
+        self._rows_checked = now
+        return True
+
     def _poll_jobs(self) -> None:
         now = time.monotonic()
+        use_row = self.use_rows
         for dev in self.state.in_flight():
-            final = self._final_of(dev.device_id, dev.job)
+            final = self._final_of(dev.device_id, dev.job, use_row)
             if final is not None:
                 phase, code, reason = final
                 if phase == Phase.COMMITTED.value:
@@ -609,6 +633,7 @@ class Drive:
 
     def _poll_rollbacks(self) -> None:
         now = time.monotonic()
+        use_row = self.use_rows
         for device, rb in list(self.rollbacks.items()):
             if rb.job is None:
                 assert rb.future is not None
@@ -630,7 +655,7 @@ class Drive:
                 result = reply.result if isinstance(reply.result, dict) else {}
                 rb.job = str(result.get("job"))
                 rb.since = now
-            final = self._final_of(device, rb.job)
+            final = self._final_of(device, rb.job, use_row)
             if final is not None:
                 del self.rollbacks[device]
                 phase, code, reason = final
