@@ -73,7 +73,10 @@ class Gate:
 
     @property
     def text(self) -> str:
-        return f"{self.metric}{self.op}{self.limit:g}{'x' if self.relative else ''}"
+        # Exact (the plan is recorded as text and parsed back): no %g rounding.
+        limit = float(self.limit)
+        number = str(int(limit)) if limit.is_integer() and abs(limit) < 1e15 else repr(limit)
+        return f"{self.metric}{self.op}{number}{'x' if self.relative else ''}"
 
     def limit_for(self, baseline: float | None) -> float | None:
         if not self.relative:

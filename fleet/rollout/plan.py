@@ -67,7 +67,8 @@ class Count:
         return min(total, int(self.value))
 
     def __str__(self) -> str:
-        number = f"{self.value:g}"
+        v = float(self.value)
+        number = str(int(v)) if v.is_integer() else repr(v)  # exact: parsed back from JSON
         return f"{number}%" if self.percent else number
 
 
@@ -141,7 +142,7 @@ def _number(name: str, value: object, low: float, high: float) -> float:
 @dataclass(frozen=True)
 class RolloutPlan:
     targets: tuple[str, ...]
-    canary: Count = Count(1)
+    canary: Count = Count(1.0)
     wave: Count | None = None  # fixed waves; None with `rate`, else 25%
     rate: int | None = None  # exponential: first wave after the canary
     factor: float = 2.0

@@ -147,3 +147,12 @@ def test_a_missing_metric_or_baseline_is_inconclusive() -> None:
 def test_result_json_round_trip() -> None:
     result = judge("p95_ms<=1.2x", after(p95_ms=2.5))
     assert GateResult.from_json(result.to_json()) == result
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["p95_ms<=1.2x", "error_rate<=0.0123456789", "rss_mb<300", "p50_ms>1e-05", "p95_ms<2.5e+20"],
+)
+def test_gate_text_round_trips_exactly(text: str) -> None:
+    gate = parse_gate(text)
+    assert parse_gate(gate.text) == gate  # the plan is recorded as text and parsed back

@@ -183,3 +183,9 @@ def test_json_with_an_unknown_or_missing_field_is_refused() -> None:
         RolloutPlan.from_json({**doc, "canary": None})
     with pytest.raises(FleetError, match="a JSON object"):
         RolloutPlan.from_json(["all"])
+
+
+def test_counts_round_trip_exactly() -> None:
+    for text in ("12.5%", "33.333%", "1234567", "100%"):
+        count = Count.parse(text, "wave")
+        assert str(count) == text and Count.parse(str(count), "wave") == count
