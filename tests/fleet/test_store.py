@@ -197,6 +197,47 @@ def test_store_is_shared_by_threads(store: SqlStore) -> None:
     assert len(seqs) == 40 and seqs == sorted(set(seqs))
 
 
+def test_a_tailing_reader_never_misses_a_row(store_url: str) -> None:
+    """Consoles follow a rollout with records(after_seq=last seen). That only works if
+    seq order is commit order: writers racing on separate connections must never let
+    a smaller seq commit after a larger one was visible."""
+    rid = uid("tail")
+    writers = [open_store(store_url) for _ in range(3)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(s: SqlStore, n: int) -> None:
+        try:
+            while not stop.is_set():
+                s.append([NewRecord(RecordKind.COMMAND_SENT, {"n": n}, rid)] * 3, who=WHO)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(s, n)) for n, s in enumerate(writers)]
+    seen: list[int] = []
+    with open_store(store_url) as reader:
+        try:
+            for t in threads:
+                t.start()
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                new = reader.records(rollout_id=rid, after_seq=seen[-1] if seen else 0)
+                seen.extend(r.seq for r in new)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+            for s in writers:
+                s.close()
+        seen.extend(
+            r.seq for r in reader.records(rollout_id=rid, after_seq=seen[-1] if seen else 0)
+        )
+        everything = [r.seq for r in reader.records(rollout_id=rid)]
+    assert errors == []
+    assert len(everything) > 30  # they did write concurrently
+    assert seen == everything
+
+
 def test_batcher_writes_everything_in_few_transactions(store: SqlStore) -> None:
     rid = uid("r")
     batcher = RecordBatcher(store, WHO, max_batch=200, max_delay_s=0.05)
