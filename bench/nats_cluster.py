@@ -58,7 +58,8 @@ def run(kind: str, devices: int, pings: int, tmp: Path) -> None:
     with endpoints(kind, tmp) as (device_side, console_side):
         config = FleetConfig.load(None, broker=f"mqtt://{console_side[0]}:{console_side[1]}",
                                   protocol="3.1.1", key=str(key_file), operator="bench",
-                                  console_id=f"bench-{uuid.uuid4().hex[:6]}", timeout_s=10)  # fmt: skip
+                                  console_id=f"bench-{uuid.uuid4().hex[:6]}", timeout_s=10,
+                                  connect_timeout_s=30)  # fmt: skip
         client = FleetClient(config).connect()
         view = FleetView(client).start(settle_s=1)
         started = time.monotonic()

@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +158,7 @@ class FleetClient:
         self._subscribed = threading.Event()  # the SUBACK after a connect came
         self._reply_refused = False
         self._probe: tuple[str, threading.Event] | None = None
+        self._connect_listeners: list[Callable[[], None]] = []
         self.connections = 0
 
     # ------------------------------------------------------------------ connection
@@ -366,6 +368,19 @@ class FleetClient:
                 with self._lock:
                     self._subs = [s for s in self._subs if s is not sub]
                 raise
+
+    def add_connect_listener(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call `fn` after every reconnect (network thread), once this client's own
+        subscriptions are sent again. For parts that subscribe through `.paho` directly
+        (a clean session forgets their subscriptions). Returns `remove`."""
+        with self._lock:
+            self._connect_listeners = [*self._connect_listeners, fn]
+
+        def remove() -> None:
+            with self._lock:
+                self._connect_listeners = [f for f in self._connect_listeners if f is not fn]
+
+        return remove
 
     def unsubscribe(self, filter: str | TopicFilter) -> None:
         value = str(filter)
@@ -668,7 +683,17 @@ class FleetClient:
         )  # fmt: skip
         # The timer thread resolves every future; the bound here only guards a bug.
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
-        return future.result(timeout + 30)
+        try:
+            return future.result(timeout + 30)
+        except FutureTimeout:
+            with self._lock:  # never reached unless the timer thread died: forget it
+                for command_id, p in list(self._pending.items()):
+                    if p.future is future:
+                        del self._pending[command_id]
+            raise FleetError(
+                FleetCode.TIMEOUT, f"no reply from {target} to {name} within {timeout:g} s",
+                device=target,
+            ) from None  # fmt: skip
 
     def _refuse_offline(self, target: str) -> None:
         lookup = self.device_lookup
@@ -807,6 +832,8 @@ class FleetClient:
             return
         if self.connections > 1:
             log.info("reconnected to %s", self._where())
+            for fn in self._connect_listeners:
+                _safe(fn)
 
     def _handle_disconnect(
         self, client: mqttc.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any

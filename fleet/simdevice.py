@@ -72,6 +72,9 @@ TUNABLE_BOUNDS: dict[str, tuple[type, float, float]] = {
 LOG_LEVELS = ("debug", "info", "warning", "error")
 P95_FLOOR_MS = 2.0  # the agent's trial: a previous p95 counts as 2 ms at least
 PRE_SWAP = (Phase.DOWNLOADING, Phase.VERIFYING, Phase.VALIDATING, Phase.SHADOW)
+# Where `crash_rate` kills a device: the phases the agent's recovery ends with
+# update.interrupted (a download is resumed instead, so it is not one of them).
+CRASH_PHASES = (Phase.VERIFYING, Phase.VALIDATING, Phase.TRIAL)
 DEFAULT_LATENCY = {p.value: 0.05 for p in Phase}
 LIVE_WINDOW_S = 300.0  # the watchdog's recent window (5-10 minutes on the agent)
 MAX_QUEUED = 1000  # events kept while offline (the agent's outbox, much smaller)
@@ -99,6 +102,7 @@ class Knobs:
     hang_rate: float = 0.0  # stays in `hang_phase` forever (until update.cancel)
     hang_phase: str = Phase.DOWNLOADING.value
     crash_downtime_s: float = 0.5
+    crash_phase: str | None = None  # where crashes happen; None: one of CRASH_PHASES (seeded)
     latency: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LATENCY))
     trial_s: float | None = None  # trial length; None: the deploy's trial.window_s (or latency)
     skip_download: bool = False  # no real download (benchmarks at 10,000 devices)
@@ -696,8 +700,12 @@ class SimDevice:
         self.emit(phase.event, reason or f"{phase.value} {job.version}", job=job.id,
                   version=job.version, **job.figures)  # fmt: skip
         knobs = self.knobs
-        if job.kind == "deploy" and phase in PRE_SWAP[:3]:
-            crash_at = PRE_SWAP[int(_fraction(self.shared.seed, self.id, job.version, "where") * 3)]
+        if job.kind == "deploy" and phase in CRASH_PHASES:
+            crash_at = CRASH_PHASES[
+                int(_fraction(self.shared.seed, self.id, job.version, "where") * len(CRASH_PHASES))
+            ]
+            if knobs.crash_phase is not None:
+                crash_at = Phase(knobs.crash_phase)
             if phase is crash_at and self._decide(job, "crash", knobs.crash_rate):
                 job.timer = self.reactor.call_later(
                     self._latency(phase) / 2, lambda: self._crash(job)
@@ -940,14 +948,23 @@ class SimDevice:
         self.take_offline("connection lost (simulated crash)")
 
         def back() -> None:
+            # What the agent's recovery does at the next start (agent/update/recovery.py).
             self.crashed = False
             self.bring_online()
+            if job.phase is Phase.TRIAL:
+                self._swap_back(job)
+                old = job.previous
+                self._finish(
+                    job, Phase.ROLLED_BACK, UpdateCode.INTERRUPTED,
+                    f"the agent stopped during trial of {job.version} (crash 1 of this "
+                    f"version); rolled back to {old.version if old else 'nothing'}",
+                )  # fmt: skip
+                return
             self._finish(
-                job,
-                Phase.FAILED,
-                UpdateCode.INTERRUPTED,
-                f"the agent died in {job.phase.value}; ended at the next start",
-            )
+                job, Phase.FAILED, UpdateCode.INTERRUPTED,
+                f"the agent stopped during {job.phase.value}; candidate {job.version} "
+                "discarded, the served model is unchanged",
+            )  # fmt: skip
 
         self.reactor.call_later(self.knobs.crash_downtime_s, back)
 

@@ -488,8 +488,9 @@ class Simulator:
         self.call(d.bring_online)
 
     def set_knobs(self, devices: Iterable[str] | None = None, **changes: Any) -> None:
-        """Per device at run time: fail_rate, crash_rate, hang_rate, hang_phase, latency
-        (a number or {phase: s}), trial_s, crash_downtime_s, skip_download."""
+        """Per device at run time: fail_rate, crash_rate, crash_phase (verifying,
+        validating or trial), hang_rate, hang_phase, latency (a number or {phase: s}),
+        trial_s, crash_downtime_s, skip_download, live_since_swap."""
         picked = self._pick(devices)
 
         def apply() -> None:

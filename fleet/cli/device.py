@@ -84,6 +84,9 @@ def register(sub: Any) -> None:
 
 
 def _send_options(parser: argparse.ArgumentParser) -> None:
+    from fleet.cli.devices import json_option
+
+    json_option(parser)
     parser.add_argument("--timeout", type=float, default=None, metavar="S",
                         help="wait S seconds for the reply (default: timeout_s, 10)")  # fmt: skip
     parser.add_argument("--wait", action="store_true",

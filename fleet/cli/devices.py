@@ -57,6 +57,11 @@ def register(sub: Any) -> None:
         "--settle", type=float, default=10.0, metavar="S",
         help="wait at most S seconds for the retained messages (default 10)",
     )  # fmt: skip
+    devices.add_argument(
+        "--telemetry", type=float, default=0.0, metavar="S",
+        help="telemetry is not retained: wait up to S seconds for a report from every "
+        "online device (default 0: the table shows what the broker keeps)",
+    )  # fmt: skip
     devices.set_defaults(run=run_devices)
     watch = sub.add_parser("watch", help="the devices table, live")
     _common(watch)
@@ -67,7 +72,15 @@ def register(sub: Any) -> None:
     watch.set_defaults(run=run_watch)
 
 
+def json_option(parser: argparse.ArgumentParser) -> None:
+    """`--json` after the command too (`edge-fleet ping X --json`); SUPPRESS keeps the
+    global one when this is not given."""
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")  # fmt: skip
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
+    json_option(parser)
     parser.add_argument("--group", default=None, help="only the members of this group")
     parser.add_argument("--sort", default="device", choices=sorted(SORTS), help="sort key")
 
@@ -170,6 +183,12 @@ def summary(rows: Sequence[DeviceRow]) -> str:
 def run_devices(args: argparse.Namespace, ctx: Context) -> int:
     ctx.record_commands = False  # listing sends no command
     view = ctx.view(settle_s=args.settle)
+    if args.telemetry > 0:
+        online = {r.device_id for r in view.rows(args.group) if r.online}
+        view.wait(
+            lambda v: all((r := v.row(d)) is None or r.telemetry_ts for d in online),
+            args.telemetry,
+        )
     rows = sort_rows(view.rows(args.group), args.sort)
     if not view.settled:
         ctx.progress(f"edge-fleet: the retained messages did not settle in {args.settle:g} s; "

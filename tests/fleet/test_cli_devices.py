@@ -49,7 +49,10 @@ def cli(
         code = main(["--config", str(config), *argv])
         out, err = capsys.readouterr()
         assert "Traceback" not in out + err
-        return code, json.loads(out) if "--json" in argv else out, err
+        if "--json" not in argv:
+            return code, out, err
+        docs = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return code, docs[0] if len(docs) == 1 else docs, err  # watch: one a line
 
     run.config = config  # type: ignore[attr-defined]
     return run
@@ -67,6 +70,9 @@ def test_devices_lists_every_device(cli: Callable[..., tuple[int, Any, str]]) ->
     assert "2 devices: 2 online, 0 offline" in text
     code, rows, _ = cli("--json", "devices", "--group", "nobody")
     assert code == 0 and rows == []
+    # Telemetry is not retained: --telemetry waits for a report from each device.
+    code, rows, _ = cli("devices", "--telemetry", "30", "--json")  # --json after it, too
+    assert code == 0 and all(r["telemetry_ts"] and r["rss_mb"] for r in rows)
 
 
 def test_ping_status_logs_and_the_record(cli: Callable[..., tuple[int, Any, str]]) -> None:
@@ -167,9 +173,11 @@ def test_errors_reach_the_operator_as_codes(
 def test_watch_once_and_as_json_lines(cli: Callable[..., tuple[int, Any, str]]) -> None:
     code, text, _ = cli("watch", "--once", "--sort", "p95")
     assert code == 0 and "cli-a" in text and "sorted by p95" in text
-    code = main(["--config", str(cli.config), "--json", "watch", "--for", "0.3",  # type: ignore[attr-defined]
-                 "--interval", "0.1"])  # fmt: skip
-    assert code == 0
+    code, lines, _ = cli("--json", "watch", "--for", "0.3", "--interval", "0.1")
+    assert code == 0 and len(lines) >= 2  # one snapshot a refresh
+    assert all([r["device_id"] for r in doc["devices"]] == DEVICES for doc in lines)
+    code, text, _ = cli("watch", "--for", "0.3", "--interval", "0.1")  # rich Live, redrawn
+    assert code == 0 and "cli-b" in text and "2 devices: 2 online" in text
 
 
 def test_a_real_edge_fleet_process(cli: Callable[..., tuple[int, Any, str]]) -> None:

@@ -202,6 +202,26 @@ def test_publishes_keep_their_order_beyond_the_send_window(broker: Broker) -> No
     assert got == [b"%d" % i for i in range(n)] + [b"last"]
 
 
+def test_a_broker_restart_restores_subscriptions(tmp_path: Path) -> None:
+    with Broker(tmp_path) as own:
+        config = FleetConfig.load(None, broker=f"mqtt://{own.host}:{own.port}")
+        with FleetClient(config) as client, FleetClient(config.replace(console_id="p")) as pub:
+            got: list[bytes] = []
+            reconnects: list[int] = []
+            client.subscribe("edgerun/v1/console/restart/+", lambda m: got.append(m.payload))
+            client.add_connect_listener(lambda: reconnects.append(client.connections))
+            own.kill()
+            own.start()
+            deadline = time.monotonic() + 30
+            while not (client.connected and pub.connected) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert client.connected and pub.connected and reconnects == [2]
+            pub.publish("edgerun/v1/console/restart/x", b"again")
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert got == [b"again"]  # subscribed again on the new connection
+
+
 def test_an_unreachable_broker_is_named() -> None:
     port = free_port()
     config = FleetConfig.load(None, broker=f"mqtt://127.0.0.1:{port}")
@@ -264,6 +284,6 @@ def test_tls_passwords_and_acl(
     with pytest.raises(FleetError) as info:
         FleetClient(
             secure_config(secure_broker, tmp_path, username="dev-1", password="pw-dev-1")
-        ).connect(timeout_s=1)
+        ).connect(timeout_s=2.5)
     assert "does not deliver this console's reply topic" in info.value.message
     assert "(dev-1) read and write edgerun/v1/console/#" in info.value.message

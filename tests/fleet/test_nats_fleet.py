@@ -9,6 +9,7 @@ over HTTP) halts and rolls the canary back.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from agent.signing import load_public_key
+from fleet.cli import main
 from fleet.config import FleetConfig
 from fleet.mqtt import FleetClient
 from fleet.ports import RecordKind
@@ -30,6 +32,7 @@ from fleet.rollout.state import RolloutState
 from fleet.simulate import Simulator
 from fleet.store import SqlStore, open_store
 from fleet.view import FleetView
+from tests.fleet.conftest import write_fleet_toml
 from tests.helpers import DEMO_PUB, SampleParts, make_bundle
 from tests.nats_cluster import NatsCluster, available
 
@@ -61,6 +64,7 @@ def console(cluster: NatsCluster, console_key_file: Path) -> Iterator[Console]:
         operator=OPERATOR,
         console_id=f"nats-{uuid.uuid4().hex[:6]}",  # no '.': NATS refuses it in topics
         timeout_s=10,
+        connect_timeout_s=30,  # JetStream session setup (see test_the_cli_on_node_3)
     )
     client = FleetClient(config).connect()
     view = FleetView(client).start(settle_s=5)
@@ -106,13 +110,13 @@ def sim(cluster: NatsCluster, console_pub: Path, console: Console) -> Iterator[S
     groups = {ROLL: list(range(5)), GATE: list(range(5, 9))}
     with Simulator(node.host, node.port, 9, prefix="nats", groups=groups,
                    console_keys=[console_pub], protocol="3.1.1", telemetry_interval_s=0.2,
-                   latency=0.02, model=("digits", "1.0.0")) as s:  # fmt: skip
+                   latency=0.02, model=("digits", "1.0.0"), start_timeout_s=180) as s:  # fmt: skip
         ids = set(s.device_ids)
         assert console.view.wait(
             lambda v: all(
                 (r := v.row(d)) is not None and r.online and r.model_version and r.live for d in ids
             ),
-            60,
+            120,
         ), "the simulated devices on node 1 did not all show up in the view on node 2"
         yield s
 
@@ -160,6 +164,35 @@ def test_devices_on_node_1_are_listed_through_node_2(console: Console, sim: Simu
     # A command through the cluster: sent on node 2, answered by a device on node 1.
     reply = console.client.request(ids[0], "config.get", {"keys": ["telemetry.interval_s"]})
     assert reply.ok and reply.device_id == ids[0], reply
+
+
+def test_the_cli_on_node_3(
+    cluster: NatsCluster, sim: Simulator, console_key_file: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    node = cluster.nodes[2]
+    config = write_fleet_toml(tmp_path / "fleet.toml", {
+        "broker": f"mqtt://{node.host}:{node.port}", "protocol": "3.1.1",
+        "key": console_key_file, "operator": OPERATOR, "db": tmp_path / "fleet.db",
+        "console_id": f"cli-{uuid.uuid4().hex[:6]}", "timeout_s": 10,
+        # A NATS CONNECT sets up (or clears) the session in JetStream: seconds on a
+        # busy machine, more than the 5 s default leaves for the reply topic's SUBACK.
+        "connect_timeout_s": 30,
+    })  # fmt: skip
+
+    def cli(*argv: str) -> tuple[int, Any]:
+        capsys.readouterr()
+        code = main(["--config", str(config), "--json", *argv])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err
+        return code, json.loads(out)
+
+    ids = _members(sim, ROLL)
+    code, rows = cli("devices", "--group", ROLL)
+    assert code == 0 and [r["device_id"] for r in rows] == ids
+    assert all(r["online"] is True and r["groups"] == [ROLL] for r in rows), rows
+    code, out = cli("ping", f"group:{ROLL}")
+    assert code == 0, out["error"]["message"] if "error" in out else out
 
 
 def test_a_rollout_then_a_rollback_through_the_cluster(

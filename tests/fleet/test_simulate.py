@@ -221,12 +221,13 @@ def test_fail_crash_hang_and_profile_knobs(
     broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole, bundle_v2: Path
 ) -> None:
     with (
-        sim(broker, keys, 5, skip_download=True, crash_downtime_s=0.3) as s,
+        sim(broker, keys, 6, skip_download=True, crash_downtime_s=0.3) as s,
         HttpBundleSource(bundle_v2, trust=[load_public_key(DEMO_PUB)]) as source,
     ):
-        failing, crashing, hanging, slow, good = s.device_ids
+        failing, crashing, hanging, slow, good, crash_in_trial = s.device_ids
         s.set_knobs([failing], fail_rate=1.0)
-        s.set_knobs([crashing], crash_rate=1.0)
+        s.set_knobs([crashing], crash_rate=1.0, crash_phase="validating")
+        s.set_knobs([crash_in_trial], crash_rate=1.0, crash_phase="trial")
         s.set_knobs([hanging], hang_rate=1.0, hang_phase="validating")
         s.set_profile("2.0.0", devices=[slow], p95_factor=3.0)
         args = source.deploy_args(trial=TrialSpec(window_s=0.1))
@@ -236,6 +237,18 @@ def test_fail_crash_hang_and_profile_knobs(
         assert outcome[failing].data["code"] == "update.validation_failed"
         assert outcome[failing].data["check"] == "latency"
         assert outcome[crashing].data["code"] == "update.interrupted"
+        # Recovery: discarded before the swap, rolled back after it; 1.0.0 serves on.
+        assert outcome[crashing].kind == "update.failed"
+        in_trial = console.wait_event(crash_in_trial, FINAL_KINDS)
+        assert in_trial.kind == "update.rolled_back"
+        assert in_trial.data["code"] == "update.interrupted"
+        for d, phase in ((crashing, "failed"), (crash_in_trial, "rolled_back")):
+
+            def ended(st: dict[str, Any], phase: str = phase) -> bool:
+                return bool(st["update"]["phase"] == phase)
+
+            assert console.wait_state(d, ended)["model"]["version"] == "1.0.0"
+        assert "model.rolled_back" in console.kinds(crash_in_trial, "model.")
         statuses = [e for e in console._bodies("status", crashing)]
         assert [b["state"] for _, b in statuses][-3:] == ["online", "offline", "online"]
         assert outcome[slow].kind == "update.rolled_back"

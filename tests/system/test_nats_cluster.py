@@ -247,7 +247,7 @@ def test_an_agent_on_node_1_answers_commands_sent_on_node_2_read_on_node_3(
             bodies = listener.on("/status")
             return bool(bodies) and Status.from_json(loads(bodies[-1])).state == "online"
 
-        assert console.reader.wait_for(online, 60), agent.output()
+        assert console.reader.wait_for(online, 120), agent.output()
         ping = console.request("ping")
         assert ping.ok and ping.result["device_id"] == DEVICE, ping
         got = console.request("config.get", {"keys": ["telemetry.interval_s"]})
