@@ -146,6 +146,7 @@ class Shared:
     model_version: str
     profile: Callable[[str, str], Signal]  # (device_id, version) -> its signal
     sent: dict[str, int] = field(default_factory=dict)  # messages published, by stream
+    rng: random.Random = field(default_factory=random.Random)  # noise in the figures only
 
 
 @dataclass
@@ -233,13 +234,18 @@ class SimDevice:
         self.shared = shared
         self.knobs = knobs
         self.topics = DeviceTopics(device_id)
-        self.rng = random.Random(f"{shared.seed}:{device_id}")
-        rng = self.rng
+        # Noise in the figures comes from one generator for all devices (a Random each
+        # would be 2.5 KB a device); what decides outcomes is fixed by the seed.
+        self.rng = shared.rng
+
+        def draw(low: float, high: float, what: str) -> float:
+            return low + (high - low) * _fraction(shared.seed, device_id, what)
+
         # Each device's own baseline, so a gate has to be relative to it.
-        self.baseline_p95_ms = round(rng.uniform(2.0, 20.0), 3)
-        self.rate_per_s = round(rng.uniform(5.0, 50.0), 2)
-        self.rss_mb = round(rng.uniform(60.0, 140.0), 1)
-        self.temperature_c = round(rng.uniform(38.0, 70.0), 1)
+        self.baseline_p95_ms = round(draw(2.0, 20.0, "p95"), 3)
+        self.rate_per_s = round(draw(5.0, 50.0, "rate"), 2)
+        self.rss_mb = round(draw(60.0, 140.0, "rss"), 1)
+        self.temperature_c = round(draw(38.0, 70.0, "temperature"), 1)
         self.started = time.time()
         name, version = shared.model_name, shared.model_version
         self.model: _Model | None = _Model(name, version, model_sha(name, version))

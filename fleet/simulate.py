@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -250,15 +251,22 @@ class _Conn:
         elif self.connected:
             device.announce()
 
-    def close(self) -> None:
-        """A clean stop: `offline` (agent stopped) for each device, then DISCONNECT."""
+    def close(self) -> list[paho.MQTTMessageInfo]:
+        """A clean stop, part 1: `offline` (agent stopped) for each device; the caller
+        waits for their PUBACKs before the DISCONNECT (closing a socket with unread
+        PUBACKs in it resets the connection, and the broker may drop what it had not
+        read yet)."""
         self.wanted = False
+        sent = []
         if self.connected:
             for d in self.devices.values():
                 if d.online:
-                    self.client.publish(
-                        str(d.topics.status), d.offline_status("agent stopped"), 1, True
+                    sent.append(
+                        self.client.publish(
+                            str(d.topics.status), d.offline_status("agent stopped"), 1, True
+                        )
                     )
+        return sent
 
 
 def _load_key(key: KeyLike) -> Ed25519PublicKey:
@@ -325,6 +333,7 @@ class Simulator:
             model_name=model[0],
             model_version=model[1],
             profile=self._signal,
+            rng=random.Random(seed),
         )
         lat = dict(DEFAULT_LATENCY)
         if isinstance(latency, Mapping):
@@ -415,12 +424,18 @@ class Simulator:
             return
         self.closing = True
         if self._started:
+            sent: list[paho.MQTTMessageInfo] = []
             with contextlib.suppress(Exception):
-                self.call(self._close_conns, timeout_s=5.0)
-            self._drain(2.0)
+                sent = self.call(self._close_conns, timeout_s=5.0)
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and not all(i.is_published() for i in sent):
+                time.sleep(0.02)
             with contextlib.suppress(Exception):
                 self.call(self._disconnect, timeout_s=5.0)
-            self._drain(1.0)
+            # paho closes each socket once its DISCONNECT is written.
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and any(c.client.socket() for c in self.conns):
+                time.sleep(0.02)
         self.reactor.stop()
         for c in self.conns:
             with contextlib.suppress(Exception):
@@ -429,24 +444,12 @@ class Simulator:
                     sock.close()
         self.downloads.shutdown(wait=False, cancel_futures=True)
 
-    def _close_conns(self) -> None:
-        for c in self.conns:
-            c.close()
+    def _close_conns(self) -> list[paho.MQTTMessageInfo]:
+        return [info for c in self.conns for info in c.close()]
 
     def _disconnect(self) -> None:
         for c in self.conns:
             c.client.disconnect()
-
-    def _drain(self, timeout_s: float) -> None:
-        """Wait (bounded) until the connections wrote what they queued."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if self.call(lambda: not any(c.client.want_write() for c in self.conns), 5.0):
-                    return
-            except TimeoutError:
-                return
-            time.sleep(0.02)
 
     # ----------------------------------------------------------------- knobs
 
@@ -535,6 +538,7 @@ class Simulator:
         return {
             "devices": len(self.devices),
             "connections": len(self.conns),
+            "connected": sum(1 for c in self.conns if c.connected),
             "online": sum(1 for d in self.devices.values() if d.online),
             "sent": dict(self.shared.sent),
             "loop_busy_s": round(self.reactor.busy_s, 3),

@@ -21,6 +21,7 @@ from agent.signing import KeyFileError, load_public_key
 from fleet.errors import FleetCode, FleetError
 
 MAX_DEVICES = 100_000
+CONNECT_S = 5.0
 SIGNALS = ("p95_factor", "error_rate", "agreement", "nonfinite_rate")
 
 
@@ -162,6 +163,14 @@ def run(args: argparse.Namespace, ctx: Any) -> int:
     started = time.monotonic()
     sim.start()
     try:
+        # No connection at all after a few seconds: the broker is not there (or refuses
+        # these clients); say so now instead of after the whole start-up bound.
+        if not sim.wait_online(CONNECT_S) and sim.stats()["connected"] == 0:
+            raise FleetError(
+                FleetCode.BROKER,
+                f"no simulated device could connect to {host}:{port} within {CONNECT_S:g} s "
+                "(is the broker running, and does it accept these clients?)",
+            )
         if not sim.wait_online(max(30.0, args.n / 100)):
             raise FleetError(
                 FleetCode.BROKER,

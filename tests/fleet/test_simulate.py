@@ -23,8 +23,9 @@ from fleet.simulate import Simulator
 from tests.fleet._sim import FINAL_KINDS, SimConsole, console_keypair
 from tests.fleet.conftest import SecureBroker
 from tests.helpers import DEMO_KEY, DEMO_PUB, make_bundle, unpack_sample
-from tests.mqtt_broker import Broker
+from tests.mqtt_broker import Broker, free_port
 
+CLI = [sys.executable, "-m", "fleet.cli"]
 FAST = {"latency": 0.02, "telemetry_interval_s": 0.3, "start_timeout_s": 15.0}
 
 
@@ -97,7 +98,7 @@ def test_signed_commands_are_answered_and_bad_ones_refused_with_the_devices_code
         assert code(issued_at=time.time() - 120, lifetime_s=60) == "command.expired"
         assert code(lifetime_s=7200) == "command.lifetime_too_long"
         forged = console.body(a, "ping")
-        forged["sig"] = console.body(a, "ping", id=forged["id"])["sig"]  # another body's
+        forged["sig"] = console.body(a, "ping", {"x": 1}, id=forged["id"])["sig"]  # another body
         assert console.request(a, "ping", body=forged).error.code == "command.bad_signature"  # type: ignore[union-attr]
         intruder = SimConsole.body(console, a, "ping")  # signed by the console key...
         from agent.protocol.canonical import sign_body
@@ -293,11 +294,17 @@ def test_edge_fleet_simulate_runs_until_sigterm_and_devices_lists_them(
     broker: Broker, keys: tuple[Ed25519PrivateKey, Path], console: SimConsole
 ) -> None:
     url = f"mqtt://{broker.host}:{broker.port}"
-    base = [sys.executable, "-m", "fleet.cli", "--broker", url]
+    base = [*CLI, "--broker", url]
     bad = subprocess.run([*base, "--json", "simulate", "5", "--fail-rate", "2"],
                          check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert json.loads(bad.stdout)["error"]["code"] == "console.bad_input"
+    nobody = subprocess.run(
+        [*CLI, "--broker", f"mqtt://127.0.0.1:{free_port()}", "--json", "simulate", "2"],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert nobody.returncode == 2 and "Traceback" not in nobody.stderr
+    assert json.loads(nobody.stdout)["error"]["code"] == "console.broker_unreachable"
     proc = subprocess.Popen(
         [*base, "simulate", "12", "--prefix", "cli", "--connections", "3", "--groups", "x,y",
          "--console-key", str(keys[1]), "--telemetry-interval", "0.5"],

@@ -21,7 +21,7 @@ from agent.link.link import INBOX_BYTES
 from agent.protocol.canonical import sign_body
 from agent.protocol.events import EventKind
 from agent.protocol.messages import dumps, loads
-from agent.protocol.topics import DeviceTopics, group_command
+from agent.protocol.topics import DeviceTopics, group_command, legacy_group_command
 from agent.service import Agent
 from tests.agent.mqtt.conftest import (
     DEVICE,
@@ -245,6 +245,25 @@ def test_group_commands_and_targets(
     reply = console.request("ping", to="other-device")
     assert reply["error"]["code"] == "command.wrong_target"
     # A group this device is not in: the broker never delivers it (no subscription).
+
+
+def test_both_spellings_of_a_command_topic_reach_the_device(
+    tmp: Path, broker: Broker, console_pub: Path, console: Console, harness: MakeHarness
+) -> None:
+    harness(agent_config(tmp, broker, console_pub, mqtt={"groups": ["lab"]})).wait_connected()
+    keys = {"keys": ["telemetry.interval_s"]}
+    portable = console.request("config.get", keys, topic=str(TOPICS.command("config.get")))
+    assert "/cmd/config-get" in str(TOPICS.command("config.get"))
+    # What a console of an earlier release sends: the dotted spelling, still taken.
+    legacy = console.request("config.get", keys, topic=str(TOPICS.legacy_command("config.get")))
+    assert portable["ok"] and legacy["ok"] and portable["result"] == legacy["result"]
+    grouped = console.request("update.status", topic=str(legacy_group_command("lab", "update.status")),
+                              to="group:lab")  # fmt: skip
+    assert grouped["device_id"] == DEVICE
+    # The body's name must still match the topic's, in either spelling.
+    body = console.body("config.get", keys)
+    reply = console.request_body(body, str(TOPICS.command("config.set")))
+    assert reply["error"]["code"] == "command.mismatch", reply
 
 
 def test_repeated_id_gets_the_first_reply_also_after_restart(
