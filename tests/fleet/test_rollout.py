@@ -261,7 +261,7 @@ def test_a_device_that_hangs_times_out_and_halts_the_wave(
     ids = sorted(sim.device_ids)
     hung = ids[3]  # in wave 1 (canary 2, then waves of 2)
     sim.set_knobs([hung], hang_rate=1.0, hang_phase="downloading")
-    state = run(store, console, http_sources, plan(sim, wave="2", device_timeout_s=1.5), bundle)
+    state = run(store, console, http_sources, plan(sim, wave="2", device_timeout_s=3.0), bundle)
     assert state.finished == "halted"
     dev = state.devices[hung]
     assert dev.outcome == "timed_out" and dev.code == "update.device_timeout"
