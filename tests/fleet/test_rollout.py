@@ -515,10 +515,15 @@ def test_a_deploy_sent_but_never_recorded_is_adopted_not_repeated(
             ],
             who=("dead-key", "dead"),
         )
+        sent: list[str] = []
+        console.client.on_sent = lambda body, target: sent.append(str(body["name"]))
         state = e.drive(created.rollout_id)
     finally:
+        console.client.on_sent = None
         source.close()
     assert state.finished == "succeeded"
+    # One deploy from the new driver (answered update.busy), then only the question.
+    assert sent.count("deploy") == 1 and "update.status" in sent
     started = kinds(sqlite_store, state.rollout_id, RecordKind.DEVICE_STARTED)
     assert [r.data["job"] for r in started] == [job]  # adopted, not a second job
     assert sim.state(dev)["update"]["job"] == job and served(sim, dev) == "2.0.0"
