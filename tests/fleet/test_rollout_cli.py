@@ -293,6 +293,9 @@ def test_pause_and_resume_from_a_second_console(
     fleet: Fleet, store: SqlStore, sim_factory: Callable[..., Simulator], bundle_path: Path
 ) -> None:
     sim = sim_factory(8, latency={"trial": 0.3})
+    # The waves after the canary take a while: the pause (a process of its own) lands
+    # well before the end even on a busy machine.
+    sim.set_knobs(sorted(sim.device_ids)[2:], latency={"trial": 1.0})
     driver = fleet.start("--json", *deploy_args(bundle_path, sim))
     try:
         rid = rollout_of(driver)
