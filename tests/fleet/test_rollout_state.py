@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from fleet.errors import FleetCode, FleetError
 from fleet.ports import Record, RecordKind
 from fleet.rollout.plan import RolloutPlan
+from fleet.rollout.progress import Printer
 from fleet.rollout.state import RolloutState
 
 RID = "r-test"
@@ -109,3 +112,62 @@ def test_a_record_that_does_not_start_with_created_is_refused() -> None:
     with pytest.raises(FleetError) as none:
         RolloutState.fold([])
     assert none.value.code is FleetCode.NOT_FOUND
+
+
+def test_progress_lines_say_what_happened_with_the_figures() -> None:
+    records = created(["a", "b"])
+    records += [
+        rec(RecordKind.WAVE_STARTED, {"wave": 0, "devices": ["a"]}),
+        rec(
+            RecordKind.DEVICE_OUTCOME,
+            {"outcome": "failed", "code": "update.trial_failed", "message": "rolled_back: p95"},
+            "a",
+            "failed",
+        ),
+        rec(
+            RecordKind.GATE_RESULT,
+            {
+                "device_id": "a",
+                "gate": "p95_ms<=1.2x",
+                "metric": "p95_ms",
+                "figure": 3.0,
+                "baseline": 2.0,
+                "limit": 2.4,
+                "passed": False,
+            },
+            "a",
+            "failed",
+        ),
+        rec(
+            RecordKind.WAVE_FINISHED,
+            {
+                "wave": 0,
+                "succeeded": 0,
+                "failed": 1,
+                "skipped": 0,
+                "success_pct": 0.0,
+                "passed": False,
+            },
+        ),
+        rec(RecordKind.ROLLOUT_HALTED, {"cause": "gate", "reason": "a: p95"}),
+        rec(RecordKind.DEVICE_ROLLED_BACK, {"ok": True, "to_version": "1.0.0"}, "a", "ok"),
+        rec(RecordKind.ROLLOUT_FINISHED, {"outcome": "halted", "reason": "a: p95"}, None, "halted"),
+    ]
+    state = RolloutState.fold(records)
+    out = io.StringIO()
+    printer = Printer(False, out)
+    for r in records:
+        printer.record(r, state)
+    text = out.getvalue()
+    assert "rollout r-test: m 2.0.0 to 2 device(s) in 2 wave(s) [1, 1]" in text
+    assert "canary: 1 device(s)" in text
+    assert "  a: FAILED [update.trial_failed] rolled_back: p95" in text
+    assert "gate a: p95_ms<=1.2x FAILED: 3 vs limit 2.4 (baseline 2)" in text
+    assert "wave 0 FAILED: 0 succeeded, 1 failed" in text
+    assert "HALTED (gate): a: p95" in text and "  a: rolled back to 1.0.0" in text
+    assert "rollout r-test halted: a: p95" in text
+    assert "rollout.baseline" not in text  # baselines are in the record, not on screen
+    lines = io.StringIO()
+    Printer(True, lines).record(records[-1], state)
+    doc = json.loads(lines.getvalue())
+    assert doc["kind"] == "rollout.finished" and doc["result"] == "halted"

@@ -265,7 +265,7 @@ def test_an_agent_on_node_1_answers_commands_sent_on_node_2_read_on_node_3(
 
             def tuned(listener: Listener) -> bool:
                 bodies = listener.on("/state")
-                if not bodies:
+                if not bodies or not listener.on("/status"):  # each retained on its own
                     return False
                 state = ReportedState.from_json(loads(bodies[-1]))
                 return state.tunable.get("telemetry.interval_s") == 0.25

@@ -16,14 +16,15 @@ from agent.protocol.update import (
     RollbackRequest,
     UpdateStatus,
 )
+from agent.update.journal import JobRecord
 
-JOURNAL_JOB = {
-    "id": "j1", "kind": "deploy", "phase": "trial", "request": {"url": "http://x/b"},
-    "version": "1.1.0", "started": 1767225600.0, "phase_started": 1767225610.5,
-    "candidate_sha": "b" * 64, "candidate_dir": "/s/bundles/b", "previous_version": "1.0.0",
-    "previous_sha": "a" * 64, "mode": "hot", "figures": {"swap_s": 0.01}, "code": None,
-    "reason": None, "finished": None,
-}  # fmt: skip
+# The journal's own record, as the device sends it in `update.status`.
+JOURNAL_JOB = JobRecord(
+    id="j1", kind="deploy", phase=Phase.TRIAL, request={"url": "http://x/b"}, version="1.1.0",
+    started=1767225600.0, phase_started=1767225610.5, candidate_sha="b" * 64,
+    candidate_dir="/s/bundles/b", previous_version="1.0.0", previous_sha="a" * 64, mode="hot",
+    figures={"swap_s": 0.01},
+).to_json()  # fmt: skip
 
 
 def test_job_accepted_round_trips() -> None:
