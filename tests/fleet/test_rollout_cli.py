@@ -431,3 +431,29 @@ def test_bad_bundles_keys_and_ids_are_refused(
         error = json.loads(done.stdout)["error"]
         assert error["code"] == code and needle in error["message"], (args, error)
         assert "Traceback" not in done.stderr
+
+
+def test_the_rollout_table_of_fleet_toml(
+    console_toml: Path, sqlite_url: str, sim_factory: Callable[..., Simulator], bundle_path: Path
+) -> None:
+    wrong = console_toml.with_name("wrong.toml")
+    wrong.write_text(console_toml.read_text() + "[rollout]\nsoak = 5\n")
+    done = Fleet(wrong, sqlite_url).run("--json", "deploy", str(bundle_path), "--to", "all")
+    assert done.returncode == 2
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "console.config" and "unknown key(s) soak" in error["message"]
+    assert "soak_s" in error["message"]  # the known keys are named
+    # Defaults from the table: the trusted key, the soak, the HTTP host.
+    good = console_toml.with_name("good.toml")
+    good.write_text(
+        console_toml.read_text()
+        + f'[rollout]\ntrust = ["{DEMO_PUB}"]\nsoak_s = 0.2\nhttp_host = "127.0.0.1"\n'
+    )
+    sim = sim_factory(2)
+    ran = Fleet(good, sqlite_url).run(
+        "--json", "deploy", str(bundle_path), "--to", f"group:{sim.group}",  # type: ignore[attr-defined]
+        "--gate", "error_rate<=0.01", "--lease-ttl", "1",
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    created = json.loads(ran.stdout.splitlines()[0])
+    assert created["kind"] == "rollout.created" and created["data"]["plan"]["soak_s"] == 0.2
