@@ -278,6 +278,7 @@ def run_deploy(args: argparse.Namespace, ctx: Any) -> int:
     defaults = parts.rollout_defaults()
     plan = plan_from_args(args, defaults)  # refused before anything connects
     bundle = inspect_bundle(args.bundle, parts.trust(args))
+    parts.config.signing_key()  # no key: refused here, not as a failure of every device
     printer = Printer(ctx.json)
     engine = parts.engine(args, printer)
     state = engine.create(plan, bundle)
@@ -291,6 +292,7 @@ def run_drive(args: argparse.Namespace, ctx: Any) -> int:
     load(parts.store, args.rollout_id)  # exists
     if lease_is_live(parts.store, args.rollout_id):  # before connecting to anything
         raise driven_elsewhere(parts.store, args.rollout_id)
+    parts.config.signing_key()
     printer = Printer(ctx.json)
     final = parts.engine(args, printer).drive(args.rollout_id, bundle_path=args.bundle_path)
     _final(ctx, final)
@@ -304,6 +306,7 @@ def run_request(args: argparse.Namespace, ctx: Any) -> int:
     held = parts.store.lease(lease_name(args.rollout_id))
     live = held is not None and held.expires_at > time.time()
     if what in ("resume", "rollback") and not args.no_drive and not live:
+        parts.config.signing_key()
         if not ctx.json:
             print(f"{what} recorded; no console drives {args.rollout_id}: driving it here")
         printer = Printer(ctx.json)
@@ -402,6 +405,7 @@ def run_rollback(args: argparse.Namespace, ctx: Any) -> int:
             parse_version(args.version)
         except VersionFormatError as exc:
             raise FleetError(FleetCode.BAD_INPUT, f"--version: {exc}") from None
+    parts.config.signing_key()
     devices = _rollback_targets(parts.view, args.to)
 
     def show(r: Any) -> None:

@@ -420,6 +420,8 @@ def test_bad_bundles_keys_and_ids_are_refused(
          "console.unknown_device", "--to never-seen: no such device was seen"),
         (["deploy", str(bundle_path), "--to", "group:empty-group", "--trust", str(DEMO_PUB)],
          "console.bad_input", "no device of group 'empty-group'"),
+        (["--key", str(tmp_path / "no.key"), "deploy", str(bundle_path), "--to", "all",
+          "--trust", str(DEMO_PUB)], "console.config", "no.key"),
         (["rollout", "show", "r-nope"], "console.not_found", "no rollout 'r-nope'"),
         (["rollout", "pause", "r-nope"], "console.not_found", "rollout list"),
         (["rollback", "--to", "all"], "console.bad_input", "rollback --to all is refused"),
