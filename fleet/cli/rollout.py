@@ -94,6 +94,12 @@ def register(sub: Any) -> None:
         c.add_argument("--reason", default="")
         if what in ("resume", "rollback"):
             c.add_argument("--no-drive", action="store_true", help="only record the request")
+            c.add_argument(
+                "--wait",
+                type=float,
+                default=0.0,
+                help="seconds to wait for a dead console's lease to lapse, then drive",
+            )
             _driving(c)
         c.set_defaults(run=run_request, what=what)
     d = rs.add_parser("drive", help="take over driving a rollout (its lease must be free)")
@@ -304,8 +310,16 @@ def run_request(args: argparse.Namespace, ctx: Any) -> int:
     state = request(parts.store, args.rollout_id, args.what, parts.who, args.reason)
     what = args.what
     held = parts.store.lease(lease_name(args.rollout_id))
+    drives = what in ("resume", "rollback") and not args.no_drive
+    if drives and held is not None and args.wait > 0:
+        # A console that died holds it until it lapses (a live one renews it: then the
+        # request alone does the job once the wait is over).
+        deadline = time.monotonic() + args.wait
+        while held is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            held = parts.store.lease(lease_name(args.rollout_id))
     live = held is not None and held.expires_at > time.time()
-    if what in ("resume", "rollback") and not args.no_drive and not live:
+    if drives and not live:
         parts.config.signing_key()
         if not ctx.json:
             print(f"{what} recorded; no console drives {args.rollout_id}: driving it here")

@@ -231,10 +231,11 @@ def killed_and_resumed(
         first.kill()
     assert first.proc.returncode == -signal.SIGKILL
     killed_at = store.records(rollout_id=rid)[-1].seq
-    # The lease lapses (1 s, by the database's clock); another console takes over.
-    wait_for(lambda: store.lease(f"rollout:{rid}") is None, 10, "the lease to lapse")
+    # The lease lapses (1 s, by the database's clock); another console, started at once,
+    # waits for that and takes over.
     second = fleet.run(
-        "--json", "--operator", "bob", "rollout", "resume", rid, "--trust", str(DEMO_PUB),
+        "--json", "--operator", "bob", "rollout", "resume", rid, "--wait", "20",
+        "--trust", str(DEMO_PUB),
         "--lease-ttl", "1", "--http-host", "127.0.0.1", "--bundle-path", str(bundle_path),
         timeout=90,
     )  # fmt: skip
