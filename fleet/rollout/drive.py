@@ -273,7 +273,11 @@ class Drive:
             return
         now = time.time()
         for dev in s.wave_devices(wave):
-            if dev.status != "pending" or dev.device_id in self.deploys:
+            if (
+                dev.status != "pending"
+                or dev.device_id in self.deploys
+                or dev.device_id in self.status_asks  # busy: asking which job it runs
+            ):
                 continue
             if s.baselines.get(dev.device_id, {}).get("sha256") == s.bundle["sha256"]:
                 self._outcome(dev, ALREADY_CURRENT, None, "served this bundle before the rollout")
@@ -321,6 +325,9 @@ class Drive:
             try:
                 reply = future.result()
             except FleetError as exc:
+                if exc.code is FleetCode.OFFLINE:  # went offline since: nothing was sent
+                    self._outcome(dev, SKIPPED_OFFLINE, None, f"offline: {exc.message}")
+                    continue
                 outcome = TIMED_OUT if exc.code is FleetCode.TIMEOUT else FAILED
                 self._outcome(dev, outcome, exc.code.value, f"deploy: {exc.message}")
                 continue
@@ -375,6 +382,13 @@ class Drive:
                 # A busy device: adopt the job when it installs our version.
                 if job.get("kind") == "deploy" and job.get("version") == self.state.version:
                     self._started(dev, job_id, None)
+                    if phase in _FINAL_PHASES:
+                        with self._lock:
+                            self._finals[(device, str(job_id))] = (
+                                str(phase),
+                                job.get("code"),
+                                str(job.get("reason") or ""),
+                            )
                 else:
                     self._outcome(dev, FAILED, "update.busy", f"busy with job {job_id} ({phase})")
                 continue

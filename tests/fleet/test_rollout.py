@@ -261,7 +261,7 @@ def test_a_device_that_hangs_times_out_and_halts_the_wave(
     ids = sorted(sim.device_ids)
     hung = ids[3]  # in wave 1 (canary 2, then waves of 2)
     sim.set_knobs([hung], hang_rate=1.0, hang_phase="downloading")
-    state = run(store, console, http_sources, plan(sim, wave="2", device_timeout_s=1.5), bundle)
+    state = run(store, console, http_sources, plan(sim, wave="2", device_timeout_s=3.0), bundle)
     assert state.finished == "halted"
     dev = state.devices[hung]
     assert dev.outcome == "timed_out" and dev.code == "update.device_timeout"
@@ -515,10 +515,15 @@ def test_a_deploy_sent_but_never_recorded_is_adopted_not_repeated(
             ],
             who=("dead-key", "dead"),
         )
+        sent: list[str] = []
+        console.client.on_sent = lambda body, target: sent.append(str(body["name"]))
         state = e.drive(created.rollout_id)
     finally:
+        console.client.on_sent = None
         source.close()
     assert state.finished == "succeeded"
+    # One deploy from the new driver (answered update.busy), then only the question.
+    assert sent.count("deploy") == 1 and "update.status" in sent
     started = kinds(sqlite_store, state.rollout_id, RecordKind.DEVICE_STARTED)
     assert [r.data["job"] for r in started] == [job]  # adopted, not a second job
     assert sim.state(dev)["update"]["job"] == job and served(sim, dev) == "2.0.0"
