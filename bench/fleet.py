@@ -253,6 +253,8 @@ def bench_rollout(
            "--via", via, "--trust", str(DEMO_PUB), "--http-host", "127.0.0.1",
            "--gate", GATE]  # fmt: skip
     wall, rc, peak, cpu_s, stdout, stderr = timed(cmd, timeout_s=1800)
+    log = Path(tempfile.gettempdir()) / f"bench-fleet-deploy-{n}.log"
+    log.write_text(stdout + stderr)  # the whole progress, for a rollout that did not succeed
     time.sleep(1.0)  # the last replies and events still in flight reach the counter
     after = counter.snapshot()
     delta = {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
@@ -273,6 +275,7 @@ def bench_rollout(
         "rollout_messages_by_kind_per_device": per_device,
         "rollout_telemetry_during": telemetry,
         "rollout_tail": (stdout + stderr)[-600:] if rc != 0 else "",
+        "rollout_log": str(log),
     }
 
 

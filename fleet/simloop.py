@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 MISC_EVERY_S = 0.5  # keepalive pings and paho's timeouts
 MAX_SSL_READS = 64  # packets read at once while TLS holds decrypted bytes
+# Timers run per turn at most: a wave of 2,500 jobs moving to their next phase at once
+# must not keep the loop from reading the commands (and answering them) for seconds.
+TIMERS_PER_TURN = 256
 
 
 class Timer:
@@ -151,7 +154,8 @@ class Reactor:
         next_misc = time.monotonic() + MISC_EVERY_S
         while not self._stopping:
             timeout = MISC_EVERY_S
-            if self._calls or self._dirty:
+            now = time.monotonic()
+            if self._calls or self._dirty or (self._timers and self._timers[0][0] <= now):
                 timeout = 0.0
             elif self._timers:
                 timeout = min(timeout, max(0.0, self._timers[0][0] - time.monotonic()))
@@ -175,9 +179,11 @@ class Reactor:
             while self._calls:
                 self._guarded(self._calls.popleft())
             now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
+            ran = 0
+            while self._timers and self._timers[0][0] <= now and ran < TIMERS_PER_TURN:
                 _, _, timer = heapq.heappop(self._timers)
                 if not timer.cancelled:
+                    ran += 1
                     self._guarded(timer.fn)
             if now >= next_misc:
                 next_misc = now + MISC_EVERY_S

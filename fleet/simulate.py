@@ -47,9 +47,10 @@ from paho.mqtt.properties import Properties
 
 from agent.protocol.topics import device_id as check_device_id
 from agent.protocol.topics import group_name, parse_command_topic
+from agent.protocol.update import Phase
 from agent.signing import parse_public_key
 from fleet.simcommands import Incoming, SignatureCache
-from fleet.simdevice import DEFAULT_LATENCY, Knobs, Shared, Signal, SimDevice
+from fleet.simdevice import CRASH_PHASES, DEFAULT_LATENCY, Knobs, Shared, Signal, SimDevice
 from fleet.simloop import Reactor
 
 log = logging.getLogger(__name__)
@@ -300,6 +301,7 @@ class Simulator:
         crash_rate: float = 0.0,
         hang_rate: float = 0.0,
         hang_phase: str = "downloading",
+        crash_phase: str | None = None,
         latency: float | Mapping[str, float] = 0.05,
         trial_s: float | None = None,
         crash_downtime_s: float = 0.5,
@@ -342,7 +344,7 @@ class Simulator:
             lat = {k: float(latency) for k in lat}
         self.knobs = Knobs(
             fail_rate=fail_rate, crash_rate=crash_rate, hang_rate=hang_rate,
-            hang_phase=hang_phase, crash_downtime_s=crash_downtime_s, latency=lat,
+            hang_phase=_phase(hang_phase, PHASES), crash_phase=_phase(crash_phase, CRASHES), crash_downtime_s=crash_downtime_s, latency=lat,
             trial_s=trial_s, skip_download=skip_download, live_since_swap=live_since_swap,
         )  # fmt: skip
         width = max(4, len(str(n - 1)))
@@ -505,6 +507,10 @@ class Simulator:
                             knobs.latency.update({str(k): float(v) for k, v in value.items()})
                         else:
                             knobs.latency = {k: float(value) for k in knobs.latency}
+                    elif key in ("hang_phase", "crash_phase"):
+                        setattr(
+                            knobs, key, _phase(value, CRASHES if key == "crash_phase" else PHASES)
+                        )
                     elif hasattr(knobs, key):
                         setattr(knobs, key, value)
                     else:
@@ -543,6 +549,18 @@ class Simulator:
             "sent": dict(self.shared.sent),
             "loop_busy_s": round(self.reactor.busy_s, 3),
         }
+
+
+PHASES = tuple(p.value for p in Phase if not p.final and p is not Phase.ACCEPTED)
+CRASHES = tuple(p.value for p in CRASH_PHASES)
+
+
+def _phase(value: str | None, allowed: tuple[str, ...]) -> Any:
+    if value is None and allowed is CRASHES:
+        return None
+    if value not in allowed:
+        raise ValueError(f"phase {value!r} must be one of {', '.join(allowed)}")
+    return value
 
 
 def _groups_of(groups: Groups | None, ids: list[str]) -> dict[str, tuple[str, ...]]:

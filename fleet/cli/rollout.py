@@ -94,6 +94,12 @@ def register(sub: Any) -> None:
         c.add_argument("--reason", default="")
         if what in ("resume", "rollback"):
             c.add_argument("--no-drive", action="store_true", help="only record the request")
+            c.add_argument(
+                "--wait",
+                type=float,
+                default=0.0,
+                help="seconds to wait for a dead console's lease to lapse, then drive",
+            )
             _driving(c)
         c.set_defaults(run=run_request, what=what)
     d = rs.add_parser("drive", help="take over driving a rollout (its lease must be free)")
@@ -278,6 +284,7 @@ def run_deploy(args: argparse.Namespace, ctx: Any) -> int:
     defaults = parts.rollout_defaults()
     plan = plan_from_args(args, defaults)  # refused before anything connects
     bundle = inspect_bundle(args.bundle, parts.trust(args))
+    parts.config.signing_key()  # no key: refused here, not as a failure of every device
     printer = Printer(ctx.json)
     engine = parts.engine(args, printer)
     state = engine.create(plan, bundle)
@@ -291,6 +298,7 @@ def run_drive(args: argparse.Namespace, ctx: Any) -> int:
     load(parts.store, args.rollout_id)  # exists
     if lease_is_live(parts.store, args.rollout_id):  # before connecting to anything
         raise driven_elsewhere(parts.store, args.rollout_id)
+    parts.config.signing_key()
     printer = Printer(ctx.json)
     final = parts.engine(args, printer).drive(args.rollout_id, bundle_path=args.bundle_path)
     _final(ctx, final)
@@ -302,8 +310,17 @@ def run_request(args: argparse.Namespace, ctx: Any) -> int:
     state = request(parts.store, args.rollout_id, args.what, parts.who, args.reason)
     what = args.what
     held = parts.store.lease(lease_name(args.rollout_id))
+    drives = what in ("resume", "rollback") and not args.no_drive
+    if drives and held is not None and args.wait > 0:
+        # A console that died holds it until it lapses (a live one renews it: then the
+        # request alone does the job once the wait is over).
+        deadline = time.monotonic() + args.wait
+        while held is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            held = parts.store.lease(lease_name(args.rollout_id))
     live = held is not None and held.expires_at > time.time()
-    if what in ("resume", "rollback") and not args.no_drive and not live:
+    if drives and not live:
+        parts.config.signing_key()
         if not ctx.json:
             print(f"{what} recorded; no console drives {args.rollout_id}: driving it here")
         printer = Printer(ctx.json)
@@ -402,6 +419,7 @@ def run_rollback(args: argparse.Namespace, ctx: Any) -> int:
             parse_version(args.version)
         except VersionFormatError as exc:
             raise FleetError(FleetCode.BAD_INPUT, f"--version: {exc}") from None
+    parts.config.signing_key()
     devices = _rollback_targets(parts.view, args.to)
 
     def show(r: Any) -> None:

@@ -34,6 +34,9 @@ def register(sub: Any) -> None:
     p.add_argument("--crash-rate", type=float, default=0.0, help="share that dies mid-update")
     p.add_argument("--hang-rate", type=float, default=0.0, help="share that hangs mid-update")
     p.add_argument("--hang-phase", default="downloading", help="where hanging devices stop")
+    p.add_argument(
+        "--crash-phase", default=None, help="verifying, validating or trial (default: seeded)"
+    )
     p.add_argument("--phase-latency", type=float, default=0.5, help="seconds per update phase")
     p.add_argument("--trial", type=float, default=None, help="trial seconds (default: deploy's)")
     p.add_argument("--telemetry-interval", type=float, default=10.0, help="seconds")
@@ -148,6 +151,7 @@ def run(args: argparse.Namespace, ctx: Any) -> int:
             crash_rate=args.crash_rate,
             hang_rate=args.hang_rate,
             hang_phase=args.hang_phase,
+            crash_phase=args.crash_phase,
             latency=args.phase_latency,
             trial_s=args.trial,
             skip_download=args.skip_download,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from agent.names import shown
@@ -158,7 +158,6 @@ class RolloutPlan:
     windows: tuple[Window, ...] = ()
     trial_window_s: float | None = None  # passed to the device's trial (DeployRequest)
     shadow: bool = False  # the device shadow-evaluates first (DeployRequest)
-    extra: Mapping[str, Any] = field(default_factory=dict)  # reserved; must stay empty
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str) or not isinstance(self.targets, tuple | list):
@@ -214,8 +213,6 @@ class RolloutPlan:
             raise bad("shadow", "true or false", self.shadow)
         if not isinstance(self.allow_no_data, bool):
             raise bad("allow_no_data", "true or false", self.allow_no_data)
-        if self.extra:
-            raise bad("plan", "only the known fields", ", ".join(sorted(self.extra)))
 
     # ------------------------------------------------------------------ waves
 
@@ -281,7 +278,7 @@ class RolloutPlan:
     def from_json(cls, doc: object) -> RolloutPlan:
         if not isinstance(doc, Mapping):
             raise bad("plan", "a JSON object", doc)
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise bad("plan", f"only the known fields ({', '.join(sorted(known))})", unknown)

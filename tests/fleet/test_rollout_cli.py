@@ -231,10 +231,11 @@ def killed_and_resumed(
         first.kill()
     assert first.proc.returncode == -signal.SIGKILL
     killed_at = store.records(rollout_id=rid)[-1].seq
-    # The lease lapses (1 s, by the database's clock); another console takes over.
-    wait_for(lambda: store.lease(f"rollout:{rid}") is None, 10, "the lease to lapse")
+    # The lease lapses (1 s, by the database's clock); another console, started at once,
+    # waits for that and takes over.
     second = fleet.run(
-        "--json", "--operator", "bob", "rollout", "resume", rid, "--trust", str(DEMO_PUB),
+        "--json", "--operator", "bob", "rollout", "resume", rid, "--wait", "20",
+        "--trust", str(DEMO_PUB),
         "--lease-ttl", "1", "--http-host", "127.0.0.1", "--bundle-path", str(bundle_path),
         timeout=90,
     )  # fmt: skip
@@ -420,6 +421,8 @@ def test_bad_bundles_keys_and_ids_are_refused(
          "console.unknown_device", "--to never-seen: no such device was seen"),
         (["deploy", str(bundle_path), "--to", "group:empty-group", "--trust", str(DEMO_PUB)],
          "console.bad_input", "no device of group 'empty-group'"),
+        (["--key", str(tmp_path / "no.key"), "deploy", str(bundle_path), "--to", "all",
+          "--trust", str(DEMO_PUB)], "console.config", "no.key"),
         (["rollout", "show", "r-nope"], "console.not_found", "no rollout 'r-nope'"),
         (["rollout", "pause", "r-nope"], "console.not_found", "rollout list"),
         (["rollback", "--to", "all"], "console.bad_input", "rollback --to all is refused"),
@@ -431,3 +434,29 @@ def test_bad_bundles_keys_and_ids_are_refused(
         error = json.loads(done.stdout)["error"]
         assert error["code"] == code and needle in error["message"], (args, error)
         assert "Traceback" not in done.stderr
+
+
+def test_the_rollout_table_of_fleet_toml(
+    console_toml: Path, sqlite_url: str, sim_factory: Callable[..., Simulator], bundle_path: Path
+) -> None:
+    wrong = console_toml.with_name("wrong.toml")
+    wrong.write_text(console_toml.read_text() + "[rollout]\nsoak = 5\n")
+    done = Fleet(wrong, sqlite_url).run("--json", "deploy", str(bundle_path), "--to", "all")
+    assert done.returncode == 2
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "console.config" and "unknown key(s) soak" in error["message"]
+    assert "soak_s" in error["message"]  # the known keys are named
+    # Defaults from the table: the trusted key, the soak, the HTTP host.
+    good = console_toml.with_name("good.toml")
+    good.write_text(
+        console_toml.read_text()
+        + f'[rollout]\ntrust = ["{DEMO_PUB}"]\nsoak_s = 0.2\nhttp_host = "127.0.0.1"\n'
+    )
+    sim = sim_factory(2)
+    ran = Fleet(good, sqlite_url).run(
+        "--json", "deploy", str(bundle_path), "--to", f"group:{sim.group}",  # type: ignore[attr-defined]
+        "--gate", "error_rate<=0.01", "--lease-ttl", "1",
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    created = json.loads(ran.stdout.splitlines()[0])
+    assert created["kind"] == "rollout.created" and created["data"]["plan"]["soak_s"] == 0.2
