@@ -48,7 +48,8 @@ def loaded(agent: Agent, bundle: Path) -> Iterator[LoadedModel]:
 def evaluate(
     agent: Agent, candidate: LoadedModel, spec: ShadowSpec, live: np.ndarray | None
 ) -> tuple[Verdict, list[dict[str, float]]]:
-    shadow = ShadowEvaluator(agent.host)
+    # Progress every 0.1 s: a quick evaluation (an idle box) still reports some.
+    shadow = ShadowEvaluator(agent.host, progress_s=0.1)
     seen: list[dict[str, float]] = []
     before = agent.host._observers
     if live is None:
@@ -141,7 +142,7 @@ def test_duty_cycle_caps_the_worker(
     assert share <= duty * 1.5 + 0.02, f
     assert f["busy_s"] / f["elapsed_s"] <= duty * 1.05 + 0.01, f
     assert f["dropped"] > 0  # the queue filled while the worker paced: copies dropped
-    assert seen  # progress about once a second
+    assert seen  # progress while it ran (every progress_s)
 
 
 def test_cancel_stops_at_once_and_no_traffic_times_out(
