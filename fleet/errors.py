@@ -22,6 +22,7 @@ class FleetCode(StrEnum):
     LEASE = "console.lease_held"  # another console drives this rollout
     NOT_FOUND = "console.not_found"  # no such rollout / record
     BUNDLE = "console.bundle"  # the bundle to deploy does not verify
+    INTERNAL = "console.internal"  # a bug in edge-fleet: one line, never a traceback
 
 
 class FleetError(Exception):

@@ -40,6 +40,7 @@ from agent.protocol.messages import (
 from agent.protocol.state import ReportedState
 from agent.protocol.topics import ROOT, DeviceTopics, console_reply, device_of, fleet_filter
 from agent.protocol.update import Phase
+from agent.strictjson import finite_float, refuse_constant, unique_keys
 from fleet.mqtt import FleetClient, Message
 from fleet.ports import DeviceRow, ViewKind, ViewListener
 
@@ -348,26 +349,10 @@ def read_json(payload: bytes) -> Any:
         raise ProtocolError("command.malformed", "payload nests too deeply") from None
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text[:20]} overflows a float")
-    return value
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("an object repeats a key")
-    return out
-
-
+# The device's own strict-JSON hooks (agent/strictjson.py): one rule for NaN, overflow
+# and repeated keys on both sides of the wire.
 _DECODER = json.JSONDecoder(
-    parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
+    parse_constant=refuse_constant, parse_float=finite_float, object_pairs_hook=unique_keys
 )
 _PARSERS: dict[str, Callable[[FleetView, str, Any], tuple[ViewKind, Any, dict[str, Any] | None]]]
 _PARSERS = {

@@ -17,11 +17,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
-from fleet.errors import FleetError
+from fleet.errors import FleetCode, FleetError
+
+log = logging.getLogger(__name__)
 
 # One line per command module; each registers its own parsers.
 COMMAND_MODULES = [
@@ -66,6 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: say so in one line, keep the traceback in the log
+        log.debug("edge-fleet %s failed", args.command, exc_info=True)
+        error = FleetError(
+            FleetCode.INTERNAL,
+            f"{args.command} failed unexpectedly ({type(exc).__name__}: {exc}); "
+            "this is a bug in edge-fleet: run with EDGE_FLEET_DEBUG=1 for the traceback "
+            "and report it",
+        )
+        if os.environ.get("EDGE_FLEET_DEBUG"):
+            traceback.print_exc()
+        if args.json:
+            print(json.dumps({"error": error.to_json()}), file=sys.stdout)
+        print(f"edge-fleet: {error}", file=sys.stderr)
+        return 2
     finally:
         ctx.close()
 
