@@ -174,9 +174,10 @@ def test_the_last_will_and_a_forgotten_device(
         row = view.row("vw-a")
         assert row is not None and row.reason == "connection lost (last will)"
         assert row.since is not None and row.since >= (row.telemetry_ts or 0) - 1
-        # Its retained status and state cleared (decommissioned): the row goes.
+        # Its retained status, state and telemetry cleared (decommissioned): the row goes.
         publisher.publish(DeviceTopics("vw-a").status, b"", retain=True)
         publisher.publish(DeviceTopics("vw-a").state, b"", retain=True)
+        publisher.publish(DeviceTopics("vw-a").telemetry, b"", retain=True)
         assert view.wait(lambda v: v.row("vw-a") is None, 10)
     with connect(broker) as client:  # and a new console never sees it
         view = FleetView(client).start()
