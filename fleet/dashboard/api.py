@@ -125,7 +125,9 @@ class Dashboard:
                 )
             desc_text = request.query_params.get("desc", "0")
             if desc_text not in ("0", "1", "true", "false"):
-                raise BadParam("desc", f"desc={desc_text[:40]!r}: 0 or 1", ["0", "1"])
+                raise BadParam(
+                    "desc", f"desc={desc_text[:40]!r} is not allowed: 0 or 1", ["0", "1"]
+                )
             offset = _int(request, "offset", 0, 0, 10**9)
             limit = _int(request, "limit", 100, 1, rowq.MAX_LIMIT)
         except BadParam as bad:

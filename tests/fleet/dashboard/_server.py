@@ -12,9 +12,15 @@ file with a known user. Everything is reached over a real socket.
             events.wait(lambda e: e.event == "devices" and ..., timeout_s=10)
 
 `dashboard` (module scope, 20 devices in groups line-1/line-2, telemetry every 0.5 s)
-is the shared fixture; the pages' browser tests use it too. `dash.client`,
-`dash.view`, `dash.store`, `dash.key_file` let a test drive a real rollout
-(fleet.rollout.engine.RolloutEngine) that the dashboard then shows.
+is the shared fixture; the pages' browser tests use it too. A real rollout that the
+dashboard then shows:
+
+    engine = dash.engine()
+    state = engine.create(dash.plan(["dev-0000", "dev-0001"]), dashboard_bundle)
+    threading.Thread(target=engine.drive, args=(state.rollout_id,), daemon=True).start()
+
+(`dashboard_bundle`: the sample model as a signed 2.0.0 bundle; conftest re-exports
+both fixtures.)
 """
 
 from __future__ import annotations
@@ -36,13 +42,19 @@ import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.signing import load_public_key
 from fleet.config import FleetConfig
 from fleet.dashboard.app import create_app
 from fleet.dashboard.auth import COOKIE, Auth, hash_password
 from fleet.mqtt import FleetClient
+from fleet.rollout.bundle import BundleInfo, inspect_bundle
+from fleet.rollout.engine import RolloutEngine
+from fleet.rollout.plan import RolloutPlan
+from fleet.rollout.sources import console_sources
 from fleet.simulate import Simulator
 from fleet.store import SqlStore, open_store
 from fleet.view import FleetView
+from tests.helpers import DEMO_PUB, SampleParts, make_bundle
 from tests.mqtt_broker import Broker
 
 USER = "operator"
@@ -319,6 +331,33 @@ class DashboardServer:
     def sse(self, path: str = "/api/live") -> SseReader:
         return SseReader(self.port, path)
 
+    # ------------------------------------------------------------------ rollouts
+
+    def engine(self, **kw: Any) -> RolloutEngine:
+        """A real rollout engine on this server's client, view and store (bundles over
+        HTTP from 127.0.0.1), quick ticks for tests."""
+        options: dict[str, Any] = {
+            "operator": OPERATOR,
+            "sources": console_sources(self.client, "127.0.0.1", [load_public_key(DEMO_PUB)]),
+            "tick_s": 0.05,
+            "lease_ttl_s": 5.0,
+            "command_timeout_s": 5.0,
+        }
+        options.update(kw)
+        return RolloutEngine(self.store, self.view, self.client, **options)
+
+    def plan(self, devices: list[str], **kw: Any) -> RolloutPlan:
+        options: dict[str, Any] = {
+            "targets": tuple(devices),
+            "canary": 1,
+            "wave": "50%",
+            "soak_s": 0.3,
+            "device_timeout_s": 10.0,
+            "gates": "p95_ms<=1.5x,error_rate<=0.05",
+        }
+        options.update(kw)
+        return RolloutPlan(**options)
+
 
 @pytest.fixture(scope="module")
 def dashboard(
@@ -328,3 +367,15 @@ def dashboard(
     0.5 s) with the user USER / PASSWORD and the token TOKEN."""
     with DashboardServer(broker, tmp_path_factory.mktemp("dashboard")) as d:
         yield d
+
+
+@pytest.fixture(scope="module")
+def dashboard_bundle(
+    tmp_path_factory: pytest.TempPathFactory, sample_parts: SampleParts, demo_key: Any
+) -> BundleInfo:
+    """A real signed bundle of the sample model, version 2.0.0, verified as deploy does."""
+    path = make_bundle(
+        sample_parts, tmp_path_factory.mktemp("bundle") / "digits-2.0.0.edgebundle", demo_key,
+        version="2.0.0",
+    )  # fmt: skip
+    return inspect_bundle(path, [load_public_key(DEMO_PUB)])
