@@ -114,10 +114,13 @@ class SseReader:
                 self.ended = True
                 self._cond.notify_all()
 
-    def wait(self, pred: Callable[[Event], bool], timeout_s: float = 10.0) -> Event | None:
-        """The first event (already seen or to come) for which `pred` holds."""
+    def wait(
+        self, pred: Callable[[Event], bool], timeout_s: float = 10.0, *, start: int = 0
+    ) -> Event | None:
+        """The first event from `events[start]` on (already seen or to come) for which
+        `pred` holds."""
         deadline = time.monotonic() + timeout_s
-        seen = 0
+        seen = start
         with self._cond:
             while True:
                 for e in self.events[seen:]:
