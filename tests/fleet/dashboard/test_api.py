@@ -6,6 +6,11 @@ so the two fleets never mix."""
 from __future__ import annotations
 
 import dataclasses
+import http.client
+import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -23,7 +28,7 @@ from fleet.dashboard.rows import ROW_FIELDS, SORT_FIELDS
 from fleet.ports import RecordKind
 from fleet.rollout.bundle import BundleInfo
 from tests.fleet.dashboard._server import DashboardServer
-from tests.mqtt_broker import Broker
+from tests.mqtt_broker import Broker, free_port
 
 SECURITY = {
     "content-security-policy": "default-src 'self'; img-src 'self' data:",
@@ -293,3 +298,42 @@ def test_pages_and_static_files_are_served_with_revalidation(dash: DashboardServ
     assert status == 404
     status, _, body = dash.request("GET", "/login")  # not built in this static dir
     assert status == 404 and b"login.html" in body
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_edge_fleet_serve_serves_and_stops_on_sigterm(
+    dash: DashboardServer, broker: Broker, tmp_path: Path
+) -> None:
+    """The real `edge-fleet serve` process over the same fleet (the devices of `dash`)."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "fleet.cli", "--json", "--broker",
+        f"mqtt://{broker.host}:{broker.port}", "--db", str(tmp_path / "fleet.db"),
+        "--key", str(dash.key_file), "serve", "--listen", f"127.0.0.1:{port}",
+        "--credentials", str(dash.credentials_file),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[3])  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        started = json.loads(proc.stdout.readline() or "{}")
+        assert started.get("url") == f"http://127.0.0.1:{port}", proc.stderr and proc.stderr.read()
+        assert started["devices"] >= 20 and started["read_only"] is False
+        # It listens before it prints the line: no retry needed.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        conn.request("GET", "/api/devices?q=dev-00&limit=1000")
+        body = json.loads(conn.getresponse().read())
+        conn.close()
+        assert body["total"] == 20
+        # A second server on the same port is refused with a clear message.
+        taken = subprocess.run([*cmd[:-2]], capture_output=True, text=True, timeout=60,
+                               check=False, cwd=Path(__file__).resolve().parents[3])  # fmt: skip
+        assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
+        assert "Traceback" not in taken.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
