@@ -108,7 +108,7 @@ class LiveHub:
         assert self._wake is not None
         next_poll = time.monotonic()
         while True:
-            timeout = max(0.0, next_poll - time.monotonic()) if self.store else None
+            timeout = None if self.store is None else max(0.0, next_poll - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()

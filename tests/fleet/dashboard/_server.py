@@ -145,6 +145,40 @@ class SseReader:
         self.close()
 
 
+class RunningApp:
+    """An ASGI app under a real uvicorn on 127.0.0.1:<free port>, in a thread."""
+
+    def __init__(self, app: Any) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port: int = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False,
+                                timeout_graceful_shutdown=2)  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the dashboard server did not start")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the dashboard server did not start in 20 s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+
+
+def serve_app(app: Any) -> RunningApp:
+    return RunningApp(app)
+
+
 @dataclass
 class DashboardServer:
     broker: Broker
@@ -236,28 +270,10 @@ class DashboardServer:
         )  # fmt: skip
         self.auth = auth
         self.app = create_app(self.view, self.store, self.client.key_id, auth, **self.app_options)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", access_log=False,
-                                timeout_graceful_shutdown=2)  # fmt: skip
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self._thread.start()
-        self._stack.append(self._stop_server)
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert self._thread.is_alive(), "the dashboard server did not start"
-            assert time.monotonic() < deadline, "the dashboard server did not start in 20 s"
-            time.sleep(0.02)
-
-    def _stop_server(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(15)
+        self.running = serve_app(self.app)
+        self._stack.append(self.running.stop)
+        self.port = self.running.port
+        self.url = self.running.url
 
     def close(self) -> None:
         while self._stack:

@@ -24,10 +24,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.protocol.canonical import sign_body
 from agent.protocol.messages import dumps
 from agent.protocol.topics import DeviceTopics
+from fleet.dashboard.app import create_app
 from fleet.dashboard.rows import ROW_FIELDS, SORT_FIELDS
 from fleet.ports import RecordKind
 from fleet.rollout.bundle import BundleInfo
-from tests.fleet.dashboard._server import DashboardServer
+from tests.fleet.dashboard._server import DashboardServer, serve_app
 from tests.mqtt_broker import Broker, free_port
 
 SECURITY = {
@@ -337,3 +338,38 @@ def test_edge_fleet_serve_serves_and_stops_on_sigterm(
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+class _BrokenView:
+    """The real view, except that listing rows fails: no real part fails on demand."""
+
+    def __init__(self, view: Any) -> None:
+        self.view = view
+
+    def rows(self, group: str | None = None) -> Any:
+        raise RuntimeError("secret internals /etc/passwd")
+
+    def row(self, device_id: str) -> Any:
+        return self.view.row(device_id)
+
+    def add_listener(self, fn: Any) -> Any:
+        return self.view.add_listener(fn)
+
+
+def test_a_failure_inside_is_a_500_json_without_the_trace(
+    dash: DashboardServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = serve_app(create_app(_BrokenView(dash.view), None))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+        conn.request("GET", "/api/devices")
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+    finally:
+        running.stop()
+    assert response.status == 500
+    assert json.loads(body)["error"]["code"] == "dashboard.internal"
+    assert b"secret" not in body and b"Traceback" not in body
+    assert response.getheader("x-frame-options") == "DENY"
+    assert "secret internals" in caplog.text  # the operator's log has it
