@@ -369,8 +369,15 @@ class Dashboard:
     # ------------------------------------------------------------------ live
 
     async def live(self, request: Request) -> Response:
+        wanted = request.query_params.get("devices")
+        devices = None
+        if wanted is not None:
+            devices = frozenset(d for d in wanted.split(",") if d)
+            if len(devices) > rowq.MAX_LIMIT:
+                return error(400, BAD, f"devices= names {len(devices)} devices: at most "
+                             f"{rowq.MAX_LIMIT}", param="devices")  # fmt: skip
         return StreamingResponse(
-            self.hub.stream(),
+            self.hub.stream(devices),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

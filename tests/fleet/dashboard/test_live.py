@@ -114,3 +114,26 @@ def test_a_client_that_never_reads_is_dropped_and_the_others_keep_going(
             assert not live.ended
     finally:
         slow.close()
+
+
+def test_a_stream_for_some_devices_carries_only_their_rows(dash: DashboardServer) -> None:
+    with (
+        dash.sse("/api/live?devices=lv-0001,lv-0002") as mine,
+        dash.sse("/api/live?devices=") as none,
+        dash.sse() as every,
+    ):
+        # Telemetry every 0.5 s from each device: several events for both devices.
+        got: set[str] = set()
+        deadline = time.monotonic() + 10
+        while got != {"lv-0001", "lv-0002"}:
+            assert time.monotonic() < deadline, got
+            e = mine.wait(lambda e: e.event == "devices", 5, start=len(mine.events))
+            assert e is not None
+            got |= set(_rows(e))
+        assert every.wait(lambda e: len(_rows(e)) >= 3, 10)  # the others see every row
+        assert all(set(_rows(e)) <= {"lv-0001", "lv-0002"} for e in mine.events)
+        assert all(e.data["total"] == 10 for e in mine.events if e.event == "devices")
+        assert not [e for e in none.events if e.event == "devices"]
+        assert none.events and none.events[0].event == "ping" and not none.ended
+    status, body = dash.get_json("/api/live?devices=" + ",".join(f"d{i}" for i in range(1001)))
+    assert status == 400 and body["error"]["param"] == "devices"
