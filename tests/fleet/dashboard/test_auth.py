@@ -4,7 +4,11 @@ them (scrypt hashes made by `edge-fleet serve --hash-password`)."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -18,7 +22,7 @@ from fleet.errors import FleetError
 from fleet.ports import RecordKind
 from fleet.rollout.bundle import BundleInfo
 from tests.fleet.dashboard._server import PASSWORD, TOKEN, USER, DashboardServer
-from tests.mqtt_broker import Broker
+from tests.mqtt_broker import Broker, free_port, make_pki
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -212,3 +216,43 @@ def test_hash_password_and_bad_credentials_files(tmp_path: Path) -> None:
     assert out.returncode == 2 and "at least 8 characters" in out.stderr
     out = _cli("serve", "--credentials", "credential:dash-users")
     assert out.returncode == 2 and "CREDENTIALS_DIRECTORY" in out.stderr
+
+
+def test_over_https_with_credentials_from_the_credentials_directory(
+    dash: DashboardServer, broker: Broker, tmp_path: Path
+) -> None:
+    """The real `edge-fleet serve` with --tls-cert/--tls-key and `credential:NAME`
+    (systemd LoadCredential=): the session cookie is `Secure`."""
+    pki = make_pki(tmp_path / "pki")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "dash-users").write_text(dash.credentials_file.read_text())
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet.cli", "--json", "--broker",
+         f"mqtt://{broker.host}:{broker.port}", "--db", str(tmp_path / "f.db"), "serve",
+         "--listen", f"127.0.0.1:{port}", "--credentials", "credential:dash-users",
+         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        started = json.loads(proc.stdout.readline() or "{}")
+        assert started.get("url") == f"https://127.0.0.1:{port}"
+        assert started["users"] == 1 and started["read_only"] is False
+        context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=20, context=context)
+        conn.request("POST", "/api/login", json.dumps({"user": USER, "password": PASSWORD}),
+                     {"Content-Type": "application/json"})  # fmt: skip
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        assert response.status == 200
+        assert str(response.getheader("set-cookie")).endswith(
+            "; HttpOnly; SameSite=Strict; Path=/; Secure"
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "Traceback" not in err
