@@ -32,6 +32,7 @@ BAD = FleetCode.BAD_INPUT.value
 EVENTS_SHOWN = 100
 RECORDS_SHOWN = 200
 REASON_MAX = 500
+MAX_BODY = 64 * 1024
 _STATUS = {
     FleetCode.NOT_FOUND: 404,
     FleetCode.BAD_INPUT: 409,  # a request the rollout's state refuses (already paused…)
@@ -405,9 +406,14 @@ def _too_many(client: str, wait: float) -> JSONResponse:
 
 
 async def _json_body(request: Request, *, allow_empty: bool = False) -> dict[str, Any] | Response:
-    raw = await request.body()
-    if len(raw) > 64 * 1024:
-        return error(413, BAD, "the body is over 64 KiB")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():  # read with a cap: never hold a huge body
+        size += len(chunk)
+        if size > MAX_BODY:
+            return error(413, BAD, "the body is over 64 KiB")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip() and allow_empty:
         return {}
     try:
