@@ -30,6 +30,7 @@ from fleet.ports import RecordKind
 from fleet.rollout.bundle import BundleInfo
 from tests.fleet.dashboard._server import DashboardServer, serve_app
 from tests.mqtt_broker import Broker, free_port
+from tests.pg import pg_database_fixture
 
 SECURITY = {
     "content-security-policy": "default-src 'self'; img-src 'self' data:",
@@ -38,6 +39,7 @@ SECURITY = {
     "x-frame-options": "DENY",
 }
 RETENTION_S = 4.0
+pg_db = pg_database_fixture()
 
 
 @pytest.fixture(scope="module")
@@ -373,3 +375,42 @@ def test_a_failure_inside_is_a_500_json_without_the_trace(
     assert b"secret" not in body and b"Traceback" not in body
     assert response.getheader("x-frame-options") == "DENY"
     assert "secret internals" in caplog.text  # the operator's log has it
+
+
+def test_health_colours_follow_the_error_rate(dash: DashboardServer) -> None:
+    device = "dev-0007"
+
+    def colour() -> str:
+        return str(dash.get_json(f"/api/devices?q={device}")[1]["rows"][0]["health_class"])
+
+    try:
+        dash.sim.set_profile("1.0.0", devices=[device], error_rate=0.2)
+        assert _wait(lambda: colour() == "bad"), colour()
+        # Sorting by health puts the worst first (ok < warn < bad < offline < unknown).
+        _, worst = dash.get_json("/api/devices?sort=health_class&desc=1&limit=1")
+        assert worst["rows"][0]["device_id"] == device
+        dash.sim.set_profile("1.0.0", devices=[device], error_rate=0.02)
+        assert _wait(lambda: colour() == "warn"), colour()
+    finally:
+        dash.sim.set_profile("1.0.0", devices=[device], error_rate=0.0)
+    assert _wait(lambda: colour() == "ok"), colour()
+
+
+def test_on_postgresql(pg_db: str, tmp_path: Path, dashboard_bundle: BundleInfo) -> None:
+    """The same server over the machine's PostgreSQL: telemetry kept and read back, an
+    action recorded with the user, the rollout shown."""
+    with (
+        Broker(tmp_path / "broker") as b,
+        DashboardServer(b, tmp_path / "pg", devices=3, prefix="pq", db=pg_db,
+                        app_options={"telemetry_flush_s": 0.2}) as d,
+    ):  # fmt: skip
+        assert d.store.dialect == "postgresql"
+        assert _wait(lambda: len(d.get_json("/api/devices/pq-0001/telemetry")[1]["ts"]) >= 2)
+        rid = d.engine().create(d.plan(["pq-0000"]), dashboard_bundle).rollout_id
+        s = d.login()
+        status, body = d.post_json(f"/api/rollouts/{rid}/pause", {}, session=s)
+        assert status == 200
+        [record] = d.store.records(rollout_id=rid, kinds=[RecordKind.PAUSE_REQUESTED])
+        assert (record.seq, record.operator) == (body["record"], "operator")
+        status, shown = d.get_json(f"/api/rollouts/{rid}")
+        assert status == 200 and shown["records"][-1]["kind"] == "rollout.pause_requested"
