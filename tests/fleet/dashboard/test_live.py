@@ -12,7 +12,7 @@ import pytest
 
 from fleet.dashboard.live import encode
 from fleet.rollout.bundle import BundleInfo
-from fleet.rollout.control import request
+from fleet.rollout.control import load, request
 from tests.fleet.dashboard._server import USER, DashboardServer, Event
 from tests.mqtt_broker import Broker
 
@@ -69,11 +69,14 @@ def test_a_rollout_that_gets_records_is_announced(
         rid = dash.engine().create(dash.plan(["lv-0000"]), dashboard_bundle).rollout_id
         e = live.wait(lambda e: e.event == "rollout" and e.data["id"] == rid, 10)
         assert e is not None and e.data["summary"]["phase"] == "created"
-        # Another record (a pause request from any console): announced again.
+        # Another record (an abort request from any console): announced again, with the
+        # state it makes.
         seen = len(live.events)
-        request(dash.store, rid, "pause", ("k", USER))
+        request(dash.store, rid, "abort", ("k", USER))
         again = live.wait(lambda e: e.event == "rollout" and e.data["id"] == rid, 10, start=seen)
-        assert again is not None and again.data["summary"]["rollout_id"] == rid
+        assert again is not None and again.data["summary"]["phase"] == "aborting"
+        # Folded incrementally by the hub, the same as folding the whole record again.
+        assert again.data["summary"] == load(dash.store, rid).summary()
 
 
 def test_a_client_that_never_reads_is_dropped_and_the_others_keep_going(
