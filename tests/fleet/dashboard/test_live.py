@@ -140,3 +140,17 @@ def test_a_stream_for_some_devices_carries_only_their_rows(dash: DashboardServer
         assert none.events and none.events[0].event == "ping" and not none.ended
     status, body = dash.get_json("/api/live?devices=" + ",".join(f"d{i}" for i in range(1001)))
     assert status == 400 and body["error"]["param"] == "devices"
+
+
+def test_a_quiet_stream_gets_a_ping_every_ping_s(dash: DashboardServer) -> None:
+    ping_s = dash.hub.ping_s
+    dash.hub.ping_s = 0.2  # 15 s in service
+    try:
+        with dash.sse("/api/live?devices=") as quiet:  # no rows: nothing else to send
+            assert quiet.wait(lambda e: e.event == "ping", 5)  # at connect
+            later = quiet.wait(lambda e: e.event == "ping", 5, start=1)
+            assert later is not None and later.data == {}
+            assert quiet.wait(lambda e: e.event == "ping", 5, start=2)
+            assert all(e.event == "ping" for e in quiet.events)
+    finally:
+        dash.hub.ping_s = ping_s
