@@ -40,6 +40,8 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
 ]
 
+_OURS = {h for h, _ in SECURITY_HEADERS}
+
 # Page path -> the HTML file under static/ that renders it (its JS calls the API).
 # `/rollouts` falls back to rollout.html (which then lists them) when there is no
 # rollouts.html.
@@ -70,14 +72,15 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
+        api = str(scope.get("path", "")).startswith("/api/")
+
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [
-                    (k, v)
-                    for k, v in message.get("headers", [])
-                    if k.lower() not in {h for h, _ in SECURITY_HEADERS}
-                ]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _OURS]
                 message["headers"] = headers + SECURITY_HEADERS
+                # API answers (a session's CSRF token among them) are never cached.
+                if api and not any(k.lower() == b"cache-control" for k, _ in headers):
+                    message["headers"].append((b"cache-control", b"no-store"))
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -281,6 +281,8 @@ def test_every_response_carries_the_security_headers(dash: DashboardServer) -> N
         _, headers, _ = dash.request("GET", path)
         for name, value in SECURITY.items():
             assert headers.get(name) == value, (path, name)
+        if path.startswith("/api/"):
+            assert headers["cache-control"] == "no-store", path
     with dash.sse() as live:
         headers = {k.lower(): v for k, v in live.response.getheaders()}
         assert headers["content-type"].startswith("text/event-stream")
