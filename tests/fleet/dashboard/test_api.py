@@ -25,6 +25,7 @@ from agent.protocol.canonical import sign_body
 from agent.protocol.messages import dumps
 from agent.protocol.topics import DeviceTopics
 from fleet.dashboard.app import create_app
+from fleet.dashboard.rollouts import rollout_json
 from fleet.dashboard.rows import ROW_FIELDS, SORT_FIELDS
 from fleet.ports import RecordKind
 from fleet.rollout.bundle import BundleInfo
@@ -241,12 +242,18 @@ def test_a_real_rollout_in_the_api(dash: DashboardServer, dashboard_bundle: Bund
     rid = created.rollout_id
     status, listed = dash.get_json("/api/rollouts")
     assert status == 200 and listed["rollouts"][0]["rollout_id"] == rid
+    status, before = dash.get_json(f"/api/rollouts/{rid}")
+    assert status == 200 and before["rollout"]["phase"] == "created"
+    assert [w["started_at"] for w in before["waves"]] == [None, None]
     thread = threading.Thread(target=engine.drive, args=(rid,), daemon=True)
     thread.start()
     thread.join(60)
     assert not thread.is_alive()
     status, body = dash.get_json(f"/api/rollouts/{rid}")
     assert status == 200
+    # Served from the state folded at the first request plus the records since: the
+    # same as folding the whole record again.
+    assert body == json.loads(json.dumps(rollout_json(dash.store.records(rollout_id=rid))))
     assert body["rollout"]["rollout_id"] == rid and body["rollout"]["outcome"] == "succeeded"
     assert [len(w["devices"]) for w in body["waves"]] == [1, 2]
     for i, wave in enumerate(body["waves"]):
