@@ -22,9 +22,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.protocol.canonical import sign_body
-from agent.protocol.messages import dumps
+from agent.protocol.messages import EventMessage, dumps
 from agent.protocol.topics import DeviceTopics
 from fleet.dashboard.app import create_app
+from fleet.dashboard.devlog import DeviceLog
 from fleet.dashboard.rollouts import rollout_json
 from fleet.dashboard.rows import ROW_FIELDS, SORT_FIELDS
 from fleet.ports import RecordKind
@@ -423,3 +424,32 @@ def test_on_postgresql(pg_db: str, tmp_path: Path, dashboard_bundle: BundleInfo)
         assert (record.seq, record.operator) == (body["record"], "operator")
         status, shown = d.get_json(f"/api/rollouts/{rid}")
         assert status == 200 and shown["records"][-1]["kind"] == "rollout.pause_requested"
+
+
+def test_device_events_are_bounded_per_device_and_over_the_fleet() -> None:
+    """The device log alone (it only needs a view to listen to), fed real EventMessages."""
+
+    class Listened:
+        def add_listener(self, fn: Any) -> Any:
+            return lambda: None
+
+    log = DeviceLog(Listened(), events_kept=5, events_total=12)  # type: ignore[arg-type]
+
+    def event(device: str, seq: int) -> None:
+        message = EventMessage(device, seq, float(seq), "command.refused", f"#{seq}", {})
+        log._on_view("event", device, message)
+
+    for seq in range(1, 9):  # a chatty device: only its latest 5
+        event("a", seq)
+    assert [e["reason"] for e in log.events("a")] == [f"#{i}" for i in range(4, 9)]
+    for seq in range(1, 6):
+        event("b", seq)
+        event("c", seq)
+    # 15 kept by the per-device bound, 12 over the fleet: the 3 oldest (a's) went.
+    assert [e["reason"] for e in log.events("a")] == ["#7", "#8"]
+    assert len(log.events("b")) == len(log.events("c")) == 5
+    for seq in range(9, 3000):  # stale order entries are compacted, not kept forever
+        event("a", seq)
+    assert len(log._order) <= 2 * 12 + 1000
+    assert sum(len(log.events(d)) for d in "abc") == 12
+    assert log.events("a")[-1]["reason"] == "#2999"
