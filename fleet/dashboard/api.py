@@ -138,8 +138,12 @@ class Dashboard:
         groups = rowq.groups_of(every)
         if group is not None:
             every = [r for r in every if group in r.groups]
-        found = rowq.query(every, q=q, sort=sort, desc=desc_text in ("1", "true"), now=now)
-        page = [rowq.row_json(r, now) for r in found[offset : offset + limit]]
+        stale_of = self.devlog.stale_s
+        found = rowq.query(every, q=q, sort=sort, desc=desc_text in ("1", "true"), now=now,
+                           stale_of=stale_of)  # fmt: skip
+        page = [
+            rowq.row_json(r, now, stale_of(r.device_id)) for r in found[offset : offset + limit]
+        ]
         return JSONResponse(
             {
                 "total": len(found),
@@ -164,7 +168,13 @@ class Dashboard:
             models = self._models(device_id)
         except FleetError as exc:
             return fleet_error(exc)
-        return JSONResponse({"row": rowq.row_json(row), "events": events, "models": models})
+        return JSONResponse(
+            {
+                "row": rowq.row_json(row, None, self.devlog.stale_s(device_id)),
+                "events": events,
+                "models": models,
+            }
+        )
 
     def _models(self, device_id: str) -> list[dict[str, Any]]:
         """The models a device served: what rollouts did to it (the record) and what this

@@ -126,9 +126,9 @@ def create_app(
     `auth`: credentials (None or empty: read-only)."""
     auth = auth or Auth()
     static = static_dir or STATIC_DIR
-    hub = LiveHub(view, store, interval_s=live_interval_s, ping_s=ping_s, queue_size=live_queue,
-                  rollout_poll_s=rollout_poll_s)  # fmt: skip
     devlog = DeviceLog(view)
+    hub = LiveHub(view, store, interval_s=live_interval_s, ping_s=ping_s, queue_size=live_queue,
+                  rollout_poll_s=rollout_poll_s, stale_of=devlog.stale_s)  # fmt: skip
     retention = None
     if store is not None and hasattr(store, "add_telemetry"):
         retention = TelemetryRetention(view, store, retention_s=retention_s,  # type: ignore[arg-type]

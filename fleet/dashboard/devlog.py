@@ -1,5 +1,6 @@
-"""What a device page shows that the view does not keep: the device's recent events and
-the models it was seen serving, while this server runs (bounded per device). The
+"""What a device page shows that the view does not keep: the device's recent events,
+the models it was seen serving and its telemetry interval (for when its row turns
+stale), while this server runs (bounded per device and over the fleet). The
 record adds the model changes rollouts made (fleet/dashboard/api.py merges them)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from fleet.dashboard.rows import stale_after
 from fleet.ports import View
 
 EVENTS_KEPT = 100  # per device
@@ -29,6 +31,7 @@ class DeviceLog:
         self._order: deque[tuple[int, str]] = deque()
         self._n = 0
         self._live = 0  # events kept (the `_order` entries not stale)
+        self._intervals: dict[str, float] = {}  # device -> its telemetry interval
         self._models: dict[str, deque[dict[str, Any]]] = {}
         self._remove: Callable[[], None] | None = view.add_listener(self._on_view)
 
@@ -38,6 +41,11 @@ class DeviceLog:
             self._remove = None
 
     def _on_view(self, kind: str, device: str, message: Any) -> None:
+        if kind == "telemetry":
+            interval = getattr(message, "interval_s", None)
+            if isinstance(interval, int | float) and interval > 0:
+                self._intervals[device] = float(interval)  # one writer: the MQTT thread
+            return
         if kind == "event":
             item = {
                 "ts": getattr(message, "ts", None),
@@ -82,6 +90,10 @@ class DeviceLog:
                 if models and models[-1]["version"] == version and models[-1]["sha256"] == sha:
                     return
                 models.append({"ts": time.time(), "version": version, "sha256": sha, "via": None})
+
+    def stale_s(self, device: str) -> float:
+        """How long a device may be silent before its row warns."""
+        return stale_after(self._intervals.get(device))
 
     def events(self, device: str) -> list[dict[str, Any]]:
         with self._lock:

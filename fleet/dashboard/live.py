@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sized
 from typing import Any
 
-from fleet.dashboard.rows import row_json
+from fleet.dashboard.rows import STALE_S, row_json
 from fleet.errors import FleetError
 from fleet.ports import Record, Store, View
 from fleet.rollout.control import load
@@ -61,8 +61,10 @@ class LiveHub:
         ping_s: float = 15.0,
         queue_size: int = 64,
         rollout_poll_s: float = 0.5,
+        stale_of: Callable[[str], float] = lambda device: STALE_S,
     ) -> None:
         self.view, self.store = view, store
+        self.stale_of = stale_of
         self.interval_s, self.ping_s = interval_s, ping_s
         self.queue_size, self.rollout_poll_s = queue_size, rollout_poll_s
         self._lock = threading.Lock()
@@ -148,7 +150,7 @@ class LiveHub:
         for device in sorted(dirty):
             row = self.view.row(device)
             if row is not None:
-                rows.append(row_json(row, now))
+                rows.append(row_json(row, now, self.stale_of(device)))
         if not rows or not self._clients:
             return
         sized = self.view

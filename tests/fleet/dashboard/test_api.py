@@ -27,8 +27,8 @@ from agent.protocol.topics import DeviceTopics
 from fleet.dashboard.app import create_app
 from fleet.dashboard.devlog import DeviceLog
 from fleet.dashboard.rollouts import rollout_json
-from fleet.dashboard.rows import ROW_FIELDS, SORT_FIELDS
-from fleet.ports import RecordKind
+from fleet.dashboard.rows import ROW_FIELDS, SORT_FIELDS, health_class, stale_after
+from fleet.ports import DeviceRow, RecordKind
 from fleet.rollout.bundle import BundleInfo
 from tests.fleet.dashboard._server import DashboardServer, serve_app
 from tests.mqtt_broker import Broker, free_port
@@ -453,3 +453,15 @@ def test_device_events_are_bounded_per_device_and_over_the_fleet() -> None:
     assert len(log._order) <= 2 * 12 + 1000
     assert sum(len(log.events(d)) for d in "abc") == 12
     assert log.events("a")[-1]["reason"] == "#2999"
+
+
+def test_a_silent_device_warns_after_three_of_its_intervals() -> None:
+    now = 1_000_000.0
+    row = DeviceRow("d", online=True, health="ready", seen_at=now - 40)
+    assert health_class(row, now) == "warn"  # 40 s of silence, default 30 s
+    assert health_class(row, now, stale_after(20.0)) == "ok"  # reports every 20 s: 60 s
+    assert health_class(row, now + 30, stale_after(20.0)) == "warn"
+    assert stale_after(None) == stale_after(1.0) == 30.0
+    assert health_class(DeviceRow("d", online=False, health="ready"), now) == "offline"
+    assert health_class(DeviceRow("d"), now) == "unknown"
+    assert health_class(DeviceRow("d", online=True, health="not_ready", seen_at=now), now) == "bad"
