@@ -13,6 +13,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from starlette.requests import Request
@@ -29,6 +30,22 @@ from fleet.ports import Record, RecordKind, Store, View
 from fleet.rollout.control import REQUESTS, request, rollout_rows
 
 BAD = FleetCode.BAD_INPUT.value
+
+
+class ApiCode(StrEnum):
+    """The dashboard's own error codes (HTTP answers only; everything the console's core
+    refuses keeps its FleetCode, e.g. console.bad_input, console.not_found)."""
+
+    READ_ONLY = "dashboard.read_only"  # 403: started without credentials
+    BAD_CREDENTIALS = "dashboard.bad_credentials"  # 401: wrong user, password or token
+    LOGIN_REQUIRED = "dashboard.login_required"  # 401: an action without a session
+    CSRF = "dashboard.csrf"  # 403: X-CSRF-Token missing or not the session's
+    RATE_LIMITED = "dashboard.rate_limited"  # 429: 5 failed logins a minute
+    NOT_FOUND = "dashboard.not_found"  # 404: no such path
+    HTTP = "dashboard.http"  # another HTTP error (405 ...)
+    INTERNAL = "dashboard.internal"  # 500: the trace is in the server's log only
+
+
 EVENTS_SHOWN = 100
 REASON_MAX = 500
 MAX_BODY = 64 * 1024
@@ -304,7 +321,7 @@ class Dashboard:
         if not self.auth.enabled:
             return error(
                 403,
-                "dashboard.read_only",
+                ApiCode.READ_ONLY,
                 "this dashboard is read-only: it was started without credentials "
                 "(edge-fleet serve --credentials FILE or --token-file FILE)",
             )
@@ -324,7 +341,7 @@ class Dashboard:
             return error(400, BAD, 'send {"user": "…", "password": "…"} or {"token": "…"} as JSON')
         if not ok:
             self.auth.failed(client)
-            return error(401, "dashboard.bad_credentials", "wrong user name, password or token")
+            return error(401, ApiCode.BAD_CREDENTIALS, "wrong user name, password or token")
         s = self.auth.open_session(name)
         response = JSONResponse({"user": s.user, "csrf": s.csrf})
         response.headers.append("set-cookie", session_cookie(s.sid, request.url.scheme == "https"))
@@ -348,10 +365,10 @@ class Dashboard:
                          f"{', '.join(REQUESTS)}", allowed=list(REQUESTS))  # fmt: skip
         s = self.session_of(request)
         if s is None:
-            return error(401, "dashboard.login_required", f"log in to {what} a rollout")
+            return error(401, ApiCode.LOGIN_REQUIRED, f"log in to {what} a rollout")
         token = request.headers.get("x-csrf-token", "")
         if not token or not hmac.compare_digest(token.encode(), s.csrf.encode()):
-            return error(403, "dashboard.csrf", "missing or wrong X-CSRF-Token (reload the page)")
+            return error(403, ApiCode.CSRF, "missing or wrong X-CSRF-Token (reload the page)")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             return error(415, BAD, "actions take Content-Type: application/json")
@@ -409,7 +426,7 @@ def session_cookie(sid: str, secure: bool, max_age: int | None = None) -> str:
 def _too_many(client: str, wait: float) -> JSONResponse:
     response = error(
         429,
-        "dashboard.rate_limited",
+        ApiCode.RATE_LIMITED,
         f"too many failed logins from {client}: try again in {math.ceil(wait)} s",
     )
     response.headers["Retry-After"] = str(math.ceil(wait))

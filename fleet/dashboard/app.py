@@ -22,7 +22,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from fleet.dashboard.api import Dashboard, error
+from fleet.dashboard.api import ApiCode, Dashboard, error
 from fleet.dashboard.auth import Auth
 from fleet.dashboard.devlog import DeviceLog
 from fleet.dashboard.live import LiveHub
@@ -163,7 +163,7 @@ def create_app(
         status = exc.status_code if isinstance(exc, HTTPException) else 404
         if request.url.path.startswith("/api/") or status not in (404,):
             detail = exc.detail if isinstance(exc, HTTPException) else "not found"
-            code = "dashboard.not_found" if status == 404 else "dashboard.http"
+            code = ApiCode.NOT_FOUND if status == 404 else ApiCode.HTTP
             return error(status, code, f"{request.method} {request.url.path}: {detail}")
         return PlainTextResponse("not found", 404)
 
@@ -171,7 +171,7 @@ def create_app(
         # Logged here with its traceback; the user gets a stable code, never the trace.
         log.error("dashboard: %s %s failed", request.method, request.url.path, exc_info=exc)
         return JSONResponse(
-            {"error": {"code": "dashboard.internal", "message": "the server failed; see its log"}},
+            {"error": {"code": ApiCode.INTERNAL, "message": "the server failed; see its log"}},
             500,
         )
 
