@@ -106,7 +106,7 @@ class Browser:
         self.driver.get(url)
 
     def js(self, script: str, *args: Any) -> Any:
-        return self.driver.execute_script(script, *args)
+        return self.driver.execute_script(script, *args)  # type: ignore[no-untyped-call]
 
     def wait(self, predicate: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
         """Poll `predicate` until it returns something truthy; its value, or AssertionError
@@ -146,7 +146,7 @@ class Browser:
 
     def logs(self) -> list[dict[str, Any]]:
         """Every browser console entry so far (chromedriver hands each out once)."""
-        self._logs.extend(self.driver.get_log("browser"))
+        self._logs.extend(self.driver.get_log("browser"))  # type: ignore[no-untyped-call]
         return list(self._logs)
 
     def console_errors(self) -> list[str]:

@@ -57,7 +57,8 @@ function head(r) {
   const reason = (r.halted && r.halted.reason) || (r.outcome && r.outcome !== "succeeded" ? r.reason : "");
   if (reason) {
     halt.hidden = false;
-    const cause = r.halted && r.halted.cause ? `${r.halted.cause}: ` : "";
+    const c = r.halted && r.halted.cause;
+    const cause = c && !reason.startsWith(c) ? `${c}: ` : "";
     halt.replaceChildren(h("strong", { text: r.halted ? "Halted. " : "Stopped. " }), `${cause}${reason}`);
   } else halt.hidden = true;
 }
