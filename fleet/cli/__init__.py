@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "fleet.cli.device",
     "fleet.cli.simulate",
     "fleet.cli.rollout",
+    "fleet.cli.serve",
 ]
 
 
