@@ -131,6 +131,36 @@ class Browser:
     def wait_js(self, script: str, timeout: float = 15.0, *args: Any) -> Any:
         return self.wait(lambda: self.js(script, *args), timeout, what=script)
 
+    # Pages redraw their rows (live updates, ages ticking): an element found a moment
+    # ago may be gone. These read and act in one script, on what is there now.
+
+    def text(self, css: str) -> str | None:
+        """The text of the first match (as rendered: innerText), None when nothing matches."""
+        return self.js(  # type: ignore[no-any-return]
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : null", css
+        )
+
+    def attr(self, css: str, name: str) -> str | None:
+        return self.js(  # type: ignore[no-any-return]
+            "const e = document.querySelector(arguments[0]);"
+            "return e ? e.getAttribute(arguments[1]) : null",
+            css,
+            name,
+        )
+
+    def enabled(self, css: str) -> bool:
+        return bool(
+            self.js(
+                "const e = document.querySelector(arguments[0]); return !!e && !e.disabled", css
+            )
+        )
+
+    def click(self, css: str) -> None:
+        if not self.js(
+            "const e = document.querySelector(arguments[0]); if (e) e.click(); return !!e", css
+        ):
+            raise AssertionError(f"nothing to click at {css}")
+
     def find(self, css: str) -> WebElement:
         return self.driver.find_element(By.CSS_SELECTOR, css)
 

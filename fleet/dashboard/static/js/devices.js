@@ -69,10 +69,10 @@ function cell(col, r) {
   }
 }
 
-function rowEl(r) {
+function rowEl(r, i) {
   const tr = h("tr", {
     class: `h-${r.health_class || "unknown"}`,
-    dataset: { device: r.device_id, health: r.health_class || "unknown", online: String(r.online) },
+    dataset: { device: r.device_id, health: r.health_class || "unknown", online: String(r.online), index: String(i) },
   });
   for (const col of COLUMNS) tr.append(h("td", { class: col.num ? "n" : "" }, cell(col, r)));
   return tr;
@@ -136,7 +136,7 @@ function draw() {
   frag.append(top);
   for (let i = first; i < last; i++) {
     const r = rowAt(i);
-    if (r) frag.append(rowEl(r));
+    if (r) frag.append(rowEl(r, i));
     else {
       const tr = h("tr", { class: "loading" }, h("td", { colspan: COLUMNS.length, text: "…" }));
       frag.append(tr);
@@ -146,6 +146,7 @@ function draw() {
   bottom.style.height = `${(total - last) * ROW_H}px`;
   frag.append(bottom);
   tbody.replaceChildren(frag);
+  tbody.dataset.drawnAt = String(scroller.scrollTop); // which scroll position this shows
   if (total === 0) {
     tbody.append(h("tr", {}, h("td", { colspan: COLUMNS.length, class: "empty", text: "no devices seen on the broker" })));
   }

@@ -90,7 +90,7 @@ function timeline(r, waves) {
   const lanes = waves.map((w) => {
     const lane = h("div", {
       class: "lane",
-      dataset: { wave: String(w.index), passed: String(w.passed) },
+      dataset: { wave: String(w.index), passed: w.passed === true || w.passed === false ? String(w.passed) : "pending" },
     });
     const label = h(
       "div",
