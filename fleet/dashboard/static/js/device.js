@@ -75,7 +75,11 @@ function drawCharts() {
       width: chartWidth(),
       height: 180,
       legend: { show: true },
-      scales: { x: { time: true } },
+      // A rate that stays at 0 would get uPlot's default 0-100 axis: keep rates near 0-5%.
+      scales: {
+        x: { time: true },
+        y: s.key === "error_rate" ? { range: (u, lo, hi) => [0, Math.max(0.05, (hi || 0) * 1.2)] } : {},
+      },
       series: [{}, { label: s.label, stroke: s.color, width: 1.5, spanGaps: false, points: { show: ts.length < 60 } }],
       axes: [{}, { size: 60 }],
     };

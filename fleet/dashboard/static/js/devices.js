@@ -72,7 +72,7 @@ function cell(col, r) {
 function rowEl(r, i) {
   const tr = h("tr", {
     class: `h-${r.health_class || "unknown"}`,
-    dataset: { device: r.device_id, health: r.health_class || "unknown", online: String(r.online), index: String(i) },
+    dataset: { device: r.device_id, health: r.health_class || "unknown", online: String(r.online), index: String(i), telemetryTs: String(r.telemetry_ts ?? "") },
   });
   for (const col of COLUMNS) tr.append(h("td", { class: col.num ? "n" : "" }, cell(col, r)));
   return tr;
