@@ -15,6 +15,7 @@ import getpass
 import ipaddress
 import json
 import logging
+import signal
 import socket
 import sys
 from typing import Any
@@ -85,6 +86,8 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        # Listening now: a client that comes before uvicorn is up waits in the backlog.
+        sock.listen(2048)
     except OSError as exc:
         sock.close()
         hint = " (another server is on this port?)" if exc.errno == 98 else ""
@@ -168,6 +171,10 @@ def run(args: Any, ctx: Any) -> int:
             ssl_keyfile=_ref(args.tls_key),
             timeout_graceful_shutdown=3,
         )
+        # uvicorn shuts down gracefully on SIGTERM, then raises it again once its own
+        # handler is gone; with this one in place that ends here, so the console closes
+        # the view and the store and exits 0 (SIGINT still ends as Ctrl-C: 130).
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()

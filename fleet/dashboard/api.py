@@ -125,7 +125,9 @@ class Dashboard:
                 )
             desc_text = request.query_params.get("desc", "0")
             if desc_text not in ("0", "1", "true", "false"):
-                raise BadParam("desc", f"desc={desc_text[:40]!r}: 0 or 1", ["0", "1"])
+                raise BadParam(
+                    "desc", f"desc={desc_text[:40]!r} is not allowed: 0 or 1", ["0", "1"]
+                )
             offset = _int(request, "offset", 0, 0, 10**9)
             limit = _int(request, "limit", 100, 1, rowq.MAX_LIMIT)
         except BadParam as bad:
@@ -313,20 +315,15 @@ class Dashboard:
             return error(401, "dashboard.bad_credentials", "wrong user name, password or token")
         s = self.auth.open_session(name)
         response = JSONResponse({"user": s.user, "csrf": s.csrf})
-        response.set_cookie(
-            COOKIE,
-            s.sid,
-            httponly=True,
-            samesite="strict",
-            path="/",
-            secure=request.url.scheme == "https",
-        )
+        response.headers.append("set-cookie", session_cookie(s.sid, request.url.scheme == "https"))
         return response
 
     def logout(self, request: Request) -> Response:
         self.auth.close_session(request.cookies.get(COOKIE))
         response = JSONResponse({"ok": True})
-        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+        response.headers.append(
+            "set-cookie", session_cookie("", request.url.scheme == "https", max_age=0)
+        )
         return response
 
     # ------------------------------------------------------------------ actions
@@ -372,11 +369,29 @@ class Dashboard:
     # ------------------------------------------------------------------ live
 
     async def live(self, request: Request) -> Response:
+        wanted = request.query_params.get("devices")
+        devices = None
+        if wanted is not None:
+            devices = frozenset(d for d in wanted.split(",") if d)
+            if len(devices) > rowq.MAX_LIMIT:
+                return error(400, BAD, f"devices= names {len(devices)} devices: at most "
+                             f"{rowq.MAX_LIMIT}", param="devices")  # fmt: skip
         return StreamingResponse(
-            self.hub.stream(),
+            self.hub.stream(devices),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+
+def session_cookie(sid: str, secure: bool, max_age: int | None = None) -> str:
+    """Written by hand to be exactly the contract's spelling (`SameSite=Strict`); no
+    Max-Age: the cookie ends with the browser, the session with its TTL here."""
+    parts = [f"{COOKIE}={sid}", "HttpOnly", "SameSite=Strict", "Path=/"]
+    if max_age is not None:
+        parts.append(f"Max-Age={max_age}")
+    if secure:
+        parts.append("Secure")
+    return "; ".join(parts)
 
 
 def _too_many(client: str, wait: float) -> JSONResponse:

@@ -94,6 +94,14 @@ class RevalidatedStatic(StaticFiles):
         return response
 
 
+class DashboardApp(Starlette):
+    """Starlette with the security headers outermost: Starlette puts its 500 handler
+    outside every added middleware, and a 500 needs the headers too."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack())
+
+
 def create_app(
     view: View,
     store: Store | None,
@@ -182,12 +190,11 @@ def create_app(
         Route("/api/live", dash.live),
         Mount("/static", RevalidatedStatic(directory=static, check_dir=False), name="static"),
     ]
-    app = Starlette(
+    app = DashboardApp(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: not_found, 404: not_found, 500: server_error},
     )
-    app.add_middleware(SecurityHeaders)
     app.state.dashboard = dash
     app.state.hub = hub
     app.state.retention = retention

@@ -4,6 +4,10 @@
     event: rollout   data: {"id", "summary"}                      a rollout got records
     event: ping      data: {}                                     every 15 s, and at connect
 
+`GET /api/live?devices=a,b` carries only those devices' rows (a device page, the rows
+a table page shows: at 10,000 devices the whole stream is ~250 rows every 250 ms);
+`?devices=` (empty) none, for a page that wants only rollout events.
+
 The view's listener (MQTT thread) only adds the device id to a set and, when the set
 was empty, wakes the hub: one cross-thread call per flush, not per message. The hub
 (one asyncio task) builds each event once, encodes it once and puts the same bytes in
@@ -36,9 +40,12 @@ def encode(event: str, data: Any) -> bytes:
 
 
 class Client:
-    def __init__(self, queue_size: int) -> None:
+    def __init__(self, queue_size: int, devices: frozenset[str] | None = None) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(queue_size)
         self.dropped = False
+        # None: every changed row; a set: only those devices' rows (a device page, the
+        # rows a table shows); empty: no device rows (a rollout page).
+        self.devices = devices
 
 
 class LiveHub:
@@ -108,7 +115,7 @@ class LiveHub:
         assert self._wake is not None
         next_poll = time.monotonic()
         while True:
-            timeout = max(0.0, next_poll - time.monotonic()) if self.store else None
+            timeout = None if self.store is None else max(0.0, next_poll - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
@@ -142,7 +149,17 @@ class LiveHub:
             return
         sized = self.view
         total = len(sized) if isinstance(sized, Sized) else len(self.view.rows())
-        self.broadcast(encode("devices", {"rows": rows, "total": total}))
+        everyone: bytes | None = None
+        for client in list(self._clients):
+            if client.devices is None:
+                if everyone is None:  # encoded once for all unfiltered clients
+                    everyone = encode("devices", {"rows": rows, "total": total})
+                self._put(client, everyone)
+                continue
+            mine = [r for r in rows if r["device_id"] in client.devices]
+            if mine:
+                self._put(client, encode("devices", {"rows": mine, "total": total}))
+        self.sent_events += 1
 
     async def _tail_rollouts(self) -> None:
         store = self.store
@@ -171,12 +188,15 @@ class LiveHub:
     def broadcast(self, payload: bytes) -> None:
         self.sent_events += 1
         for client in list(self._clients):
-            try:
-                client.queue.put_nowait(payload)
-            except asyncio.QueueFull:
-                log.info("live: a client fell %d events behind; dropped", self.queue_size)
-                self.dropped += 1
-                self._close(client)
+            self._put(client, payload)
+
+    def _put(self, client: Client, payload: bytes) -> None:
+        try:
+            client.queue.put_nowait(payload)
+        except asyncio.QueueFull:
+            log.info("live: a client fell %d events behind; dropped", self.queue_size)
+            self.dropped += 1
+            self._close(client)
 
     def _close(self, client: Client) -> None:
         self._clients.discard(client)
@@ -185,9 +205,9 @@ class LiveHub:
             client.queue.get_nowait()
         client.queue.put_nowait(None)  # the stream ends at this marker
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """One client's event stream (for a StreamingResponse)."""
-        client = Client(self.queue_size)
+    async def stream(self, devices: frozenset[str] | None = None) -> AsyncIterator[bytes]:
+        """One client's event stream (for a StreamingResponse); `devices`: see Client."""
+        client = Client(self.queue_size, devices)
         self._clients.add(client)
         try:
             # EventSource reconnects after `retry` ms when the stream ends.

@@ -12,9 +12,15 @@ file with a known user. Everything is reached over a real socket.
             events.wait(lambda e: e.event == "devices" and ..., timeout_s=10)
 
 `dashboard` (module scope, 20 devices in groups line-1/line-2, telemetry every 0.5 s)
-is the shared fixture; the pages' browser tests use it too. `dash.client`,
-`dash.view`, `dash.store`, `dash.key_file` let a test drive a real rollout
-(fleet.rollout.engine.RolloutEngine) that the dashboard then shows.
+is the shared fixture; the pages' browser tests use it too. A real rollout that the
+dashboard then shows:
+
+    engine = dash.engine()
+    state = engine.create(dash.plan(["dev-0000", "dev-0001"]), dashboard_bundle)
+    threading.Thread(target=engine.drive, args=(state.rollout_id,), daemon=True).start()
+
+(`dashboard_bundle`: the sample model as a signed 2.0.0 bundle; conftest re-exports
+both fixtures.)
 """
 
 from __future__ import annotations
@@ -36,13 +42,19 @@ import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.signing import load_public_key
 from fleet.config import FleetConfig
 from fleet.dashboard.app import create_app
 from fleet.dashboard.auth import COOKIE, Auth, hash_password
 from fleet.mqtt import FleetClient
+from fleet.rollout.bundle import BundleInfo, inspect_bundle
+from fleet.rollout.engine import RolloutEngine
+from fleet.rollout.plan import RolloutPlan
+from fleet.rollout.sources import console_sources
 from fleet.simulate import Simulator
 from fleet.store import SqlStore, open_store
 from fleet.view import FleetView
+from tests.helpers import DEMO_PUB, SampleParts, make_bundle
 from tests.mqtt_broker import Broker
 
 USER = "operator"
@@ -102,10 +114,13 @@ class SseReader:
                 self.ended = True
                 self._cond.notify_all()
 
-    def wait(self, pred: Callable[[Event], bool], timeout_s: float = 10.0) -> Event | None:
-        """The first event (already seen or to come) for which `pred` holds."""
+    def wait(
+        self, pred: Callable[[Event], bool], timeout_s: float = 10.0, *, start: int = 0
+    ) -> Event | None:
+        """The first event from `events[start]` on (already seen or to come) for which
+        `pred` holds."""
         deadline = time.monotonic() + timeout_s
-        seen = 0
+        seen = start
         with self._cond:
             while True:
                 for e in self.events[seen:]:
@@ -128,6 +143,40 @@ class SseReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RunningApp:
+    """An ASGI app under a real uvicorn on 127.0.0.1:<free port>, in a thread."""
+
+    def __init__(self, app: Any) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port: int = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False,
+                                timeout_graceful_shutdown=2)  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the dashboard server did not start")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the dashboard server did not start in 20 s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+
+
+def serve_app(app: Any) -> RunningApp:
+    return RunningApp(app)
 
 
 @dataclass
@@ -221,28 +270,10 @@ class DashboardServer:
         )  # fmt: skip
         self.auth = auth
         self.app = create_app(self.view, self.store, self.client.key_id, auth, **self.app_options)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", access_log=False,
-                                timeout_graceful_shutdown=2)  # fmt: skip
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self._thread.start()
-        self._stack.append(self._stop_server)
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert self._thread.is_alive(), "the dashboard server did not start"
-            assert time.monotonic() < deadline, "the dashboard server did not start in 20 s"
-            time.sleep(0.02)
-
-    def _stop_server(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(15)
+        self.running = serve_app(self.app)
+        self._stack.append(self.running.stop)
+        self.port = self.running.port
+        self.url = self.running.url
 
     def close(self) -> None:
         while self._stack:
@@ -319,6 +350,33 @@ class DashboardServer:
     def sse(self, path: str = "/api/live") -> SseReader:
         return SseReader(self.port, path)
 
+    # ------------------------------------------------------------------ rollouts
+
+    def engine(self, **kw: Any) -> RolloutEngine:
+        """A real rollout engine on this server's client, view and store (bundles over
+        HTTP from 127.0.0.1), quick ticks for tests."""
+        options: dict[str, Any] = {
+            "operator": OPERATOR,
+            "sources": console_sources(self.client, "127.0.0.1", [load_public_key(DEMO_PUB)]),
+            "tick_s": 0.05,
+            "lease_ttl_s": 5.0,
+            "command_timeout_s": 5.0,
+        }
+        options.update(kw)
+        return RolloutEngine(self.store, self.view, self.client, **options)
+
+    def plan(self, devices: list[str], **kw: Any) -> RolloutPlan:
+        options: dict[str, Any] = {
+            "targets": tuple(devices),
+            "canary": 1,
+            "wave": "50%",
+            "soak_s": 0.3,
+            "device_timeout_s": 10.0,
+            "gates": "p95_ms<=1.5x,error_rate<=0.05",
+        }
+        options.update(kw)
+        return RolloutPlan(**options)
+
 
 @pytest.fixture(scope="module")
 def dashboard(
@@ -328,3 +386,15 @@ def dashboard(
     0.5 s) with the user USER / PASSWORD and the token TOKEN."""
     with DashboardServer(broker, tmp_path_factory.mktemp("dashboard")) as d:
         yield d
+
+
+@pytest.fixture(scope="module")
+def dashboard_bundle(
+    tmp_path_factory: pytest.TempPathFactory, sample_parts: SampleParts, demo_key: Any
+) -> BundleInfo:
+    """A real signed bundle of the sample model, version 2.0.0, verified as deploy does."""
+    path = make_bundle(
+        sample_parts, tmp_path_factory.mktemp("bundle") / "digits-2.0.0.edgebundle", demo_key,
+        version="2.0.0",
+    )  # fmt: skip
+    return inspect_bundle(path, [load_public_key(DEMO_PUB)])
