@@ -155,9 +155,11 @@ export function clearError() {
 
 // One EventSource per page; EventSource retries by itself. `onReopen` runs when the stream
 // comes back after a drop, so a page re-reads what it may have missed (no polling).
-export function live(handlers, onReopen) {
+// `devices`: only these devices' rows (an array; [] for none), else every changed row.
+export function live(handlers, onReopen, devices) {
   const state = $("#live-state");
-  const es = new EventSource("/api/live");
+  const url = devices ? `/api/live?devices=${devices.map(encodeURIComponent).join(",")}` : "/api/live";
+  const es = new EventSource(url);
   let dropped = false;
   es.addEventListener("open", () => {
     if (state) {

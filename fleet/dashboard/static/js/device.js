@@ -160,6 +160,7 @@ async function main() {
       },
     },
     () => load().catch(showError),
+    [id], // only this device's rows
   );
   setInterval(() => current && summary(current), 5000);
   let resizing = null;

@@ -273,7 +273,7 @@ async function main() {
     showError(err);
     return;
   }
-  live({ rollout: (msg) => msg.id === id && soon() }, soon);
+  live({ rollout: (msg) => msg.id === id && soon() }, soon, []); // no device rows
   // The running wave's bar grows with the clock.
   setInterval(() => doc && doc.rollout.phase !== "finished" && timeline(doc.rollout, doc.waves || []), 2000);
 }

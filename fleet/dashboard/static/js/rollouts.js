@@ -41,7 +41,7 @@ function soon() {
 async function main() {
   await header("rollouts");
   await load();
-  live({ rollout: soon }, soon);
+  live({ rollout: soon }, soon, []); // no device rows
 }
 
 main().catch(showError);
