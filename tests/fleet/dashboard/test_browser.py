@@ -186,6 +186,22 @@ def test_a_device_going_offline_turns_its_row_within_seconds(
     page.wait(lambda: page.attr(row, "data-health") == "ok", 15, "the row back online")
     print(f"offline shown after {took:.2f} s")
 
+    # A row further down (another page of rows, another live subscription) turns too.
+    far = sorted(dash.sim.device_ids)[DEVICES - 3]
+    row = f'#rows tr[data-device="{far}"]'
+    page.js("const s = document.getElementById('scroller'); s.scrollTop = s.scrollHeight")
+    page.wait(lambda: page.attr(row, "data-health") == "ok", 10, "the last rows drawn")
+    # Rows there update in place: wait for its next report (a newer telemetry_ts).
+    ts = float(page.attr(row, "data-telemetry-ts") or 0)
+    page.wait(lambda: float(page.attr(row, "data-telemetry-ts") or 0) > ts, 10, "a live update")
+    dash.sim.offline(far)
+    try:
+        page.wait(lambda: page.attr(row, "data-health") == "offline", 10, "the far row offline")
+        assert page.js("return window.__noReload") == 1
+    finally:
+        dash.sim.online(far)
+    page.wait(lambda: page.attr(row, "data-health") == "ok", 15, "the far row back online")
+
 
 # --------------------------------------------------------------------------- device page
 

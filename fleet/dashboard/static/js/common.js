@@ -187,7 +187,7 @@ export function live(handlers, onReopen, devices) {
       fn(data);
     });
   }
-  window.addEventListener("pagehide", () => es.close());
+  window.addEventListener("pagehide", () => es.close(), { once: true });
   return es;
 }
 

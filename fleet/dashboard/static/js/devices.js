@@ -127,9 +127,14 @@ function draw() {
   const first = Math.max(0, Math.floor(scroller.scrollTop / ROW_H) - MARGIN);
   const visible = Math.ceil(scroller.clientHeight / ROW_H) + 2 * MARGIN;
   const last = Math.min(total, first + visible);
+  const shown = [];
   for (let p = Math.floor(first / PAGE); p <= Math.floor(Math.max(first, last - 1) / PAGE); p++) {
-    if (p * PAGE < total) loadPage(p);
+    if (p * PAGE < total) {
+      loadPage(p);
+      shown.push(p);
+    }
   }
+  follow(shown);
   const frag = document.createDocumentFragment();
   const top = h("tr", { class: "pad", "aria-hidden": "true" });
   top.style.height = `${first * ROW_H}px`;
@@ -235,6 +240,26 @@ function onDevices(msg) {
   if (touched) render();
 }
 
+// The live stream carries only the rows of the pages on screen (`?devices=`): at 10,000
+// devices the whole stream is ~1,000 rows a second the page would parse for nothing.
+// Scrolling to other pages re-subscribes (debounced); with nothing on screen, all rows.
+let stream = null;
+let streamKey = null;
+let resubscribe = null;
+function follow(shownPages) {
+  const ids = [];
+  for (const p of shownPages) for (const r of pages.get(p) || []) ids.push(r.device_id);
+  if (shownPages.some((p) => !pages.has(p))) return; // wait for the rows to arrive
+  const key = ids.length ? [...ids].sort().join(",") : "*";
+  if (key === streamKey) return;
+  clearTimeout(resubscribe);
+  resubscribe = setTimeout(() => {
+    streamKey = key;
+    if (stream) stream.close();
+    stream = live({ devices: onDevices }, refresh, ids.length ? ids : undefined);
+  }, stream ? 250 : 0);
+}
+
 function refresh() {
   const keep = scroller.scrollTop;
   gen++;
@@ -266,7 +291,6 @@ async function main() {
   setInterval(render, 1000);
   drawHeaders();
   loadPage(0);
-  live({ devices: onDevices }, refresh);
 }
 
 main().catch(showError);
