@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -386,3 +387,19 @@ def test_pause_works_with_a_login_and_is_refused_without_one(
         request(dash.store, rid, "abort", (dash.client.key_id, "test"))
         thread.join(60)
         page.driver.delete_all_cookies()
+
+
+def test_a_dashboard_without_credentials_says_it_is_read_only(
+    broker: Broker, tmp_path: Path, page: Browser
+) -> None:
+    with DashboardServer(broker, tmp_path, devices=3, prefix="ro", credentials=False) as ro:
+        # The module's broker also holds the other server's 300 devices: search for these.
+        page.open(f"{ro.url}/?q=ro-")
+        ready(page, "tableReady")
+        assert page.text("#count") == "3 devices"
+        assert page.text("#read-only") == "read-only dashboard"
+        assert not page.js("return !!document.getElementById('login-link')")  # no login offered
+        page.open(f"{ro.url}/login")
+        page.wait(lambda: "read-only" in (page.text("#login-error") or ""), 10, "the reason")
+        assert not page.enabled("#login-submit")
+        page.screenshot("login-read-only")

@@ -11,6 +11,15 @@ function nextUrl() {
 async function main() {
   await header("login");
   const session = await getSession();
+  if (session.read_only) {
+    // Nobody can log in to a server without credentials: say how to give it some.
+    $("#login-error").hidden = false;
+    $("#login-error").textContent =
+      session.read_only_reason ||
+      "This dashboard is read-only: it was started without credentials (edge-fleet serve --credentials FILE).";
+    for (const el of document.querySelectorAll("#login-form input, #login-form button")) el.disabled = true;
+    return;
+  }
   if (session.logged_in) {
     $("#login-error").hidden = false;
     $("#login-error").className = "note";
