@@ -139,10 +139,14 @@ def run(args: Any, ctx: Any) -> int:
     auth = Auth.from_files(args.credentials, args.token_file, session_ttl_s=ttl_h * 3600)
     sock = _bind(host, port)
     try:
+        from fleet.view import FleetView
+
         store = ctx.store()
         ctx.record_commands = False  # the dashboard sends no commands: actions are records
-        view = ctx.view(settle_s=args.settle)
         client = ctx.client()
+        # Every device's telemetry, whatever `shared_group` says: a dashboard that got a
+        # share of the reports would show the rest of the fleet as stale.
+        view = FleetView(client, shared_group="").start(args.settle)
         reason = "" if auth.enabled else "started without --credentials or --token-file"
         if not auth.enabled and not is_loopback(host):
             log.warning("serving %s:%d read-only to anyone who reaches it", host, port)
@@ -175,7 +179,10 @@ def run(args: Any, ctx: Any) -> int:
         # handler is gone; with this one in place that ends here, so the console closes
         # the view and the store and exits 0 (SIGINT still ends as Ctrl-C: 130).
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            view.close()
     finally:
         sock.close()
     return 0

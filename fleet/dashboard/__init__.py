@@ -8,6 +8,7 @@ view (MQTT) and record (store).
     live.py       the server-sent events hub (coalesced device changes, rollout tails)
     auth.py       credentials, sessions, CSRF, the login rate limit
     retention.py  telemetry -> the store in batches, pruned to the retention
+    rollouts.py   a rollout's JSON, folded once and then kept up with new records
 
 The pages themselves (static/) are plain ES modules calling the API.
 """

@@ -23,15 +23,15 @@ from fleet.dashboard.auth import COOKIE, Auth, Session
 from fleet.dashboard.devlog import DeviceLog
 from fleet.dashboard.live import LiveHub
 from fleet.dashboard.retention import TelemetryStore
+from fleet.dashboard.rollouts import RolloutCache
 from fleet.errors import FleetCode, FleetError
 from fleet.ports import Record, RecordKind, Store, View
 from fleet.rollout.control import REQUESTS, request, rollout_rows
-from fleet.rollout.state import RolloutState
 
 BAD = FleetCode.BAD_INPUT.value
 EVENTS_SHOWN = 100
-RECORDS_SHOWN = 200
 REASON_MAX = 500
+MAX_BODY = 64 * 1024
 _STATUS = {
     FleetCode.NOT_FOUND: 404,
     FleetCode.BAD_INPUT: 409,  # a request the rollout's state refuses (already paused…)
@@ -99,6 +99,7 @@ class Dashboard:
     retention_s: float = 24 * 3600.0
     read_only_reason: str = ""
     _bundle_versions: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    _rollouts: RolloutCache | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -137,8 +138,12 @@ class Dashboard:
         groups = rowq.groups_of(every)
         if group is not None:
             every = [r for r in every if group in r.groups]
-        found = rowq.query(every, q=q, sort=sort, desc=desc_text in ("1", "true"), now=now)
-        page = [rowq.row_json(r, now) for r in found[offset : offset + limit]]
+        stale_of = self.devlog.stale_s
+        found = rowq.query(every, q=q, sort=sort, desc=desc_text in ("1", "true"), now=now,
+                           stale_of=stale_of)  # fmt: skip
+        page = [
+            rowq.row_json(r, now, stale_of(r.device_id)) for r in found[offset : offset + limit]
+        ]
         return JSONResponse(
             {
                 "total": len(found),
@@ -163,7 +168,13 @@ class Dashboard:
             models = self._models(device_id)
         except FleetError as exc:
             return fleet_error(exc)
-        return JSONResponse({"row": rowq.row_json(row), "events": events, "models": models})
+        return JSONResponse(
+            {
+                "row": rowq.row_json(row, None, self.devlog.stale_s(device_id)),
+                "events": events,
+                "models": models,
+            }
+        )
 
     def _models(self, device_id: str) -> list[dict[str, Any]]:
         """The models a device served: what rollouts did to it (the record) and what this
@@ -262,13 +273,14 @@ class Dashboard:
     def rollout(self, request: Request) -> Response:
         rid = request.path_params["rollout_id"]
         try:
-            records = self._store().records(rollout_id=rid)
-            if not records:
-                raise FleetError(FleetCode.NOT_FOUND, f"no rollout {rid[:80]!r} in the record")
-            state = RolloutState.fold(records)
+            return JSONResponse(self.rollout_cache(self._store()).get(rid))
         except FleetError as exc:
             return fleet_error(exc)
-        return JSONResponse(rollout_json(state, records))
+
+    def rollout_cache(self, store: Store) -> RolloutCache:
+        if self._rollouts is None:
+            self._rollouts = RolloutCache(store)
+        return self._rollouts
 
     # ------------------------------------------------------------------ session
 
@@ -405,9 +417,14 @@ def _too_many(client: str, wait: float) -> JSONResponse:
 
 
 async def _json_body(request: Request, *, allow_empty: bool = False) -> dict[str, Any] | Response:
-    raw = await request.body()
-    if len(raw) > 64 * 1024:
-        return error(413, BAD, "the body is over 64 KiB")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():  # read with a cap: never hold a huge body
+        size += len(chunk)
+        if size > MAX_BODY:
+            return error(413, BAD, "the body is over 64 KiB")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip() and allow_empty:
         return {}
     try:
@@ -417,74 +434,3 @@ async def _json_body(request: Request, *, allow_empty: bool = False) -> dict[str
     if not isinstance(body, dict):
         return error(400, BAD, "the body must be a JSON object")
     return body
-
-
-def rollout_json(state: RolloutState, records: list[Record]) -> dict[str, Any]:
-    started: dict[int, float] = {}
-    finished: dict[int, float] = {}
-    for r in records:
-        if r.kind is RecordKind.WAVE_STARTED:
-            started.setdefault(int(r.data.get("wave", -1)), r.ts)
-        elif r.kind is RecordKind.WAVE_FINISHED:
-            finished[int(r.data.get("wave", -1))] = r.ts
-    gates_of: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    for wave, g in state.gate_results:
-        gates_of.setdefault((wave, g.device_id), []).append(g.to_json())
-    waves = []
-    for i, members in enumerate(state.waves):
-        devices = []
-        for d in members:
-            dev = state.devices.get(d)
-            devices.append(
-                {
-                    "device_id": d,
-                    "status": dev.status if dev else "pending",
-                    "code": dev.code if dev else None,
-                    "gates": gates_of.get((i, d), []),
-                }
-            )
-        result = state.waves_finished.get(i)
-        waves.append(
-            {
-                "index": i,
-                "devices": devices,
-                "started_at": started.get(i),
-                "finished_at": finished.get(i),
-                "passed": None if result is None else bool(result.get("passed")),
-            }
-        )
-    halted = state.halted
-    return {
-        "rollout": _finite(state.to_json()),
-        "waves": waves,
-        "gates": [_finite({"wave": w, **g.to_json()}) for w, g in state.gate_results],
-        "halt_reason": None if halted is None else str(halted.get("reason") or ""),
-        "records": [_record_json(r) for r in records[-RECORDS_SHOWN:]],
-    }
-
-
-def _record_json(r: Record) -> dict[str, Any]:
-    out: dict[str, Any] = _finite(
-        {
-            "seq": r.seq,
-            "ts": r.ts,
-            "key_id": r.key_id,
-            "operator": r.operator,
-            "kind": str(r.kind),
-            "rollout_id": r.rollout_id,
-            "device_id": r.device_id,
-            "result": r.result,
-            "data": r.data,
-        }
-    )
-    return out
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value

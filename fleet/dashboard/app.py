@@ -40,6 +40,8 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
 ]
 
+_OURS = {h for h, _ in SECURITY_HEADERS}
+
 # Page path -> the HTML file under static/ that renders it (its JS calls the API).
 # `/rollouts` falls back to rollout.html (which then lists them) when there is no
 # rollouts.html.
@@ -70,14 +72,15 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
+        api = str(scope.get("path", "")).startswith("/api/")
+
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [
-                    (k, v)
-                    for k, v in message.get("headers", [])
-                    if k.lower() not in {h for h, _ in SECURITY_HEADERS}
-                ]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _OURS]
                 message["headers"] = headers + SECURITY_HEADERS
+                # API answers (a session's CSRF token among them) are never cached.
+                if api and not any(k.lower() == b"cache-control" for k, _ in headers):
+                    message["headers"].append((b"cache-control", b"no-store"))
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -123,9 +126,9 @@ def create_app(
     `auth`: credentials (None or empty: read-only)."""
     auth = auth or Auth()
     static = static_dir or STATIC_DIR
-    hub = LiveHub(view, store, interval_s=live_interval_s, ping_s=ping_s, queue_size=live_queue,
-                  rollout_poll_s=rollout_poll_s)  # fmt: skip
     devlog = DeviceLog(view)
+    hub = LiveHub(view, store, interval_s=live_interval_s, ping_s=ping_s, queue_size=live_queue,
+                  rollout_poll_s=rollout_poll_s, stale_of=devlog.stale_s)  # fmt: skip
     retention = None
     if store is not None and hasattr(store, "add_telemetry"):
         retention = TelemetryRetention(view, store, retention_s=retention_s,  # type: ignore[arg-type]

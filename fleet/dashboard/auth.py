@@ -35,6 +35,7 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 MAX_FAILURES = 5
 FAILURE_WINDOW_S = 60.0
 MIN_TOKEN_CHARS = 16
+MAX_TRACKED = 10_000  # client addresses with recent failures
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -178,8 +179,12 @@ class Auth:
             return max(0.1, FAILURE_WINDOW_S - (now - seen[0]))
 
     def failed(self, client: str) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._failures.setdefault(client, deque()).append(time.monotonic())
+            if len(self._failures) > MAX_TRACKED:  # many addresses: forget the stale ones
+                for key in [k for k, v in self._failures.items() if now - v[-1] > FAILURE_WINDOW_S]:
+                    del self._failures[key]
+            self._failures.setdefault(client, deque(maxlen=MAX_FAILURES)).append(now)
 
     def check_password(self, user: str, password: str) -> bool:
         encoded = self.users.get(user)

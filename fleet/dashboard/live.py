@@ -27,12 +27,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Sized
 from typing import Any
 
-from fleet.dashboard.rows import row_json
+from fleet.dashboard.rows import STALE_S, row_json
 from fleet.errors import FleetError
-from fleet.ports import Store, View
+from fleet.ports import Record, Store, View
 from fleet.rollout.control import load
+from fleet.rollout.state import RolloutState
 
 log = logging.getLogger(__name__)
+
+ROLLOUTS_KEPT = 20  # folded rollout states kept for incremental updates
 
 
 def encode(event: str, data: Any) -> bytes:
@@ -58,8 +61,10 @@ class LiveHub:
         ping_s: float = 15.0,
         queue_size: int = 64,
         rollout_poll_s: float = 0.5,
+        stale_of: Callable[[str], float] = lambda device: STALE_S,
     ) -> None:
         self.view, self.store = view, store
+        self.stale_of = stale_of
         self.interval_s, self.ping_s = interval_s, ping_s
         self.queue_size, self.rollout_poll_s = queue_size, rollout_poll_s
         self._lock = threading.Lock()
@@ -70,6 +75,7 @@ class LiveHub:
         self._task: asyncio.Task[None] | None = None
         self._remove: Callable[[], None] | None = None
         self._last_seq = 0
+        self._states: dict[str, RolloutState] = {}  # rollout id -> its folded state
         self.dropped = 0  # clients dropped for being slow
         self.sent_events = 0
         self.last_flush = 0.0
@@ -144,7 +150,7 @@ class LiveHub:
         for device in sorted(dirty):
             row = self.view.row(device)
             if row is not None:
-                rows.append(row_json(row, now))
+                rows.append(row_json(row, now, self.stale_of(device)))
         if not rows or not self._clients:
             return
         sized = self.view
@@ -172,16 +178,28 @@ class LiveHub:
         if not records:
             return
         self._last_seq = records[-1].seq
-        changed = sorted({r.rollout_id for r in records if r.rollout_id})
-        if not changed or not self._clients:
-            return
-        for rid in changed:
-            try:
-                state = await asyncio.to_thread(load, store, rid)
-            except FleetError as exc:
-                log.warning("live: rollout %s unreadable: %s", rid, exc)
-                continue
-            self.broadcast(encode("rollout", {"id": rid, "summary": state.summary()}))
+        by_rollout: dict[str, list[Record]] = {}
+        for r in records:
+            if r.rollout_id:
+                by_rollout.setdefault(r.rollout_id, []).append(r)
+        for rid, new in by_rollout.items():
+            state = self._states.pop(rid, None)
+            if state is None:
+                # Folded once from the whole record; from then on only the new records
+                # are applied (a 10,000-device rollout has tens of thousands).
+                try:
+                    state = await asyncio.to_thread(load, store, rid)
+                except FleetError as exc:
+                    log.warning("live: rollout %s unreadable: %s", rid, exc)
+                    continue
+            else:
+                for r in new:
+                    state.apply(r)  # records already folded (seq <= last_seq) are skipped
+            self._states[rid] = state  # most recent last
+            while len(self._states) > ROLLOUTS_KEPT:
+                del self._states[next(iter(self._states))]
+            if self._clients:
+                self.broadcast(encode("rollout", {"id": rid, "summary": state.summary()}))
 
     # ------------------------------------------------------------------ clients
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fleet.ports import DeviceRow
@@ -17,9 +17,10 @@ HEALTH_CLASSES = ("ok", "warn", "bad", "offline", "unknown")
 # Error rates the colours switch at: 1% is a warning, 5% is bad (per telemetry interval).
 WARN_ERROR_RATE = 0.01
 BAD_ERROR_RATE = 0.05
-# An online device with no news for this long is shown as a warning (telemetry comes
-# every 10 s by default; three missed reports).
+# An online device with no news for three of its telemetry intervals (at least 30 s;
+# the agent reports every 10 s by default) is shown as a warning.
 STALE_S = 30.0
+STALE_INTERVALS = 3
 _FAILED_PHASES = {"failed", "rolled_back"}
 
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceRow))
@@ -32,7 +33,11 @@ SORT_FIELDS = tuple(
 MAX_LIMIT = 1000
 
 
-def health_class(row: DeviceRow, now: float) -> str:
+def stale_after(interval_s: float | None) -> float:
+    return max(STALE_S, STALE_INTERVALS * interval_s) if interval_s else STALE_S
+
+
+def health_class(row: DeviceRow, now: float, stale_s: float = STALE_S) -> str:
     """offline | bad | warn | ok | unknown, the colour of a row."""
     if row.online is False:
         return "offline"
@@ -41,7 +46,7 @@ def health_class(row: DeviceRow, now: float) -> str:
     err = row.error_rate
     if row.health == "not_ready" or (err is not None and err >= BAD_ERROR_RATE):
         return "bad"
-    stale = row.seen_at is not None and now - row.seen_at > STALE_S
+    stale = row.seen_at is not None and now - row.seen_at > stale_s
     if (
         row.health == "overloaded"
         or (err is not None and err >= WARN_ERROR_RATE)
@@ -63,11 +68,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def row_json(row: DeviceRow, now: float | None = None) -> dict[str, Any]:
+def row_json(row: DeviceRow, now: float | None = None, stale_s: float = STALE_S) -> dict[str, Any]:
     now = time.time() if now is None else now
     out = {name: _clean(getattr(row, name)) for name in ROW_FIELDS}
     out["age_s"] = None if row.seen_at is None else round(max(0.0, now - row.seen_at), 3)
-    out["health_class"] = health_class(row, now)
+    out["health_class"] = health_class(row, now, stale_s)
     return out
 
 
@@ -75,11 +80,11 @@ def groups_of(rows: Sequence[DeviceRow]) -> list[str]:
     return sorted({g for r in rows for g in r.groups})
 
 
-def _sort_value(row: DeviceRow, field: str, now: float) -> Any:
+def _sort_value(row: DeviceRow, field: str, now: float, stale_of: Callable[[str], float]) -> Any:
     if field == "age_s":
         return None if row.seen_at is None else now - row.seen_at
     if field == "health_class":
-        return HEALTH_CLASSES.index(health_class(row, now))
+        return HEALTH_CLASSES.index(health_class(row, now, stale_of(row.device_id)))
     return getattr(row, field)
 
 
@@ -90,6 +95,7 @@ def query(
     sort: str = "device_id",
     desc: bool = False,
     now: float,
+    stale_of: Callable[[str], float] = lambda device: STALE_S,
 ) -> list[DeviceRow]:
     """Filter by `q` (a substring of the id, model name or version, case-insensitive)
     and sort; rows without the figure go last whatever the direction, the id breaks ties."""
@@ -107,7 +113,7 @@ def query(
     have: list[tuple[Any, DeviceRow]] = []
     missing: list[DeviceRow] = []
     for r in rows:
-        v = _sort_value(r, sort, now)
+        v = _sort_value(r, sort, now, stale_of)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             missing.append(r)
         else:

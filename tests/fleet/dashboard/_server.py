@@ -191,6 +191,7 @@ class DashboardServer:
     app_options: dict[str, Any] = field(default_factory=dict)
     sim_options: dict[str, Any] = field(default_factory=dict)
     credentials: bool = True
+    db: str | None = None  # a postgresql://… URL; default: an SQLite file in `directory`
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -261,7 +262,7 @@ class DashboardServer:
             lambda v: all((r := v.row(d)) is not None and r.online and r.model_version
                           for d in ids), 30)  # fmt: skip
         assert ok, "the simulated devices did not all show up in the view"
-        self.store: SqlStore = open_store(self.db_path)
+        self.store: SqlStore = open_store(self.db or self.db_path)
         self._stack.append(self.store.close)
         auth = (
             Auth.from_files(str(self.credentials_file), str(self.token_file),

@@ -22,14 +22,17 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.protocol.canonical import sign_body
-from agent.protocol.messages import dumps
+from agent.protocol.messages import EventMessage, dumps
 from agent.protocol.topics import DeviceTopics
 from fleet.dashboard.app import create_app
-from fleet.dashboard.rows import ROW_FIELDS, SORT_FIELDS
-from fleet.ports import RecordKind
+from fleet.dashboard.devlog import DeviceLog
+from fleet.dashboard.rollouts import rollout_json
+from fleet.dashboard.rows import ROW_FIELDS, SORT_FIELDS, health_class, stale_after
+from fleet.ports import DeviceRow, RecordKind
 from fleet.rollout.bundle import BundleInfo
 from tests.fleet.dashboard._server import DashboardServer, serve_app
 from tests.mqtt_broker import Broker, free_port
+from tests.pg import pg_database_fixture
 
 SECURITY = {
     "content-security-policy": "default-src 'self'; img-src 'self' data:",
@@ -38,6 +41,7 @@ SECURITY = {
     "x-frame-options": "DENY",
 }
 RETENTION_S = 4.0
+pg_db = pg_database_fixture()
 
 
 @pytest.fixture(scope="module")
@@ -239,12 +243,18 @@ def test_a_real_rollout_in_the_api(dash: DashboardServer, dashboard_bundle: Bund
     rid = created.rollout_id
     status, listed = dash.get_json("/api/rollouts")
     assert status == 200 and listed["rollouts"][0]["rollout_id"] == rid
+    status, before = dash.get_json(f"/api/rollouts/{rid}")
+    assert status == 200 and before["rollout"]["phase"] == "created"
+    assert [w["started_at"] for w in before["waves"]] == [None, None]
     thread = threading.Thread(target=engine.drive, args=(rid,), daemon=True)
     thread.start()
     thread.join(60)
     assert not thread.is_alive()
     status, body = dash.get_json(f"/api/rollouts/{rid}")
     assert status == 200
+    # Served from the state folded at the first request plus the records since: the
+    # same as folding the whole record again.
+    assert body == json.loads(json.dumps(rollout_json(dash.store.records(rollout_id=rid))))
     assert body["rollout"]["rollout_id"] == rid and body["rollout"]["outcome"] == "succeeded"
     assert [len(w["devices"]) for w in body["waves"]] == [1, 2]
     for i, wave in enumerate(body["waves"]):
@@ -279,6 +289,8 @@ def test_every_response_carries_the_security_headers(dash: DashboardServer) -> N
         _, headers, _ = dash.request("GET", path)
         for name, value in SECURITY.items():
             assert headers.get(name) == value, (path, name)
+        if path.startswith("/api/"):
+            assert headers["cache-control"] == "no-store", path
     with dash.sse() as live:
         headers = {k.lower(): v for k, v in live.response.getheaders()}
         assert headers["content-type"].startswith("text/event-stream")
@@ -373,3 +385,83 @@ def test_a_failure_inside_is_a_500_json_without_the_trace(
     assert b"secret" not in body and b"Traceback" not in body
     assert response.getheader("x-frame-options") == "DENY"
     assert "secret internals" in caplog.text  # the operator's log has it
+
+
+def test_health_colours_follow_the_error_rate(dash: DashboardServer) -> None:
+    device = "dev-0007"
+
+    def colour() -> str:
+        return str(dash.get_json(f"/api/devices?q={device}")[1]["rows"][0]["health_class"])
+
+    try:
+        dash.sim.set_profile("1.0.0", devices=[device], error_rate=0.2)
+        assert _wait(lambda: colour() == "bad"), colour()
+        # Sorting by health puts the worst first (ok < warn < bad < offline < unknown).
+        _, worst = dash.get_json("/api/devices?sort=health_class&desc=1&limit=1")
+        assert worst["rows"][0]["device_id"] == device
+        dash.sim.set_profile("1.0.0", devices=[device], error_rate=0.02)
+        assert _wait(lambda: colour() == "warn"), colour()
+    finally:
+        dash.sim.set_profile("1.0.0", devices=[device], error_rate=0.0)
+    assert _wait(lambda: colour() == "ok"), colour()
+
+
+def test_on_postgresql(pg_db: str, tmp_path: Path, dashboard_bundle: BundleInfo) -> None:
+    """The same server over the machine's PostgreSQL: telemetry kept and read back, an
+    action recorded with the user, the rollout shown."""
+    with (
+        Broker(tmp_path / "broker") as b,
+        DashboardServer(b, tmp_path / "pg", devices=3, prefix="pq", db=pg_db,
+                        app_options={"telemetry_flush_s": 0.2}) as d,
+    ):  # fmt: skip
+        assert d.store.dialect == "postgresql"
+        assert _wait(lambda: len(d.get_json("/api/devices/pq-0001/telemetry")[1]["ts"]) >= 2)
+        rid = d.engine().create(d.plan(["pq-0000"]), dashboard_bundle).rollout_id
+        s = d.login()
+        status, body = d.post_json(f"/api/rollouts/{rid}/pause", {}, session=s)
+        assert status == 200
+        [record] = d.store.records(rollout_id=rid, kinds=[RecordKind.PAUSE_REQUESTED])
+        assert (record.seq, record.operator) == (body["record"], "operator")
+        status, shown = d.get_json(f"/api/rollouts/{rid}")
+        assert status == 200 and shown["records"][-1]["kind"] == "rollout.pause_requested"
+
+
+def test_device_events_are_bounded_per_device_and_over_the_fleet() -> None:
+    """The device log alone (it only needs a view to listen to), fed real EventMessages."""
+
+    class Listened:
+        def add_listener(self, fn: Any) -> Any:
+            return lambda: None
+
+    log = DeviceLog(Listened(), events_kept=5, events_total=12)  # type: ignore[arg-type]
+
+    def event(device: str, seq: int) -> None:
+        message = EventMessage(device, seq, float(seq), "command.refused", f"#{seq}", {})
+        log._on_view("event", device, message)
+
+    for seq in range(1, 9):  # a chatty device: only its latest 5
+        event("a", seq)
+    assert [e["reason"] for e in log.events("a")] == [f"#{i}" for i in range(4, 9)]
+    for seq in range(1, 6):
+        event("b", seq)
+        event("c", seq)
+    # 15 kept by the per-device bound, 12 over the fleet: the 3 oldest (a's) went.
+    assert [e["reason"] for e in log.events("a")] == ["#7", "#8"]
+    assert len(log.events("b")) == len(log.events("c")) == 5
+    for seq in range(9, 3000):  # stale order entries are compacted, not kept forever
+        event("a", seq)
+    assert len(log._order) <= 2 * 12 + 1000
+    assert sum(len(log.events(d)) for d in "abc") == 12
+    assert log.events("a")[-1]["reason"] == "#2999"
+
+
+def test_a_silent_device_warns_after_three_of_its_intervals() -> None:
+    now = 1_000_000.0
+    row = DeviceRow("d", online=True, health="ready", seen_at=now - 40)
+    assert health_class(row, now) == "warn"  # 40 s of silence, default 30 s
+    assert health_class(row, now, stale_after(20.0)) == "ok"  # reports every 20 s: 60 s
+    assert health_class(row, now + 30, stale_after(20.0)) == "warn"
+    assert stale_after(None) == stale_after(1.0) == 30.0
+    assert health_class(DeviceRow("d", online=False, health="ready"), now) == "offline"
+    assert health_class(DeviceRow("d"), now) == "unknown"
+    assert health_class(DeviceRow("d", online=True, health="not_ready", seen_at=now), now) == "bad"

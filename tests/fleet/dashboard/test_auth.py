@@ -96,6 +96,9 @@ def test_bad_logins(dash: DashboardServer, body: object, status: int) -> None:
 def test_not_json_is_a_clear_400(dash: DashboardServer) -> None:
     status, _, data = dash.request("POST", "/api/login", b"{user", {"Content-Type": "a/b"})
     assert status == 400 and json.loads(data)["error"]["message"] == "the body is not JSON"
+    huge = json.dumps({"user": USER, "password": "x" * 100_000}).encode()
+    status, _, data = dash.request("POST", "/api/login", huge, {"Content-Type": "application/json"})
+    assert status == 413 and "64 KiB" in json.loads(data)["error"]["message"]
 
 
 def test_actions_need_a_login_a_csrf_token_and_json(dash: DashboardServer, rollout: str) -> None:

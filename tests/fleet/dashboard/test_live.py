@@ -12,7 +12,7 @@ import pytest
 
 from fleet.dashboard.live import encode
 from fleet.rollout.bundle import BundleInfo
-from fleet.rollout.control import request
+from fleet.rollout.control import load, request
 from tests.fleet.dashboard._server import USER, DashboardServer, Event
 from tests.mqtt_broker import Broker
 
@@ -69,11 +69,14 @@ def test_a_rollout_that_gets_records_is_announced(
         rid = dash.engine().create(dash.plan(["lv-0000"]), dashboard_bundle).rollout_id
         e = live.wait(lambda e: e.event == "rollout" and e.data["id"] == rid, 10)
         assert e is not None and e.data["summary"]["phase"] == "created"
-        # Another record (a pause request from any console): announced again.
+        # Another record (an abort request from any console): announced again, with the
+        # state it makes.
         seen = len(live.events)
-        request(dash.store, rid, "pause", ("k", USER))
+        request(dash.store, rid, "abort", ("k", USER))
         again = live.wait(lambda e: e.event == "rollout" and e.data["id"] == rid, 10, start=seen)
-        assert again is not None and again.data["summary"]["rollout_id"] == rid
+        assert again is not None and again.data["summary"]["phase"] == "aborting"
+        # Folded incrementally by the hub, the same as folding the whole record again.
+        assert again.data["summary"] == load(dash.store, rid).summary()
 
 
 def test_a_client_that_never_reads_is_dropped_and_the_others_keep_going(
@@ -137,3 +140,17 @@ def test_a_stream_for_some_devices_carries_only_their_rows(dash: DashboardServer
         assert none.events and none.events[0].event == "ping" and not none.ended
     status, body = dash.get_json("/api/live?devices=" + ",".join(f"d{i}" for i in range(1001)))
     assert status == 400 and body["error"]["param"] == "devices"
+
+
+def test_a_quiet_stream_gets_a_ping_every_ping_s(dash: DashboardServer) -> None:
+    ping_s = dash.hub.ping_s
+    dash.hub.ping_s = 0.2  # 15 s in service
+    try:
+        with dash.sse("/api/live?devices=") as quiet:  # no rows: nothing else to send
+            assert quiet.wait(lambda e: e.event == "ping", 5)  # at connect
+            later = quiet.wait(lambda e: e.event == "ping", 5, start=1)
+            assert later is not None and later.data == {}
+            assert quiet.wait(lambda e: e.event == "ping", 5, start=2)
+            assert all(e.event == "ping" for e in quiet.events)
+    finally:
+        dash.hub.ping_s = ping_s
