@@ -1,10 +1,9 @@
 """The device's command checks, for simulated devices: bytes in, one reply out.
 
-The same order and codes as the agent's dispatcher (docs/mqtt.md "Order of checks"):
-reply topic -> size -> JSON -> command shape -> topic/target -> signature ->
-lifetime -> repeated id -> expiry -> known command -> arguments -> run. Built only
-on `agent.protocol` (the console's side of the contract), with an in-memory reply
-cache instead of the agent's SQLite one, so ten thousand devices fit in a process.
+The checks are the agent's own (`agent.protocol.commands`, in the order of docs/mqtt.md
+"Order of checks"); this module adds an in-memory reply cache instead of the agent's
+SQLite one, so ten thousand devices fit in a process, and a signature verdict cache
+shared by the devices of one simulator.
 """
 
 from __future__ import annotations
@@ -18,33 +17,24 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.protocol.canonical import SignatureError, canonical_json, verify_body
-from agent.protocol.messages import (
-    ID_RE,
-    Code,
-    Command,
-    ProtocolError,
-    Reply,
-    bad_reply_topic,
-    dumps,
-    loads,
-    shown,
+from agent.protocol.canonical import SignatureError, verify_body
+from agent.protocol.commands import (
+    Args,
+    CommandError,
+    Limits,
+    Refused,
+    check_expiry,
+    encode_reply,
+    id_reused,
+    keep_until,
+    reply_target,
+    screen,
+    unknown_command,
 )
-from agent.protocol.topics import CommandRoute, is_reply_topic, parse_command_topic
+from agent.protocol.messages import Code, Command, Reply, loads, shown
 
-MAX_PAYLOAD_BYTES = 64 * 1024  # commands.max_payload_kb default
-MAX_LIFETIME_S = 3600.0  # commands.max_lifetime_s default
-CLOCK_SKEW_S = 60.0  # commands.clock_skew_s default
 REPLY_CACHE = 256  # replies kept per simulated device (the agent keeps 1000 on disk)
-
-
-class CommandError(Exception):
-    """A handler's refusal: an error reply with this code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+LIMITS = Limits()  # the agent's defaults
 
 
 @dataclass(frozen=True)
@@ -133,58 +123,33 @@ class SimDispatcher:
         return self._route(msg, body, Reply.failure(ident, code, message))
 
     def _handle(self, msg: Incoming) -> Outgoing | None:
-        if msg.response_topic is not None and not is_reply_topic(msg.response_topic):
-            self.report(
-                Code.BAD_REPLY_TOPIC,
-                bad_reply_topic(msg.response_topic),
-                {"topic": shown(msg.topic, 200), "reply_to": shown(msg.response_topic, 200)},
-            )
-            return None
-        if len(msg.payload) > MAX_PAYLOAD_BYTES:
-            message = (
-                f"command is {len(msg.payload)} bytes; the limit is {MAX_PAYLOAD_BYTES} "
-                "(commands.max_payload_kb)"
-            )
-            return self._refuse(msg, None, None, Code.TOO_LARGE, message)
-        try:
-            body = loads(msg.payload)
-        except ProtocolError as exc:
-            return self._refuse(msg, None, None, exc.code, exc.message)
-        raw_id = body.get("id") if isinstance(body, dict) else None
-        ident = raw_id if isinstance(raw_id, str) and ID_RE.fullmatch(raw_id) else None
-        try:
-            command = Command.from_json(body)
-        except ProtocolError as exc:
-            return self._refuse(msg, body, ident, exc.code, exc.message)
-        refusal = (
-            self._check_route(msg.topic, command)
-            or self._check_signature(msg.payload, body)
-            or self._check_lifetime(command)
+        checked = screen(
+            msg.topic,
+            msg.payload,
+            msg.response_topic,
+            device_id=self.device_id,
+            groups=self.groups,
+            verify=self.signatures.check if self.signatures is not None else None,
+            now=self.clock(),
+            limits=LIMITS,
         )
-        if refusal is not None:
-            return self._refuse(msg, body, command.id, *refusal)
-        digest = hashlib.sha256(canonical_json(body)).hexdigest()
+        if isinstance(checked, Refused):
+            if not checked.answer:
+                data = {"topic": shown(msg.topic, 200), **checked.data}
+                self.report(checked.code, checked.message, data)
+                return None
+            return self._refuse(msg, checked.body, checked.ident, checked.code, checked.message)
+        body, command, digest = checked.body, checked.command, checked.digest
         known = self.replies.get(command.id)
         if known is not None:
             if known[0] != digest:
-                message = (
-                    f"command id {shown(command.id)} was already used by a different command; "
-                    "every command needs a new id"
-                )
-                return self._refuse(msg, body, command.id, Code.ID_REUSED, message)
+                return self._refuse(msg, body, command.id, *id_reused(command))
             return self._route(msg, body, Reply.from_json(loads(known[1])), known[1])
-        now = self.clock()
-        if command.expires_at is not None and now > command.expires_at:
-            message = f"command expired {now - command.expires_at:.1f} s ago (expires_at)"
-            return self._refuse(msg, body, command.id, Code.EXPIRED, message)
-        reply = self._execute(command).from_device(self.device_id)
-        try:
-            payload = dumps(reply.to_json())
-        except (TypeError, ValueError) as exc:
-            reply = Reply.failure(command.id, Code.FAILED, f"result is not JSON: {shown(exc, 200)}")
-            reply = reply.from_device(self.device_id)
-            payload = dumps(reply.to_json())
-        self._remember(command.id, digest, payload, (command.expires_at or 0.0) + CLOCK_SKEW_S)
+        expired = check_expiry(command, self.clock())
+        if expired is not None:
+            return self._refuse(msg, body, command.id, *expired)
+        reply, payload = encode_reply(self._execute(command), self.device_id)
+        self._remember(command.id, digest, payload, keep_until(command, LIMITS))
         return self._route(msg, body, reply, payload)
 
     def _remember(self, ident: str, digest: str, payload: bytes, keep_until: float) -> None:
@@ -198,138 +163,37 @@ class SimDispatcher:
             while len(self.replies) > 4 * REPLY_CACHE:  # bounded even under a flood
                 self.replies.popitem(last=False)
 
-    def _check_route(self, topic: str, command: Command) -> tuple[str, str] | None:
-        route: CommandRoute | None = parse_command_topic(topic)
-        if route is None:
-            return Code.MISMATCH, f"{shown(topic, 200)} is not a command topic"
-        if route.name != command.name:
-            return (
-                Code.MISMATCH,
-                f"topic says {route.name!r} but the body says {shown(command.name)}",
-            )
-        if route.scope == "device" and route.target != self.device_id:
-            return Code.WRONG_TARGET, f"command is for device {route.target!r}, not this one"
-        if route.scope == "group" and route.target not in self.groups:
-            return Code.WRONG_TARGET, f"this device is not in group {route.target!r} (mqtt.groups)"
-        expected = self.device_id if route.scope == "device" else f"group:{route.target}"
-        if command.to is None:
-            if self.require_signature:
-                return Code.NO_TARGET, (
-                    f'a signed command must say whom it is for: "to": {expected!r}'
-                )
-            return None
-        if command.to != expected:
-            return Code.WRONG_TARGET, (
-                f'command is addressed "to" {shown(command.to)} but arrived for {expected!r}'
-            )
-        return None
-
-    def _check_signature(self, payload: bytes, body: dict[str, Any]) -> tuple[str, str] | None:
-        if self.signatures is None:
-            return None
-        return self.signatures.check(payload, body)
-
-    def _check_lifetime(self, command: Command) -> tuple[str, str] | None:
-        now = self.clock()
-        if command.issued_at is not None and command.issued_at > now + CLOCK_SKEW_S:
-            return Code.FROM_THE_FUTURE, (
-                f"issued_at is {command.issued_at - now:.1f} s ahead of this device's clock; "
-                f"the allowance is {CLOCK_SKEW_S:g} s (commands.clock_skew_s)"
-            )
-        if command.expires_at is None:
-            if self.require_signature:
-                return Code.NO_EXPIRY, (
-                    f'a signed command must carry "expires_at", at most {MAX_LIFETIME_S:g} s '
-                    "after issued_at (commands.max_lifetime_s)"
-                )
-            return None
-        start = command.issued_at if command.issued_at is not None else now
-        if command.expires_at - start > MAX_LIFETIME_S:
-            return Code.LIFETIME_TOO_LONG, (
-                f"command lives {command.expires_at - start:.0f} s; the limit is "
-                f"{MAX_LIFETIME_S:g} s (commands.max_lifetime_s)"
-            )
-        return None
-
     def _execute(self, command: Command) -> Reply:
         if command.name not in self.names:
-            known = ", ".join(sorted(self.names))
-            message = f"unknown command {command.name!r}; this agent knows {known}"
-            self.report(Code.UNKNOWN, message, {"id": command.id, "name": command.name})
-            return Reply.failure(command.id, Code.UNKNOWN, message)
+            code, message = unknown_command(command, self.names)
+            self.report(code, message, {"id": command.id, "name": command.name})
+            return Reply.failure(command.id, code, message)
         try:
             return Reply.success(command.id, self.handler(command.name, command.args))
         except CommandError as exc:
             return Reply.failure(command.id, exc.code, exc.message)
 
-    def _target(self, msg: Incoming, body: Any) -> tuple[str, bytes | None]:
-        target = msg.response_topic
-        if target is None and isinstance(body, dict):
-            target = body.get("reply_to")
-        return (target if isinstance(target, str) and is_reply_topic(target) else ""), (
-            msg.correlation_data
-        )
-
     def _route(
         self, msg: Incoming, body: Any, reply: Reply, payload: bytes | None = None
     ) -> Outgoing | None:
         """Only ever to a console reply topic (v5 response topic, else `reply_to`)."""
-        target, correlation = self._target(msg, body)
-        if not target:
+        target = reply_target(msg.response_topic, body)
+        if target is None:
             return None
         reply = reply.from_device(self.device_id)
         return Outgoing(
             target,
-            payload if payload is not None else dumps(reply.to_json()),
-            correlation,
+            payload if payload is not None else encode_reply(reply, self.device_id)[1],
+            msg.correlation_data,
             reply,
         )
 
 
-class Args:
-    """Typed access to `args`; unknown arguments refused by name (as the device does)."""
-
-    def __init__(self, command: str, values: dict[str, Any], accepted: Iterable[str]) -> None:
-        self.command = command
-        self.values = values
-        allowed = set(accepted)
-        unknown = sorted(set(values) - allowed)
-        if unknown:
-            known = ", ".join(sorted(allowed)) or "none"
-            raise CommandError(
-                Code.BAD_ARGS,
-                f"{command}: unknown argument {shown(unknown[0])} (accepted: {known})",
-            )
-
-    def bad(self, key: str, what: str) -> CommandError:
-        return CommandError(Code.BAD_ARGS, f"{self.command}: argument {key!r} must be {what}")
-
-    def integer(self, key: str, default: int, low: int, high: int) -> int:
-        value = self.values.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self.bad(key, f"an integer from {low} to {high}")
-        return value
-
-    def choice(self, key: str, default: str, choices: Iterable[str]) -> str:
-        value = self.values.get(key, default)
-        options = tuple(choices)
-        if not isinstance(value, str) or value not in options:
-            raise self.bad(key, "one of " + ", ".join(options))
-        return value
-
-    def strings(self, key: str) -> list[str] | None:
-        value = self.values.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.bad(key, "a list of strings")
-        return value
-
-    def mapping(self, key: str) -> dict[str, Any]:
-        value = self.values.get(key)
-        if not isinstance(value, dict):
-            raise self.bad(key, "an object")
-        return value
-
-
-__all__ = ["Args", "CommandError", "Incoming", "Outgoing", "SignatureCache", "SimDispatcher"]
+__all__ = [
+    "Args",
+    "CommandError",
+    "Incoming",
+    "Outgoing",
+    "SignatureCache",
+    "SimDispatcher",
+]
