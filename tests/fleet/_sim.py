@@ -1,4 +1,4 @@
-"""Helpers for tests that drive simulated devices (fleet/simulate.py) or real agents.
+"""Helpers for tests that drive simulated devices (fleet/simulate/) or real agents.
 
     key, pub = console_keypair(tmp_path)
     with Simulator(broker.host, broker.port, 20, console_keys=[pub]) as sim, \\

@@ -1,5 +1,5 @@
 """Staged rollouts end to end: a real mosquitto, simulated devices speaking the agent's
-protocol (fleet/simulate.py), the console's real FleetClient/FleetView, and the record on
+protocol (fleet/simulate/), the console's real FleetClient/FleetView, and the record on
 a real SQLite file and on the machine's PostgreSQL (the core is parametrized over both).
 
 Each test takes its own devices (a prefix and group of its own): the broker and its

@@ -430,8 +430,8 @@ def test_simulated_commands_are_refused_like_the_agents_hostile_corpus() -> None
     `infer` cases that need the real model's input shape."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fleet.simcommands import Incoming, SignatureCache
-    from fleet.simdevice import Knobs, Shared, Signal, SimDevice
+    from fleet.simulate.commands import Incoming, SignatureCache
+    from fleet.simulate.device import Knobs, Shared, Signal, SimDevice
     from tests.hostile import commands as hostile
 
     shared = Shared(SignatureCache([hostile.KEY.public_key()]), ThreadPoolExecutor(1), 0, 10.0,

@@ -20,7 +20,7 @@ devices share K connections: 10,000 devices cost 10,000 sets of subscriptions bu
 not 10,000 sockets. The trade-off: there is no per-device last will, so a device
 taken offline says so with an explicit retained `offline` status, and a simulator
 process that dies leaves its devices "online" until it comes back. All connections
-run on one loop thread (fleet/simloop.py); telemetry is spread over the interval.
+run on one loop thread (fleet/simulate/loop.py); telemetry is spread over the interval.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ from agent.protocol.topics import device_id as check_device_id
 from agent.protocol.topics import group_name, parse_command_topic
 from agent.protocol.update import Phase
 from agent.signing import parse_public_key
-from fleet.simcommands import Incoming, SignatureCache
-from fleet.simdevice import CRASH_PHASES, DEFAULT_LATENCY, Knobs, Shared, Signal, SimDevice
-from fleet.simloop import Reactor
+from fleet.simulate.commands import Incoming, SignatureCache
+from fleet.simulate.device import CRASH_PHASES, DEFAULT_LATENCY, Knobs, Shared, Signal, SimDevice
+from fleet.simulate.loop import Reactor
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """One simulated device: retained status and state, telemetry, events, commands and
 the update job, speaking the agent's MQTT contract through `agent.protocol`.
 
-Runs on the simulator's loop thread only (fleet/simloop.py): timers move a job from
+Runs on the simulator's loop thread only (fleet/simulate/loop.py): timers move a job from
 phase to phase, so a device costs a few objects, not a thread. What the device sends
 goes through its connection (`Port`), which the simulator owns (one MQTT connection
 per device, or many devices multiplexed on one).
@@ -43,8 +43,8 @@ from agent.protocol.update import (
 )
 from agent.update.errors import UpdateCode, UpdateError
 from agent.version import compare_versions
-from fleet.simcommands import Args, CommandError, Incoming, SignatureCache, SimDispatcher
-from fleet.simloop import Reactor, Timer
+from fleet.simulate.commands import Args, CommandError, Incoming, SignatureCache, SimDispatcher
+from fleet.simulate.loop import Reactor, Timer
 
 log = logging.getLogger(__name__)
 
