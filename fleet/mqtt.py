@@ -43,13 +43,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.protocol.canonical import sign_body
 from agent.protocol.messages import ProtocolError, Reply, dumps, loads
 from agent.protocol.topics import (
-    DeviceTopics,
     Topic,
     TopicError,
     TopicFilter,
     command_name,
+    command_topic,
     console_reply,
     device_id,
+    portability_problem,
 )
 from agent.signing import key_id as public_key_id
 from fleet.config import FleetConfig
@@ -211,6 +212,10 @@ class FleetClient:
         if self._paho is not None:
             return self
         cfg = self.config
+        problem = portability_problem("console_id", cfg.console_id)
+        if problem is not None:
+            # Its reply topic cannot travel on NATS and the like: say so, but run.
+            log.warning("%s", problem)
         timeout = cfg.connect_timeout_s if timeout_s is None else timeout_s
         tls = self._tls_context() if cfg.broker.tls else None
         password = cfg.password()
@@ -608,8 +613,9 @@ class FleetClient:
             future.set_exception(FleetError(FleetCode.BAD_INPUT, str(exc)))
             return future
         try:
+            row = None if self.device_lookup is None else self.device_lookup(target)
             if not wait_offline:
-                self._refuse_offline(target)
+                self._refuse_offline(target, row)
             body = self.signed_command(target, name, args, lifetime)
             payload = dumps(body)
         except FleetError as exc:
@@ -649,8 +655,9 @@ class FleetClient:
                 )
 
         try:
+            # An agent of the earlier release takes only the dotted spelling.
             self.publish(
-                DeviceTopics(target).command(name),
+                command_topic(target, name, None if row is None else row.topics),
                 payload,
                 wait=False,
                 properties=properties,
@@ -695,9 +702,7 @@ class FleetClient:
                 device=target,
             ) from None  # fmt: skip
 
-    def _refuse_offline(self, target: str) -> None:
-        lookup = self.device_lookup
-        row = None if lookup is None else lookup(target)
+    def _refuse_offline(self, target: str, row: DeviceRow | None) -> None:
         if row is not None and row.online is False:
             raise FleetError(
                 FleetCode.OFFLINE,

@@ -311,6 +311,7 @@ class Simulator:
         model: tuple[str, str] = ("sim-model", "1.0.0"),
         download_workers: int = 8,
         start_timeout_s: float = 60.0,
+        old_agents: Iterable[str] = (),
     ) -> None:
         if protocol not in ("5", "3.1.1"):
             raise ValueError(f'protocol must be "5" or "3.1.1", not {protocol!r}')
@@ -358,6 +359,10 @@ class Simulator:
         self.devices: dict[str, SimDevice] = {
             d: SimDevice(d, member[d], self.shared, self.knobs) for d in ids
         }
+        for d in old_agents:
+            if d not in self.devices:
+                raise ValueError(f"old_agents names {d!r}, which is not a simulated device")
+            self.devices[d].old_agent = True
         for version, given in (profile or {}).items():
             spec = dict(given)
             devices = spec.pop("devices", None)
