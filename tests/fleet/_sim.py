@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,42 @@ from agent.protocol.topics import (
     fleet_filter,
     group_command,
 )
+from fleet.mqtt import FleetClient
+from fleet.view import FleetView
+from tests.helpers import SampleParts, make_bundle
 from tests.mqtt_broker import Broker, Listener
 
 SAMPLE_NAME = "digits"  # the sample bundle's model (models/digits/)
+
+
+@dataclass
+class Console:
+    """The console's real client and view, as a module fixture holds them."""
+
+    client: FleetClient
+    view: FleetView
+
+
+def sample_bundle_v2(directory: Path, sample_parts: SampleParts, demo_key: Any) -> Path:
+    """The sample model signed as version 2.0.0: what the rollout tests deploy."""
+    out = directory / f"{SAMPLE_NAME}-2.0.0.edgebundle"
+    return make_bundle(sample_parts, out, demo_key, version="2.0.0")
+
+
+def quick_sim(console_pub: Path, prefix: str) -> tuple[str, dict[str, Any]]:
+    """A fresh group and the options of a quick simulator in it (telemetry every 0.2 s,
+    20 ms a phase, the sample model at 1.0.0), unique per call."""
+    tag = uuid.uuid4().hex[:6]
+    group = f"g-{tag}"
+    options: dict[str, Any] = {
+        "prefix": f"{prefix}{tag}",
+        "groups": [group],
+        "console_keys": [console_pub],
+        "telemetry_interval_s": 0.2,
+        "latency": 0.02,
+        "model": (SAMPLE_NAME, "1.0.0"),
+    }
+    return group, options
 
 
 def console_keypair(directory: Path, name: str = "console") -> tuple[Ed25519PrivateKey, Path]:

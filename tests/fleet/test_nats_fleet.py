@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,9 @@ from fleet.rollout.state import RolloutState
 from fleet.simulate import Simulator
 from fleet.store import SqlStore, open_store
 from fleet.view import FleetView
+from tests.fleet._sim import Console, sample_bundle_v2
 from tests.fleet.conftest import write_fleet_toml
-from tests.helpers import DEMO_PUB, SampleParts, make_bundle
+from tests.helpers import DEMO_PUB, SampleParts
 from tests.nats_cluster import NatsCluster, available
 
 pytestmark = pytest.mark.skipif(not available(), reason="nats-server is not installed")
@@ -45,12 +45,6 @@ OPERATOR = "nats-tester"
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
     with NatsCluster(tmp_path_factory.mktemp("nats")) as c:
         yield c
-
-
-@dataclass
-class Console:
-    client: FleetClient
-    view: FleetView
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +85,7 @@ def sources(console: Console) -> SourceFactory:
 def bundle(
     tmp_path_factory: pytest.TempPathFactory, sample_parts: SampleParts, demo_key: Any
 ) -> BundleInfo:
-    path = make_bundle(
-        sample_parts, tmp_path_factory.mktemp("bundle") / "digits-2.0.0.edgebundle", demo_key,
-        version="2.0.0",
-    )  # fmt: skip
+    path = sample_bundle_v2(tmp_path_factory.mktemp("bundle"), sample_parts, demo_key)
     return inspect_bundle(path, [DEMO_PUB])
 
 
