@@ -128,8 +128,16 @@ class OutboxSender:
                 break
             if row.id not in inflight:
                 try:
+                    # Telemetry is retained: a console that starts (or a device table
+                    # that is opened) sees every device's latest report at once instead
+                    # of waiting an interval. Rows go out in order, so the retained one
+                    # is the newest, also after a backlog is flushed.
                     self.client.publish(
-                        Topic(row.topic), row.payload, qos=1, on_ack=partial(self._on_ack, row)
+                        Topic(row.topic),
+                        row.payload,
+                        qos=1,
+                        retain=row.kind == "telemetry",
+                        on_ack=partial(self._on_ack, row),
                     )
                 except NotConnectedError:
                     break

@@ -93,8 +93,13 @@ def sort_rows(rows: Sequence[DeviceRow], key: str) -> list[DeviceRow]:
     return sorted(rows, key=lambda r: _none_last(get(r)))
 
 
+_ROW_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceRow))
+
+
 def row_json(row: DeviceRow, now: float | None = None) -> dict[str, Any]:
-    data = dataclasses.asdict(row)
+    # Field by field: dataclasses.asdict deep-copies every value and took ~1 s of
+    # `devices --json` at 10,000 devices; the rows hold only flat values and mappings.
+    data = {name: getattr(row, name) for name in _ROW_FIELDS}
     data["groups"] = list(row.groups)
     data["live"], data["shadow"] = dict(row.live), dict(row.shadow)
     now = time.time() if now is None else now

@@ -111,6 +111,24 @@ def test_retained_status_state_and_will(
         assert final["state"] == "offline" and final["reason"] == "agent stopped"
 
 
+def test_the_latest_telemetry_is_retained_for_a_console_that_comes_later(
+    tmp: Path, broker: Broker, console_pub: Path, harness: MakeHarness
+) -> None:
+    h = harness(agent_config(tmp, broker, console_pub, telemetry={"interval_s": 0.1}))
+    h.wait_connected()
+    with listening(broker, str(TOPICS.telemetry)) as live:
+        assert live.wait_for(lambda f: len(f.on("/telemetry")) >= 3, 15)
+    # A console opened later gets one message at once: the device's newest report.
+    with listening(broker, str(TOPICS.telemetry)) as late:
+        assert late.wait_for(lambda f: any(r for _, _, r, _ in f.messages), 15)
+        retained = [loads(p) for _, p, r, _ in late.messages if r]
+        assert len(retained) == 1
+        newest_live = max(loads(p)["seq"] for p in live.on("/telemetry"))
+        assert retained[0]["seq"] >= newest_live
+        assert retained[0]["device_id"] == h.link.config.device_id
+    h.stop()
+
+
 @pytest.mark.parametrize("protocol", [5, 4])
 def test_commands_round_trip(
     tmp: Path,
