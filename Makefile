@@ -8,14 +8,17 @@ PIP_FLAGS ?= --disable-pip-version-check -q
 .PHONY: demo test lint typecheck pytest deps-device deps-test deps-system test-models bench clean
 
 # Debian packages the tests use: a real mosquitto broker and its clients, nats-server
-# (a 3-node cluster with MQTT listeners: tests/nats_cluster.py), and qemu
-# for the aarch64 check. Installed only when missing.
+# (a 3-node cluster with MQTT listeners: tests/nats_cluster.py), qemu for the aarch64
+# check, and chromium + chromium-driver (headless, the dashboard's browser tests).
+# Installed only when missing.
 deps-system:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v mosquitto_rr >/dev/null 2>&1 || missing="$$missing mosquitto-clients"; \
 	command -v qemu-aarch64-static >/dev/null 2>&1 || missing="$$missing qemu-user-static"; \
 	command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing="$$missing nats-server"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \

@@ -36,6 +36,7 @@ COMMAND_MODULES = [
     "fleet.cli.device",
     "fleet.cli.simulate",
     "fleet.cli.rollout",
+    "fleet.cli.serve",
 ]
 
 
