@@ -26,6 +26,7 @@ from agent.protocol.commands import (
     CommandError,
     Limits,
     Refused,
+    Request,
     check_expiry,
     encode_reply,
     id_reused,
@@ -59,16 +60,6 @@ class CommandSpec:
     summary: str
     args: tuple[str, ...]
     run: Callable[[Args], Any]
-
-
-@dataclass(frozen=True)
-class Request:
-    """A command as it arrived, whatever the transport."""
-
-    topic: str
-    payload: bytes
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,16 @@ class Args:
 
 
 @dataclass(frozen=True)
+class Request:
+    """A command as it arrived, whatever the transport."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True)
 class Limits:
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
     max_lifetime_s: float = MAX_LIFETIME_S
@@ -319,6 +329,7 @@ __all__ = [
     "Limits",
     "Refusal",
     "Refused",
+    "Request",
     "Screened",
     "Verify",
     "check_expiry",

@@ -23,6 +23,7 @@ from agent.protocol.commands import (
     CommandError,
     Limits,
     Refused,
+    Request,
     check_expiry,
     encode_reply,
     id_reused,
@@ -37,12 +38,7 @@ REPLY_CACHE = 256  # replies kept per simulated device (the agent keeps 1000 on 
 LIMITS = Limits()  # the agent's defaults
 
 
-@dataclass(frozen=True)
-class Incoming:
-    topic: str
-    payload: bytes
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
+Incoming = Request  # a command as it arrived (the device's own type)
 
 
 @dataclass(frozen=True)
