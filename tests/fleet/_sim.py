@@ -14,9 +14,10 @@ status/state, telemetry and event it saw, per device, parsed with the typed read
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from agent.protocol.topics import (
     fleet_filter,
     group_command,
 )
+from fleet.config import FleetConfig
 from fleet.mqtt import FleetClient
 from fleet.view import FleetView
 from tests.helpers import SampleParts, make_bundle
@@ -56,6 +58,20 @@ class Console:
 
     client: FleetClient
     view: FleetView
+
+
+@contextlib.contextmanager
+def open_console(config: FleetConfig) -> Iterator[Console]:
+    """A connected console with its view started (retained state settled), closed after."""
+    client = FleetClient(config).connect()
+    try:
+        view = FleetView(client).start(settle_s=5)
+        try:
+            yield Console(client, view)
+        finally:
+            view.close()
+    finally:
+        client.close()
 
 
 def sample_bundle_v2(directory: Path, sample_parts: SampleParts, demo_key: Any) -> Path:

@@ -20,7 +20,6 @@ import pytest
 from agent.signing import load_public_key
 from fleet.cli import main
 from fleet.config import FleetConfig
-from fleet.mqtt import FleetClient
 from fleet.ports import RecordKind
 from fleet.rollout.bundle import BundleInfo, inspect_bundle
 from fleet.rollout.control import rollback_devices
@@ -30,8 +29,7 @@ from fleet.rollout.sources import SourceFactory, console_sources
 from fleet.rollout.state import RolloutState
 from fleet.simulate import Simulator
 from fleet.store import SqlStore, open_store
-from fleet.view import FleetView
-from tests.fleet._sim import Console, sample_bundle_v2
+from tests.fleet._sim import Console, open_console, sample_bundle_v2
 from tests.fleet.conftest import write_fleet_toml
 from tests.helpers import DEMO_PUB, SampleParts
 from tests.nats_cluster import NatsCluster, available
@@ -60,11 +58,8 @@ def console(cluster: NatsCluster, console_key_file: Path) -> Iterator[Console]:
         timeout_s=10,
         connect_timeout_s=30,  # JetStream session setup (see test_the_cli_on_node_3)
     )
-    client = FleetClient(config).connect()
-    view = FleetView(client).start(settle_s=5)
-    yield Console(client, view)
-    view.close()
-    client.close()
+    with open_console(config) as console:
+        yield console
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ import pytest
 from agent.protocol.update import DeployRequest
 from agent.signing import load_public_key
 from fleet.config import FleetConfig
-from fleet.mqtt import FleetClient
 from fleet.ports import NewRecord, RecordKind
 from fleet.rollout.bundle import BundleInfo, inspect_bundle
 from fleet.rollout.control import request
@@ -31,8 +30,7 @@ from fleet.rollout.sources import SourceFactory, console_sources
 from fleet.rollout.state import RolloutState
 from fleet.simulate import Simulator
 from fleet.store import SqlStore, open_store
-from fleet.view import FleetView
-from tests.fleet._sim import Console, quick_sim, sample_bundle_v2
+from tests.fleet._sim import Console, open_console, quick_sim, sample_bundle_v2
 from tests.helpers import DEMO_PUB, SampleParts
 from tests.mqtt_broker import Broker
 from tests.pg import pg_database_fixture
@@ -77,11 +75,8 @@ def console(broker: Broker, console_key_file: Path) -> Iterator[Console]:
         console_id=f"rollout-{uuid.uuid4().hex[:6]}",
         timeout_s=5,
     )
-    client = FleetClient(config).connect()
-    view = FleetView(client).start(settle_s=5)
-    yield Console(client, view)
-    view.close()
-    client.close()
+    with open_console(config) as console:
+        yield console
 
 
 @pytest.fixture(scope="module")
