@@ -1,6 +1,6 @@
 """The console on a 3-node NATS cluster against one mosquitto: what clustering costs.
 
-Simulated devices (fleet/simulate.py, MQTT 3.1.1) connect to node 1, the console
+Simulated devices (fleet/simulate/, MQTT 3.1.1) connect to node 1, the console
 (FleetClient, FleetView) to node 2; the same on one local mosquitto for comparison.
 Prints, for each broker: the time for N devices to come online and appear in the
 view, and the signed `ping` round trip (console -> device -> console) p50/p90/max.

@@ -22,7 +22,6 @@ import collections
 import heapq
 import itertools
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -40,16 +39,18 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.protocol.broker import ack_lock, call_safely, describe_connect_error, no_delay
 from agent.protocol.canonical import sign_body
 from agent.protocol.messages import ProtocolError, Reply, dumps, loads
 from agent.protocol.topics import (
-    DeviceTopics,
     Topic,
     TopicError,
     TopicFilter,
     command_name,
+    command_topic,
     console_reply,
     device_id,
+    portability_problem,
 )
 from agent.signing import key_id as public_key_id
 from fleet.config import FleetConfig
@@ -211,6 +212,10 @@ class FleetClient:
         if self._paho is not None:
             return self
         cfg = self.config
+        problem = portability_problem("console_id", cfg.console_id)
+        if problem is not None:
+            # Its reply topic cannot travel on NATS and the like: say so, but run.
+            log.warning("%s", problem)
         timeout = cfg.connect_timeout_s if timeout_s is None else timeout_s
         tls = self._tls_context() if cfg.broker.tls else None
         password = cfg.password()
@@ -248,10 +253,10 @@ class FleetClient:
             self._paho = None
             raise FleetError(
                 FleetCode.BROKER,
-                f"cannot reach the broker at {self._where()}: {_describe(exc)}",
+                f"cannot reach the broker at {self._where()}: {describe_connect_error(exc)}",
                 broker=cfg.broker.url,
             ) from None
-        _no_delay(client)
+        no_delay(client)
         client.loop_start()
         if not self._connack_event.wait(max(0.0, deadline - time.monotonic())):
             self._abort_connect()
@@ -511,7 +516,7 @@ class FleetClient:
         # paho holds `_out_message_mutex` (an RLock) while it matches a PUBACK and calls
         # on_publish; holding it across publish() and our registration means no ack
         # can be looked up before its message id is registered.
-        with _ack_lock(client):
+        with ack_lock(client, _broker_error):
             try:
                 info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
             except (ValueError, TypeError) as exc:
@@ -540,7 +545,7 @@ class FleetClient:
             except FleetError as exc:
                 log.debug("a queued message to %s was not sent: %s", topic, exc)
                 if callback is not None:
-                    _safe(callback, None)
+                    call_safely(callback, None)
 
     def _not_connected(self) -> FleetError:
         return FleetError(FleetCode.BROKER, f"not connected to the broker at {self._where()}")
@@ -608,8 +613,9 @@ class FleetClient:
             future.set_exception(FleetError(FleetCode.BAD_INPUT, str(exc)))
             return future
         try:
+            row = None if self.device_lookup is None else self.device_lookup(target)
             if not wait_offline:
-                self._refuse_offline(target)
+                self._refuse_offline(target, row)
             body = self.signed_command(target, name, args, lifetime)
             payload = dumps(body)
         except FleetError as exc:
@@ -649,8 +655,9 @@ class FleetClient:
                 )
 
         try:
+            # An agent of the earlier release takes only the dotted spelling.
             self.publish(
-                DeviceTopics(target).command(name),
+                command_topic(target, name, None if row is None else row.topics),
                 payload,
                 wait=False,
                 properties=properties,
@@ -695,9 +702,7 @@ class FleetClient:
                 device=target,
             ) from None  # fmt: skip
 
-    def _refuse_offline(self, target: str) -> None:
-        lookup = self.device_lookup
-        row = None if lookup is None else lookup(target)
+    def _refuse_offline(self, target: str, row: DeviceRow | None) -> None:
         if row is not None and row.online is False:
             raise FleetError(
                 FleetCode.OFFLINE,
@@ -809,7 +814,7 @@ class FleetClient:
         self.connections += 1
         self._connack = (True, "")
         self._connack_event.set()
-        _no_delay(client)
+        no_delay(client)
         with self._lock:
             subs = [self._reply_sub, *self._subs]
 
@@ -833,7 +838,7 @@ class FleetClient:
         if self.connections > 1:
             log.info("reconnected to %s", self._where())
             for fn in self._connect_listeners:
-                _safe(fn)
+                call_safely(fn)
 
     def _handle_disconnect(
         self, client: mqttc.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
@@ -845,7 +850,7 @@ class FleetClient:
             backlog, self._backlog = self._backlog, collections.deque()
         for callback in [*acks.values(), *(item[4] for item in backlog)]:
             if callback is not None:
-                _safe(callback, None)
+                call_safely(callback, None)
         if was and not self._closed:
             log.warning("lost the connection to %s: %s", self._where(), reason)
             self._fail_all(
@@ -860,7 +865,7 @@ class FleetClient:
             if answered is None:
                 self._early_subacks[mid] = list(reasons)
         if answered is not None:
-            _safe(answered, list(reasons))
+            call_safely(answered, list(reasons))
 
     def _handle_publish(
         self, client: mqttc.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any
@@ -869,7 +874,7 @@ class FleetClient:
             callback = self._acks.pop(mid, None)
             more = bool(self._backlog)
         if callback is not None:
-            _safe(callback, reason)
+            call_safely(callback, reason)
         if more:
             self._send_backlog()
 
@@ -899,7 +904,7 @@ class FleetClient:
         message = Message(topic, bytes(msg.payload), bool(msg.retain), msg.qos,
                           bytes(corr) if corr is not None else None)  # fmt: skip
         for sub in matched:
-            _safe(sub.callback, message)
+            call_safely(sub.callback, message)
 
 
 def _since(row: DeviceRow) -> str:
@@ -927,42 +932,5 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def _no_delay(client: mqttc.Client) -> None:
-    # paho leaves Nagle on; commands and replies are small and interactive.
-    sock = client.socket()
-    if isinstance(sock, socket.socket):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:
-            log.debug("cannot set TCP_NODELAY: %s", exc)
-
-
-def _ack_lock(client: mqttc.Client) -> Any:
-    lock = getattr(client, "_out_message_mutex", None)
-    if lock is None:  # a paho release that renamed it: refuse rather than lose acks
-        raise FleetError(FleetCode.BROKER, "this paho-mqtt has no _out_message_mutex; "
-                         "edge-fleet needs paho-mqtt 2.x")  # fmt: skip
-    return lock
-
-
-def _safe(fn: Callable[..., None], *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception:
-        log.exception("MQTT callback %r failed", fn)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS error: {exc.reason or exc}"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is the broker running, on this port?)"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror})"
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+def _broker_error(message: str) -> FleetError:
+    return FleetError(FleetCode.BROKER, message)

@@ -50,6 +50,9 @@ class DeviceRow:
     phase: str | None = None  # its phase (agent.protocol.update.Phase value)
     live: Mapping[str, Any] = field(default_factory=dict)  # telemetry model.live
     shadow: Mapping[str, Any] = field(default_factory=dict)  # telemetry model.shadow
+    # The retained status's `topics` (agent.protocol.topics TOPICS_*): which command-topic
+    # spellings the device takes; None: no status seen.
+    topics: int | None = None
 
 
 ViewKind = str  # "status" | "state" | "telemetry" | "event"

@@ -265,6 +265,7 @@ class FleetView:
             "online": status.state == "online",
             "since": since,
             "reason": status.reason,
+            "topics": status.topics,
         }
         if status.agent_version:
             changes["agent_version"] = status.agent_version

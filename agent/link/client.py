@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import ssl
 import threading
 import time
@@ -25,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.protocol.broker import ack_lock, call_safely, describe_connect_error, no_delay
 from agent.protocol.topics import Topic, TopicFilter, is_legacy_command_filter
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,8 @@ class MqttClient:
         self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         self.connections = 0  # established connections so far (for status and tests)
         self.unowned_acks = 0  # acks for no registered message id (QoS 0 sends included)
-        _ack_lock(paho.Client(CallbackAPIVersion.VERSION2))  # fail now, not on first publish
+        # Fail now, not on the first publish.
+        ack_lock(paho.Client(CallbackAPIVersion.VERSION2), MqttError)
         self.last_error = ""
 
     # ----------------------------------------------------------------- public
@@ -203,7 +204,7 @@ class MqttClient:
         # without a callback, so an ack nobody owns is recognised and dropped instead
         # of waiting for a later publish that reuses its mid after the 65,535 wrap.
         lost = False
-        with _ack_lock(client):
+        with ack_lock(client, MqttError):
             try:
                 info = client.publish(
                     str(topic), payload, qos=qos, retain=retain, properties=properties
@@ -338,9 +339,11 @@ class MqttClient:
                         self.settings.host, self.settings.port, self.settings.keepalive_s
                     )
             except (OSError, ValueError) as exc:  # socket, DNS, TLS and timeout errors
-                self._note_error(f"cannot connect to {self._where()}: {_describe(exc)}")
+                self._note_error(
+                    f"cannot connect to {self._where()}: {describe_connect_error(exc)}"
+                )
             else:
-                _no_delay(client)
+                no_delay(client)
                 rc = MQTTErrorCode.MQTT_ERR_SUCCESS
                 while rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                     rc = client.loop(timeout=0.5)
@@ -376,12 +379,12 @@ class MqttClient:
             waiting, session.waiting = session.waiting, {}
         for callback in waiting.values():
             if callback is not None:
-                _safe(callback, Ack(False, f"connection lost before PUBACK: {why}", -1))
+                call_safely(callback, Ack(False, f"connection lost before PUBACK: {why}", -1))
         if self._connected.is_set():
             self._connected.clear()
             log.info("disconnected from %s: %s", self._where(), why)
             if self._on_disconnect is not None:
-                _safe(self._on_disconnect, why)
+                call_safely(self._on_disconnect, why)
 
     # paho callbacks (network thread) --------------------------------------------
 
@@ -398,7 +401,7 @@ class MqttClient:
         self._connected.set()
         log.info("connected to %s (MQTT %s)", self._where(), self.settings.protocol)
         if self._on_connect is not None:
-            _safe(self._on_connect)
+            call_safely(self._on_connect)
 
     def _handle_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
@@ -428,7 +431,7 @@ class MqttClient:
             correlation_data=bytes(correlation) if correlation is not None else None,
         )
         if self._on_message is not None:
-            _safe(self._on_message, message)
+            call_safely(self._on_message, message)
 
     def _handle_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any
@@ -451,7 +454,7 @@ class MqttClient:
             log.debug("ignoring an ack for message id %d that nothing waits for", mid)
             return
         if callback is not None:
-            _safe(callback, ack)
+            call_safely(callback, ack)
 
     def _handle_subscribe(
         self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Any
@@ -477,45 +480,8 @@ class MqttClient:
         if alarming:
             log.warning("broker refused subscription(s) to %s", ", ".join(alarming))
         if on_done is not None:
-            _safe(on_done, refused)
-
-
-def _no_delay(client: paho.Client) -> None:
-    # paho leaves Nagle on: a reply written right after a PUBACK would wait for the
-    # peer's delayed ACK (~40 ms on Linux). Commands are small and interactive.
-    sock = client.socket()
-    if isinstance(sock, socket.socket):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:
-            log.debug("cannot set TCP_NODELAY: %s", exc)
-
-
-def _ack_lock(client: paho.Client) -> Any:
-    lock = getattr(client, "_out_message_mutex", None)
-    if lock is None:  # a paho release that renamed it: refuse rather than lose acks
-        raise MqttError("this paho-mqtt has no _out_message_mutex; edgerun needs paho-mqtt 2.x")
-    return lock
+            call_safely(on_done, refused)
 
 
 def _noop_socket(client: paho.Client, userdata: Any, sock: Any) -> None:
     return None
-
-
-def _safe(fn: Callable[..., None], *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception:
-        log.exception("MQTT callback %r failed", fn)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS error: {exc.reason or exc}"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is the broker running?)"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__

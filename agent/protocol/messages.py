@@ -13,7 +13,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol.topics import TopicError, command_name, is_reply_topic, target_name
+from agent.protocol.topics import (
+    TOPICS_DOTTED,
+    TOPICS_PORTABLE,
+    TopicError,
+    command_name,
+    is_reply_topic,
+    target_name,
+)
 from agent.strictjson import finite_float, refuse_constant, unique_keys
 
 
@@ -351,6 +358,10 @@ class Status:
     agent_version: str
     since: float
     reason: str = ""
+    # Which command-topic spellings the device subscribes to (`agent.protocol.topics`
+    # TOPICS_PORTABLE: `cmd/config-get` as well as `cmd/config.get`). Agents before this
+    # field took only the dotted spelling: absent reads as TOPICS_DOTTED.
+    topics: int = TOPICS_PORTABLE
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -359,6 +370,7 @@ class Status:
             "agent_version": self.agent_version,
             "since": self.since,
             "reason": self.reason,
+            "topics": self.topics,
         }
 
     @classmethod
@@ -371,7 +383,17 @@ class Status:
             agent_version=_text(obj, "agent_version"),
             since=_seconds(obj, "since"),
             reason=_text(obj, "reason"),
+            topics=_topics(obj),
         )
+
+
+def _topics(obj: dict[str, Any]) -> int:
+    value = obj.get("topics", TOPICS_DOTTED)
+    if isinstance(value, bool) or not isinstance(value, int) or value < TOPICS_DOTTED:
+        raise ProtocolError(
+            Code.MALFORMED, f'"topics" must be an integer from {TOPICS_DOTTED}, not {shown(value)}'
+        )
+    return value
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ publish closes the connection). So the topic level spells the name with `-` for
 each `.` (`cmd/config-get`); `-` is never part of a command name, so the mapping is
 one to one. Consoles publish only that spelling; the device also subscribes to the
 legacy dotted one (`cmd/config.get`) for older consoles, and a broker that refuses
-those legacy subscriptions is normal (`is_legacy_command_filter`). Device ids, group
+those legacy subscriptions is normal (`is_legacy_command_filter`). Agents of the earlier
+release subscribe only to the dotted spelling, so the device advertises what it takes in
+its retained `status` (`"topics": TOPICS_PORTABLE`; absent: TOPICS_DOTTED) and a console
+sends a device that does not advertise it the dotted spelling (`command_topic`). Device ids, group
 names, console ids and transfer ids with a `.` cannot travel on such brokers at all:
 `portability_problem` says so, for a warning at start.
 """
@@ -29,6 +32,9 @@ RESERVED_IDS = frozenset({"group", "console"})
 K8S_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 K8S_NAME_RE = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 MAX_TOPIC_BYTES = 65535
+# The retained status's `topics`: which command-topic spellings a device takes.
+TOPICS_DOTTED = 1  # `cmd/config.get` only (agents before the field existed)
+TOPICS_PORTABLE = 2  # `cmd/config-get` too (and the dotted one unless on NATS)
 
 
 class TopicError(ValueError):
@@ -184,6 +190,16 @@ class DeviceTopics:
         return Topic(f"{self.root}/bundle/{transfer_name(transfer_id)}/need")
 
 
+def command_topic(device: str, name: str, topics: int | None) -> Topic:
+    """Where a console sends `name` to `device`, given the `topics` its retained status
+    advertises (None: no status seen yet, the portable spelling). A device that does not
+    advertise the portable spelling is an older agent: it gets the dotted one."""
+    names = DeviceTopics(device)
+    if topics is not None and topics < TOPICS_PORTABLE:
+        return names.legacy_command(name)
+    return names.command(name)
+
+
 def transfer_name(value: str) -> str:
     if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
         raise TopicError(f"transfer id {value!r} must be 1-64 of A-Za-z0-9._-")
@@ -272,19 +288,26 @@ def target_name(value: object) -> str | None:
 
 
 def command_subscriptions(
-    device: str, groups: Iterable[str], names: Iterable[str], legacy: bool = True
+    device: str,
+    groups: Iterable[str],
+    names: Iterable[str],
+    legacy: bool = True,
+    portable: bool = True,
 ) -> list[TopicFilter]:
     """One filter per command a device handles, for itself and each of its groups, in
     the portable spelling; with `legacy`, also the dotted spelling of names with a `.`
-    (for older consoles; a broker such as NATS refuses those, which is fine)."""
+    (for older consoles; a broker such as NATS refuses those, which is fine). `portable`
+    False: what an agent of the earlier release took, the dotted spelling only."""
     topics = DeviceTopics(device)
     names = sorted(names)
     groups = list(groups)
-    filters = [TopicFilter(str(topics.command(n))) for n in names]
-    for group in groups:
-        filters += [TopicFilter(str(group_command(group, n))) for n in names]
-    if legacy:
-        dotted = [n for n in names if "." in n]
+    filters: list[TopicFilter] = []
+    if portable:
+        filters += [TopicFilter(str(topics.command(n))) for n in names]
+        for group in groups:
+            filters += [TopicFilter(str(group_command(group, n))) for n in names]
+    if legacy or not portable:
+        dotted = [n for n in names if "." in n or not portable]
         filters += [TopicFilter(str(topics.legacy_command(n))) for n in dotted]
         for group in groups:
             filters += [TopicFilter(str(legacy_group_command(group, n))) for n in dotted]

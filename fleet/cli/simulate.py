@@ -1,6 +1,6 @@
 """`edge-fleet simulate N`: N light simulated devices against the broker, until SIGINT/SIGTERM.
 
-For trying the console, tests and benchmarks without hardware (fleet/simulate.py).
+For trying the console, tests and benchmarks without hardware (fleet/simulate/).
 The devices trust `--console-key` (repeatable); without one they accept unsigned
 commands, as an agent with `commands.require_signature = false` does.
 """

@@ -1,4 +1,4 @@
-"""Helpers for tests that drive simulated devices (fleet/simulate.py) or real agents.
+"""Helpers for tests that drive simulated devices (fleet/simulate/) or real agents.
 
     key, pub = console_keypair(tmp_path)
     with Simulator(broker.host, broker.port, 20, console_keys=[pub]) as sim, \\
@@ -14,9 +14,11 @@ status/state, telemetry and event it saw, per device, parsed with the typed read
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +43,57 @@ from agent.protocol.topics import (
     fleet_filter,
     group_command,
 )
+from fleet.config import FleetConfig
+from fleet.mqtt import FleetClient
+from fleet.view import FleetView
+from tests.helpers import SampleParts, make_bundle
 from tests.mqtt_broker import Broker, Listener
 
 SAMPLE_NAME = "digits"  # the sample bundle's model (models/digits/)
+
+
+@dataclass
+class Console:
+    """The console's real client and view, as a module fixture holds them."""
+
+    client: FleetClient
+    view: FleetView
+
+
+@contextlib.contextmanager
+def open_console(config: FleetConfig) -> Iterator[Console]:
+    """A connected console with its view started (retained state settled), closed after."""
+    client = FleetClient(config).connect()
+    try:
+        view = FleetView(client).start(settle_s=5)
+        try:
+            yield Console(client, view)
+        finally:
+            view.close()
+    finally:
+        client.close()
+
+
+def sample_bundle_v2(directory: Path, sample_parts: SampleParts, demo_key: Any) -> Path:
+    """The sample model signed as version 2.0.0: what the rollout tests deploy."""
+    out = directory / f"{SAMPLE_NAME}-2.0.0.edgebundle"
+    return make_bundle(sample_parts, out, demo_key, version="2.0.0")
+
+
+def quick_sim(console_pub: Path, prefix: str) -> tuple[str, dict[str, Any]]:
+    """A fresh group and the options of a quick simulator in it (telemetry every 0.2 s,
+    20 ms a phase, the sample model at 1.0.0), unique per call."""
+    tag = uuid.uuid4().hex[:6]
+    group = f"g-{tag}"
+    options: dict[str, Any] = {
+        "prefix": f"{prefix}{tag}",
+        "groups": [group],
+        "console_keys": [console_pub],
+        "telemetry_interval_s": 0.2,
+        "latency": 0.02,
+        "model": (SAMPLE_NAME, "1.0.0"),
+    }
+    return group, options
 
 
 def console_keypair(directory: Path, name: str = "console") -> tuple[Ed25519PrivateKey, Path]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import pytest
 from agent.signing import load_public_key
 from fleet.cli import main
 from fleet.config import FleetConfig
-from fleet.mqtt import FleetClient
 from fleet.ports import RecordKind
 from fleet.rollout.bundle import BundleInfo, inspect_bundle
 from fleet.rollout.control import rollback_devices
@@ -31,9 +29,9 @@ from fleet.rollout.sources import SourceFactory, console_sources
 from fleet.rollout.state import RolloutState
 from fleet.simulate import Simulator
 from fleet.store import SqlStore, open_store
-from fleet.view import FleetView
+from tests.fleet._sim import Console, open_console, sample_bundle_v2
 from tests.fleet.conftest import write_fleet_toml
-from tests.helpers import DEMO_PUB, SampleParts, make_bundle
+from tests.helpers import DEMO_PUB, SampleParts
 from tests.nats_cluster import NatsCluster, available
 
 pytestmark = pytest.mark.skipif(not available(), reason="nats-server is not installed")
@@ -45,12 +43,6 @@ OPERATOR = "nats-tester"
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
     with NatsCluster(tmp_path_factory.mktemp("nats")) as c:
         yield c
-
-
-@dataclass
-class Console:
-    client: FleetClient
-    view: FleetView
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +58,8 @@ def console(cluster: NatsCluster, console_key_file: Path) -> Iterator[Console]:
         timeout_s=10,
         connect_timeout_s=30,  # JetStream session setup (see test_the_cli_on_node_3)
     )
-    client = FleetClient(config).connect()
-    view = FleetView(client).start(settle_s=5)
-    yield Console(client, view)
-    view.close()
-    client.close()
+    with open_console(config) as console:
+        yield console
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +80,7 @@ def sources(console: Console) -> SourceFactory:
 def bundle(
     tmp_path_factory: pytest.TempPathFactory, sample_parts: SampleParts, demo_key: Any
 ) -> BundleInfo:
-    path = make_bundle(
-        sample_parts, tmp_path_factory.mktemp("bundle") / "digits-2.0.0.edgebundle", demo_key,
-        version="2.0.0",
-    )  # fmt: skip
+    path = sample_bundle_v2(tmp_path_factory.mktemp("bundle"), sample_parts, demo_key)
     return inspect_bundle(path, [DEMO_PUB])
 
 

@@ -1,5 +1,5 @@
 """Staged rollouts end to end: a real mosquitto, simulated devices speaking the agent's
-protocol (fleet/simulate.py), the console's real FleetClient/FleetView, and the record on
+protocol (fleet/simulate/), the console's real FleetClient/FleetView, and the record on
 a real SQLite file and on the machine's PostgreSQL (the core is parametrized over both).
 
 Each test takes its own devices (a prefix and group of its own): the broker and its
@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import pytest
 from agent.protocol.update import DeployRequest
 from agent.signing import load_public_key
 from fleet.config import FleetConfig
-from fleet.mqtt import FleetClient
 from fleet.ports import NewRecord, RecordKind
 from fleet.rollout.bundle import BundleInfo, inspect_bundle
 from fleet.rollout.control import request
@@ -32,8 +30,8 @@ from fleet.rollout.sources import SourceFactory, console_sources
 from fleet.rollout.state import RolloutState
 from fleet.simulate import Simulator
 from fleet.store import SqlStore, open_store
-from fleet.view import FleetView
-from tests.helpers import DEMO_PUB, SampleParts, make_bundle
+from tests.fleet._sim import Console, open_console, quick_sim, sample_bundle_v2
+from tests.helpers import DEMO_PUB, SampleParts
 from tests.mqtt_broker import Broker
 from tests.pg import pg_database_fixture
 
@@ -67,12 +65,6 @@ def sqlite_store(sqlite_path: str) -> Iterator[SqlStore]:
     s.close()
 
 
-@dataclass
-class Console:
-    client: FleetClient
-    view: FleetView
-
-
 @pytest.fixture(scope="module")
 def console(broker: Broker, console_key_file: Path) -> Iterator[Console]:
     config = FleetConfig.load(
@@ -83,11 +75,8 @@ def console(broker: Broker, console_key_file: Path) -> Iterator[Console]:
         console_id=f"rollout-{uuid.uuid4().hex[:6]}",
         timeout_s=5,
     )
-    client = FleetClient(config).connect()
-    view = FleetView(client).start(settle_s=5)
-    yield Console(client, view)
-    view.close()
-    client.close()
+    with open_console(config) as console:
+        yield console
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +91,7 @@ def bundle(
     tmp_path_factory: pytest.TempPathFactory, sample_parts: SampleParts, demo_key: Any
 ) -> BundleInfo:
     """A real signed bundle of the sample model, version 2.0.0, verified as deploy does."""
-    path = make_bundle(
-        sample_parts, tmp_path_factory.mktemp("bundle") / "digits-2.0.0.edgebundle", demo_key,
-        version="2.0.0",
-    )  # fmt: skip
+    path = sample_bundle_v2(tmp_path_factory.mktemp("bundle"), sample_parts, demo_key)
     return inspect_bundle(path, [load_public_key(DEMO_PUB)])
 
 
@@ -119,16 +105,7 @@ def sims(broker: Broker, console_pub: Path, console: Console) -> Iterator[Sims]:
     started: list[Simulator] = []
 
     def make(n: int, **kw: Any) -> Simulator:
-        tag = uuid.uuid4().hex[:6]
-        group = f"g-{tag}"
-        options: dict[str, Any] = {
-            "prefix": f"s{tag}",
-            "groups": [group],
-            "console_keys": [console_pub],
-            "telemetry_interval_s": 0.2,
-            "latency": 0.02,
-            "model": ("digits", "1.0.0"),
-        }
+        group, options = quick_sim(console_pub, "s")
         options.update(kw)
         sim = Simulator(broker.host, broker.port, n, **options)
         sim.__enter__()

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ import pytest
 from fleet.ports import RecordKind
 from fleet.simulate import Simulator
 from fleet.store import SqlStore, open_store
-from tests.helpers import DEMO_PUB, SampleParts, make_bundle
+from tests.fleet._sim import quick_sim, sample_bundle_v2
+from tests.helpers import DEMO_PUB, SampleParts
 from tests.mqtt_broker import Broker
 from tests.pg import pg_database_fixture
 
@@ -62,8 +62,7 @@ def opened(url: str) -> Iterator[SqlStore]:
 def bundle_path(
     tmp_path_factory: pytest.TempPathFactory, sample_parts: SampleParts, demo_key: Any
 ) -> Path:
-    out = tmp_path_factory.mktemp("bundle") / "digits-2.0.0.edgebundle"
-    return make_bundle(sample_parts, out, demo_key, version="2.0.0")
+    return sample_bundle_v2(tmp_path_factory.mktemp("bundle"), sample_parts, demo_key)
 
 
 class Fleet:
@@ -151,20 +150,12 @@ def sim_factory(broker: Broker, console_pub: Path) -> Iterator[Callable[..., Sim
     started: list[Simulator] = []
 
     def make(n: int, **kw: Any) -> Simulator:
-        tag = uuid.uuid4().hex[:6]
-        options: dict[str, Any] = {
-            "prefix": f"c{tag}",
-            "groups": [f"g-{tag}"],
-            "console_keys": [console_pub],
-            "telemetry_interval_s": 0.2,
-            "latency": 0.02,
-            "model": ("digits", "1.0.0"),
-        }
+        group, options = quick_sim(console_pub, "c")
         options.update(kw)
         sim = Simulator(broker.host, broker.port, n, **options)
         sim.__enter__()
         started.append(sim)
-        sim.group = f"g-{tag}"  # type: ignore[attr-defined]
+        sim.group = group  # type: ignore[attr-defined]
         return sim
 
     yield make

@@ -430,8 +430,8 @@ def test_simulated_commands_are_refused_like_the_agents_hostile_corpus() -> None
     `infer` cases that need the real model's input shape."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fleet.simcommands import Incoming, SignatureCache
-    from fleet.simdevice import Knobs, Shared, Signal, SimDevice
+    from fleet.simulate.commands import Incoming, SignatureCache
+    from fleet.simulate.device import Knobs, Shared, Signal, SimDevice
     from tests.hostile import commands as hostile
 
     shared = Shared(SignatureCache([hostile.KEY.public_key()]), ThreadPoolExecutor(1), 0, 10.0,
@@ -488,3 +488,47 @@ def test_a_shadow_reports_agreement_and_blocks_a_disagreeing_version(
             lambda c: any(t.model and t.model.get("shadow", {}).get("agreement") == 0.9
                           for t in c.telemetry(disagree))
         )  # fmt: skip
+
+
+def test_a_console_reaches_an_old_agent_on_the_dotted_topic_and_a_new_one_on_the_portable(
+    broker: Broker, keys: tuple[Ed25519PrivateKey, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Agents of the earlier release take only `cmd/config.get`; a new one advertises
+    `"topics": 2` in its status and takes `cmd/config-get`. The console's real client
+    picks the spelling from the view's row; sent blind (no row), the portable spelling
+    gets no answer from the old agent, which is the break this guards against."""
+    from fleet.config import FleetConfig
+    from fleet.errors import FleetCode, FleetError
+    from fleet.mqtt import FleetClient
+    from fleet.view import FleetView
+
+    config = FleetConfig.load(
+        None, broker=f"mqtt://{broker.host}:{broker.port}", console_id="ops.topics", timeout_s=5
+    )
+    with pytest.raises(ValueError, match="not a simulated device"):
+        Simulator(broker.host, broker.port, 1, old_agents=["nobody"])
+    prefix = f"t{time.monotonic_ns() % 10**8}"
+    old, new = f"{prefix}-0000", f"{prefix}-0001"
+    with sim(broker, keys, 2, prefix=prefix, old_agents=[old]) as s:
+        with caplog.at_level("WARNING", logger="fleet.mqtt"):
+            client = FleetClient(config, key=keys[0]).connect()
+        try:
+            assert any("console_id 'ops.topics'" in r.getMessage() for r in caplog.records)
+            view = FleetView(client).start(settle_s=5)
+            assert view.wait(lambda v: all((r := v.row(d)) and r.online for d in (old, new)), 15)
+            assert view.row(old).topics == 1 and view.row(new).topics == 2  # type: ignore[union-attr]
+            for device in (old, new):
+                reply = client.request(device, "config.get", {"keys": ["telemetry.interval_s"]})
+                assert reply.ok and reply.device_id == device, reply
+            lookup, client.device_lookup = client.device_lookup, None  # no row: portable
+            try:
+                assert client.request(new, "config.get").ok
+                with pytest.raises(FleetError) as refused:
+                    client.request(old, "config.get", timeout_s=1)
+                assert refused.value.code == FleetCode.TIMEOUT
+            finally:
+                client.device_lookup = lookup
+            view.close()
+        finally:
+            client.close()
+        assert s.device_ids == [old, new]

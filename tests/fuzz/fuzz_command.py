@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 with atheris.instrument_imports():
     from agent.link import commands, replies
     from agent.protocol import canonical, messages, topics
+    from agent.protocol import commands as protocol_commands  # noqa: F401  (the checks)
 
 from agent.config.loader import parse_config
 from agent.link.handlers import build_table

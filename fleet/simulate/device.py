@@ -1,7 +1,7 @@
 """One simulated device: retained status and state, telemetry, events, commands and
 the update job, speaking the agent's MQTT contract through `agent.protocol`.
 
-Runs on the simulator's loop thread only (fleet/simloop.py): timers move a job from
+Runs on the simulator's loop thread only (fleet/simulate/loop.py): timers move a job from
 phase to phase, so a device costs a few objects, not a thread. What the device sends
 goes through its connection (`Port`), which the simulator owns (one MQTT connection
 per device, or many devices multiplexed on one).
@@ -43,8 +43,8 @@ from agent.protocol.update import (
 )
 from agent.update.errors import UpdateCode, UpdateError
 from agent.version import compare_versions
-from fleet.simcommands import Args, CommandError, Incoming, SignatureCache, SimDispatcher
-from fleet.simloop import Reactor, Timer
+from fleet.simulate.commands import Args, CommandError, Incoming, SignatureCache, SimDispatcher
+from fleet.simulate.loop import Reactor, Timer
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,9 @@ class SimDevice:
         self.shared = shared
         self.knobs = knobs
         self.topics = DeviceTopics(device_id)
+        # Plays an agent of the earlier release: dotted command topics only, no `topics`
+        # in its status (set before the simulator starts: subscriptions are made at connect).
+        self.old_agent = False
         # Noise in the figures comes from one generator for all devices (a Random each
         # would be 2.5 KB a device); what decides outcomes is fixed by the seed.
         self.rng = shared.rng
@@ -279,13 +282,21 @@ class SimDevice:
         return self.port.reactor
 
     def filters(self) -> list[str]:
-        return [str(f) for f in command_subscriptions(self.id, self.groups, COMMANDS)]
+        # The portable spelling only, as an agent on NATS ends up with; an old agent
+        # took the dotted one only.
+        subscriptions = command_subscriptions(
+            self.id, self.groups, COMMANDS, legacy=False, portable=not self.old_agent
+        )
+        return [str(f) for f in subscriptions]
 
     def will(self) -> bytes:
         return self._status("offline", "connection lost (last will)")
 
     def _status(self, state: str, reason: str) -> bytes:
-        return dumps(Status(self.id, state, __version__, time.time(), reason).to_json())
+        body = Status(self.id, state, __version__, time.time(), reason).to_json()
+        if self.old_agent:
+            del body["topics"]  # the earlier release did not advertise its spellings
+        return dumps(body)
 
     def _send(self, stream: str, topic: str, payload: bytes, retain: bool = False) -> None:
         assert self.port is not None

@@ -20,7 +20,7 @@ devices share K connections: 10,000 devices cost 10,000 sets of subscriptions bu
 not 10,000 sockets. The trade-off: there is no per-device last will, so a device
 taken offline says so with an explicit retained `offline` status, and a simulator
 process that dies leaves its devices "online" until it comes back. All connections
-run on one loop thread (fleet/simloop.py); telemetry is spread over the interval.
+run on one loop thread (fleet/simulate/loop.py); telemetry is spread over the interval.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ from agent.protocol.topics import device_id as check_device_id
 from agent.protocol.topics import group_name, parse_command_topic
 from agent.protocol.update import Phase
 from agent.signing import parse_public_key
-from fleet.simcommands import Incoming, SignatureCache
-from fleet.simdevice import CRASH_PHASES, DEFAULT_LATENCY, Knobs, Shared, Signal, SimDevice
-from fleet.simloop import Reactor
+from fleet.simulate.commands import Incoming, SignatureCache
+from fleet.simulate.device import CRASH_PHASES, DEFAULT_LATENCY, Knobs, Shared, Signal, SimDevice
+from fleet.simulate.loop import Reactor
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +311,7 @@ class Simulator:
         model: tuple[str, str] = ("sim-model", "1.0.0"),
         download_workers: int = 8,
         start_timeout_s: float = 60.0,
+        old_agents: Iterable[str] = (),
     ) -> None:
         if protocol not in ("5", "3.1.1"):
             raise ValueError(f'protocol must be "5" or "3.1.1", not {protocol!r}')
@@ -358,6 +359,10 @@ class Simulator:
         self.devices: dict[str, SimDevice] = {
             d: SimDevice(d, member[d], self.shared, self.knobs) for d in ids
         }
+        for d in old_agents:
+            if d not in self.devices:
+                raise ValueError(f"old_agents names {d!r}, which is not a simulated device")
+            self.devices[d].old_agent = True
         for version, given in (profile or {}).items():
             spec = dict(given)
             devices = spec.pop("devices", None)
