@@ -456,7 +456,8 @@ class SimDevice:
         self._telemetry_timer = None
         if not self.online or self.port is None or not self.port.connected:
             return
-        self._send("telemetry", str(self.topics.telemetry), self.telemetry())
+        # Retained, as the agent's: a console opened later sees the newest report.
+        self._send("telemetry", str(self.topics.telemetry), self.telemetry(), True)
         self._schedule_telemetry()
 
     # ----------------------------------------------------------------- commands

@@ -23,7 +23,7 @@ from fleet.simulate import Simulator
 from tests.fleet._sim import FINAL_KINDS, SimConsole, console_keypair
 from tests.fleet.conftest import SecureBroker
 from tests.helpers import DEMO_KEY, DEMO_PUB, make_bundle, unpack_sample
-from tests.mqtt_broker import Broker, free_port
+from tests.mqtt_broker import Broker, Listener, free_port
 
 CLI = [sys.executable, "-m", "fleet.cli"]
 FAST = {"latency": 0.02, "telemetry_interval_s": 0.3, "start_timeout_s": 15.0}
@@ -75,6 +75,19 @@ def test_every_device_retains_status_and_state_and_reports_telemetry(
         assert t.system["rss_mb"] > 0 and t.outbox["messages"] == 0
         seqs = [m.seq for m in console.telemetry(ids[0])]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        # Telemetry is retained like the agent's: a console opened later gets each
+        # device's newest report at once.
+        late = Listener(broker, ["edgerun/v1/+/telemetry"])
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                retained = {json.loads(p)["device_id"] for _, p, r, _ in late.messages if r}
+                if retained >= set(ids):
+                    break
+                time.sleep(0.05)
+            assert retained >= set(ids)
+        finally:
+            late.close()
 
 
 def test_signed_commands_are_answered_and_bad_ones_refused_with_the_devices_codes(
