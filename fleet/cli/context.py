@@ -110,13 +110,15 @@ class Context:
             print(f"edge-fleet: warning: commands not all recorded in {self.config.db}: "
                   f"{exc.message}", file=sys.stderr)  # fmt: skip
 
-    def view(self, settle_s: float = 10.0, device: str | None = None) -> FleetView:
+    def view(
+        self, settle_s: float = 10.0, device: str | None = None, follow: bool = True
+    ) -> FleetView:
         """The fleet view, started (returns once the retained messages are in).
         `device`: watch that one device only (a single-device command needs no more)."""
         if self._view is None:
             from fleet.view import FleetView
 
-            self._view = FleetView(self.client(), device=device).start(settle_s)
+            self._view = FleetView(self.client(), device=device).start(settle_s, follow=follow)
             self._closers.append(self._view.close)
         return self._view
 

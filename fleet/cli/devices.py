@@ -185,9 +185,18 @@ def summary(rows: Sequence[DeviceRow]) -> str:
 # ------------------------------------------------------------------------ commands
 
 
+RETAINED_TELEMETRY_WAIT_MAX_DEVICES = 2000
+
+
 def run_devices(args: argparse.Namespace, ctx: Context) -> int:
     ctx.record_commands = False  # listing sends no command
-    view = ctx.view(settle_s=args.settle)
+    view = ctx.view(settle_s=args.settle, follow=False)
+    # A small fleet's retained telemetry comes within milliseconds of its state: take
+    # it (bounded wait). A large fleet's takes seconds to read and a broker with default
+    # queue limits drops part of it, so a one-shot table there lists status and state
+    # only, unless --telemetry S asks to wait for the reports.
+    if args.telemetry > 0 or len(view.rows()) <= RETAINED_TELEMETRY_WAIT_MAX_DEVICES:
+        view.follow(min(1.0, args.settle))
     if args.telemetry > 0:
         online = {r.device_id for r in view.rows(args.group) if r.online}
         view.wait(

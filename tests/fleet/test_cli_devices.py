@@ -70,8 +70,12 @@ def test_devices_lists_every_device(cli: Callable[..., tuple[int, Any, str]]) ->
     assert "2 devices: 2 online, 0 offline" in text
     code, rows, _ = cli("--json", "devices", "--group", "nobody")
     assert code == 0 and rows == []
-    # Telemetry is not retained: --telemetry waits for a report from each device.
+    # --telemetry waits for a report from each device.
     code, rows, _ = cli("devices", "--telemetry", "30", "--json")  # --json after it, too
+    assert code == 0 and all(r["telemetry_ts"] and r["rss_mb"] for r in rows)
+    # Once they reported, a one-shot listing has their figures at once: the newest
+    # report is retained by the broker.
+    code, rows, _ = cli("--json", "devices")
     assert code == 0 and all(r["telemetry_ts"] and r["rss_mb"] for r in rows)
 
 
