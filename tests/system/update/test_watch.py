@@ -114,7 +114,9 @@ def test_trial_passes_on_a_healthy_model_and_commits(rig: Rig, bundles: Bundles)
 
 def test_a_much_slower_model_is_rolled_back_on_its_p95(rig: Rig, bundles: Bundles) -> None:
     agent = rig.start_agent()
-    slow = bundles.slow("1.1.0")
+    # 250 layers (~0.5 GFLOP a row, ~9 ms idle): well past twice the previous p95 (which
+    # counts as 2 ms at least) also on an idle box, where 20 layers (0.6 ms) did not.
+    slow = bundles.slow("1.1.0", layers=250)
     url = rig.server.add("/slow", slow.data)
     trial = {"window_s": 60, "min_requests": 20, "max_p95_ratio": 2.0}
     with Load(agent.socket, clients=2) as load:
