@@ -46,7 +46,6 @@ from agent.memory import MB, AdmissionError, release_free_memory
 from agent.protocol.events import EventKind
 from agent.protocol.state import ModelInfo, UpdateSnapshot
 from agent.protocol.update import (
-    BadVersion,
     CancelAccepted,
     DeployRequest,
     HttpSource,
@@ -238,9 +237,7 @@ class UpdateJobs:
             previous=None
             if previous is None
             else ModelRef(None if prev_manifest is None else prev_manifest.version, previous.name),
-            bad_versions=tuple(
-                BadVersion(b.version, b.sha256, b.reason, b.ts) for b in self.journal.state.bad
-            ),
+            bad_versions=self.journal.state.bad,
             job_json=None if job is None else job.to_json(),
         ).to_json()
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.update import Phase
+# The wire type is the journal's record too: one definition for both.
+from agent.protocol.update import BadVersion, Phase
 
 log = logging.getLogger(__name__)
 
@@ -134,22 +135,6 @@ def _opt(raw: dict[str, Any], key: str) -> str | None:
     if not isinstance(value, str):
         raise ValueError(f"{key} is not a string")
     return value
-
-
-@dataclass(frozen=True)
-class BadVersion:
-    version: str
-    sha256: str
-    reason: str
-    ts: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "sha256": self.sha256,
-            "reason": self.reason,
-            "ts": self.ts,
-        }
 
 
 @dataclass(frozen=True)
