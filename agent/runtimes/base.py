@@ -72,6 +72,12 @@ class Runtime(abc.ABC):
         high-water mark would hold the agent above its soft limit after one burst."""
         return self.run(feeds)
 
+    def family(self) -> str:
+        """The kind of hardware/kernels that computes this runtime's outputs, which sets
+        how far they may differ from the build machine's: "cpu", "cuda", "tensorrt"...
+        (the golden replay picks its tolerance by it)."""
+        return "cpu"
+
     def describe(self) -> dict[str, Any]:
         """What the runtime chose (providers, threads...) for status and metrics."""
         return {"runtime": self.name, "version": self.library_version()}

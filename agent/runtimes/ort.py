@@ -16,6 +16,13 @@ log = logging.getLogger(__name__)
 # Fastest first: TensorRT on Jetson, then CUDA, then the CPU that is always there.
 DEFAULT_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
+# Execution provider -> tolerance family (agent.runtimes.base.Runtime.family).
+PROVIDER_FAMILY = {
+    "CPUExecutionProvider": "cpu",
+    "CUDAExecutionProvider": "cuda",
+    "TensorrtExecutionProvider": "tensorrt",
+}
+
 
 @dataclass(frozen=True)
 class OrtConfig:
@@ -144,6 +151,11 @@ class OrtRuntime(Runtime):
         except Exception as exc:
             raise InferenceError(f"onnxruntime failed: {exc}") from exc
         return dict(zip(self._output_names, results, strict=True))
+
+    def family(self) -> str:
+        # The first provider the session really took computes (nearly) every node.
+        first = self._providers[0] if self._providers else "CPUExecutionProvider"
+        return PROVIDER_FAMILY.get(first, "cpu")
 
     def describe(self) -> dict[str, Any]:
         return {

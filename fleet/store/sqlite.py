@@ -56,14 +56,36 @@ class SqliteDialect:
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            # Reading the schema first makes a corrupt or foreign file fail here.
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            conn.execute("PRAGMA synchronous = FULL")
+            self._prepare(conn)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Schema check, WAL and durability, retried while another process holds the file.
+
+        SQLite answers some lock conflicts at once instead of calling the busy handler:
+        switching a new file to WAL (it needs the file to itself) and opening a WAL file
+        while another connection recovers or checkpoints it (SQLITE_BUSY_RECOVERY /
+        SQLITE_BUSY_SNAPSHOT). Consoles started together hit exactly that, so this retries
+        for the same busy_timeout_s that ordinary writes wait.
+        """
+        deadline = time.monotonic() + self.busy_timeout_s
+        pause = 0.005
+        while True:
+            try:
+                # Reading the schema first makes a corrupt or foreign file fail here.
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                conn.execute("PRAGMA synchronous = FULL")
+                return
+            except sqlite3.OperationalError as exc:
+                low = str(exc).lower()
+                if ("locked" not in low and "busy" not in low) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -76,7 +98,7 @@ class SqliteDialect:
         assert self._conn is not None
         cur = self._conn.cursor()
         try:
-            cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            self._begin(cur, write)
             yield cur
             cur.execute("COMMIT")
         except BaseException:
@@ -87,6 +109,23 @@ class SqliteDialect:
             raise
         finally:
             cur.close()
+
+    def _begin(self, cur: sqlite3.Cursor, write: bool) -> None:
+        # The busy handler covers an ordinary wait for the write lock; what SQLite
+        # answers at once (another connection recovering or checkpointing the WAL as
+        # it opens or closes) is retried here for the same busy_timeout_s.
+        deadline = time.monotonic() + self.busy_timeout_s
+        pause = 0.005
+        while True:
+            try:
+                cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                return
+            except sqlite3.OperationalError as exc:
+                low = str(exc).lower()
+                if ("locked" not in low and "busy" not in low) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def sql(self, query: str) -> str:
         return query
