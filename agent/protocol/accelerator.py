@@ -53,7 +53,7 @@ class AcceleratorReport:
 
     def has_figures(self) -> bool:
         return any(
-            value not in (None, (), {})
+            value is not None and value not in ([], {})
             for key, value in self.to_json().items()
             if key not in ("source", "kind", "age_s")
         )
