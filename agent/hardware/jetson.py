@@ -11,6 +11,8 @@ with its age.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,6 +21,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 from agent.hardware.sysfs import JetsonSysfs
 from agent.hardware.tegrastats import parse_line
@@ -32,6 +35,8 @@ BACKOFF_MAX_S = 60.0
 # A child that ran this long before dying was healthy: the next restart is quick again.
 HEALTHY_RUN_S = 30.0
 KILL_GRACE_S = 2.0
+# tegrastats lines are a few hundred bytes; a longer one is not a tegrastats line.
+MAX_LINE = 16 * 1024
 
 
 def find_tegrastats(setting: str) -> Path | None:
@@ -78,8 +83,6 @@ class JetsonTelemetry:
         self.start_sync()
 
     async def stop(self) -> None:
-        import asyncio
-
         await asyncio.get_running_loop().run_in_executor(None, self.stop_sync)
 
     def start_sync(self) -> None:
@@ -171,13 +174,27 @@ class JetsonTelemetry:
         if self._stopping.is_set():  # stop() ran between the check and the start
             self._end_child()
         assert child.stdout is not None
-        try:
-            for line in child.stdout:
-                self._keep(line)
-        except (OSError, ValueError):
-            pass  # the pipe closed under us at shutdown
+        with contextlib.suppress(OSError, ValueError):  # the pipe closed under us at stop
+            self._read_lines(child.stdout)
         code = child.wait()
         return f"exited with status {code}"
+
+    def _read_lines(self, stream: IO[str]) -> None:
+        overlong = False
+        while True:
+            line = stream.readline(MAX_LINE)
+            if not line:
+                return
+            if not line.endswith("\n") and len(line) == MAX_LINE:
+                overlong = True  # skip to the end of this line, in bounded reads
+                continue
+            if overlong:
+                overlong = False
+                self.lines += 1
+                self.unparsed += 1
+                log.debug("tegrastats: a line over %d bytes skipped", MAX_LINE)
+                continue
+            self._keep(line)
 
     def _end_child(self) -> None:
         child = self._child

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -145,3 +146,23 @@ def test_find_tegrastats(tmp: Path) -> None:
     else:
         here = shutil.which("tegrastats")
         assert find_tegrastats("auto") == (Path(here) if here else None)
+
+
+def test_an_endless_line_is_skipped_in_bounded_reads(
+    tmp: Path, sampler_factory: Callable[..., JetsonTelemetry]
+) -> None:
+    # Not tegrastats at all: 1 MB without a newline, then a real line, then it stays.
+    script = tmp / "tegrastats"
+    line = ORIN.read_text().splitlines()[0]
+    script.write_text(
+        f"#!{sys.executable}\nimport sys, time\n"
+        f"sys.stdout.write('x' * 1_000_000 + '\\n' + {line!r} + '\\n'); sys.stdout.flush()\n"
+        "time.sleep(60)\n"
+    )
+    script.chmod(0o755)
+    sampler = sampler_factory(script)
+    sampler.start_sync()
+    assert wait_until(lambda: sampler.read() is not None)
+    assert sampler.unparsed == 1 and sampler.lines == 2
+    report = sampler.read()
+    assert report is not None and report.gpu_load_ratio == 0.63
