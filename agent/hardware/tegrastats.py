@@ -9,8 +9,9 @@ with their sources: tests/agent/fixtures/tegrastats/):
   `VDD_SYS_GPU 153/158` (TX2), `GPU 463/463` (AGX Xavier, no prefix at all).
 - JetPack 5/6 (Xavier, Orin): a date prefix, lowercase zones `tj@53.968C`, rails with a
   unit `VDD_IN 4824mW/4824mW`, GPU clocks per GPC `GR3D_FREQ 63%@[621]` (or `@[611,611]`).
-- Later releases also print `cpu@47.9C/48.3C` and three-valued rails `3034mW/3049mW/3412mW`:
-  the first value is the current one and is what is kept.
+- JetPack 7 prints zones as now/max `cpu@52.968C/52.968C` and rails as now/avg/max
+  `5139mW/5139mW/5139mW`: the first value is the current one and is what is kept.
+  Thor prints a GPU clock without a load: `GR3D_FREQ @[1000,1000,1000]`.
 
 Every field is matched on its own: a field that is missing or garbled is absent from
 the result, the others are kept, and nothing raises. A line with no field at all

@@ -110,9 +110,20 @@ def test_jetpack6_orin_nano_date_prefix_gpc_clocks_and_mw_units() -> None:
     assert third.power_average_mw["VDD_CPU_GPU_CV"] == 598
 
 
+def test_jetpack7_agx_orin_now_max_zones_and_now_avg_max_rails() -> None:
+    r = parsed("jetpack7-agx-orin")
+    assert (r.ram_used_mb, r.ram_total_mb, r.swap_total_mb) == (20642, 62817, None)
+    assert len(r.cpu) == 12 and {c.frequency_hz for c in r.cpu} == {2201 * MHZ}
+    assert (r.emc_load_ratio, r.emc_frequency_hz) == (0.03, 3199 * MHZ)
+    assert (r.gpu_load_ratio, r.gpu_frequency_hz) == (0.12, 1300 * MHZ)
+    assert r.temperatures_c == {"cpu": 52.968, "soc2": 48.406, "soc0": 49.531, "gpu": 47.625}
+    assert r.power_mw == {"VDD_GPU_SOC": 5139, "VDD_CPU_CV": 3268, "VIN_SYS_5V0": 5500}
+    assert r.power_average_mw == r.power_mw
+
+
 def test_later_formats_keep_the_current_value() -> None:
-    # Built from the Orin Nano line with the `now/max` zones and `now/avg/max` rails
-    # that later tegrastats releases print.
+    # The Orin Nano line given JetPack 7's `now/max` zones and `now/avg/max` rails with
+    # values that differ (the captured JetPack 7 line has them all equal).
     line = lines("jetpack6-orin-nano")[1]
     line = line.replace("tj@50.25C", "tj@50.25C/51.5C").replace(
         "VDD_IN 4824mW/4824mW", "VDD_IN 4824mW/4800mW/5100mW"
@@ -123,6 +134,17 @@ def test_later_formats_keep_the_current_value() -> None:
     assert r.temperatures_c["tj"] == 50.25
     assert (r.power_mw["VDD_IN"], r.power_average_mw["VDD_IN"]) == (4824, 4800)
     assert (r.gpu_load_ratio, r.gpu_frequency_hz) == (0.07, 1300 * MHZ)
+
+
+def test_thor_gpu_clock_without_a_load() -> None:
+    # The form jetson_stats tests for Thor (jtop/tests/test_06_tegra_parse.py, PR 894);
+    # not a line captured on a Thor.
+    r = parse_line(
+        "RAM 4722/7844MB (lfb 1x512kB) EMC_FREQ 2%@1866 GR3D_FREQ @[1000,1000,1000] APE 150"
+    )
+    assert r is not None
+    assert (r.gpu_load_ratio, r.gpu_frequency_hz) == (None, 1000 * MHZ)
+    assert (r.emc_load_ratio, r.emc_frequency_hz) == (0.02, 1866 * MHZ)
 
 
 @pytest.mark.parametrize(
