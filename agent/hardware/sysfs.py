@@ -27,7 +27,7 @@ from agent.protocol.accelerator import AcceleratorReport
 log = logging.getLogger(__name__)
 
 GPU_LOAD_FILES = ("sys/devices/gpu.0/load", "sys/devices/platform/gpu.0/load")
-GPU_DEVFREQ = re.compile(r"^(?:[0-9a-f]+\.)?(?:gpu|gp10b|gv11b|ga10b|gb10b)$")
+GPU_DEVFREQ = re.compile(r"^(?:[0-9a-f]+\.)?(?:gpu|gp10b|gv11b|ga10b)$")
 # A rail INA3221 reports with nothing wired to it.
 _UNWIRED = frozenset({"", "NC"})
 

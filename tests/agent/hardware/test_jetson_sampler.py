@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -166,3 +167,36 @@ def test_an_endless_line_is_skipped_in_bounded_reads(
     assert sampler.unparsed == 1 and sampler.lines == 2
     report = sampler.read()
     assert report is not None and report.gpu_load_ratio == 0.63
+
+
+def test_check_config_refuses_a_tegrastats_that_cannot_run(tmp: Path) -> None:
+    from tests.helpers import base_config, write_config
+
+    not_executable = tmp / "tegrastats"
+    not_executable.write_text("#!/bin/sh\n")
+    cases = {
+        f'tegrastats = "{not_executable}"': "jetson.tegrastats: ",
+        f'tegrastats = "{tmp / "missing"}"': "is not a file",
+        f'sysfs_root = "{tmp / "nowhere"}"': "jetson.sysfs_root: ",
+    }
+    for line, expected in cases.items():
+        config = write_config(tmp / "agent.toml", base_config(tmp, extra=f"[jetson]\n{line}\n"))
+        out = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "check-config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 1 and expected in out.stdout, out.stdout + out.stderr
+        assert "[config.invalid]" in out.stdout and "Traceback" not in out.stderr
+    write_fake(not_executable, ORIN, tmp / "pids")  # now executable
+    config = write_config(
+        tmp / "agent.toml", base_config(tmp, extra=f'[jetson]\ntegrastats = "{not_executable}"\n')
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
