@@ -97,3 +97,22 @@ def test_off_a_jetson_nothing_is_reported(tmp: Path) -> None:
         finally:
             agent.stop()
     assert "tegrastats" not in agent.output()
+
+
+def test_a_child_does_not_outlive_a_killed_agent(tmp: Path) -> None:
+    pids = tmp / "pids"
+    fake = write_fake(tmp / "tegrastats", ORIN, pids)
+    jetson = f'[jetson]\ntegrastats = "{fake}"\ninterval_ms = 100\n'
+    agent = AgentProcess(
+        write_config(tmp / "agent.toml", base_config(tmp, extra=jetson)), tmp / "api.sock"
+    )
+    try:
+        agent.wait_ready()
+        assert wait_until(lambda: started(pids), 30), agent.output()
+        child = started(pids)[0][0]
+        agent.proc.kill()  # SIGKILL: no shutdown code runs
+        agent.proc.wait()
+        # Its stdout now leads nowhere: the next line it prints ends it.
+        assert wait_until(lambda: not alive(child), 30)
+    finally:
+        agent.stop()
