@@ -406,6 +406,7 @@ def _golden(
         _opt(golden, "tolerance", dict, "golden."),
         "golden.tolerance",
         outputs=[s.name for s in outputs],
+        formats=list(g_outputs),
     )
     return g_inputs, dict(g_outputs), tolerance
 
@@ -933,9 +934,11 @@ def write_bundle(
     # Never write a bundle a device would refuse as malformed.
     parsed = parse_manifest(manifest_bytes)
     check_goldens(parsed, _golden_headers(parsed, files), Limits())
-    for path in parsed.golden_outputs.values():
+    for fmt, path in parsed.golden_outputs.items():
         with np.load(files[path], allow_pickle=False) as data:
-            problem = tolerance_problem(parsed.golden_tolerance, {k: data[k] for k in data.files})
+            references = {k: data[k] for k in data.files}
+        rules = [parsed.golden_tolerance, parsed.golden_tolerance.for_format(fmt)]
+        problem = next(filter(None, (tolerance_problem(r, references) for r in rules)), None)
         if problem is not None:
             raise GoldenFileError(f"{path}: {problem}")
     signature = sign(private_key, manifest_bytes)

@@ -87,7 +87,8 @@ def replay_golden(
                 f"golden output {name!r} in {paths[1]} is empty or holds NaN/inf; "
                 "a reference must be finite numbers"
             )
-    problem = tolerance_problem(manifest.golden_tolerance, expected)
+    rule = manifest.golden_tolerance.for_format(fmt)
+    problem = tolerance_problem(rule, expected)
     if problem is not None:
         raise GoldenFileError(f"{paths[1]}: {problem}")
     try:
@@ -100,7 +101,7 @@ def replay_golden(
         got = runtime.run(inputs)
     except Exception as exc:
         raise GoldenMismatchError(f"golden inputs fail to run on {runtime.name}: {exc}") from exc
-    return compare(manifest.golden_tolerance, runtime.family(), expected, got)
+    return compare(rule, runtime.family(), expected, got)
 
 
 def check_golden(

@@ -159,6 +159,14 @@ class Tolerance:
     families: Mapping[str, Bound] = field(default_factory=dict)
     outputs: Mapping[str, OutputRule] = field(default_factory=dict)
     top1: Mapping[str, float] = field(default_factory=dict)
+    # A whole rule per model format, for bundles whose formats differ in kind (an INT8
+    # ONNX beside a float TFLite); the rule above is then the widest of them, which
+    # agents that predate per-format rules apply.
+    formats: Mapping[str, Tolerance] = field(default_factory=dict)
+
+    def for_format(self, fmt: str) -> Tolerance:
+        """The rule that judges the golden outputs of format `fmt`."""
+        return self.formats.get(fmt, self)
 
     def layer(self, output: str, family: str) -> tuple[Bound, float | None]:
         """The bound fields for `output` on `family`, and the output's quant step.
@@ -209,6 +217,8 @@ class Tolerance:
             out["outputs"] = {k: v.to_json() for k, v in sorted(self.outputs.items())}
         if self.top1:
             out["top1"] = dict(sorted(self.top1.items()))
+        if self.formats:
+            out["formats"] = {k: v.to_json() for k, v in sorted(self.formats.items())}
         return out
 
     def with_output(self, name: str, rule: OutputRule) -> Tolerance:
@@ -297,18 +307,33 @@ def _output_name(name: str, where: str, outputs: Collection[str] | None) -> None
 
 
 def parse_tolerance(
-    raw: Mapping[str, Any] | None, where: str, outputs: Collection[str] | None = None
+    raw: Mapping[str, Any] | None,
+    where: str,
+    outputs: Collection[str] | None = None,
+    formats: Collection[str] | None = None,
 ) -> Tolerance:
     """The rule in a manifest's `tolerance` object (None: the defaults).
 
     `where` names the object in refusals ("golden.tolerance"); `outputs`, when
-    given, are the model's output names, which `outputs` and `top1` may only name.
+    given, are the model's output names, which `outputs` and `top1` may only name;
+    `formats` the bundle's formats, which `formats` may only name (None: no
+    per-format rules allowed, as in a variant's own tolerance).
     Raises SchemaError naming the field and its allowed range.
     """
     if raw is None:
         return Tolerance()
     obj = _object(raw, where)
-    _keys(obj, {"atol", "rtol", "families", "outputs", "top1"}, where)
+    _keys(obj, {"atol", "rtol", "families", "outputs", "top1", "formats"}, where)
+    per_format: dict[str, Tolerance] = {}
+    if obj.get("formats") is not None:
+        at = f"{where}.formats"
+        for fmt, body in _object(obj["formats"], at).items():
+            if formats is None or fmt not in formats:
+                raise SchemaError(
+                    f"manifest: {at} names {shown(fmt, 40)}, which is not a format of this "
+                    f"bundle ({', '.join(sorted(formats or ())) or 'none here'})"
+                )
+            per_format[fmt] = parse_tolerance(body, f"{at}.{fmt}", outputs, None)
     base = _bound({k: obj[k] for k in ("atol", "rtol") if k in obj}, where)
     families = _families(obj["families"], f"{where}.families") if obj.get("families") else {}
     rules: dict[str, OutputRule] = {}
@@ -341,6 +366,7 @@ def parse_tolerance(
         families=families,
         outputs=rules,
         top1=top1,
+        formats=per_format,
     )
 
 
