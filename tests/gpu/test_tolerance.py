@@ -61,6 +61,8 @@ def _report(manifest: B.Manifest, directory: Path, model: Path) -> list[str]:
     assert report is not None
     for r in report.outputs.values():
         steps = f" = {r.steps:.2f} steps" if r.steps is not None else ""
+        if r.norm_error is not None:
+            steps += f", relative L2 error {r.norm_error:.4g}"
         print(f"{manifest.name} on cuda: {r.name} max abs diff {r.max_abs_diff:.4g}{steps}, "
               f"allowed {r.allowance:.4g}, top-1 {r.top1}")  # fmt: skip
     simulated = manifest.figures.get("golden_replays", {}).get("onnx", {}).get("cuda")
