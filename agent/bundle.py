@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from agent import __version__ as AGENT_VERSION
 from agent import strictjson, ustar
+from agent import tolerance as tolerance_rule
 from agent.bundle_errors import (
     BundleError,
     BundleFormatError,
@@ -56,6 +57,7 @@ from agent.bundle_errors import (
 from agent.names import NameRuleError, check_name, path_problem, shown
 from agent.npz import ArrayHeader, inspect_npz
 from agent.signing import key_id, sign, verify
+from agent.tolerance import Tolerance, parse_tolerance
 from agent.version import VersionFormatError, compare_versions, parse_version
 
 log = logging.getLogger(__name__)
@@ -82,13 +84,12 @@ MAX_TENSOR_NAME = 256
 MAX_LABELS = 100_000
 MAX_LABEL = 256
 MAX_SHORT_TEXT = 64  # created, key_id, runtime names
-# A tolerance wider than the outputs it compares lets anything pass. atol is bounded
-# by the reference outputs themselves (tolerance_problem); MAX_ATOL only bounds the
-# number before they are read.
-MAX_ATOL = 1e6
-ATOL_FLOOR = 1e-3  # always allowed, however small the outputs
-ATOL_SHARE = 0.1  # of the largest reference magnitude (edge-export uses 0.02 for INT8)
-MAX_RTOL = 0.1
+# The golden tolerance rule and its bounds live in agent.tolerance (one rule for the
+# device, edge-export package and the build pipeline); re-exported for older callers.
+MAX_ATOL = tolerance_rule.MAX_ATOL
+MAX_RTOL = tolerance_rule.MAX_RTOL
+ATOL_FLOOR = tolerance_rule.ALLOWANCE_FLOOR
+ATOL_SHARE = tolerance_rule.ALLOWANCE_SHARE
 MIN_PEAK_MB = 1.0  # loading any runtime library costs more than this
 MAX_PEAK_MB = float(1 << 20)  # 1 TiB
 
@@ -163,11 +164,18 @@ class Manifest:
     labels: tuple[str, ...]
     golden_inputs: str | None
     golden_outputs: dict[str, str]
-    golden_atol: float
-    golden_rtol: float
+    golden_tolerance: Tolerance
     peak_memory_mb: dict[str, float]
     min_agent_version: str
     key_id: str
+
+    @property
+    def golden_atol(self) -> float:
+        return self.golden_tolerance.atol
+
+    @property
+    def golden_rtol(self) -> float:
+        return self.golden_tolerance.rtol
 
     @property
     def batchable(self) -> bool:
@@ -366,11 +374,14 @@ def _files(raw: Mapping[str, Any]) -> dict[str, tuple[str, int]]:
 
 
 def _golden(
-    raw: Mapping[str, Any], files: Mapping[str, Any], formats: Mapping[str, str]
-) -> tuple[str | None, dict[str, str], float, float]:
+    raw: Mapping[str, Any],
+    files: Mapping[str, Any],
+    formats: Mapping[str, str],
+    outputs: tuple[TensorSpec, ...],
+) -> tuple[str | None, dict[str, str], Tolerance]:
     golden = _opt(raw, "golden", dict, "")
     if golden is None:
-        return None, {}, 1e-4, 1e-3
+        return None, {}, Tolerance()
     g_inputs = _opt(golden, "inputs", str, "golden.")
     g_outputs = _opt(golden, "outputs", dict, "golden.") or {}
     for path, where in [(g_inputs, "golden.inputs"), *((p, f"golden.outputs.{f}") for f, p in
@@ -391,15 +402,13 @@ def _golden(
             "manifest: golden needs both inputs and outputs (or neither); "
             f"it has inputs {shown(g_inputs)} and outputs for {sorted(g_outputs)}"
         )
-    tolerance = _opt(golden, "tolerance", dict, "golden.") or {}
-    atol = tolerance.get("atol", 1e-4)
-    rtol = tolerance.get("rtol", 1e-3)
-    return (
-        g_inputs,
-        dict(g_outputs),
-        _number(atol, "golden.tolerance.atol", 0.0, MAX_ATOL),
-        _number(rtol, "golden.tolerance.rtol", 0.0, MAX_RTOL),
+    tolerance = parse_tolerance(
+        _opt(golden, "tolerance", dict, "golden."),
+        "golden.tolerance",
+        outputs=[s.name for s in outputs],
+        formats=list(g_outputs),
     )
+    return g_inputs, dict(g_outputs), tolerance
 
 
 def _peak_memory(raw: Mapping[str, Any]) -> dict[str, float]:
@@ -462,7 +471,9 @@ def parse_manifest(data: bytes) -> Manifest:
             raise SchemaError(f"manifest: formats.{fmt} names {shown(path)}, which is not in files")
         formats[fmt] = path
 
-    g_inputs, g_outputs, atol, rtol = _golden(raw, files, formats)
+    inputs = _tensor_specs(raw.get("inputs"), "inputs")
+    outputs = _tensor_specs(raw.get("outputs"), "outputs")
+    g_inputs, g_outputs, tolerance = _golden(raw, files, formats, outputs)
     peak = _peak_memory(raw)
 
     labels = _opt(raw, "labels", list, "") or []
@@ -480,13 +491,12 @@ def parse_manifest(data: bytes) -> Manifest:
         version=version,
         files=files,
         formats=formats,
-        inputs=_tensor_specs(raw.get("inputs"), "inputs"),
-        outputs=_tensor_specs(raw.get("outputs"), "outputs"),
+        inputs=inputs,
+        outputs=outputs,
         labels=tuple(labels),
         golden_inputs=g_inputs,
         golden_outputs=g_outputs,
-        golden_atol=atol,
-        golden_rtol=rtol,
+        golden_tolerance=tolerance,
         peak_memory_mb=peak,
         min_agent_version=min_agent,
         key_id=str(raw.get("key_id", "")),
@@ -533,17 +543,9 @@ def check_goldens(
             )
 
 
-def tolerance_problem(atol: float, references: Iterable[np.ndarray]) -> str | None:
-    """Why `atol` is too wide for these (finite) reference outputs, or None."""
-    peak = max((float(np.max(np.abs(r))) for r in references if r.size), default=0.0)
-    allowed = max(ATOL_FLOOR, ATOL_SHARE * peak)
-    if atol <= allowed:
-        return None
-    return (
-        f"golden.tolerance.atol {atol:g} is above {allowed:.3g}, the most it may be: "
-        f"{ATOL_SHARE:.0%} of the largest reference output magnitude ({peak:.3g}) or "
-        f"{ATOL_FLOOR:g}; wider, it would let wrong outputs pass"
-    )
+def tolerance_problem(tolerance: Tolerance, references: Mapping[str, np.ndarray]) -> str | None:
+    """Why the rule lets some of these (finite) reference outputs move too far, or None."""
+    return tolerance_rule.allowance_problem(tolerance, references)
 
 
 # --------------------------------------------------------------------------- reading
@@ -932,9 +934,11 @@ def write_bundle(
     # Never write a bundle a device would refuse as malformed.
     parsed = parse_manifest(manifest_bytes)
     check_goldens(parsed, _golden_headers(parsed, files), Limits())
-    for path in parsed.golden_outputs.values():
+    for fmt, path in parsed.golden_outputs.items():
         with np.load(files[path], allow_pickle=False) as data:
-            problem = tolerance_problem(parsed.golden_atol, [data[k] for k in data.files])
+            references = {k: data[k] for k in data.files}
+        rules = [parsed.golden_tolerance, parsed.golden_tolerance.for_format(fmt)]
+        problem = next(filter(None, (tolerance_problem(r, references) for r in rules)), None)
         if problem is not None:
             raise GoldenFileError(f"{path}: {problem}")
     signature = sign(private_key, manifest_bytes)
