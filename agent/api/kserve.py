@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from agent.api.shm import Region, RegionAccess
 from agent.bundle import TensorSpec
 from agent.errors import BadRequestError
 
@@ -149,12 +150,18 @@ def _check_request(request: dict[str, Any]) -> None:
         _flag(_object(out.get("parameters"), f"{where}.parameters"), "binary_data", where)
 
 
+SHM_REGION = "shared_memory_region"
+
+
 def decode_request(
-    body: bytes | bytearray, header_length: int | None
+    body: bytes | bytearray,
+    header_length: int | None,
+    regions: RegionAccess | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Parse an infer request; returns (the JSON header, input arrays by name).
 
-    Raises only BadRequestError, whatever the bytes."""
+    Inputs naming a shared-memory region are read from `regions` (views, no copy).
+    Raises only ServingError (BadRequestError, or a `shm.*` refusal), whatever the bytes."""
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise BadRequestError(
@@ -193,7 +200,17 @@ def decode_request(
         count = math.prod(shape)
         params = _object(tensor.get("parameters"), f"{where}.parameters")
         size = params.get("binary_data_size")
-        if size is not None:
+        if SHM_REGION in params:
+            if regions is None:
+                raise BadRequestError(
+                    f"{where}: shared memory is served on the local API only (not here)"
+                )
+            if size is not None or tensor.get("data") is not None:
+                raise BadRequestError(
+                    f"{where} names a shared-memory region and also carries data; send one"
+                )
+            array = regions.read(params, where, dtype, count).reshape(shape)
+        elif size is not None:
             if (
                 not isinstance(size, int)
                 or isinstance(size, bool)
@@ -296,6 +313,23 @@ def wants_binary(request: dict[str, Any]) -> dict[str, bool]:
     return wanted
 
 
+def shm_outputs(
+    request: dict[str, Any], regions: RegionAccess
+) -> dict[str, tuple[Region, int, int]]:
+    """Outputs to be written into shared-memory regions: name -> (region, offset, size),
+    checked before the model runs (the region exists, is writable, the span fits)."""
+    targets: dict[str, tuple[Region, int, int]] = {}
+    for i, out in enumerate(request.get("outputs") or []):
+        params = out.get("parameters") or {}
+        if SHM_REGION not in params:
+            continue
+        where = f"outputs[{i}]"
+        if params.get("binary_data") is True:
+            raise BadRequestError(f"{where} asks for binary data and for a shared-memory region")
+        targets[out["name"]] = regions.target(params, where)
+    return targets
+
+
 def selected_outputs(request: dict[str, Any]) -> list[str]:
     return [out["name"] for out in request.get("outputs") or []]
 
@@ -329,8 +363,12 @@ def encode_response(
     outputs: dict[str, np.ndarray],
     binary: dict[str, bool],
     selected: list[str] | None,
+    written: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[bytes, int | None]:
-    """Return (body, header length for the binary extension or None)."""
+    """Return (body, header length for the binary extension or None).
+
+    `written`: outputs already written into shared memory, with the parameters their
+    entries carry instead of data."""
     names = selected if selected else list(outputs)
     tensors = []
     blobs = []
@@ -341,7 +379,9 @@ def encode_response(
             "datatype": _DTYPE_TO_DATATYPE.get(array.dtype, "FP32"),
             "shape": list(array.shape),
         }
-        if binary.get(name, binary.get("*", False)):
+        if written and name in written:
+            entry["parameters"] = written[name]
+        elif binary.get(name, binary.get("*", False)):
             raw = np.ascontiguousarray(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
