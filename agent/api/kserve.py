@@ -168,10 +168,11 @@ def decode_request(
                 f"Inference-Header-Content-Length {header_length} is outside the body "
                 f"of {len(body)} bytes"
             )
-        # A copy, so tensors start aligned (the JSON head has any length).
-        head, binary = body[:header_length], bytes(body[header_length:])
+        # A view, not a copy (a camera frame is megabytes): a tensor that starts
+        # misaligned for its type (the JSON head has any length) is copied alone below.
+        head, binary = body[:header_length], memoryview(body)[header_length:]
     else:
-        head, binary = body, b""
+        head, binary = body, memoryview(b"")
     request = loads_bounded(head)
     if not isinstance(request, dict):
         raise BadRequestError("request body must be a JSON object")
@@ -226,7 +227,10 @@ def decode_request(
                     f"input {name!r}: {size} binary bytes do not hold shape {list(shape)} "
                     f"of {dtname} ({count * dtype.itemsize} bytes)"
                 )
-            array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
+            array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset)
+            if not array.flags.aligned:
+                array = array.copy()
+            array = array.reshape(shape)
             offset += size
         else:
             array = _json_data(tensor.get("data"), name, where, dtname, dtype, shape, count)
@@ -269,26 +273,19 @@ def _json_data(
 def _integers(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray | None:
     """`data` as an integer array, or None when a value is outside `dtype`'s range.
 
-    Checked explicitly rather than left to a cast, which wraps silently: orjson reads an
-    integer beyond 64 bits as a float, and numpy infers float64 for a list holding one
-    above int64's range."""
-    probe = np.asarray(data)
-    if probe.dtype.kind not in "iufb":
-        return np.asarray(data, dtype=dtype)  # strings, mixtures: numpy's own verdict
-    if not probe.size or probe.dtype.kind == "b":
-        return probe.astype(dtype, copy=False)
-    info = np.iinfo(dtype)
-    low, high = probe.min(), probe.max()
-    if probe.dtype.kind == "f":
-        if not (np.isfinite(low) and np.isfinite(high)):
+    Checked explicitly rather than left to a cast, which wraps silently. Read as int64
+    first (numpy raises OverflowError for any value beyond it, float or int: orjson
+    reads an integer beyond 64 bits as a float), then exactly in Python if that fails."""
+    try:
+        wide = np.asarray(data, dtype=np.int64)
+    except OverflowError:
+        values = np.asarray(data, dtype=object)
+        return _big_integers(values.shape, values.reshape(-1), dtype)
+    if wide.size:
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
             return None
-        if max(-low, high) >= 2**53:  # beyond float64's integers: exact, in Python
-            return _big_integers(probe.shape, np.asarray(data, dtype=object).reshape(-1), dtype)
-        if low < info.min or high >= info.max + 1:
-            return None
-    elif low < info.min or high > info.max:
-        return None
-    return probe.astype(dtype, copy=False)
+    return wide.astype(dtype, copy=False)
 
 
 def _big_integers(
