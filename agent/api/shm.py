@@ -145,7 +145,9 @@ class Region:
             )
         try:
             real = self._map.size()  # the object's size now (fstat)
-        except (OSError, ValueError) as exc:
+        except ValueError:  # closed: unregistered while this request held it
+            raise ShmNotFoundError(f"{where}: region {self.name!r} was just unregistered") from None
+        except OSError as exc:
             raise ShmInvalidError(f"shared-memory region {self.name!r} is unusable: {exc}") from exc
         end = self.offset + offset + size
         if end > real:
@@ -301,7 +303,12 @@ class SharedMemoryRegistry:
                 f"({count * dtype.itemsize} bytes)"
             )
         mapping, start = region.span(offset, size, where)
-        array = np.frombuffer(mapping, dtype=dtype, count=count, offset=start)
+        try:
+            array = np.frombuffer(mapping, dtype=dtype, count=count, offset=start)
+        except ValueError:  # unmapped by an unregister racing this request
+            raise ShmNotFoundError(
+                f"{where}: region {region.name!r} was just unregistered"
+            ) from None
         if not array.flags.aligned:  # an offset not a multiple of the item size
             array = array.copy()
         return array
@@ -330,7 +337,12 @@ class SharedMemoryRegistry:
             )
         where = f"output {name!r}"
         mapping, start = region.span(offset, array.nbytes, where)
-        dst = np.frombuffer(mapping, dtype=np.uint8, count=array.nbytes, offset=start)
+        try:
+            dst = np.frombuffer(mapping, dtype=np.uint8, count=array.nbytes, offset=start)
+        except ValueError:  # unmapped by an unregister racing this request
+            raise ShmNotFoundError(
+                f"{where}: region {region.name!r} was just unregistered"
+            ) from None
         dst[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         params: dict[str, Any] = {
             "shared_memory_region": region.name,
