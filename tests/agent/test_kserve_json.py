@@ -152,6 +152,21 @@ def test_refusals_name_the_problem(body: bytes, message: str) -> None:
     assert message in err.value.message
 
 
+def test_uint8_frames_take_the_bytes_path_and_its_refusals_stay_exact() -> None:
+    frame = np.random.default_rng(5).integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    _, arrays = decode_request(_body(frame.reshape(-1).tolist(), "UINT8", [2, 4, 5, 3]), None)
+    assert arrays["x"].dtype == np.uint8 and np.array_equal(arrays["x"], frame)
+    # What bytes() refuses goes the general way: floats truncate as before, bools count.
+    _, arrays = decode_request(_body([1.0, True, 255], "UINT8"), None)
+    assert arrays["x"].tolist() == [1, 1, 255]
+    _, arrays = decode_request(_body([[1, 2], [3, 4]], "UINT8", [2, 2]), None)
+    assert arrays["x"].tolist() == [[1, 2], [3, 4]]
+    for bad, message in (([256], "out of the range"), ([-1], "out of the range"),
+                         (["1x"], "data is not UINT8")):  # fmt: skip
+        with pytest.raises(BadRequestError, match=message):
+            decode_request(_body(bad, "UINT8"), None)
+
+
 def test_integers_at_the_edges_are_accepted_exactly() -> None:
     _, arrays = decode_request(_body([2**64 - 1, 0], "UINT64"), None)
     assert arrays["x"].tolist() == [2**64 - 1, 0]
