@@ -321,6 +321,7 @@ def digits_cases(
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    here = Server("bench process", 0, os.getpid())
     rng = np.random.default_rng(0)
     by = {s.name: s for s in found}
     cases = []
@@ -332,13 +333,22 @@ def digits_cases(
         binary, bin_headers = kserve_binary("input", x, "FP32")
 
         def check(name: str, reply: bytes, want: np.ndarray = want) -> None:
+            if name.startswith("bare"):
+                return
             got = decode(reply, name.endswith("binary"), np.float32, want.shape)
             assert np.allclose(got, want, atol=1e-4), name
 
         n = per_round if batch <= 32 else max(per_round // 4, 10)
+
+        def bare(x: np.ndarray = x) -> bytes:
+            session.run(None, {"input": x})
+            return b""
+
         send_json: dict[str, tuple[Server, Callable[[], bytes]]] = {
             s: (by[s], lambda c=by[s], b=body: c.request(path, b)) for s in by
         }
+        # The floor every server pays: the model itself, in this process.
+        send_json["bare onnxruntime (no server)"] = (here, bare)
         cases.append(Case(f"digits batch {batch}, JSON", send_json, check, n))
         send_bin: dict[str, tuple[Server, Callable[[], bytes]]] = {
             f"{s} binary": (
