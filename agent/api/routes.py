@@ -269,10 +269,14 @@ class Router:
             raise BadRequestError(
                 f"requested output {unknown[0]!r} does not exist; outputs: {', '.join(outputs)}"
             )
-        written = {
-            out: self.shm.write(region, offset, size, outputs[out], out)
-            for out, (region, offset, size) in targets.items()
-        }
+        try:
+            written = {
+                out: self.shm.write(region, offset, size, outputs[out], out)
+                for out, (region, offset, size) in targets.items()
+            }
+        except ShmError as exc:  # an output larger than its region, known only now
+            self.host.metrics.error(exc.code)
+            raise
         rid = request.get("id")
         payload, head_len = encode_response(
             model.manifest.name,
