@@ -181,6 +181,14 @@ class Agent:
                 float(self.watcher.shed_count),
             ),
             "edgerun_inflight_requests": ("Requests being served.", float(self.host.inflight)),
+            "edgerun_shm_regions": (
+                "System shared-memory regions registered.",
+                float(len(self.api.shm)),
+            ),
+            "edgerun_shm_registered_bytes": (
+                "Bytes of the registered shared-memory regions (charged to the headroom).",
+                float(self.api.shm.total_bytes),
+            ),
             "edgerun_model_ready": ("1 when a model is served.", float(self.host.ready())),
         }
         info = {}

@@ -87,6 +87,11 @@ class ApiConfig:
     idle_timeout_s: float = constraint(30.0, ge=1, le=86_400)
     drain_timeout_s: float = constraint(10.0, ge=0, le=300)
     max_batch_size: int = constraint(256, ge=1, le=1_000_000)
+    # Triton's system shared memory (/v2/systemsharedmemory): regions registered at
+    # once (0 turns the extension off) and their bytes, which also count against the
+    # memory headroom while registered.
+    max_shm_regions: int = constraint(16, ge=0, le=1024)
+    max_shm_mb: float = constraint(256.0, ge=0, le=65_536)
 
 
 @dataclass(frozen=True)
