@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,56 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_SUBS = ((1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0), (1.0, 2.0, 5.0), (1.0, 3.0), (1.0,))
+
+
+def _readable_log_ticks(fig: Any, ax: Any) -> None:
+    """Log-axis labels that never collide.
+
+    Matplotlib labels the minor ticks of a log axis that spans about a decade
+    ("3x10^-2 4x10^-2 ..."), and at this figure's width those labels overlapped.
+    Minor labels are off; major ticks are plain numbers at the finest of 1..9, 1-2-5,
+    1-3 or powers of ten whose rendered labels (real text extents) do not touch and
+    that shows at least two, so a narrow axis still has labels.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    for subs in _SUBS:
+        ax.xaxis.set_major_locator(LogLocator(base=10.0, subs=subs, numticks=50))
+        boxes = tick_label_boxes(fig, ax)
+        if len(boxes) >= 2 and not overlapping(boxes):
+            return
+    ax.xaxis.set_major_locator(LogLocator(base=10.0, subs=(1.0,)))
+
+
+def tick_label_boxes(fig: Any, ax: Any, minor: bool = False) -> list[Any]:
+    """Window extents of the x tick labels that are drawn (inside the axis, non-empty)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    lo, hi = sorted(ax.get_xlim())
+    labels = ax.xaxis.get_minorticklabels() if minor else ax.xaxis.get_majorticklabels()
+    return [t.get_window_extent(renderer) for t in labels
+            if t.get_visible() and t.get_text() and lo <= t.get_position()[0] <= hi]  # fmt: skip
+
+
+def overlapping(boxes: list[Any], pad_px: float = 2.0) -> bool:
+    boxes = sorted(boxes, key=lambda b: b.x0)
+    return any(b.x0 < a.x1 + pad_px for a, b in zip(boxes, boxes[1:], strict=False))
+
+
 def plot(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def figure(report: dict[str, Any]) -> Any:
+    """The report's Matplotlib figure (quality vs latency and size)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on build machines
@@ -116,9 +166,9 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"{report['name']} {report['version']}: quality vs latency and size "
                  "(square = INT8, triangle = TFLite float, outlined = selected)", fontsize=9)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    for ax in (ax_lat, ax_size):
+        _readable_log_ticks(fig, ax)
+    return fig
 
 
 def write_reports(report: dict[str, Any], directory: Path) -> dict[str, Path]:
