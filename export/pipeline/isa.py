@@ -117,4 +117,4 @@ def preset_for(host: HostIsa) -> tuple[str, str]:
         if host.dotprod:
             return "arm64-dotprod", "asimddp present: SDOT/UDOT 8-bit dot products"
         return "arm64", "no asimddp: NEON widening multiplies (no saturation), u8 x s8"
-    return "x86_64-avx2", f"unknown CPU ({host.arch}): the conservative preset (7-bit weights)"
+    return "none", f"no preset for {host.arch}: ONNX Runtime's defaults"

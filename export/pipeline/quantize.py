@@ -53,13 +53,13 @@ PRESETS: dict[str, Preset] = {
     # Lake+): VPDPBUSD multiplies u8 x s8 and accumulates in int32 in one instruction,
     # so u8/s8 is the native pair and full 8-bit weights cost nothing.
     "x86_64-vnni": Preset("uint8", "int8", True, False, False, True,
-                          target="x86_64 avx512_vnni|avx_vnni"),  # fmt: skip
+                          target="x86_64 avx512_vnni|avx_vnni"),
     # x86-64 without VNNI (AVX2, or AVX-512 without VNNI: Haswell..Skylake, Zen 1-3):
     # VPMADDUBSW adds two u8 x s8 products into a saturating int16; with full-range
     # weights the pair sum overflows (255*127*2 > 32767) and outputs clip. 7-bit weights
     # (reduce_range) keep the sum in range.
     "x86_64-avx2": Preset("uint8", "int8", True, True, False, True,
-                          target="x86_64 avx2 (no VNNI)"),  # fmt: skip
+                          target="x86_64 avx2 (no VNNI)"),
     # ARM64 without the dot-product extension (Cortex-A72: Raspberry Pi 4; A53, A57):
     # MLAS's NEON kernels widen 8x8 -> 16-bit products and pairwise-add into int32
     # (UMULL/UADALP), which cannot saturate, so full 8-bit weights are safe. Asymmetric
@@ -70,13 +70,13 @@ PRESETS: dict[str, Preset] = {
     # Graviton 2+): SDOT/UDOT do four 8-bit products into int32 per lane; the same
     # u8 x s8 pair as above, the kernel just runs ~2-4x faster.
     "arm64-dotprod": Preset("uint8", "int8", True, False, False, True,
-                            target="aarch64 asimddp"),  # fmt: skip
+                            target="aarch64 asimddp"),
     # NVIDIA Jetson (Orin, Xavier) with TensorRT's explicit quantization: TensorRT reads
     # QDQ pairs, supports only symmetric int8 (zero point 0) for activations and weights,
     # does its own bias handling (so biases stay float), and fuses best when every
     # consumer has its own QDQ pair on weights and activations.
     "jetson-orin": Preset("int8", "int8", True, False, True, True, _TRT,
-                          target="Jetson (TensorRT)"),  # fmt: skip
+                          target="Jetson (TensorRT)"),
 }
 # Names from before the ISA presets; recipes that use them keep building the same models.
 PRESET_ALIASES = {"avx512_vnni": "x86_64-vnni", "jetson-tensorrt": "jetson-orin"}
@@ -110,6 +110,9 @@ class QuantizeConfig:
     engine: str = "onnxruntime"
     operators: tuple[str, ...] = ()
     batch_size: int = 32
+    # Mixed precision (export.pipeline.mixed): only these nodes / all but these.
+    nodes_to_quantize: tuple[str, ...] = ()
+    nodes_to_exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -261,6 +264,8 @@ def _quantize_ort(src: Path, work: Path, cfg: QuantizeConfig, calibration: Split
             quantize_dynamic(
                 str(src), str(out), weight_type=_qtype(p.weights), per_channel=cfg.channelwise,
                 reduce_range=p.reduce_range, op_types_to_quantize=ops,
+                nodes_to_quantize=list(cfg.nodes_to_quantize) or None,
+                nodes_to_exclude=list(cfg.nodes_to_exclude) or None,
                 extra_options={"WeightSymmetric": p.weight_symmetric},
             )  # fmt: skip
             return out
@@ -272,6 +277,8 @@ def _quantize_ort(src: Path, work: Path, cfg: QuantizeConfig, calibration: Split
             per_channel=cfg.channelwise, reduce_range=p.reduce_range,
             activation_type=_qtype(p.activations), weight_type=_qtype(p.weights),
             calibrate_method=_method(cfg.calibration_method), op_types_to_quantize=ops,
+            nodes_to_quantize=list(cfg.nodes_to_quantize) or None,
+            nodes_to_exclude=list(cfg.nodes_to_exclude) or None,
             extra_options=_extra(cfg),
         )  # fmt: skip
     except CalibrationError:
@@ -312,6 +319,10 @@ def _quantize_optimum(
     model_dir.mkdir()
     shutil.copy(src, model_dir / "model.onnx")
     qconfig = optimum_config(cfg)
+    if cfg.nodes_to_exclude:
+        qconfig.nodes_to_exclude = list(cfg.nodes_to_exclude)
+    if cfg.nodes_to_quantize:
+        qconfig.nodes_to_quantize = list(cfg.nodes_to_quantize)
     quantizer = ORTQuantizer.from_pretrained(model_dir, file_name="model.onnx")
     ranges = None
     if qconfig.is_static:

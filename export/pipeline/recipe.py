@@ -115,6 +115,9 @@ class QuantizeSpec:
     # from the teacher like the prune fine-tune.
     qat_epochs: int = constraint(3, ge=1, le=10_000)
     qat_lr: builtins.float = constraint(5e-4, ge=1e-8, le=10.0)  # noqa: RUF009
+    # Initial activation ranges of QAT: this percentile of each tensor on the calibration
+    # rows (then learned); below 100 clips rare outliers that minmax PTQ must cover.
+    qat_percentile: builtins.float = constraint(99.99, ge=50.0, le=100.0)  # noqa: RUF009
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,9 @@ class GateSpec:
 @dataclass(frozen=True)
 class SelectSpec:
     prefer: Literal["fastest", "int8", "float"] = "fastest"
+    # "all": the bundle carries every candidate whose gates passed as a variant (the
+    # device picks by measuring); "selected": only what `prefer` chose per format.
+    bundle: Literal["all", "selected"] = "all"
     threads: int = constraint(1, ge=1, le=64)
     runs: int = constraint(30, ge=3, le=100_000)
 

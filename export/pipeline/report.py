@@ -7,9 +7,9 @@ area, so the trade-off the build made is visible at a glance.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,7 @@ def tick_label_boxes(fig: Any, ax: Any, minor: bool = False) -> list[Any]:
 
 def overlapping(boxes: list[Any], pad_px: float = 2.0) -> bool:
     boxes = sorted(boxes, key=lambda b: b.x0)
-    return any(b.x0 < a.x1 + pad_px for a, b in zip(boxes, boxes[1:], strict=False))
+    return any(b.x0 < a.x1 + pad_px for a, b in itertools.pairwise(boxes))
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
