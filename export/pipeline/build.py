@@ -490,6 +490,11 @@ class _Build:
                         "eval": len(splits.eval)},
         })  # fmt: skip
         self._ratios()
+        if r.select.bundle == "all":
+            self.report["variants"] = [
+                {"id": v.id, "stage": stage, "precision": v.precision, "method": v.method,
+                 "built_for": v.built_for} for stage, v in self._variants(chosen)
+            ]  # fmt: skip
         reports = write_reports(self.report, self.work / "report")
         recipe_copy = self.work / "report" / "recipe.toml"
         shutil.copy(self.recipe_path, recipe_copy)
@@ -547,9 +552,6 @@ class _Build:
         stage_dir = self.work / "bundle"
         stage_dir.mkdir()
         variants = self._variants(chosen) if self.r.select.bundle == "all" else []
-        self.report["variants"] = [{"id": v.id, "stage": stage, "precision": v.precision,
-                                    "method": v.method, "built_for": v.built_for}
-                                   for stage, v in variants]  # fmt: skip
         int8_atol = max(1e-3, 0.02 * scale)
         return package_model(
             onnx_path=onnx_path, tflite_path=tflite_path, name=self.r.name,

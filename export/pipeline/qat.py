@@ -94,12 +94,29 @@ class ActFakeQuant(nn.Module):
         )
 
 
-def _weight_fq(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric per-output-channel int8, straight-through."""
+def _weight_scale(w: torch.Tensor) -> torch.Tensor:
     dims = tuple(range(1, w.dim()))
-    scale = (w.detach().abs().amax(dim=dims).clamp_min(1e-8) / 127.0).float()
-    zp = torch.zeros(w.shape[0], dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -128, 127)
+    return (w.detach().abs().amax(dim=dims).clamp_min(1e-8) / 127.0).float()
+
+
+class _WeightFq(nn.Module):
+    """Symmetric per-output-channel int8 weights, straight-through. Frozen (export), the
+    scale is a buffer, so the exported QuantizeLinear reads only initializers and
+    `fold_weight_quantizers` can turn it into an int8 tensor."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(channels))
+        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32))
+        self.frozen = False
+
+    def freeze(self, w: torch.Tensor) -> None:
+        self.scale.copy_(_weight_scale(w))
+        self.frozen = True
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        scale = self.scale if self.frozen else _weight_scale(w)
+        return torch.fake_quantize_per_channel_affine(w, scale, self.zero_point, 0, -128, 127)
 
 
 class QatConv(nn.Module):
@@ -107,10 +124,11 @@ class QatConv(nn.Module):
         super().__init__()
         self.conv = conv
         self.act = ActFakeQuant(symmetric)
+        self.wfq = _WeightFq(conv.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        return c._conv_forward(self.act(x), _weight_fq(c.weight), c.bias)
+        return c._conv_forward(self.act(x), self.wfq(c.weight), c.bias)
 
 
 class QatLinear(nn.Module):
@@ -118,9 +136,10 @@ class QatLinear(nn.Module):
         super().__init__()
         self.linear = linear
         self.act = ActFakeQuant(symmetric)
+        self.wfq = _WeightFq(linear.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.act(x), _weight_fq(self.linear.weight),
+        return nn.functional.linear(self.act(x), self.wfq(self.linear.weight),
                                     self.linear.bias)  # fmt: skip
 
 
@@ -171,9 +190,14 @@ def prepare(model: nn.Module, calibration: Split, names: Sequence[str], cfg: Qat
     return qmodel, quantizers
 
 
-def freeze(quantizers: list[ActFakeQuant]) -> None:
+def freeze(model: nn.Module, quantizers: list[ActFakeQuant]) -> None:
     for q in quantizers:
         q.frozen = True
+    for mod in model.modules():
+        if isinstance(mod, QatConv):
+            mod.wfq.freeze(mod.conv.weight)
+        elif isinstance(mod, QatLinear):
+            mod.wfq.freeze(mod.linear.weight)
 
 
 def fold_weight_quantizers(path: Path) -> int:
@@ -218,6 +242,14 @@ def fold_weight_quantizers(path: Path) -> int:
         keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
+    # The float weights (and Constant nodes) nothing reads any more go too.
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    live = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    nodes = [n for n in graph.node if n.op_type != "Constant" or n.output[0] in used]
+    del graph.node[:]
+    graph.node.extend(nodes)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return folded
@@ -243,7 +275,7 @@ def train_and_export(
                          seed=recipe.seed)  # fmt: skip
     distill(qmodel, teacher, splits.train, in_names, out_names, dcfg, desc="qat fine-tune")
     qmodel.eval()
-    freeze(quantizers)
+    freeze(qmodel, quantizers)
     export_onnx(qmodel, splits.eval, recipe.inputs, out_names, path, recipe.onnx.opset)
     folded = fold_weight_quantizers(path)
     info = {"epochs": cfg.epochs, "lr": cfg.lr, "percentile": cfg.percentile,

@@ -79,6 +79,8 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("quantize"):
         q = report["quantize"]
         lines += ["", "## Quantization", "", ", ".join(f"{k}: {v}" for k, v in q.items()) + "."]
+    lines += _isa_lines(report) + _mixed_lines(report) + _qat_lines(report)
+    lines += _variant_lines(report)
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
@@ -121,6 +123,75 @@ def tick_label_boxes(fig: Any, ax: Any, minor: bool = False) -> list[Any]:
 def overlapping(boxes: list[Any], pad_px: float = 2.0) -> bool:
     boxes = sorted(boxes, key=lambda b: b.x0)
     return any(b.x0 < a.x1 + pad_px for a, b in itertools.pairwise(boxes))
+
+
+def _isa_lines(report: dict[str, Any]) -> list[str]:
+    isa = report.get("isa")
+    if not isa:
+        return []
+    host = isa["build_host"]
+    return ["", "## Instruction set", "",
+            f"Measured on: {host['label']} (its preset: `{host['preset']}`). "
+            f"Preset used: `{isa['preset']}` ({isa['preset_reason']}), built for "
+            f"{isa['preset_target']}.",
+            "Every latency and INT8 accuracy figure here is the build host's; a device "
+            "with another instruction set measures its own (bundle variants)."]  # fmt: skip
+
+
+def _mixed_lines(report: dict[str, Any]) -> list[str]:
+    m = report.get("mixed_precision")
+    if not m:
+        return []
+    task = report["task"]
+    lines = ["", "## Mixed precision", "",
+             f"Static INT8 broke the gate, so each of the {m['quantizable']} quantizable nodes "
+             "was quantized alone and its relative error against the float model measured "
+             "(calibration rows); the most sensitive were kept float one at a time.", "",
+             "| node | op | error alone | kept float |", "|---|---|---|---|"]  # fmt: skip
+    kept = set(m["kept_float"])
+    for s in m["sensitivity"]:
+        lines.append(f"| {s['node']} | {s['op']} | {s['error']:.4g} | "
+                     f"{'yes' if s['node'] in kept else ''} |")  # fmt: skip
+    lines += ["", "| float nodes | metric | gate |", "|---|---|---|"]
+    for step in m["steps"]:
+        lines.append(f"| {len(step['kept_float'])} | {_fmt_metric(task, step['metric'])} "
+                     f"| {'pass' if step['passed'] else 'fail'} |")  # fmt: skip
+    return lines
+
+
+def _qat_lines(report: dict[str, Any]) -> list[str]:
+    qat = report.get("qat")
+    if not qat:
+        return []
+    rows = {r["stage"]: r for r in report["stages"]}
+    task = report["task"]
+    lines = ["", "## Quantization-aware training", ""]
+    ptq = rows.get("onnx int8")
+    for stage, info in qat.items():
+        lines.append(
+            f"{stage}: {info['epochs']} epoch(s) at lr {info['lr']}, {info['activation_quantizers']}"
+            f" activation quantizers (ranges from the {info['percentile']}th percentile, then "
+            f"learned), {info['weights_folded']} int8 weight tensors; "
+            f"{_fmt_metric(task, rows[stage].get('metric'))}"
+            + (f" vs post-training {ptq.get('method', 'static')} INT8 "
+               f"{_fmt_metric(task, ptq.get('metric'))}" if ptq and ptq is not rows[stage] else "")
+            + "."
+        )  # fmt: skip
+    return lines
+
+
+def _variant_lines(report: dict[str, Any]) -> list[str]:
+    variants = report.get("variants")
+    if not variants:
+        return []
+    lines = ["", "## Bundle variants", "",
+             "The device measures each variant its runtimes can load and serves the fastest "
+             "that passes its golden replay.", "",
+             "| id | stage | precision | method | built for |", "|---|---|---|---|---|"]  # fmt: skip
+    for v in variants:
+        lines.append(f"| {v['id']} | {v['stage']} | {v['precision']} | {v['method'] or '-'} "
+                     f"| {v['built_for'] or '-'} |")  # fmt: skip
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
