@@ -476,6 +476,10 @@ def package_model(
         if s.dtype not in DTYPES:
             raise PackageError(f"tensor {s.name} has dtype {s.dtype}")
     cases = check_golden(golden_inputs, inputs)
+    for v in variants:  # before anything is measured
+        if not any(p is not None and Path(p).resolve() == Path(v.path).resolve()
+                   for p in (onnx_path, tflite_path)):  # fmt: skip
+            _same_contract(v, inputs, outputs)
     golden = {
         # (np.ascontiguousarray would turn a 0-d input into shape [1])
         k: np.asarray(v, order="C")
@@ -528,7 +532,6 @@ def package_model(
             if v.id in legacy.values():
                 continue
             runtime = "litert" if v.format == "tflite" else "onnxruntime"
-            _same_contract(v, inputs, outputs)
             measured, produced = probe(Path(v.path), runtime, golden, inputs, outputs, threads,
                                        runs)  # fmt: skip
             _check_output_axes(outputs, produced, cases)
