@@ -283,3 +283,18 @@ def test_a_real_agent_explains_its_choice_in_status_and_does_not_measure_again_o
     assert second.count("measuring variant") == 0, second[-3000:]
     assert again["cached"] is True and again["chosen"] == selection["chosen"]
     assert "Traceback" not in first + second
+
+
+def test_the_hardware_fingerprint_follows_the_cpu_flags() -> None:
+    from agent.variants.fingerprint import cpu_identity, hardware
+
+    text = Path("/proc/cpuinfo").read_text()  # this machine's, as the agent reads it
+    here = cpu_identity(text)
+    assert here["cpu"] and len(here["cpu_flags"]) == 16
+    assert hardware()["cpu_flags"] == here["cpu_flags"]
+    # The same CPU without one of its flags (as a VNNI-less sibling would be): another key.
+    key = next(k for k in ("flags", "Features") if f"\n{k}" in "\n" + text)
+    line = next(x for x in text.splitlines() if x.startswith(key))
+    dropped = text.replace(line, line.rsplit(" ", 1)[0])
+    assert cpu_identity(dropped)["cpu_flags"] != here["cpu_flags"]
+    assert cpu_identity(dropped)["cpu"] == here["cpu"]
