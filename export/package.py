@@ -13,7 +13,7 @@ import re
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,12 @@ import numpy as np
 from agent.bundle import DTYPES, SUFFIX, TensorSpec, legacy_batch_axis, write_bundle
 from agent.signing import load_private_key
 from agent.tensors import slice_feeds
+from agent.tolerance import Tolerance, ToleranceReport
+from export.golden_rule import GoldenRuleError, classifier_outputs, golden_rule, judge
 from export.measure import probe
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ATOL = 1e-3
-DEFAULT_RTOL = 1e-3
 GOLDEN_MAX_CASES = 16
 
 _ONNX_TYPES = {
@@ -104,6 +104,7 @@ def parse_variant_arg(item: str) -> VariantSpec:
     spec = VariantSpec(vid.strip(), Path(path.strip()), **fields)
     spec.check()
     return spec
+
 
 # Dynamic dimension names exporters give the batch: torch.onnx's dynamic_axes
 # examples, tf2onnx's "N", Keras's "batch_size", hand-written "B".
@@ -378,17 +379,15 @@ def _check_output_axes(
 
 
 def _variant_entry(spec: VariantSpec, arcname: str, golden_file: str, runtime: str,
-                   measured: Mapping[str, Any], atol: float | None,
-                   int8_atol: float | None) -> dict[str, Any]:  # fmt: skip
-    """One `variants[]` entry of the manifest (DESIGN.md "Variants")."""
-    base = DEFAULT_ATOL if atol is None else atol
-    bound = spec.atol if spec.atol is not None else (
-        int8_atol if int8_atol is not None and spec.precision in ("int8", "mixed") else base
-    )  # fmt: skip
+                   measured: Mapping[str, Any], rule: Tolerance | None) -> dict[str, Any]:  # fmt: skip
+    """One `variants[]` entry of the manifest (DESIGN.md "Variants"); without `rule` the
+    variant's tolerance is the manifest's golden rule (a legacy format's model)."""
+    golden_entry: dict[str, Any] = {"outputs": golden_file}
+    if rule is not None:
+        golden_entry["tolerance"] = rule.to_json()
     entry: dict[str, Any] = {
         "id": spec.id, "format": spec.format, "file": arcname, "precision": spec.precision,
-        "method": spec.method,
-        "golden": {"outputs": golden_file, "tolerance": {"atol": bound, "rtol": DEFAULT_RTOL}},
+        "method": spec.method, "golden": golden_entry,
         "peak_memory_mb": {runtime: measured["model_peak_mb"]},
         "latency_ms": {runtime: measured["latency_ms"]},
         "size_bytes": Path(spec.path).stat().st_size,
@@ -406,8 +405,10 @@ def _same_contract(v: VariantSpec, inputs: tuple[TensorSpec, ...],
     if v.format == "tflite":
         ins, outs = (batch_on_axis_0(x) for x in tflite_specs(Path(v.path)))
         pairs = list(zip(ins, inputs, strict=False)) + list(zip(outs, outputs, strict=False))
-        same = len(ins) == len(inputs) and len(outs) == len(outputs) and all(
-            a.dtype == b.dtype and len(a.shape) == len(b.shape) for a, b in pairs
+        same = (
+            len(ins) == len(inputs)
+            and len(outs) == len(outputs)
+            and all(a.dtype == b.dtype and len(a.shape) == len(b.shape) for a, b in pairs)
         )
     else:
         ins, outs = onnx_specs(Path(v.path))
@@ -442,18 +443,25 @@ def package_model(
     batch_axes: BatchAxes | None = None,
     variants: list[VariantSpec] | None = None,
     int8_atol: float | None = None,
+    record: Callable[[str, ToleranceReport], None] | None = None,
+    tolerance: Tolerance | None = None,
 ) -> Path:
     """Write `out_dir/NAME-VERSION.edgebundle`, signed with the key at `key_path`.
 
     `batch_axes` overrides the batch axis the packager infers for a tensor (name ->
-    axis, or None for a tensor all cases share).
+    axis, or None for a tensor all cases share). The golden tolerance rule is derived
+    (export.golden_rule); `atol`/`rtol` replace its CPU bound. `record` is told how
+    each replay of the golden cases fared under the rule ("onnx cuda", report).
+    `tolerance` is a rule derived already (the build pipeline's golden gate): it is
+    written as given and judged again on these golden outputs.
 
     `variants`: more builds of the same model (multi-variant bundle). `onnx_path` and
     `tflite_path` stay the legacy `formats` (what an agent that knows no variants
     serves); each is also a variant, so a variant-aware device measures them all.
-    Variants must take and give the same tensors (names, dtypes, shapes) as the
-    legacy model. `int8_atol` is the golden tolerance of INT8/mixed variants (default
-    `atol`).
+    Variants must take and give the same tensors (names, dtypes, ranks) as the legacy
+    model. Each other variant gets its own golden outputs and its own rule (derived
+    the same way, on its own file; `int8_atol` replaces the CPU bound of INT8/mixed
+    ones); the legacy ones use the bundle's rule.
     """
     variants = list(variants or [])
     if onnx_path is None and tflite_path is None:
@@ -495,6 +503,8 @@ def package_model(
     }
     formats: dict[str, str] = {}
     golden_outputs: dict[str, str] = {}
+    references: dict[str, dict[str, np.ndarray]] = {}
+    models: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="edgerun-package-") as tmp:
         work = Path(tmp)
         files: dict[str, Path] = {}
@@ -503,7 +513,7 @@ def package_model(
         targets = [("onnx", onnx_path, "onnxruntime", "model.onnx"),
                    ("tflite", tflite_path, "litert", "model.tflite")]  # fmt: skip
         legacy: dict[str, str] = {}  # format -> variant id of the legacy model
-        entries: list[dict[str, Any]] = []
+        pending: list[tuple[VariantSpec, str, str, str, Mapping[str, Any], Any]] = []
         for fmt, src, runtime, arcname in targets:
             if src is None:
                 continue
@@ -511,6 +521,8 @@ def package_model(
             formats[fmt] = arcname
             measured, produced = probe(Path(src), runtime, golden, inputs, outputs, threads, runs)
             _check_output_axes(outputs, produced, cases)
+            references[fmt] = produced
+            models[fmt] = Path(src)
             out_file = work / f"outputs-{fmt}.npz"
             np.savez(out_file, **produced)  # type: ignore[arg-type]
             files[f"golden/outputs-{fmt}.npz"] = out_file
@@ -526,8 +538,22 @@ def package_model(
             if variants:
                 spec = same or VariantSpec(fmt, Path(src))
                 legacy[fmt] = spec.id
-                entries.append(_variant_entry(spec, arcname, golden_outputs[fmt], runtime,
-                                              measured, atol, int8_atol))  # fmt: skip
+                pending.append((spec, arcname, golden_outputs[fmt], runtime, measured, None))
+        try:
+            derived, refs, replays = golden_rule(
+                models,
+                (inputs, outputs),
+                golden,
+                classifier_outputs(((s.name, s.shape) for s in outputs), labels),
+                references=references,
+                atol=atol,
+                rtol=rtol,
+            )
+            rule = tolerance or derived
+            figures["golden_replays"] = judge(rule, refs, replays, record)
+        except GoldenRuleError as exc:
+            raise PackageError(str(exc)) from exc
+        classes = classifier_outputs(((s.name, s.shape) for s in outputs), labels)
         for v in variants:
             if v.id in legacy.values():
                 continue
@@ -540,8 +566,20 @@ def package_model(
             arc = f"variants/{v.id}{Path(v.path).suffix}"
             files[arc] = Path(v.path)
             files[f"golden/{v.id}.npz"] = out_file
-            entries.append(_variant_entry(v, arc, f"golden/{v.id}.npz", runtime, measured, atol,
-                                          int8_atol))  # fmt: skip
+            bound = int8_atol if v.precision in ("int8", "mixed") and int8_atol else atol
+            try:
+                own, vrefs, vreplays = golden_rule(
+                    {v.format: Path(v.path)}, (inputs, outputs), golden, classes,
+                    references={v.format: produced}, atol=bound, rtol=rtol,
+                )  # fmt: skip
+                figures.setdefault("variant_golden_replays", {})[v.id] = judge(
+                    own, vrefs, vreplays,
+                    None if record is None else (lambda k, r, i=v.id: record(f"{i} {k}", r)),
+                )  # fmt: skip
+            except GoldenRuleError as exc:
+                raise PackageError(f"variant {v.id}: {exc}") from exc
+            pending.append((v, arc, f"golden/{v.id}.npz", runtime, measured, own))
+        entries = [_variant_entry(*item) for item in pending]
         for arcname, path in (extra_files or {}).items():
             files[arcname] = Path(path)
         extra = dict(extra_manifest or {})
@@ -557,10 +595,7 @@ def package_model(
             "golden": {
                 "inputs": "golden/inputs.npz",
                 "outputs": golden_outputs,
-                "tolerance": {
-                    "atol": DEFAULT_ATOL if atol is None else atol,
-                    "rtol": DEFAULT_RTOL if rtol is None else rtol,
-                },
+                "tolerance": rule.to_json(),
             },
             **extra,
         }

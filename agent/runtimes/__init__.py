@@ -69,10 +69,20 @@ def choose_runtime(manifest: Manifest, requested: str, preference: list[str]) ->
     raise RuntimeUnavailableError("no runtime can serve this bundle: " + "; ".join(reasons))
 
 
-def load_runtime(name: str, manifest: Manifest, directory: Path, configs: Any) -> Runtime:
-    """Open the bundle's model for runtime `name` with that runtime's config section."""
+def load_runtime(
+    name: str,
+    manifest: Manifest,
+    directory: Path,
+    configs: Any,
+    *,
+    model_file: str | None = None,
+) -> Runtime:
+    """Open the bundle's model for runtime `name` with that runtime's config section.
+
+    `model_file` (a path inside the bundle: a variant's file) opens that file instead
+    of the legacy `manifest.formats[cls.format]`."""
     cls = REGISTRY[name]
-    model = directory / manifest.formats[cls.format]
+    model = directory / (model_file if model_file is not None else manifest.formats[cls.format])
     config = getattr(configs, name)
     try:
         if cls is OrtRuntime:

@@ -52,14 +52,14 @@ PRESETS: dict[str, Preset] = {
     # x86-64 with AVX512-VNNI or AVX-VNNI (Ice Lake+, Sapphire Rapids, Zen 4+, Alder
     # Lake+): VPDPBUSD multiplies u8 x s8 and accumulates in int32 in one instruction,
     # so u8/s8 is the native pair and full 8-bit weights cost nothing.
-    "x86_64-vnni": Preset("uint8", "int8", True, False, False, True,
-                          target="x86_64 avx512_vnni|avx_vnni"),
+    "x86_64-vnni": Preset(
+        "uint8", "int8", True, False, False, True, target="x86_64 avx512_vnni|avx_vnni"
+    ),
     # x86-64 without VNNI (AVX2, or AVX-512 without VNNI: Haswell..Skylake, Zen 1-3):
     # VPMADDUBSW adds two u8 x s8 products into a saturating int16; with full-range
     # weights the pair sum overflows (255*127*2 > 32767) and outputs clip. 7-bit weights
     # (reduce_range) keep the sum in range.
-    "x86_64-avx2": Preset("uint8", "int8", True, True, False, True,
-                          target="x86_64 avx2 (no VNNI)"),
+    "x86_64-avx2": Preset("uint8", "int8", True, True, False, True, target="x86_64 avx2 (no VNNI)"),
     # ARM64 without the dot-product extension (Cortex-A72: Raspberry Pi 4; A53, A57):
     # MLAS's NEON kernels widen 8x8 -> 16-bit products and pairwise-add into int32
     # (UMULL/UADALP), which cannot saturate, so full 8-bit weights are safe. Asymmetric
@@ -68,15 +68,15 @@ PRESETS: dict[str, Preset] = {
     "arm64": Preset("uint8", "int8", True, False, False, True, target="aarch64 (no dotprod)"),
     # ARM64 with asimddp (Cortex-A55/A76/A78: Raspberry Pi 5, Jetson Orin's CPU,
     # Graviton 2+): SDOT/UDOT do four 8-bit products into int32 per lane; the same
-    # u8 x s8 pair as above, the kernel just runs ~2-4x faster.
-    "arm64-dotprod": Preset("uint8", "int8", True, False, False, True,
-                            target="aarch64 asimddp"),
+    # u8 x s8 pair as above, on the dot-product kernels.
+    "arm64-dotprod": Preset("uint8", "int8", True, False, False, True, target="aarch64 asimddp"),
     # NVIDIA Jetson (Orin, Xavier) with TensorRT's explicit quantization: TensorRT reads
     # QDQ pairs, supports only symmetric int8 (zero point 0) for activations and weights,
     # does its own bias handling (so biases stay float), and fuses best when every
     # consumer has its own QDQ pair on weights and activations.
-    "jetson-orin": Preset("int8", "int8", True, False, True, True, _TRT,
-                          target="Jetson (TensorRT)"),
+    "jetson-orin": Preset(
+        "int8", "int8", True, False, True, True, _TRT, target="Jetson (TensorRT)"
+    ),
 }
 # Names from before the ISA presets; recipes that use them keep building the same models.
 PRESET_ALIASES = {"avx512_vnni": "x86_64-vnni", "jetson-tensorrt": "jetson-orin"}

@@ -101,8 +101,11 @@ def test_qat_model_is_a_real_qdq_model_with_int8_weights(built, tmp_path: Path) 
 def test_bundle_carries_every_passing_variant_with_its_golden(built, tmp_path: Path) -> None:
     import onnxruntime as ort
 
+    from agent.tolerance import compare
+
     result, _ = built
-    verify_bundle(result.bundle, [load_public_key(DEMO_KEY.with_suffix(".pub"))])
+    bundle = verify_bundle(result.bundle, [load_public_key(DEMO_KEY.with_suffix(".pub"))])
+    parsed = {v.id: v for v in bundle.manifest.variants}  # the agent's own reading
     with tarfile.open(result.bundle) as tar:
         tar.extractall(tmp_path, filter="data")
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -110,22 +113,25 @@ def test_bundle_carries_every_passing_variant_with_its_golden(built, tmp_path: P
     assert manifest["formats"] == {"onnx": "model.onnx"}
     assert manifest["golden"]["outputs"] == {"onnx": "golden/outputs-onnx.npz"}
     ids = [v["id"] for v in manifest["variants"]]
-    assert len(ids) == len(set(ids))
+    assert len(ids) == len(set(ids)) == len(parsed)
     legacy = [v for v in manifest["variants"] if v["file"] == "model.onnx"]
     assert len(legacy) == 1  # the selected model is a variant, not a second copy
+    assert "tolerance" not in legacy[0]["golden"]  # the manifest's rule for its format
     inputs = np.load(tmp_path / manifest["golden"]["inputs"])
     for v in manifest["variants"]:
         assert v["format"] == "onnx" and v["file"] in manifest["files"]
         assert v["precision"] in ("fp32", "int8", "mixed")
         assert v["peak_memory_mb"]["onnxruntime"] > 0
+        if v is not legacy[0]:
+            assert "tolerance" in v["golden"]  # its own rule, derived on its own file
         if v["precision"] != "fp32":
             assert v["built_for"] == result.report["isa"]["preset"]
         session = ort.InferenceSession(str(tmp_path / v["file"]),
                                        providers=["CPUExecutionProvider"])  # fmt: skip
-        got = session.run(None, {"input": inputs["input"]})[0]
-        want = np.load(tmp_path / v["golden"]["outputs"])["logits"]
-        tol = v["golden"]["tolerance"]
-        assert np.allclose(got, want, atol=tol["atol"], rtol=tol["rtol"]), v["id"]
+        got = {"logits": session.run(None, {"input": inputs["input"]})[0]}
+        want = {"logits": np.load(tmp_path / v["golden"]["outputs"])["logits"]}
+        report = compare(parsed[v["id"]].tolerance, "cpu", want, got)
+        assert report.ok, (v["id"], report.failures)
 
 
 def test_variant_bundle_is_served_by_a_real_agent(built, tmp_path: Path) -> None:

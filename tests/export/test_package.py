@@ -297,9 +297,9 @@ def test_package_cli_writes_a_multi_variant_bundle(
     v = by_id["onnx-int8-dynamic"]
     assert v["file"] == "variants/onnx-int8-dynamic.onnx" and v["file"] in m["files"]
     assert (v["precision"], v["method"], v["built_for"]) == ("int8", "dynamic", "x86_64-vnni")
-    assert v["golden"]["tolerance"]["atol"] == 0.05
+    assert v["golden"]["tolerance"]["atol"] == 0.05  # its own rule, --int8-atol as CPU bound
     assert by_id["onnx"]["golden"]["outputs"] == m["golden"]["outputs"]["onnx"]
-    assert by_id["onnx"]["golden"]["tolerance"]["atol"] == m["golden"]["tolerance"]["atol"]
+    assert "tolerance" not in by_id["onnx"]["golden"]  # the manifest's rule for onnx
     import onnxruntime as ort
 
     got = ort.InferenceSession(str(tmp / "x" / v["file"])).run(None, {"input": images[:5]})[0]
