@@ -56,7 +56,7 @@ def test_int8_method_combinations_are_checked(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"quantize.extra_modes\[0\]|'int4' is not allowed"):
         _load(tmp_path, {'preset = "avx512_vnni"': 'extra_modes = ["int4"]'})
     with pytest.raises(RecipeError, match=r"quantize.qat_percentile"):
-        _load(tmp_path, {'preset = "avx512_vnni"': 'qat_percentile = 20.0'})
+        _load(tmp_path, {'preset = "avx512_vnni"': "qat_percentile = 20.0"})
     ok = _load(tmp_path, {'preset = "avx512_vnni"': 'preset = "auto"\nextra_modes = ["qat"]'})
     assert ok.quantize.extra_modes == ["qat"] and ok.quantize.preset == "auto"
 
