@@ -144,8 +144,13 @@ def test_variant_bundle_is_served_by_a_real_agent(built, tmp_path: Path) -> None
         out = client.infer("tiny", {"input": images[:32]})
         top1 = np.argmax(out["logits"], axis=1)
         assert float(np.mean(top1 == labels[:32])) > 0.8
-        status = client.get_json("/v2/models/tiny")
-        assert status["name"] == "tiny"
+        assert client.get_json("/v2/models/tiny")["name"] == "tiny"
+        # The device measured the variants it can load and says which one serves.
+        model = client.get_json("/v2/edgerun/status")["model"]
+        ids = {v["id"] for v in result.report["variants"]}
+        assert model["variant"] in ids
+        measured = {v["id"] for v in model["selection"]["variants"]}
+        assert measured == ids
 
 
 def test_without_mixed_precision_or_another_method_the_gate_fails(tmp_path: Path) -> None:
