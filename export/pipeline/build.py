@@ -510,11 +510,14 @@ class _Build:
 
     def _fail_early(self, splits: Splits) -> None:
         r = self.r
-        needs_cal = (r.quantize.enabled and r.quantize.mode == "static") or (
+        modes = {r.quantize.mode, *r.quantize.extra_modes}
+        # Static INT8 calibrates; QAT starts its activation ranges from the same rows.
+        needs_cal = (r.quantize.enabled and bool(modes & {"static", "qat"})) or (
             r.tflite_on and r.tflite.int8 and not self.opts.skip_tflite
         )
         if needs_cal and len(splits.calibration) == 0:
-            which = "quantize.mode = 'static'" if r.quantize.enabled else "tflite.int8 = true"
+            which = (f"quantize modes {sorted(modes & {'static', 'qat'})}" if r.quantize.enabled
+                     and modes & {"static", "qat"} else "tflite.int8 = true")  # fmt: skip
             raise CalibrationError(
                 f"the calibration split is empty but {which} needs calibration data; add rows "
                 "to the dataset's 'calibration' split (or turn INT8 off)"
