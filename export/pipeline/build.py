@@ -252,16 +252,19 @@ class _Build:
         candidate. A method that fails its gate is left out with a note while another
         passes (static INT8 may first be rescued by mixed precision); none passing
         fails the build with the first failure."""
-        from export.pipeline.isa import detect_host
-        from export.pipeline.quantize import PRESETS, QuantizeConfig, resolve_preset
+        from export.pipeline.isa import detect_host, preset_for
+        from export.pipeline.quantize import (
+            PRESETS,
+            QuantizeConfig,
+            resolve_preset,
+            settings_summary,
+        )
 
         q = self.r.quantize
         t = time.monotonic()
         host = detect_host()
         preset, why = resolve_preset(q.preset, host)
         target = PRESETS[preset].target if preset in PRESETS else ""
-        from export.pipeline.isa import preset_for
-
         host_preset = preset_for(host)[0]
         self.report["isa"] = {
             "build_host": host.to_json(), "preset": preset, "preset_reason": why,
@@ -283,8 +286,6 @@ class _Build:
             )  # fmt: skip
         except ValueError as exc:
             raise BuildError(f"quantize: {exc}") from exc
-        from export.pipeline.quantize import settings_summary
-
         main = replace(cfg, mode="dynamic" if q.mode == "dynamic" else "static")
         self.report["quantize"] = {**settings_summary(main, q.operators), "mode": q.mode,
                                    "modes": [q.mode, *q.extra_modes],

@@ -159,3 +159,26 @@ def test_without_mixed_precision_or_another_method_the_gate_fails(tmp_path: Path
         run_build(recipe, tmp_path / "out", DEMO_KEY, FAST)
     assert (err.value.gate, err.value.stage) == ("accuracy", "onnx int8")
     assert [p.name for p in (tmp_path / "out").iterdir()] == []
+
+
+def test_report_warns_when_the_preset_targets_another_cpu(tmp_path: Path) -> None:
+    """The bring-your-own recipe quantizes for a Raspberry Pi (arm64); built here, its
+    INT8 figures are this machine's, and the report says so."""
+    import shutil
+
+    from export.pipeline.isa import detect_host, preset_for
+
+    src = Path(__file__).resolve().parents[2] / "models" / "byo"
+    shutil.copytree(src, tmp_path / "byo")
+    result = run_build(tmp_path / "byo" / "recipe.toml", tmp_path / "out", DEMO_KEY,
+                       Options(runs=3))  # fmt: skip
+    isa = result.report["isa"]
+    host = detect_host()
+    assert isa["preset"] == "arm64" and isa["build_host"]["label"] == host.label
+    warned = [n for n in result.report["notes"] if "targets aarch64" in n]
+    if preset_for(host)[0] == "arm64":  # built on a Pi: nothing to warn about
+        assert warned == []
+    else:
+        assert len(warned) == 1 and host.label in warned[0]
+    md = next((tmp_path / "out").glob("*.report.md")).read_text()
+    assert f"Measured on: {host.label}" in md
