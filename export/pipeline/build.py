@@ -377,7 +377,7 @@ class _Build:
         n = self.r.dataset.calibration_samples
         return splits.calibration.take(n) if n else splits.calibration
 
-    def tflite(self, model: Any, splits: Splits) -> None:
+    def tflite(self, model: Any, splits: Splits, teacher: Any = None) -> None:
         from export.pipeline.runners import run_tflite
         from export.pipeline.tflite import convert_float, convert_int8
 
@@ -407,7 +407,27 @@ class _Build:
             self._row("tflite int8", "tflite", metric, size_bytes=path.stat().st_size)
             self.candidates["tflite int8"] = path
             self.gates.check("tflite int8", metric)
+        q = self.r.quantize
+        if tf.int8 and "qat" in (q.mode, *q.extra_modes) and teacher is not None:
+            self._tflite_qat(model, teacher, splits)
         self._timed("tflite", t)
+
+    def _tflite_qat(self, model: Any, teacher: Any, splits: Splits) -> None:
+        """TFLite INT8 by QAT: its own candidate; left out with a note if it fails its gate
+        (the post-training TFLite INT8 passed already)."""
+        from export.pipeline.runners import run_tflite
+        from export.pipeline.tflite import convert_int8_qat
+
+        stage = "tflite int8 qat"
+        path = convert_int8_qat(model, teacher, splits, self.r, self.work / "int8-qat.tflite")
+        got = run_tflite(path, splits.eval.inputs, self.in_names, self.out_names)
+        metric = self._score(got, splits)
+        self._row(stage, "tflite", metric, size_bytes=path.stat().st_size, method="qat")
+        result = self.gates.check(stage, metric, soft=True)
+        if result.passed:
+            self.candidates[stage] = path
+        else:
+            self.notes.append(f"left out ({stage}): {result.detail}")
 
     # ------------------------------------------------------------------ latency + selection
 
@@ -482,7 +502,7 @@ class _Build:
             self.quantize(float_path, splits, None if r.byo else teacher,
                           None if r.byo else model)  # fmt: skip
         if r.tflite_on and not self.opts.skip_tflite:
-            self.tflite(model, splits)
+            self.tflite(model, splits, teacher)
         golden = {k: v[:GOLDEN_ROWS] for k, v in splits.eval.inputs.items()}
         self.measure(golden)
         chosen = self.select()

@@ -13,8 +13,8 @@ Export swaps the learnable quantizers for fixed ones with the learned scales, so
 torch.onnx writes QuantizeLinear/DequantizeLinear pairs with exactly the numbers
 that were trained; the weights' QuantizeLinear are then folded into int8
 initializers (the file shrinks like a static QDQ model's). ONNX Runtime runs the
-result as any QDQ model. Not done here: a QAT TFLite model (litert-torch's PT2E QAT
-flow); the TFLite INT8 candidate stays post-training.
+result as any QDQ model. The TFLite QAT model is export.pipeline.tflite.convert_int8_qat
+(litert-torch's PT2E QAT flow).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class QatLinear(nn.Module):
                                     self.linear.bias)  # fmt: skip
 
 
-def _fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Conv+BN folded (eval statistics), so the trained graph is the exported one."""
     from torch.fx.experimental.optimization import fuse
 
@@ -155,7 +155,7 @@ def _fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def wrap(model: nn.Module, symmetric: bool) -> tuple[nn.Module, list[ActFakeQuant]]:
-    model = _fold_batchnorm(model)
+    model = fold_batchnorm(model)
     quantizers: list[ActFakeQuant] = []
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Conv2d | nn.Linear) and name:
