@@ -5,17 +5,40 @@ Each runtime owns its config model (agent/runtimes/*); this module composes them
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.config.typed import constraint
-from agent.runtimes.litert import LiteRTConfig
-from agent.runtimes.ort import OrtConfig
+from agent.runtimes import DEFAULT_PREFERENCE, REGISTRY
 
 DEVICE_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
 LogLevel = Literal["debug", "info", "warning", "error"]
-RuntimeName = Literal["onnxruntime", "litert"]
+
+# The runtime names, the `[runtimes]` sections and their types are derived from the
+# runtime registry (agent/runtimes: one module per runtime), so a new runtime needs
+# no edit here. mypy sees plain strings and an attribute bag; the loader sees the
+# Literal and the dataclass built from the registry, and checks against them.
+if TYPE_CHECKING:
+    RuntimeName = str
+    RuntimeChoice = str
+
+    class RuntimesConfig:
+        def __init__(self, **sections: Any) -> None: ...
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    RuntimeName = Literal[tuple(REGISTRY)]
+    RuntimeChoice = Literal[("auto", *REGISTRY)]
+    RuntimesConfig = make_dataclass(
+        "RuntimesConfig",
+        [
+            (name, cls.config_type, field(default_factory=cls.config_type))
+            for name, cls in REGISTRY.items()
+        ],
+        frozen=True,
+    )
+    RuntimesConfig.__module__ = __name__
 
 
 @dataclass(frozen=True)
@@ -23,8 +46,8 @@ class ModelConfig:
     # A bundle to install at start when it is newer than what the device runs.
     bundle: Path | None = None
     # "auto" takes the first runtime of `preference` that is installed and in the bundle.
-    runtime: Literal["auto", "onnxruntime", "litert"] = "auto"
-    preference: list[RuntimeName] = field(default_factory=lambda: ["onnxruntime", "litert"])
+    runtime: RuntimeChoice = "auto"
+    preference: list[RuntimeName] = field(default_factory=lambda: list(DEFAULT_PREFERENCE))
     # Replay the bundle's golden cases before serving a model (on by default: a bundle
     # that does not reproduce on this device's CPU/runtime is refused).
     validate_golden: bool = True
@@ -35,12 +58,6 @@ class TrustConfig:
     # PEM ed25519 public keys whose signatures are accepted; "credential:NAME" reads
     # $CREDENTIALS_DIRECTORY/NAME. No key is trusted by default.
     public_keys: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class RuntimesConfig:
-    onnxruntime: OrtConfig = field(default_factory=OrtConfig)
-    litert: LiteRTConfig = field(default_factory=LiteRTConfig)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 
 from agent.bundle import TensorSpec
 from agent.config.typed import constraint
+from agent.runtimes import register
 from agent.runtimes.base import Feeds, InferenceError, ModelLoadError, Runtime, installed
 from agent.tensors import batch_of, rows, slice_feeds
 
@@ -47,9 +48,15 @@ def _interpreter_class() -> tuple[Any, str]:
         ) from exc
 
 
+@register
 class LiteRTRuntime(Runtime):
     name: ClassVar[str] = "litert"
     format: ClassVar[str] = "tflite"
+    platform: ClassVar[str] = "tflite"
+    config_type: ClassVar[type[Any]] = LiteRTConfig
+    tunable: ClassVar[tuple[str, ...]] = ("threads",)
+    readable: ClassVar[tuple[str, ...]] = ("xnnpack",)
+    threads_field: ClassVar[str | None] = "threads"
 
     def __init__(
         self,

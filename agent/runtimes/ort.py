@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 
 from agent.bundle import TensorSpec
 from agent.config.typed import constraint
+from agent.runtimes import register
 from agent.runtimes.base import Feeds, InferenceError, ModelLoadError, Runtime, installed
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,22 @@ class OrtConfig:
     arena_extend_strategy: Literal["next_power_of_two", "same_as_requested"] = "next_power_of_two"
 
 
+@register
 class OrtRuntime(Runtime):
     name: ClassVar[str] = "onnxruntime"
     format: ClassVar[str] = "onnx"
+    platform: ClassVar[str] = "onnxruntime_onnx"
+    config_type: ClassVar[type[Any]] = OrtConfig
+    tunable: ClassVar[tuple[str, ...]] = ("intra_op_threads",)
+    readable: ClassVar[tuple[str, ...]] = (
+        "providers",
+        "inter_op_threads",
+        "execution_mode",
+        "graph_optimization",
+        "allow_spinning",
+        "cpu_mem_arena",
+    )
+    threads_field: ClassVar[str | None] = "intra_op_threads"
 
     def __init__(
         self,
