@@ -50,12 +50,24 @@ class LoadContext:
     bundle_sha256: str = ""
     # Where a runtime may keep such caches (under the agent's state directory).
     cache_dir: Path | None = None
-    # The effective memory cap in bytes (0: none known): device memory pools are
-    # bounded by it, as on a Jetson GPU memory is the RAM the cap protects.
-    memory_cap_bytes: int = 0
+    # What device (GPU) memory pools may take, in bytes (0: no bound known): the
+    # agent's memory.gpu_max_mb on a discrete GPU; on unified memory (a Jetson) the
+    # memory cap itself, as GPU memory there is the RAM the cap protects.
+    device_memory_cap_bytes: int = 0
     # Numeric precisions the bundle allows the runtime to compute in beyond its
     # own ("fp16", "int8"), from the manifest/variant; empty: exactly as shipped.
     precisions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something a runtime did on its own while opening or first running a model that
+    the agent reports as an event (`runtime.<kind>`): a provider fallback, an engine
+    built. Runtimes have no event bus; the agent collects these (`Runtime.notices`)."""
+
+    kind: str  # "provider_fallback", "engine_built"
+    message: str
+    fields: dict[str, Any]
 
 
 class Runtime(abc.ABC):
@@ -127,6 +139,16 @@ class Runtime(abc.ABC):
         how far they may differ from the build machine's: "cpu", "cuda", "tensorrt"...
         (the golden replay picks its tolerance by it)."""
         return "cpu"
+
+    def notices(self) -> list[Notice]:
+        """What happened since the last call that the agent should report (each
+        notice is returned once)."""
+        return []
+
+    def providers(self) -> list[str]:
+        """The execution providers/delegates that really compute, best first (what
+        status, state and telemetry report); a runtime without any: its name."""
+        return [self.name]
 
     def describe(self) -> dict[str, Any]:
         """What the runtime chose (providers, threads...) for status and metrics."""

@@ -180,6 +180,10 @@ class LiteRTRuntime(Runtime):
         self._in = [(s, fresh_in[d["index"]]) for s, d in self._in]
         self._out = [(s, fresh_out[d["index"]]) for s, d in self._out]
 
+    def providers(self) -> list[str]:
+        # XNNPACK is applied as the default delegate; without it, LiteRT's builtin kernels.
+        return ["xnnpack" if self.config.xnnpack else "builtin"]
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
