@@ -20,6 +20,7 @@ from agent.bundle import (
     GoldenFileError,
     Limits,
     Manifest,
+    Variant,
     check_goldens,
     tolerance_problem,
 )
@@ -60,15 +61,28 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 
 def check_golden(
-    manifest: Manifest, directory: Path, runtime: Runtime, limits: Limits | None = None
+    manifest: Manifest,
+    directory: Path,
+    runtime: Runtime,
+    limits: Limits | None = None,
+    variant: Variant | None = None,
 ) -> dict[str, float]:
-    """Return the max abs difference per output; raise GoldenMismatchError beyond tolerance."""
+    """Return the max abs difference per output; raise GoldenMismatchError beyond tolerance.
+
+    `variant` replays that variant's own outputs with its tolerance; None (or a legacy
+    variant) the outputs of the runtime's format."""
     limits = limits or Limits()
     fmt = runtime.format
-    if manifest.golden_inputs is None or fmt not in manifest.golden_outputs:
-        log.warning("bundle %s has no golden cases for %s; not validated", manifest.name, fmt)
+    if variant is not None and not variant.legacy:
+        outputs_path = variant.golden_outputs
+        atol, rtol, what = variant.golden_atol, variant.golden_rtol, f"variant {variant.id}"
+    else:
+        outputs_path = manifest.golden_outputs.get(fmt)
+        atol, rtol, what = manifest.golden_atol, manifest.golden_rtol, fmt
+    if manifest.golden_inputs is None or outputs_path is None:
+        log.warning("bundle %s has no golden cases for %s; not validated", manifest.name, what)
         return {}
-    paths = [manifest.golden_inputs, manifest.golden_outputs[fmt]]
+    paths = [manifest.golden_inputs, outputs_path]
     # Re-inspected here: `current` may have been unpacked by an older, laxer agent.
     check_goldens(manifest, {p: _inspect(directory / p, limits) for p in paths}, limits)
     inputs = _load(directory / paths[0])
@@ -81,7 +95,7 @@ def check_golden(
                 f"golden output {name!r} in {paths[1]} is empty or holds NaN/inf; "
                 "a reference must be finite numbers"
             )
-    problem = tolerance_problem(manifest.golden_atol, expected.values())
+    problem = tolerance_problem(atol, expected.values())
     if problem is not None:
         raise GoldenFileError(f"{paths[1]}: {problem}")
     try:
@@ -106,15 +120,14 @@ def check_golden(
             )
         want64 = want.astype(np.float64)
         diff = np.abs(have.astype(np.float64) - want64)
-        bound = manifest.golden_atol + manifest.golden_rtol * np.abs(want64)
+        bound = atol + rtol * np.abs(want64)
         # `not (diff <= bound)`, so NaN (and inf - inf) fails instead of passing.
         bad = ~(diff <= bound)
         diffs[name] = float(np.nanmax(diff)) if not np.isnan(diff).all() else float("nan")
         if bad.any():
             nans = int(np.isnan(have.astype(np.float64)).sum())
             failures.append(
-                f"{name}: max abs diff {diffs[name]:.3g} exceeds atol {manifest.golden_atol:g} "
-                f"+ rtol {manifest.golden_rtol:g}"
+                f"{name}: max abs diff {diffs[name]:.3g} exceeds atol {atol:g} + rtol {rtol:g}"
                 + (f" ({nans} NaN output value(s))" if nans else "")
             )
     if failures:

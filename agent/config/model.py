@@ -51,6 +51,13 @@ class ModelConfig:
     # Replay the bundle's golden cases before serving a model (on by default: a bundle
     # that does not reproduce on this device's CPU/runtime is refused).
     validate_golden: bool = True
+    # Which of the bundle's variants serves: "auto" measures each one a runtime here can
+    # load (golden replay, latency, memory) and serves the fastest that passes; a variant
+    # id pins that one (a bundle without it is refused, the served model kept).
+    variant: str = constraint("auto", pattern=r"auto|[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+    # Rows of the latency probe that compares variants; 0: batching.max_batch when
+    # batching is on, else 1 (the batch requests then run at).
+    variant_batch: int = constraint(0, ge=0, le=4096)
 
 
 @dataclass(frozen=True)

@@ -317,7 +317,14 @@ class Link:
             agent_version=__version__,
             model=None
             if served is None
-            else ModelInfo(served["name"], served["version"], served["sha256"], served["runtime"]),
+            else ModelInfo(
+                served["name"],
+                served["version"],
+                served["sha256"],
+                served["runtime"],
+                served.get("variant", ""),
+                served.get("variant_reason", ""),
+            ),
             slots=Slots(
                 current=None if current is None else current.name,
                 previous=None if previous is None else previous.name,

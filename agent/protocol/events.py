@@ -22,6 +22,8 @@ class EventKind(StrEnum):
     MODEL_SWAPPED = "model.swapped"
     MODEL_ROLLED_BACK = "model.rolled_back"
     MODEL_RELOADED = "model.reloaded"  # reopened with new runtime threads
+    # Which of a bundle's variants serves, with every variant's figures (agent/variants/).
+    VARIANT_SELECTED = "variant.selected"
     # Memory watchdog (agent/service.py).
     OVERLOADED = "overloaded"
     OVERLOAD_CLEARED = "overload.cleared"

@@ -28,11 +28,18 @@ class ModelInfo:
     version: str
     sha256: str
     runtime: str = ""  # only for the served model
+    # Only for the served model: the bundle variant it runs and why the device chose
+    # it (agent/variants/); empty from agents before variants.
+    variant: str = ""
+    variant_reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out = {"name": self.name, "version": self.version, "sha256": self.sha256}
         if self.runtime:
             out["runtime"] = self.runtime
+        if self.variant:
+            out["variant"] = self.variant
+            out["variant_reason"] = self.variant_reason
         return out
 
     @classmethod
@@ -44,6 +51,8 @@ class ModelInfo:
             version=r.need_text("version"),
             sha256=r.text("sha256", "") or "",
             runtime=r.text("runtime", "") or "",
+            variant=r.text("variant", "") or "",
+            variant_reason=r.text("variant_reason", "") or "",
         )
 
 

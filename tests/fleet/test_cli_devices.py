@@ -65,8 +65,10 @@ def test_devices_lists_every_device(cli: Callable[..., tuple[int, Any, str]]) ->
     for row in rows:
         assert row["online"] is True and row["model_version"] == "1.0.0"
         assert row["groups"] == ["line-9"] and row["health"] == "ready"
+        assert row["variant"] == "onnx" and "model.preference" in row["variant_reason"]
     code, text, _ = cli("devices", "--sort", "rss")
     assert code == 0 and "cli-a" in text and "cli-b" in text and "online" in text
+    assert "variant" in text and " onnx " in text
     assert "2 devices: 2 online, 0 offline" in text
     code, rows, _ = cli("--json", "devices", "--group", "nobody")
     assert code == 0 and rows == []
