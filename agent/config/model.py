@@ -79,6 +79,11 @@ class MemoryConfig:
     # RSS still above the soft limit with nothing in flight for this long: rebuild the
     # runtime session to give back what its memory pools keep.
     recover_after_s: float = constraint(2.0, ge=0.1, le=3600)
+    # Cap of a discrete GPU's memory the agent may hold, in MiB (0: the GPU's own
+    # memory). A candidate whose measured device memory (NVML) does not fit is
+    # refused; the CUDA arena is bounded by it. On unified memory (a Jetson) GPU
+    # memory counts against the cap above instead, with RSS.
+    gpu_max_mb: int = constraint(0, ge=0, le=16 * 1024 * 1024)
 
 
 # A file path, or "credential:NAME" for $CREDENTIALS_DIRECTORY/NAME (systemd LoadCredential=).
