@@ -200,6 +200,7 @@ def test_cuda_options_bound_the_arena_by_the_device_cap() -> None:
         "device_id": "1",
         "arena_extend_strategy": "kNextPowerOfTwo",
         "cudnn_conv_algo_search": "HEURISTIC",
+        "use_tf32": "1",
         "gpu_mem_limit": str(512 * MB),
     }
     assert "gpu_mem_limit" not in provider_options(CUDA, OrtConfig(), LoadContext())
