@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from agent import __version__ as AGENT_VERSION
 from agent import strictjson, ustar
+from agent import tolerance as tolerance_rule
 from agent.bundle_errors import (
     BundleError,
     BundleFormatError,
@@ -56,6 +57,7 @@ from agent.bundle_errors import (
 from agent.names import NameRuleError, check_name, path_problem, shown
 from agent.npz import ArrayHeader, inspect_npz
 from agent.signing import key_id, sign, verify
+from agent.tolerance import Tolerance, parse_tolerance
 from agent.version import VersionFormatError, compare_versions, parse_version
 
 log = logging.getLogger(__name__)
@@ -82,13 +84,12 @@ MAX_TENSOR_NAME = 256
 MAX_LABELS = 100_000
 MAX_LABEL = 256
 MAX_SHORT_TEXT = 64  # created, key_id, runtime names
-# A tolerance wider than the outputs it compares lets anything pass. atol is bounded
-# by the reference outputs themselves (tolerance_problem); MAX_ATOL only bounds the
-# number before they are read.
-MAX_ATOL = 1e6
-ATOL_FLOOR = 1e-3  # always allowed, however small the outputs
-ATOL_SHARE = 0.1  # of the largest reference magnitude (edge-export uses 0.02 for INT8)
-MAX_RTOL = 0.1
+# The golden tolerance rule and its bounds live in agent.tolerance (one rule for the
+# device, edge-export package and the build pipeline); re-exported for older callers.
+MAX_ATOL = tolerance_rule.MAX_ATOL
+MAX_RTOL = tolerance_rule.MAX_RTOL
+ATOL_FLOOR = tolerance_rule.ALLOWANCE_FLOOR
+ATOL_SHARE = tolerance_rule.ALLOWANCE_SHARE
 MIN_PEAK_MB = 1.0  # loading any runtime library costs more than this
 MAX_VARIANTS = 16  # each one is measured on the device at validation
 PRECISIONS = ("fp32", "fp16", "int8", "mixed")
@@ -167,11 +168,19 @@ class Variant:
     method: str | None = None  # static | dynamic | qat | mixed; None: not quantized
     built_for: str | None = None  # the preset/ISA it was built for, as the builder named it
     golden_outputs: str | None = None  # .npz of this variant's outputs on golden.inputs
-    golden_atol: float = 1e-4
-    golden_rtol: float = 1e-3
-    tolerance: dict[str, Any] | None = None  # the raw tolerance object (agent.tolerance)
+    # The rule its golden outputs are judged by (agent.tolerance): its own
+    # `golden.tolerance`, else the manifest's rule for its format.
+    tolerance: Tolerance = field(default_factory=Tolerance)
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
     legacy: bool = False  # derived from `formats` (no `variants` key)
+
+    @property
+    def golden_atol(self) -> float:
+        return self.tolerance.atol
+
+    @property
+    def golden_rtol(self) -> float:
+        return self.tolerance.rtol
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -196,8 +205,7 @@ class Manifest:
     labels: tuple[str, ...]
     golden_inputs: str | None
     golden_outputs: dict[str, str]
-    golden_atol: float
-    golden_rtol: float
+    golden_tolerance: Tolerance
     peak_memory_mb: dict[str, float]
     min_agent_version: str
     key_id: str
@@ -214,6 +222,14 @@ class Manifest:
         paths = [self.golden_inputs, *self.golden_outputs.values()]
         paths += [v.golden_outputs for v in self.variants]
         return tuple(dict.fromkeys(p for p in paths if p is not None))
+
+    @property
+    def golden_atol(self) -> float:
+        return self.golden_tolerance.atol
+
+    @property
+    def golden_rtol(self) -> float:
+        return self.golden_tolerance.rtol
 
     @property
     def batchable(self) -> bool:
@@ -412,11 +428,14 @@ def _files(raw: Mapping[str, Any]) -> dict[str, tuple[str, int]]:
 
 
 def _golden(
-    raw: Mapping[str, Any], files: Mapping[str, Any], formats: Mapping[str, str]
-) -> tuple[str | None, dict[str, str], float, float]:
+    raw: Mapping[str, Any],
+    files: Mapping[str, Any],
+    formats: Mapping[str, str],
+    outputs: tuple[TensorSpec, ...],
+) -> tuple[str | None, dict[str, str], Tolerance]:
     golden = _opt(raw, "golden", dict, "")
     if golden is None:
-        return None, {}, 1e-4, 1e-3
+        return None, {}, Tolerance()
     g_inputs = _opt(golden, "inputs", str, "golden.")
     g_outputs = _opt(golden, "outputs", dict, "golden.") or {}
     for path, where in [(g_inputs, "golden.inputs"), *((p, f"golden.outputs.{f}") for f, p in
@@ -428,22 +447,15 @@ def _golden(
             raise SchemaError(
                 f"manifest: golden.outputs.{shown(fmt, 30)} is not a format of this bundle"
             )
-    tolerance = _opt(golden, "tolerance", dict, "golden.")
-    atol, rtol = _tolerance(tolerance, "golden.tolerance", (1e-4, 1e-3))
-    return g_inputs, dict(g_outputs), atol, rtol
-
-
-def _tolerance(
-    tolerance: Mapping[str, Any] | None, where: str, default: tuple[float, float]
-) -> tuple[float, float]:
-    """atol/rtol of a tolerance object (absent keys: `default`)."""
-    tolerance = tolerance or {}
-    atol = tolerance.get("atol", default[0])
-    rtol = tolerance.get("rtol", default[1])
-    return (
-        _number(atol, f"{where}.atol", 0.0, MAX_ATOL),
-        _number(rtol, f"{where}.rtol", 0.0, MAX_RTOL),
+    # Both-or-neither of inputs and outputs is judged by parse_manifest: with `variants`
+    # the outputs may all be the variants' own.
+    tolerance = parse_tolerance(
+        _opt(golden, "tolerance", dict, "golden."),
+        "golden.tolerance",
+        outputs=[s.name for s in outputs],
+        formats=list(g_outputs),
     )
+    return g_inputs, dict(g_outputs), tolerance
 
 
 def _npz_file(path: Any, files: Mapping[str, Any], where: str) -> str:
@@ -485,7 +497,8 @@ def _peak_map(value: Any, where: str) -> dict[str, float]:
 def _variants(
     raw: Mapping[str, Any],
     files: Mapping[str, Any],
-    defaults: tuple[float, float],
+    default: Tolerance,
+    outputs: tuple[TensorSpec, ...],
 ) -> tuple[Variant, ...]:
     """The `variants` list, every field bounded and type-checked (docs/DESIGN.md)."""
     items = _req(raw, "variants", list, "")
@@ -528,14 +541,17 @@ def _variants(
         if built_for is not None:
             _text(built_for, f"{at}built_for", MAX_SHORT_TEXT)
         golden = _opt(item, "golden", dict, at)
-        outputs = None
-        atol, rtol = defaults
-        tolerance = None
+        g_outputs = None
+        # Without its own tolerance, the manifest's rule for the variant's format.
+        tolerance = default.for_format(fmt)
         if golden is not None:
-            outputs = _npz_file(_req(golden, "outputs", str, f"{at}golden."), files,
-                                f"{at}golden.outputs")  # fmt: skip
-            tolerance = _opt(golden, "tolerance", dict, f"{at}golden.")
-            atol, rtol = _tolerance(tolerance, f"{at}golden.tolerance", defaults)
+            g_outputs = _npz_file(_req(golden, "outputs", str, f"{at}golden."), files,
+                                  f"{at}golden.outputs")  # fmt: skip
+            raw_tolerance = _opt(golden, "tolerance", dict, f"{at}golden.")
+            if raw_tolerance is not None:
+                tolerance = parse_tolerance(
+                    raw_tolerance, f"{at}golden.tolerance", outputs=[s.name for s in outputs]
+                )
         variants.append(
             Variant(
                 id=vid,
@@ -544,9 +560,7 @@ def _variants(
                 precision=_choice(item.get("precision"), f"{at}precision", PRECISIONS),
                 method=_choice(item.get("method"), f"{at}method", METHODS),
                 built_for=built_for,
-                golden_outputs=outputs,
-                golden_atol=atol,
-                golden_rtol=rtol,
+                golden_outputs=g_outputs,
                 tolerance=tolerance,
                 peak_memory_mb=_peak_map(item.get("peak_memory_mb"), f"{at}peak_memory_mb"),
             )
@@ -557,8 +571,7 @@ def _variants(
 def _legacy_variants(
     formats: Mapping[str, str],
     golden_outputs: Mapping[str, str],
-    tolerance: tuple[float, float],
-    raw_tolerance: dict[str, Any] | None,
+    tolerance: Tolerance,
     peak: Mapping[str, float],
 ) -> tuple[Variant, ...]:
     """One variant per format, id = the format name: what a bundle without `variants` means."""
@@ -568,9 +581,7 @@ def _legacy_variants(
             format=fmt,
             file=path,
             golden_outputs=golden_outputs.get(fmt),
-            golden_atol=tolerance[0],
-            golden_rtol=tolerance[1],
-            tolerance=raw_tolerance,
+            tolerance=tolerance.for_format(fmt),
             peak_memory_mb=dict(peak),
             legacy=True,
         )
@@ -628,10 +639,12 @@ def parse_manifest(data: bytes) -> Manifest:
             raise SchemaError(f"manifest: formats.{fmt} names {shown(path)}, which is not in files")
         formats[fmt] = path
 
-    g_inputs, g_outputs, atol, rtol = _golden(raw, files, formats)
+    inputs = _tensor_specs(raw.get("inputs"), "inputs")
+    outputs = _tensor_specs(raw.get("outputs"), "outputs")
+    g_inputs, g_outputs, tolerance = _golden(raw, files, formats, outputs)
     peak = _peak_memory(raw)
     if has_variants:
-        variants = _variants(raw, files, (atol, rtol))
+        variants = _variants(raw, files, tolerance, outputs)
         files_of = {v.file for v in variants}
         for fmt, path in formats.items():
             if path not in files_of:
@@ -658,9 +671,7 @@ def parse_manifest(data: bytes) -> Manifest:
                 "manifest: golden needs both inputs and outputs (or neither); "
                 f"it has inputs {shown(g_inputs)} and outputs for {sorted(g_outputs)}"
             )
-        golden_raw = raw.get("golden") or {}
-        variants = _legacy_variants(formats, g_outputs, (atol, rtol),
-                                    golden_raw.get("tolerance"), peak)  # fmt: skip
+        variants = _legacy_variants(formats, g_outputs, tolerance, peak)
 
     labels = _opt(raw, "labels", list, "") or []
     if len(labels) > MAX_LABELS or not all(
@@ -677,13 +688,12 @@ def parse_manifest(data: bytes) -> Manifest:
         version=version,
         files=files,
         formats=formats,
-        inputs=_tensor_specs(raw.get("inputs"), "inputs"),
-        outputs=_tensor_specs(raw.get("outputs"), "outputs"),
+        inputs=inputs,
+        outputs=outputs,
         labels=tuple(labels),
         golden_inputs=g_inputs,
         golden_outputs=g_outputs,
-        golden_atol=atol,
-        golden_rtol=rtol,
+        golden_tolerance=tolerance,
         peak_memory_mb=peak,
         min_agent_version=min_agent,
         key_id=str(raw.get("key_id", "")),
@@ -733,17 +743,9 @@ def check_goldens(
             )
 
 
-def tolerance_problem(atol: float, references: Iterable[np.ndarray]) -> str | None:
-    """Why `atol` is too wide for these (finite) reference outputs, or None."""
-    peak = max((float(np.max(np.abs(r))) for r in references if r.size), default=0.0)
-    allowed = max(ATOL_FLOOR, ATOL_SHARE * peak)
-    if atol <= allowed:
-        return None
-    return (
-        f"golden.tolerance.atol {atol:g} is above {allowed:.3g}, the most it may be: "
-        f"{ATOL_SHARE:.0%} of the largest reference output magnitude ({peak:.3g}) or "
-        f"{ATOL_FLOOR:g}; wider, it would let wrong outputs pass"
-    )
+def tolerance_problem(tolerance: Tolerance, references: Mapping[str, np.ndarray]) -> str | None:
+    """Why the rule lets some of these (finite) reference outputs move too far, or None."""
+    return tolerance_rule.allowance_problem(tolerance, references)
 
 
 # --------------------------------------------------------------------------- reading
@@ -1130,13 +1132,21 @@ def write_bundle(
     # Never write a bundle a device would refuse as malformed.
     parsed = parse_manifest(manifest_bytes)
     check_goldens(parsed, _golden_headers(parsed, files), Limits())
-    checks = [(path, parsed.golden_atol) for path in parsed.golden_outputs.values()]
-    checks += [(v.golden_outputs, v.golden_atol) for v in parsed.variants if v.golden_outputs]
-    for path, atol in dict.fromkeys(checks):
+    for fmt, path in parsed.golden_outputs.items():
         with np.load(files[path], allow_pickle=False) as data:
-            problem = tolerance_problem(atol, [data[k] for k in data.files])
+            references = {k: data[k] for k in data.files}
+        rules = [parsed.golden_tolerance, parsed.golden_tolerance.for_format(fmt)]
+        problem = next(filter(None, (tolerance_problem(r, references) for r in rules)), None)
         if problem is not None:
             raise GoldenFileError(f"{path}: {problem}")
+    for variant in parsed.variants:
+        if variant.legacy or variant.golden_outputs is None:
+            continue
+        with np.load(files[variant.golden_outputs], allow_pickle=False) as data:
+            references = {k: data[k] for k in data.files}
+        problem = tolerance_problem(variant.tolerance, references)
+        if problem is not None:
+            raise GoldenFileError(f"{variant.golden_outputs} (variant {variant.id}): {problem}")
     signature = sign(private_key, manifest_bytes)
     mtime = int(datetime.now(UTC).timestamp())
 

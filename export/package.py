@@ -12,7 +12,7 @@ import logging
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,12 @@ from agent.bundle import DTYPES, SUFFIX, TensorSpec, legacy_batch_axis, write_bu
 from agent.runtimes import REGISTRY
 from agent.signing import load_private_key
 from agent.tensors import slice_feeds
+from agent.tolerance import Tolerance, ToleranceReport
+from export.golden_rule import GoldenRuleError, classifier_outputs, golden_rule, judge
 from export.measure import probe
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ATOL = 1e-3
-DEFAULT_RTOL = 1e-3
 GOLDEN_MAX_CASES = 16
 
 _ONNX_TYPES = {
@@ -334,11 +334,17 @@ def package_model(
     threads: int = 1,
     runs: int = 50,
     batch_axes: BatchAxes | None = None,
+    record: Callable[[str, ToleranceReport], None] | None = None,
+    tolerance: Tolerance | None = None,
 ) -> Path:
     """Write `out_dir/NAME-VERSION.edgebundle`, signed with the key at `key_path`.
 
     `batch_axes` overrides the batch axis the packager infers for a tensor (name ->
-    axis, or None for a tensor all cases share).
+    axis, or None for a tensor all cases share). The golden tolerance rule is derived
+    (export.golden_rule); `atol`/`rtol` replace its CPU bound. `record` is told how
+    each replay of the golden cases fared under the rule ("onnx cuda", report).
+    `tolerance` is a rule derived already (the build pipeline's golden gate): it is
+    written as given and judged again on these golden outputs.
     """
     if onnx_path is None and tflite_path is None:
         raise PackageError("give at least one model: an ONNX file, a TFLite file or both")
@@ -370,6 +376,8 @@ def package_model(
     }
     formats: dict[str, str] = {}
     golden_outputs: dict[str, str] = {}
+    references: dict[str, dict[str, np.ndarray]] = {}
+    models: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="edgerun-package-") as tmp:
         work = Path(tmp)
         files: dict[str, Path] = {}
@@ -387,6 +395,8 @@ def package_model(
             formats[fmt] = arcname
             measured, produced = probe(Path(src), runtime, golden, inputs, outputs, threads, runs)
             _check_output_axes(outputs, produced, cases)
+            references[fmt] = produced
+            models[fmt] = Path(src)
             out_file = work / f"outputs-{fmt}.npz"
             np.savez(out_file, **produced)  # type: ignore[arg-type]
             files[f"golden/outputs-{fmt}.npz"] = out_file
@@ -397,6 +407,20 @@ def package_model(
             figures["runtimes"][runtime] = {
                 k: measured[k] for k in ("library", "threads", "load_ms", "baseline_rss_mb")
             }
+        try:
+            derived, refs, replays = golden_rule(
+                models,
+                (inputs, outputs),
+                golden,
+                classifier_outputs(((s.name, s.shape) for s in outputs), labels),
+                references=references,
+                atol=atol,
+                rtol=rtol,
+            )
+            rule = tolerance or derived
+            figures["golden_replays"] = judge(rule, refs, replays, record)
+        except GoldenRuleError as exc:
+            raise PackageError(str(exc)) from exc
         for arcname, path in (extra_files or {}).items():
             files[arcname] = Path(path)
         extra = dict(extra_manifest or {})
@@ -412,10 +436,7 @@ def package_model(
             "golden": {
                 "inputs": "golden/inputs.npz",
                 "outputs": golden_outputs,
-                "tolerance": {
-                    "atol": DEFAULT_ATOL if atol is None else atol,
-                    "rtol": DEFAULT_RTOL if rtol is None else rtol,
-                },
+                "tolerance": rule.to_json(),
             },
             **extra,
         }

@@ -13,6 +13,7 @@ import argparse
 import copy
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.tolerance import Tolerance
 from export.pipeline.errors import BuildError, CalibrationError, GateError, ParityError
 from export.pipeline.gates import Gates
 from export.pipeline.loader import Split, Splits, load_model, load_splits
@@ -52,6 +54,9 @@ class Options:
     runs: int | None = None  # latency runs per candidate (None: the recipe's)
     threads: int | None = None
     keep_workdir: bool = False
+    # The bundle's version instead of the recipe's (a rebuild of a released version,
+    # such as the sample models/digits/digits-1.0.0.edgebundle).
+    version: str | None = None
 
 
 class _Build:
@@ -382,6 +387,7 @@ class _Build:
         golden = {k: v[:GOLDEN_ROWS] for k, v in splits.eval.inputs.items()}
         self.measure(golden)
         chosen = self.select()
+        rule = self.golden_gate(chosen, golden)
         self.report.update({
             "name": r.name, "version": r.version, "task": r.task, "metric": self.gates.metric,
             "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -395,7 +401,7 @@ class _Build:
         reports = write_reports(self.report, self.work / "report")
         recipe_copy = self.work / "report" / "recipe.toml"
         shutil.copy(self.recipe_path, recipe_copy)
-        bundle = self._package(chosen, golden, {**reports, "recipe.toml": recipe_copy})
+        bundle = self._package(chosen, golden, {**reports, "recipe.toml": recipe_copy}, rule)
         self.timings["total"] = round(time.monotonic() - t0, 2)
         return self._publish(bundle, reports, recipe_copy)
 
@@ -425,18 +431,45 @@ class _Build:
                 if row.get("size_bytes") and base.get("size_bytes"):
                     row[f"size_vs_{name}"] = round(row["size_bytes"] / base["size_bytes"], 3)
 
+    def golden_gate(self, chosen: dict[str, str], golden: dict[str, np.ndarray]) -> Tolerance:
+        """Derive the bundle's golden tolerance rule (export.golden_rule) and judge the
+        golden cases, computed as each device family computes them, with it: the gate
+        "golden" per format and family, the rule the device will apply."""
+        from export.golden_rule import GoldenRuleError, check_rule, golden_rule
+
+        models = {fmt: self.candidates[stage] for fmt, stage in chosen.items()}
+        if not models:
+            return Tolerance()
+        specs = self._specs(models.get("onnx") or models["tflite"])
+        classes = self.out_names[:1] if self.r.task == "classification" else []
+        t = time.monotonic()
+        try:
+            rule, refs, replays = golden_rule(models, specs, golden, classes)
+        except GoldenRuleError as exc:
+            raise BuildError(f"golden rule: {exc}") from exc
+        for fmt, replay, report in check_rule(rule, refs, replays):
+            self.gates.record_golden(f"{fmt} {replay.family}", report)
+        self.report["golden_tolerance"] = rule.to_json()
+        self._timed("golden_rule", t)
+        return rule
+
+    def _specs(self, path: Path) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        from export.package import batch_on_axis_0, onnx_specs, tflite_specs
+
+        if path.suffix != ".tflite":
+            return onnx_specs(path)
+        # TFLite renames tensors; the runtime matches by order, we feed by recipe name.
+        ins, outs = (batch_on_axis_0(specs) for specs in tflite_specs(path))
+        return (tuple(replace(s, name=n) for s, n in zip(ins, self.in_names, strict=True)),
+                tuple(replace(s, name=n) for s, n in zip(outs, self.out_names, strict=True)))  # fmt: skip
+
     def _package(self, chosen: dict[str, str], golden: dict[str, np.ndarray],
-                 extra_files: dict[str, Path]) -> Path:  # fmt: skip
-        from export.package import package_model
+                 extra_files: dict[str, Path], rule: Tolerance) -> Path:  # fmt: skip
+        from export.package import PackageError, package_model
 
         rows = {row["stage"]: row for row in self.stages}
         onnx_path = self.candidates.get(chosen.get("onnx", ""))
         tflite_path = self.candidates.get(chosen.get("tflite", ""))
-        any_int8 = any("int8" in s for s in chosen.values())
-        ref = self.reference or {}
-        scale = max((float(np.max(np.abs(v[:GOLDEN_ROWS]))) for v in ref.values()), default=1.0)
-        # Integer kernels differ between CPUs by a rounding step or two: allow for that.
-        atol = max(1e-3, 0.02 * scale) if any_int8 else 1e-3
         quality = {fmt: rows[stage]["metric"] for fmt, stage in chosen.items()}
         figures = {
             "metric": self.gates.metric,
@@ -448,14 +481,19 @@ class _Build:
         }  # fmt: skip
         stage_dir = self.work / "bundle"
         stage_dir.mkdir()
-        return package_model(
-            onnx_path=onnx_path, tflite_path=tflite_path, name=self.r.name,
-            version=self.r.version, golden_inputs=golden, key_path=self.key, out_dir=stage_dir,
-            extra_manifest={"figures": figures, "build": {"recipe": self.recipe_path.name,
-                                                          "prefer": self.r.select.prefer}},
-            extra_files=extra_files, labels=list(self.r.labels) or None, atol=atol,
-            threads=self.threads, runs=self.opts.runs or self.r.select.runs,
-        )  # fmt: skip
+        try:
+            return package_model(
+                onnx_path=onnx_path, tflite_path=tflite_path, name=self.r.name,
+                version=self.r.version, golden_inputs=golden, key_path=self.key,
+                out_dir=stage_dir,
+                extra_manifest={"figures": figures, "build": {"recipe": self.recipe_path.name,
+                                                              "prefer": self.r.select.prefer}},
+                extra_files=extra_files, labels=list(self.r.labels) or None,
+                threads=self.threads, runs=self.opts.runs or self.r.select.runs,
+                tolerance=rule,
+            )  # fmt: skip
+        except PackageError as exc:
+            raise BuildError(f"package: {exc}") from exc
 
     def _publish(self, bundle: Path, reports: dict[str, Path], recipe_copy: Path) -> BuildResult:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -491,6 +529,10 @@ def run_build(recipe_path: Path, out_dir: Path, key_path: Path | None = None,
     opts = options or Options()
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
+    if opts.version is not None:
+        if not re.fullmatch(r"\d+\.\d+\.\d+", opts.version):
+            raise BuildError(f"--version {opts.version!r} must be MAJOR.MINOR.PATCH, e.g. 1.0.0")
+        recipe = replace(recipe, version=opts.version)
     key = Path(key_path) if key_path else DEMO_KEY
     try:
         load_private_key(key)
@@ -531,6 +573,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, help="latency runs per candidate (default: recipe)")
     p.add_argument("--threads", type=int, help="threads for latency (default: recipe)")
     p.add_argument("--keep-workdir", action="store_true", help="keep intermediate files")
+    p.add_argument("--version", help="the bundle's version instead of the recipe's")
     p.add_argument("-v", "--verbose", action="store_true")
     return p  # fmt: skip
 
@@ -541,7 +584,7 @@ def main(argv: list[str]) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     opts = Options(skip_tflite=args.skip_tflite, runs=args.runs, threads=args.threads,
-                   keep_workdir=args.keep_workdir)  # fmt: skip
+                   keep_workdir=args.keep_workdir, version=args.version)  # fmt: skip
     try:
         result = run_build(args.recipe, args.out, args.key, opts)
     except (GateError, ParityError) as exc:

@@ -11,6 +11,7 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from agent.tolerance import ToleranceReport
 from export.pipeline.errors import GateError
 
 log = logging.getLogger(__name__)
@@ -84,3 +85,30 @@ class Gates:
             "parity", stage, worst, atol, worst <= atol,
             "max abs diff " + ", ".join(f"{k}={v:.3g}" for k, v in diffs.items()),
         ))  # fmt: skip
+
+    def record_golden(self, stage: str, report: ToleranceReport) -> GateResult:
+        """The bundle's own golden rule (agent.tolerance.compare, as the device runs it)
+        on one replay of the golden cases, e.g. stage "onnx cuda". The value is the
+        worst output's difference as a share of its allowance: at most 1 passes. A
+        refusal on the CPU family fails the build; on a GPU family it is recorded (the
+        bundle then cannot validate there) and the build goes on."""
+        shares = [r.max_abs_diff / r.allowance if r.allowance else (0.0 if r.max_abs_diff == 0
+                  else float("inf")) for r in report.outputs.values()]  # fmt: skip
+        worst = max(shares, default=0.0)
+        detail = ", ".join(
+            f"{r.name} {r.max_abs_diff:.3g} of {r.allowance:.3g}"
+            + (f", top-1 {r.top1:.0%}" if r.top1 is not None else "")
+            for r in report.outputs.values()
+        )
+        if report.failures:
+            detail += "; " + "; ".join(report.failures)
+        result = GateResult("golden", stage, worst, 1.0, report.ok, detail)
+        self.results.append(result)
+        log.info("gate golden at %s: %s (%s)", stage, "pass" if report.ok else "FAIL", detail)
+        if not report.ok and report.family == "cpu":
+            raise GateError(
+                "golden", stage, worst, 1.0,
+                f"gate golden failed at {stage}: the bundle's tolerance refuses the model "
+                f"computed another way on a CPU: {'; '.join(report.failures)}",
+            )  # fmt: skip
+        return result
