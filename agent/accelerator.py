@@ -99,9 +99,10 @@ def judge_device(
         binding = "memory.gpu_max_mb"
         if not cap and use.total_bytes:
             cap, binding = use.total_bytes, "the GPU's memory"
-        # What this process (NVML: else the device) holds with the candidate loaded,
-        # the served model included: both are resident until the swap.
-        held = (meter.base or 0) + use.bytes
+        # What this process holds with the candidate loaded, the served model included
+        # (both are resident until the swap); where NVML does not list the process,
+        # what the load added.
+        held = use.held_bytes if use.held_bytes is not None else use.bytes
         admit_device(label, use.bytes, held, cap, use.source, binding)
     if footprint is not None:
         footprint = dataclasses.replace(

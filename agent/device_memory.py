@@ -10,9 +10,10 @@ cap protects. Two sources, chosen once per process:
   source it names, `/sys/kernel/debug/nvmap/iovmm/clients`, is debugfs, root only).
   System-wide: the figure is read around a load, so what other processes allocate in
   that window is counted too (errs toward refusing).
-- **nvml** (discrete GPUs): nvidia-ml-py (`pip install 'edgerun[gpu]'`), this
-  process's `usedGpuMemory` from `nvmlDeviceGetComputeRunningProcesses`, or the
-  device's used memory where the process is not listed (a PID namespace).
+- **nvml** (discrete GPUs): nvidia-ml-py (`pip install 'edgerun[gpu]'`): the device's
+  used memory around the load gives what it added; what the agent holds in all is this
+  process's `usedGpuMemory` (`nvmlDeviceGetComputeRunningProcesses`) where NVML lists
+  it (not in another PID namespace).
 
 Neither is read by an agent whose model runs on a CPU: NVML is only initialised when
 a GPU provider serves.
@@ -47,6 +48,9 @@ class DeviceMemory(Protocol):
 
     def total_bytes(self) -> int | None:
         """The device's memory (None: unified, or unknown)."""
+
+    def process_bytes(self) -> int | None:
+        """This process's own device memory where the source can tell (else None)."""
 
 
 def parse_meminfo_kb(text: str, key: str) -> int | None:
@@ -87,6 +91,9 @@ class NvmapMemory:
     def total_bytes(self) -> int | None:
         return None
 
+    def process_bytes(self) -> int | None:
+        return None  # nvmap's per-process table is in debugfs (root only)
+
     @classmethod
     def present(cls, meminfo: Path = MEMINFO) -> bool:
         try:
@@ -113,17 +120,25 @@ class NvmlMemory:
         return False
 
     def used_bytes(self) -> int | None:
+        # The device's used memory: read around a load it gives what the load added,
+        # whether or not NVML lists this process (before its first CUDA context it is
+        # not listed; in another PID namespace never), like nvmap's system-wide figure.
+        try:
+            return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+        except self._nvml.NVMLError as exc:
+            log.debug("NVML reading failed: %s", exc)
+            return None
+
+    def process_bytes(self) -> int | None:
+        """This process's `usedGpuMemory`, None where NVML does not list it."""
         nvml = self._nvml
         try:
             for proc in nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
                 if int(proc.pid) == self._pid and proc.usedGpuMemory is not None:
                     return int(proc.usedGpuMemory)
-            # Not listed (another PID namespace, or no context yet): the device's used
-            # memory, read around a load like nvmap's figure.
-            return int(nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
         except nvml.NVMLError as exc:
             log.debug("NVML reading failed: %s", exc)
-            return None
+        return None
 
     def total_bytes(self) -> int | None:
         try:
@@ -178,6 +193,7 @@ class DeviceUse:
     unified: bool
     bytes: int
     total_bytes: int | None
+    held_bytes: int | None = None  # this process's device memory with it loaded, if known
 
 
 class DeviceMeter:
@@ -198,6 +214,7 @@ class DeviceMeter:
             self.memory.unified,
             max(0, now - self.base),
             self.memory.total_bytes(),
+            self.memory.process_bytes(),
         )
 
 
