@@ -330,7 +330,8 @@ def _derive(
 def _steps(need: float, step: float, peak: float) -> float:
     """Whole steps, at most MAX_STEPS and within what an allowance may be."""
     most = math.floor(_cap(MAX_STEPS * step, peak) / step)
-    return float(max(1, min(math.ceil(need - 1e-9), most)))
+    # Rounded first: a difference of exactly one step measures as 1.000005 steps in float32.
+    return float(max(1, min(math.ceil(round(need, 3)), most)))
 
 
 def check_rule(
