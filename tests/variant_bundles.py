@@ -36,7 +36,6 @@ def float_model(parts: SampleParts, directory: Path) -> Path:
     inits = {i.name: i for i in graph.initializer}
     new_inits = []
     produced_by_q = {n.output[0]: n for n in graph.node if n.op_type == "QuantizeLinear"}
-    outputs = {o.name for o in graph.output}
     kept = []
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
