@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.accelerator import device_meter, judge_device, load_context, report_notices
 from agent.bundle import BundleError, Limits, Manifest, VersionNotNewerError
 from agent.config.model import AgentConfig
 from agent.events import EventBus
@@ -94,12 +95,20 @@ class Admission:
         if not variant.legacy:
             label += f" variant {variant.id}"
         peak = variant.peak_memory_mb.get(runtime_name, manifest.peak_memory_mb.get(runtime_name))
+        # GPU memory is read around the load too (agent.accelerator: none on a CPU).
+        device = device_meter(self.config, runtime_name)
         meter = PeakMeter()
         base = meter.reset()
         # The claim first: what says it will not fit is not even loaded.
         admit(label, peak, self.budget, base)
+        context = load_context(self.config, self.budget, sha256, variant.precision, device.memory)
         runtime = load_runtime(
-            runtime_name, manifest, directory, self.config.runtimes, model_file=variant.file
+            runtime_name,
+            manifest,
+            directory,
+            self.config.runtimes,
+            model_file=variant.file,
+            context=context,
         )
         try:
             load_peak = meter.peak()
@@ -107,6 +116,7 @@ class Admission:
             golden = manifest.golden_inputs
             shapes = golden_shapes(directory / golden) if golden is not None else {}
             footprint = self._measure(runtime, manifest, meter, base, load_peak, shapes)
+            footprint, _ = judge_device(label, runtime, device, self.config, footprint)
             if footprint is not None:
                 # Judged before the golden replay runs: the replay of a bundle whose
                 # claim is a lie is exactly what must not take the device down.
@@ -115,8 +125,10 @@ class Admission:
                 admit(label, peak, self.budget, base, measured_mb=measured)
             diffs = check_golden(manifest, directory, runtime, variant=variant) if validate else {}
         except BaseException:
+            report_notices(self.events.emit, runtime, label)
             runtime.close()
             raise
+        report_notices(self.events.emit, runtime, label)
         return LoadedModel(
             manifest,
             runtime,
@@ -162,7 +174,15 @@ class Admission:
             model.directory,
             self.config.runtimes,
             model_file=None if model.variant is None else model.variant.file,
+            context=load_context(
+                self.config,
+                self.budget,
+                model.sha256,
+                None if model.variant is None else model.variant.precision,
+                device_meter(self.config, model.runtime_name).memory,
+            ),
         )
+        report_notices(self.events.emit, runtime, f"{model.manifest.name} {model.manifest.version}")
         return LoadedModel(
             model.manifest,
             runtime,

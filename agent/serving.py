@@ -79,10 +79,15 @@ class LoadedModel:
             "version": self.manifest.version,
             "sha256": self.sha256,
             "runtime": self.runtime.describe(),
+            "providers": self.runtime.providers(),
             "loaded_at": self.loaded_at,
         }
+        # Both figures admission judged by: the measured one and the manifest's claim.
+        claimed = self.manifest.peak_memory_mb.get(self.runtime_name)
+        if self.variant is not None:
+            claimed = self.variant.peak_memory_mb.get(self.runtime_name, claimed)
         if self.footprint is not None:
-            summary["memory"] = self.footprint.as_dict()
+            summary["memory"] = {**self.footprint.as_dict(), "manifest_peak_mb": claimed}
         if self.variant is not None:
             summary["variant"] = self.variant.id
         if self.selection is not None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from agent.bundle import DTYPES, SUFFIX, TensorSpec, legacy_batch_axis, write_bundle
+from agent.runtimes import REGISTRY
 from agent.signing import load_private_key
 from agent.tensors import slice_feeds
 from agent.tolerance import Tolerance, ToleranceReport
@@ -510,13 +511,16 @@ def package_model(
         files: dict[str, Path] = {}
         np.savez(work / "inputs.npz", **golden)  # type: ignore[arg-type]
         files["golden/inputs.npz"] = work / "inputs.npz"
-        targets = [("onnx", onnx_path, "onnxruntime", "model.onnx"),
-                   ("tflite", tflite_path, "litert", "model.tflite")]  # fmt: skip
         legacy: dict[str, str] = {}  # format -> variant id of the legacy model
         pending: list[tuple[VariantSpec, str, str, str, Mapping[str, Any], Any]] = []
-        for fmt, src, runtime, arcname in targets:
-            if src is None:
+        # One probe per registered runtime whose format was given (agent/runtimes).
+        sources = {"onnx": onnx_path, "tflite": tflite_path}
+        for runtime, cls in REGISTRY.items():
+            fmt = cls.format
+            src = sources.get(fmt)
+            if src is None or fmt in formats:
                 continue
+            arcname = f"model.{fmt}"
             files[arcname] = Path(src)
             formats[fmt] = arcname
             measured, produced = probe(Path(src), runtime, golden, inputs, outputs, threads, runs)
@@ -557,7 +561,7 @@ def package_model(
         for v in variants:
             if v.id in legacy.values():
                 continue
-            runtime = "litert" if v.format == "tflite" else "onnxruntime"
+            runtime = next(n for n, c in REGISTRY.items() if c.format == v.format)
             measured, produced = probe(Path(v.path), runtime, golden, inputs, outputs, threads,
                                        runs)  # fmt: skip
             _check_output_axes(outputs, produced, cases)

@@ -324,6 +324,7 @@ class Link:
                 served["runtime"],
                 served.get("variant", ""),
                 served.get("variant_reason", ""),
+                tuple(served.get("providers", ())),
             ),
             slots=Slots(
                 current=None if current is None else current.name,

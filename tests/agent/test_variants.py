@@ -111,7 +111,7 @@ def test_a_pinned_variant_serves_without_measuring_the_others(
         agent.admission.install(bundle)
     model = agent.host.model
     assert model is not None and model.variant is not None and model.variant.id == "onnx-int8"
-    assert model.runtime.model_path.name == "onnx-int8.onnx"
+    assert model.runtime.model_path.name == "model.onnx"  # the sample's INT8 QDQ model
     assert served(agent) == "1.1.0"  # INT8 still classifies the samples
     by_id = results(agent)
     assert by_id["onnx-int8"]["status"] == "served"
@@ -168,7 +168,7 @@ def test_variants_no_runtime_here_loads_are_skipped_or_failed_with_the_reason(
     )
     assert by_id["onnx-int8"]["status"] == "failed"
     assert by_id["onnx-int8"]["code"] == "ModelLoadError"
-    assert "onnxruntime refused onnx-int8.onnx" in by_id["onnx-int8"]["reason"]
+    assert "onnxruntime refused model.onnx" in by_id["onnx-int8"]["reason"]
     assert by_id["onnx-fp32"]["status"] == "served"
 
 
