@@ -269,20 +269,24 @@ def test_an_output_with_its_batch_behind_a_fixed_axis_needs_the_flag(
 def test_package_cli_writes_a_multi_variant_bundle(
     sample_parts: SampleParts, keys: tuple[Path, Path], tmp: Path
 ) -> None:
-    """`--variant`: an INT8 build of the same model rides along with its own golden."""
+    """`--variant`: other builds of the same model ride along, each with its own golden."""
     import json
     import tarfile
 
     from onnxruntime.quantization import quantize_dynamic
 
+    from tests.variant_bundles import float_model
+
     private, public = keys
     images, _ = samples()
     np.save(tmp / "cases.npy", images[:5])
-    src = sample_parts.directory / "model.onnx"
-    quantize_dynamic(str(src), str(tmp / "int8.onnx"))
+    src = sample_parts.directory / "model.onnx"  # the sample's static INT8 QDQ model
+    fp32 = float_model(sample_parts, tmp)  # the same graph folded back to float
+    quantize_dynamic(str(fp32), str(tmp / "int8.onnx"))
     out = cli("package", str(src), str(sample_parts.directory / "model.tflite"),
               "--name", "digits", "--version", "2.1.0", "--golden-inputs", str(tmp / "cases.npy"),
               "--key", str(private), "--out", str(tmp / "dist"),
+              "--variant", f"onnx-fp32={fp32},precision=fp32",
               "--variant", f"onnx-int8-dynamic={tmp / 'int8.onnx'},precision=int8,method=dynamic,"
               "built_for=x86_64-vnni", "--int8-atol", "0.05")  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -293,7 +297,9 @@ def test_package_cli_writes_a_multi_variant_bundle(
     m = json.loads((tmp / "x" / "manifest.json").read_text())
     assert m["formats"] == {"onnx": "model.onnx", "tflite": "model.tflite"}
     by_id = {v["id"]: v for v in m["variants"]}
-    assert set(by_id) == {"onnx", "tflite", "onnx-int8-dynamic"}
+    assert set(by_id) == {"onnx", "tflite", "onnx-fp32", "onnx-int8-dynamic"}
+    assert by_id["onnx-fp32"]["file"] == "variants/onnx-fp32.onnx"
+    assert by_id["onnx-fp32"]["golden"]["tolerance"]["atol"] != 0.05  # its own float rule
     v = by_id["onnx-int8-dynamic"]
     assert v["file"] == "variants/onnx-int8-dynamic.onnx" and v["file"] in m["files"]
     assert (v["precision"], v["method"], v["built_for"]) == ("int8", "dynamic", "x86_64-vnni")
