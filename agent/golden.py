@@ -20,6 +20,7 @@ from agent.bundle import (
     GoldenFileError,
     Limits,
     Manifest,
+    Variant,
     check_goldens,
     tolerance_problem,
 )
@@ -61,20 +62,35 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 
 def replay_golden(
-    manifest: Manifest, directory: Path, runtime: Runtime, limits: Limits | None = None
+    manifest: Manifest,
+    directory: Path,
+    runtime: Runtime,
+    limits: Limits | None = None,
+    variant: Variant | None = None,
 ) -> ToleranceReport | None:
     """Run the golden cases on `runtime` and judge them by the bundle's rule for its family.
 
-    None when the bundle has no golden cases for the runtime's format. Raises
-    GoldenFileError for unusable evidence and GoldenMismatchError when the inputs do
-    not fit or fail to run; a mismatch beyond the rule is in the report's failures.
+    `variant` replays that variant's own outputs by its own rule; None (or a legacy
+    variant) the outputs of the runtime's format by the manifest's rule for it.
+    None when the bundle has no golden cases for it. Raises GoldenFileError for
+    unusable evidence and GoldenMismatchError when the inputs do not fit or fail to
+    run; a mismatch beyond the rule is in the report's failures.
     """
     limits = limits or Limits()
     fmt = runtime.format
-    if manifest.golden_inputs is None or fmt not in manifest.golden_outputs:
-        log.warning("bundle %s has no golden cases for %s; not validated", manifest.name, fmt)
+    if variant is not None and not variant.legacy:
+        outputs_path, rule, what = (
+            variant.golden_outputs,
+            variant.tolerance,
+            f"variant {variant.id}",
+        )
+    else:
+        outputs_path = manifest.golden_outputs.get(fmt)
+        rule, what = manifest.golden_tolerance.for_format(fmt), fmt
+    if manifest.golden_inputs is None or outputs_path is None:
+        log.warning("bundle %s has no golden cases for %s; not validated", manifest.name, what)
         return None
-    paths = [manifest.golden_inputs, manifest.golden_outputs[fmt]]
+    paths = [manifest.golden_inputs, outputs_path]
     # Re-inspected here: `current` may have been unpacked by an older, laxer agent.
     check_goldens(manifest, {p: _inspect(directory / p, limits) for p in paths}, limits)
     inputs = _load(directory / paths[0])
@@ -87,7 +103,6 @@ def replay_golden(
                 f"golden output {name!r} in {paths[1]} is empty or holds NaN/inf; "
                 "a reference must be finite numbers"
             )
-    rule = manifest.golden_tolerance.for_format(fmt)
     problem = tolerance_problem(rule, expected)
     if problem is not None:
         raise GoldenFileError(f"{paths[1]}: {problem}")
@@ -105,10 +120,14 @@ def replay_golden(
 
 
 def check_golden(
-    manifest: Manifest, directory: Path, runtime: Runtime, limits: Limits | None = None
+    manifest: Manifest,
+    directory: Path,
+    runtime: Runtime,
+    limits: Limits | None = None,
+    variant: Variant | None = None,
 ) -> dict[str, float]:
     """Return the max abs difference per output; raise GoldenMismatchError beyond the rule."""
-    report = replay_golden(manifest, directory, runtime, limits)
+    report = replay_golden(manifest, directory, runtime, limits, variant)
     if report is None:
         return {}
     if not report.ok:

@@ -182,6 +182,27 @@ def admit(
         )
 
 
+def admit_device(
+    model: str,
+    added_bytes: int,
+    held_bytes: int,
+    cap_bytes: int,
+    source: str,
+    binding: str,
+) -> None:
+    """Raise AdmissionError unless the GPU memory this process holds with the
+    candidate loaded (`held_bytes`, of which `added_bytes` the candidate's) fits
+    under a discrete GPU's `cap_bytes` (`binding` names where the cap comes from)."""
+    if cap_bytes <= 0 or held_bytes <= cap_bytes:
+        return
+    raise AdmissionError(
+        f"model {model} takes {added_bytes / MB:.1f} MB of GPU memory (measured on this "
+        f"device through {source}), {held_bytes / MB:.1f} MB held in all, above the GPU "
+        f"memory cap of {cap_bytes / MB:.1f} MB (set by {binding}); keeping the current model",
+        need_mb=added_bytes / MB,
+    )
+
+
 def _load_malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     name = ctypes.util.find_library("c")
     if name is None:

@@ -173,7 +173,7 @@ class Router:
             {
                 "name": manifest.name,
                 "versions": [manifest.version],
-                "platform": {"onnx": "onnxruntime_onnx", "tflite": "tflite"}[model.runtime.format],
+                "platform": model.runtime.platform,
                 "inputs": [tensor_metadata(s) for s in manifest.inputs],
                 "outputs": [tensor_metadata(s) for s in manifest.outputs],
                 "parameters": {

@@ -5,17 +5,40 @@ Each runtime owns its config model (agent/runtimes/*); this module composes them
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.config.typed import constraint
-from agent.runtimes.litert import LiteRTConfig
-from agent.runtimes.ort import OrtConfig
+from agent.runtimes import DEFAULT_PREFERENCE, REGISTRY
 
 DEVICE_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
 LogLevel = Literal["debug", "info", "warning", "error"]
-RuntimeName = Literal["onnxruntime", "litert"]
+
+# The runtime names, the `[runtimes]` sections and their types are derived from the
+# runtime registry (agent/runtimes: one module per runtime), so a new runtime needs
+# no edit here. mypy sees plain strings and an attribute bag; the loader sees the
+# Literal and the dataclass built from the registry, and checks against them.
+if TYPE_CHECKING:
+    RuntimeName = str
+    RuntimeChoice = str
+
+    class RuntimesConfig:
+        def __init__(self, **sections: Any) -> None: ...
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    RuntimeName = Literal[tuple(REGISTRY)]
+    RuntimeChoice = Literal[("auto", *REGISTRY)]
+    RuntimesConfig = make_dataclass(
+        "RuntimesConfig",
+        [
+            (name, cls.config_type, field(default_factory=cls.config_type))
+            for name, cls in REGISTRY.items()
+        ],
+        frozen=True,
+    )
+    RuntimesConfig.__module__ = __name__
 
 
 @dataclass(frozen=True)
@@ -23,11 +46,18 @@ class ModelConfig:
     # A bundle to install at start when it is newer than what the device runs.
     bundle: Path | None = None
     # "auto" takes the first runtime of `preference` that is installed and in the bundle.
-    runtime: Literal["auto", "onnxruntime", "litert"] = "auto"
-    preference: list[RuntimeName] = field(default_factory=lambda: ["onnxruntime", "litert"])
+    runtime: RuntimeChoice = "auto"
+    preference: list[RuntimeName] = field(default_factory=lambda: list(DEFAULT_PREFERENCE))
     # Replay the bundle's golden cases before serving a model (on by default: a bundle
     # that does not reproduce on this device's CPU/runtime is refused).
     validate_golden: bool = True
+    # Which of the bundle's variants serves: "auto" measures each one a runtime here can
+    # load (golden replay, latency, memory) and serves the fastest that passes; a variant
+    # id pins that one (a bundle without it is refused, the served model kept).
+    variant: str = constraint("auto", pattern=r"auto|[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+    # Rows of the latency probe that compares variants; 0: batching.max_batch when
+    # batching is on, else 1 (the batch requests then run at).
+    variant_batch: int = constraint(0, ge=0, le=4096)
 
 
 @dataclass(frozen=True)
@@ -35,12 +65,6 @@ class TrustConfig:
     # PEM ed25519 public keys whose signatures are accepted; "credential:NAME" reads
     # $CREDENTIALS_DIRECTORY/NAME. No key is trusted by default.
     public_keys: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class RuntimesConfig:
-    onnxruntime: OrtConfig = field(default_factory=OrtConfig)
-    litert: LiteRTConfig = field(default_factory=LiteRTConfig)
 
 
 @dataclass(frozen=True)
@@ -55,6 +79,11 @@ class MemoryConfig:
     # RSS still above the soft limit with nothing in flight for this long: rebuild the
     # runtime session to give back what its memory pools keep.
     recover_after_s: float = constraint(2.0, ge=0.1, le=3600)
+    # Cap of a discrete GPU's memory the agent may hold, in MiB (0: the GPU's own
+    # memory). A candidate whose measured device memory (NVML) does not fit is
+    # refused; the CUDA arena is bounded by it. On unified memory (a Jetson) GPU
+    # memory counts against the cap above instead, with RSS.
+    gpu_max_mb: int = constraint(0, ge=0, le=16 * 1024 * 1024)
 
 
 # A file path, or "credential:NAME" for $CREDENTIALS_DIRECTORY/NAME (systemd LoadCredential=).

@@ -323,7 +323,15 @@ class Link:
             agent_version=__version__,
             model=None
             if served is None
-            else ModelInfo(served["name"], served["version"], served["sha256"], served["runtime"]),
+            else ModelInfo(
+                served["name"],
+                served["version"],
+                served["sha256"],
+                served["runtime"],
+                served.get("variant", ""),
+                served.get("variant_reason", ""),
+                tuple(served.get("providers", ())),
+            ),
             slots=Slots(
                 current=None if current is None else current.name,
                 previous=None if previous is None else previous.name,

@@ -104,7 +104,13 @@ def model_figures(agent: Any, live: bool = False) -> dict[str, Any] | None:
         "version": model.manifest.version,
         "sha256": model.sha256,
         "runtime": model.runtime_name,
+        # What really computes (a provider onnxruntime fell back from is not listed).
+        "providers": model.runtime.providers(),
     }
+    selection = getattr(model, "selection", None)
+    if selection is not None:  # which variant of the bundle serves, and why (agent/variants/)
+        figures["variant"] = selection.chosen
+        figures["variant_reason"] = selection.reason
     if live:  # telemetry only: these change with every request, the retained state must not
         figures.update(watch_figures(agent))
     return figures

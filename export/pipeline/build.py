@@ -249,40 +249,138 @@ class _Build:
 
     # ------------------------------------------------------------------ INT8 + TFLite
 
-    def quantize(self, float_path: Path, splits: Splits) -> None:
+    def quantize(self, float_path: Path, splits: Splits, teacher: Any = None,
+                 model: Any = None) -> None:  # fmt: skip
+        """Every INT8 method the recipe asks for (`mode`, then `extra_modes`), each its own
+        candidate. A method that fails its gate is left out with a note while another
+        passes (static INT8 may first be rescued by mixed precision); none passing
+        fails the build with the first failure."""
+        from export.pipeline.isa import detect_host, preset_for
         from export.pipeline.quantize import (
+            PRESETS,
             QuantizeConfig,
-            check_int8,
-            quantize_onnx,
+            resolve_preset,
             settings_summary,
         )
-        from export.pipeline.runners import run_onnx
 
         q = self.r.quantize
         t = time.monotonic()
+        host = detect_host()
+        preset, why = resolve_preset(q.preset, host)
+        target = PRESETS[preset].target if preset in PRESETS else ""
+        host_preset = preset_for(host)[0]
+        self.report["isa"] = {
+            "build_host": host.to_json(), "preset": preset, "preset_reason": why,
+            "preset_target": target,
+            "note": "every latency and INT8 accuracy figure in this report was measured on "
+                    f"the build host ({host.label})",
+        }  # fmt: skip
+        if preset not in ("none", host_preset):
+            self.notes.append(
+                f"quantize.preset {preset!r} targets {target}, but this build host is "
+                f"{host.label} (its preset: {host_preset!r}): INT8 accuracy and latency here "
+                "are the build host's, not the target's; the device measures its own"
+            )
         try:
             cfg = QuantizeConfig(
-                mode=q.mode, preset=q.preset, calibration_method=q.calibration_method,
+                mode="static", preset=preset, calibration_method=q.calibration_method,
                 per_channel=q.per_channel, engine=q.engine, operators=tuple(q.operators),
                 batch_size=min(self.r.dataset.batch_size, 64),
             )  # fmt: skip
         except ValueError as exc:
             raise BuildError(f"quantize: {exc}") from exc
-        calibration = self._calibration(splits)
-        path = quantize_onnx(float_path, self.work / "int8.onnx", cfg, calibration)
-        ops = check_int8(path, "onnx int8")
-        self.report["quantize"] = settings_summary(cfg, q.operators)
-        metric = self._score(run_onnx(path, splits.eval.inputs, self.r.dataset.batch_size), splits)
-        self._row("onnx int8", "onnx", metric, size_bytes=path.stat().st_size, int8_ops=ops)
-        self.candidates["onnx int8"] = path
+        main = replace(cfg, mode="dynamic" if q.mode == "dynamic" else "static")
+        self.report["quantize"] = {**settings_summary(main, q.operators), "mode": q.mode,
+                                   "modes": [q.mode, *q.extra_modes],
+                                   "mixed_precision": q.mixed_precision}  # fmt: skip
+        failures: list[GateError] = []
+        passed_any = False
+        for i, mode in enumerate([q.mode, *q.extra_modes]):
+            stage = "onnx int8" if i == 0 else f"onnx int8 {mode}"
+            try:
+                ok = self._int8(stage, mode, replace(cfg, mode=mode if mode != "qat" else "static"),
+                                float_path, splits, teacher, model)  # fmt: skip
+            except GateError as exc:
+                failures.append(exc)
+                ok = False
+            passed_any = passed_any or ok
         self._timed("quantize", t)
-        self.gates.check("onnx int8", metric)
+        if not passed_any:
+            raise failures[0]
+        for exc in failures:
+            self.notes.append(f"left out ({exc.stage}): {exc}")
+
+    def _int8(self, stage: str, mode: str, cfg: Any, float_path: Path, splits: Splits,
+              teacher: Any, model: Any) -> bool:  # fmt: skip
+        """Build, score and gate one INT8 method; True if a candidate came out of it."""
+        from export.pipeline.quantize import check_int8, quantize_onnx
+        from export.pipeline.runners import run_onnx
+
+        q = self.r.quantize
+        calibration = self._calibration(splits)
+        path = self.work / f"{stage.replace(' ', '-')}.onnx"
+        extra: dict[str, Any] = {"method": mode}
+        if mode == "qat":
+            from export.pipeline.qat import QatConfig, train_and_export
+
+            if model is None or teacher is None:  # pragma: no cover - the recipe check
+                raise BuildError("quantize: 'qat' needs the torch model")
+            qcfg = QatConfig(epochs=q.qat_epochs, lr=q.qat_lr, percentile=q.qat_percentile,
+                             symmetric_activations=cfg.settings.activation_symmetric)  # fmt: skip
+            path, info = train_and_export(model, teacher, splits, self.r, qcfg, path)
+            self.report.setdefault("qat", {})[stage] = info
+        else:
+            quantize_onnx(float_path, path, cfg, calibration)
+        ops = check_int8(path, stage)
+        metric = self._score(run_onnx(path, splits.eval.inputs, self.r.dataset.batch_size), splits)
+        self._row(stage, "onnx", metric, size_bytes=path.stat().st_size, int8_ops=ops, **extra)
+        result = self.gates.check(stage, metric, soft=True)
+        if result.passed:
+            self.candidates[stage] = path
+            return True
+        if mode == "static" and q.mixed_precision and self._mixed(stage, cfg, float_path, splits):
+            self.notes.append(f"{stage}: {result.detail}; mixed precision passed instead")
+            return True
+        self.gates.raise_for(result)
+        return False  # pragma: no cover - raise_for raised
+
+    def _mixed(self, stage: str, cfg: Any, float_path: Path, splits: Splits) -> bool:
+        from export.pipeline.mixed import search
+        from export.pipeline.quantize import check_int8
+        from export.pipeline.runners import run_onnx
+
+        bs = self.r.dataset.batch_size
+        mixed_stage = f"{stage} mixed"
+        path = self.work / f"{mixed_stage.replace(' ', '-')}.onnx"
+
+        def evaluate(model_path: Path) -> tuple[float, bool]:
+            metric = self._score(run_onnx(model_path, splits.eval.inputs, bs), splits)
+            return metric, self.gates.would_pass(metric)
+
+        result = search(float_path, path, cfg, self._calibration(splits),
+                        lambda m, split: run_onnx(m, split.inputs, bs), evaluate,
+                        self.r.quantize.mixed_max_float)  # fmt: skip
+        self.report["mixed_precision"] = result.to_json()
+        if not result.passed or result.path is None:
+            self.notes.append(
+                f"mixed precision: no mix passed the gate with up to "
+                f"{int(self.r.quantize.mixed_max_float * result.quantizable)} of "
+                f"{result.quantizable} nodes in float (quantize.mixed_max_float)"
+            )
+            return False
+        ops = check_int8(path, mixed_stage)
+        metric = result.steps[-1]["metric"]
+        self._row(mixed_stage, "onnx", metric, size_bytes=path.stat().st_size, int8_ops=ops,
+                  method="mixed", kept_float=result.kept_float)  # fmt: skip
+        self.gates.check(mixed_stage, metric)
+        self.candidates[mixed_stage] = path
+        return True
 
     def _calibration(self, splits: Splits) -> Split:
         n = self.r.dataset.calibration_samples
         return splits.calibration.take(n) if n else splits.calibration
 
-    def tflite(self, model: Any, splits: Splits) -> None:
+    def tflite(self, model: Any, splits: Splits, teacher: Any = None) -> None:
         from export.pipeline.runners import run_tflite
         from export.pipeline.tflite import convert_float, convert_int8
 
@@ -312,7 +410,27 @@ class _Build:
             self._row("tflite int8", "tflite", metric, size_bytes=path.stat().st_size)
             self.candidates["tflite int8"] = path
             self.gates.check("tflite int8", metric)
+        q = self.r.quantize
+        if tf.int8 and "qat" in (q.mode, *q.extra_modes) and teacher is not None:
+            self._tflite_qat(model, teacher, splits)
         self._timed("tflite", t)
+
+    def _tflite_qat(self, model: Any, teacher: Any, splits: Splits) -> None:
+        """TFLite INT8 by QAT: its own candidate; left out with a note if it fails its gate
+        (the post-training TFLite INT8 passed already)."""
+        from export.pipeline.runners import run_tflite
+        from export.pipeline.tflite import convert_int8_qat
+
+        stage = "tflite int8 qat"
+        path = convert_int8_qat(model, teacher, splits, self.r, self.work / "int8-qat.tflite")
+        got = run_tflite(path, splits.eval.inputs, self.in_names, self.out_names)
+        metric = self._score(got, splits)
+        self._row(stage, "tflite", metric, size_bytes=path.stat().st_size, method="qat")
+        result = self.gates.check(stage, metric, soft=True)
+        if result.passed:
+            self.candidates[stage] = path
+        else:
+            self.notes.append(f"left out ({stage}): {result.detail}")
 
     # ------------------------------------------------------------------ latency + selection
 
@@ -379,14 +497,15 @@ class _Build:
         self._fail_early(splits)
         if r.byo:
             float_path = self.byo_onnx(splits)
-            model = None
+            teacher = model = None
         else:
             teacher, model = self.torch_stages(splits)
             float_path = self.export_onnx(teacher, model, splits)
         if r.quantize.enabled:
-            self.quantize(float_path, splits)
+            self.quantize(float_path, splits, None if r.byo else teacher,
+                          None if r.byo else model)  # fmt: skip
         if r.tflite_on and not self.opts.skip_tflite:
-            self.tflite(model, splits)
+            self.tflite(model, splits, teacher)
         golden = {k: v[:GOLDEN_ROWS] for k, v in splits.eval.inputs.items()}
         self.measure(golden)
         chosen = self.select()
@@ -401,6 +520,11 @@ class _Build:
                         "eval": len(splits.eval)},
         })  # fmt: skip
         self._ratios()
+        if r.select.bundle == "all":
+            self.report["variants"] = [
+                {"id": v.id, "stage": stage, "precision": v.precision, "method": v.method,
+                 "built_for": v.built_for} for stage, v in self._variants(chosen)
+            ]  # fmt: skip
         reports = write_reports(self.report, self.work / "report")
         recipe_copy = self.work / "report" / "recipe.toml"
         shutil.copy(self.recipe_path, recipe_copy)
@@ -410,11 +534,14 @@ class _Build:
 
     def _fail_early(self, splits: Splits) -> None:
         r = self.r
-        needs_cal = (r.quantize.enabled and r.quantize.mode == "static") or (
+        modes = {r.quantize.mode, *r.quantize.extra_modes}
+        # Static INT8 calibrates; QAT starts its activation ranges from the same rows.
+        needs_cal = (r.quantize.enabled and bool(modes & {"static", "qat"})) or (
             r.tflite_on and r.tflite.int8 and not self.opts.skip_tflite
         )
         if needs_cal and len(splits.calibration) == 0:
-            which = "quantize.mode = 'static'" if r.quantize.enabled else "tflite.int8 = true"
+            which = (f"quantize modes {sorted(modes & {'static', 'qat'})}" if r.quantize.enabled
+                     and modes & {"static", "qat"} else "tflite.int8 = true")  # fmt: skip
             raise CalibrationError(
                 f"the calibration split is empty but {which} needs calibration data; add rows "
                 "to the dataset's 'calibration' split (or turn INT8 off)"
@@ -484,6 +611,7 @@ class _Build:
         }  # fmt: skip
         stage_dir = self.work / "bundle"
         stage_dir.mkdir()
+        variants = self._variants(chosen) if self.r.select.bundle == "all" else []
         try:
             return package_model(
                 onnx_path=onnx_path, tflite_path=tflite_path, name=self.r.name,
@@ -493,10 +621,35 @@ class _Build:
                                                               "prefer": self.r.select.prefer}},
                 extra_files=extra_files, labels=list(self.r.labels) or None,
                 threads=self.threads, runs=self.opts.runs or self.r.select.runs,
-                tolerance=rule,
+                tolerance=rule, variants=[v for _, v in variants],
             )  # fmt: skip
         except PackageError as exc:
             raise BuildError(f"package: {exc}") from exc
+
+    def _variants(self, chosen: dict[str, str]) -> list[tuple[str, Any]]:
+        """Every candidate whose gates passed, as a bundle variant (DESIGN.md "Variants"):
+        the device measures those its runtimes load and serves the fastest that passes."""
+        from export.package import VariantSpec
+
+        rows = {row["stage"]: row for row in self.stages}
+        preset = self.report.get("isa", {}).get("preset")
+        out: list[tuple[str, Any]] = []
+        for stage, path in self.candidates.items():
+            row = rows[stage]
+            fmt = row["format"]
+            if "int8" not in stage:
+                precision, method, vid = "fp32", None, f"{fmt}-fp32"
+            else:
+                method = row.get("method") or ("static" if fmt == "tflite" else
+                                               self.r.quantize.mode)  # fmt: skip
+                precision = "mixed" if method == "mixed" else "int8"
+                vid = f"{fmt}-int8-{method}"
+            built_for = preset if fmt == "onnx" and precision != "fp32" else None
+            extra = {"metric": {self.gates.metric: row["metric"]},
+                     "kept_float": row["kept_float"]} if row.get("kept_float") else {
+                     "metric": {self.gates.metric: row["metric"]}}  # fmt: skip
+            out.append((stage, VariantSpec(vid, path, precision, method, built_for, extra=extra)))
+        return out
 
     def _publish(self, bundle: Path, reports: dict[str, Path], recipe_copy: Path) -> BuildResult:
         self.out_dir.mkdir(parents=True, exist_ok=True)

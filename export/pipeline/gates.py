@@ -39,6 +39,7 @@ class Gates:
         self.min_cosine = min_cosine
         self.baseline: float | None = None
         self.results: list[GateResult] = []
+        self._messages: dict[int, str] = {}
 
     @property
     def metric(self) -> str:
@@ -47,7 +48,20 @@ class Gates:
     def set_baseline(self, value: float) -> None:
         self.baseline = value
 
-    def check(self, stage: str, value: float) -> GateResult:
+    def would_pass(self, value: float) -> bool:
+        if self.task == "classification":
+            assert self.baseline is not None, "set the teacher's accuracy first"
+            return value >= self.baseline - self.max_accuracy_drop - 1e-9
+        return value >= self.min_cosine - 1e-12
+
+    def raise_for(self, result: GateResult) -> None:
+        if not result.passed:
+            raise GateError(result.gate, result.stage, result.value, result.limit,
+                            self._messages[id(result)])  # fmt: skip
+
+    def check(self, stage: str, value: float, soft: bool = False) -> GateResult:
+        """Record the gate; raise GateError when it fails unless `soft` (then the caller
+        decides, e.g. another INT8 method may pass, and calls raise_for)."""
         if self.task == "classification":
             assert self.baseline is not None, "set the teacher's accuracy first"
             floor = self.baseline - self.max_accuracy_drop
@@ -73,9 +87,10 @@ class Gates:
                 f"{self.min_cosine - value:.4f} below gates.min_cosine = {self.min_cosine:.4f}"
             )
         self.results.append(result)
+        self._messages[id(result)] = message
         log.info("gate %s at %s: %s (%s)", result.gate, stage, "pass" if passed else "FAIL",
                  detail)  # fmt: skip
-        if not passed:
+        if not passed and not soft:
             raise GateError(result.gate, stage, value, result.limit, message)
         return result
 

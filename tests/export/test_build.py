@@ -35,7 +35,9 @@ def built(tmp_path_factory: pytest.TempPathFactory, signing_key: tuple[Path, Pat
     from tests.export.pipeline_helpers import write_recipe
 
     folder = tmp_path_factory.mktemp("build")
-    recipe = write_recipe(folder / "recipe")
+    # QAT as a second INT8 method: its ONNX and TFLite models are candidates too.
+    recipe = write_recipe(folder / "recipe", {'preset = "avx512_vnni"':
+                                              'preset = "avx512_vnni"\nextra_modes = ["qat"]'})  # fmt: skip
     out = folder / "out"
     result = run_build(recipe, out, signing_key[0], FAST)
     return result, out
@@ -67,8 +69,8 @@ def test_report_covers_every_stage(built) -> None:
     report = json.loads((out / "tiny-0.1.0.report.json").read_text())
     stages = [row["stage"] for row in report["stages"]]
     assert stages == [
-        "teacher", "student", "pruned", "teacher onnx",
-        "onnx float", "onnx int8", "tflite float", "tflite int8",
+        "teacher", "student", "pruned", "teacher onnx", "onnx float", "onnx int8",
+        "onnx int8 qat", "tflite float", "tflite int8", "tflite int8 qat",
     ]  # fmt: skip
     rows = {row["stage"]: row for row in report["stages"]}
     # Structured pruning really removed parameters and MACs.
@@ -77,6 +79,11 @@ def test_report_covers_every_stage(built) -> None:
     # INT8 models are smaller than their float versions.
     assert rows["onnx int8"]["size_bytes"] < rows["onnx float"]["size_bytes"]
     assert rows["tflite int8"]["size_bytes"] < rows["tflite float"]["size_bytes"]
+    assert rows["tflite int8 qat"]["size_bytes"] < rows["tflite float"]["size_bytes"]
+    assert rows["onnx int8 qat"]["size_bytes"] < rows["onnx float"]["size_bytes"]
+    ids = {v["id"] for v in report["variants"]}
+    assert ids == {"onnx-fp32", "onnx-int8-static", "onnx-int8-qat", "tflite-fp32",
+                   "tflite-int8-static", "tflite-int8-qat"}  # fmt: skip
     for stage in ("teacher onnx", "onnx float", "onnx int8", "tflite float", "tflite int8"):
         assert rows[stage]["latency_ms"]["p50"] > 0, stage
     assert rows["onnx int8"]["int8_ops"].get("QuantizeLinear", 0) > 0

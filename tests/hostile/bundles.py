@@ -663,6 +663,25 @@ def _manifest_cases(m: Material) -> Iterator[Spec]:
     yield changed(S, "golden-outputs-without-inputs", golden={**golden, "inputs": None})
     yield changed(S, "golden-inputs-without-outputs", golden={**golden, "outputs": {}})
 
+    # `variants` (docs/DESIGN.md "Variants"): each field refused with bundle.schema.
+    one = {"id": "onnx-a", "format": "onnx", "file": "model.onnx",
+           "golden": {"outputs": "golden/outputs-onnx.npz"}}  # fmt: skip
+    yield changed(S, "variants-object", variants={"onnx-a": one})
+    yield changed(S, "variants-empty", variants=[])
+    yield changed(S, "variants-17", variants=[{**one, "id": f"v{i}"} for i in range(17)])
+    yield changed(S, "variant-id-climbs-out", variants=[{**one, "id": "../../etc"}])
+    yield changed(S, "variant-id-twice", variants=[one, {**one, "file": "model.tflite"}])
+    yield changed(S, "variant-file-unlisted", variants=[{**one, "file": "../model.onnx"}])
+    yield changed(S, "variant-file-shared", variants=[one, {**one, "id": "onnx-b"}])
+    yield changed(
+        S, "variant-golden-not-npz", variants=[{**one, "golden": {"outputs": "model.onnx"}}]
+    )
+    yield changed(S, "variant-without-golden", variants=[{**one, "golden": None}])
+    yield changed(S, "variant-peak-memory-zero",
+                  variants=[{**one, "peak_memory_mb": {"onnxruntime": 0}}])  # fmt: skip
+    yield changed(S, "variant-precision-int4", variants=[{**one, "precision": "int4"}])
+    yield changed(S, "variant-built-for-megabyte", variants=[{**one, "built_for": "x" * 100_000}])
+
     long_component = "d" * 300 + "/x.bin"
     yield Spec(
         Case(k, "path-component-300-chars", (U,), "ENAMETOOLONG at unpack"),

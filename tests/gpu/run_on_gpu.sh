@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run on the GPU machine, in the checkout, after the payload parts are in /tmp/g
+# (tests/gpu/README.md): unpack, install onnxruntime-gpu and the wheels into /tmp/site,
+# then the GPU tier and bench/gpu.py. Writes its figures under $OUT when set.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+if [ ! -d /tmp/site/onnxruntime ]; then
+  cat /tmp/g/part0* | tar -x -C /tmp/g || exit 2
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site \
+    /tmp/g/onnxruntime_gpu-*.whl /tmp/g/whl/*.whl || exit 3
+fi
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 - <<'PY'
+import onnxruntime as ort
+from agent.runtimes.ort_providers import capi_directory, system_problem, elf_needed, PROVIDER_LIBRARY
+print("onnxruntime", ort.__version__, ort.get_available_providers())
+capi = capi_directory()
+for p, lib in PROVIDER_LIBRARY.items():
+    print(p, "needs", elf_needed(capi / lib))
+    print(p, "problem:", system_problem(capi)(p))
+PY
+EDGERUN_GPU_MINILM=/tmp/g/minilm timeout 300 python3 -m pytest -q -p no:cacheprovider \
+  -o cache_dir=/tmp/pc tests/gpu -rA 2>&1 | tail -40 | tee "$OUT/tier.txt"
+timeout 240 python3 bench/gpu.py --minilm /tmp/g/minilm --runs ${RUNS:-100} --warmup 10 --agent \
+  --out "$OUT/gpu.json" 2>&1 | grep -v "^W1201\|Warning" | tail -30 | tee "$OUT/bench.txt"
