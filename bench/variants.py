@@ -41,7 +41,7 @@ def _cpu() -> str:
     return f"{hw['machine']} {hw['cpu']} ({hw['cpus']} cpus)"
 
 
-def mlp_bundle(directory: Path) -> Path:
+def mlp_bundle(directory: Path, reverse: bool = False) -> Path:
     import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -96,19 +96,21 @@ def mlp_bundle(directory: Path) -> Path:
         "outputs": [{"name": "output", "dtype": "float32", "shape": [-1, 1024]}],
         "golden": {"inputs": "golden/inputs.npz",
                    "outputs": {"onnx": "golden/onnx-fp32.npz"}},
-        "variants": variants,
+        "variants": variants[::-1] if reverse else variants,
     }  # fmt: skip
     return write_bundle(directory / "mlp-1.0.0.edgebundle", manifest, files,
                         load_private_key(DEMO_KEY))  # fmt: skip
 
 
-def digits_bundle(directory: Path) -> Path:
+def digits_bundle(directory: Path, reverse: bool = False) -> Path:
     from agent.signing import load_private_key
     from tests.helpers import unpack_sample
     from tests.variant_bundles import variant_bundle
 
     parts = unpack_sample(directory / "sample")
-    return variant_bundle(parts, load_private_key(DEMO_KEY), directory / "built", "1.0.0")
+    order = ("onnx-fp32", "onnx-int8", "tflite-fp32")
+    return variant_bundle(parts, load_private_key(DEMO_KEY), directory / "built", "1.0.0",
+                          include=order[::-1] if reverse else order)  # fmt: skip
 
 
 def choose(bundle: Path, state: Path, batch: int) -> tuple[dict[str, Any], float]:
@@ -153,13 +155,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, action="append", default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--reverse", action="store_true",
+                        help="measure the variants in the reverse order (a check that the "
+                        "order, one after another, does not decide the pick)")  # fmt: skip
     args = parser.parse_args()
     batches = args.batch or [1, 32]
     report: dict[str, Any] = {"cpu": _cpu(), "python": platform.python_version(), "bundles": {}}
     with tempfile.TemporaryDirectory(prefix="er-variants-", dir="/tmp") as tmp:
         root = Path(tmp)
         (root / "mlp").mkdir()
-        bundles = {"mlp": mlp_bundle(root / "mlp"), "digits": digits_bundle(root / "digits")}
+        bundles = {
+            "mlp": mlp_bundle(root / "mlp", args.reverse),
+            "digits": digits_bundle(root / "digits", args.reverse),
+        }
         for name, bundle in bundles.items():
             per_batch = {}
             for batch in batches:

@@ -37,6 +37,10 @@ def test_live_and_shadow_figures_go_into_telemetry_only(agent: Agent) -> None:
         assert figures["live"]["requests"] == 4 and figures["live"]["top1_samples"] == 12
         assert "p95_ms" in figures["live"]
         assert figures["shadow"]["compared"] == 0 and figures["shadow"]["sample"] == 0.2
-        assert set(model_figures(agent) or {}) == {"name", "version", "sha256", "runtime"}
+        # The retained state's figures: what the model is (and, since variants, which
+        # variant and why; since providers, which ones), never the live figures.
+        assert set(model_figures(agent) or {}) == {
+            "name", "version", "sha256", "runtime", "providers", "variant", "variant_reason"
+        }  # fmt: skip
     finally:
         recorder.stop()
