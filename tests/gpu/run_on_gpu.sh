@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Run on the GPU machine, in the checkout, after the payload parts are in /tmp/g
-# (tests/gpu/README.md): unpack, install onnxruntime-gpu and the wheels into /tmp/site,
-# then the GPU tier and bench/gpu.py. Writes its figures under $OUT when set.
+# Run on the GPU machine, in this checkout, once the payload is in /tmp/g
+# (tests/gpu/README.md): ortgpu.part0* (the onnxruntime-gpu wheel, split), whl/*.whl,
+# mini.part0* (the MiniLM bundles' tar, split; optional). Installs into /tmp/site,
+# then runs the GPU tier and bench/gpu.py; figures go under $OUT when set.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 if [ ! -d /tmp/site/onnxruntime ]; then
-  cat /tmp/g/part0* | tar -x -C /tmp/g || exit 2
+  cat /tmp/g/ortgpu.part0* > /tmp/g/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+  if ls /tmp/g/mini.part0* >/dev/null 2>&1; then
+    mkdir -p /tmp/g/minilm && cat /tmp/g/mini.part0* | tar -x -C /tmp/g/minilm || exit 2
+  fi
   python3 -m pip install -q --no-index --no-deps --target /tmp/site \
     /tmp/g/onnxruntime_gpu-*.whl /tmp/g/whl/*.whl || exit 3
 fi
