@@ -295,8 +295,15 @@ class OrtRuntime(Runtime):
         # Kept for describe(): status may read a runtime that a swap is closing.
         self._providers = list(self.session.get_providers())
         dropped = fallbacks(self._asked, self._providers)
+        if dropped and cfg.require_providers:
+            raise RuntimeUnavailableError(
+                f"runtimes.onnxruntime.require_providers: onnxruntime did not take "
+                f"{', '.join(dropped)} for {model_path.name} (it serves on "
+                f"{', '.join(self._providers)})"
+            )
         if dropped:
-            # onnxruntime dropped a provider without failing (it only logs that).
+            # onnxruntime dropped a provider without failing (it only warns): what
+            # ultralytics#19159 saw, a GPU build silently serving on the CPU.
             self._fallback(dropped[0], "onnxruntime did not take it", self._providers)
         # Shrinking returns the arena's unused extensions at the end of a run: kept
         # for big requests only, as re-growing it costs small ones their speed.
