@@ -308,7 +308,7 @@ def _derive(
             for family in ("cuda", "tensorrt"):
                 need = max(STEP_FLOORS[family], MARGIN * measured[family] / step)
                 families[family] = Bound(max_steps=_steps(need, step, peak))
-            top_atol = max(top_atol, cpu_atol, cpu_steps * step)
+            top_atol = max(top_atol, cpu_atol, (cpu_steps + 0.5) * step)
         else:
             base = Bound(atol=cpu_atol, rtol=0.0 if rtol is None else rtol)
             for family in ("cuda", "tensorrt"):
@@ -328,10 +328,11 @@ def _derive(
 
 
 def _steps(need: float, step: float, peak: float) -> float:
-    """Whole steps, at most MAX_STEPS and within what an allowance may be."""
-    most = math.floor(_cap(MAX_STEPS * step, peak) / step)
+    """Whole steps, at most MAX_STEPS and within what an allowance may be (the rule
+    allows max_steps + 0.5 steps: agent.tolerance)."""
+    most = math.floor(_cap((MAX_STEPS + 0.5) * step, peak) / step - 0.5)
     # Rounded first: a difference of exactly one step measures as 1.000005 steps in float32.
-    return float(max(1, min(math.ceil(round(need, 3)), most)))
+    return float(max(0, min(math.ceil(round(need, 3)), most)))
 
 
 def check_rule(
