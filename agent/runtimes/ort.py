@@ -460,6 +460,9 @@ def _register_same_as_requested_cpu_arena(ort: Any) -> None:
     _ENV_ARENA.add("cpu")
 
 
+_LOGGED_SKIPS: set[tuple[str, str]] = set()
+
+
 def plan_for(cfg: OrtConfig, available: list[str]) -> ProviderPlan:
     """The providers to ask for under `cfg` on this machine; each skipped one is
     logged with why. With `require_providers`, any skipped one refuses the load."""
@@ -470,7 +473,10 @@ def plan_for(cfg: OrtConfig, available: list[str]) -> ProviderPlan:
         cpu_fallback=not cfg.require_providers,
     )
     for provider, why in plan.skipped.items():
-        log.info("execution provider %s skipped: %s", provider, why)
+        # Once per process and reason: every reopen would repeat it otherwise.
+        if (provider, why) not in _LOGGED_SKIPS:
+            _LOGGED_SKIPS.add((provider, why))
+            log.info("execution provider %s skipped: %s", provider, why)
     if cfg.require_providers and plan.skipped:
         provider, why = next(iter(plan.skipped.items()))
         raise RuntimeUnavailableError(
