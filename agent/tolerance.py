@@ -275,7 +275,8 @@ def _bound(obj: Mapping[str, Any], where: str, extra: Collection[str] = ()) -> B
     _keys(obj, {*_BOUND_FIELDS, *extra}, where)
     values: dict[str, float] = {}
     for key, (low, high) in _BOUND_FIELDS.items():
-        if obj.get(key) is not None:
+        # Present means a number: a null would silently fall back to a wider layer.
+        if key in obj:
             values[key] = _number(obj[key], f"{where}.{key}", low, high)
     return Bound(**values)
 
@@ -360,11 +361,12 @@ def parse_tolerance(
             at = f"{where}.outputs.{_key(name)}"
             _output_name(name, f"{where}.outputs", outputs)
             body = _object(value, at)
-            step = body.get("quant_step")
             rules[name] = OutputRule(
-                quant_step=None
-                if step is None
-                else _number(step, f"{at}.quant_step", 0.0, MAX_QUANT_STEP, open_low=True),
+                quant_step=_number(
+                    body["quant_step"], f"{at}.quant_step", 0.0, MAX_QUANT_STEP, open_low=True
+                )
+                if "quant_step" in body
+                else None,
                 bound=_bound(body, at, extra=("quant_step", "families")),
                 families=_families(body["families"], f"{at}.families")
                 if body.get("families")

@@ -342,7 +342,10 @@ class VariantSelector:
             self.cache.put(
                 key,
                 {
-                    **selection.to_json(),
+                    "chosen": selection.chosen,
+                    "runtime": selection.runtime,
+                    "reason": selection.reason,
+                    "batch": selection.batch,
                     "results": [r.to_json() for r in selection.results],
                     "measured_at": time.time(),
                 },

@@ -57,6 +57,9 @@ class Options:
     # The bundle's version instead of the recipe's (a rebuild of a released version,
     # such as the sample models/digits/digits-1.0.0.edgebundle).
     version: str | None = None
+    # select.prefer per format instead of the recipe's ({"onnx": "int8"}): a build that
+    # must not depend on this machine's latency noise (the sample).
+    prefer: dict[str, str] | None = None
 
 
 class _Build:
@@ -342,11 +345,11 @@ class _Build:
         self._timed("latency", t)
 
     def select(self) -> dict[str, str]:
-        prefer = self.r.select.prefer
         by_stage = {row["stage"]: row for row in self.stages}
         chosen: dict[str, str] = {}
         for fmt in ("onnx", "tflite"):
             floats, int8s = f"{fmt} float", f"{fmt} int8"
+            prefer = (self.opts.prefer or {}).get(fmt, self.r.select.prefer)
             have = [s for s in (floats, int8s) if s in self.candidates]
             if not have:
                 continue

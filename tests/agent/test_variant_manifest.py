@@ -57,6 +57,21 @@ def test_variants_parse_with_their_own_golden_tolerance_and_memory() -> None:
     assert set(m.golden_files) == {"golden/in.npz", "golden/fp32.npz", "golden/int8.npz"}
 
 
+def test_a_variant_tolerance_takes_the_whole_rule_of_agent_tolerance() -> None:
+    body = manifest()
+    body["variants"][1]["golden"]["tolerance"] = {
+        "atol": 0.01,
+        "families": {"cuda": {"atol": 0.2}},
+        "outputs": {"logits": {"quant_step": 0.05, "max_steps": 3}},
+        "top1": {"logits": 0.9},
+    }
+    int8 = parse(body).variants[1]
+    assert int8.tolerance.atol == 0.01 and "cuda" in int8.tolerance.families
+    body["variants"][1]["golden"]["tolerance"]["outputs"] = {"probs": {"quant_step": 0.05}}
+    with pytest.raises(B.SchemaError, match="probs"):
+        parse(body)
+
+
 def test_a_legacy_manifest_has_one_variant_per_format() -> None:
     body = manifest(
         formats={"onnx": "model.onnx", "tflite": "model.tflite"},

@@ -20,7 +20,7 @@ from agent.service import Agent
 from agent.variants.cache import FILENAME
 from agent.variants.errors import NoVariantPassedError, VariantMissingError
 from tests.agent.test_admission import make_agent, served
-from tests.helpers import SAMPLE_BUNDLE, SampleParts
+from tests.helpers import SAMPLE_BUNDLE, SampleParts, base_config, running_agent
 from tests.variant_bundles import variant_bundle
 
 
@@ -111,7 +111,7 @@ def test_a_pinned_variant_serves_without_measuring_the_others(
         agent.admission.install(bundle)
     model = agent.host.model
     assert model is not None and model.variant is not None and model.variant.id == "onnx-int8"
-    assert model.runtime.model_path.name == "onnx-int8.onnx"
+    assert model.runtime.model_path.name == "model.onnx"  # the sample's INT8 QDQ model
     assert served(agent) == "1.1.0"  # INT8 still classifies the samples
     by_id = results(agent)
     assert by_id["onnx-int8"]["status"] == "served"
@@ -168,7 +168,7 @@ def test_variants_no_runtime_here_loads_are_skipped_or_failed_with_the_reason(
     )
     assert by_id["onnx-int8"]["status"] == "failed"
     assert by_id["onnx-int8"]["code"] == "ModelLoadError"
-    assert "onnxruntime refused onnx-int8.onnx" in by_id["onnx-int8"]["reason"]
+    assert "onnxruntime refused model.onnx" in by_id["onnx-int8"]["reason"]
     assert by_id["onnx-fp32"]["status"] == "served"
 
 
@@ -256,3 +256,45 @@ def test_a_variant_over_the_memory_cap_is_rejected_before_it_loads(
     with pytest.raises(AdmissionError):
         other.admission.install(alone)
     assert other.host.model is None
+
+
+def test_a_real_agent_explains_its_choice_in_status_and_does_not_measure_again_on_restart(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, built: Path, tmp: Path
+) -> None:
+    bundle = variant_bundle(sample_parts, demo_key, built, wrong=("onnx-int8",), label="proc")
+    config = base_config(tmp, bundle=bundle)
+    with running_agent(tmp, config) as agent:
+        with agent.client() as client:
+            status = client.get_json("/v2/edgerun/status")
+        first = agent.output()
+    selection = status["model"]["selection"]
+    assert status["model"]["variant"] == selection["chosen"] != "onnx-int8"
+    assert selection["cached"] is False and selection["batch"] == 1
+    by_id = {v["id"]: v for v in selection["variants"]}
+    assert by_id["onnx-int8"]["status"] == "failed"
+    assert "golden cases do not reproduce" in by_id["onnx-int8"]["reason"]
+    assert all(by_id[k]["p50_ms"] > 0 for k in ("onnx-fp32", "tflite-fp32"))
+    assert first.count("measuring variant") == 3
+    # The same bundle on the same machine: served from `current` with the cached choice.
+    with running_agent(tmp, config) as agent:
+        with agent.client() as client:
+            again = client.get_json("/v2/edgerun/status")["model"]["selection"]
+        second = agent.output()
+    assert second.count("measuring variant") == 0, second[-3000:]
+    assert again["cached"] is True and again["chosen"] == selection["chosen"]
+    assert "Traceback" not in first + second
+
+
+def test_the_hardware_fingerprint_follows_the_cpu_flags() -> None:
+    from agent.variants.fingerprint import cpu_identity, hardware
+
+    text = Path("/proc/cpuinfo").read_text()  # this machine's, as the agent reads it
+    here = cpu_identity(text)
+    assert here["cpu"] and len(here["cpu_flags"]) == 16
+    assert hardware()["cpu_flags"] == here["cpu_flags"]
+    # The same CPU without one of its flags (as a VNNI-less sibling would be): another key.
+    key = next(k for k in ("flags", "Features") if f"\n{k}" in "\n" + text)
+    line = next(x for x in text.splitlines() if x.startswith(key))
+    dropped = text.replace(line, line.rsplit(" ", 1)[0])
+    assert cpu_identity(dropped)["cpu_flags"] != here["cpu_flags"]
+    assert cpu_identity(dropped)["cpu"] == here["cpu"]
