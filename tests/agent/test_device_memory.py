@@ -29,7 +29,7 @@ from agent.device_memory import (
     why_none,
 )
 from agent.footprint import Footprint
-from agent.memory import MB, AdmissionError, admit_device, compute_budget
+from agent.memory import MB, AdmissionError, admit_device, compute_budget, current_rss
 from agent.runtimes.ort import OrtRuntime
 from agent.service import Agent
 from tests.helpers import DEMO_PUB, SAMPLE_BUNDLE, SampleParts
@@ -150,3 +150,26 @@ def test_engine_caches_of_bundles_no_longer_kept_are_removed_after_an_install(
     kept.mkdir(parents=True)
     assert prune_caches(tmp_path / "state" / "cache", [model.sha256]) == []
     assert kept.is_dir()
+
+
+def test_on_unified_memory_the_watcher_sheds_on_rss_plus_gpu_memory(tmp_path: Path) -> None:
+    from agent.device_memory import unified_counter
+    from agent.memory import MemoryBudget, RssWatcher
+
+    meminfo = tmp_path / "meminfo"
+    shutil.copy(TX2, meminfo)
+    counter = unified_counter(NvmapMemory(meminfo))
+    assert counter is not None and counter() == 0
+    assert unified_counter(None) is None
+    rss = RssWatcher(MemoryBudget(1 << 40, 1 << 40, None, None, 1 << 40), 1.0).sample()
+    # A soft limit 256 MiB above this process's RSS: RSS alone stays under it.
+    soft = rss + 256 * MB
+    watcher = RssWatcher(MemoryBudget(soft + MB, soft, None, None, 1 << 40), 1.0)
+    watcher.device_bytes = counter
+    assert not watcher.overloaded and watcher.sample() < soft
+    # The GPU takes 512 MiB more of the same RAM (the capture with NvMapMemUsed raised).
+    meminfo.write_text(TX2.read_text().replace("805068 kB", f"{805068 + 512 * 1024} kB"))
+    counted = watcher.sample()
+    # (RSS itself may fall a little: above the soft limit the watcher trims the heap.)
+    assert counted - current_rss() >= 500 * MB
+    assert watcher.overloaded
