@@ -59,6 +59,7 @@ MAX_RTOL = 0.1
 MAX_STEPS = 64.0  # an int8 output spans 256 steps: 64 of them is a quarter of its range
 MAX_QUANT_STEP = 1e6
 MAX_RANGE_SHARE = 0.05  # of max - min of the reference: at most 10% of its peak magnitude
+MAX_NORM_RTOL = 0.25  # a case's relative L2 error: a cosine of about 0.97 for unit vectors
 MIN_TOP1 = 0.5  # below a coin flip's agreement the check would check nothing
 MAX_FAMILIES = 16
 MAX_FAMILY_NAME = 32
@@ -77,6 +78,10 @@ class Bound:
     rtol: float | None = None
     max_steps: float | None = None  # in quant_step units; ignored for outputs without one
     range_share: float | None = None  # of max - min of the reference output
+    # Judge each case by its relative L2 error over the last axis instead of value by
+    # value (an embedding's direction): for outputs whose correct runs already move
+    # some values by more than an elementwise bound may allow.
+    norm_rtol: float | None = None
 
     def over(self, base: Bound) -> Bound:
         """This layer laid over `base`: each field set here wins."""
@@ -145,6 +150,7 @@ class Resolved:
     quant_step: float | None
     max_steps: float | None
     range_share: float | None
+    norm_rtol: float | None = None
 
     def describe(self) -> str:
         parts = [f"{self.allowance:.3g}"]
@@ -206,7 +212,8 @@ class Tolerance:
         if bound.range_share is not None and reference.size:
             ref = reference.astype(np.float64)
             allowance = max(allowance, bound.range_share * float(np.max(ref) - np.min(ref)))
-        return Resolved(allowance, bound.rtol or 0.0, step, bound.max_steps, bound.range_share)
+        return Resolved(allowance, bound.rtol or 0.0, step, bound.max_steps, bound.range_share,
+                        bound.norm_rtol)  # fmt: skip
 
     def families_named(self) -> set[str]:
         names = set(self.families)
@@ -268,6 +275,7 @@ _BOUND_FIELDS = {
     "rtol": (0.0, MAX_RTOL),
     "max_steps": (0.0, MAX_STEPS),
     "range_share": (0.0, MAX_RANGE_SHARE),
+    "norm_rtol": (0.0, MAX_NORM_RTOL),
 }
 
 
@@ -402,7 +410,10 @@ def allowance_problem(
         peak = float(np.max(np.abs(ref.astype(np.float64))))
         allowed = max(ALLOWANCE_FLOOR, ALLOWANCE_SHARE * peak)
         for family in sorted(families):
-            got = tolerance.resolve(name, family, ref).allowance
+            resolved = tolerance.resolve(name, family, ref)
+            if resolved.norm_rtol is not None:
+                continue  # judged by its relative L2 error, bounded by its own field
+            got = resolved.allowance
             if got > allowed * (1 + 1e-9):
                 return (
                     f"{where} lets output {name!r} move by {got:.3g} on {family}, above "
@@ -430,6 +441,7 @@ class OutputReport:
     top1_required: float | None
     nan_values: int
     ok: bool
+    norm_error: float | None = None  # the worst case's relative L2 error, when judged so
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -479,6 +491,17 @@ def _top1(want: np.ndarray, have: np.ndarray, bound: np.ndarray) -> tuple[float,
     return agree / len(w), agree, len(w)
 
 
+def _norm_errors(want: np.ndarray, have: np.ndarray) -> np.ndarray:
+    """Per case (all axes but the last), ||have - want|| / ||want|| over the last axis."""
+    if want.ndim == 0:
+        want, have = want.reshape(1), have.reshape(1)
+    w = want.reshape(-1, want.shape[-1])
+    h = have.reshape(-1, want.shape[-1])
+    norm = np.linalg.norm(w, axis=1)
+    # A zero reference row is judged absolutely: any difference there is all error.
+    return np.asarray(np.linalg.norm(h - w, axis=1) / np.where(norm > 0, norm, 1.0))
+
+
 def compare(
     tolerance: Tolerance,
     family: str,
@@ -506,6 +529,11 @@ def compare(
         diff = np.abs(have64 - want64)
         bound = rule.allowance + rule.rtol * np.abs(want64)
         bad = ~(diff <= bound)
+        norm_error = None
+        if rule.norm_rtol is not None:
+            errors = _norm_errors(want64, have64)
+            norm_error = float(np.nanmax(errors)) if not np.isnan(errors).all() else float("nan")
+            bad = ~(errors <= rule.norm_rtol)
         worst = (
             float(np.nanmax(diff))
             if diff.size and not np.isnan(diff).all()
@@ -516,7 +544,13 @@ def compare(
         required = tolerance.top1.get(name)
         top1 = None
         problems = []
-        if bad.any():
+        if bad.any() and norm_error is not None:
+            problems.append(
+                f"{name}: relative L2 error {norm_error:.3g} exceeds the {family} bound "
+                f"{rule.norm_rtol:g} in {int(bad.sum())} of {bad.size} cases"
+                + (f"; {nans} NaN output value(s)" if nans else "")
+            )
+        elif bad.any():
             in_steps = (
                 f" ({steps:.3g} quantization steps of {rule.quant_step:.3g}, "
                 f"{rule.max_steps:g} allowed)"
@@ -551,6 +585,7 @@ def compare(
             top1_required=required,
             nan_values=nans,
             ok=not problems,
+            norm_error=norm_error,
         )
     return ToleranceReport(family, outputs, failures)
 

@@ -186,3 +186,27 @@ def test_a_share_below_one_allows_that_many_disagreements() -> None:
     against = np.array([[2.45, 2.55, -3.0], [0.0, 5.0, 4.0]])
     want = np.array([[3.0, 2.0, -3.0], [0.0, 5.0, 4.0]])
     assert compare(rule, "cpu", {"logits": want}, {"logits": against}).ok  # 1 of 2 agrees
+
+
+def test_an_output_judged_by_relative_l2_error_per_case() -> None:
+    rng = np.random.default_rng(0)
+    want = rng.normal(size=(4, 64))
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    rule = Tolerance(atol=1e-3, outputs={"e": OutputRule(None, Bound(norm_rtol=0.1))})
+    # Every value moved by far more than atol, yet each case's direction holds: passes.
+    noise = rng.normal(size=want.shape)
+    close = want + 0.05 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    report = compare(rule, "cpu", {"e": want}, {"e": close})
+    assert report.ok and report.outputs["e"].norm_error == pytest.approx(0.05)
+    # One case pointing elsewhere fails, named by its relative error.
+    far = close.copy()
+    far[2] = -want[2]
+    report = compare(rule, "cpu", {"e": want}, {"e": far})
+    assert report.failures == ["e: relative L2 error 2 exceeds the cpu bound 0.1 in 1 of 4 cases"]
+    nan = close.copy()
+    nan[0, 0] = np.nan
+    assert not compare(rule, "cpu", {"e": want}, {"e": nan}).ok
+    # Such an output is exempt from the elementwise cap, bounded by its own field instead.
+    assert allowance_problem(rule, {"e": want}) is None
+    with pytest.raises(SchemaError, match=r"norm_rtol is 0.3; .* in \[0, 0.25\]"):
+        parse_tolerance({"outputs": {"e": {"norm_rtol": 0.3}}}, W)
