@@ -26,6 +26,6 @@ for p, lib in PROVIDER_LIBRARY.items():
     print(p, "problem:", system_problem(capi)(p))
 PY
 EDGERUN_GPU_MINILM=/tmp/g/minilm timeout 300 python3 -m pytest -q -p no:cacheprovider \
-  -o cache_dir=/tmp/pc tests/gpu -rA 2>&1 | tail -40 | tee "$OUT/tier.txt"
+  tests/gpu -rfEs 2>&1 | grep -v "plugin EP device found" | tee "$OUT/tier.txt" | tail -40
 timeout 240 python3 bench/gpu.py --minilm /tmp/g/minilm --runs ${RUNS:-100} --warmup 10 --agent \
-  --out "$OUT/gpu.json" 2>&1 | grep -v "^W1201\|Warning" | tail -30 | tee "$OUT/bench.txt"
+  --out "$OUT/gpu.json" 2>&1 | grep -v "plugin EP device found" | tee "$OUT/bench.txt" | tail -30
