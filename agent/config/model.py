@@ -181,6 +181,16 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class JetsonConfig:
+    # "auto": run /usr/bin/tegrastats (or one on PATH) when there is one; "off": never;
+    # or the absolute path of the tegrastats to run. Without it /sys is read instead.
+    tegrastats: str = constraint("auto", pattern=r"auto|off|/.{1,4095}")
+    interval_ms: int = constraint(1000, ge=100, le=60_000)
+    # Where /sys is read from: "/" on a device; a container may bind the host's elsewhere.
+    sysfs_root: Path = Path("/")
+
+
+@dataclass(frozen=True)
 class OutboxConfig:
     # Bounds of STATE/outbox.sqlite: past them the oldest telemetry goes first, events last.
     max_mb: float = constraint(64.0, ge=0.01, le=1_000_000)
@@ -279,6 +289,7 @@ class AgentConfig:
     bundle_limits: BundleLimitsConfig = field(default_factory=BundleLimitsConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    jetson: JetsonConfig = field(default_factory=JetsonConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     kubeedge: KubeEdgeConfig = field(default_factory=KubeEdgeConfig)
