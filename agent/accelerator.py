@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from agent.config.model import AgentConfig
@@ -130,11 +132,31 @@ def report_notices(emit: Callable[..., Any], runtime: Runtime, label: str) -> No
         emit(kind, f"{label}: {notice.message}", runtime=runtime.name, **notice.fields)
 
 
+def prune_caches(cache_dir: Path, keep: Iterable[str]) -> list[str]:
+    """Remove engine caches (`cache_dir/<runtime cache>/<bundle sha256>/`) of bundles
+    the store no longer keeps; returns what was removed. Called after the store's gc."""
+    kept = set(keep)
+    removed: list[str] = []
+    try:
+        kinds = [p for p in cache_dir.iterdir() if p.is_dir()]
+    except OSError:
+        return removed
+    for kind in kinds:
+        for entry in kind.iterdir():
+            if entry.is_dir() and entry.name not in kept:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(f"{kind.name}/{entry.name}")
+    if removed:
+        log.info("removed engine caches of bundles no longer kept: %s", ", ".join(removed))
+    return removed
+
+
 __all__ = [
     "device_cap",
     "device_meter",
     "judge_device",
     "load_context",
     "precisions_for",
+    "prune_caches",
     "report_notices",
 ]

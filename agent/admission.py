@@ -12,7 +12,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.accelerator import device_meter, judge_device, load_context, report_notices
+from agent.accelerator import (
+    device_meter,
+    judge_device,
+    load_context,
+    prune_caches,
+    report_notices,
+)
 from agent.bundle import BundleError, Limits, Manifest, VersionNotNewerError
 from agent.config.model import AgentConfig
 from agent.events import EventBus
@@ -289,6 +295,8 @@ class Admission:
             **model.summary(),
         )
         self.store.gc()
+        kept = [p.name for p in (self.store.current(), self.store.previous()) if p is not None]
+        prune_caches(self.config.state_dir / "cache", kept)
         # Verification, unpacking and graph optimization leave freed heap behind.
         release_free_memory()
         return model

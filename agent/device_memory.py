@@ -25,6 +25,7 @@ import importlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -218,6 +219,21 @@ class DeviceMeter:
         )
 
 
+def unified_counter(memory: DeviceMemory | None) -> Callable[[], int] | None:
+    """What the GPU holds beyond what it held when this was called, for the RSS
+    watcher on unified memory (None on a discrete GPU or none): on a Jetson the soft
+    limit then sheds requests on RSS + GPU memory, the RAM both take."""
+    if memory is None or not memory.unified:
+        return None
+    start = memory.used_bytes() or 0
+
+    def counted() -> int:
+        now = memory.used_bytes()
+        return max(0, (now or start) - start)
+
+    return counted
+
+
 __all__ = [
     "DeviceMemory",
     "DeviceMeter",
@@ -226,5 +242,6 @@ __all__ = [
     "NvmlMemory",
     "detect",
     "parse_meminfo_kb",
+    "unified_counter",
     "why_none",
 ]

@@ -286,7 +286,11 @@ class RssWatcher:
         self.interval_s = interval_s
         self.recover_after_s = recover_after_s
         self._process = psutil.Process()
-        self.rss = int(self._process.memory_info().rss)
+        # On unified memory (a Jetson) what the GPU holds for the agent is the same
+        # RAM the cap protects: agent.device_memory.unified_counter() gives it, and
+        # every reading below counts it with RSS. None elsewhere.
+        self.device_bytes: Callable[[], int] | None = None
+        self.rss = self._read()
         self.peak = self.rss
         self.overloaded = False
         self.shed_count = 0
@@ -312,8 +316,13 @@ class RssWatcher:
         """The sampling thread runs (the watchdog is petted only while it does)."""
         return self._thread.is_alive()
 
+    def _read(self) -> int:
+        rss = int(self._process.memory_info().rss)
+        counter = getattr(self, "device_bytes", None)
+        return rss + counter() if counter is not None else rss
+
     def sample(self) -> int:
-        self.rss = int(self._process.memory_info().rss)
+        self.rss = self._read()
         self.peak = max(self.peak, self.rss)
         was = self.overloaded
         soft = self.budget.soft_limit_bytes
@@ -321,7 +330,7 @@ class RssWatcher:
             # A burst can leave freed-but-kept heap behind; give it back before judging.
             self._last_trim = time.monotonic()
             if release_free_memory():
-                self.rss = int(self._process.memory_info().rss)
+                self.rss = self._read()
         self._recover(soft)
         self.overloaded = self.rss > soft
         if self.overloaded != was:
@@ -354,14 +363,14 @@ class RssWatcher:
         self._reclaimed_for = since
         before = self.rss
         release_free_memory()
-        self.rss = int(self._process.memory_info().rss)
+        self.rss = self._read()
         if self.rss <= soft and self.rss <= rest + slack:
             return
         # Nothing runs and RSS stays up: what is left is kept by the runtime's pools.
         if reclaimer.reclaim():
             self.reclaims += 1
             release_free_memory()
-            self.rss = int(self._process.memory_info().rss)
+            self.rss = self._read()
             log.warning(
                 "idle at RSS %.1f MB (%.1f MB at rest): rebuilt the runtime, RSS now %.1f MB",
                 before / MB,

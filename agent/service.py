@@ -20,6 +20,7 @@ from agent.api.server import ApiServer, ApiSetupError
 from agent.bundle import BundleError
 from agent.config.loader import ConfigError, read_public_keys
 from agent.config.model import AgentConfig
+from agent.device_memory import detect, unified_counter
 from agent.events import EventBus
 from agent.hardware.gauges import accelerator_gauges
 from agent.hardware.jetson import JetsonTelemetry, find_tegrastats
@@ -88,6 +89,8 @@ class Agent:
         self.budget = compute_budget(config.memory)
         self.watcher = RssWatcher(self.budget, config.memory.check_interval_ms / 1000)
         self.watcher.on_change = self._overload_changed
+        # A Jetson's GPU memory is the RAM the cap protects: shed on RSS + GPU memory.
+        self.watcher.device_bytes = unified_counter(detect())
         self.keys = load_trusted_keys(config)
         try:
             self.store = Store(config.state_dir)

@@ -101,7 +101,17 @@ __all__ = [
     "choose_runtime",
     "load_runtime",
     "register",
+    "runtime_for_format",
 ]
+
+
+def runtime_for_format(fmt: str) -> str:
+    """The preferred registered runtime that runs bundle format `fmt` (KeyError if none):
+    what the build pipeline measures a model file with."""
+    for name in DEFAULT_PREFERENCE:
+        if REGISTRY[name].format == fmt:
+            return name
+    raise KeyError(f"no registered runtime runs {fmt} models (known: {', '.join(REGISTRY)})")
 
 
 def availability() -> dict[str, str | None]:

@@ -295,8 +295,15 @@ class OrtRuntime(Runtime):
         # Kept for describe(): status may read a runtime that a swap is closing.
         self._providers = list(self.session.get_providers())
         dropped = fallbacks(self._asked, self._providers)
+        if dropped and cfg.require_providers:
+            raise RuntimeUnavailableError(
+                f"runtimes.onnxruntime.require_providers: onnxruntime did not take "
+                f"{', '.join(dropped)} for {model_path.name} (it serves on "
+                f"{', '.join(self._providers)})"
+            )
         if dropped:
-            # onnxruntime dropped a provider without failing (it only logs that).
+            # onnxruntime dropped a provider without failing (it only warns): what
+            # ultralytics#19159 saw, a GPU build silently serving on the CPU.
             self._fallback(dropped[0], "onnxruntime did not take it", self._providers)
         # Shrinking returns the arena's unused extensions at the end of a run: kept
         # for big requests only, as re-growing it costs small ones their speed.
@@ -453,6 +460,9 @@ def _register_same_as_requested_cpu_arena(ort: Any) -> None:
     _ENV_ARENA.add("cpu")
 
 
+_LOGGED_SKIPS: set[tuple[str, str]] = set()
+
+
 def plan_for(cfg: OrtConfig, available: list[str]) -> ProviderPlan:
     """The providers to ask for under `cfg` on this machine; each skipped one is
     logged with why. With `require_providers`, any skipped one refuses the load."""
@@ -463,7 +473,10 @@ def plan_for(cfg: OrtConfig, available: list[str]) -> ProviderPlan:
         cpu_fallback=not cfg.require_providers,
     )
     for provider, why in plan.skipped.items():
-        log.info("execution provider %s skipped: %s", provider, why)
+        # Once per process and reason: every reopen would repeat it otherwise.
+        if (provider, why) not in _LOGGED_SKIPS:
+            _LOGGED_SKIPS.add((provider, why))
+            log.info("execution provider %s skipped: %s", provider, why)
     if cfg.require_providers and plan.skipped:
         provider, why = next(iter(plan.skipped.items()))
         raise RuntimeUnavailableError(

@@ -435,6 +435,7 @@ class _Build:
     # ------------------------------------------------------------------ latency + selection
 
     def measure(self, golden: dict[str, np.ndarray]) -> None:
+        from agent.runtimes import runtime_for_format
         from export.measure import measure_latency
         from export.package import batch_on_axis_0, onnx_specs, tflite_specs
 
@@ -446,8 +447,8 @@ class _Build:
             )
             if path is None:
                 continue
-            runtime = "litert" if path.suffix == ".tflite" else "onnxruntime"
-            if runtime == "litert":
+            runtime = runtime_for_format(path.suffix.lstrip("."))  # agent/runtimes registry
+            if path.suffix == ".tflite":
                 # TFLite renames tensors; the runtime matches by order, we feed by recipe name.
                 # The recipe's batch is on axis 0, frozen by the converter: one case a run.
                 ins, outs = (batch_on_axis_0(specs) for specs in tflite_specs(path))

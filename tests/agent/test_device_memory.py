@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.accelerator import device_cap, judge_device, load_context, precisions_for
+from agent.accelerator import (
+    device_cap,
+    judge_device,
+    load_context,
+    precisions_for,
+    prune_caches,
+)
 from agent.bundle import load_unpacked
 from agent.config.loader import parse_config
 from agent.device_memory import (
@@ -23,9 +29,10 @@ from agent.device_memory import (
     why_none,
 )
 from agent.footprint import Footprint
-from agent.memory import MB, AdmissionError, admit_device, compute_budget
+from agent.memory import MB, AdmissionError, admit_device, compute_budget, current_rss
 from agent.runtimes.ort import OrtRuntime
-from tests.helpers import SampleParts
+from agent.service import Agent
+from tests.helpers import DEMO_PUB, SAMPLE_BUNDLE, SampleParts
 
 FIXTURES = Path(__file__).parent / "fixtures" / "meminfo"
 TX2 = FIXTURES / "jetson-tx2-l4t32.meminfo"
@@ -120,3 +127,49 @@ def test_a_model_served_on_a_cpu_is_not_charged_gpu_memory(
     config = parse_config({}, environ={})
     footprint = Footprint(MB, MB, 0, 256, True)
     assert judge_device("digits", rt, meter, config, footprint) == (footprint, None)
+
+
+def test_engine_caches_of_bundles_no_longer_kept_are_removed_after_an_install(
+    tmp_path: Path,
+) -> None:
+    config = parse_config(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "trust": {"public_keys": [str(DEMO_PUB)]},
+            "api": {"socket": str(tmp_path / "api.sock")},
+        },
+        {},
+    )
+    agent = Agent(config)
+    stale = tmp_path / "state" / "cache" / "tensorrt" / ("0" * 64)
+    stale.mkdir(parents=True)
+    (stale / "model_ctx.engine").write_bytes(b"an engine of a bundle long gone")
+    model = agent.admission.install(SAMPLE_BUNDLE)
+    kept = tmp_path / "state" / "cache" / "tensorrt" / model.sha256
+    assert not stale.exists()
+    kept.mkdir(parents=True)
+    assert prune_caches(tmp_path / "state" / "cache", [model.sha256]) == []
+    assert kept.is_dir()
+
+
+def test_on_unified_memory_the_watcher_sheds_on_rss_plus_gpu_memory(tmp_path: Path) -> None:
+    from agent.device_memory import unified_counter
+    from agent.memory import MemoryBudget, RssWatcher
+
+    meminfo = tmp_path / "meminfo"
+    shutil.copy(TX2, meminfo)
+    counter = unified_counter(NvmapMemory(meminfo))
+    assert counter is not None and counter() == 0
+    assert unified_counter(None) is None
+    rss = RssWatcher(MemoryBudget(1 << 40, 1 << 40, None, None, 1 << 40), 1.0).sample()
+    # A soft limit 256 MiB above this process's RSS: RSS alone stays under it.
+    soft = rss + 256 * MB
+    watcher = RssWatcher(MemoryBudget(soft + MB, soft, None, None, 1 << 40), 1.0)
+    watcher.device_bytes = counter
+    assert not watcher.overloaded and watcher.sample() < soft
+    # The GPU takes 512 MiB more of the same RAM (the capture with NvMapMemUsed raised).
+    meminfo.write_text(TX2.read_text().replace("805068 kB", f"{805068 + 512 * 1024} kB"))
+    counted = watcher.sample()
+    # (RSS itself may fall a little: above the soft limit the watcher trims the heap.)
+    assert counted - current_rss() >= 500 * MB
+    assert watcher.overloaded

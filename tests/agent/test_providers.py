@@ -254,3 +254,47 @@ def test_a_required_provider_this_device_cannot_run_refuses_the_model(
         "runtimes.onnxruntime.require_providers: CUDAExecutionProvider cannot run here: "
         "not in this onnxruntime build"
     )
+
+
+def test_a_provider_that_fails_to_open_falls_back_to_the_next_and_says_so(
+    sample_parts: SampleParts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the planner, onnxruntime is asked for a provider this build lacks: it opens
+    the session without it, only warning (what ultralytics#19159 saw on a GPU build).
+    The runtime notices from session.get_providers() and keeps a notice for the
+    agent's event; required providers refuse. (A provider whose session creation
+    raises, TensorRT without its libraries, is the GPU tier's case.)"""
+    import agent.runtimes.ort as ort_module
+    from agent.runtimes.ort_providers import ProviderPlan
+
+    monkeypatch.setattr(ort_module, "plan_for", lambda _cfg, _avail: ProviderPlan((CUDA, CPU)))
+    manifest = load_unpacked(sample_parts.directory)
+    rt = OrtRuntime(sample_parts.directory / "model.onnx", manifest.inputs, manifest.outputs)
+    assert rt.providers() == [CPU]
+    [notice] = rt.notices()
+    assert notice.kind == "provider_fallback"
+    assert notice.fields["provider"] == CUDA and notice.fields["providers"] == [CPU]
+    assert notice.message == f"{CUDA} failed (onnxruntime did not take it); serving on {CPU}"
+    assert rt.notices() == []  # each notice is reported once
+    strict = OrtConfig(providers=[CUDA, CPU], require_providers=True)
+    with pytest.raises(
+        RuntimeUnavailableError, match=f"require_providers: onnxruntime did not take {CUDA}"
+    ):
+        OrtRuntime(sample_parts.directory / "model.onnx", manifest.inputs, manifest.outputs, strict)
+
+
+def test_an_agent_required_to_serve_on_cuda_refuses_to_start_on_a_cpu_build(tmp: Path) -> None:
+    from tests.helpers import base_config, running_agent
+
+    extra = (
+        '[runtimes.onnxruntime]\nproviders = ["CUDAExecutionProvider"]\nrequire_providers = true\n'
+    )
+    try:
+        with running_agent(tmp, base_config(tmp, extra=extra)) as agent:
+            raise AssertionError(f"the agent started:\n{agent.output()}")
+    except AssertionError as exc:
+        text = str(exc)
+    assert "agent exited with 1" in text
+    assert "cannot start [" in text
+    assert "require_providers: CUDAExecutionProvider cannot run here" in text
+    assert "Traceback" not in text

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.runtimes import DEFAULT_PREFERENCE, REGISTRY, register
+from agent.runtimes import DEFAULT_PREFERENCE, REGISTRY, register, runtime_for_format
 from agent.runtimes.base import Runtime
 from tests.helpers import ROOT, SampleParts
 
@@ -194,3 +194,7 @@ def test_builtin_runtimes_declare_their_platform_and_sections() -> None:
         "onnxruntime": "onnxruntime_onnx",
         "litert": "tflite",
     }
+    assert runtime_for_format("onnx") == "onnxruntime"
+    assert runtime_for_format("tflite") == "litert"
+    with pytest.raises(KeyError, match="no registered runtime runs pte models"):
+        runtime_for_format("pte")

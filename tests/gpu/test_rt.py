@@ -84,8 +84,8 @@ def test_a_provider_that_fails_to_open_falls_back_here_and_is_reported(
     model = agent.admission.install(SAMPLE_BUNDLE)
     assert model.runtime.providers()[0] == CUDA
     fallbacks = [e for e in agent.events.recent if e.kind == "runtime.provider_fallback"]
-    assert len(fallbacks) == 1 and fallbacks[0].fields["provider"] == TENSORRT
-    assert fallbacks[0].fields["providers"][0] == CUDA
+    assert len(fallbacks) == 1 and fallbacks[0].data["provider"] == TENSORRT
+    assert fallbacks[0].data["providers"][0] == CUDA
 
 
 def test_a_required_provider_that_cannot_run_refuses_the_model(
