@@ -145,6 +145,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=STUDENT_WEIGHTS)
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="start from these layers (a file this script wrote) instead of the "
+        "teacher's; --init-layers is then read from the file",
+    )
     p.add_argument("--curve", type=Path, default=None, help="write the cosine curve (JSON)")
     args = p.parse_args()
 
@@ -167,8 +174,14 @@ def main() -> int:
 
     tok = tokenizer()
     teacher = build_teacher()
-    keep = tuple(int(i) for i in args.init_layers.split(","))
-    student = build_student_3_layers(keep)
+    if args.resume is not None:
+        from minilm import build_student, init_layers
+
+        student = build_student(args.resume)  # checked against its .sha256
+        keep = init_layers(args.resume)
+    else:
+        keep = tuple(int(i) for i in args.init_layers.split(","))
+        student = build_student_3_layers(keep)
     for param in teacher.parameters():
         param.requires_grad_(False)
     for param in student.bert.embeddings.parameters():

@@ -63,6 +63,15 @@ class WeightsError(RuntimeError):
     """The shipped student weights are missing, altered or do not fit the model."""
 
 
+def init_layers(weights: Path) -> tuple[int, ...]:
+    """The teacher layers a shipped student started from (its file's metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata() or {}
+    return tuple(int(i) for i in meta.get("init_layers", "0,2,4").split(","))
+
+
 def build_student(weights: Path | None = None) -> nn.Module:
     """The distilled 3-layer student: the teacher's embeddings + the shipped layers.
 
@@ -85,11 +94,7 @@ def build_student(weights: Path | None = None) -> nn.Module:
     if got != expected:
         raise WeightsError(f"student weights {path}: sha256 {got} does not match {expected} "
                            f"in {digest_file.name}")  # fmt: skip
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    keep = tuple(int(i) for i in meta.get("init_layers", "0,2,4").split(","))
+    keep = init_layers(path)
     tensors = load_file(str(path))
     state = {k.removeprefix("layer."): v.float() for k, v in tensors.items()}
     student = build_student_3_layers(keep)
