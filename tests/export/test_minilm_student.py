@@ -248,3 +248,11 @@ def _weights() -> Path:
     from minilm import STUDENT_WEIGHTS
 
     return STUDENT_WEIGHTS
+
+
+def test_student_recipe_parses_with_the_issue_gate() -> None:
+    from export.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(MINILM / "student.toml")
+    assert recipe.student is not None and recipe.student.builder == "minilm:build_student"
+    assert recipe.gates.min_cosine == 0.95 and not recipe.distill_on
