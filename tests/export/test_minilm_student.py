@@ -29,6 +29,8 @@ def _minilm_on_path() -> Iterator[None]:
     sys.path.insert(0, str(MINILM))
     yield
     sys.path.remove(str(MINILM))
+    for name in ("minilm", "minilm_data", "minilm_corpus"):
+        sys.modules.pop(name, None)  # a recipe copied elsewhere imports its own copies
 
 
 # ---------------------------------------------------------------------- corpus
@@ -164,7 +166,7 @@ def _heldout_text(n: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def encoders() -> dict[str, object]:
+def encoders() -> Iterator[dict[str, object]]:
     import torch
     from minilm import (
         STUDENT_WEIGHTS,
@@ -174,9 +176,11 @@ def encoders() -> dict[str, object]:
         init_layers,
     )
 
-    torch.set_num_threads(1)
-    return {"teacher": build_teacher(), "student": build_student(),
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CI's 2 cores are shared by the other test processes
+    yield {"teacher": build_teacher(), "student": build_student(),
             "untrained": build_student_3_layers(init_layers(STUDENT_WEIGHTS))}  # fmt: skip
+    torch.set_num_threads(threads)
 
 
 def _embed(model: object, texts: list[str]) -> np.ndarray:
