@@ -338,14 +338,20 @@ class _Build:
         if result.passed:
             self.candidates[stage] = path
             return True
-        if mode == "static" and q.mixed_precision and self._mixed(stage, cfg, float_path, splits):
-            self.notes.append(f"{stage}: {result.detail}; mixed precision passed instead")
-            return True
+        if mode == "static" and q.mixed_precision:
+            if self._mixed(stage, cfg, float_path, splits):
+                self.notes.append(f"{stage}: {result.detail}; mixed precision passed instead")
+                return True
+            try:
+                self.gates.raise_for(result)
+            except GateError as exc:  # says why mixed precision did not rescue it either
+                raise GateError(exc.gate, exc.stage, exc.value, exc.limit,
+                                f"{exc}; {self.notes[-1]}") from None  # fmt: skip
         self.gates.raise_for(result)
         return False  # pragma: no cover - raise_for raised
 
     def _mixed(self, stage: str, cfg: Any, float_path: Path, splits: Splits) -> bool:
-        from export.pipeline.mixed import search
+        from export.pipeline.mixed import ENDED_LATENCY, search
         from export.pipeline.quantize import check_int8
         from export.pipeline.runners import run_onnx
 
@@ -357,16 +363,36 @@ class _Build:
             metric = self._score(run_onnx(model_path, splits.eval.inputs, bs), splits)
             return metric, self.gates.would_pass(metric)
 
+        # Each step timed as measure() times the candidates (same inputs, threads, runs).
+        golden = {k: v[:GOLDEN_ROWS] for k, v in splits.eval.inputs.items()}
+        runs = self.opts.runs or self.r.select.runs
+
+        def latency(model_path: Path) -> float:
+            from export.measure import measure_latency
+            from export.package import onnx_specs
+
+            ins, outs = onnx_specs(model_path)
+            p50: float = measure_latency(model_path, "onnxruntime", golden, ins, outs,
+                                         threads=self.threads, runs=runs)["p50"]  # fmt: skip
+            return p50
+
+        q = self.r.quantize
         result = search(float_path, path, cfg, self._calibration(splits),
                         lambda m, split: run_onnx(m, split.inputs, bs), evaluate,
-                        self.r.quantize.mixed_max_float)  # fmt: skip
+                        q.mixed_max_float, latency, q.mixed_min_speedup)  # fmt: skip
         self.report["mixed_precision"] = result.to_json()
         if not result.passed or result.path is None:
-            self.notes.append(
-                f"mixed precision: no mix passed the gate with up to "
-                f"{int(self.r.quantize.mixed_max_float * result.quantizable)} of "
-                f"{result.quantizable} nodes in float (quantize.mixed_max_float)"
-            )
+            if result.ended == ENDED_LATENCY:
+                last = result.steps[-1]
+                why = (f"the latency gain was gone with {len(last['kept_float'])} node(s) "
+                       f"float ({last['latency_ms']:.4g} ms p50 against the float model's "
+                       f"{result.float_latency_ms:.4g} ms: {last['speedup']:.3g}x, below "
+                       f"quantize.mixed_min_speedup = {q.mixed_min_speedup:g})")  # fmt: skip
+            else:
+                why = (f"no mix passed the gate with up to "
+                       f"{int(q.mixed_max_float * result.quantizable)} of "
+                       f"{result.quantizable} nodes in float (quantize.mixed_max_float)")  # fmt: skip
+            self.notes.append(f"mixed precision: {why}")
             return False
         ops = check_int8(path, mixed_stage)
         metric = result.steps[-1]["metric"]

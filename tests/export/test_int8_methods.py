@@ -38,7 +38,10 @@ def _recipe(folder: Path, quantize: str) -> Path:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("int8")
+    # mixed_min_speedup = 0: whether a mix of this tiny model beats its float one is this
+    # machine's timing; the decision must not be (the latency stop has its own test).
     recipe = _recipe(folder / "recipe", 'preset = "auto"\nmixed_precision = true\n'
+                     'mixed_min_speedup = 0.0\n'
                      'extra_modes = ["qat", "dynamic"]\nqat_percentile = 99.0')  # fmt: skip
     result = run_build(recipe, folder / "out", DEMO_KEY, FAST)
     return result, folder
@@ -74,6 +77,10 @@ def test_mixed_precision_keeps_the_sensitive_nodes_float_and_says_why(built) -> 
     assert errors == sorted(errors, reverse=True)
     assert [s["node"] for s in mixed["sensitivity"][: len(kept)]] == kept
     assert mixed["steps"][-1]["passed"] and not any(s["passed"] for s in mixed["steps"][:-1])
+    assert mixed["ended"] == "gate passed"
+    # Every step was timed as the candidates are, against the float model's p50.
+    assert mixed["float_latency_ms"] > 0
+    assert all(s["latency_ms"] > 0 and s["speedup"] > 0 for s in mixed["steps"])
     md = (folder / "out" / "tiny-0.1.0.report.md").read_text()
     assert "## Mixed precision" in md and "## Quantization-aware training" in md
     assert "## Instruction set" in md and "Measured on: " in md
@@ -158,6 +165,20 @@ def test_without_mixed_precision_or_another_method_the_gate_fails(tmp_path: Path
     with pytest.raises(GateError) as err:
         run_build(recipe, tmp_path / "out", DEMO_KEY, FAST)
     assert (err.value.gate, err.value.stage) == ("accuracy", "onnx int8")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []
+
+
+def test_mixed_precision_stops_when_the_latency_gain_is_gone(tmp_path: Path) -> None:
+    """A latency floor no mix can reach (1000x the float model's speed): the search stops
+    at its first step on latency, not on the gate or mixed_max_float, and says so."""
+    recipe = _recipe(tmp_path / "recipe", 'preset = "auto"\nmixed_precision = true\n'
+                     'mixed_min_speedup = 1000.0')  # fmt: skip
+    with pytest.raises(GateError) as err:
+        run_build(recipe, tmp_path / "out", DEMO_KEY, FAST)
+    assert (err.value.gate, err.value.stage) == ("accuracy", "onnx int8")
+    message = str(err.value)
+    assert "mixed precision: the latency gain was gone with 1 node(s) float" in message
+    assert "below quantize.mixed_min_speedup = 1000" in message
     assert [p.name for p in (tmp_path / "out").iterdir()] == []
 
 
