@@ -123,24 +123,41 @@ class QatConv(nn.Module):
     def __init__(self, conv: nn.Conv2d, symmetric: bool) -> None:
         super().__init__()
         self.conv = conv
-        self.act = ActFakeQuant(symmetric)
+        self.act: nn.Module = ActFakeQuant(symmetric)
         self.wfq = _WeightFq(conv.out_channels)
+        # Output quantized too (a Q after the Conv, as static QDQ writes it): what lets
+        # onnxruntime fuse DQ -> Conv -> Q into QLinearConv.
+        self.out: nn.Module = ActFakeQuant(symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        return c._conv_forward(self.act(x), self.wfq(c.weight), c.bias)
+        return self.out(c._conv_forward(self.act(x), self.wfq(c.weight), c.bias))
 
 
 class QatLinear(nn.Module):
     def __init__(self, linear: nn.Linear, symmetric: bool) -> None:
         super().__init__()
         self.linear = linear
-        self.act = ActFakeQuant(symmetric)
+        self.act: nn.Module = ActFakeQuant(symmetric)
         self.wfq = _WeightFq(linear.out_features)
+        self.out: nn.Module = ActFakeQuant(symmetric)  # DQ -> Gemm -> Q: integer kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.act(x), self.wfq(self.linear.weight),
-                                    self.linear.bias)  # fmt: skip
+        return self.out(nn.functional.linear(self.act(x), self.wfq(self.linear.weight),
+                                             self.linear.bias))  # fmt: skip
+
+
+class QatReLU(nn.Module):
+    """ReLU with its output quantized (asymmetric: zero point 0 = the type's minimum,
+    so onnxruntime drops the Relu into the Q before it, as static QDQ does)."""
+
+    def __init__(self, symmetric: bool) -> None:
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.out = ActFakeQuant(symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.relu(x))
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -157,20 +174,61 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 def wrap(model: nn.Module, symmetric: bool) -> tuple[nn.Module, list[ActFakeQuant]]:
     model = fold_batchnorm(model)
     quantizers: list[ActFakeQuant] = []
+    layers = 0
     for name, mod in list(model.named_modules()):
+        qmod: QatConv | QatLinear | QatReLU
         if isinstance(mod, nn.Conv2d | nn.Linear) and name:
-            qmod: QatConv | QatLinear = (
-                QatConv(mod, symmetric) if isinstance(mod, nn.Conv2d) else QatLinear(mod, symmetric)
-            )
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, qmod)
-            quantizers.append(qmod.act)
-    if not quantizers:
+            qmod = QatConv(mod, symmetric) if isinstance(mod, nn.Conv2d) else QatLinear(mod, symmetric)
+            quantizers += [qmod.act, qmod.out]
+            layers += 1
+        elif isinstance(mod, nn.ReLU) and name:
+            qmod = QatReLU(symmetric)
+            quantizers.append(qmod.out)
+        else:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, qmod)
+    if not layers:
         raise ExportFailedError("QAT: the model has no Conv2d or Linear layer to quantize")
     if hasattr(model, "recompile"):
         model.recompile()  # torch.fx GraphModule: the call_module targets are unchanged
+        _share_quantizers(model, symmetric)
+        quantizers = [m for m in model.modules() if isinstance(m, ActFakeQuant)]
     return model, quantizers
+
+
+def _share_quantizers(model: Any, symmetric: bool) -> None:
+    """One quantizer per tensor where the graph (torch.fx) shows who reads what, as
+    static QDQ places them: a Conv/Linear read only by a ReLU is quantized after the
+    ReLU alone (DQ -> Conv -> Relu -> Q: onnxruntime drops the Relu into the Q when
+    its zero point is the type's minimum, asymmetric only), and a layer whose input
+    comes straight from a quantized output does not quantize it again (no requantize
+    between QLinearConv kernels)."""
+    mods = dict(model.named_modules())
+
+    def module(node: Any) -> nn.Module | None:
+        return mods.get(node.target) if getattr(node, "op", "") == "call_module" else None
+
+    nodes = list(model.graph.nodes)
+    if not symmetric:
+        for node in nodes:
+            mod = module(node)
+            users = list(node.users)
+            if isinstance(mod, QatConv | QatLinear) and len(users) == 1 and isinstance(
+                module(users[0]), QatReLU
+            ):
+                mod.out = nn.Identity()
+    for node in nodes:
+        mod = module(node)
+        if not isinstance(mod, QatConv | QatLinear) or not node.args:
+            continue
+        src = module(node.args[0])
+        quantized = isinstance(src, QatReLU) or (
+            isinstance(src, QatConv | QatLinear) and isinstance(src.out, ActFakeQuant)
+        )
+        if quantized and len(node.args[0].users) == 1:
+            mod.act = nn.Identity()
 
 
 def prepare(model: nn.Module, calibration: Split, names: Sequence[str], cfg: QatConfig,

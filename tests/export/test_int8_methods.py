@@ -105,6 +105,33 @@ def test_qat_model_is_a_real_qdq_model_with_int8_weights(built, tmp_path: Path) 
     assert not any(name.endswith(".weight") for name in floats)  # float copies removed
 
 
+def test_qat_model_runs_on_onnxruntime_integer_kernels(built, tmp_path: Path) -> None:
+    """Activations are quantized after Conv/ReLU/Linear too (one quantizer per tensor,
+    as static QDQ places them), so onnxruntime fuses every Conv into QLinearConv and the
+    head into QGemm: the graph it optimizes (its own saved copy) shows no float Conv or
+    Gemm left."""
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    result, _ = built
+    with tarfile.open(result.bundle) as tar:
+        tar.extractall(tmp_path, filter="data")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entry = next(v for v in manifest["variants"] if v["id"] == "onnx-int8-qat")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / entry["file"]), options,
+                         providers=["CPUExecutionProvider"])  # fmt: skip
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops["QLinearConv"] == 3 and ops["QGemm"] == 1, ops  # Spiky's 3 convs, its head
+    assert not {"Conv", "FusedConv", "Gemm", "MatMul", "Relu"} & set(ops), ops
+    # The consecutive convs hand int8 to each other: no DQ/Q between them.
+    assert ops["DequantizeLinear"] <= 3, ops
+
+
 def test_bundle_carries_every_passing_variant_with_its_golden(built, tmp_path: Path) -> None:
     import onnxruntime as ort
 
