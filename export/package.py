@@ -419,7 +419,10 @@ def _same_contract(v: VariantSpec, inputs: tuple[TensorSpec, ...],
         )
     else:
         ins, outs = onnx_specs(Path(v.path))
-        key = lambda s: (s.name, s.dtype, len(s.shape))  # noqa: E731
+
+        def key(s: TensorSpec) -> tuple[str, str, int]:
+            return (s.name, s.dtype, len(s.shape))
+
         same = [key(s) for s in ins] == [key(s) for s in inputs] and [
             key(s) for s in outs] == [key(s) for s in outputs]  # fmt: skip
     if not same:
@@ -429,6 +432,13 @@ def _same_contract(v: VariantSpec, inputs: tuple[TensorSpec, ...],
             f"{[(s.name, s.dtype, list(s.shape)) for s in outs]}; every variant serves the "
             "same API"
         )
+
+
+def _prefixed(
+    record: Callable[[str, ToleranceReport], None], prefix: str
+) -> Callable[[str, ToleranceReport], None]:
+    """`record`, hearing each label as "PREFIX label" (a variant's replays)."""
+    return lambda label, report: record(f"{prefix} {label}", report)
 
 
 def package_model(
@@ -588,7 +598,7 @@ def package_model(
                 )  # fmt: skip
                 figures.setdefault("variant_golden_replays", {})[v.id] = judge(
                     own, vrefs, vreplays,
-                    None if record is None else (lambda k, r, i=v.id: record(f"{i} {k}", r)),
+                    None if record is None else _prefixed(record, v.id),
                 )  # fmt: skip
             except GoldenRuleError as exc:
                 raise PackageError(f"variant {v.id}: {exc}") from exc

@@ -307,8 +307,8 @@ class _Build:
         self._timed("quantize", t)
         if not passed_any:
             raise failures[0]
-        for exc in failures:
-            self.notes.append(f"left out ({exc.stage}): {exc}")
+        for failed in failures:
+            self.notes.append(f"left out ({failed.stage}): {failed}")
 
     def _int8(self, stage: str, mode: str, cfg: Any, float_path: Path, splits: Splits,
               teacher: Any, model: Any) -> bool:  # fmt: skip
@@ -429,34 +429,55 @@ class _Build:
                       parity_max_abs_diff=diffs)  # fmt: skip
             self.candidates["tflite float"] = path
             self.gates.check("tflite float", metric)
+        # Post-training INT8, then QAT: like the ONNX methods, one that comes out
+        # degenerate or fails its gate is left out with a note while the other passes;
+        # neither passing fails the build with the first failure.
+        failure: BuildError | None = None
         if tf.int8:
-            path = convert_int8(model, self._calibration(splits), self.in_names,
-                                self.work / "int8.tflite", tf.batch, tf.per_channel)  # fmt: skip
-            metric = self._score(run_tflite(path, splits.eval.inputs, self.in_names, outs), splits)
-            self._row("tflite int8", "tflite", metric, size_bytes=path.stat().st_size)
-            self.candidates["tflite int8"] = path
-            self.gates.check("tflite int8", metric)
+            try:
+                path = convert_int8(model, self._calibration(splits), self.in_names,
+                                    self.work / "int8.tflite", tf.batch, tf.per_channel)  # fmt: skip
+                got = run_tflite(path, splits.eval.inputs, self.in_names, outs)
+                metric = self._score(got, splits)
+                self._row("tflite int8", "tflite", metric, size_bytes=path.stat().st_size)
+                result = self.gates.check("tflite int8", metric, soft=True)
+                if result.passed:
+                    self.candidates["tflite int8"] = path
+                else:
+                    self.gates.raise_for(result)
+            except (CalibrationError, GateError) as exc:
+                failure = exc
         q = self.r.quantize
+        qat = False
         if tf.int8 and "qat" in (q.mode, *q.extra_modes) and teacher is not None:
-            self._tflite_qat(model, teacher, splits)
+            qat = self._tflite_qat(model, teacher, splits)
+        if failure is not None:
+            if not qat:
+                raise failure
+            self.notes.append(f"left out (tflite int8): {failure}; tflite int8 qat passed")
         self._timed("tflite", t)
 
-    def _tflite_qat(self, model: Any, teacher: Any, splits: Splits) -> None:
-        """TFLite INT8 by QAT: its own candidate; left out with a note if it fails its gate
-        (the post-training TFLite INT8 passed already)."""
+    def _tflite_qat(self, model: Any, teacher: Any, splits: Splits) -> bool:
+        """TFLite INT8 by QAT: its own candidate (True); left out with a note if it comes
+        out degenerate or fails its gate."""
         from export.pipeline.runners import run_tflite
         from export.pipeline.tflite import convert_int8_qat
 
         stage = "tflite int8 qat"
-        path = convert_int8_qat(model, teacher, splits, self.r, self.work / "int8-qat.tflite")
+        try:
+            path = convert_int8_qat(model, teacher, splits, self.r, self.work / "int8-qat.tflite")
+        except CalibrationError as exc:
+            self.notes.append(f"left out ({stage}): {exc}")
+            return False
         got = run_tflite(path, splits.eval.inputs, self.in_names, self.out_names)
         metric = self._score(got, splits)
         self._row(stage, "tflite", metric, size_bytes=path.stat().st_size, method="qat")
         result = self.gates.check(stage, metric, soft=True)
         if result.passed:
             self.candidates[stage] = path
-        else:
-            self.notes.append(f"left out ({stage}): {result.detail}")
+            return True
+        self.notes.append(f"left out ({stage}): {result.detail}")
+        return False
 
     # ------------------------------------------------------------------ latency + selection
 
