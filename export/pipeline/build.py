@@ -430,8 +430,8 @@ class _Build:
             self.candidates["tflite float"] = path
             self.gates.check("tflite float", metric)
         # Post-training INT8, then QAT: like the ONNX methods, one that comes out
-        # degenerate or fails its gate is left out with a note while the other passes;
-        # neither passing fails the build with the first failure.
+        # degenerate or fails its gate is left out with a note while another TFLite
+        # candidate (float or QAT) passes; none passing fails the build with it.
         failure: BuildError | None = None
         if tf.int8:
             try:
@@ -448,13 +448,14 @@ class _Build:
             except (CalibrationError, GateError) as exc:
                 failure = exc
         q = self.r.quantize
-        qat = False
         if tf.int8 and "qat" in (q.mode, *q.extra_modes) and teacher is not None:
-            qat = self._tflite_qat(model, teacher, splits)
+            self._tflite_qat(model, teacher, splits)
         if failure is not None:
-            if not qat:
+            others = [c for c in ("tflite float", "tflite int8 qat") if c in self.candidates]
+            if not others:
                 raise failure
-            self.notes.append(f"left out (tflite int8): {failure}; tflite int8 qat passed")
+            self.notes.append(f"left out (tflite int8): {failure}; {' and '.join(others)} "
+                              "passed")  # fmt: skip
         self._timed("tflite", t)
 
     def _tflite_qat(self, model: Any, teacher: Any, splits: Splits) -> bool:

@@ -354,5 +354,6 @@ def train_and_export(
     info = {"epochs": cfg.epochs, "lr": cfg.lr, "percentile": cfg.percentile,
             "activation_quantizers": len(quantizers), "weights_folded": folded,
             "activation_scales": [round(float(q.scale.detach().abs()), 6) for q in quantizers]}  # fmt: skip
-    log.info("QAT: %d layers, %d weight quantizers folded into int8", len(quantizers), folded)
+    log.info("QAT: %d activation quantizers, %d weight quantizers folded into int8",
+             len(quantizers), folded)  # fmt: skip
     return path, info

@@ -209,6 +209,38 @@ def test_mixed_precision_stops_when_the_latency_gain_is_gone(tmp_path: Path) -> 
     assert [p.name for p in (tmp_path / "out").iterdir()] == []
 
 
+def test_a_degenerate_tflite_int8_is_left_out_when_another_tflite_candidate_passes(
+    tmp_path: Path,
+) -> None:
+    """Spiky's outlier leaves post-training TFLite INT8 degenerate, as it does static ONNX
+    INT8 (and TFLite QAT, whose PT2E observers see it too); TFLite float passes, so the
+    build goes on with a note for each instead of failing, and the bundle carries no
+    TFLite INT8 variant. Without the float TFLite the build fails on it (next test)."""
+    recipe = _recipe(tmp_path / "recipe", 'preset = "auto"\nextra_modes = ["qat"]\n'
+                     'qat_percentile = 99.0')  # fmt: skip
+    result = run_build(recipe, tmp_path / "out", DEMO_KEY, Options(runs=5))
+    notes = result.report["notes"]
+    left = [n for n in notes if n.startswith("left out (tflite int8): ")]
+    assert len(left) == 1 and "the quantization parameters are degenerate" in left[0], notes
+    assert left[0].endswith("tflite float passed") or "tflite int8 qat" in left[0]
+    ids = {v["id"] for v in result.report["variants"]}
+    assert "tflite-fp32" in ids and "tflite-int8-static" not in ids, ids
+    assert "onnx-int8-qat" in ids  # the INT8 model that passed
+
+
+def test_a_degenerate_tflite_int8_with_no_other_tflite_candidate_fails_the_build(
+    tmp_path: Path,
+) -> None:
+    from export.pipeline.errors import CalibrationError
+
+    recipe = write_recipe(tmp_path / "recipe", {**TIGHT, 'preset = "avx512_vnni"':
+                          'preset = "auto"\nextra_modes = ["qat"]\nqat_percentile = 99.0',
+                          "[tflite]\nfloat = true": "[tflite]\nfloat = false"})  # fmt: skip
+    with pytest.raises(CalibrationError, match="int8.tflite gives the same"):
+        run_build(recipe, tmp_path / "out", DEMO_KEY, Options(runs=5))
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []
+
+
 def test_report_warns_when_the_preset_targets_another_cpu(tmp_path: Path) -> None:
     """The bring-your-own recipe quantizes for a Raspberry Pi (arm64); built here, its
     INT8 figures are this machine's, and the report says so."""
