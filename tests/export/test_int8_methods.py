@@ -83,6 +83,7 @@ def test_mixed_precision_keeps_the_sensitive_nodes_float_and_says_why(built) -> 
     assert all(s["latency_ms"] > 0 and s["speedup"] > 0 for s in mixed["steps"])
     md = (folder / "out" / "tiny-0.1.0.report.md").read_text()
     assert "## Mixed precision" in md and "## Quantization-aware training" in md
+    assert "Ended by: **gate passed**" in md and "speed vs float" in md
     assert "## Instruction set" in md and "Measured on: " in md
 
 
