@@ -36,8 +36,10 @@ _PRECISIONS = {
 }
 
 
-def precisions_for(precision: str | None) -> tuple[str, ...]:
-    return _PRECISIONS.get(precision or "", ())
+def precisions_for(precision: str | None, fp16_allowed: bool = True) -> tuple[str, ...]:
+    """`fp16_allowed` False (the variant's activations overflow FP16) drops FP16."""
+    allowed = _PRECISIONS.get(precision or "", ())
+    return allowed if fp16_allowed else tuple(p for p in allowed if p != "fp16")
 
 
 def device_id(config: AgentConfig, runtime_name: str) -> int:
@@ -59,12 +61,13 @@ def load_context(
     sha256: str,
     precision: str | None,
     memory: DeviceMemory | None,
+    fp16_allowed: bool = True,
 ) -> LoadContext:
     return LoadContext(
         bundle_sha256=sha256,
         cache_dir=config.state_dir / "cache",
         device_memory_cap_bytes=device_cap(config, budget, memory),
-        precisions=precisions_for(precision),
+        precisions=precisions_for(precision, fp16_allowed),
     )
 
 

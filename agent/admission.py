@@ -107,7 +107,8 @@ class Admission:
         base = meter.reset()
         # The claim first: what says it will not fit is not even loaded.
         admit(label, peak, self.budget, base)
-        context = load_context(self.config, self.budget, sha256, variant.precision, device.memory)
+        context = load_context(self.config, self.budget, sha256, variant.precision,
+                               device.memory, variant.fp16_allowed)  # fmt: skip
         runtime = load_runtime(
             runtime_name,
             manifest,
@@ -186,6 +187,7 @@ class Admission:
                 model.sha256,
                 None if model.variant is None else model.variant.precision,
                 device_meter(self.config, model.runtime_name).memory,
+                model.variant is None or model.variant.fp16_allowed,
             ),
         )
         report_notices(self.events.emit, runtime, f"{model.manifest.name} {model.manifest.version}")

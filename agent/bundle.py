@@ -173,6 +173,9 @@ class Variant:
     tolerance: Tolerance = field(default_factory=Tolerance)
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
     legacy: bool = False  # derived from `formats` (no `variants` key)
+    # False: the builder found its activations overflow FP16, so no runtime may compute
+    # it in FP16 whatever its precision (TensorRT's FP16 stays off: agent.accelerator).
+    fp16_allowed: bool = True
 
     @property
     def golden_atol(self) -> float:
@@ -563,9 +566,16 @@ def _variants(
                 golden_outputs=g_outputs,
                 tolerance=tolerance,
                 peak_memory_mb=_peak_map(item.get("peak_memory_mb"), f"{at}peak_memory_mb"),
+                fp16_allowed=_flag(item.get("fp16_allowed", True), f"{at}fp16_allowed"),
             )
         )
     return tuple(variants)
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise SchemaError(f"manifest: {where} must be true or false, got {value!r}")
+    return value
 
 
 def _legacy_variants(

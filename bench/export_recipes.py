@@ -90,9 +90,9 @@ def bench(recipe: str, runs: int, key: Path | None) -> dict[str, Any]:
         elif recipe == "minilm-student":
             path = _speed_only_student(Path(tmp))
         t0 = time.monotonic()
-        # spiky: its post-training TFLite INT8 is as degenerate as static ONNX INT8 (the
-        # build refuses it), and there is no QAT/mixed TFLite path: ONNX only.
-        opts = Options(keep_workdir=True, runs=runs, skip_tflite=recipe == "spiky")
+        # spiky: its TFLite INT8 (post-training and QAT) come out degenerate like static
+        # ONNX INT8 and are left out with a note; TFLite float is built.
+        opts = Options(keep_workdir=True, runs=runs)
         result = run_build(path, Path(tmp), key, opts)
         build_s = time.monotonic() - t0
         inputs = {k: v[:64] for k, v in load_splits(load_recipe(path)).eval.inputs.items()}
@@ -106,6 +106,12 @@ def bench(recipe: str, runs: int, key: Path | None) -> dict[str, Any]:
             rows[row["stage"]] = row
             measured[row["stage"]] = latency(Path(row.pop("path")), inputs, runs)
         work = next(iter(result.models.values())).parent
+        # A method that failed its gate is no candidate, but its file is in the work
+        # directory: timed too, so QAT/mixed compare with the static INT8 they replace.
+        for stage, row in rows.items():
+            left = work / f"{stage.replace(' ', '-')}.onnx"
+            if stage not in measured and row["format"] == "onnx" and left.is_file():
+                measured[stage] = latency(left, inputs, runs)
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
@@ -124,8 +130,20 @@ def bench(recipe: str, runs: int, key: Path | None) -> dict[str, Any]:
     mixed = result.report.get("mixed_precision")
     if mixed:
         print(f"mixed precision: kept float {mixed['kept_float']} of {mixed['quantizable']} "
-              "nodes; steps " + ", ".join(f"{len(s['kept_float'])} float -> {s['metric']:.4g}"
-                                          for s in mixed["steps"]))  # fmt: skip
+              "nodes; steps " + ", ".join(
+                  f"{len(s['kept_float'])} float -> {s['metric']:.4g}"
+                  + (f" ({s['latency_ms']:.3g} ms, {s['speedup']:.2f}x float)"
+                     if "latency_ms" in s else "") for s in mixed["steps"])
+              + f"; float p50 {mixed.get('float_latency_ms')} ms; ended: {mixed.get('ended')}")  # fmt: skip
+    methods = [s for s in ("onnx float", "onnx int8", "onnx int8 qat", "onnx int8 mixed",
+                           "onnx int8 dynamic") if s in measured]  # fmt: skip
+    if "onnx float" in methods and len(methods) > 1:
+        base = measured["onnx float"]
+        print("QAT vs static vs float (ONNX Runtime, median ms; ratio to float):")
+        for col in ("ort1_b1", "ort1_b32", "ort2_b32"):
+            print(f"  {col:9} " + "  ".join(
+                f"{s.removeprefix('onnx ')} {measured[s][col]:.3f} ({measured[s][col] / base[col]:.2f})"
+                for s in methods if col in measured[s]))  # fmt: skip
     print("torch stages: " + ", ".join(
         f"{r['stage']} {metric} {r['metric']:.4g} ({r.get('params') or 0:,} params)"
         for r in result.report["stages"] if r["format"] == "torch"))  # fmt: skip

@@ -77,6 +77,9 @@ class Replay:
     family: str
     how: str
     outputs: dict[str, np.ndarray]
+    # Outputs that came out non-finite with every tensor rounded to FP16: the model's
+    # activations overflow FP16 (max 65504), so TensorRT must not compute it in FP16.
+    fp16_overflow: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- the model
@@ -124,11 +127,27 @@ def tflite_quant_steps(path: Path, names: Iterable[str]) -> dict[str, float]:
 # --------------------------------------------------------------------------- replays
 
 
+# Veltkamp's split: c = x * (2^13 + 1); x - (c - x) ... keeps x's top 24 - 13 = 11
+# significant bits (TF32's 10-bit mantissa), rounded to nearest, in float32's range.
+_SPLIT = float(2**13 + 1)
+
+
+def tf32_round(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to TF32's 10-bit mantissa, exponent range kept."""
+    x = np.asarray(x, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        c = x * np.float32(_SPLIT)
+        out = c - (c - x)
+    # Past float32's max / 8193 the split overflows; such values are left as they are.
+    return np.where(np.isfinite(out), out, x).astype(np.float32)
+
+
 def reduced_precision(model: Any, everywhere: bool) -> Any:
     """A copy of the ONNX model that computes as TF32 (everywhere=False) or FP16 does:
     the float operands of every Conv/Gemm/MatMul rounded to a 10-bit mantissa (a Cast
-    to float16 and back: the products then accumulate in float32, as tensor cores do),
-    and with `everywhere` every float tensor a node makes rounded as well."""
+    to float16 and back with `everywhere`, else Veltkamp's split that keeps float32's
+    exponent as TF32 does: the products then accumulate in float32, as tensor cores
+    do), and with `everywhere` every float tensor a node makes rounded to FP16 as well."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -143,6 +162,8 @@ def reduced_precision(model: Any, everywhere: bool) -> Any:
     inits = {i.name: i for i in graph.initializer}
     nodes: list[Any] = []
     count = 0
+    split = "__tf32_split"
+    graph.initializer.append(numpy_helper.from_array(np.array(_SPLIT, np.float32), split))
 
     def pair(src: str, dst: str) -> None:
         nonlocal count
@@ -151,6 +172,18 @@ def reduced_precision(model: Any, everywhere: bool) -> Any:
         nodes.append(helper.make_node("Cast", [src], [half], to=TensorProto.FLOAT16))
         nodes.append(helper.make_node("Cast", [half], [dst], to=TensorProto.FLOAT))
 
+    def tf32(src: str, dst: str) -> None:
+        # Veltkamp's split in float32 (tf32_round): TF32 keeps float32's exponent,
+        # so a Cast through float16 would overflow values TF32 holds.
+        nonlocal count
+        count += 1
+        c, d = f"{dst}__c_{count}", f"{dst}__d_{count}"
+        nodes.append(helper.make_node("Mul", [src, split], [c]))
+        nodes.append(helper.make_node("Sub", [c, src], [d]))
+        nodes.append(helper.make_node("Sub", [c, d], [dst]))
+
+    round_operand = pair if everywhere else tf32
+
     for node in graph.node:
         if node.op_type in _MATMUL_OPS:
             for index in (0, 1):
@@ -158,11 +191,13 @@ def reduced_precision(model: Any, everywhere: bool) -> Any:
                 if name in inits:
                     tensor = inits[name]
                     if tensor.data_type == TensorProto.FLOAT:
-                        rounded = numpy_helper.to_array(tensor).astype(np.float16)
-                        tensor.CopyFrom(numpy_helper.from_array(rounded.astype(np.float32), name))
+                        w = numpy_helper.to_array(tensor)
+                        rounded = w.astype(np.float16).astype(np.float32) if everywhere \
+                            else tf32_round(w)  # fmt: skip
+                        tensor.CopyFrom(numpy_helper.from_array(rounded, name))
                 elif types.get(name) == TensorProto.FLOAT:
                     node.input[index] = f"{name}__r10_{count + 1}"
-                    pair(name, node.input[index])
+                    round_operand(name, node.input[index])
         nodes.append(node)
         if everywhere and node.op_type not in ("Cast", "Constant"):
             for index, name in enumerate(node.output):
@@ -210,8 +245,41 @@ def onnx_replays(
         ):  # fmt: skip
             sim = Path(tmp) / f"{family}.onnx"
             onnx.save(reduced_precision(model, everywhere), str(sim))
-            replays.append(Replay(family, how, _ort_run(sim, specs, inputs)))
+            got = _ort_run(sim, specs, inputs)
+            over = _overflowed(got, replays[0].outputs) if everywhere else ()
+            said = how
+            if over:
+                # Not a tolerance question: FP16 cannot hold these activations. The
+                # bundle says so (the agent then never enables TensorRT's FP16) and
+                # TensorRT's rule is derived from how it computes without FP16: TF32.
+                log.warning(
+                    "golden rule: %s overflow FP16 (non-finite with every tensor rounded to "
+                    "FP16); TensorRT must not compute this model in FP16", ", ".join(over),
+                )  # fmt: skip
+                said = (f"FP16 overflows ({', '.join(over)} non-finite with every tensor "
+                       "rounded to FP16): FP16 not allowed; judged as TensorRT computes "
+                       "without it, operands rounded to TF32, QDQ unfused")  # fmt: skip
+                got = replays[1].outputs
+            replays.append(Replay(family, said if over else how, got, fp16_overflow=over))
     return replays
+
+
+def _overflowed(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+    """Outputs non-finite in `got` where the float model's own run is finite."""
+    return tuple(
+        sorted(
+            name
+            for name, have in got.items()
+            if name in ref
+            and np.isfinite(np.asarray(ref[name], np.float64)).all()
+            and not np.isfinite(np.asarray(have, np.float64)).all()
+        )
+    )
+
+
+def fp16_overflow(replays: Iterable[Replay]) -> tuple[str, ...]:
+    """The outputs whose FP16 replay overflowed (empty: FP16 is allowed)."""
+    return tuple(sorted({name for r in replays for name in r.fp16_overflow}))
 
 
 def tflite_replays(
@@ -480,9 +548,14 @@ def judge(
             record(label, report)
         figures.setdefault(fmt, {})[replay.family] = {
             "how": replay.how,
-            "max_abs_diff": {k: round(v, 9) for k, v in report.max_abs_diff.items()},
+            # JSON has no NaN/inf (write_bundle refuses them): a non-finite diff is null.
+            "max_abs_diff": {
+                k: round(v, 9) if math.isfinite(v) else None for k, v in report.max_abs_diff.items()
+            },
             "ok": report.ok,
         }
+        if replay.fp16_overflow:
+            figures[fmt][replay.family]["fp16_overflow"] = list(replay.fp16_overflow)
         if report.ok:
             log.info("golden rule accepts %s (%s)", label, replay.how)
         elif replay.family == "cpu":
@@ -516,6 +589,7 @@ __all__ = [
     "check_rule",
     "classifier_outputs",
     "derive_tolerance",
+    "fp16_overflow",
     "golden_rule",
     "judge",
     "onnx_quant_steps",

@@ -25,7 +25,13 @@ from agent.runtimes import REGISTRY
 from agent.signing import load_private_key
 from agent.tensors import slice_feeds
 from agent.tolerance import Tolerance, ToleranceReport
-from export.golden_rule import GoldenRuleError, classifier_outputs, golden_rule, judge
+from export.golden_rule import (
+    GoldenRuleError,
+    classifier_outputs,
+    fp16_overflow,
+    golden_rule,
+    judge,
+)
 from export.measure import probe
 
 log = logging.getLogger(__name__)
@@ -413,7 +419,10 @@ def _same_contract(v: VariantSpec, inputs: tuple[TensorSpec, ...],
         )
     else:
         ins, outs = onnx_specs(Path(v.path))
-        key = lambda s: (s.name, s.dtype, len(s.shape))  # noqa: E731
+
+        def key(s: TensorSpec) -> tuple[str, str, int]:
+            return (s.name, s.dtype, len(s.shape))
+
         same = [key(s) for s in ins] == [key(s) for s in inputs] and [
             key(s) for s in outs] == [key(s) for s in outputs]  # fmt: skip
     if not same:
@@ -423,6 +432,13 @@ def _same_contract(v: VariantSpec, inputs: tuple[TensorSpec, ...],
             f"{[(s.name, s.dtype, list(s.shape)) for s in outs]}; every variant serves the "
             "same API"
         )
+
+
+def _prefixed(
+    record: Callable[[str, ToleranceReport], None], prefix: str
+) -> Callable[[str, ToleranceReport], None]:
+    """`record`, hearing each label as "PREFIX label" (a variant's replays)."""
+    return lambda label, report: record(f"{prefix} {label}", report)
 
 
 def package_model(
@@ -557,6 +573,10 @@ def package_model(
             figures["golden_replays"] = judge(rule, refs, replays, record)
         except GoldenRuleError as exc:
             raise PackageError(str(exc)) from exc
+        # Variant id -> outputs that overflow FP16 (the variant then says FP16 is not allowed).
+        overflow: dict[str, tuple[str, ...]] = {
+            vid: fp16_overflow(replays.get(fmt, [])) for fmt, vid in legacy.items()
+        }
         classes = classifier_outputs(((s.name, s.shape) for s in outputs), labels)
         for v in variants:
             if v.id in legacy.values():
@@ -578,12 +598,26 @@ def package_model(
                 )  # fmt: skip
                 figures.setdefault("variant_golden_replays", {})[v.id] = judge(
                     own, vrefs, vreplays,
-                    None if record is None else (lambda k, r, i=v.id: record(f"{i} {k}", r)),
+                    None if record is None else _prefixed(record, v.id),
                 )  # fmt: skip
             except GoldenRuleError as exc:
                 raise PackageError(f"variant {v.id}: {exc}") from exc
+            overflow[v.id] = fp16_overflow(vreplays.get(v.format, []))
             pending.append((v, arc, f"golden/{v.id}.npz", runtime, measured, own))
         entries = [_variant_entry(*item) for item in pending]
+        for entry, (spec, *_) in zip(entries, pending, strict=True):
+            over = overflow.get(spec.id, ())
+            if not over:
+                continue
+            if spec.precision == "fp16":
+                raise PackageError(
+                    f"variant {spec.id} is precision fp16, but the model's activations "
+                    f"overflow FP16: {', '.join(over)} come out non-finite with every tensor "
+                    "rounded to FP16 (max 65504); ship it as fp32, or rescale the layers that "
+                    "overflow (e.g. normalize inputs) and build again"
+                )
+            # The agent then never enables TensorRT's FP16 for it (agent.accelerator).
+            entry["fp16_allowed"] = False
         for arcname, path in (extra_files or {}).items():
             files[arcname] = Path(path)
         extra = dict(extra_manifest or {})

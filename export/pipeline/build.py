@@ -307,8 +307,8 @@ class _Build:
         self._timed("quantize", t)
         if not passed_any:
             raise failures[0]
-        for exc in failures:
-            self.notes.append(f"left out ({exc.stage}): {exc}")
+        for failed in failures:
+            self.notes.append(f"left out ({failed.stage}): {failed}")
 
     def _int8(self, stage: str, mode: str, cfg: Any, float_path: Path, splits: Splits,
               teacher: Any, model: Any) -> bool:  # fmt: skip
@@ -338,14 +338,20 @@ class _Build:
         if result.passed:
             self.candidates[stage] = path
             return True
-        if mode == "static" and q.mixed_precision and self._mixed(stage, cfg, float_path, splits):
-            self.notes.append(f"{stage}: {result.detail}; mixed precision passed instead")
-            return True
+        if mode == "static" and q.mixed_precision:
+            if self._mixed(stage, cfg, float_path, splits):
+                self.notes.append(f"{stage}: {result.detail}; mixed precision passed instead")
+                return True
+            try:
+                self.gates.raise_for(result)
+            except GateError as exc:  # says why mixed precision did not rescue it either
+                raise GateError(exc.gate, exc.stage, exc.value, exc.limit,
+                                f"{exc}; {self.notes[-1]}") from None  # fmt: skip
         self.gates.raise_for(result)
         return False  # pragma: no cover - raise_for raised
 
     def _mixed(self, stage: str, cfg: Any, float_path: Path, splits: Splits) -> bool:
-        from export.pipeline.mixed import search
+        from export.pipeline.mixed import ENDED_LATENCY, search
         from export.pipeline.quantize import check_int8
         from export.pipeline.runners import run_onnx
 
@@ -357,16 +363,36 @@ class _Build:
             metric = self._score(run_onnx(model_path, splits.eval.inputs, bs), splits)
             return metric, self.gates.would_pass(metric)
 
+        # Each step timed as measure() times the candidates (same inputs, threads, runs).
+        golden = {k: v[:GOLDEN_ROWS] for k, v in splits.eval.inputs.items()}
+        runs = self.opts.runs or self.r.select.runs
+
+        def latency(model_path: Path) -> float:
+            from export.measure import measure_latency
+            from export.package import onnx_specs
+
+            ins, outs = onnx_specs(model_path)
+            p50: float = measure_latency(model_path, "onnxruntime", golden, ins, outs,
+                                         threads=self.threads, runs=runs)["p50"]  # fmt: skip
+            return p50
+
+        q = self.r.quantize
         result = search(float_path, path, cfg, self._calibration(splits),
                         lambda m, split: run_onnx(m, split.inputs, bs), evaluate,
-                        self.r.quantize.mixed_max_float)  # fmt: skip
+                        q.mixed_max_float, latency, q.mixed_min_speedup)  # fmt: skip
         self.report["mixed_precision"] = result.to_json()
         if not result.passed or result.path is None:
-            self.notes.append(
-                f"mixed precision: no mix passed the gate with up to "
-                f"{int(self.r.quantize.mixed_max_float * result.quantizable)} of "
-                f"{result.quantizable} nodes in float (quantize.mixed_max_float)"
-            )
+            if result.ended == ENDED_LATENCY:
+                last = result.steps[-1]
+                why = (f"the latency gain was gone with {len(last['kept_float'])} node(s) "
+                       f"float ({last['latency_ms']:.4g} ms p50 against the float model's "
+                       f"{result.float_latency_ms:.4g} ms: {last['speedup']:.3g}x, below "
+                       f"quantize.mixed_min_speedup = {q.mixed_min_speedup:g})")  # fmt: skip
+            else:
+                why = (f"no mix passed the gate with up to "
+                       f"{int(q.mixed_max_float * result.quantizable)} of "
+                       f"{result.quantizable} nodes in float (quantize.mixed_max_float)")  # fmt: skip
+            self.notes.append(f"mixed precision: {why}")
             return False
         ops = check_int8(path, mixed_stage)
         metric = result.steps[-1]["metric"]
@@ -403,34 +429,56 @@ class _Build:
                       parity_max_abs_diff=diffs)  # fmt: skip
             self.candidates["tflite float"] = path
             self.gates.check("tflite float", metric)
+        # Post-training INT8, then QAT: like the ONNX methods, one that comes out
+        # degenerate or fails its gate is left out with a note while another TFLite
+        # candidate (float or QAT) passes; none passing fails the build with it.
+        failure: BuildError | None = None
         if tf.int8:
-            path = convert_int8(model, self._calibration(splits), self.in_names,
-                                self.work / "int8.tflite", tf.batch, tf.per_channel)  # fmt: skip
-            metric = self._score(run_tflite(path, splits.eval.inputs, self.in_names, outs), splits)
-            self._row("tflite int8", "tflite", metric, size_bytes=path.stat().st_size)
-            self.candidates["tflite int8"] = path
-            self.gates.check("tflite int8", metric)
+            try:
+                path = convert_int8(model, self._calibration(splits), self.in_names,
+                                    self.work / "int8.tflite", tf.batch, tf.per_channel)  # fmt: skip
+                got = run_tflite(path, splits.eval.inputs, self.in_names, outs)
+                metric = self._score(got, splits)
+                self._row("tflite int8", "tflite", metric, size_bytes=path.stat().st_size)
+                result = self.gates.check("tflite int8", metric, soft=True)
+                if result.passed:
+                    self.candidates["tflite int8"] = path
+                else:
+                    self.gates.raise_for(result)
+            except (CalibrationError, GateError) as exc:
+                failure = exc
         q = self.r.quantize
         if tf.int8 and "qat" in (q.mode, *q.extra_modes) and teacher is not None:
             self._tflite_qat(model, teacher, splits)
+        if failure is not None:
+            others = [c for c in ("tflite float", "tflite int8 qat") if c in self.candidates]
+            if not others:
+                raise failure
+            self.notes.append(f"left out (tflite int8): {failure}; {' and '.join(others)} "
+                              "passed")  # fmt: skip
         self._timed("tflite", t)
 
-    def _tflite_qat(self, model: Any, teacher: Any, splits: Splits) -> None:
-        """TFLite INT8 by QAT: its own candidate; left out with a note if it fails its gate
-        (the post-training TFLite INT8 passed already)."""
+    def _tflite_qat(self, model: Any, teacher: Any, splits: Splits) -> bool:
+        """TFLite INT8 by QAT: its own candidate (True); left out with a note if it comes
+        out degenerate or fails its gate."""
         from export.pipeline.runners import run_tflite
         from export.pipeline.tflite import convert_int8_qat
 
         stage = "tflite int8 qat"
-        path = convert_int8_qat(model, teacher, splits, self.r, self.work / "int8-qat.tflite")
+        try:
+            path = convert_int8_qat(model, teacher, splits, self.r, self.work / "int8-qat.tflite")
+        except CalibrationError as exc:
+            self.notes.append(f"left out ({stage}): {exc}")
+            return False
         got = run_tflite(path, splits.eval.inputs, self.in_names, self.out_names)
         metric = self._score(got, splits)
         self._row(stage, "tflite", metric, size_bytes=path.stat().st_size, method="qat")
         result = self.gates.check(stage, metric, soft=True)
         if result.passed:
             self.candidates[stage] = path
-        else:
-            self.notes.append(f"left out ({stage}): {result.detail}")
+            return True
+        self.notes.append(f"left out ({stage}): {result.detail}")
+        return False
 
     # ------------------------------------------------------------------ latency + selection
 

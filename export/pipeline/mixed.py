@@ -4,8 +4,10 @@ When a static INT8 model breaks the gate, each quantizable node is quantized on 
 own (`nodes_to_quantize = [node]`, everything else float) and its error against the
 float model is measured on the calibration rows: that is the node's sensitivity.
 Then the most sensitive nodes are kept in float (`nodes_to_exclude`), one more at a
-time, until the gate passes or `max_float` of the quantizable nodes are float (past
-that the INT8 speed gain is gone). Every step is recorded for the report.
+time, until the gate passes, or the latency gain is gone (each step's p50 measured as
+the build measures its candidates: float p50 / mix p50 below `min_speedup`), or
+`max_float` of the quantizable nodes are float. Every step is recorded for the
+report, with what ended the search (`ended`).
 """
 
 from __future__ import annotations
@@ -42,10 +44,21 @@ class MixedResult:
     steps: list[dict[str, Any]] = field(default_factory=list)
     passed: bool = False
     quantizable: int = 0
+    # What ended the search: ENDED_GATE, ENDED_LATENCY or ENDED_LIMIT.
+    ended: str = ""
+    float_latency_ms: float | None = None  # the float model's p50, the latency baseline
+    min_speedup: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
         return {"kept_float": self.kept_float, "sensitivity": self.sensitivity,
-                "steps": self.steps, "passed": self.passed, "quantizable": self.quantizable}  # fmt: skip
+                "steps": self.steps, "passed": self.passed, "quantizable": self.quantizable,
+                "ended": self.ended, "float_latency_ms": self.float_latency_ms,
+                "min_speedup": self.min_speedup}  # fmt: skip
+
+
+ENDED_GATE = "gate passed"
+ENDED_LATENCY = "latency gain gone"
+ENDED_LIMIT = "mixed_max_float reached"
 
 
 def quantizable_nodes(path: Path, operators: Sequence[str] = ()) -> list[tuple[str, str]]:
@@ -73,8 +86,11 @@ def search(
     run: Callable[[Path, Split], dict[str, np.ndarray]],
     evaluate: Callable[[Path], tuple[float, bool]],
     max_float: float,
+    latency: Callable[[Path], float] | None = None,
+    min_speedup: float = 1.0,
 ) -> MixedResult:
-    """`run(model, split)` gives outputs; `evaluate(model)` gives (metric, gate passed)."""
+    """`run(model, split)` gives outputs; `evaluate(model)` gives (metric, gate passed);
+    `latency(model)` its p50 in ms (None: latency is not measured and never ends it)."""
     from export.pipeline.quantize import _preprocess
 
     with tempfile.TemporaryDirectory(prefix="edgerun-mixed-") as tmp:
@@ -91,18 +107,35 @@ def search(
             sens.append({"node": name, "op": op, "error": round(err, 6)})
             log.info("mixed precision: %s (%s) alone: relative error %.4g", name, op, err)
         sens.sort(key=lambda s: -float(s["error"]))
-        result = MixedResult(None, [], sens, quantizable=len(nodes))
+        result = MixedResult(None, [], sens, quantizable=len(nodes), min_speedup=min_speedup)
+        if latency is not None:
+            result.float_latency_ms = round(latency(float_path), 4)
         limit = int(max_float * len(nodes))
+        result.ended = ENDED_LIMIT
         for k in range(1, limit + 1):
             kept = [s["node"] for s in sens[:k]]
             step_path = work / f"mixed-{k}.onnx"
             quantize_onnx(pre, step_path, replace(cfg, nodes_to_exclude=tuple(kept)), calibration)
             metric, passed = evaluate(step_path)
-            result.steps.append({"kept_float": kept, "metric": metric, "passed": passed})
+            step: dict[str, Any] = {"kept_float": kept, "metric": metric, "passed": passed}
+            result.steps.append(step)
+            if result.float_latency_ms is not None and latency is not None:
+                p50 = latency(step_path)
+                speedup = result.float_latency_ms / p50 if p50 > 0 else float("inf")
+                step["latency_ms"], step["speedup"] = round(p50, 4), round(speedup, 3)
+                if speedup < min_speedup:
+                    # More float nodes only take more of the INT8 gain away: stop here,
+                    # and a mix that passed but is no faster is no candidate either.
+                    log.info("mixed precision: %d node(s) float -> %.4f, %.3gx the float "
+                             "model's speed (< %.3g): the latency gain is gone", k, metric,
+                             speedup, min_speedup)  # fmt: skip
+                    result.ended = ENDED_LATENCY
+                    break
             log.info("mixed precision: %d node(s) float -> %.4f (%s)", k, metric,
                      "pass" if passed else "fail")  # fmt: skip
             if passed:
                 step_path.replace(out_path)
                 result.path, result.kept_float, result.passed = out_path, kept, True
+                result.ended = ENDED_GATE
                 break
     return result

@@ -49,6 +49,8 @@ class QatConfig:
 class ActFakeQuant(nn.Module):
     """Per-tensor activation fake quantization with a learned scale."""
 
+    zero_point: torch.Tensor  # a buffer
+
     def __init__(self, symmetric: bool) -> None:
         super().__init__()
         self.qmin, self.qmax = (-128, 127) if symmetric else (0, 255)
@@ -104,6 +106,9 @@ class _WeightFq(nn.Module):
     scale is a buffer, so the exported QuantizeLinear reads only initializers and
     `fold_weight_quantizers` can turn it into an int8 tensor."""
 
+    scale: torch.Tensor  # buffers
+    zero_point: torch.Tensor
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.register_buffer("scale", torch.ones(channels))
@@ -123,24 +128,44 @@ class QatConv(nn.Module):
     def __init__(self, conv: nn.Conv2d, symmetric: bool) -> None:
         super().__init__()
         self.conv = conv
-        self.act = ActFakeQuant(symmetric)
+        self.act: nn.Module = ActFakeQuant(symmetric)
         self.wfq = _WeightFq(conv.out_channels)
+        # Output quantized too (a Q after the Conv, as static QDQ writes it): what lets
+        # onnxruntime fuse DQ -> Conv -> Q into QLinearConv.
+        self.out: nn.Module = ActFakeQuant(symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        return c._conv_forward(self.act(x), self.wfq(c.weight), c.bias)
+        y: torch.Tensor = self.out(c._conv_forward(self.act(x), self.wfq(c.weight), c.bias))
+        return y
 
 
 class QatLinear(nn.Module):
     def __init__(self, linear: nn.Linear, symmetric: bool) -> None:
         super().__init__()
         self.linear = linear
-        self.act = ActFakeQuant(symmetric)
+        self.act: nn.Module = ActFakeQuant(symmetric)
         self.wfq = _WeightFq(linear.out_features)
+        self.out: nn.Module = ActFakeQuant(symmetric)  # DQ -> Gemm -> Q: integer kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.act(x), self.wfq(self.linear.weight),
-                                    self.linear.bias)  # fmt: skip
+        w = self.wfq(self.linear.weight)
+        y: torch.Tensor = self.out(nn.functional.linear(self.act(x), w, self.linear.bias))
+        return y
+
+
+class QatReLU(nn.Module):
+    """ReLU with its output quantized (asymmetric: zero point 0 = the type's minimum,
+    so onnxruntime drops the Relu into the Q before it, as static QDQ does)."""
+
+    def __init__(self, symmetric: bool) -> None:
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.out = ActFakeQuant(symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.out(self.relu(x))
+        return y
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -156,21 +181,69 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 def wrap(model: nn.Module, symmetric: bool) -> tuple[nn.Module, list[ActFakeQuant]]:
     model = fold_batchnorm(model)
-    quantizers: list[ActFakeQuant] = []
+    layers = 0
     for name, mod in list(model.named_modules()):
+        qmod: QatConv | QatLinear | QatReLU
         if isinstance(mod, nn.Conv2d | nn.Linear) and name:
-            qmod: QatConv | QatLinear = (
+            qmod = (
                 QatConv(mod, symmetric) if isinstance(mod, nn.Conv2d) else QatLinear(mod, symmetric)
             )
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, qmod)
-            quantizers.append(qmod.act)
-    if not quantizers:
+            layers += 1
+        elif isinstance(mod, nn.ReLU) and name:
+            qmod = QatReLU(symmetric)
+        else:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, qmod)
+    if not layers:
         raise ExportFailedError("QAT: the model has no Conv2d or Linear layer to quantize")
-    if hasattr(model, "recompile"):
-        model.recompile()  # torch.fx GraphModule: the call_module targets are unchanged
+    recompile = getattr(model, "recompile", None)
+    if callable(recompile):
+        recompile()  # torch.fx GraphModule: the call_module targets are unchanged
+        _share_quantizers(model, symmetric)
+    quantizers = [m for m in model.modules() if isinstance(m, ActFakeQuant)]
     return model, quantizers
+
+
+def _share_quantizers(model: Any, symmetric: bool) -> None:
+    """One quantizer per tensor where the graph (torch.fx) shows who reads what, as
+    static QDQ places them: a Conv/Linear read only by a ReLU is quantized after the
+    ReLU alone (DQ -> Conv -> Relu -> Q: onnxruntime drops the Relu into the Q when
+    its zero point is the type's minimum, asymmetric only), and a layer whose input
+    comes straight (or through max pooling) from a quantized output does not quantize
+    it again (no requantize between QLinearConv kernels)."""
+    mods = dict(model.named_modules())
+
+    def module(node: Any) -> nn.Module | None:
+        return mods.get(node.target) if getattr(node, "op", "") == "call_module" else None
+
+    nodes = list(model.graph.nodes)
+    if not symmetric:
+        for node in nodes:
+            mod = module(node)
+            users = list(node.users)
+            if (
+                isinstance(mod, QatConv | QatLinear)
+                and len(users) == 1
+                and isinstance(module(users[0]), QatReLU)
+            ):
+                mod.out = nn.Identity()
+    for node in nodes:
+        mod = module(node)
+        if not isinstance(mod, QatConv | QatLinear) or not node.args:
+            continue
+        arg = node.args[0]
+        # Through max pooling (it picks int8 values as they are; onnxruntime carries the
+        # Q/DQ across it) back to the output that is quantized already.
+        while isinstance(module(arg), nn.MaxPool2d) and len(arg.users) == 1 and arg.args:
+            arg = arg.args[0]
+        src = module(arg)
+        quantized = isinstance(src, QatReLU) or (
+            isinstance(src, QatConv | QatLinear) and isinstance(src.out, ActFakeQuant)
+        )
+        if quantized and len(arg.users) == 1:
+            mod.act = nn.Identity()
 
 
 def prepare(model: nn.Module, calibration: Split, names: Sequence[str], cfg: QatConfig,
@@ -281,5 +354,6 @@ def train_and_export(
     info = {"epochs": cfg.epochs, "lr": cfg.lr, "percentile": cfg.percentile,
             "activation_quantizers": len(quantizers), "weights_folded": folded,
             "activation_scales": [round(float(q.scale.detach().abs()), 6) for q in quantizers]}  # fmt: skip
-    log.info("QAT: %d layers, %d weight quantizers folded into int8", len(quantizers), folded)
+    log.info("QAT: %d activation quantizers, %d weight quantizers folded into int8",
+             len(quantizers), folded)  # fmt: skip
     return path, info

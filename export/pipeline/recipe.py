@@ -108,9 +108,13 @@ class QuantizeSpec:
     # Accuracy-driven mixed precision: when static INT8 breaks the gate, keep the layers
     # most sensitive to quantization in float (one-layer-at-a-time error against the float
     # model), most sensitive first, until the gate passes or `mixed_max_float` of the
-    # quantizable nodes are float (beyond that the INT8 speed gain is gone).
+    # quantizable nodes are float, or the mix is no longer faster than the float model:
+    # each step's latency is measured as the candidates' are and the search stops when
+    # float p50 / mix p50 falls below `mixed_min_speedup` (1.0: no faster than float;
+    # 0: latency never ends it, each step's is still measured and reported).
     mixed_precision: bool = False
     mixed_max_float: builtins.float = constraint(0.5, ge=0.0, le=1.0)  # noqa: RUF009
+    mixed_min_speedup: builtins.float = constraint(1.0, ge=0.0, le=1000.0)  # noqa: RUF009
     # QAT fine-tuning (mode or extra_modes "qat"): epochs and learning rate, distilled
     # from the teacher like the prune fine-tune.
     qat_epochs: int = constraint(3, ge=1, le=10_000)

@@ -152,10 +152,18 @@ def _mixed_lines(report: dict[str, Any]) -> list[str]:
     for s in m["sensitivity"]:
         lines.append(f"| {s['node']} | {s['op']} | {s['error']:.4g} | "
                      f"{'yes' if s['node'] in kept else ''} |")  # fmt: skip
-    lines += ["", "| float nodes | metric | gate |", "|---|---|---|"]
+    base = m.get("float_latency_ms")
+    lines += ["", f"Float model p50: {base:.4g} ms." if base else "Latency not measured.", "",
+              "| float nodes | metric | gate | p50 ms | speed vs float |", "|---|---|---|---|---|"]  # fmt: skip
     for step in m["steps"]:
+        p50, speedup = step.get("latency_ms"), step.get("speedup")
         lines.append(f"| {len(step['kept_float'])} | {_fmt_metric(task, step['metric'])} "
-                     f"| {'pass' if step['passed'] else 'fail'} |")  # fmt: skip
+                     f"| {'pass' if step['passed'] else 'fail'} "
+                     f"| {'-' if p50 is None else f'{p50:.4g}'} "
+                     f"| {'-' if speedup is None else f'{speedup:.3g}x'} |")  # fmt: skip
+    if m.get("ended"):
+        lines += ["", f"Ended by: **{m['ended']}** (latency floor: the mix must be at least "
+                      f"{m.get('min_speedup', 1.0):g}x the float model's speed)."]  # fmt: skip
     return lines
 
 

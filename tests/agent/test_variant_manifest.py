@@ -57,6 +57,17 @@ def test_variants_parse_with_their_own_golden_tolerance_and_memory() -> None:
     assert set(m.golden_files) == {"golden/in.npz", "golden/fp32.npz", "golden/int8.npz"}
 
 
+def test_fp16_allowed_defaults_to_true_and_false_drops_fp16_from_tensorrt() -> None:
+    from agent.accelerator import precisions_for
+
+    body = manifest()
+    body["variants"][1].update(precision="mixed", fp16_allowed=False)
+    fp32, mixed = parse(body).variants
+    assert fp32.fp16_allowed and not mixed.fp16_allowed
+    assert precisions_for(mixed.precision, mixed.fp16_allowed) == ("int8",)
+    assert precisions_for("fp16", False) == () and precisions_for("fp16") == ("fp16",)
+
+
 def test_a_variant_tolerance_takes_the_whole_rule_of_agent_tolerance() -> None:
     body = manifest()
     body["variants"][1]["golden"]["tolerance"] = {
@@ -139,6 +150,8 @@ _DELETE = object()
         ("variants.1.peak_memory_mb", {"onnxruntime": 0.001}, "finite number in [1"),
         ("variants.1.peak_memory_mb", {"onnxruntime": "big"}, "must map runtime names"),
         ("variants.1.peak_memory_mb", {"a b": 10}, "runtime name"),
+        ("variants.1.fp16_allowed", "no", "variants.onnx-int8.fp16_allowed must be true or false"),
+        ("variants.1.fp16_allowed", 0, "must be true or false, got 0"),
         ("variants.0.golden", _DELETE, "have no golden.outputs"),
         ("golden", None, "golden.inputs is missing"),
         ("formats", {"onnx": "notes.txt"}, "which is no variant's file"),

@@ -38,6 +38,7 @@ from export.golden_rule import (
     judge,
     onnx_quant_steps,
     reduced_precision,
+    tf32_round,
     tflite_quant_steps,
 )
 from export.package import onnx_specs, package_model
@@ -115,13 +116,20 @@ def test_reduced_precision_rounds_what_tensor_cores_round() -> None:
     model = onnx.load(str(ROOT / "models/byo/model.onnx"))
     sim = reduced_precision(model, everywhere=False)
     matmuls = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul", "Conv")]
-    casts = [n for n in sim.graph.node if n.op_type == "Cast"]
-    # One Cast pair per activation operand (the weights are rounded in place).
-    assert len(casts) == 2 * len(matmuls) and matmuls
+    splits = [n for n in sim.graph.node if n.op_type == "Mul" and "__tf32_split" in n.input]
+    # One split per activation operand (the weights are rounded in place).
+    assert len(splits) == len(matmuls) and matmuls
     for tensor in sim.graph.initializer:
         w = numpy_helper.to_array(tensor)
-        if w.ndim > 1:
-            assert np.array_equal(w, w.astype(np.float16).astype(np.float32))
+        if w.ndim > 1:  # the same 10-bit rounding as float16's, in float16's normal range
+            normal = np.abs(w) >= np.finfo(np.float16).tiny
+            assert np.array_equal(w[normal], w[normal].astype(np.float16).astype(np.float32))
+    # TF32 keeps float32's exponent: 1e6 rounds to 10 mantissa bits, it does not overflow
+    # as a float16 would; 1 + 2^-11 rounds (to even) to 1, 1 + 3 * 2^-11 up to 1 + 2^-9.
+    x = np.array([1e6, 1 + 2**-11, 1 + 3 * 2**-11, -3.0], np.float32)
+    got = tf32_round(x)
+    assert got[0] == 999936.0  # 1953 * 2^9: 1e6's 10-bit-mantissa neighbour
+    assert list(got[1:]) == [1.0, 1 + 2**-9, -3.0]
     assert len(reduced_precision(model, everywhere=True).graph.node) > len(sim.graph.node)
 
 
@@ -329,3 +337,69 @@ def test_the_shipped_int8_and_float_models_differ_within_the_int8_rule(
     for family in FAMILIES:
         assert compare(int8_rule, family, floats, int8).ok, family
     assert not compare(sample.golden_tolerance.for_format("tflite"), "cpu", floats, int8).ok
+
+
+def _overflowing_model(path: Path) -> Path:
+    """A float MLP whose hidden activations reach ~1e5 (FP16's largest is 65504) while
+    its outputs stay ~2e3: right in FP32/TF32, all inf in FP16."""
+    from onnx import TensorProto, helper
+
+    w1 = numpy_helper.from_array(np.full((16, 16), 5000.0, np.float32), "w1")
+    w2 = numpy_helper.from_array(np.full((16, 4), 1e-3, np.float32), "w2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")],
+        "overflow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [w1, w2],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_activations_that_overflow_fp16_disallow_fp16_instead_of_writing_nan(tmp: Path) -> None:
+    from agent.accelerator import precisions_for
+    from agent.runtimes.base import LoadContext
+    from agent.runtimes.ort import TENSORRT, provider_options
+    from export.package import PackageError, VariantSpec
+
+    src = _overflowing_model(tmp / "overflow.onnx")
+    mixed = _overflowing_model(tmp / "overflow-mixed.onnx")
+    x = {"x": np.random.default_rng(0).uniform(1.0, 2.0, (4, 16)).astype(np.float32)}
+    key, pub = ROOT / "models/keys/demo-INSECURE.key", ROOT / "models/keys/demo-INSECURE.pub"
+    path = package_model(
+        onnx_path=src, tflite_path=None, name="overflow", version="1.0.0", golden_inputs=x,
+        key_path=key, out_dir=tmp, runs=2,
+        variants=[VariantSpec("onnx", src), VariantSpec("onnx-mixed", mixed, precision="mixed")],
+    )  # fmt: skip
+    verified = B.unpack_bundle(path, tmp / "u", [load_public_key(pub)])
+
+    def no_nan(text: str) -> None:
+        raise AssertionError(f"{text} in the manifest")
+
+    raw = json.loads(verified.manifest_bytes, parse_constant=no_nan)
+    trt = raw["figures"]["golden_replays"]["onnx"]["tensorrt"]
+    assert trt["fp16_overflow"] == ["y"] and "FP16 not allowed" in trt["how"]
+    assert trt["ok"] is True  # judged as TensorRT computes it without FP16
+    assert raw["figures"]["golden_replays"]["onnx"]["cuda"].get("fp16_overflow") is None
+    by_id = {v.id: v for v in verified.manifest.variants}
+    assert not by_id["onnx"].fp16_allowed and not by_id["onnx-mixed"].fp16_allowed
+    # The agent's TensorRT options: the mixed variant keeps INT8, never FP16.
+    assert precisions_for("mixed") == ("fp16", "int8")
+    precisions = precisions_for("mixed", by_id["onnx-mixed"].fp16_allowed)
+    assert precisions == ("int8",)
+    opts = provider_options(TENSORRT, OrtConfig(), LoadContext(precisions=precisions))
+    assert opts["trt_fp16_enable"] == "0" and opts["trt_int8_enable"] == "1"
+    # A variant that says it is FP16 cannot be built at all: a clear refusal.
+    with pytest.raises(PackageError, match=r"variant onnx-fp16 is precision fp16, but the "
+                       r"model's activations overflow FP16: y come out non-finite"):  # fmt: skip
+        package_model(
+            onnx_path=src, tflite_path=None, name="overflow", version="1.0.1",
+            golden_inputs=x, key_path=key, out_dir=tmp, runs=2,
+            variants=[VariantSpec("onnx", src),
+                      VariantSpec("onnx-fp16", mixed, precision="fp16")],
+        )  # fmt: skip

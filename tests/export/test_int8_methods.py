@@ -38,7 +38,10 @@ def _recipe(folder: Path, quantize: str) -> Path:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("int8")
+    # mixed_min_speedup = 0: whether a mix of this tiny model beats its float one is this
+    # machine's timing; the decision must not be (the latency stop has its own test).
     recipe = _recipe(folder / "recipe", 'preset = "auto"\nmixed_precision = true\n'
+                     'mixed_min_speedup = 0.0\n'
                      'extra_modes = ["qat", "dynamic"]\nqat_percentile = 99.0')  # fmt: skip
     result = run_build(recipe, folder / "out", DEMO_KEY, FAST)
     return result, folder
@@ -74,8 +77,13 @@ def test_mixed_precision_keeps_the_sensitive_nodes_float_and_says_why(built) -> 
     assert errors == sorted(errors, reverse=True)
     assert [s["node"] for s in mixed["sensitivity"][: len(kept)]] == kept
     assert mixed["steps"][-1]["passed"] and not any(s["passed"] for s in mixed["steps"][:-1])
+    assert mixed["ended"] == "gate passed"
+    # Every step was timed as the candidates are, against the float model's p50.
+    assert mixed["float_latency_ms"] > 0
+    assert all(s["latency_ms"] > 0 and s["speedup"] > 0 for s in mixed["steps"])
     md = (folder / "out" / "tiny-0.1.0.report.md").read_text()
     assert "## Mixed precision" in md and "## Quantization-aware training" in md
+    assert "Ended by: **gate passed**" in md and "speed vs float" in md
     assert "## Instruction set" in md and "Measured on: " in md
 
 
@@ -96,6 +104,33 @@ def test_qat_model_is_a_real_qdq_model_with_int8_weights(built, tmp_path: Path) 
     floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     assert len(int8) == result.report["qat"]["onnx int8 qat"]["weights_folded"] == 4
     assert not any(name.endswith(".weight") for name in floats)  # float copies removed
+
+
+def test_qat_model_runs_on_onnxruntime_integer_kernels(built, tmp_path: Path) -> None:
+    """Activations are quantized after Conv/ReLU/Linear too (one quantizer per tensor,
+    as static QDQ places them), so onnxruntime fuses every Conv into QLinearConv and the
+    head into QGemm: the graph it optimizes (its own saved copy) shows no float Conv or
+    Gemm left."""
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    result, _ = built
+    with tarfile.open(result.bundle) as tar:
+        tar.extractall(tmp_path, filter="data")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entry = next(v for v in manifest["variants"] if v["id"] == "onnx-int8-qat")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / entry["file"]), options,
+                         providers=["CPUExecutionProvider"])  # fmt: skip
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops["QLinearConv"] == 3 and ops["QGemm"] == 1, ops  # Spiky's 3 convs, its head
+    assert not {"Conv", "FusedConv", "Gemm", "MatMul", "Relu"} & set(ops), ops
+    # The consecutive convs hand int8 to each other: no DQ/Q between them.
+    assert ops["DequantizeLinear"] <= 3, ops
 
 
 def test_bundle_carries_every_passing_variant_with_its_golden(built, tmp_path: Path) -> None:
@@ -158,6 +193,52 @@ def test_without_mixed_precision_or_another_method_the_gate_fails(tmp_path: Path
     with pytest.raises(GateError) as err:
         run_build(recipe, tmp_path / "out", DEMO_KEY, FAST)
     assert (err.value.gate, err.value.stage) == ("accuracy", "onnx int8")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []
+
+
+def test_mixed_precision_stops_when_the_latency_gain_is_gone(tmp_path: Path) -> None:
+    """A latency floor no mix can reach (1000x the float model's speed): the search stops
+    at its first step on latency, not on the gate or mixed_max_float, and says so."""
+    recipe = _recipe(tmp_path / "recipe", 'preset = "auto"\nmixed_precision = true\n'
+                     'mixed_min_speedup = 1000.0')  # fmt: skip
+    with pytest.raises(GateError) as err:
+        run_build(recipe, tmp_path / "out", DEMO_KEY, FAST)
+    assert (err.value.gate, err.value.stage) == ("accuracy", "onnx int8")
+    message = str(err.value)
+    assert "mixed precision: the latency gain was gone with 1 node(s) float" in message
+    assert "below quantize.mixed_min_speedup = 1000" in message
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []
+
+
+def test_a_degenerate_tflite_int8_is_left_out_when_another_tflite_candidate_passes(
+    tmp_path: Path,
+) -> None:
+    """Spiky's outlier leaves post-training TFLite INT8 degenerate, as it does static ONNX
+    INT8 (and TFLite QAT, whose PT2E observers see it too); TFLite float passes, so the
+    build goes on with a note for each instead of failing, and the bundle carries no
+    TFLite INT8 variant. Without the float TFLite the build fails on it (next test)."""
+    recipe = _recipe(tmp_path / "recipe", 'preset = "auto"\nextra_modes = ["qat"]\n'
+                     'qat_percentile = 99.0')  # fmt: skip
+    result = run_build(recipe, tmp_path / "out", DEMO_KEY, Options(runs=5))
+    notes = result.report["notes"]
+    left = [n for n in notes if n.startswith("left out (tflite int8): ")]
+    assert len(left) == 1 and "the quantization parameters are degenerate" in left[0], notes
+    assert left[0].endswith("tflite float passed") or "tflite int8 qat" in left[0]
+    ids = {v["id"] for v in result.report["variants"]}
+    assert "tflite-fp32" in ids and "tflite-int8-static" not in ids, ids
+    assert "onnx-int8-qat" in ids  # the INT8 model that passed
+
+
+def test_a_degenerate_tflite_int8_with_no_other_tflite_candidate_fails_the_build(
+    tmp_path: Path,
+) -> None:
+    from export.pipeline.errors import CalibrationError
+
+    recipe = write_recipe(tmp_path / "recipe", {**TIGHT, 'preset = "avx512_vnni"':
+                          'preset = "auto"\nextra_modes = ["qat"]\nqat_percentile = 99.0',
+                          "[tflite]\nfloat = true": "[tflite]\nfloat = false"})  # fmt: skip
+    with pytest.raises(CalibrationError, match="int8.tflite gives the same"):
+        run_build(recipe, tmp_path / "out", DEMO_KEY, Options(runs=5))
     assert [p.name for p in (tmp_path / "out").iterdir()] == []
 
 
