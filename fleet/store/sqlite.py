@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,17 +68,25 @@ class SqliteDialect:
         SQLite answers some lock conflicts at once instead of calling the busy handler:
         switching a new file to WAL (it needs the file to itself) and opening a WAL file
         while another connection recovers or checkpoints it (SQLITE_BUSY_RECOVERY /
-        SQLITE_BUSY_SNAPSHOT). Consoles started together hit exactly that, so this retries
-        for the same busy_timeout_s that ordinary writes wait.
+        SQLITE_BUSY_SNAPSHOT). Consoles started together hit exactly that.
         """
+
+        def prepare() -> object:
+            # Reading the schema first makes a corrupt or foreign file fail here.
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            return conn.execute("PRAGMA synchronous = FULL")
+
+        self._while_busy(prepare)
+
+    def _while_busy(self, step: Callable[[], object]) -> None:
+        """Run `step`, again while SQLite answers "locked"/"busy" at once, for the same
+        busy_timeout_s that the busy handler gives an ordinary wait for the write lock."""
         deadline = time.monotonic() + self.busy_timeout_s
         pause = 0.005
         while True:
             try:
-                # Reading the schema first makes a corrupt or foreign file fail here.
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                conn.execute("PRAGMA journal_mode = WAL").fetchone()
-                conn.execute("PRAGMA synchronous = FULL")
+                step()
                 return
             except sqlite3.OperationalError as exc:
                 low = str(exc).lower()
@@ -98,7 +106,9 @@ class SqliteDialect:
         assert self._conn is not None
         cur = self._conn.cursor()
         try:
-            self._begin(cur, write)
+            # Another connection recovering or checkpointing the WAL as it opens or
+            # closes is answered at once, not by the busy handler: retried.
+            self._while_busy(lambda: cur.execute("BEGIN IMMEDIATE" if write else "BEGIN"))
             yield cur
             cur.execute("COMMIT")
         except BaseException:
@@ -109,23 +119,6 @@ class SqliteDialect:
             raise
         finally:
             cur.close()
-
-    def _begin(self, cur: sqlite3.Cursor, write: bool) -> None:
-        # The busy handler covers an ordinary wait for the write lock; what SQLite
-        # answers at once (another connection recovering or checkpointing the WAL as
-        # it opens or closes) is retried here for the same busy_timeout_s.
-        deadline = time.monotonic() + self.busy_timeout_s
-        pause = 0.005
-        while True:
-            try:
-                cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                return
-            except sqlite3.OperationalError as exc:
-                low = str(exc).lower()
-                if ("locked" not in low and "busy" not in low) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
 
     def sql(self, query: str) -> str:
         return query

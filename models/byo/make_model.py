@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from byo_data import load_splits
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.neural_network import MLPClassifier
-
-from byo_data import load_splits
 
 
 def build(out: Path) -> Path:

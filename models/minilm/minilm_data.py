@@ -14,7 +14,6 @@ import re
 from typing import Any
 
 import numpy as np
-
 from minilm import MAX_LENGTH, model_dir
 
 MODULES = (

@@ -14,19 +14,7 @@ from agent.hardware.gauges import accelerator_gauges
 from agent.hardware.jetson import JetsonTelemetry, find_tegrastats
 from agent.hardware.sysfs import JetsonSysfs
 
-
-def _cuda_missing() -> str | None:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return "onnxruntime is not installed"
-    providers = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in providers:
-        return f"no CUDAExecutionProvider in this onnxruntime build ({', '.join(providers)})"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_cuda_missing() is not None, reason=str(_cuda_missing()))
+# Skipped with the reason where no CUDA provider can run: tests/gpu/conftest.py.
 
 
 def test_a_discrete_gpu_host_is_not_taken_for_a_jetson() -> None:

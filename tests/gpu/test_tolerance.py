@@ -28,19 +28,7 @@ from agent.signing import load_public_key
 from tests.helpers import DEMO_PUB, SampleParts
 from tests.wrong_models import perturbed_int8, swapped_labels
 
-
-def _cuda_missing() -> str | None:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return "onnxruntime is not installed"
-    providers = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in providers:
-        return f"no CUDAExecutionProvider in this onnxruntime build ({', '.join(providers)})"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_cuda_missing() is not None, reason=str(_cuda_missing()))
+# Skipped with the reason where no CUDA provider can run: tests/gpu/conftest.py.
 CUDA = OrtConfig(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
