@@ -456,9 +456,57 @@ def _golden(
         _opt(golden, "tolerance", dict, "golden."),
         "golden.tolerance",
         outputs=[s.name for s in outputs],
-        formats=list(g_outputs),
+        formats=sorted(carried_formats(raw)),
     )
     return g_inputs, dict(g_outputs), tolerance
+
+
+def carried_formats(raw: Mapping[str, Any]) -> set[str]:
+    """The model formats a raw manifest carries: its `formats` and its variants' formats.
+
+    Only what a per-format golden rule may name; the entries themselves are checked
+    where they are parsed (an unknown variant format is refused there).
+    """
+    legacy = raw.get("formats")
+    carried = {f for f in legacy if isinstance(f, str)} if isinstance(legacy, dict) else set()
+    variants = raw.get("variants")
+    for item in variants if isinstance(variants, list) else ():
+        if isinstance(item, dict) and isinstance(item.get("format"), str):
+            carried.add(item["format"])
+    return carried
+
+
+def without_absent_format_rules(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """`manifest` less the `golden.tolerance.formats` rules of known formats it does not carry.
+
+    A builder that leaves a format out (a device-sized bundle, a test rig keeping only
+    the ONNX model) keeps the rule of the manifest it started from; the reader refuses
+    a rule for a format the bundle lacks, so the writer drops it. A name that is no
+    known format stays, for the reader to refuse as the mistake it likely is.
+    """
+    body = dict(manifest)
+    golden = body.get("golden")
+    tolerance = golden.get("tolerance") if isinstance(golden, dict) else None
+    rules = tolerance.get("formats") if isinstance(tolerance, dict) else None
+    if (
+        not isinstance(golden, dict)
+        or not isinstance(tolerance, dict)
+        or not isinstance(rules, dict)
+    ):
+        return body
+    carried = carried_formats(body)
+    kept = {f: r for f, r in rules.items() if f in carried or f not in FORMATS}
+    if len(kept) == len(rules):
+        return body
+    log.info(
+        "golden.tolerance: dropped the rules of formats the bundle does not carry: %s",
+        ", ".join(sorted(set(rules) - set(kept))),
+    )
+    trimmed = {k: v for k, v in tolerance.items() if k != "formats"}
+    if kept:
+        trimmed["formats"] = kept
+    body["golden"] = {**golden, "tolerance": trimmed}
+    return body
 
 
 def _npz_file(path: Any, files: Mapping[str, Any], where: str) -> str:
@@ -1132,7 +1180,7 @@ def write_bundle(
         if arcname in (MANIFEST, SIGNATURE):
             raise ValueError(f"{arcname} is written by write_bundle itself")
         listed[arcname] = {"sha256": _sha256_file(Path(src)), "size": Path(src).stat().st_size}
-    body = dict(manifest)
+    body = without_absent_format_rules(manifest)
     body.setdefault("created", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     body.setdefault("min_agent_version", AGENT_VERSION)
     body["schema"] = SCHEMA
@@ -1219,6 +1267,7 @@ __all__ = [
     "VerifiedBundle",
     "VersionNotNewerError",
     "bundle_digest",
+    "carried_formats",
     "check_goldens",
     "load_unpacked",
     "parse_manifest",
@@ -1226,5 +1275,6 @@ __all__ = [
     "tolerance_problem",
     "unpack_bundle",
     "verify_bundle",
+    "without_absent_format_rules",
     "write_bundle",
 ]

@@ -355,7 +355,9 @@ def parse_tolerance(
             if formats is None or fmt not in formats:
                 raise SchemaError(
                     f"manifest: {at} names {shown(fmt, 40)}, which is not a format of this "
-                    f"bundle ({', '.join(sorted(formats or ())) or 'none here'})"
+                    f"bundle ({', '.join(sorted(formats or ())) or 'none here'}); a rule may "
+                    "only name a bundled format (write_bundle drops the rules of formats a "
+                    "builder leaves out)"
                 )
             per_format[fmt] = parse_tolerance(body, f"{at}.{fmt}", outputs, None)
     base = _bound({k: obj[k] for k in ("atol", "rtol") if k in obj}, where)

@@ -321,6 +321,66 @@ def test_writer_refuses_what_a_device_would_refuse(
     assert not list(tmp.glob("*.edgebundle")) and not list(tmp.glob(".bundle-*"))
 
 
+def _onnx_only(parts: SampleParts) -> tuple[dict[str, Path], dict[str, object]]:
+    """The sample less its TFLite model, its manifest's golden block kept as it is (with
+    the rule for the TFLite format): what a builder that leaves a format out starts from."""
+    names = ("model.onnx", "golden/inputs.npz", "golden/outputs-onnx.npz")
+    files = {n: parts.directory / n for n in names}
+    golden = {**parts.manifest["golden"], "outputs": {"onnx": "golden/outputs-onnx.npz"}}
+    return files, {"formats": {"onnx": "model.onnx"}, "golden": golden}
+
+
+def test_the_writer_drops_the_rules_of_formats_the_bundle_leaves_out(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    rules = sample_parts.manifest["golden"]["tolerance"]["formats"]
+    assert set(rules) == {"onnx", "tflite"}  # the sample has a rule for each format
+    files, changes = _onnx_only(sample_parts)
+    out = make_bundle(sample_parts, tmp / "x.edgebundle", demo_key, files=files, **changes)
+    m = B.verify_bundle(out, [DEMO]).manifest
+    assert set(m.formats) == {"onnx"}
+    assert m.raw["golden"]["tolerance"]["formats"] == {"onnx": rules["onnx"]}
+    assert m.golden_tolerance.for_format("onnx").to_json() == rules["onnx"]
+    top = {k: v for k, v in sample_parts.manifest["golden"]["tolerance"].items() if k != "formats"}
+    assert {k: v for k, v in m.raw["golden"]["tolerance"].items() if k != "formats"} == top
+    # The caller's manifest is not changed.
+    assert set(changes["golden"]["tolerance"]["formats"]) == {"onnx", "tflite"}  # type: ignore[index]
+
+
+def test_the_reader_refuses_a_rule_for_a_format_the_bundle_lacks(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    # Signed by hand, past the writer: the reader names the field and what to do.
+    files, changes = _onnx_only(sample_parts)
+    listed = {n: sample_parts.manifest["files"][n] for n in files}
+    manifest = _manifest(sample_parts, files=listed, **changes)
+    members = signed_manifest(manifest, demo_key)
+    members += [file_info(n, p.read_bytes()) for n, p in sorted(files.items())]
+    path = raw_tar(tmp / "x.edgebundle", members)
+    with pytest.raises(
+        B.SchemaError,
+        match=r"golden\.tolerance\.formats names 'tflite', which is not a format of this "
+        r"bundle \(onnx\).*write_bundle drops",
+    ):
+        B.verify_bundle(path, [DEMO])
+
+
+def test_the_writer_keeps_a_misspelt_format_rule_for_the_reader_to_refuse(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    golden = sample_parts.manifest["golden"]
+    tolerance = golden["tolerance"]
+    misspelt = {**tolerance, "formats": {**tolerance["formats"], "tflte": {"atol": 0.1}}}
+    with pytest.raises(B.SchemaError, match="formats names 'tflte'"):
+        make_bundle(
+            sample_parts,
+            tmp / "x.edgebundle",
+            demo_key,
+            golden={**golden, "tolerance": misspelt},
+        )
+    assert not list(tmp.glob("*.edgebundle"))
+
+
 # --------------------------------------------------------------------------- strict ustar
 
 
