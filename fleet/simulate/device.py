@@ -165,16 +165,20 @@ class _Model:
     def variant_reason(self) -> str:
         return f"simulated: {self.variant} was the faster of 2 that passed"
 
+    # What computes on a simulated device: a CPU, as on most of a real fleet.
+    providers = ("CPUExecutionProvider",)
+
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "sha256": self.sha256,
                 "runtime": "simulated", "variant": self.variant,
-                "variant_reason": self.variant_reason}  # fmt: skip
+                "variant_reason": self.variant_reason,
+                "providers": list(self.providers)}  # fmt: skip
 
     def info(self, runtime: bool = False) -> ModelInfo:
         if not runtime:
             return ModelInfo(self.name, self.version, self.sha256)
         return ModelInfo(self.name, self.version, self.sha256, "simulated", self.variant,
-                         self.variant_reason)  # fmt: skip
+                         self.variant_reason, self.providers)  # fmt: skip
 
 
 @dataclass
