@@ -423,7 +423,44 @@ def test_expect_100_continue_is_answered_before_the_body(agent: AgentProcess) ->
     assert reply.startswith(b"HTTP/1.1 413")
 
 
-def test_non_finite_outputs_are_valid_json_strings(client: ApiClient) -> None:
+def _float_bundle(tmp: Path) -> Path:
+    """A float model (flatten, matmul) under the digits name: NaN and Infinity reach
+    its outputs. The sample is quantized (QDQ): QuantizeLinear saturates them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.package import package_model
+    from tests.helpers import DEMO_KEY
+
+    weights = np.linspace(-1, 1, 640, dtype=np.float32).reshape(64, 10)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w"], ["output"]),
+        ],
+        "float-digits",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 10])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp / "float.onnx")
+    images, _ = samples()
+    return package_model(
+        onnx_path=tmp / "float.onnx", tflite_path=None, name="digits", version="1.0.0",
+        golden_inputs={"input": images[:4]}, key_path=DEMO_KEY, out_dir=tmp, runs=3,
+    )  # fmt: skip
+
+
+def test_non_finite_outputs_are_valid_json_strings(tmp: Path) -> None:
+    from tests.helpers import running_agent
+
+    with running_agent(tmp, base_config(tmp, _float_bundle(tmp))) as agent, agent.client() as c:
+        _non_finite_outputs_are_valid_json_strings(c)
+
+
+def _non_finite_outputs_are_valid_json_strings(client: ApiClient) -> None:
     # Binary inputs pass NaN through (a sensor may send it); the JSON answer stays JSON.
     images, _ = samples()
     x = images[:2].copy()
