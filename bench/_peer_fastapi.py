@@ -2,7 +2,7 @@
 
 Runs in the peers venv (`make bench-peers`): python _peer_fastapi.py PORT NAME=MODEL.onnx...
 JSON with the standard library (what FastAPI's own JSONResponse uses) and the binary
-tensor extension, one onnxruntime session per model with default options, uvicorn
+tensor extension, one onnxruntime session per model with the options of bench/_ort_options.py, uvicorn
 with one worker.
 """
 
@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import uvicorn
+from _ort_options import session_options
 from fastapi import FastAPI, Request, Response
 
 DTYPES = {"FP32": np.float32, "UINT8": np.uint8, "FP64": np.float64, "INT64": np.int64}
@@ -26,7 +27,9 @@ def main() -> None:
     sessions = {}
     for spec in sys.argv[2:]:
         name, path = spec.split("=", 1)
-        sessions[name] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        sessions[name] = ort.InferenceSession(
+            path, session_options(), providers=["CPUExecutionProvider"]
+        )
     app = FastAPI()
 
     @app.get("/v2/health/ready")

@@ -2,12 +2,14 @@
 
 MLServer 1.7 ships no ONNX runtime of its own; this is the custom runtime its docs
 describe (an MLModel whose load() opens the session and predict() decodes with
-NumpyCodec), with default onnxruntime session options like the other servers.
+NumpyCodec), with the onnxruntime session options of bench/_ort_options.py, like the
+other servers.
 """
 
 from __future__ import annotations
 
 import onnxruntime as ort
+from _ort_options import session_options
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.types import InferenceRequest, InferenceResponse
@@ -16,7 +18,9 @@ from mlserver.types import InferenceRequest, InferenceResponse
 class OnnxModel(MLModel):  # type: ignore[misc]
     async def load(self) -> bool:
         uri = self.settings.parameters.uri
-        self.session = ort.InferenceSession(uri, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            uri, session_options(), providers=["CPUExecutionProvider"]
+        )
         self.output_names = [o.name for o in self.session.get_outputs()]
         return True
 

@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 from _common import ROOT, SAMPLE, agent_process, build_frame_onnx, pct
+from _ort_options import ENV as SPINNING_ENV
+from _ort_options import session_options, spinning
 
 from export.package import package_model
 
@@ -207,13 +209,18 @@ def servers(bundle: Path, models: dict[str, Path], tmp: Path) -> Iterator[list[S
             )
         )  # fmt: skip
     bench = str(Path(__file__).resolve().parent)
-    env = {"PYTHONPATH": bench}
+    env = {"PYTHONPATH": bench, SPINNING_ENV: "1" if spinning() else "0"}
     api = (
         f'tcp = "127.0.0.1:{agent_port}"\ntoken = "{token_file}"\n'
         "max_request_mb = 64\nmax_body_inflight_mb = 2048\nmax_shm_mb = 64"
     )
+    # The agent's onnxruntime options are the peers' (bench/_ort_options.py).
+    agent_extra = (
+        "[memory]\nmax_mb = 4096\n[runtimes.onnxruntime]\n"
+        f"allow_spinning = {'true' if spinning() else 'false'}\n"
+    )
     with (
-        agent_process(bundle, api=api, extra="[memory]\nmax_mb = 4096\n") as (proc, _, _),
+        agent_process(bundle, api=api, extra=agent_extra) as (proc, _, _),
         peer([str(VENV / "bin/mlserver"), "start", str(ml_dir)], ml_port, env, ml_dir) as ml_pid,
         peer([python, f"{bench}/_peer_fastapi.py", str(fa_port)]
              + [f"{n}={p}" for n, p in models.items()], fa_port, env, tmp) as fa_pid,
@@ -320,7 +327,9 @@ def digits_cases(
 ) -> list[Case]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(model), session_options(), providers=["CPUExecutionProvider"]
+    )
     here = Server("bench process", 0, os.getpid())
     rng = np.random.default_rng(0)
     by = {s.name: s for s in found}
@@ -364,7 +373,9 @@ def digits_cases(
 def frame_cases(found: list[Server], sizes: list[tuple[int, int]], model: Path) -> list[Case]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(model), session_options(), providers=["CPUExecutionProvider"]
+    )
     here = Server("bench process", 0, os.getpid())
     by = {s.name: s for s in found}
     rng = np.random.default_rng(1)
@@ -445,11 +456,22 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--skip-frames", action="store_true")
     parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument(
+        "--spinning",
+        choices=["on", "off"],
+        default="on",
+        help="onnxruntime intra-op spinning in every server and the bare run (default: on, "
+        "ORT's and the agent's default)",
+    )
     args = parser.parse_args()
+    os.environ[SPINNING_ENV] = "1" if args.spinning == "on" else "0"
     if not (VENV / "bin/python").exists():
         raise SystemExit(f"{VENV} is missing: run `make bench-peers` first")
     load = os.getloadavg()
-    print(f"peers: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        f"peers: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+        f"onnxruntime intra-op spinning {args.spinning} in every server"
+    )
     with tempfile.TemporaryDirectory(prefix="er-peers-", dir="/tmp") as tmp_name:
         tmp = Path(tmp_name)
         digits = tmp / "digits.onnx"

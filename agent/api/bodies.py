@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
+from agent.api.bytecount import count_bytes
 from agent.errors import OverloadedError
 
 MB = 1024 * 1024
@@ -37,7 +38,7 @@ class MemoryGauge(Protocol):
 
 def json_cost(head: bytes | bytearray) -> int:
     """Bytes a JSON request head costs once decoded, beyond the body itself."""
-    return (head.count(b",") + 1) * JSON_VALUE_BYTES
+    return (count_bytes(head, b",") + 1) * JSON_VALUE_BYTES
 
 
 class BodyBudget:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from agent.api.bytecount import count_bytes
 from agent.api.shm import Region, RegionAccess
 from agent.bundle import TensorSpec
 from agent.errors import BadRequestError
@@ -75,7 +76,7 @@ def _refuse_constant(name: str) -> Any:
 def loads_bounded(data: bytes | bytearray, what: str = "request body") -> Any:
     """json.loads with its depth checked first and JSON's own rules kept (no NaN)."""
     # Fewer openings than the limit cannot nest deeper: the usual request skips the scan.
-    opens = data.count(b"[") + data.count(b"{")
+    opens = count_bytes(data, b"[{")
     depth = json_depth(data) if opens > MAX_JSON_DEPTH else 0
     if depth > MAX_JSON_DEPTH:
         raise BadRequestError(

@@ -481,8 +481,16 @@ class ApiServer:
             if not conn.handed_off:
                 conn.sock.close()
 
+    def _leave(self, conn: _Conn) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+            conn.idle_since = conn.head_since = None  # no longer a candidate for _make_room
+
     def _refuse(self, conn: _Conn, exc: ServingError, head_only: bool = False) -> None:
         """Answer with an error and close (the rest of the request stays unread)."""
+        # Out of the count before the client can read the answer: one that reconnects
+        # at once must find its slot free, not the agent still full of its own past.
+        self._leave(conn)
         send_nowait(conn.sock, encode(error_response(exc), keep=False, head_only=head_only))
         conn.handed_off = True
         self._lingerer.close(conn.sock)
@@ -522,7 +530,14 @@ class ApiServer:
                 keep = head.keep_alive and not self._stopping.is_set()
                 if keep and head.version == "HTTP/1.0":
                     response[2]["connection"] = "keep-alive"  # 1.0 closes unless told
+                if not keep:
+                    self._leave(conn)  # as in _refuse: the slot is free once it reads this
                 conn.sock.sendall(encode(response, keep, head.method == "HEAD"))
+                if keep and not buf:
+                    # Idle from the moment the answer is written, not once this thread
+                    # loops back: a client that read it and hung up is "gone" at once
+                    # for _make_room, even while this thread waits for the GIL.
+                    conn.idle_since = time.monotonic()
             finally:
                 self.bodies.release(reserved)
             if not keep:
@@ -554,7 +569,7 @@ class ApiServer:
     def _read_head(self, conn: _Conn, buf: bytearray, first: bool) -> RequestHead | None:
         deadline = conn.accepted + self.config.head_timeout_s if first else None
         conn.head_since = conn.accepted if first else (time.monotonic() if buf else None)
-        if not first and not buf:
+        if not first and not buf and conn.idle_since is None:
             conn.idle_since = time.monotonic()
         while (end := find_head_end(buf)) < 0:
             if deadline is None and buf:
