@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 PIP_FLAGS ?= --disable-pip-version-check -q
 
-.PHONY: demo test lint typecheck pytest deps-device deps-test deps-system test-models bench clean
+.PHONY: demo test lint typecheck pytest deps-device deps-test deps-system test-models bench bench-peers deps-peers clean
 
 # Debian packages the tests use: a real mosquitto broker and its clients, nats-server
 # (a 3-node cluster with MQTT listeners: tests/nats_cluster.py), qemu for the aarch64
@@ -55,10 +55,21 @@ pytest:
 
 test: deps-test test-models lint typecheck pytest
 
-bench: deps-test
+bench: deps-test deps-peers
 	$(PYTHON) bench/overhead.py
 	$(PYTHON) bench/footprint.py
 	$(PYTHON) bench/batching.py
+	$(PYTHON) bench/peers.py
+
+# MLServer and FastAPI for bench/peers.py, in their own venv (they need pydantic and a
+# typing-extensions the main environment's export stack cannot take).
+PEERS_VENV ?= .venv-peers
+deps-peers:
+	[ -x $(PEERS_VENV)/bin/python ] || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install $(PIP_FLAGS) -r bench/peers-requirements.txt
+
+bench-peers: deps-test deps-peers
+	$(PYTHON) bench/peers.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

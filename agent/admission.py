@@ -12,6 +12,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.accelerator import (
+    device_meter,
+    judge_device,
+    load_context,
+    prune_caches,
+    report_notices,
+)
 from agent.bundle import BundleError, Limits, Manifest, VersionNotNewerError
 from agent.config.model import AgentConfig
 from agent.events import EventBus
@@ -26,10 +33,13 @@ from agent.memory import (
     release_free_memory,
 )
 from agent.protocol.events import EventKind
-from agent.runtimes import choose_runtime, load_runtime
+from agent.runtimes import load_runtime
 from agent.runtimes.base import InferenceError, ModelLoadError, Runtime, RuntimeUnavailableError
 from agent.serving import LoadedModel, ModelHost, SwapTimeoutError
 from agent.store import Store
+from agent.variants.cache import ChoiceCache
+from agent.variants.report import Candidate
+from agent.variants.select import VariantSelector
 from agent.version import compare_versions
 
 log = logging.getLogger(__name__)
@@ -71,38 +81,60 @@ class Admission:
         self.keys = keys
         self.events = events
         host.reopen = self.reopen
+        self.selector = VariantSelector(ChoiceCache(store.root), events.emit, self)
 
     def open(self, directory: Path, sha256: str, manifest: Manifest | None = None) -> LoadedModel:
-        """Load an unpacked bundle into a runtime, measure and validate it; do not
-        serve it yet. The outgoing model stays loaded until the swap, so it counts
-        against the cap in both checks."""
+        """Load an unpacked bundle's variant that should serve (agent.variants: each
+        candidate measured in turn on this device, or the cached choice), validated;
+        do not serve it yet. The outgoing model stays loaded until the swap, so it
+        counts against the cap in every check."""
         manifest = manifest or self.store.manifest(directory)
-        runtime_name = choose_runtime(
-            manifest, self.config.model.runtime, list(self.config.model.preference)
-        )
+        return self.selector.choose(self.config, self.budget, directory, sha256, manifest)
+
+    def open_variant(
+        self, directory: Path, sha256: str, manifest: Manifest, candidate: Candidate
+    ) -> LoadedModel:
+        """One variant in one runtime: memory claim, load, measured footprint, golden
+        replay with the variant's own outputs and tolerance."""
+        variant, runtime_name = candidate.variant, candidate.runtime
         label = f"{manifest.name} {manifest.version}"
-        peak = manifest.peak_memory_mb.get(runtime_name)
+        if not variant.legacy:
+            label += f" variant {variant.id}"
+        peak = variant.peak_memory_mb.get(runtime_name, manifest.peak_memory_mb.get(runtime_name))
+        # GPU memory is read around the load too (agent.accelerator: none on a CPU).
+        device = device_meter(self.config, runtime_name)
         meter = PeakMeter()
         base = meter.reset()
         # The claim first: what says it will not fit is not even loaded.
         admit(label, peak, self.budget, base)
-        runtime = load_runtime(runtime_name, manifest, directory, self.config.runtimes)
+        context = load_context(self.config, self.budget, sha256, variant.precision, device.memory)
+        runtime = load_runtime(
+            runtime_name,
+            manifest,
+            directory,
+            self.config.runtimes,
+            model_file=variant.file,
+            context=context,
+        )
         try:
             load_peak = meter.peak()
             validate = self.config.model.validate_golden
             golden = manifest.golden_inputs
             shapes = golden_shapes(directory / golden) if golden is not None else {}
             footprint = self._measure(runtime, manifest, meter, base, load_peak, shapes)
+            footprint, _ = judge_device(label, runtime, device, self.config, footprint)
             if footprint is not None:
                 # Judged before the golden replay runs: the replay of a bundle whose
                 # claim is a lie is exactly what must not take the device down.
                 replay_rows = golden_rows(shapes, manifest.inputs) if validate else 0
                 measured = footprint.peak_bytes(replay_rows) / MB
                 admit(label, peak, self.budget, base, measured_mb=measured)
-            diffs = check_golden(manifest, directory, runtime) if validate else {}
+            diffs = check_golden(manifest, directory, runtime, variant=variant) if validate else {}
         except BaseException:
+            report_notices(self.events.emit, runtime, label)
             runtime.close()
             raise
+        report_notices(self.events.emit, runtime, label)
         return LoadedModel(
             manifest,
             runtime,
@@ -111,6 +143,7 @@ class Admission:
             directory,
             golden_diffs=diffs,
             footprint=footprint,
+            variant=variant,
         )
 
     def _measure(
@@ -142,8 +175,20 @@ class Admission:
         """A fresh runtime for a model already validated here (same files, same
         config): what the host swaps in to give back memory a runtime keeps."""
         runtime = load_runtime(
-            model.runtime_name, model.manifest, model.directory, self.config.runtimes
+            model.runtime_name,
+            model.manifest,
+            model.directory,
+            self.config.runtimes,
+            model_file=None if model.variant is None else model.variant.file,
+            context=load_context(
+                self.config,
+                self.budget,
+                model.sha256,
+                None if model.variant is None else model.variant.precision,
+                device_meter(self.config, model.runtime_name).memory,
+            ),
         )
+        report_notices(self.events.emit, runtime, f"{model.manifest.name} {model.manifest.version}")
         return LoadedModel(
             model.manifest,
             runtime,
@@ -152,6 +197,8 @@ class Admission:
             model.directory,
             golden_diffs=dict(model.golden_diffs),
             footprint=model.footprint,
+            variant=model.variant,
+            selection=model.selection,
         )
 
     def serve_current(self) -> LoadedModel | None:
@@ -248,6 +295,8 @@ class Admission:
             **model.summary(),
         )
         self.store.gc()
+        kept = [p.name for p in (self.store.current(), self.store.previous()) if p is not None]
+        prune_caches(self.config.state_dir / "cache", kept)
         # Verification, unpacking and graph optimization leave freed heap behind.
         release_free_memory()
         return model

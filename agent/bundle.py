@@ -22,7 +22,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from agent import __version__ as AGENT_VERSION
 from agent import strictjson, ustar
+from agent import tolerance as tolerance_rule
 from agent.bundle_errors import (
     BundleError,
     BundleFormatError,
@@ -56,6 +57,7 @@ from agent.bundle_errors import (
 from agent.names import NameRuleError, check_name, path_problem, shown
 from agent.npz import ArrayHeader, inspect_npz
 from agent.signing import key_id, sign, verify
+from agent.tolerance import Tolerance, parse_tolerance
 from agent.version import VersionFormatError, compare_versions, parse_version
 
 log = logging.getLogger(__name__)
@@ -82,14 +84,16 @@ MAX_TENSOR_NAME = 256
 MAX_LABELS = 100_000
 MAX_LABEL = 256
 MAX_SHORT_TEXT = 64  # created, key_id, runtime names
-# A tolerance wider than the outputs it compares lets anything pass. atol is bounded
-# by the reference outputs themselves (tolerance_problem); MAX_ATOL only bounds the
-# number before they are read.
-MAX_ATOL = 1e6
-ATOL_FLOOR = 1e-3  # always allowed, however small the outputs
-ATOL_SHARE = 0.1  # of the largest reference magnitude (edge-export uses 0.02 for INT8)
-MAX_RTOL = 0.1
+# The golden tolerance rule and its bounds live in agent.tolerance (one rule for the
+# device, edge-export package and the build pipeline); re-exported for older callers.
+MAX_ATOL = tolerance_rule.MAX_ATOL
+MAX_RTOL = tolerance_rule.MAX_RTOL
+ATOL_FLOOR = tolerance_rule.ALLOWANCE_FLOOR
+ATOL_SHARE = tolerance_rule.ALLOWANCE_SHARE
 MIN_PEAK_MB = 1.0  # loading any runtime library costs more than this
+MAX_VARIANTS = 16  # each one is measured on the device at validation
+PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+METHODS = ("static", "dynamic", "qat", "mixed")  # or null (not quantized)
 MAX_PEAK_MB = float(1 << 20)  # 1 TiB
 
 # The config keys behind Limits, named in refusals so a person knows what to raise.
@@ -152,6 +156,44 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One build of the bundle's model: a file one runtime format reads, with its own
+    golden outputs and tolerance. Every variant honours the manifest's inputs and
+    outputs, so the served API does not change with the variant a device picks."""
+
+    id: str
+    format: str
+    file: str
+    precision: str | None = None  # fp32 | fp16 | int8 | mixed; None: not stated
+    method: str | None = None  # static | dynamic | qat | mixed; None: not quantized
+    built_for: str | None = None  # the preset/ISA it was built for, as the builder named it
+    golden_outputs: str | None = None  # .npz of this variant's outputs on golden.inputs
+    # The rule its golden outputs are judged by (agent.tolerance): its own
+    # `golden.tolerance`, else the manifest's rule for its format.
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)
+    legacy: bool = False  # derived from `formats` (no `variants` key)
+
+    @property
+    def golden_atol(self) -> float:
+        return self.tolerance.atol
+
+    @property
+    def golden_rtol(self) -> float:
+        return self.tolerance.rtol
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "format": self.format,
+            "file": self.file,
+            "precision": self.precision,
+            "method": self.method,
+            "built_for": self.built_for,
+        }
+
+
+@dataclass(frozen=True)
 class Manifest:
     raw: dict[str, Any]
     name: str
@@ -163,11 +205,31 @@ class Manifest:
     labels: tuple[str, ...]
     golden_inputs: str | None
     golden_outputs: dict[str, str]
-    golden_atol: float
-    golden_rtol: float
+    golden_tolerance: Tolerance
     peak_memory_mb: dict[str, float]
     min_agent_version: str
     key_id: str
+    # Never empty: derived from `formats` (one variant per format, id = the format)
+    # when the manifest has no `variants`.
+    variants: tuple[Variant, ...] = ()
+
+    def variant(self, variant_id: str) -> Variant | None:
+        return next((v for v in self.variants if v.id == variant_id), None)
+
+    @property
+    def golden_files(self) -> tuple[str, ...]:
+        """Every golden .npz the manifest names (inputs, legacy and per-variant outputs)."""
+        paths = [self.golden_inputs, *self.golden_outputs.values()]
+        paths += [v.golden_outputs for v in self.variants]
+        return tuple(dict.fromkeys(p for p in paths if p is not None))
+
+    @property
+    def golden_atol(self) -> float:
+        return self.golden_tolerance.atol
+
+    @property
+    def golden_rtol(self) -> float:
+        return self.golden_tolerance.rtol
 
     @property
     def batchable(self) -> bool:
@@ -366,59 +428,170 @@ def _files(raw: Mapping[str, Any]) -> dict[str, tuple[str, int]]:
 
 
 def _golden(
-    raw: Mapping[str, Any], files: Mapping[str, Any], formats: Mapping[str, str]
-) -> tuple[str | None, dict[str, str], float, float]:
+    raw: Mapping[str, Any],
+    files: Mapping[str, Any],
+    formats: Mapping[str, str],
+    outputs: tuple[TensorSpec, ...],
+) -> tuple[str | None, dict[str, str], Tolerance]:
     golden = _opt(raw, "golden", dict, "")
     if golden is None:
-        return None, {}, 1e-4, 1e-3
+        return None, {}, Tolerance()
     g_inputs = _opt(golden, "inputs", str, "golden.")
     g_outputs = _opt(golden, "outputs", dict, "golden.") or {}
     for path, where in [(g_inputs, "golden.inputs"), *((p, f"golden.outputs.{f}") for f, p in
                                                         g_outputs.items())]:  # fmt: skip
-        if path is None:
-            continue
-        if not isinstance(path, str) or path not in files or not path.endswith(".npz"):
-            raise SchemaError(
-                f"manifest: {where} names {shown(path)}, which is not a listed .npz file"
-            )
+        if path is not None:
+            _npz_file(path, files, where)
     for fmt in g_outputs:
         if fmt not in formats:
             raise SchemaError(
                 f"manifest: golden.outputs.{shown(fmt, 30)} is not a format of this bundle"
             )
-    if (g_inputs is None) != (not g_outputs):
+    # Both-or-neither of inputs and outputs is judged by parse_manifest: with `variants`
+    # the outputs may all be the variants' own.
+    tolerance = parse_tolerance(
+        _opt(golden, "tolerance", dict, "golden."),
+        "golden.tolerance",
+        outputs=[s.name for s in outputs],
+        formats=list(g_outputs),
+    )
+    return g_inputs, dict(g_outputs), tolerance
+
+
+def _npz_file(path: Any, files: Mapping[str, Any], where: str) -> str:
+    if not isinstance(path, str) or path not in files or not path.endswith(".npz"):
+        raise SchemaError(f"manifest: {where} names {shown(path)}, which is not a listed .npz file")
+    return path
+
+
+def _choice(value: Any, where: str, allowed: tuple[str, ...]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in allowed:
         raise SchemaError(
-            "manifest: golden needs both inputs and outputs (or neither); "
-            f"it has inputs {shown(g_inputs)} and outputs for {sorted(g_outputs)}"
+            f"manifest: {where} is {shown(value)}; expected null or one of {', '.join(allowed)}"
         )
-    tolerance = _opt(golden, "tolerance", dict, "golden.") or {}
-    atol = tolerance.get("atol", 1e-4)
-    rtol = tolerance.get("rtol", 1e-3)
-    return (
-        g_inputs,
-        dict(g_outputs),
-        _number(atol, "golden.tolerance.atol", 0.0, MAX_ATOL),
-        _number(rtol, "golden.tolerance.rtol", 0.0, MAX_RTOL),
+    return value
+
+
+def _peak_map(value: Any, where: str) -> dict[str, float]:
+    """`{runtime name: MB}` with the runtime-name rule and the MB bounds."""
+    if value is None:
+        return {}
+    _typed(value, dict, where)
+    out: dict[str, float] = {}
+    for runtime, mb in value.items():
+        at = f"{where}.{shown(runtime, 30)}"
+        if not isinstance(mb, int | float) or isinstance(mb, bool):
+            raise SchemaError(
+                f"manifest: {at} is {type(mb).__name__}; {where} must map runtime names to numbers"
+            )
+        try:
+            check_name(runtime, "runtime name")
+        except NameRuleError as exc:
+            raise SchemaError(f"manifest: {where}: {exc}") from None
+        out[runtime] = _number(mb, at, MIN_PEAK_MB, MAX_PEAK_MB)
+    return out
+
+
+def _variants(
+    raw: Mapping[str, Any],
+    files: Mapping[str, Any],
+    default: Tolerance,
+    outputs: tuple[TensorSpec, ...],
+) -> tuple[Variant, ...]:
+    """The `variants` list, every field bounded and type-checked (docs/DESIGN.md)."""
+    items = _req(raw, "variants", list, "")
+    if not items:
+        raise SchemaError("manifest: variants is empty; omit it or list at least one variant")
+    if len(items) > MAX_VARIANTS:
+        raise SchemaError(
+            f"manifest: variants lists {len(items)} variants; the cap is {MAX_VARIANTS}"
+        )
+    variants: list[Variant] = []
+    ids: set[str] = set()
+    used: dict[str, str] = {}
+    for i, item in enumerate(items):
+        at = f"variants[{i}]."
+        if not isinstance(item, dict):
+            raise SchemaError(f"manifest: variants[{i}] must be an object")
+        vid = _req(item, "id", str, at)
+        try:
+            check_name(vid, f"manifest: {at}id")
+        except NameRuleError as exc:
+            raise SchemaError(str(exc)) from None
+        if vid in ids:
+            raise SchemaError(f"manifest: variants names id {vid!r} twice")
+        ids.add(vid)
+        at = f"variants.{vid}."
+        fmt = _req(item, "format", str, at)
+        if fmt not in FORMATS:
+            raise SchemaError(
+                f"manifest: {at}format {shown(fmt)} is not one of {', '.join(FORMATS)}"
+            )
+        path = _req(item, "file", str, at)
+        if path not in files:
+            raise SchemaError(f"manifest: {at}file names {shown(path)}, which is not in files")
+        if path in used:
+            raise SchemaError(
+                f"manifest: {at}file {path!r} is also the file of variant {used[path]!r}"
+            )
+        used[path] = vid
+        built_for = item.get("built_for")
+        if built_for is not None:
+            _text(built_for, f"{at}built_for", MAX_SHORT_TEXT)
+        golden = _opt(item, "golden", dict, at)
+        g_outputs = None
+        # Without its own tolerance, the manifest's rule for the variant's format.
+        tolerance = default.for_format(fmt)
+        if golden is not None:
+            g_outputs = _npz_file(_req(golden, "outputs", str, f"{at}golden."), files,
+                                  f"{at}golden.outputs")  # fmt: skip
+            raw_tolerance = _opt(golden, "tolerance", dict, f"{at}golden.")
+            if raw_tolerance is not None:
+                tolerance = parse_tolerance(
+                    raw_tolerance, f"{at}golden.tolerance", outputs=[s.name for s in outputs]
+                )
+        variants.append(
+            Variant(
+                id=vid,
+                format=fmt,
+                file=path,
+                precision=_choice(item.get("precision"), f"{at}precision", PRECISIONS),
+                method=_choice(item.get("method"), f"{at}method", METHODS),
+                built_for=built_for,
+                golden_outputs=g_outputs,
+                tolerance=tolerance,
+                peak_memory_mb=_peak_map(item.get("peak_memory_mb"), f"{at}peak_memory_mb"),
+            )
+        )
+    return tuple(variants)
+
+
+def _legacy_variants(
+    formats: Mapping[str, str],
+    golden_outputs: Mapping[str, str],
+    tolerance: Tolerance,
+    peak: Mapping[str, float],
+) -> tuple[Variant, ...]:
+    """One variant per format, id = the format name: what a bundle without `variants` means."""
+    return tuple(
+        Variant(
+            id=fmt,
+            format=fmt,
+            file=path,
+            golden_outputs=golden_outputs.get(fmt),
+            tolerance=tolerance.for_format(fmt),
+            peak_memory_mb=dict(peak),
+            legacy=True,
+        )
+        for fmt, path in formats.items()
     )
 
 
 def _peak_memory(raw: Mapping[str, Any]) -> dict[str, float]:
     figures = _opt(raw, "figures", dict, "") or {}
-    peak = _opt(figures, "peak_memory_mb", dict, "figures.") or {}
-    out: dict[str, float] = {}
-    for runtime, value in peak.items():
-        where = f"figures.peak_memory_mb.{shown(runtime, 30)}"
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise SchemaError(
-                f"manifest: {where} is {type(value).__name__}; figures.peak_memory_mb must "
-                "map runtime names to numbers"
-            )
-        try:
-            check_name(runtime, "runtime name")
-        except NameRuleError as exc:
-            raise SchemaError(f"manifest: figures.peak_memory_mb: {exc}") from None
-        out[runtime] = _number(value, where, MIN_PEAK_MB, MAX_PEAK_MB)
-    return out
+    return _peak_map(figures.get("peak_memory_mb"), "figures.peak_memory_mb")
 
 
 def parse_manifest(data: bytes) -> Manifest:
@@ -451,8 +624,12 @@ def parse_manifest(data: bytes) -> Manifest:
             _text(raw[key], key, MAX_SHORT_TEXT)
 
     files = _files(raw)
-    formats_raw = _req(raw, "formats", dict, "")
-    if not formats_raw:
+    has_variants = raw.get("variants") is not None
+    # A bundle with `variants` may drop the legacy `formats` (then older agents refuse it).
+    formats_raw = _req(raw, "formats", dict, "") if not has_variants else (
+        _opt(raw, "formats", dict, "") or {}
+    )  # fmt: skip
+    if not formats_raw and not has_variants:
         raise SchemaError(f"manifest: formats is empty; expected one of {', '.join(FORMATS)}")
     formats: dict[str, str] = {}
     for fmt, path in formats_raw.items():
@@ -462,8 +639,39 @@ def parse_manifest(data: bytes) -> Manifest:
             raise SchemaError(f"manifest: formats.{fmt} names {shown(path)}, which is not in files")
         formats[fmt] = path
 
-    g_inputs, g_outputs, atol, rtol = _golden(raw, files, formats)
+    inputs = _tensor_specs(raw.get("inputs"), "inputs")
+    outputs = _tensor_specs(raw.get("outputs"), "outputs")
+    g_inputs, g_outputs, tolerance = _golden(raw, files, formats, outputs)
     peak = _peak_memory(raw)
+    if has_variants:
+        variants = _variants(raw, files, tolerance, outputs)
+        files_of = {v.file for v in variants}
+        for fmt, path in formats.items():
+            if path not in files_of:
+                raise SchemaError(
+                    f"manifest: formats.{fmt} names {path!r}, which is no variant's file"
+                )
+        for v in variants:  # the legacy view of a variants-only bundle: first of each format
+            formats.setdefault(v.format, v.file)
+        with_golden = [v.id for v in variants if v.golden_outputs is not None]
+        if g_inputs is None and (with_golden or g_outputs):
+            raise SchemaError(
+                f"manifest: variants {with_golden[:8]} have golden outputs but golden.inputs "
+                "is missing"
+            )
+        if g_inputs is not None and len(with_golden) != len(variants):
+            lacking = [v.id for v in variants if v.golden_outputs is None]
+            raise SchemaError(
+                f"manifest: golden.inputs is set but variants {lacking[:8]} have no "
+                "golden.outputs: every variant needs its own reference outputs"
+            )
+    else:
+        if (g_inputs is None) != (not g_outputs):
+            raise SchemaError(
+                "manifest: golden needs both inputs and outputs (or neither); "
+                f"it has inputs {shown(g_inputs)} and outputs for {sorted(g_outputs)}"
+            )
+        variants = _legacy_variants(formats, g_outputs, tolerance, peak)
 
     labels = _opt(raw, "labels", list, "") or []
     if len(labels) > MAX_LABELS or not all(
@@ -480,16 +688,16 @@ def parse_manifest(data: bytes) -> Manifest:
         version=version,
         files=files,
         formats=formats,
-        inputs=_tensor_specs(raw.get("inputs"), "inputs"),
-        outputs=_tensor_specs(raw.get("outputs"), "outputs"),
+        inputs=inputs,
+        outputs=outputs,
         labels=tuple(labels),
         golden_inputs=g_inputs,
         golden_outputs=g_outputs,
-        golden_atol=atol,
-        golden_rtol=rtol,
+        golden_tolerance=tolerance,
         peak_memory_mb=peak,
         min_agent_version=min_agent,
         key_id=str(raw.get("key_id", "")),
+        variants=variants,
     )
 
 
@@ -522,28 +730,22 @@ def check_goldens(
                 f"{limits.max_golden_cases}"
             )
     outputs = {s.name for s in manifest.outputs}
-    for fmt, path in manifest.golden_outputs.items():
-        if path not in headers:  # check_golden inspects only its own format's file
+    owners: list[tuple[str, str | None]] = [*manifest.golden_outputs.items()]
+    owners += [(f"variant {v.id}", v.golden_outputs) for v in manifest.variants if not v.legacy]
+    for owner, path in owners:
+        if path is None or path not in headers:  # check_golden inspects only its own file
             continue
         unknown = sorted(set(headers[path]) - outputs)
         if unknown:
             raise GoldenFileError(
-                f"golden file {path} ({fmt}) holds {unknown[:8]}, which are not model outputs "
+                f"golden file {path} ({owner}) holds {unknown[:8]}, which are not model outputs "
                 f"({sorted(outputs)})"
             )
 
 
-def tolerance_problem(atol: float, references: Iterable[np.ndarray]) -> str | None:
-    """Why `atol` is too wide for these (finite) reference outputs, or None."""
-    peak = max((float(np.max(np.abs(r))) for r in references if r.size), default=0.0)
-    allowed = max(ATOL_FLOOR, ATOL_SHARE * peak)
-    if atol <= allowed:
-        return None
-    return (
-        f"golden.tolerance.atol {atol:g} is above {allowed:.3g}, the most it may be: "
-        f"{ATOL_SHARE:.0%} of the largest reference output magnitude ({peak:.3g}) or "
-        f"{ATOL_FLOOR:g}; wider, it would let wrong outputs pass"
-    )
+def tolerance_problem(tolerance: Tolerance, references: Mapping[str, np.ndarray]) -> str | None:
+    """Why the rule lets some of these (finite) reference outputs move too far, or None."""
+    return tolerance_rule.allowance_problem(tolerance, references)
 
 
 # --------------------------------------------------------------------------- reading
@@ -647,7 +849,7 @@ class _Reader:
                     "manifest.sig; a bundle starts with both"
                 )
             self._check_file(manifest, member, reader, dest)
-            if name == manifest.golden_inputs or name in manifest.golden_outputs.values():
+            if name in manifest.golden_files:
                 goldens[name] = inspect_npz(
                     fh,
                     member.data_offset,
@@ -887,9 +1089,7 @@ def _sha256_file(path: Path) -> str:
 def _golden_headers(manifest: Manifest, files: Mapping[str, Path]) -> dict[str, Any]:
     limits = Limits()
     headers = {}
-    for path in [manifest.golden_inputs, *manifest.golden_outputs.values()]:
-        if path is None:
-            continue
+    for path in manifest.golden_files:
         src = Path(files[path])
         with src.open("rb") as fh:
             headers[path] = inspect_npz(
@@ -932,11 +1132,21 @@ def write_bundle(
     # Never write a bundle a device would refuse as malformed.
     parsed = parse_manifest(manifest_bytes)
     check_goldens(parsed, _golden_headers(parsed, files), Limits())
-    for path in parsed.golden_outputs.values():
+    for fmt, path in parsed.golden_outputs.items():
         with np.load(files[path], allow_pickle=False) as data:
-            problem = tolerance_problem(parsed.golden_atol, [data[k] for k in data.files])
+            references = {k: data[k] for k in data.files}
+        rules = [parsed.golden_tolerance, parsed.golden_tolerance.for_format(fmt)]
+        problem = next(filter(None, (tolerance_problem(r, references) for r in rules)), None)
         if problem is not None:
             raise GoldenFileError(f"{path}: {problem}")
+    for variant in parsed.variants:
+        if variant.legacy or variant.golden_outputs is None:
+            continue
+        with np.load(files[variant.golden_outputs], allow_pickle=False) as data:
+            references = {k: data[k] for k in data.files}
+        problem = tolerance_problem(variant.tolerance, references)
+        if problem is not None:
+            raise GoldenFileError(f"{variant.golden_outputs} (variant {variant.id}): {problem}")
     signature = sign(private_key, manifest_bytes)
     mtime = int(datetime.now(UTC).timestamp())
 
@@ -971,6 +1181,9 @@ __all__ = [
     "DTYPES",
     "FORMATS",
     "MANIFEST",
+    "MAX_VARIANTS",
+    "METHODS",
+    "PRECISIONS",
     "SCHEMA",
     "SIGNATURE",
     "SUFFIX",
@@ -992,6 +1205,7 @@ __all__ = [
     "UnpackError",
     "UnsafeMemberError",
     "UntrustedSignerError",
+    "Variant",
     "VerifiedBundle",
     "VersionNotNewerError",
     "bundle_digest",

@@ -201,7 +201,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         )
         note = f"(probably by the agent running on this state_dir, {who}; it frees it on stop)"
     problems += preflight.check_api(config, note) + preflight.check_link(config)
-    problems += preflight.check_pull(config)
+    problems += preflight.check_pull(config) + preflight.check_jetson(config)
     for p in problems:
         if p.warning:
             print(f"warning [{p.code}] {_printable(str(p))}")

@@ -52,6 +52,11 @@ class Footprint:
     per_row_bytes: int  # what each more row costs
     input_bytes_per_row: int  # input bytes of one probe row (scales rows of other shapes)
     batched: bool  # False when the inputs have no leading batch axis to probe along
+    # GPU memory the model added while loaded and probed (agent.device_memory), read
+    # where a GPU serves it; 0 with device_source "" on a CPU.
+    device_bytes: int = 0
+    device_source: str = ""  # "nvml" (discrete GPU) | "nvmap" (Jetson, unified)
+    device_unified: bool = False
 
     def request_bytes(self, input_bytes: int) -> int:
         """Runtime memory a request of `input_bytes` of input is expected to need."""
@@ -61,18 +66,25 @@ class Footprint:
         return int(self.fixed_bytes + math.ceil(rows * self.per_row_bytes))
 
     def peak_bytes(self, rows: int) -> int:
-        """Load plus one run of `rows` rows: what validating with `rows` golden rows costs."""
-        return (
+        """Load plus one run of `rows` rows: what validating with `rows` golden rows
+        costs in host memory, and on unified memory in the GPU's share of it too."""
+        host = (
             self.load_bytes + self.fixed_bytes + (rows * self.per_row_bytes if self.batched else 0)
         )
+        return host + (self.device_bytes if self.device_unified else 0)
 
-    def as_dict(self) -> dict[str, float | bool]:
-        return {
+    def as_dict(self) -> dict[str, float | bool | str]:
+        out: dict[str, float | bool | str] = {
             "load_mb": round(self.load_bytes / MB, 2),
             "fixed_mb": round(self.fixed_bytes / MB, 2),
             "per_row_mb": round(self.per_row_bytes / MB, 4),
             "batched": self.batched,
         }
+        if self.device_source:
+            out["device_mb"] = round(self.device_bytes / MB, 2)
+            out["device_source"] = self.device_source
+            out["device_unified"] = self.device_unified
+        return out
 
 
 class PeakMeter:

@@ -20,6 +20,7 @@ from agent.bundle import (
     GoldenFileError,
     Limits,
     Manifest,
+    Variant,
     check_goldens,
     tolerance_problem,
 )
@@ -27,6 +28,7 @@ from agent.errors import ServingError
 from agent.npz import ArrayHeader, inspect_npz
 from agent.runtimes.base import Runtime
 from agent.tensors import validate_feeds
+from agent.tolerance import ToleranceReport, compare
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +61,36 @@ def _load(path: Path) -> dict[str, np.ndarray]:
         raise GoldenFileError(f"cannot read golden file {path.name}: {exc}") from exc
 
 
-def check_golden(
-    manifest: Manifest, directory: Path, runtime: Runtime, limits: Limits | None = None
-) -> dict[str, float]:
-    """Return the max abs difference per output; raise GoldenMismatchError beyond tolerance."""
+def replay_golden(
+    manifest: Manifest,
+    directory: Path,
+    runtime: Runtime,
+    limits: Limits | None = None,
+    variant: Variant | None = None,
+) -> ToleranceReport | None:
+    """Run the golden cases on `runtime` and judge them by the bundle's rule for its family.
+
+    `variant` replays that variant's own outputs by its own rule; None (or a legacy
+    variant) the outputs of the runtime's format by the manifest's rule for it.
+    None when the bundle has no golden cases for it. Raises GoldenFileError for
+    unusable evidence and GoldenMismatchError when the inputs do not fit or fail to
+    run; a mismatch beyond the rule is in the report's failures.
+    """
     limits = limits or Limits()
     fmt = runtime.format
-    if manifest.golden_inputs is None or fmt not in manifest.golden_outputs:
-        log.warning("bundle %s has no golden cases for %s; not validated", manifest.name, fmt)
-        return {}
-    paths = [manifest.golden_inputs, manifest.golden_outputs[fmt]]
+    if variant is not None and not variant.legacy:
+        outputs_path, rule, what = (
+            variant.golden_outputs,
+            variant.tolerance,
+            f"variant {variant.id}",
+        )
+    else:
+        outputs_path = manifest.golden_outputs.get(fmt)
+        rule, what = manifest.golden_tolerance.for_format(fmt), fmt
+    if manifest.golden_inputs is None or outputs_path is None:
+        log.warning("bundle %s has no golden cases for %s; not validated", manifest.name, what)
+        return None
+    paths = [manifest.golden_inputs, outputs_path]
     # Re-inspected here: `current` may have been unpacked by an older, laxer agent.
     check_goldens(manifest, {p: _inspect(directory / p, limits) for p in paths}, limits)
     inputs = _load(directory / paths[0])
@@ -81,7 +103,7 @@ def check_golden(
                 f"golden output {name!r} in {paths[1]} is empty or holds NaN/inf; "
                 "a reference must be finite numbers"
             )
-    problem = tolerance_problem(manifest.golden_atol, expected.values())
+    problem = tolerance_problem(rule, expected)
     if problem is not None:
         raise GoldenFileError(f"{paths[1]}: {problem}")
     try:
@@ -94,31 +116,35 @@ def check_golden(
         got = runtime.run(inputs)
     except Exception as exc:
         raise GoldenMismatchError(f"golden inputs fail to run on {runtime.name}: {exc}") from exc
-    diffs: dict[str, float] = {}
-    failures = []
-    for name, want in expected.items():
-        if name not in got:
-            raise GoldenMismatchError(f"golden output {name!r} is not produced by the model")
-        have = np.asarray(got[name])
-        if have.shape != want.shape:
-            raise GoldenMismatchError(
-                f"golden output {name!r} has shape {list(have.shape)}, expected {list(want.shape)}"
-            )
-        want64 = want.astype(np.float64)
-        diff = np.abs(have.astype(np.float64) - want64)
-        bound = manifest.golden_atol + manifest.golden_rtol * np.abs(want64)
-        # `not (diff <= bound)`, so NaN (and inf - inf) fails instead of passing.
-        bad = ~(diff <= bound)
-        diffs[name] = float(np.nanmax(diff)) if not np.isnan(diff).all() else float("nan")
-        if bad.any():
-            nans = int(np.isnan(have.astype(np.float64)).sum())
-            failures.append(
-                f"{name}: max abs diff {diffs[name]:.3g} exceeds atol {manifest.golden_atol:g} "
-                f"+ rtol {manifest.golden_rtol:g}"
-                + (f" ({nans} NaN output value(s))" if nans else "")
-            )
-    if failures:
+    return compare(rule, runtime.family(), expected, got)
+
+
+def check_golden(
+    manifest: Manifest,
+    directory: Path,
+    runtime: Runtime,
+    limits: Limits | None = None,
+    variant: Variant | None = None,
+) -> dict[str, float]:
+    """Return the max abs difference per output; raise GoldenMismatchError beyond the rule."""
+    report = replay_golden(manifest, directory, runtime, limits, variant)
+    if report is None:
+        return {}
+    if not report.ok:
         raise GoldenMismatchError(
-            f"golden cases do not reproduce on {runtime.name}: " + "; ".join(failures)
+            f"golden cases do not reproduce on {runtime.name} ({report.family} rule): "
+            + "; ".join(report.failures)
         )
-    return diffs
+    log.info(
+        "golden cases of %s %s reproduce on %s (%s rule): %s",
+        manifest.name,
+        manifest.version,
+        runtime.name,
+        report.family,
+        ", ".join(
+            f"{r.name} max diff {r.max_abs_diff:.3g} of {r.allowance:.3g}"
+            + (f", top-1 {r.top1:.0%}" if r.top1 is not None else "")
+            for r in report.outputs.values()
+        ),
+    )
+    return report.max_abs_diff

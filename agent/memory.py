@@ -182,6 +182,27 @@ def admit(
         )
 
 
+def admit_device(
+    model: str,
+    added_bytes: int,
+    held_bytes: int,
+    cap_bytes: int,
+    source: str,
+    binding: str,
+) -> None:
+    """Raise AdmissionError unless the GPU memory this process holds with the
+    candidate loaded (`held_bytes`, of which `added_bytes` the candidate's) fits
+    under a discrete GPU's `cap_bytes` (`binding` names where the cap comes from)."""
+    if cap_bytes <= 0 or held_bytes <= cap_bytes:
+        return
+    raise AdmissionError(
+        f"model {model} takes {added_bytes / MB:.1f} MB of GPU memory (measured on this "
+        f"device through {source}), {held_bytes / MB:.1f} MB held in all, above the GPU "
+        f"memory cap of {cap_bytes / MB:.1f} MB (set by {binding}); keeping the current model",
+        need_mb=added_bytes / MB,
+    )
+
+
 def _load_malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     name = ctypes.util.find_library("c")
     if name is None:
@@ -265,7 +286,11 @@ class RssWatcher:
         self.interval_s = interval_s
         self.recover_after_s = recover_after_s
         self._process = psutil.Process()
-        self.rss = int(self._process.memory_info().rss)
+        # On unified memory (a Jetson) what the GPU holds for the agent is the same
+        # RAM the cap protects: agent.device_memory.unified_counter() gives it, and
+        # every reading below counts it with RSS. None elsewhere.
+        self.device_bytes: Callable[[], int] | None = None
+        self.rss = self._read()
         self.peak = self.rss
         self.overloaded = False
         self.shed_count = 0
@@ -291,8 +316,13 @@ class RssWatcher:
         """The sampling thread runs (the watchdog is petted only while it does)."""
         return self._thread.is_alive()
 
+    def _read(self) -> int:
+        rss = int(self._process.memory_info().rss)
+        counter = getattr(self, "device_bytes", None)
+        return rss + counter() if counter is not None else rss
+
     def sample(self) -> int:
-        self.rss = int(self._process.memory_info().rss)
+        self.rss = self._read()
         self.peak = max(self.peak, self.rss)
         was = self.overloaded
         soft = self.budget.soft_limit_bytes
@@ -300,7 +330,7 @@ class RssWatcher:
             # A burst can leave freed-but-kept heap behind; give it back before judging.
             self._last_trim = time.monotonic()
             if release_free_memory():
-                self.rss = int(self._process.memory_info().rss)
+                self.rss = self._read()
         self._recover(soft)
         self.overloaded = self.rss > soft
         if self.overloaded != was:
@@ -333,14 +363,14 @@ class RssWatcher:
         self._reclaimed_for = since
         before = self.rss
         release_free_memory()
-        self.rss = int(self._process.memory_info().rss)
+        self.rss = self._read()
         if self.rss <= soft and self.rss <= rest + slack:
             return
         # Nothing runs and RSS stays up: what is left is kept by the runtime's pools.
         if reclaimer.reclaim():
             self.reclaims += 1
             release_free_memory()
-            self.rss = int(self._process.memory_info().rss)
+            self.rss = self._read()
             log.warning(
                 "idle at RSS %.1f MB (%.1f MB at rest): rebuilt the runtime, RSS now %.1f MB",
                 before / MB,

@@ -6,6 +6,8 @@ import bisect
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,24 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _WINDOW_CAP = 20_000  # latencies kept between two telemetry reports
+
+
+@dataclass(frozen=True)
+class GaugeFamily:
+    """A gauge with labels (`edgerun_temperature_celsius{zone="tj"}`); one sample per label set."""
+
+    name: str
+    help: str
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge"]
+        for labels, value in self.samples:
+            text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+            lines.append(
+                f"{self.name}{{{text}}} {_num(value)}" if text else f"{self.name} {_num(value)}"
+            )
+        return lines
 
 
 class _Histogram:
@@ -131,7 +151,12 @@ class Metrics:
             )
         return {"window": window, "total": totals}
 
-    def render_prometheus(self, gauges: dict[str, tuple[str, float]], info: dict[str, str]) -> str:
+    def render_prometheus(
+        self,
+        gauges: dict[str, tuple[str, float]],
+        info: dict[str, str],
+        families: Sequence[GaugeFamily] = (),
+    ) -> str:
         with self._lock:
             lines = [
                 "# HELP edgerun_inference_requests_total Inference requests answered.",
@@ -158,6 +183,9 @@ class Metrics:
             ]
         for name, (help_text, value) in sorted(gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {_num(value)}"]
+        for family in families:
+            if family.samples:
+                lines += family.render()
         if info:
             labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(info.items()))
             lines += [

@@ -347,3 +347,19 @@ __all__ = [
     "check_tcp",
     "parse_tcp",
 ]
+
+
+def check_jetson(config: AgentConfig) -> list[Problem]:
+    """A tegrastats path that cannot run would be retried forever: say so up front."""
+    problems = []
+    setting = config.jetson.tegrastats
+    if setting not in ("auto", "off"):
+        path = Path(setting)
+        if not path.is_file():
+            problems.append(Problem("jetson.tegrastats", f"{path} is not a file"))
+        elif not os.access(path, os.X_OK):
+            problems.append(Problem("jetson.tegrastats", f"{path} is not executable by this user"))
+    root = config.jetson.sysfs_root
+    if not root.is_dir():
+        problems.append(Problem("jetson.sysfs_root", f"{root} is not a directory"))
+    return problems

@@ -8,6 +8,7 @@ package` uses it to record golden outputs and the figures a device admits by.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
@@ -20,9 +21,13 @@ import psutil
 
 from agent.bundle import LEGACY_BATCH_AXIS, TensorSpec
 from agent.runtimes import REGISTRY
-from agent.runtimes.base import InferenceError, ModelLoadError, RuntimeUnavailableError
-from agent.runtimes.litert import LiteRTConfig, LiteRTRuntime
-from agent.runtimes.ort import OrtConfig, OrtRuntime
+from agent.runtimes.base import (
+    InferenceError,
+    LoadContext,
+    ModelLoadError,
+    Runtime,
+    RuntimeUnavailableError,
+)
 from agent.tensors import batch_of, slice_feeds
 
 MB = 1024 * 1024
@@ -72,17 +77,16 @@ def measure(
     warmup: int = 3,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Returns (figures, outputs of the whole-batch run)."""
-    REGISTRY[runtime]  # raises KeyError for an unknown name before we measure anything
+    cls = REGISTRY[runtime]  # raises KeyError for an unknown name before measuring
+    config = cls.config_type()
+    if cls.threads_field is not None:
+        config = dataclasses.replace(config, **{cls.threads_field: threads})
     process = psutil.Process()
     baseline = process.memory_info().rss
     sampler = _PeakSampler()
     sampler.start()
     t0 = time.perf_counter()
-    rt: OrtRuntime | LiteRTRuntime
-    if runtime == "onnxruntime":
-        rt = OrtRuntime(model, inputs, outputs, OrtConfig(intra_op_threads=threads))
-    else:
-        rt = LiteRTRuntime(model, inputs, outputs, LiteRTConfig(threads=threads))
+    rt: Runtime = cls.open(model, inputs, outputs, config, LoadContext())
     load_ms = (time.perf_counter() - t0) * 1000
     full = rt.run(feeds)
     # Latency is per case: each run takes one case, cut on every input's own batch

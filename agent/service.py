@@ -20,7 +20,11 @@ from agent.api.server import ApiServer, ApiSetupError
 from agent.bundle import BundleError
 from agent.config.loader import ConfigError, read_public_keys
 from agent.config.model import AgentConfig
+from agent.device_memory import detect, unified_counter
 from agent.events import EventBus
+from agent.hardware.gauges import accelerator_gauges
+from agent.hardware.jetson import JetsonTelemetry, find_tegrastats
+from agent.hardware.sysfs import JetsonSysfs
 from agent.memory import MB, RssWatcher, compute_budget
 from agent.metrics import Metrics
 from agent.preflight import START_FAILED, START_INTERNAL, check_api
@@ -85,6 +89,8 @@ class Agent:
         self.budget = compute_budget(config.memory)
         self.watcher = RssWatcher(self.budget, config.memory.check_interval_ms / 1000)
         self.watcher.on_change = self._overload_changed
+        # A Jetson's GPU memory is the RAM the cap protects: shed on RSS + GPU memory.
+        self.watcher.device_bytes = unified_counter(detect())
         self.keys = load_trusted_keys(config)
         try:
             self.store = Store(config.state_dir)
@@ -121,6 +127,12 @@ class Agent:
         # What is installed does not change while the agent runs: look once, not per status.
         self.runtimes = {k: v or "available" for k, v in availability().items()}
         self.components: list[Component] = []
+        # A Jetson's GPU, rails and zones for telemetry and /metrics; silent elsewhere.
+        self.accelerator = JetsonTelemetry(
+            find_tegrastats(config.jetson.tegrastats),
+            config.jetson.interval_ms,
+            JetsonSysfs(config.jetson.sysfs_root),
+        )
         self._stop = asyncio.Event()
         self._shed_at_overload = 0
         self.exit_code = 0
@@ -172,6 +184,14 @@ class Agent:
                 float(self.watcher.shed_count),
             ),
             "edgerun_inflight_requests": ("Requests being served.", float(self.host.inflight)),
+            "edgerun_shm_regions": (
+                "System shared-memory regions registered.",
+                float(len(self.api.shm)),
+            ),
+            "edgerun_shm_registered_bytes": (
+                "Bytes of the registered shared-memory regions (charged to the headroom).",
+                float(self.api.shm.total_bytes),
+            ),
             "edgerun_model_ready": ("1 when a model is served.", float(self.host.ready())),
         }
         info = {}
@@ -182,7 +202,8 @@ class Agent:
                 "sha256": model.sha256,
                 "runtime": model.runtime_name,
             }
-        return self.metrics.render_prometheus(gauges, info)
+        families = accelerator_gauges(self.accelerator.read())
+        return self.metrics.render_prometheus(gauges, info, families)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -278,6 +299,9 @@ class Agent:
         # The API answers from here on: 503 model.not_ready until a model is in.
         if await self._until_stopped("load current", self.recover_and_serve) is STOPPED:
             return await self.shutdown()
+        # Not one of self.components: those are what can bring a bundle (see
+        # _can_receive_bundles). Started here so that a start-up error leaves no child.
+        await self.accelerator.start()
         for component in self.components:
             await component.start()
         resume = self.recovered.resume
@@ -400,6 +424,10 @@ class Agent:
                 await component.stop()
             except Exception:
                 log.exception("stopping %r failed", component)
+        try:
+            await self.accelerator.stop()
+        except Exception:
+            log.exception("stopping the tegrastats sampler failed")
         self.api.close()
         self.traffic.stop()
         self.host.close()

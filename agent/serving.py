@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.batching import BatcherClosedError, MicroBatcher
-from agent.bundle import Manifest
+from agent.bundle import Manifest, Variant
 from agent.config.model import AgentConfig, BatchingConfig
 from agent.errors import (
     ModelNotFoundError,
@@ -45,6 +45,7 @@ from agent.memory import MB, RssWatcher, current_rss, release_free_memory
 from agent.metrics import Metrics
 from agent.runtimes.base import Feeds, InferenceError, Runtime
 from agent.tensors import validate_feeds
+from agent.variants.report import Selection
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ class LoadedModel:
     golden_diffs: dict[str, float] = field(default_factory=dict)
     # Measured on this device at validation; None when it was not measured.
     footprint: Footprint | None = None
+    # The bundle variant this runtime loaded, and why it was chosen (agent/variants/).
+    variant: Variant | None = None
+    selection: Selection | None = None
     # Set once the runtime is closed (by the last generation that served it).
     closed: threading.Event = field(default_factory=threading.Event, repr=False)
     _holders: int = field(default=0, repr=False)
@@ -75,10 +79,19 @@ class LoadedModel:
             "version": self.manifest.version,
             "sha256": self.sha256,
             "runtime": self.runtime.describe(),
+            "providers": self.runtime.providers(),
             "loaded_at": self.loaded_at,
         }
+        # Both figures admission judged by: the measured one and the manifest's claim.
+        claimed = self.manifest.peak_memory_mb.get(self.runtime_name)
+        if self.variant is not None:
+            claimed = self.variant.peak_memory_mb.get(self.runtime_name, claimed)
         if self.footprint is not None:
-            summary["memory"] = self.footprint.as_dict()
+            summary["memory"] = {**self.footprint.as_dict(), "manifest_peak_mb": claimed}
+        if self.variant is not None:
+            summary["variant"] = self.variant.id
+        if self.selection is not None:
+            summary["selection"] = self.selection.to_json()
         return summary
 
     def request_bytes(self, feeds: Feeds) -> int:

@@ -56,6 +56,38 @@ def build_mlp_onnx(path: Path, width: int = 1024, layers: int = 8, seed: int = 0
     return path
 
 
+def build_frame_onnx(path: Path, height: int | str, width: int | str) -> Path:
+    """A camera-frame model: uint8 [batch, H, W, 3] -> per-channel mean [batch, 3] of
+    every 4th pixel of every 4th row (a thumbnail's statistics).
+
+    About 1 ms for a 1920x1080 frame, so a round trip shows how the frame gets to the
+    runtime (the mean of every pixel costs ~15 ms on this kind of machine, and would
+    hide it). A str height/width makes that dimension dynamic."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name: str, values: list[int]) -> onnx.NodeProto:
+        tensor = numpy_helper.from_array(np.array(values, np.int64), name)
+        return helper.make_node("Constant", [], [name], value=tensor)
+
+    graph = helper.make_graph(
+        [
+            const("starts", [0, 0]), const("ends", [1 << 30, 1 << 30]),
+            const("axes", [1, 2]), const("steps", [4, 4]),
+            helper.make_node("Slice", ["image", "starts", "ends", "axes", "steps"], ["thumb"]),
+            helper.make_node("Cast", ["thumb"], ["pixels"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMean", ["pixels"], ["mean"], axes=[1, 2], keepdims=0),
+        ],
+        "frame",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", height, width, 3])],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["batch", 3])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
 def package_mlp(out_dir: Path) -> Path:
     from export.package import package_model
 
@@ -92,6 +124,7 @@ def agent_process(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
+            cwd=ROOT,  # this checkout's agent, not an installed one
         )
         ready = None
         while time.perf_counter() - start < 60:

@@ -35,6 +35,7 @@ def _package(args: argparse.Namespace) -> int:
         onnx_specs,
         package_model,
         parse_batch_axes,
+        parse_variant_arg,
         tflite_specs,
     )
 
@@ -57,6 +58,7 @@ def _package(args: argparse.Namespace) -> int:
         else:
             missing = onnx_path or tflite_path
             raise PackageError(f"model file {missing} does not exist")
+        variants = [parse_variant_arg(v) for v in args.variant or []]
         golden = load_golden_inputs(Path(args.golden_inputs), specs)
         labels = None
         if args.labels:
@@ -73,6 +75,8 @@ def _package(args: argparse.Namespace) -> int:
             atol=args.atol,
             rtol=args.rtol,
             batch_axes=axes,
+            variants=variants,
+            int8_atol=args.int8_atol,
         )
     except (PackageError, MeasureError, KeyFileError, BundleError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -125,6 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     pk.add_argument("--labels", help="text file, one label per line")
     pk.add_argument("--atol", type=float, help="golden tolerance (absolute)")
     pk.add_argument("--rtol", type=float, help="golden tolerance (relative)")
+    pk.add_argument(
+        "--variant",
+        action="append",
+        metavar="ID=PATH[,precision=P][,method=M][,built_for=T]",
+        help="another build of the same model (repeatable): a multi-variant bundle; the "
+        "MODEL files are variants too (ids 'onnx', 'tflite'); precision fp32|fp16|int8|mixed, "
+        "method static|dynamic|qat|mixed",
+    )
+    pk.add_argument("--int8-atol", type=float, help="golden tolerance of int8/mixed variants")
     pk.add_argument(
         "--batch-axis",
         action="append",

@@ -9,25 +9,27 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agent.bundle import DTYPES, SUFFIX, TensorSpec, legacy_batch_axis, write_bundle
+from agent.runtimes import REGISTRY
 from agent.signing import load_private_key
 from agent.tensors import slice_feeds
+from agent.tolerance import Tolerance, ToleranceReport
+from export.golden_rule import GoldenRuleError, classifier_outputs, golden_rule, judge
 from export.measure import probe
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ATOL = 1e-3
-DEFAULT_RTOL = 1e-3
 GOLDEN_MAX_CASES = 16
 
 _ONNX_TYPES = {
@@ -43,6 +45,67 @@ class PackageError(ValueError):
 
 
 BatchAxes = Mapping[str, "int | None"]
+
+_VARIANT_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+METHODS = (None, "static", "dynamic", "qat", "mixed")
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One build of the model in a multi-variant bundle (DESIGN.md "Variants").
+
+    Every variant honours the manifest's inputs/outputs: a device may serve any of
+    them without the API changing. `atol` None: the bundle's rule for its precision.
+    """
+
+    id: str
+    path: Path
+    precision: str = "fp32"
+    method: str | None = None
+    built_for: str | None = None
+    atol: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def format(self) -> str:
+        return "tflite" if Path(self.path).suffix == ".tflite" else "onnx"
+
+    def check(self) -> None:
+        if not _VARIANT_ID.fullmatch(self.id):
+            raise PackageError(
+                f"variant id {self.id!r}: 1-64 of a-z 0-9 . _ -, the first a letter or digit"
+            )
+        if self.precision not in PRECISIONS:
+            raise PackageError(f"variant {self.id}: precision {self.precision!r} is not one of "
+                               + ", ".join(PRECISIONS))  # fmt: skip
+        if self.method not in METHODS:
+            raise PackageError(f"variant {self.id}: method {self.method!r} is not one of "
+                               + ", ".join(map(repr, METHODS)))  # fmt: skip
+        if Path(self.path).suffix not in (".onnx", ".tflite"):
+            raise PackageError(f"variant {self.id}: {self.path} is neither .onnx nor .tflite")
+        if not Path(self.path).is_file():
+            raise PackageError(f"variant {self.id}: model file {self.path} does not exist")
+
+
+def parse_variant_arg(item: str) -> VariantSpec:
+    """`ID=PATH[,precision=P][,method=M][,built_for=T]` (from --variant)."""
+    head, *opts = item.split(",")
+    vid, sep, path = head.partition("=")
+    if not sep or not vid.strip() or not path.strip():
+        raise PackageError(f"--variant {item!r}: expected ID=PATH[,precision=int8][,method=static]")
+    fields: dict[str, Any] = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        key = key.strip()
+        if not sep or key not in ("precision", "method", "built_for"):
+            raise PackageError(f"--variant {item!r}: {opt!r} is not precision=, method= or "
+                               "built_for=")  # fmt: skip
+        fields[key] = value.strip() or None
+    spec = VariantSpec(vid.strip(), Path(path.strip()), **fields)
+    spec.check()
+    return spec
+
 
 # Dynamic dimension names exporters give the batch: torch.onnx's dynamic_axes
 # examples, tf2onnx's "N", Keras's "batch_size", hand-written "B".
@@ -316,6 +379,52 @@ def _check_output_axes(
             )
 
 
+def _variant_entry(spec: VariantSpec, arcname: str, golden_file: str, runtime: str,
+                   measured: Mapping[str, Any], rule: Tolerance | None) -> dict[str, Any]:  # fmt: skip
+    """One `variants[]` entry of the manifest (DESIGN.md "Variants"); without `rule` the
+    variant's tolerance is the manifest's golden rule (a legacy format's model)."""
+    golden_entry: dict[str, Any] = {"outputs": golden_file}
+    if rule is not None:
+        golden_entry["tolerance"] = rule.to_json()
+    entry: dict[str, Any] = {
+        "id": spec.id, "format": spec.format, "file": arcname, "precision": spec.precision,
+        "method": spec.method, "golden": golden_entry,
+        "peak_memory_mb": {runtime: measured["model_peak_mb"]},
+        "latency_ms": {runtime: measured["latency_ms"]},
+        "size_bytes": Path(spec.path).stat().st_size,
+    }  # fmt: skip
+    if spec.built_for:
+        entry["built_for"] = spec.built_for
+    entry.update(spec.extra)
+    return entry
+
+
+def _same_contract(v: VariantSpec, inputs: tuple[TensorSpec, ...],
+                   outputs: tuple[TensorSpec, ...]) -> None:  # fmt: skip
+    """A variant must take and give what the manifest declares (names, dtypes, ranks);
+    a TFLite file's frozen batch and renamed tensors are matched by position."""
+    if v.format == "tflite":
+        ins, outs = (batch_on_axis_0(x) for x in tflite_specs(Path(v.path)))
+        pairs = list(zip(ins, inputs, strict=False)) + list(zip(outs, outputs, strict=False))
+        same = (
+            len(ins) == len(inputs)
+            and len(outs) == len(outputs)
+            and all(a.dtype == b.dtype and len(a.shape) == len(b.shape) for a, b in pairs)
+        )
+    else:
+        ins, outs = onnx_specs(Path(v.path))
+        key = lambda s: (s.name, s.dtype, len(s.shape))  # noqa: E731
+        same = [key(s) for s in ins] == [key(s) for s in inputs] and [
+            key(s) for s in outs] == [key(s) for s in outputs]  # fmt: skip
+    if not same:
+        raise PackageError(
+            f"variant {v.id} ({v.path}) does not take and give the bundle's tensors: it has "
+            f"inputs {[(s.name, s.dtype, list(s.shape)) for s in ins]}, outputs "
+            f"{[(s.name, s.dtype, list(s.shape)) for s in outs]}; every variant serves the "
+            "same API"
+        )
+
+
 def package_model(
     *,
     onnx_path: Path | None,
@@ -333,14 +442,36 @@ def package_model(
     threads: int = 1,
     runs: int = 50,
     batch_axes: BatchAxes | None = None,
+    variants: list[VariantSpec] | None = None,
+    int8_atol: float | None = None,
+    record: Callable[[str, ToleranceReport], None] | None = None,
+    tolerance: Tolerance | None = None,
 ) -> Path:
     """Write `out_dir/NAME-VERSION.edgebundle`, signed with the key at `key_path`.
 
     `batch_axes` overrides the batch axis the packager infers for a tensor (name ->
-    axis, or None for a tensor all cases share).
+    axis, or None for a tensor all cases share). The golden tolerance rule is derived
+    (export.golden_rule); `atol`/`rtol` replace its CPU bound. `record` is told how
+    each replay of the golden cases fared under the rule ("onnx cuda", report).
+    `tolerance` is a rule derived already (the build pipeline's golden gate): it is
+    written as given and judged again on these golden outputs.
+
+    `variants`: more builds of the same model (multi-variant bundle). `onnx_path` and
+    `tflite_path` stay the legacy `formats` (what an agent that knows no variants
+    serves); each is also a variant, so a variant-aware device measures them all.
+    Variants must take and give the same tensors (names, dtypes, ranks) as the legacy
+    model. Each other variant gets its own golden outputs and its own rule (derived
+    the same way, on its own file; `int8_atol` replaces the CPU bound of INT8/mixed
+    ones); the legacy ones use the bundle's rule.
     """
+    variants = list(variants or [])
     if onnx_path is None and tflite_path is None:
         raise PackageError("give at least one model: an ONNX file, a TFLite file or both")
+    for v in variants:
+        v.check()
+    ids = [v.id for v in variants]
+    if len(set(ids)) != len(ids):
+        raise PackageError(f"variant ids must be unique, got {ids}")
     key = load_private_key(Path(key_path))
     for p in (onnx_path, tflite_path):
         if p is not None and not Path(p).is_file():
@@ -354,6 +485,10 @@ def package_model(
         if s.dtype not in DTYPES:
             raise PackageError(f"tensor {s.name} has dtype {s.dtype}")
     cases = check_golden(golden_inputs, inputs)
+    for v in variants:  # before anything is measured
+        if not any(p is not None and Path(p).resolve() == Path(v.path).resolve()
+                   for p in (onnx_path, tflite_path)):  # fmt: skip
+            _same_contract(v, inputs, outputs)
     golden = {
         # (np.ascontiguousarray would turn a 0-d input into shape [1])
         k: np.asarray(v, order="C")
@@ -369,20 +504,29 @@ def package_model(
     }
     formats: dict[str, str] = {}
     golden_outputs: dict[str, str] = {}
+    references: dict[str, dict[str, np.ndarray]] = {}
+    models: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="edgerun-package-") as tmp:
         work = Path(tmp)
         files: dict[str, Path] = {}
         np.savez(work / "inputs.npz", **golden)  # type: ignore[arg-type]
         files["golden/inputs.npz"] = work / "inputs.npz"
-        targets = [("onnx", onnx_path, "onnxruntime", "model.onnx"),
-                   ("tflite", tflite_path, "litert", "model.tflite")]  # fmt: skip
-        for fmt, src, runtime, arcname in targets:
-            if src is None:
+        legacy: dict[str, str] = {}  # format -> variant id of the legacy model
+        pending: list[tuple[VariantSpec, str, str, str, Mapping[str, Any], Any]] = []
+        # One probe per registered runtime whose format was given (agent/runtimes).
+        sources = {"onnx": onnx_path, "tflite": tflite_path}
+        for runtime, cls in REGISTRY.items():
+            fmt = cls.format
+            src = sources.get(fmt)
+            if src is None or fmt in formats:
                 continue
+            arcname = f"model.{fmt}"
             files[arcname] = Path(src)
             formats[fmt] = arcname
             measured, produced = probe(Path(src), runtime, golden, inputs, outputs, threads, runs)
             _check_output_axes(outputs, produced, cases)
+            references[fmt] = produced
+            models[fmt] = Path(src)
             out_file = work / f"outputs-{fmt}.npz"
             np.savez(out_file, **produced)  # type: ignore[arg-type]
             files[f"golden/outputs-{fmt}.npz"] = out_file
@@ -393,6 +537,53 @@ def package_model(
             figures["runtimes"][runtime] = {
                 k: measured[k] for k in ("library", "threads", "load_ms", "baseline_rss_mb")
             }
+            same = next((v for v in variants if Path(v.path).resolve() == Path(src).resolve()),
+                        None)  # fmt: skip
+            if variants:
+                spec = same or VariantSpec(fmt, Path(src))
+                legacy[fmt] = spec.id
+                pending.append((spec, arcname, golden_outputs[fmt], runtime, measured, None))
+        try:
+            derived, refs, replays = golden_rule(
+                models,
+                (inputs, outputs),
+                golden,
+                classifier_outputs(((s.name, s.shape) for s in outputs), labels),
+                references=references,
+                atol=atol,
+                rtol=rtol,
+            )
+            rule = tolerance or derived
+            figures["golden_replays"] = judge(rule, refs, replays, record)
+        except GoldenRuleError as exc:
+            raise PackageError(str(exc)) from exc
+        classes = classifier_outputs(((s.name, s.shape) for s in outputs), labels)
+        for v in variants:
+            if v.id in legacy.values():
+                continue
+            runtime = next(n for n, c in REGISTRY.items() if c.format == v.format)
+            measured, produced = probe(Path(v.path), runtime, golden, inputs, outputs, threads,
+                                       runs)  # fmt: skip
+            _check_output_axes(outputs, produced, cases)
+            out_file = work / f"outputs-{v.id}.npz"
+            np.savez(out_file, **produced)  # type: ignore[arg-type]
+            arc = f"variants/{v.id}{Path(v.path).suffix}"
+            files[arc] = Path(v.path)
+            files[f"golden/{v.id}.npz"] = out_file
+            bound = int8_atol if v.precision in ("int8", "mixed") and int8_atol else atol
+            try:
+                own, vrefs, vreplays = golden_rule(
+                    {v.format: Path(v.path)}, (inputs, outputs), golden, classes,
+                    references={v.format: produced}, atol=bound, rtol=rtol,
+                )  # fmt: skip
+                figures.setdefault("variant_golden_replays", {})[v.id] = judge(
+                    own, vrefs, vreplays,
+                    None if record is None else (lambda k, r, i=v.id: record(f"{i} {k}", r)),
+                )  # fmt: skip
+            except GoldenRuleError as exc:
+                raise PackageError(f"variant {v.id}: {exc}") from exc
+            pending.append((v, arc, f"golden/{v.id}.npz", runtime, measured, own))
+        entries = [_variant_entry(*item) for item in pending]
         for arcname, path in (extra_files or {}).items():
             files[arcname] = Path(path)
         extra = dict(extra_manifest or {})
@@ -408,13 +599,12 @@ def package_model(
             "golden": {
                 "inputs": "golden/inputs.npz",
                 "outputs": golden_outputs,
-                "tolerance": {
-                    "atol": DEFAULT_ATOL if atol is None else atol,
-                    "rtol": DEFAULT_RTOL if rtol is None else rtol,
-                },
+                "tolerance": rule.to_json(),
             },
             **extra,
         }
+        if entries:
+            manifest["variants"] = entries
         out = Path(out_dir) / f"{name}-{version}{SUFFIX}"
         write_bundle(out, manifest, files, key)
     log.info("packaged %s: %s", out, json.dumps(figures["peak_memory_mb"]))

@@ -36,6 +36,8 @@ class DeviceRow:
     model_name: str | None = None
     model_version: str | None = None
     model_sha256: str | None = None
+    variant: str | None = None  # the bundle variant the device chose (agent/variants/)
+    variant_reason: str | None = None  # why: its figures, or "pinned by model.variant"
     previous_version: str | None = None  # the device's rollback slot (last-known-good)
     health: str = "unknown"  # "ready" | "overloaded" | "not_ready" | "unknown"
     p95_ms: float | None = None  # latest telemetry interval

@@ -341,6 +341,9 @@ class FleetView:
         if model.get("version"):
             changes["model_name"] = _str(model.get("name"))
             changes["model_version"] = _str(model.get("version"))
+            if model.get("variant"):  # an agent before variants sends none
+                changes["variant"] = _str(model.get("variant"))
+                changes["variant_reason"] = _str(model.get("variant_reason"))
         return "telemetry", msg, changes
 
     def _event(self, device: str, body: Any) -> tuple[ViewKind, Any, dict[str, Any] | None]:
@@ -405,6 +408,8 @@ def _state_changes(body: Any) -> tuple[ReportedState, dict[str, Any]]:
         "model_name": model.name or None if model else None,
         "model_version": model.version if model else None,
         "model_sha256": model.sha256 or None if model else None,
+        "variant": model.variant or None if model else None,
+        "variant_reason": model.variant_reason or None if model else None,
         "previous_version": state.last_known_good.version if state.last_known_good else None,
         "groups": state.groups,
         "health": state.health.word,

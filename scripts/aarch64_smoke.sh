@@ -16,6 +16,9 @@
 # Env: EDGERUN_AARCH64_CACHE (see aarch64_rootfs.sh), EDGERUN_AARCH64_KEEP=1 keeps the work
 # directory, EDGERUN_AARCH64_RUNTIMES="onnxruntime litert" picks the runtimes to serve,
 # EDGERUN_AARCH64_CPU (qemu -cpu, default cortex-a53), PYTHON (host python with numpy).
+# Then the variant choice: a multi-variant bundle built on the host (tests/variant_bundles.py,
+# its INT8 golden file deliberately wrong) must be served by a float variant, the INT8 one
+# failing its golden replay; the figures are printed (emulated: they rank nothing).
 # Figures are under emulation: they say nothing about real ARM hardware.
 set -euo pipefail
 
@@ -204,6 +207,42 @@ def check(sock, bundle, runtime, out_npy):
     return 1 if problems else 0
 
 
+def variants(sock):
+    """The variant the emulated agent chose: INT8 (a wrong golden file) must have failed."""
+    problems = []
+    with ApiClient(sock, timeout=120) as c:
+        st = c.get_json("/v2/edgerun/status")
+    sel = (st.get("model") or {}).get("selection") or {}
+    by_id = {v["id"]: v for v in sel.get("variants", [])}
+    if set(by_id) != {"onnx-fp32", "onnx-int8", "tflite-fp32"}:
+        problems.append(f"selection lists {sorted(by_id)}")
+    int8 = by_id.get("onnx-int8", {})
+    if int8.get("status") != "failed" or int8.get("code") != "bundle.golden_mismatch":
+        problems.append(f"onnx-int8 (wrong golden file) is {int8.get('status')} {int8.get('code')}")
+    chosen = sel.get("chosen")
+    if chosen not in ("onnx-fp32", "tflite-fp32") or by_id.get(chosen, {}).get("status") != "served":
+        problems.append(f"serves {chosen!r}, expected a float variant")
+    if st["model"].get("variant") != chosen:
+        problems.append(f"status model.variant {st['model'].get('variant')!r} != {chosen!r}")
+    print(json.dumps({"chosen": chosen, "runtime": sel.get("runtime"),
+                      **{f"{k}_p50_ms": v.get("p50_ms") for k, v in by_id.items()}}))
+    for p in problems:
+        print(f"PROBLEM: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def build_variants(out_dir):
+    """The multi-variant test bundle (tests/variant_bundles.py), INT8 golden file wrong."""
+    from pathlib import Path
+    from agent.signing import load_private_key
+    from tests.helpers import DEMO_KEY, unpack_sample
+    from tests.variant_bundles import variant_bundle
+    out = Path(out_dir)
+    parts = unpack_sample(out / "sample")
+    print(variant_bundle(parts, load_private_key(DEMO_KEY), out / "built", "1.1.0",
+                         wrong=("onnx-int8",), label="smoke"))
+
+
 def tamper(src, dst):
     """Copy the bundle with one byte of the model changed; signature stays the original."""
     with tarfile.open(src) as tin, tarfile.open(dst, "w:", format=tarfile.PAX_FORMAT) as tout:
@@ -224,6 +263,10 @@ if __name__ == "__main__":
         sys.exit(check(*sys.argv[2:6]))
     elif cmd == "tamper":
         tamper(sys.argv[2], sys.argv[3])
+    elif cmd == "variants":
+        sys.exit(variants(sys.argv[2]))
+    elif cmd == "build-variants":
+        build_variants(sys.argv[2])
 PY
 
 # 0. The interpreter really is aarch64, with the pinned runtimes.
@@ -235,14 +278,14 @@ print(platform.machine(), "python", platform.python_version(),
 say "guest ($CPU): $arch_line"
 [ "${arch_line%% *}" = aarch64 ] || fail "the guest interpreter reports ${arch_line%% *}, not aarch64"
 
-write_config() { # runtime -> $WORK/agent-<runtime>.toml
+write_config() { # runtime [bundle] -> $WORK/agent-<runtime>.toml ("auto": the variant choice)
     cat >"$WORK/agent-$1.toml" <<EOF
 device_id = "qemu-aarch64"
 state_dir = "$WORK/state-$1"
 log_level = "info"
 
 [model]
-bundle = "$BUNDLE"
+bundle = "${2:-$BUNDLE}"
 runtime = "$1"
 
 [trust]
@@ -333,6 +376,30 @@ for runtime in $RUNTIMES; do
     say "$runtime: SIGTERM -> exit 0 after $(awk -v w=$waited 'BEGIN { printf "%.1f", w / 10 }') s"
     summary+=("$runtime ready ${ready_s}s $figures")
 done
+
+# 5. A multi-variant bundle (onnx-fp32, onnx-int8 with a deliberately wrong golden file,
+# tflite-fp32), runtime auto: the agent measures each variant under emulation and must
+# serve a float one. Which float one says nothing (emulated timings); that it chose does.
+vbundle="$(PYTHONPATH="$ROOT" "$PYTHON" "$WORK/client.py" build-variants "$WORK/variants" 2>"$WORK/build-variants.log" | tail -1)" ||
+    fail "cannot build the multi-variant bundle on the host: $(tail -3 "$WORK/build-variants.log")"
+write_config auto "$vbundle"
+log="$WORK/run-auto.log"
+"${GUEST[@]}" "$EDGERUN_DIR/bin/edge-agent" run --config "$WORK/agent-auto.toml" >"$log" 2>&1 &
+AGENT_PID=$!
+host_client wait-ready "$WORK/auto.sock" "$READY_TIMEOUT_S" "$AGENT_PID" ||
+    fail "variants: edge-agent run did not become ready"
+figures="$(host_client variants "$WORK/auto.sock" 2>"$WORK/check-variants.log")" ||
+    fail "variants: $(cat "$WORK/check-variants.log")"
+say "variants: $figures"
+kill -TERM "$AGENT_PID"
+set +e
+wait "$AGENT_PID"
+rc=$?
+set -e
+AGENT_PID=""
+[ "$rc" = 0 ] || fail "variants: edge-agent run exited $rc after SIGTERM"
+grep -E "Traceback|CRITICAL|qemu: uncaught" "$log" >/dev/null && fail "variants: traceback or crash in the log"
+summary+=("variants $figures")
 
 say "PASSED on emulated aarch64, $CPU ($arch_line) in $((SECONDS - t0)) s"
 for line in "${summary[@]}"; do say "  $line"; done

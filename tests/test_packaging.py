@@ -42,6 +42,7 @@ def test_device_extra_resolves_without_heavy_packages(tmp_path: Path) -> None:
         "paho-mqtt",
         "cryptography",
         "ai-edge-litert",
+        "orjson",
     } <= names
     assert not names & set(HEAVY), sorted(names & set(HEAVY))
 

@@ -41,17 +41,44 @@ def json_cost(head: bytes | bytearray) -> int:
 
 
 class BodyBudget:
-    """Owns the count of body bytes admitted and not yet released."""
+    """Owns the count of body bytes admitted and not yet released, and of the bytes
+    of registered shared-memory regions (agent/api/shm.py: pinned until unregistered,
+    they take headroom like a body but not `api.max_body_inflight_mb`)."""
 
     def __init__(self, gauge: MemoryGauge, limit_bytes: int) -> None:
         self.gauge = gauge
         self.limit_bytes = limit_bytes
         self._inflight = 0
+        self._pinned = 0
         self._lock = threading.Lock()
 
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    @property
+    def pinned(self) -> int:
+        return self._pinned
+
+    def pin(self, size: int, what: str) -> int:
+        """Count `size` long-lived bytes in, or raise OverloadedError naming the figures."""
+        with self._lock:
+            soft = self.gauge.budget.soft_limit_bytes
+            rss = self.gauge.rss
+            headroom = soft - rss - self._inflight - self._pinned
+            if size > headroom:
+                raise OverloadedError(
+                    f"{what} of {size / MB:.2f} MB does not fit: agent RSS {rss / MB:.1f} MB + "
+                    f"{(self._inflight + self._pinned) / MB:.2f} MB of bodies and shared memory "
+                    f"leaves {max(headroom, 0) / MB:.2f} MB under the soft limit of "
+                    f"{soft / MB:.1f} MB (memory.soft_limit_mb / memory.max_mb)"
+                )
+            self._pinned += size
+        return size
+
+    def unpin(self, size: int) -> None:
+        with self._lock:
+            self._pinned -= size
 
     def reserve(self, size: int, what: str = "request body") -> int:
         """Count `size` bytes in or raise OverloadedError naming the figures."""
@@ -67,13 +94,14 @@ class BodyBudget:
                 )
             soft = self.gauge.budget.soft_limit_bytes
             rss = self.gauge.rss
-            headroom = soft - rss - inflight
+            headroom = soft - rss - inflight - self._pinned
             if size > headroom:
                 raise OverloadedError(
                     f"{what} of {size / MB:.2f} MB does not fit now: agent RSS {rss / MB:.1f} MB "
-                    f"+ {inflight / MB:.2f} MB of bodies in flight leaves {max(headroom, 0) / MB:.2f}"
-                    f" MB under the soft limit of {soft / MB:.1f} MB (memory.soft_limit_mb / "
-                    "memory.max_mb); retry later"
+                    f"+ {inflight / MB:.2f} MB of bodies in flight"
+                    + (f" + {self._pinned / MB:.2f} MB of shared memory" if self._pinned else "")
+                    + f" leaves {max(headroom, 0) / MB:.2f} MB under the soft limit of "
+                    f"{soft / MB:.1f} MB (memory.soft_limit_mb / memory.max_mb); retry later"
                 )
             self._inflight = inflight + size
         return size

@@ -27,9 +27,11 @@ REASONS = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    409: "Conflict",
     411: "Length Required",
     413: "Content Too Large",
     415: "Unsupported Media Type",
@@ -124,6 +126,14 @@ class VersionNotSupportedError(HttpError):
     status = 505
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is on the other end of a connection (set once per connection)."""
+
+    uid: int | None  # the Unix socket peer's uid (SO_PEERCRED); None over TCP
+    tcp: bool
+
+
 @dataclass(slots=True)  # not frozen: frozen dataclasses cost microseconds per request
 class RequestHead:
     method: str
@@ -133,6 +143,7 @@ class RequestHead:
     headers: dict[str, str] = field(default_factory=dict)
     content_length: int = 0
     expect_continue: bool = False
+    caller: Caller | None = None  # set by the server; None: unknown (treated as TCP)
 
     @property
     def keep_alive(self) -> bool:

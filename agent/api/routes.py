@@ -27,16 +27,20 @@ from agent.api.kserve import (
     HEADER_LENGTH,
     decode_request,
     encode_response,
+    loads_bounded,
     selected_outputs,
+    shm_outputs,
     tensor_metadata,
     wants_binary,
 )
+from agent.api.shm import SharedMemoryRegistry, ShmError
 from agent.errors import BadRequestError, ServingError
 from agent.serving import ModelHost
 
 log = logging.getLogger(__name__)
 
 _MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/stats)?")
+_SHM = re.compile(r"/v2/systemsharedmemory/region/([^/]+)/(register|status|unregister)")
 _READ = ("GET", "HEAD")
 Body = bytes | bytearray
 # Content types an infer body may declare: JSON, or the binary extension's octet-stream.
@@ -60,8 +64,10 @@ class Router:
         metrics_text: Callable[[], str],
         reserve: Callable[[int, str], int],
         release: Callable[[int], None],
+        shm: SharedMemoryRegistry,
     ) -> None:
         self.host = host
+        self.shm = shm
         self.status = status
         self.metrics_text = metrics_text
         # Extra memory a JSON body costs once decoded is admitted like the body itself.
@@ -74,6 +80,8 @@ class Router:
             "/metrics": Route(_READ, self._metrics),
             "/v2/edgerun/status": Route(_READ, self._status),
             "/v2/models/stats": Route(_READ, self._stats),
+            "/v2/systemsharedmemory/status": Route(_READ, self._shm_status),
+            "/v2/systemsharedmemory/unregister": Route(("POST",), self._shm_unregister),
         }
         self._actions = {
             None: self._model_metadata,
@@ -84,6 +92,8 @@ class Router:
 
     def resolve(self, head: RequestHead) -> Route:
         route = self._exact.get(head.path)
+        if route is None and head.path.startswith("/v2/systemsharedmemory/"):
+            route = self._shm_route(head)
         if route is None:
             match = _MODEL.fullmatch(head.path)
             if match is None:
@@ -100,6 +110,16 @@ class Router:
         if route.takes_body:
             _check_media(head)
         return route
+
+    def _shm_route(self, head: RequestHead) -> Route:
+        match = _SHM.fullmatch(head.path)
+        if match is None:
+            raise EndpointNotFoundError(f"no such endpoint: {head.method} {head.path[:200]}")
+        action = match.group(2)
+        if action == "status":
+            return Route(_READ, self._shm_status, (match.group(1),))
+        handler = self._shm_register if action == "register" else self._shm_unregister
+        return Route(("POST",), handler, (match.group(1),), takes_body=True)
 
     def dispatch(self, route: Route, head: RequestHead, body: Body) -> Response:
         try:
@@ -127,7 +147,12 @@ class Router:
             {
                 "name": "edgerun",
                 "version": __version__,
-                "extensions": ["binary_tensor_data", "statistics", "edgerun_status"],
+                "extensions": [
+                    "binary_tensor_data",
+                    "statistics",
+                    "system_shared_memory",
+                    "edgerun_status",
+                ],
             },
         )
 
@@ -148,7 +173,7 @@ class Router:
             {
                 "name": manifest.name,
                 "versions": [manifest.version],
-                "platform": {"onnx": "onnxruntime_onnx", "tflite": "tflite"}[model.runtime.format],
+                "platform": model.runtime.platform,
                 "inputs": [tensor_metadata(s) for s in manifest.inputs],
                 "outputs": [tensor_metadata(s) for s in manifest.outputs],
                 "parameters": {
@@ -198,6 +223,27 @@ class Router:
         }
         return json_response(200, {"model_stats": [entry]})
 
+    # ------------------------------------------------------------- shared memory
+
+    def _shm_register(
+        self, head: RequestHead, body: Body, groups: tuple[str | None, ...]
+    ) -> Response:
+        request = loads_bounded(body, "register body") if body else None
+        self.shm.register(groups[0] or "", request, head.caller)
+        return json_response(200, {})
+
+    def _shm_unregister(
+        self, head: RequestHead, _b: Body, groups: tuple[str | None, ...]
+    ) -> Response:
+        # Who may register may unregister: the same caller rule.
+        self.shm.check_caller(head.caller)
+        self.shm.unregister(groups[0] if groups else None)
+        return json_response(200, {})
+
+    def _shm_status(self, head: RequestHead, _b: Body, groups: tuple[str | None, ...]) -> Response:
+        self.shm.check_caller(head.caller)
+        return json_response(200, self.shm.status(groups[0] if groups else None))
+
     def _infer(self, head: RequestHead, body: Body, groups: tuple[str | None, ...]) -> Response:
         name, version = groups[0] or "", groups[1]
         header_len = head.headers.get(HEADER_LENGTH)
@@ -208,12 +254,14 @@ class Router:
             json_part = body if hlen is None else body[:hlen]
             extra = self._reserve(_json_cost(json_part), "decoded JSON request")
             try:
-                request, arrays = decode_request(body, hlen)
+                regions = self.shm.access(head.caller)
+                request, arrays = decode_request(body, hlen, regions)
+                targets = shm_outputs(request, regions) if request.get("outputs") else {}
                 model, outputs = self.host.infer(name, arrays, version)
             finally:
                 self._release(extra)
-        except BadRequestError:
-            self.host.metrics.error(BadRequestError.code)
+        except (BadRequestError, ShmError) as exc:
+            self.host.metrics.error(exc.code)
             raise
         selected = selected_outputs(request)
         unknown = [s for s in selected if s not in outputs]
@@ -221,6 +269,14 @@ class Router:
             raise BadRequestError(
                 f"requested output {unknown[0]!r} does not exist; outputs: {', '.join(outputs)}"
             )
+        try:
+            written = {
+                out: self.shm.write(region, offset, size, outputs[out], out)
+                for out, (region, offset, size) in targets.items()
+            }
+        except ShmError as exc:  # an output larger than its region, known only now
+            self.host.metrics.error(exc.code)
+            raise
         rid = request.get("id")
         payload, head_len = encode_response(
             model.manifest.name,
@@ -229,6 +285,7 @@ class Router:
             outputs,
             wants_binary(request),
             selected,
+            written,
         )
         extra_headers = (
             {}

@@ -36,6 +36,7 @@ from agent.api.auth import ApiSetupError, TokenCheck, load_token
 from agent.api.bodies import MB, BodyBudget
 from agent.api.http import (
     CONTINUE,
+    Caller,
     RequestHead,
     RequestTimeoutError,
     Response,
@@ -48,6 +49,7 @@ from agent.api.http import (
 from agent.api.limits import fit_connections
 from agent.api.linger import Lingerer, send_nowait
 from agent.api.routes import Router
+from agent.api.shm import SharedMemoryRegistry
 from agent.config.model import ApiConfig
 from agent.errors import OverloadedError, ServingError, TooLargeError
 from agent.serving import ModelHost
@@ -91,11 +93,28 @@ def _whole_head_waiting(sock: socket.socket, wait_s: float) -> bool:
 _PEEK_BYTES = 16 * 1024
 
 
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_TCP_CALLER = Caller(uid=None, tcp=True)
+
+
+def _caller(sock: socket.socket, tcp: bool) -> Caller:
+    if tcp:
+        return _TCP_CALLER
+    try:
+        _, uid, _ = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+    except OSError:
+        return _TCP_CALLER  # unknown: treated like TCP (no shared memory without a token)
+    return Caller(uid=uid, tcp=False)
+
+
 @dataclass(eq=False)
 class _Conn:
     sock: socket.socket
     tcp: bool
     accepted: float
+    caller: Caller = _TCP_CALLER
     timeout: float = -1.0  # the SO_RCVTIMEO now set
     idle_since: float | None = None  # waiting for the next request on keep-alive
     head_since: float | None = None  # a request head begun (or awaited) and not complete
@@ -134,7 +153,12 @@ class ApiServer:
         self.max_body = int(config.max_request_mb * MB)
         self._token: TokenCheck | None = None  # read at start(), with the other checks
         self.bodies = BodyBudget(host.watcher, int(config.max_body_inflight_mb * MB))
-        self.router = Router(host, status, metrics_text, self._reserve, self.bodies.release)
+        self.shm = SharedMemoryRegistry(
+            self.bodies, config.max_shm_regions, int(config.max_shm_mb * MB)
+        )
+        self.router = Router(
+            host, status, metrics_text, self._reserve, self.bodies.release, self.shm
+        )
         self.max_connections = config.max_connections
         self.addresses: list[str] = []
         self._listeners: list[socket.socket] = []
@@ -176,6 +200,7 @@ class ApiServer:
     def start(self) -> None:
         token = load_token(self.config)  # ApiSetupError: refuse to start exposed
         self._token = TokenCheck(token) if token is not None else None
+        self.shm.tcp_allowed = self._token is not None
         self.max_connections = fit_connections(self.config)
         self._lingerer.start()
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
@@ -267,6 +292,7 @@ class ApiServer:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
         self._lingerer.stop()
+        self.shm.close()
         if self._reserve_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._reserve_fd)
@@ -365,7 +391,7 @@ class ApiServer:
 
     def _admit_connection(self, sock: socket.socket, tcp: bool) -> bool:
         """Serve `sock` on a thread of its own, or refuse it without one."""
-        conn = _Conn(sock, tcp, time.monotonic())
+        conn = _Conn(sock, tcp, time.monotonic(), _caller(sock, tcp))
         try:
             # Blocking socket with a kernel receive timeout: a Python-level timeout
             # would turn every recv into poll + recv.
@@ -473,6 +499,7 @@ class ApiServer:
             if head is None:
                 return
             first = False
+            head.caller = conn.caller
             reserved = 0
             try:
                 try:

@@ -5,17 +5,40 @@ Each runtime owns its config model (agent/runtimes/*); this module composes them
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.config.typed import constraint
-from agent.runtimes.litert import LiteRTConfig
-from agent.runtimes.ort import OrtConfig
+from agent.runtimes import DEFAULT_PREFERENCE, REGISTRY
 
 DEVICE_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
 LogLevel = Literal["debug", "info", "warning", "error"]
-RuntimeName = Literal["onnxruntime", "litert"]
+
+# The runtime names, the `[runtimes]` sections and their types are derived from the
+# runtime registry (agent/runtimes: one module per runtime), so a new runtime needs
+# no edit here. mypy sees plain strings and an attribute bag; the loader sees the
+# Literal and the dataclass built from the registry, and checks against them.
+if TYPE_CHECKING:
+    RuntimeName = str
+    RuntimeChoice = str
+
+    class RuntimesConfig:
+        def __init__(self, **sections: Any) -> None: ...
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    RuntimeName = Literal[tuple(REGISTRY)]
+    RuntimeChoice = Literal[("auto", *REGISTRY)]
+    RuntimesConfig = make_dataclass(
+        "RuntimesConfig",
+        [
+            (name, cls.config_type, field(default_factory=cls.config_type))
+            for name, cls in REGISTRY.items()
+        ],
+        frozen=True,
+    )
+    RuntimesConfig.__module__ = __name__
 
 
 @dataclass(frozen=True)
@@ -23,11 +46,18 @@ class ModelConfig:
     # A bundle to install at start when it is newer than what the device runs.
     bundle: Path | None = None
     # "auto" takes the first runtime of `preference` that is installed and in the bundle.
-    runtime: Literal["auto", "onnxruntime", "litert"] = "auto"
-    preference: list[RuntimeName] = field(default_factory=lambda: ["onnxruntime", "litert"])
+    runtime: RuntimeChoice = "auto"
+    preference: list[RuntimeName] = field(default_factory=lambda: list(DEFAULT_PREFERENCE))
     # Replay the bundle's golden cases before serving a model (on by default: a bundle
     # that does not reproduce on this device's CPU/runtime is refused).
     validate_golden: bool = True
+    # Which of the bundle's variants serves: "auto" measures each one a runtime here can
+    # load (golden replay, latency, memory) and serves the fastest that passes; a variant
+    # id pins that one (a bundle without it is refused, the served model kept).
+    variant: str = constraint("auto", pattern=r"auto|[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+    # Rows of the latency probe that compares variants; 0: batching.max_batch when
+    # batching is on, else 1 (the batch requests then run at).
+    variant_batch: int = constraint(0, ge=0, le=4096)
 
 
 @dataclass(frozen=True)
@@ -35,12 +65,6 @@ class TrustConfig:
     # PEM ed25519 public keys whose signatures are accepted; "credential:NAME" reads
     # $CREDENTIALS_DIRECTORY/NAME. No key is trusted by default.
     public_keys: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class RuntimesConfig:
-    onnxruntime: OrtConfig = field(default_factory=OrtConfig)
-    litert: LiteRTConfig = field(default_factory=LiteRTConfig)
 
 
 @dataclass(frozen=True)
@@ -55,6 +79,11 @@ class MemoryConfig:
     # RSS still above the soft limit with nothing in flight for this long: rebuild the
     # runtime session to give back what its memory pools keep.
     recover_after_s: float = constraint(2.0, ge=0.1, le=3600)
+    # Cap of a discrete GPU's memory the agent may hold, in MiB (0: the GPU's own
+    # memory). A candidate whose measured device memory (NVML) does not fit is
+    # refused; the CUDA arena is bounded by it. On unified memory (a Jetson) GPU
+    # memory counts against the cap above instead, with RSS.
+    gpu_max_mb: int = constraint(0, ge=0, le=16 * 1024 * 1024)
 
 
 # A file path, or "credential:NAME" for $CREDENTIALS_DIRECTORY/NAME (systemd LoadCredential=).
@@ -87,6 +116,11 @@ class ApiConfig:
     idle_timeout_s: float = constraint(30.0, ge=1, le=86_400)
     drain_timeout_s: float = constraint(10.0, ge=0, le=300)
     max_batch_size: int = constraint(256, ge=1, le=1_000_000)
+    # Triton's system shared memory (/v2/systemsharedmemory): regions registered at
+    # once (0 turns the extension off) and their bytes, which also count against the
+    # memory headroom while registered.
+    max_shm_regions: int = constraint(16, ge=0, le=1024)
+    max_shm_mb: float = constraint(256.0, ge=0, le=65_536)
 
 
 @dataclass(frozen=True)
@@ -149,6 +183,16 @@ class MqttConfig:
 @dataclass(frozen=True)
 class TelemetryConfig:
     interval_s: float = constraint(10.0, ge=0.05, le=86_400)
+
+
+@dataclass(frozen=True)
+class JetsonConfig:
+    # "auto": run /usr/bin/tegrastats (or one on PATH) when there is one; "off": never;
+    # or the absolute path of the tegrastats to run. Without it /sys is read instead.
+    tegrastats: str = constraint("auto", pattern=r"auto|off|/.{1,4095}")
+    interval_ms: int = constraint(1000, ge=100, le=60_000)
+    # Where /sys is read from: "/" on a device; a container may bind the host's elsewhere.
+    sysfs_root: Path = Path("/")
 
 
 @dataclass(frozen=True)
@@ -250,6 +294,7 @@ class AgentConfig:
     bundle_limits: BundleLimitsConfig = field(default_factory=BundleLimitsConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    jetson: JetsonConfig = field(default_factory=JetsonConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     kubeedge: KubeEdgeConfig = field(default_factory=KubeEdgeConfig)

@@ -32,7 +32,13 @@ from agent.link.handlers import build_table, config_as_json
 from agent.link.logring import LogRing
 from agent.link.replies import ReplyCache
 from agent.link.sender import OutboxSender
-from agent.link.telemetry import SystemProbe, inference_figures, model_figures, watch_figures
+from agent.link.telemetry import (
+    SystemProbe,
+    accelerator_figures,
+    inference_figures,
+    model_figures,
+    watch_figures,
+)
 from agent.link.transfer import LinkTransfers, mqtt_fetchers
 from agent.link.tunables import Tunables
 from agent.link.twin import DesiredVersions, TwinLink
@@ -317,7 +323,15 @@ class Link:
             agent_version=__version__,
             model=None
             if served is None
-            else ModelInfo(served["name"], served["version"], served["sha256"], served["runtime"]),
+            else ModelInfo(
+                served["name"],
+                served["version"],
+                served["sha256"],
+                served["runtime"],
+                served.get("variant", ""),
+                served.get("variant_reason", ""),
+                tuple(served.get("providers", ())),
+            ),
             slots=Slots(
                 current=None if current is None else current.name,
                 previous=None if previous is None else previous.name,
@@ -452,6 +466,7 @@ class Link:
         inference = inference_figures(agent.metrics.window(reset=True))
         system = self.probe.read()
         model = model_figures(agent, live=True)
+        accelerator = accelerator_figures(agent)
         depth = self.outbox.depth()
         outbox = {
             "messages": depth.messages,
@@ -464,7 +479,7 @@ class Link:
 
         def build(seq: int) -> bytes:
             message = TelemetryMessage(
-                device, seq, time.time(), interval, inference, system, model, outbox
+                device, seq, time.time(), interval, inference, system, model, outbox, accelerator
             )
             return dumps(message.to_json())
 

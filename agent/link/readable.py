@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.link.tunables import TUNABLE
+from agent.runtimes import REGISTRY
 
 READABLE: tuple[str, ...] = (
     *TUNABLE,
@@ -21,13 +22,8 @@ READABLE: tuple[str, ...] = (
     "model.runtime",
     "model.preference",
     "model.validate_golden",
-    "runtimes.onnxruntime.providers",
-    "runtimes.onnxruntime.inter_op_threads",
-    "runtimes.onnxruntime.execution_mode",
-    "runtimes.onnxruntime.graph_optimization",
-    "runtimes.onnxruntime.allow_spinning",
-    "runtimes.onnxruntime.cpu_mem_arena",
-    "runtimes.litert.xnnpack",
+    # Each runtime declares the further fields of its section a console may read.
+    *(f"runtimes.{name}.{f}" for name, cls in REGISTRY.items() for f in cls.readable),
     "memory.max_mb",
     "memory.soft_limit_fraction",
     "memory.check_interval_ms",

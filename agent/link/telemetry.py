@@ -11,7 +11,9 @@ from typing import Any
 
 import psutil
 
+from agent.hardware import sysfs
 from agent.memory import MB
+from agent.protocol.accelerator import AcceleratorReport
 
 log = logging.getLogger(__name__)
 
@@ -20,23 +22,7 @@ THERMAL_ROOT = Path("/sys/class/thermal")
 
 def thermal_zones(root: Path = THERMAL_ROOT) -> dict[str, float]:
     """°C per zone from /sys/class/thermal/thermal_zone*/ (type and millidegree temp)."""
-    temps: dict[str, float] = {}
-    try:
-        zones = sorted(root.glob("thermal_zone*"))
-    except OSError:
-        return temps
-    for zone in zones:
-        try:
-            milli = int((zone / "temp").read_text().strip())
-        except (OSError, ValueError):
-            continue  # some zones refuse reads when their sensor is off
-        try:
-            kind = (zone / "type").read_text().strip() or zone.name
-        except OSError:
-            kind = zone.name
-        name = kind if kind not in temps else f"{kind}.{zone.name}"
-        temps[name] = round(milli / 1000, 1)
-    return temps
+    return {name: round(c, 1) for name, c in sysfs.thermal_zones(root).items()}
 
 
 def sensor_temperatures() -> dict[str, float]:
@@ -91,6 +77,19 @@ class SystemProbe:
         }
 
 
+def accelerator_figures(agent: Any) -> AcceleratorReport | None:
+    """The `accelerator` block (agent/hardware/jetson.py); None off a Jetson."""
+    sampler = getattr(agent, "accelerator", None)
+    if sampler is None:
+        return None
+    try:
+        report: AcceleratorReport | None = sampler.read()
+    except Exception:  # telemetry must go out even if the figures cannot be read
+        log.exception("reading accelerator figures failed")
+        return None
+    return report
+
+
 def inference_figures(window: dict[str, Any]) -> dict[str, Any]:
     """Metrics.window() reshaped: `interval` since the last report, `total` since start."""
     return {"interval": window["window"], "total": window["total"]}
@@ -105,7 +104,13 @@ def model_figures(agent: Any, live: bool = False) -> dict[str, Any] | None:
         "version": model.manifest.version,
         "sha256": model.sha256,
         "runtime": model.runtime_name,
+        # What really computes (a provider onnxruntime fell back from is not listed).
+        "providers": model.runtime.providers(),
     }
+    selection = getattr(model, "selection", None)
+    if selection is not None:  # which variant of the bundle serves, and why (agent/variants/)
+        figures["variant"] = selection.chosen
+        figures["variant_reason"] = selection.reason
     if live:  # telemetry only: these change with every request, the retained state must not
         figures.update(watch_figures(agent))
     return figures

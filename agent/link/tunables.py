@@ -21,16 +21,17 @@ from agent.config.typed import ConfigError, build
 from agent.memory import compute_budget
 from agent.protocol.events import EventKind
 from agent.protocol.messages import Code
+from agent.runtimes import REGISTRY
 from agent.serving import SwapConflictError
 
 log = logging.getLogger(__name__)
 
 # What can change while the agent runs; anything else is refused by name.
+# Each runtime declares its own tunable fields (Runtime.tunable).
 TUNABLE = (
     "telemetry.interval_s",
     "log_level",
-    "runtimes.onnxruntime.intra_op_threads",
-    "runtimes.litert.threads",
+    *(f"runtimes.{name}.{f}" for name, cls in REGISTRY.items() for f in cls.tunable),
     "memory.soft_limit_mb",
     "batching.enabled",
     "batching.max_batch",

@@ -22,6 +22,11 @@ class EventKind(StrEnum):
     MODEL_SWAPPED = "model.swapped"
     MODEL_ROLLED_BACK = "model.rolled_back"
     MODEL_RELOADED = "model.reloaded"  # reopened with new runtime threads
+    # What a runtime did on its own while opening a model (agent/accelerator.py).
+    RUNTIME_PROVIDER_FALLBACK = "runtime.provider_fallback"  # a provider failed; the next serves
+    RUNTIME_ENGINE_BUILT = "runtime.engine_built"  # TensorRT built (and cached) engines
+    # Which of a bundle's variants serves, with every variant's figures (agent/variants/).
+    VARIANT_SELECTED = "variant.selected"
     # Memory watchdog (agent/service.py).
     OVERLOADED = "overloaded"
     OVERLOAD_CLEARED = "overload.cleared"

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.protocol.accelerator import AcceleratorFormatError, AcceleratorReport
 from agent.protocol.topics import (
     TOPICS_DOTTED,
     TOPICS_PORTABLE,
@@ -444,9 +445,11 @@ class TelemetryMessage:
     system: dict[str, Any]
     model: dict[str, Any] | None
     outbox: dict[str, Any]
+    # A Jetson's GPU, memory, temperatures and rails (agent/hardware/); absent elsewhere.
+    accelerator: AcceleratorReport | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "device_id": self.device_id,
             "seq": self.seq,
             "ts": self.ts,
@@ -456,6 +459,9 @@ class TelemetryMessage:
             "model": self.model,
             "outbox": self.outbox,
         }
+        if self.accelerator is not None:  # older consoles never see the key
+            body["accelerator"] = self.accelerator.to_json()
+        return body
 
     @classmethod
     def from_json(cls, obj: Any) -> TelemetryMessage:
@@ -464,6 +470,12 @@ class TelemetryMessage:
         model = obj.get("model")
         if model is not None and not isinstance(model, dict):
             raise ProtocolError(Code.MALFORMED, '"model" must be an object or null')
+        accelerator = None
+        if obj.get("accelerator") is not None:
+            try:
+                accelerator = AcceleratorReport.from_json(obj["accelerator"])
+            except AcceleratorFormatError as exc:
+                raise ProtocolError(Code.MALFORMED, str(exc)) from exc
         return cls(
             device_id=_text(obj, "device_id"),
             seq=obj["seq"],
@@ -473,4 +485,5 @@ class TelemetryMessage:
             system=_object(obj, "system"),
             model=model,
             outbox=_object(obj, "outbox"),
+            accelerator=accelerator,
         )

@@ -28,11 +28,23 @@ class ModelInfo:
     version: str
     sha256: str
     runtime: str = ""  # only for the served model
+    # Only for the served model: the bundle variant it runs and why the device chose
+    # it (agent/variants/); empty from agents before variants.
+    variant: str = ""
+    variant_reason: str = ""
+    # Only for the served model: the execution providers/delegates that really
+    # compute, best first (onnxruntime's session.get_providers()); empty from older agents.
+    providers: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        out = {"name": self.name, "version": self.version, "sha256": self.sha256}
+        out: dict[str, Any] = {"name": self.name, "version": self.version, "sha256": self.sha256}
         if self.runtime:
             out["runtime"] = self.runtime
+        if self.variant:
+            out["variant"] = self.variant
+            out["variant_reason"] = self.variant_reason
+        if self.providers:
+            out["providers"] = list(self.providers)
         return out
 
     @classmethod
@@ -44,6 +56,9 @@ class ModelInfo:
             version=r.need_text("version"),
             sha256=r.text("sha256", "") or "",
             runtime=r.text("runtime", "") or "",
+            variant=r.text("variant", "") or "",
+            variant_reason=r.text("variant_reason", "") or "",
+            providers=r.names("providers"),
         )
 
 

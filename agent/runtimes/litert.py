@@ -17,6 +17,7 @@ import numpy as np
 
 from agent.bundle import TensorSpec
 from agent.config.typed import constraint
+from agent.runtimes import register
 from agent.runtimes.base import Feeds, InferenceError, ModelLoadError, Runtime, installed
 from agent.tensors import batch_of, rows, slice_feeds
 
@@ -47,9 +48,15 @@ def _interpreter_class() -> tuple[Any, str]:
         ) from exc
 
 
+@register
 class LiteRTRuntime(Runtime):
     name: ClassVar[str] = "litert"
     format: ClassVar[str] = "tflite"
+    platform: ClassVar[str] = "tflite"
+    config_type: ClassVar[type[Any]] = LiteRTConfig
+    tunable: ClassVar[tuple[str, ...]] = ("threads",)
+    readable: ClassVar[tuple[str, ...]] = ("xnnpack",)
+    threads_field: ClassVar[str | None] = "threads"
 
     def __init__(
         self,
@@ -172,6 +179,10 @@ class LiteRTRuntime(Runtime):
         fresh_out = {d["index"]: d for d in self.interpreter.get_output_details()}
         self._in = [(s, fresh_in[d["index"]]) for s, d in self._in]
         self._out = [(s, fresh_out[d["index"]]) for s, d in self._out]
+
+    def providers(self) -> list[str]:
+        # XNNPACK is applied as the default delegate; without it, LiteRT's builtin kernels.
+        return ["xnnpack" if self.config.xnnpack else "builtin"]
 
     def describe(self) -> dict[str, Any]:
         return {

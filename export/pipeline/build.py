@@ -13,6 +13,7 @@ import argparse
 import copy
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.tolerance import Tolerance
 from export.pipeline.errors import BuildError, CalibrationError, GateError, ParityError
 from export.pipeline.gates import Gates
 from export.pipeline.loader import Split, Splits, load_model, load_splits
@@ -52,6 +54,12 @@ class Options:
     runs: int | None = None  # latency runs per candidate (None: the recipe's)
     threads: int | None = None
     keep_workdir: bool = False
+    # The bundle's version instead of the recipe's (a rebuild of a released version,
+    # such as the sample models/digits/digits-1.0.0.edgebundle).
+    version: str | None = None
+    # select.prefer per format instead of the recipe's ({"onnx": "int8"}): a build that
+    # must not depend on this machine's latency noise (the sample).
+    prefer: dict[str, str] | None = None
 
 
 class _Build:
@@ -241,40 +249,138 @@ class _Build:
 
     # ------------------------------------------------------------------ INT8 + TFLite
 
-    def quantize(self, float_path: Path, splits: Splits) -> None:
+    def quantize(self, float_path: Path, splits: Splits, teacher: Any = None,
+                 model: Any = None) -> None:  # fmt: skip
+        """Every INT8 method the recipe asks for (`mode`, then `extra_modes`), each its own
+        candidate. A method that fails its gate is left out with a note while another
+        passes (static INT8 may first be rescued by mixed precision); none passing
+        fails the build with the first failure."""
+        from export.pipeline.isa import detect_host, preset_for
         from export.pipeline.quantize import (
+            PRESETS,
             QuantizeConfig,
-            check_int8,
-            quantize_onnx,
+            resolve_preset,
             settings_summary,
         )
-        from export.pipeline.runners import run_onnx
 
         q = self.r.quantize
         t = time.monotonic()
+        host = detect_host()
+        preset, why = resolve_preset(q.preset, host)
+        target = PRESETS[preset].target if preset in PRESETS else ""
+        host_preset = preset_for(host)[0]
+        self.report["isa"] = {
+            "build_host": host.to_json(), "preset": preset, "preset_reason": why,
+            "preset_target": target,
+            "note": "every latency and INT8 accuracy figure in this report was measured on "
+                    f"the build host ({host.label})",
+        }  # fmt: skip
+        if preset not in ("none", host_preset):
+            self.notes.append(
+                f"quantize.preset {preset!r} targets {target}, but this build host is "
+                f"{host.label} (its preset: {host_preset!r}): INT8 accuracy and latency here "
+                "are the build host's, not the target's; the device measures its own"
+            )
         try:
             cfg = QuantizeConfig(
-                mode=q.mode, preset=q.preset, calibration_method=q.calibration_method,
+                mode="static", preset=preset, calibration_method=q.calibration_method,
                 per_channel=q.per_channel, engine=q.engine, operators=tuple(q.operators),
                 batch_size=min(self.r.dataset.batch_size, 64),
             )  # fmt: skip
         except ValueError as exc:
             raise BuildError(f"quantize: {exc}") from exc
-        calibration = self._calibration(splits)
-        path = quantize_onnx(float_path, self.work / "int8.onnx", cfg, calibration)
-        ops = check_int8(path, "onnx int8")
-        self.report["quantize"] = settings_summary(cfg, q.operators)
-        metric = self._score(run_onnx(path, splits.eval.inputs, self.r.dataset.batch_size), splits)
-        self._row("onnx int8", "onnx", metric, size_bytes=path.stat().st_size, int8_ops=ops)
-        self.candidates["onnx int8"] = path
+        main = replace(cfg, mode="dynamic" if q.mode == "dynamic" else "static")
+        self.report["quantize"] = {**settings_summary(main, q.operators), "mode": q.mode,
+                                   "modes": [q.mode, *q.extra_modes],
+                                   "mixed_precision": q.mixed_precision}  # fmt: skip
+        failures: list[GateError] = []
+        passed_any = False
+        for i, mode in enumerate([q.mode, *q.extra_modes]):
+            stage = "onnx int8" if i == 0 else f"onnx int8 {mode}"
+            try:
+                ok = self._int8(stage, mode, replace(cfg, mode=mode if mode != "qat" else "static"),
+                                float_path, splits, teacher, model)  # fmt: skip
+            except GateError as exc:
+                failures.append(exc)
+                ok = False
+            passed_any = passed_any or ok
         self._timed("quantize", t)
-        self.gates.check("onnx int8", metric)
+        if not passed_any:
+            raise failures[0]
+        for exc in failures:
+            self.notes.append(f"left out ({exc.stage}): {exc}")
+
+    def _int8(self, stage: str, mode: str, cfg: Any, float_path: Path, splits: Splits,
+              teacher: Any, model: Any) -> bool:  # fmt: skip
+        """Build, score and gate one INT8 method; True if a candidate came out of it."""
+        from export.pipeline.quantize import check_int8, quantize_onnx
+        from export.pipeline.runners import run_onnx
+
+        q = self.r.quantize
+        calibration = self._calibration(splits)
+        path = self.work / f"{stage.replace(' ', '-')}.onnx"
+        extra: dict[str, Any] = {"method": mode}
+        if mode == "qat":
+            from export.pipeline.qat import QatConfig, train_and_export
+
+            if model is None or teacher is None:  # pragma: no cover - the recipe check
+                raise BuildError("quantize: 'qat' needs the torch model")
+            qcfg = QatConfig(epochs=q.qat_epochs, lr=q.qat_lr, percentile=q.qat_percentile,
+                             symmetric_activations=cfg.settings.activation_symmetric)  # fmt: skip
+            path, info = train_and_export(model, teacher, splits, self.r, qcfg, path)
+            self.report.setdefault("qat", {})[stage] = info
+        else:
+            quantize_onnx(float_path, path, cfg, calibration)
+        ops = check_int8(path, stage)
+        metric = self._score(run_onnx(path, splits.eval.inputs, self.r.dataset.batch_size), splits)
+        self._row(stage, "onnx", metric, size_bytes=path.stat().st_size, int8_ops=ops, **extra)
+        result = self.gates.check(stage, metric, soft=True)
+        if result.passed:
+            self.candidates[stage] = path
+            return True
+        if mode == "static" and q.mixed_precision and self._mixed(stage, cfg, float_path, splits):
+            self.notes.append(f"{stage}: {result.detail}; mixed precision passed instead")
+            return True
+        self.gates.raise_for(result)
+        return False  # pragma: no cover - raise_for raised
+
+    def _mixed(self, stage: str, cfg: Any, float_path: Path, splits: Splits) -> bool:
+        from export.pipeline.mixed import search
+        from export.pipeline.quantize import check_int8
+        from export.pipeline.runners import run_onnx
+
+        bs = self.r.dataset.batch_size
+        mixed_stage = f"{stage} mixed"
+        path = self.work / f"{mixed_stage.replace(' ', '-')}.onnx"
+
+        def evaluate(model_path: Path) -> tuple[float, bool]:
+            metric = self._score(run_onnx(model_path, splits.eval.inputs, bs), splits)
+            return metric, self.gates.would_pass(metric)
+
+        result = search(float_path, path, cfg, self._calibration(splits),
+                        lambda m, split: run_onnx(m, split.inputs, bs), evaluate,
+                        self.r.quantize.mixed_max_float)  # fmt: skip
+        self.report["mixed_precision"] = result.to_json()
+        if not result.passed or result.path is None:
+            self.notes.append(
+                f"mixed precision: no mix passed the gate with up to "
+                f"{int(self.r.quantize.mixed_max_float * result.quantizable)} of "
+                f"{result.quantizable} nodes in float (quantize.mixed_max_float)"
+            )
+            return False
+        ops = check_int8(path, mixed_stage)
+        metric = result.steps[-1]["metric"]
+        self._row(mixed_stage, "onnx", metric, size_bytes=path.stat().st_size, int8_ops=ops,
+                  method="mixed", kept_float=result.kept_float)  # fmt: skip
+        self.gates.check(mixed_stage, metric)
+        self.candidates[mixed_stage] = path
+        return True
 
     def _calibration(self, splits: Splits) -> Split:
         n = self.r.dataset.calibration_samples
         return splits.calibration.take(n) if n else splits.calibration
 
-    def tflite(self, model: Any, splits: Splits) -> None:
+    def tflite(self, model: Any, splits: Splits, teacher: Any = None) -> None:
         from export.pipeline.runners import run_tflite
         from export.pipeline.tflite import convert_float, convert_int8
 
@@ -304,11 +410,32 @@ class _Build:
             self._row("tflite int8", "tflite", metric, size_bytes=path.stat().st_size)
             self.candidates["tflite int8"] = path
             self.gates.check("tflite int8", metric)
+        q = self.r.quantize
+        if tf.int8 and "qat" in (q.mode, *q.extra_modes) and teacher is not None:
+            self._tflite_qat(model, teacher, splits)
         self._timed("tflite", t)
+
+    def _tflite_qat(self, model: Any, teacher: Any, splits: Splits) -> None:
+        """TFLite INT8 by QAT: its own candidate; left out with a note if it fails its gate
+        (the post-training TFLite INT8 passed already)."""
+        from export.pipeline.runners import run_tflite
+        from export.pipeline.tflite import convert_int8_qat
+
+        stage = "tflite int8 qat"
+        path = convert_int8_qat(model, teacher, splits, self.r, self.work / "int8-qat.tflite")
+        got = run_tflite(path, splits.eval.inputs, self.in_names, self.out_names)
+        metric = self._score(got, splits)
+        self._row(stage, "tflite", metric, size_bytes=path.stat().st_size, method="qat")
+        result = self.gates.check(stage, metric, soft=True)
+        if result.passed:
+            self.candidates[stage] = path
+        else:
+            self.notes.append(f"left out ({stage}): {result.detail}")
 
     # ------------------------------------------------------------------ latency + selection
 
     def measure(self, golden: dict[str, np.ndarray]) -> None:
+        from agent.runtimes import runtime_for_format
         from export.measure import measure_latency
         from export.package import batch_on_axis_0, onnx_specs, tflite_specs
 
@@ -320,8 +447,8 @@ class _Build:
             )
             if path is None:
                 continue
-            runtime = "litert" if path.suffix == ".tflite" else "onnxruntime"
-            if runtime == "litert":
+            runtime = runtime_for_format(path.suffix.lstrip("."))  # agent/runtimes registry
+            if path.suffix == ".tflite":
                 # TFLite renames tensors; the runtime matches by order, we feed by recipe name.
                 # The recipe's batch is on axis 0, frozen by the converter: one case a run.
                 ins, outs = (batch_on_axis_0(specs) for specs in tflite_specs(path))
@@ -337,11 +464,11 @@ class _Build:
         self._timed("latency", t)
 
     def select(self) -> dict[str, str]:
-        prefer = self.r.select.prefer
         by_stage = {row["stage"]: row for row in self.stages}
         chosen: dict[str, str] = {}
         for fmt in ("onnx", "tflite"):
             floats, int8s = f"{fmt} float", f"{fmt} int8"
+            prefer = (self.opts.prefer or {}).get(fmt, self.r.select.prefer)
             have = [s for s in (floats, int8s) if s in self.candidates]
             if not have:
                 continue
@@ -371,17 +498,19 @@ class _Build:
         self._fail_early(splits)
         if r.byo:
             float_path = self.byo_onnx(splits)
-            model = None
+            teacher = model = None
         else:
             teacher, model = self.torch_stages(splits)
             float_path = self.export_onnx(teacher, model, splits)
         if r.quantize.enabled:
-            self.quantize(float_path, splits)
+            self.quantize(float_path, splits, None if r.byo else teacher,
+                          None if r.byo else model)  # fmt: skip
         if r.tflite_on and not self.opts.skip_tflite:
-            self.tflite(model, splits)
+            self.tflite(model, splits, teacher)
         golden = {k: v[:GOLDEN_ROWS] for k, v in splits.eval.inputs.items()}
         self.measure(golden)
         chosen = self.select()
+        rule = self.golden_gate(chosen, golden)
         self.report.update({
             "name": r.name, "version": r.version, "task": r.task, "metric": self.gates.metric,
             "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -392,20 +521,28 @@ class _Build:
                         "eval": len(splits.eval)},
         })  # fmt: skip
         self._ratios()
+        if r.select.bundle == "all":
+            self.report["variants"] = [
+                {"id": v.id, "stage": stage, "precision": v.precision, "method": v.method,
+                 "built_for": v.built_for} for stage, v in self._variants(chosen)
+            ]  # fmt: skip
         reports = write_reports(self.report, self.work / "report")
         recipe_copy = self.work / "report" / "recipe.toml"
         shutil.copy(self.recipe_path, recipe_copy)
-        bundle = self._package(chosen, golden, {**reports, "recipe.toml": recipe_copy})
+        bundle = self._package(chosen, golden, {**reports, "recipe.toml": recipe_copy}, rule)
         self.timings["total"] = round(time.monotonic() - t0, 2)
         return self._publish(bundle, reports, recipe_copy)
 
     def _fail_early(self, splits: Splits) -> None:
         r = self.r
-        needs_cal = (r.quantize.enabled and r.quantize.mode == "static") or (
+        modes = {r.quantize.mode, *r.quantize.extra_modes}
+        # Static INT8 calibrates; QAT starts its activation ranges from the same rows.
+        needs_cal = (r.quantize.enabled and bool(modes & {"static", "qat"})) or (
             r.tflite_on and r.tflite.int8 and not self.opts.skip_tflite
         )
         if needs_cal and len(splits.calibration) == 0:
-            which = "quantize.mode = 'static'" if r.quantize.enabled else "tflite.int8 = true"
+            which = (f"quantize modes {sorted(modes & {'static', 'qat'})}" if r.quantize.enabled
+                     and modes & {"static", "qat"} else "tflite.int8 = true")  # fmt: skip
             raise CalibrationError(
                 f"the calibration split is empty but {which} needs calibration data; add rows "
                 "to the dataset's 'calibration' split (or turn INT8 off)"
@@ -425,18 +562,45 @@ class _Build:
                 if row.get("size_bytes") and base.get("size_bytes"):
                     row[f"size_vs_{name}"] = round(row["size_bytes"] / base["size_bytes"], 3)
 
+    def golden_gate(self, chosen: dict[str, str], golden: dict[str, np.ndarray]) -> Tolerance:
+        """Derive the bundle's golden tolerance rule (export.golden_rule) and judge the
+        golden cases, computed as each device family computes them, with it: the gate
+        "golden" per format and family, the rule the device will apply."""
+        from export.golden_rule import GoldenRuleError, check_rule, golden_rule
+
+        models = {fmt: self.candidates[stage] for fmt, stage in chosen.items()}
+        if not models:
+            return Tolerance()
+        specs = self._specs(models.get("onnx") or models["tflite"])
+        classes = self.out_names[:1] if self.r.task == "classification" else []
+        t = time.monotonic()
+        try:
+            rule, refs, replays = golden_rule(models, specs, golden, classes)
+        except GoldenRuleError as exc:
+            raise BuildError(f"golden rule: {exc}") from exc
+        for fmt, replay, report in check_rule(rule, refs, replays):
+            self.gates.record_golden(f"{fmt} {replay.family}", report)
+        self.report["golden_tolerance"] = rule.to_json()
+        self._timed("golden_rule", t)
+        return rule
+
+    def _specs(self, path: Path) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        from export.package import batch_on_axis_0, onnx_specs, tflite_specs
+
+        if path.suffix != ".tflite":
+            return onnx_specs(path)
+        # TFLite renames tensors; the runtime matches by order, we feed by recipe name.
+        ins, outs = (batch_on_axis_0(specs) for specs in tflite_specs(path))
+        return (tuple(replace(s, name=n) for s, n in zip(ins, self.in_names, strict=True)),
+                tuple(replace(s, name=n) for s, n in zip(outs, self.out_names, strict=True)))  # fmt: skip
+
     def _package(self, chosen: dict[str, str], golden: dict[str, np.ndarray],
-                 extra_files: dict[str, Path]) -> Path:  # fmt: skip
-        from export.package import package_model
+                 extra_files: dict[str, Path], rule: Tolerance) -> Path:  # fmt: skip
+        from export.package import PackageError, package_model
 
         rows = {row["stage"]: row for row in self.stages}
         onnx_path = self.candidates.get(chosen.get("onnx", ""))
         tflite_path = self.candidates.get(chosen.get("tflite", ""))
-        any_int8 = any("int8" in s for s in chosen.values())
-        ref = self.reference or {}
-        scale = max((float(np.max(np.abs(v[:GOLDEN_ROWS]))) for v in ref.values()), default=1.0)
-        # Integer kernels differ between CPUs by a rounding step or two: allow for that.
-        atol = max(1e-3, 0.02 * scale) if any_int8 else 1e-3
         quality = {fmt: rows[stage]["metric"] for fmt, stage in chosen.items()}
         figures = {
             "metric": self.gates.metric,
@@ -448,14 +612,45 @@ class _Build:
         }  # fmt: skip
         stage_dir = self.work / "bundle"
         stage_dir.mkdir()
-        return package_model(
-            onnx_path=onnx_path, tflite_path=tflite_path, name=self.r.name,
-            version=self.r.version, golden_inputs=golden, key_path=self.key, out_dir=stage_dir,
-            extra_manifest={"figures": figures, "build": {"recipe": self.recipe_path.name,
-                                                          "prefer": self.r.select.prefer}},
-            extra_files=extra_files, labels=list(self.r.labels) or None, atol=atol,
-            threads=self.threads, runs=self.opts.runs or self.r.select.runs,
-        )  # fmt: skip
+        variants = self._variants(chosen) if self.r.select.bundle == "all" else []
+        try:
+            return package_model(
+                onnx_path=onnx_path, tflite_path=tflite_path, name=self.r.name,
+                version=self.r.version, golden_inputs=golden, key_path=self.key,
+                out_dir=stage_dir,
+                extra_manifest={"figures": figures, "build": {"recipe": self.recipe_path.name,
+                                                              "prefer": self.r.select.prefer}},
+                extra_files=extra_files, labels=list(self.r.labels) or None,
+                threads=self.threads, runs=self.opts.runs or self.r.select.runs,
+                tolerance=rule, variants=[v for _, v in variants],
+            )  # fmt: skip
+        except PackageError as exc:
+            raise BuildError(f"package: {exc}") from exc
+
+    def _variants(self, chosen: dict[str, str]) -> list[tuple[str, Any]]:
+        """Every candidate whose gates passed, as a bundle variant (DESIGN.md "Variants"):
+        the device measures those its runtimes load and serves the fastest that passes."""
+        from export.package import VariantSpec
+
+        rows = {row["stage"]: row for row in self.stages}
+        preset = self.report.get("isa", {}).get("preset")
+        out: list[tuple[str, Any]] = []
+        for stage, path in self.candidates.items():
+            row = rows[stage]
+            fmt = row["format"]
+            if "int8" not in stage:
+                precision, method, vid = "fp32", None, f"{fmt}-fp32"
+            else:
+                method = row.get("method") or ("static" if fmt == "tflite" else
+                                               self.r.quantize.mode)  # fmt: skip
+                precision = "mixed" if method == "mixed" else "int8"
+                vid = f"{fmt}-int8-{method}"
+            built_for = preset if fmt == "onnx" and precision != "fp32" else None
+            extra = {"metric": {self.gates.metric: row["metric"]},
+                     "kept_float": row["kept_float"]} if row.get("kept_float") else {
+                     "metric": {self.gates.metric: row["metric"]}}  # fmt: skip
+            out.append((stage, VariantSpec(vid, path, precision, method, built_for, extra=extra)))
+        return out
 
     def _publish(self, bundle: Path, reports: dict[str, Path], recipe_copy: Path) -> BuildResult:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -491,6 +686,10 @@ def run_build(recipe_path: Path, out_dir: Path, key_path: Path | None = None,
     opts = options or Options()
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
+    if opts.version is not None:
+        if not re.fullmatch(r"\d+\.\d+\.\d+", opts.version):
+            raise BuildError(f"--version {opts.version!r} must be MAJOR.MINOR.PATCH, e.g. 1.0.0")
+        recipe = replace(recipe, version=opts.version)
     key = Path(key_path) if key_path else DEMO_KEY
     try:
         load_private_key(key)
@@ -531,6 +730,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, help="latency runs per candidate (default: recipe)")
     p.add_argument("--threads", type=int, help="threads for latency (default: recipe)")
     p.add_argument("--keep-workdir", action="store_true", help="keep intermediate files")
+    p.add_argument("--version", help="the bundle's version instead of the recipe's")
     p.add_argument("-v", "--verbose", action="store_true")
     return p  # fmt: skip
 
@@ -541,7 +741,7 @@ def main(argv: list[str]) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     opts = Options(skip_tflite=args.skip_tflite, runs=args.runs, threads=args.threads,
-                   keep_workdir=args.keep_workdir)  # fmt: skip
+                   keep_workdir=args.keep_workdir, version=args.version)  # fmt: skip
     try:
         result = run_build(args.recipe, args.out, args.key, opts)
     except (GateError, ParityError) as exc:

@@ -11,6 +11,7 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from agent.tolerance import ToleranceReport
 from export.pipeline.errors import GateError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Gates:
         self.min_cosine = min_cosine
         self.baseline: float | None = None
         self.results: list[GateResult] = []
+        self._messages: dict[int, str] = {}
 
     @property
     def metric(self) -> str:
@@ -46,7 +48,20 @@ class Gates:
     def set_baseline(self, value: float) -> None:
         self.baseline = value
 
-    def check(self, stage: str, value: float) -> GateResult:
+    def would_pass(self, value: float) -> bool:
+        if self.task == "classification":
+            assert self.baseline is not None, "set the teacher's accuracy first"
+            return value >= self.baseline - self.max_accuracy_drop - 1e-9
+        return value >= self.min_cosine - 1e-12
+
+    def raise_for(self, result: GateResult) -> None:
+        if not result.passed:
+            raise GateError(result.gate, result.stage, result.value, result.limit,
+                            self._messages[id(result)])  # fmt: skip
+
+    def check(self, stage: str, value: float, soft: bool = False) -> GateResult:
+        """Record the gate; raise GateError when it fails unless `soft` (then the caller
+        decides, e.g. another INT8 method may pass, and calls raise_for)."""
         if self.task == "classification":
             assert self.baseline is not None, "set the teacher's accuracy first"
             floor = self.baseline - self.max_accuracy_drop
@@ -72,9 +87,10 @@ class Gates:
                 f"{self.min_cosine - value:.4f} below gates.min_cosine = {self.min_cosine:.4f}"
             )
         self.results.append(result)
+        self._messages[id(result)] = message
         log.info("gate %s at %s: %s (%s)", result.gate, stage, "pass" if passed else "FAIL",
                  detail)  # fmt: skip
-        if not passed:
+        if not passed and not soft:
             raise GateError(result.gate, stage, value, result.limit, message)
         return result
 
@@ -84,3 +100,30 @@ class Gates:
             "parity", stage, worst, atol, worst <= atol,
             "max abs diff " + ", ".join(f"{k}={v:.3g}" for k, v in diffs.items()),
         ))  # fmt: skip
+
+    def record_golden(self, stage: str, report: ToleranceReport) -> GateResult:
+        """The bundle's own golden rule (agent.tolerance.compare, as the device runs it)
+        on one replay of the golden cases, e.g. stage "onnx cuda". The value is the
+        worst output's difference as a share of its allowance: at most 1 passes. A
+        refusal on the CPU family fails the build; on a GPU family it is recorded (the
+        bundle then cannot validate there) and the build goes on."""
+        shares = [r.max_abs_diff / r.allowance if r.allowance else (0.0 if r.max_abs_diff == 0
+                  else float("inf")) for r in report.outputs.values()]  # fmt: skip
+        worst = max(shares, default=0.0)
+        detail = ", ".join(
+            f"{r.name} {r.max_abs_diff:.3g} of {r.allowance:.3g}"
+            + (f", top-1 {r.top1:.0%}" if r.top1 is not None else "")
+            for r in report.outputs.values()
+        )
+        if report.failures:
+            detail += "; " + "; ".join(report.failures)
+        result = GateResult("golden", stage, worst, 1.0, report.ok, detail)
+        self.results.append(result)
+        log.info("gate golden at %s: %s (%s)", stage, "pass" if report.ok else "FAIL", detail)
+        if not report.ok and report.family == "cpu":
+            raise GateError(
+                "golden", stage, worst, 1.0,
+                f"gate golden failed at {stage}: the bundle's tolerance refuses the model "
+                f"computed another way on a CPU: {'; '.join(report.failures)}",
+            )  # fmt: skip
+        return result

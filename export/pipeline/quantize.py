@@ -36,36 +36,65 @@ class Preset:
     activation_symmetric: bool
     weight_symmetric: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    target: str = ""  # the instruction set it is built for (HostIsa.arch + flags), for reports
 
 
+# Why each preset sets what it sets. onnxruntime 1.31.1's quantize_static docstring on
+# reduce_range: "quantize weights with 1 less bit of precision (e.g., 7 bits for QInt8).
+# May improve the accuracy for some models running on non-VNNI machine, especially for
+# per-channel mode." The issue's figure: the digits INT8 model built without it scored
+# 99.77% on a VNNI Xeon and 98.84% on an AVX2 AMD EPYC.
+_TRT = {"AddQDQPairToWeight": True, "DedicatedQDQPair": True, "QuantizeBias": False}
 PRESETS: dict[str, Preset] = {
     # No particular target: ONNX Runtime's CPU defaults (u8 activations, s8 weights),
     # per-channel weights because they cost nothing at run time and recover accuracy.
-    "none": Preset("uint8", "int8", True, False, False, True),
-    # ARM64 (Cortex-A, Graviton, Raspberry Pi 4/5): MLAS's NEON/dot-product kernels
-    # are built for u8 activations x s8 weights. Asymmetric u8 activations keep the
-    # full range of post-ReLU tensors (all >= 0); symmetric per-channel weights
-    # keep zero point 0 so the kernel skips the weight zero-point correction.
-    "arm64": Preset("uint8", "int8", True, False, False, True),
-    # x86 with AVX512-VNNI (Ice Lake+, Zen 4+): VPDPBUSD multiplies u8 x s8 and
-    # accumulates in int32 in one instruction, so u8/s8 is the native pair, and
-    # reduce_range (7-bit weights, needed on AVX2 without VNNI where the int16
-    # intermediate of VPMADDUBSW can saturate) would only cost accuracy.
-    "avx512_vnni": Preset("uint8", "int8", True, False, False, True),
-    # NVIDIA Jetson with TensorRT's explicit quantization: TensorRT reads QDQ pairs,
-    # supports only symmetric int8 (zero point 0) for activations and weights, does
-    # its own bias handling (so biases stay float), and fuses best when every
+    "none": Preset("uint8", "int8", True, False, False, True, target="any"),
+    # x86-64 with AVX512-VNNI or AVX-VNNI (Ice Lake+, Sapphire Rapids, Zen 4+, Alder
+    # Lake+): VPDPBUSD multiplies u8 x s8 and accumulates in int32 in one instruction,
+    # so u8/s8 is the native pair and full 8-bit weights cost nothing.
+    "x86_64-vnni": Preset(
+        "uint8", "int8", True, False, False, True, target="x86_64 avx512_vnni|avx_vnni"
+    ),
+    # x86-64 without VNNI (AVX2, or AVX-512 without VNNI: Haswell..Skylake, Zen 1-3):
+    # VPMADDUBSW adds two u8 x s8 products into a saturating int16; with full-range
+    # weights the pair sum overflows (255*127*2 > 32767) and outputs clip. 7-bit weights
+    # (reduce_range) keep the sum in range.
+    "x86_64-avx2": Preset("uint8", "int8", True, True, False, True, target="x86_64 avx2 (no VNNI)"),
+    # ARM64 without the dot-product extension (Cortex-A72: Raspberry Pi 4; A53, A57):
+    # MLAS's NEON kernels widen 8x8 -> 16-bit products and pairwise-add into int32
+    # (UMULL/UADALP), which cannot saturate, so full 8-bit weights are safe. Asymmetric
+    # u8 activations keep the full range of post-ReLU tensors (all >= 0); symmetric
+    # per-channel weights keep zero point 0 so the kernel skips a correction term.
+    "arm64": Preset("uint8", "int8", True, False, False, True, target="aarch64 (no dotprod)"),
+    # ARM64 with asimddp (Cortex-A55/A76/A78: Raspberry Pi 5, Jetson Orin's CPU,
+    # Graviton 2+): SDOT/UDOT do four 8-bit products into int32 per lane; the same
+    # u8 x s8 pair as above, on the dot-product kernels.
+    "arm64-dotprod": Preset("uint8", "int8", True, False, False, True, target="aarch64 asimddp"),
+    # NVIDIA Jetson (Orin, Xavier) with TensorRT's explicit quantization: TensorRT reads
+    # QDQ pairs, supports only symmetric int8 (zero point 0) for activations and weights,
+    # does its own bias handling (so biases stay float), and fuses best when every
     # consumer has its own QDQ pair on weights and activations.
-    "jetson-tensorrt": Preset(
-        "int8",
-        "int8",
-        True,
-        False,
-        True,
-        True,
-        {"AddQDQPairToWeight": True, "DedicatedQDQPair": True, "QuantizeBias": False},
+    "jetson-orin": Preset(
+        "int8", "int8", True, False, True, True, _TRT, target="Jetson (TensorRT)"
     ),
 }
+# Names from before the ISA presets; recipes that use them keep building the same models.
+PRESET_ALIASES = {"avx512_vnni": "x86_64-vnni", "jetson-tensorrt": "jetson-orin"}
+PRESET_NAMES = ("auto", *PRESETS, *PRESET_ALIASES)
+
+
+def resolve_preset(name: str, host: Any = None) -> tuple[str, str]:
+    """A recipe's preset name -> (a key of PRESETS, why). "auto" follows `host`
+    (export.pipeline.isa.HostIsa; the build host when None)."""
+    if name == "auto":
+        from export.pipeline.isa import detect_host, preset_for
+
+        chosen, why = preset_for(host if host is not None else detect_host())
+        return chosen, f"auto: {why}"
+    if name in PRESET_ALIASES:
+        return PRESET_ALIASES[name], f"{name!r} is the older name of {PRESET_ALIASES[name]!r}"
+    return name, "named in the recipe"
+
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
 
@@ -81,11 +110,14 @@ class QuantizeConfig:
     engine: str = "onnxruntime"
     operators: tuple[str, ...] = ()
     batch_size: int = 32
+    # Mixed precision (export.pipeline.mixed): only these nodes / all but these.
+    nodes_to_quantize: tuple[str, ...] = ()
+    nodes_to_exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("mode", self.mode, ("static", "dynamic")),
-            ("preset", self.preset, tuple(PRESETS)),
+            ("preset", self.preset, tuple(PRESETS) + tuple(PRESET_ALIASES)),
             ("calibration_method", self.calibration_method, CALIBRATION_METHODS),
             ("engine", self.engine, ("onnxruntime", "optimum")),
         ):
@@ -97,12 +129,12 @@ class QuantizeConfig:
         if self.engine == "optimum" and self.preset == "none":
             raise ValueError(
                 "QuantizeConfig.preset = 'none' is not supported with engine 'optimum'; "
-                "allowed: 'arm64', 'avx512_vnni', 'jetson-tensorrt'"
+                "allowed: " + ", ".join(repr(p) for p in PRESETS if p != "none")
             )
 
     @property
     def settings(self) -> Preset:
-        return PRESETS[self.preset]
+        return PRESETS[PRESET_ALIASES.get(self.preset, self.preset)]
 
     @property
     def channelwise(self) -> bool:
@@ -232,6 +264,8 @@ def _quantize_ort(src: Path, work: Path, cfg: QuantizeConfig, calibration: Split
             quantize_dynamic(
                 str(src), str(out), weight_type=_qtype(p.weights), per_channel=cfg.channelwise,
                 reduce_range=p.reduce_range, op_types_to_quantize=ops,
+                nodes_to_quantize=list(cfg.nodes_to_quantize) or None,
+                nodes_to_exclude=list(cfg.nodes_to_exclude) or None,
                 extra_options={"WeightSymmetric": p.weight_symmetric},
             )  # fmt: skip
             return out
@@ -243,6 +277,8 @@ def _quantize_ort(src: Path, work: Path, cfg: QuantizeConfig, calibration: Split
             per_channel=cfg.channelwise, reduce_range=p.reduce_range,
             activation_type=_qtype(p.activations), weight_type=_qtype(p.weights),
             calibrate_method=_method(cfg.calibration_method), op_types_to_quantize=ops,
+            nodes_to_quantize=list(cfg.nodes_to_quantize) or None,
+            nodes_to_exclude=list(cfg.nodes_to_exclude) or None,
             extra_options=_extra(cfg),
         )  # fmt: skip
     except CalibrationError:
@@ -261,11 +297,16 @@ def optimum_config(cfg: QuantizeConfig) -> Any:
 
     static = cfg.mode == "static"
     ops = list(cfg.operators) or None
-    if cfg.preset == "jetson-tensorrt":
+    preset = PRESET_ALIASES.get(cfg.preset, cfg.preset)
+    if preset == "jetson-orin":
         return AutoQuantizationConfig.tensorrt(per_channel=cfg.channelwise,
                                                operators_to_quantize=ops)  # fmt: skip
+    if preset == "x86_64-avx2":
+        return AutoQuantizationConfig.avx2(is_static=static, per_channel=cfg.channelwise,
+                                           reduce_range=True, operators_to_quantize=ops)  # fmt: skip
     factory = {"arm64": AutoQuantizationConfig.arm64,
-               "avx512_vnni": AutoQuantizationConfig.avx512_vnni}[cfg.preset]  # fmt: skip
+               "arm64-dotprod": AutoQuantizationConfig.arm64,
+               "x86_64-vnni": AutoQuantizationConfig.avx512_vnni}[preset]  # fmt: skip
     return factory(is_static=static, per_channel=cfg.channelwise, operators_to_quantize=ops)
 
 
@@ -278,6 +319,10 @@ def _quantize_optimum(
     model_dir.mkdir()
     shutil.copy(src, model_dir / "model.onnx")
     qconfig = optimum_config(cfg)
+    if cfg.nodes_to_exclude:
+        qconfig.nodes_to_exclude = list(cfg.nodes_to_exclude)
+    if cfg.nodes_to_quantize:
+        qconfig.nodes_to_quantize = list(cfg.nodes_to_quantize)
     quantizer = ORTQuantizer.from_pretrained(model_dir, file_name="model.onnx")
     ranges = None
     if qconfig.is_static:

@@ -21,7 +21,11 @@ from export.pipeline.errors import RecipeError
 
 Task = Literal["classification", "embedding"]
 DType = Literal["float32", "float16", "int64", "int32", "uint8", "int8", "bool"]
-Preset = Literal["none", "arm64", "avx512_vnni", "jetson-tensorrt"]
+# "auto" follows the build host's CPU (export.pipeline.isa); the others name a target.
+# "avx512_vnni" and "jetson-tensorrt" are the older names of x86_64-vnni and jetson-orin.
+Preset = Literal["auto", "none", "x86_64-vnni", "x86_64-avx2", "arm64", "arm64-dotprod",
+                 "jetson-orin", "avx512_vnni", "jetson-tensorrt"]  # fmt: skip
+QuantMode = Literal["static", "dynamic", "qat"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile", "distribution"]
 _BUILDER = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
 
@@ -90,12 +94,30 @@ class QuantizeSpec:
     enabled: bool = True
     # "optimum" runs Optimum's ORTQuantizer (transformers); "onnxruntime" the plain API.
     engine: Literal["onnxruntime", "optimum"] = "onnxruntime"
-    mode: Literal["static", "dynamic"] = "static"
+    # static: calibrated QDQ; dynamic: weights only; qat: fake-quant fine-tuning in torch,
+    # exported as QDQ with the ranges it learned (export.pipeline.qat).
+    mode: QuantMode = "static"
+    # More INT8 variants built beside `mode` (each its own candidate and bundle variant);
+    # one that fails its gate is left out with a note instead of failing the build.
+    extra_modes: list[QuantMode] = field(default_factory=list)
     preset: Preset = "none"
     calibration_method: CalibrationMethod = "minmax"
     per_channel: bool | None = None  # None: what the preset says
     # Operator types to quantize; empty: the engine's default set.
     operators: list[str] = field(default_factory=list)
+    # Accuracy-driven mixed precision: when static INT8 breaks the gate, keep the layers
+    # most sensitive to quantization in float (one-layer-at-a-time error against the float
+    # model), most sensitive first, until the gate passes or `mixed_max_float` of the
+    # quantizable nodes are float (beyond that the INT8 speed gain is gone).
+    mixed_precision: bool = False
+    mixed_max_float: builtins.float = constraint(0.5, ge=0.0, le=1.0)  # noqa: RUF009
+    # QAT fine-tuning (mode or extra_modes "qat"): epochs and learning rate, distilled
+    # from the teacher like the prune fine-tune.
+    qat_epochs: int = constraint(3, ge=1, le=10_000)
+    qat_lr: builtins.float = constraint(5e-4, ge=1e-8, le=10.0)  # noqa: RUF009
+    # Initial activation ranges of QAT: this percentile of each tensor on the calibration
+    # rows (then learned); below 100 clips rare outliers that minmax PTQ must cover.
+    qat_percentile: builtins.float = constraint(99.99, ge=50.0, le=100.0)  # noqa: RUF009
 
 
 @dataclass(frozen=True)
@@ -122,6 +144,9 @@ class GateSpec:
 @dataclass(frozen=True)
 class SelectSpec:
     prefer: Literal["fastest", "int8", "float"] = "fastest"
+    # "all": the bundle carries every candidate whose gates passed as a variant (the
+    # device picks by measuring); "selected": only what `prefer` chose per format.
+    bundle: Literal["all", "selected"] = "all"
     threads: int = constraint(1, ge=1, le=64)
     runs: int = constraint(30, ge=3, le=100_000)
 
@@ -219,9 +244,22 @@ def _cross_checks(r: Recipe) -> list[ConfigIssue]:
     if r.task == "embedding" and r.labels:
         fail("labels", "an embedding model has no labels")
     q = r.quantize
-    if q.enabled and q.preset == "jetson-tensorrt" and q.mode == "dynamic":
-        fail("quantize.mode", "'dynamic' is not allowed with preset 'jetson-tensorrt'; "
-             "allowed: 'static' (TensorRT only consumes calibrated QDQ graphs)")  # fmt: skip
+    modes = [q.mode, *q.extra_modes]
+    if q.enabled and q.preset in ("jetson-orin", "jetson-tensorrt") and "dynamic" in modes:
+        fail("quantize.mode", f"'dynamic' is not allowed with preset {q.preset!r}; "
+             "allowed: 'static', 'qat' (TensorRT only consumes QDQ graphs)")  # fmt: skip
+    if len(set(modes)) != len(modes):
+        fail("quantize.extra_modes", f"{q.extra_modes} repeats a mode (mode = {q.mode!r}); "
+             "list each INT8 method once")  # fmt: skip
+    if q.enabled and "qat" in modes and r.byo:
+        fail("quantize.mode", "'qat' needs a torch model to fine-tune; [onnx_model] has none; "
+             "allowed: 'static', 'dynamic'")  # fmt: skip
+    if q.enabled and "qat" in modes and q.engine == "optimum":
+        fail("quantize.engine", "'optimum' is not allowed with 'qat' (QAT exports its own QDQ "
+             "graph); allowed: 'onnxruntime'")  # fmt: skip
+    if q.mixed_precision and "static" not in modes:
+        fail("quantize.mixed_precision", "true needs a static INT8 model to start from; "
+             f"modes are {modes}; add 'static'")  # fmt: skip
     if (
         q.enabled
         and q.engine == "optimum"

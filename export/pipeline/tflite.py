@@ -166,3 +166,76 @@ def check_int8_tflite(path: Path, probe: Split, names: Sequence[str]) -> None:
                 f"{path.name} gives the same (or non-finite) output for different inputs: "
                 "the quantization parameters are degenerate"
             )
+
+
+def convert_int8_qat(
+    model: torch.nn.Module, teacher: torch.nn.Module, splits: Any, recipe: Any, path: Path,
+) -> Path:  # fmt: skip
+    """Full-integer TFLite by quantization-aware training (PT2E QAT, litert-torch's
+    symmetric per-channel config): BN folded, `prepare_qat_pt2e`, fine-tuned by
+    distillation from the teacher (`quantize.qat_epochs`, `qat_lr`), converted.
+
+    litert-torch 0.10.0's QAT annotator builds its conv+BN patterns by exporting a
+    plain function, which torch 2.13's torch.export refuses ("Expected `mod` to be an
+    instance of `torch.nn.Module`"); with BatchNorm folded first those patterns have
+    nothing to match, so the quantizer here leaves them out. Its observers are
+    moving-average minmax: unlike the ONNX QAT path (export.pipeline.qat) the ranges
+    are not learned or clipped.
+    """
+    from export.pipeline.distill import DistillConfig, distill
+    from export.pipeline.qat import fold_batchnorm
+
+    names = [t.name for t in recipe.inputs]
+    q, tf = recipe.quantize, recipe.tflite
+    n = recipe.dataset.calibration_samples
+    calibration = splits.calibration.take(n) if n else splits.calibration
+    if len(calibration) == 0:
+        raise CalibrationError("TFLite QAT needs calibration rows to start its observers")
+    with _quiet():
+        import litert_torch
+        from litert_torch.quantize import pt2e_quantizer as pq
+        from litert_torch.quantize.quant_config import QuantConfig
+        from torchao.quantization.pt2e import allow_exported_model_train_eval, quantize_pt2e
+
+        class _FoldedQat(pq.PT2EQuantizer):  # type: ignore[misc]
+            STATIC_QAT_ONLY_OPS: list[str] = []  # conv+BN: folded already
+
+        quantizer = _FoldedQat().set_global(
+            pq.get_symmetric_quantization_config(is_per_channel=tf.per_channel, is_qat=True)
+        )
+        folded = fold_batchnorm(model)
+        sample = as_tensors(calibration.take(min(8, len(calibration))).inputs, names)
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        try:
+            graph = torch.export.export(
+                folded, sample, dynamic_shapes=tuple({0: batch} for _ in sample)
+            ).module()
+            prepared = quantize_pt2e.prepare_qat_pt2e(graph, quantizer)
+            allow_exported_model_train_eval(prepared)
+        except Exception as exc:
+            raise ExportFailedError(
+                f"PT2E QAT export/prepare failed: {type(exc).__name__}: {str(exc)[:400]}"
+            ) from exc
+        d = recipe.distill
+        cfg = DistillConfig(epochs=q.qat_epochs, lr=q.qat_lr, temperature=d.temperature,
+                            alpha=d.alpha, loss=d.loss, batch_size=recipe.dataset.batch_size,
+                            weight_decay=0.0, seed=recipe.seed)  # fmt: skip
+        distill(prepared, teacher, splits.train, names, list(recipe.outputs), cfg,
+                desc="tflite qat fine-tune")  # fmt: skip
+        prepared.eval()
+        try:
+            converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+            allow_exported_model_train_eval(converted).eval()
+            for module in converted.modules():
+                module.training = False
+            edge = litert_torch.convert(converted, _sample(calibration, names, tf.batch),
+                                        quant_config=QuantConfig(pt2e_quantizer=quantizer))  # fmt: skip
+            edge.export(str(path))
+        except Exception as exc:
+            raise ExportFailedError(
+                f"litert-torch could not convert the QAT INT8 model: {type(exc).__name__}: "
+                f"{str(exc)[:400]}"
+            ) from exc
+    check_int8_tflite(path, calibration, names)
+    log.info("TFLite INT8 (QAT): %s (%d bytes)", path.name, path.stat().st_size)
+    return path

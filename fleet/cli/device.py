@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.protocol.messages import Reply
 from agent.protocol.topics import GROUP_PREFIX, TopicError, device_id, group_name
+from fleet.cli.variant_table import print_selection
 from fleet.errors import FleetCode, FleetError
 
 if TYPE_CHECKING:
@@ -240,7 +241,12 @@ def run_status(args: argparse.Namespace, ctx: Context) -> int:
         from fleet.cli.devices import row_json
 
         data["row"] = row_json(row)
-    ctx.emit(data, lambda c: _pretty(c, reply.result))
+
+    def human(console: Console) -> None:
+        _pretty(console, reply.result)
+        print_selection(console, reply.result)
+
+    ctx.emit(data, human)
     return 0
 
 

@@ -4,7 +4,7 @@
     edge-fleet watch [--group G] [--sort COL] [--for S | --once]  the same, live (rich)
 
 Columns: device, online/offline and since when, agent version, model name and version,
-health, p95 (latest telemetry interval), rate, RSS, hottest temperature, outbox depth,
+the bundle variant the device chose (`--json` rows add `variant_reason`: why), health, p95 (latest telemetry interval), rate, RSS, hottest temperature, outbox depth,
 age of the latest telemetry, current update job and phase. `watch` adds a line for the
 newest rollout in the record (waves, outcomes, whether it finished).
 """
@@ -39,6 +39,7 @@ SORTS: dict[str, tuple[Callable[[DeviceRow], Any], bool]] = {
     "state": (lambda r: (r.online is not False, r.online is None, r.device_id), False),
     "agent": (lambda r: r.agent_version or "", False),
     "model": (lambda r: (r.model_name or "", r.model_version or ""), False),
+    "variant": (lambda r: r.variant or "", False),
     "health": (lambda r: r.health, False),
     "p95": (lambda r: r.p95_ms, True),
     "rate": (lambda r: r.rate_per_s, True),
@@ -127,7 +128,7 @@ def _num(value: float | int | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-COLUMNS = ("device", "state", "agent", "model", "health", "p95 ms", "rate/s", "RSS MB",
+COLUMNS = ("device", "state", "agent", "model", "variant", "health", "p95 ms", "rate/s", "RSS MB",
            "temp °C", "outbox", "telemetry", "update")  # fmt: skip
 
 
@@ -146,6 +147,7 @@ def row_cells(row: DeviceRow, now: float) -> list[str]:
         state,
         row.agent_version or "-",
         model,
+        row.variant or "-",
         row.health,
         _num(row.p95_ms, ".2f"),
         _num(row.rate_per_s, ".1f"),
@@ -171,7 +173,7 @@ def table(rows: Sequence[DeviceRow], title: str | None = None) -> Table:
     for row in rows:
         cells = row_cells(row, now)
         style = "red" if row.online is False else None
-        cells[4] = f"[{_STYLE.get(row.health, 'dim')}]{cells[4]}[/]"
+        cells[5] = f"[{_STYLE.get(row.health, 'dim')}]{cells[5]}[/]"
         t.add_row(*cells, style=style)
     return t
 

@@ -155,12 +155,26 @@ class _Model:
     version: str
     sha256: str
 
+    @property
+    def variant(self) -> str:
+        """A simulated device "measures" two variants; which wins follows from the
+        bundle, so a fleet shows both, and the same bundle always picks the same one."""
+        return "int8" if sum(map(ord, self.sha256)) % 2 else "fp32"
+
+    @property
+    def variant_reason(self) -> str:
+        return f"simulated: {self.variant} was the faster of 2 that passed"
+
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "sha256": self.sha256,
-                "runtime": "simulated"}  # fmt: skip
+                "runtime": "simulated", "variant": self.variant,
+                "variant_reason": self.variant_reason}  # fmt: skip
 
     def info(self, runtime: bool = False) -> ModelInfo:
-        return ModelInfo(self.name, self.version, self.sha256, "simulated" if runtime else "")
+        if not runtime:
+            return ModelInfo(self.name, self.version, self.sha256)
+        return ModelInfo(self.name, self.version, self.sha256, "simulated", self.variant,
+                         self.variant_reason)  # fmt: skip
 
 
 @dataclass

@@ -325,14 +325,23 @@ def test_api_error_type_carries_code(client: ApiClient) -> None:
 def test_connection_limit_and_idle_timeout(tmp: Path) -> None:
     from tests.helpers import running_agent
 
-    config = base_config(tmp, api="max_connections = 2\nidle_timeout_s = 1.0\nhead_timeout_s = 60")
+    config = base_config(
+        tmp,
+        api="max_connections = 2\nidle_timeout_s = 1.0\nhead_timeout_s = 60\nbody_timeout_s = 60",
+    )
     with running_agent(tmp, config) as agent:
         busy = []
         try:
-            for _ in range(2):  # mid-request, not idle: these are not evicted
+            # Mid-request, not idle: these are not evicted. Mid-body rather than mid-head:
+            # a head still arriving after a second may be displaced by a client that sends
+            # its whole head at once (408), and on a loaded box this test can take that long.
+            for _ in range(2):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(str(agent.socket))
-                s.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+                s.sendall(
+                    b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\n"
+                    b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{"
+                )
                 busy.append(s)
             with agent.client() as c:
                 # Only once both slots are taken does the third get refused.

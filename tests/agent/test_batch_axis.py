@@ -14,7 +14,7 @@ from agent.bundle import TensorSpec
 from agent.errors import InputMismatchError, TooLargeError
 from agent.signing import load_public_key
 from agent.tensors import batch_of, slice_feeds, validate_feeds
-from tests.helpers import DEMO_PUB, SAMPLE_BUNDLE, SampleParts, make_bundle
+from tests.helpers import DEMO_PUB, SampleParts, make_bundle
 
 VAD = (
     TensorSpec("input", "float32", (-1, -1), batch_axis=0),
@@ -31,8 +31,16 @@ def feeds(batch: int, state_batch: int | None = None) -> dict[str, np.ndarray]:
     }
 
 
-def test_the_sample_bundle_keeps_its_meaning_without_the_field() -> None:
-    verified = B.verify_bundle(SAMPLE_BUNDLE, [load_public_key(DEMO_PUB)])
+def test_the_sample_bundle_keeps_its_meaning_without_the_field(
+    sample_parts: SampleParts, demo_key: Ed25519PrivateKey, tmp: Path
+) -> None:
+    # As written before the field existed: the same manifest, batch_axis left out.
+    legacy = {
+        key: [{k: v for k, v in t.items() if k != "batch_axis"} for t in sample_parts.manifest[key]]
+        for key in ("inputs", "outputs")
+    }
+    path = make_bundle(sample_parts, tmp / "legacy.edgebundle", demo_key, **legacy)
+    verified = B.verify_bundle(path, [load_public_key(DEMO_PUB)])
     raw = json.loads(verified.manifest_bytes)
     assert all("batch_axis" not in t for t in raw["inputs"] + raw["outputs"])
     manifest = verified.manifest

@@ -200,8 +200,8 @@ def test_devices_are_refused(
 
 
 def test_oversized_member_is_refused(tmp: Path) -> None:
-    limits = B.Limits(max_member_bytes=64 * 1024)
-    with pytest.raises(B.OversizeError, match="model.onnx.*cap is 65536"):
+    limits = B.Limits(max_member_bytes=16 * 1024)  # the sample's INT8 model.onnx is 31 KiB
+    with pytest.raises(B.OversizeError, match="model.onnx.*cap is 16384"):
         B.verify_bundle(SAMPLE_BUNDLE, [DEMO], limits)
 
 

@@ -130,7 +130,7 @@ def test_start_without_a_usable_bundle_fails_clearly(
 def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp: Path) -> None:
     # Micro-batching with a long wait keeps a request in flight while SIGTERM arrives.
     config = base_config(
-        tmp, extra="[batching]\nenabled = true\nmax_batch = 64\nmax_wait_ms = 800\n"
+        tmp, extra="[batching]\nenabled = true\nmax_batch = 64\nmax_wait_ms = 1000\n"
     )
     images, labels = samples()
     with running_agent(tmp, config) as agent:
@@ -142,7 +142,16 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp: Path) -> None:
 
         t = threading.Thread(target=request)
         t.start()
-        time.sleep(0.3)  # the request is now waiting in the batcher
+        # SIGTERM once the agent holds the request (it waits in the batcher for up to
+        # 1 s), seen on /metrics rather than guessed with a sleep.
+        with ApiClient(str(agent.socket)) as probe:
+            for _ in range(500):
+                _, _, text = probe.request("GET", "/metrics")
+                if b"edgerun_inflight_requests 1" in text:
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the request never reached the agent")
         agent.proc.send_signal(signal.SIGTERM)
         t.join(timeout=30)
         code = agent.wait_exit(30)

@@ -35,7 +35,9 @@ def built(tmp_path_factory: pytest.TempPathFactory, signing_key: tuple[Path, Pat
     from tests.export.pipeline_helpers import write_recipe
 
     folder = tmp_path_factory.mktemp("build")
-    recipe = write_recipe(folder / "recipe")
+    # QAT as a second INT8 method: its ONNX and TFLite models are candidates too.
+    recipe = write_recipe(folder / "recipe", {'preset = "avx512_vnni"':
+                                              'preset = "avx512_vnni"\nextra_modes = ["qat"]'})  # fmt: skip
     out = folder / "out"
     result = run_build(recipe, out, signing_key[0], FAST)
     return result, out
@@ -67,8 +69,8 @@ def test_report_covers_every_stage(built) -> None:
     report = json.loads((out / "tiny-0.1.0.report.json").read_text())
     stages = [row["stage"] for row in report["stages"]]
     assert stages == [
-        "teacher", "student", "pruned", "teacher onnx",
-        "onnx float", "onnx int8", "tflite float", "tflite int8",
+        "teacher", "student", "pruned", "teacher onnx", "onnx float", "onnx int8",
+        "onnx int8 qat", "tflite float", "tflite int8", "tflite int8 qat",
     ]  # fmt: skip
     rows = {row["stage"]: row for row in report["stages"]}
     # Structured pruning really removed parameters and MACs.
@@ -77,6 +79,11 @@ def test_report_covers_every_stage(built) -> None:
     # INT8 models are smaller than their float versions.
     assert rows["onnx int8"]["size_bytes"] < rows["onnx float"]["size_bytes"]
     assert rows["tflite int8"]["size_bytes"] < rows["tflite float"]["size_bytes"]
+    assert rows["tflite int8 qat"]["size_bytes"] < rows["tflite float"]["size_bytes"]
+    assert rows["onnx int8 qat"]["size_bytes"] < rows["onnx float"]["size_bytes"]
+    ids = {v["id"] for v in report["variants"]}
+    assert ids == {"onnx-fp32", "onnx-int8-static", "onnx-int8-qat", "tflite-fp32",
+                   "tflite-int8-static", "tflite-int8-qat"}  # fmt: skip
     for stage in ("teacher onnx", "onnx float", "onnx int8", "tflite float", "tflite int8"):
         assert rows[stage]["latency_ms"]["p50"] > 0, stage
     assert rows["onnx int8"]["int8_ops"].get("QuantizeLinear", 0) > 0
@@ -87,6 +94,50 @@ def test_report_covers_every_stage(built) -> None:
     assert "| onnx int8 | onnx |" in md and "## Gates" in md
     png = (out / "tiny-0.1.0.report.png").read_bytes()
     assert png.startswith(b"\x89PNG")
+
+
+def test_the_golden_gate_is_the_rule_the_bundle_carries_and_the_device_applies(
+    built, signing_key: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from agent.bundle import unpack_bundle
+    from agent.golden import replay_golden
+    from agent.runtimes.litert import LiteRTRuntime
+    from agent.runtimes.ort import OrtRuntime
+
+    result, out = built
+    report = json.loads((out / "tiny-0.1.0.report.json").read_text())
+    golden_gates = {g["stage"]: g for g in report["gates"] if g["gate"] == "golden"}
+    chosen = set(report["selected"])
+    assert set(golden_gates) == {f"{fmt} {family}" for fmt in chosen for family in
+                                 (("cpu", "cuda", "tensorrt") if fmt == "onnx" else ("cpu",))}  # fmt: skip
+    assert all(g["passed"] and g["value"] <= 1.0 for g in golden_gates.values()), golden_gates
+    verified = unpack_bundle(result.bundle, tmp_path / "u", [load_public_key(signing_key[1])])
+    raw = json.loads(verified.manifest_bytes)
+    # One rule: the gate's, the bundle's, and what the device judges by.
+    assert raw["golden"]["tolerance"] == report["golden_tolerance"]
+    assert raw["golden"]["tolerance"]["top1"] == {"logits": 1.0}  # a classification recipe
+    manifest = verified.manifest
+    for fmt, cls in (("onnx", OrtRuntime), ("tflite", LiteRTRuntime)):
+        runtime = cls(tmp_path / "u" / manifest.formats[fmt], manifest.inputs, manifest.outputs)
+        try:
+            replayed = replay_golden(manifest, tmp_path / "u", runtime)
+        finally:
+            runtime.close()
+        assert replayed is not None and replayed.ok, (fmt, replayed)
+        gate = golden_gates[f"{fmt} cpu"]["detail"]
+        allowance = replayed.outputs["logits"].allowance
+        assert f"of {allowance:.3g}" in gate, (gate, allowance)
+
+
+def test_a_version_that_is_not_major_minor_patch_is_refused_before_building(
+    built, signing_key: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from export.pipeline.errors import BuildError
+
+    recipe = Path(built[0].files["recipe.toml"])
+    with pytest.raises(BuildError, match=r"--version '1.0' must be MAJOR.MINOR.PATCH"):
+        run_build(recipe, tmp_path / "out", signing_key[0], Options(version="1.0"))
+    _assert_nothing_written(tmp_path / "out")
 
 
 def test_bundle_models_reproduce_golden_outputs(built, tmp_path: Path) -> None:

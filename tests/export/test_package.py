@@ -264,3 +264,81 @@ def test_an_output_with_its_batch_behind_a_fixed_axis_needs_the_flag(
     path = package_model(**common, batch_axes={"y": 1})
     m = verify_bundle(path, [load_public_key(keys[1])]).manifest
     assert m.outputs[0].batch_axis == 1 and not m.batchable
+
+
+def test_package_cli_writes_a_multi_variant_bundle(
+    sample_parts: SampleParts, keys: tuple[Path, Path], tmp: Path
+) -> None:
+    """`--variant`: other builds of the same model ride along, each with its own golden."""
+    import json
+    import tarfile
+
+    from onnxruntime.quantization import quantize_dynamic
+
+    from tests.variant_bundles import float_model
+
+    private, public = keys
+    images, _ = samples()
+    np.save(tmp / "cases.npy", images[:5])
+    src = sample_parts.directory / "model.onnx"  # the sample's static INT8 QDQ model
+    fp32 = float_model(sample_parts, tmp)  # the same graph folded back to float
+    quantize_dynamic(str(fp32), str(tmp / "int8.onnx"))
+    out = cli("package", str(src), str(sample_parts.directory / "model.tflite"),
+              "--name", "digits", "--version", "2.1.0", "--golden-inputs", str(tmp / "cases.npy"),
+              "--key", str(private), "--out", str(tmp / "dist"),
+              "--variant", f"onnx-fp32={fp32},precision=fp32",
+              "--variant", f"onnx-int8-dynamic={tmp / 'int8.onnx'},precision=int8,method=dynamic,"
+              "built_for=x86_64-vnni", "--int8-atol", "0.05")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    bundle = Path(out.stdout.strip())
+    verify_bundle(bundle, [load_public_key(public)])
+    with tarfile.open(bundle) as tar:
+        tar.extractall(tmp / "x", filter="data")
+    m = json.loads((tmp / "x" / "manifest.json").read_text())
+    assert m["formats"] == {"onnx": "model.onnx", "tflite": "model.tflite"}
+    by_id = {v["id"]: v for v in m["variants"]}
+    assert set(by_id) == {"onnx", "tflite", "onnx-fp32", "onnx-int8-dynamic"}
+    assert by_id["onnx-fp32"]["file"] == "variants/onnx-fp32.onnx"
+    assert by_id["onnx-fp32"]["golden"]["tolerance"]["atol"] != 0.05  # its own float rule
+    v = by_id["onnx-int8-dynamic"]
+    assert v["file"] == "variants/onnx-int8-dynamic.onnx" and v["file"] in m["files"]
+    assert (v["precision"], v["method"], v["built_for"]) == ("int8", "dynamic", "x86_64-vnni")
+    assert v["golden"]["tolerance"]["atol"] == 0.05  # its own rule, --int8-atol as CPU bound
+    assert by_id["onnx"]["golden"]["outputs"] == m["golden"]["outputs"]["onnx"]
+    assert "tolerance" not in by_id["onnx"]["golden"]  # the manifest's rule for onnx
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(tmp / "x" / v["file"])).run(None, {"input": images[:5]})[0]
+    want = np.load(tmp / "x" / v["golden"]["outputs"])
+    assert_close(got, want[next(iter(want.files))], what="int8 variant vs its golden")
+
+
+def test_package_refuses_a_variant_with_another_contract(
+    sample_parts: SampleParts, keys: tuple[Path, Path], tmp: Path
+) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    private, _ = keys
+    images, _ = samples()
+    np.save(tmp / "cases.npy", images[:5])
+    other = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])],
+    ), opset_imports=[helper.make_opsetid("", 17)], ir_version=9)  # fmt: skip
+    onnx.save(other, str(tmp / "other.onnx"))
+    base = ["package", str(sample_parts.directory / "model.onnx"), "--name", "digits",
+            "--version", "2.1.0", "--golden-inputs", str(tmp / "cases.npy"), "--key",
+            str(private), "--out", str(tmp / "dist")]  # fmt: skip
+    out = cli(*base, "--variant", f"wrong={tmp / 'other.onnx'}")
+    assert out.returncode == 2
+    assert "variant wrong" in out.stderr and "same API" in out.stderr
+    for bad, says in ((f"Bad={tmp / 'other.onnx'}", "variant id 'Bad'"),
+                      (f"v={tmp / 'other.onnx'},precision=int4", "precision 'int4'"),
+                      (f"v={tmp / 'missing.onnx'}", "does not exist"),
+                      ("novalue", "expected ID=PATH")):  # fmt: skip
+        out = cli(*base, "--variant", bad)
+        assert out.returncode == 2 and says in out.stderr, (bad, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert not (tmp / "dist").exists() or list((tmp / "dist").iterdir()) == []

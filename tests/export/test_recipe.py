@@ -40,8 +40,25 @@ def test_bad_preset_names_value_and_allowed_ones(tmp_path: Path) -> None:
         _load(tmp_path, {'preset = "avx512_vnni"': 'preset = "x86"'})
     msg = str(err.value)
     assert "quantize.preset" in msg and "'x86'" in msg
-    for allowed in ("'arm64'", "'avx512_vnni'", "'jetson-tensorrt'"):
+    for allowed in ("'auto'", "'x86_64-vnni'", "'x86_64-avx2'", "'arm64'", "'arm64-dotprod'",
+                    "'jetson-orin'", "'avx512_vnni'", "'jetson-tensorrt'"):  # fmt: skip
         assert allowed in msg
+
+
+def test_int8_method_combinations_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as err:
+        _load(tmp_path, {'preset = "avx512_vnni"': 'preset = "jetson-orin"\nmode = "qat"\n'
+                         'extra_modes = ["dynamic", "qat"]\nmixed_precision = true'})  # fmt: skip
+    msg = str(err.value)
+    assert "quantize.mode: 'dynamic' is not allowed with preset 'jetson-orin'" in msg
+    assert "quantize.extra_modes" in msg and "repeats a mode" in msg
+    assert "quantize.mixed_precision: true needs a static INT8 model" in msg
+    with pytest.raises(RecipeError, match=r"quantize.extra_modes\[0\]|'int4' is not allowed"):
+        _load(tmp_path, {'preset = "avx512_vnni"': 'extra_modes = ["int4"]'})
+    with pytest.raises(RecipeError, match=r"quantize.qat_percentile"):
+        _load(tmp_path, {'preset = "avx512_vnni"': "qat_percentile = 20.0"})
+    ok = _load(tmp_path, {'preset = "avx512_vnni"': 'preset = "auto"\nextra_modes = ["qat"]'})
+    assert ok.quantize.extra_modes == ["qat"] and ok.quantize.preset == "auto"
 
 
 def test_bad_calibration_method_and_prefer(tmp_path: Path) -> None:

@@ -65,8 +65,10 @@ def test_devices_lists_every_device(cli: Callable[..., tuple[int, Any, str]]) ->
     for row in rows:
         assert row["online"] is True and row["model_version"] == "1.0.0"
         assert row["groups"] == ["line-9"] and row["health"] == "ready"
+        assert row["variant"] == "onnx" and "model.preference" in row["variant_reason"]
     code, text, _ = cli("devices", "--sort", "rss")
     assert code == 0 and "cli-a" in text and "cli-b" in text and "online" in text
+    assert "variant" in text and " onnx " in text
     assert "2 devices: 2 online, 0 offline" in text
     code, rows, _ = cli("--json", "devices", "--group", "nobody")
     assert code == 0 and rows == []
@@ -87,6 +89,11 @@ def test_ping_status_logs_and_the_record(cli: Callable[..., tuple[int, Any, str]
     assert "ping group:line-9: 2/2 answered, 2 ok, 0 failed" in err  # progress on stderr
     code, out, _ = cli("--json", "status", "cli-b")
     assert code == 0 and out["status"]["link"]["connected"] is True
+    assert out["status"]["model"]["selection"]["chosen"] == "onnx"
+    # The human form ends with the device's variant choice, as a line and a table.
+    code, text, _ = cli("status", "cli-b")
+    assert code == 0 and "variant onnx on onnxruntime: the bundle has no variants" in text
+    assert "tflite" in text and "skipped" in text
     assert out["row"]["device_id"] == "cli-b"
     code, out, _ = cli("--json", "logs", "cli-a", "--lines", "3", "--level", "info")
     assert code == 0 and 0 < len(out["lines"]) <= 3
@@ -98,7 +105,7 @@ def test_ping_status_logs_and_the_record(cli: Callable[..., tuple[int, Any, str]
         replies = store.records(kinds=[RecordKind.COMMAND_REPLY])
     finally:
         store.close()
-    assert [r.data["name"] for r in sent] == ["ping", "ping", "ping", "status", "logs"]
+    assert [r.data["name"] for r in sent] == ["ping", "ping", "ping", "status", "status", "logs"]
     assert {r.operator for r in sent} == {"tester"} and all(len(r.key_id) == 16 for r in sent)
     assert sorted(r.data["command_id"] for r in replies) == sorted(
         r.data["command_id"] for r in sent

@@ -65,6 +65,9 @@ def test_every_device_retains_status_and_state_and_reports_telemetry(
             assert console.status(d).state == "online"  # type: ignore[union-attr]
             state = ReportedState.from_json(console.state(d))
             assert state.model is not None and state.model.version == "1.0.0"
+            # A simulated device reports the variant it "chose", and why, like an agent.
+            assert state.model.variant in ("fp32", "int8")
+            assert state.model.variant_reason.startswith(f"simulated: {state.model.variant}")
             assert state.groups == (["a", "b"][ids.index(d) % 2],)
             assert state.health.word == "ready" and state.update is None
         # Each device's own baseline: gates must be relative to it.
@@ -72,6 +75,7 @@ def test_every_device_retains_status_and_state_and_reports_telemetry(
         assert len({round(v) for v in p95.values()}) > 5
         t = console.telemetry(ids[0])[-1]
         assert isinstance(t, TelemetryMessage) and t.inference["interval"]["requests"] > 0
+        assert t.model is not None and t.model["variant"] in ("fp32", "int8")
         assert t.system["rss_mb"] > 0 and t.outbox["messages"] == 0
         seqs = [m.seq for m in console.telemetry(ids[0])]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)

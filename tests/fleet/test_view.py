@@ -66,6 +66,8 @@ def test_rows_from_real_agents(fleet: dict[str, AgentProcess], broker: Broker) -
             assert row.outbox_messages is not None and row.rate_per_s is not None
             assert row.since is not None and row.seen_at is not None
             assert row.groups == ("line-1",) and row.previous_version is None
+            # The sample has no `variants`: its ONNX model serves by model.preference.
+            assert row.variant == "onnx" and "no variants" in (row.variant_reason or "")
         assert [r.device_id for r in view.rows(group="line-1")] == DEVICES
         assert view.rows(group="line-2") == []
 

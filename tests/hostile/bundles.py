@@ -187,6 +187,11 @@ def sub(text: str, old: str, new: str) -> bytes:
     return text.replace(old, new).encode()
 
 
+def _atol_text(manifest: dict[str, Any]) -> str:
+    """The golden tolerance's top-level atol as json.dumps writes it, to edit in place."""
+    return f'"atol": {json.dumps(manifest["golden"]["tolerance"]["atol"])}'
+
+
 def dumps(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
@@ -561,6 +566,8 @@ def _json_cases(m: Material) -> Iterator[Spec]:
 
     deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
     text = json.dumps(good, sort_keys=True)
+    atol = _atol_text(good)
+    inputs_size = f'"size": {good["files"]["golden/inputs.npz"]["size"]}'
     yield Spec(
         Case(k, "nested-100000-deep-signed", (S,), "RecursionError in verify and at start"),
         raw(deep),
@@ -586,12 +593,12 @@ def _json_cases(m: Material) -> Iterator[Spec]:
     for literal in ("NaN", "Infinity", "-Infinity"):
         yield Spec(
             Case(k, f"literal-{literal}", (S,)),
-            raw(sub(text, '"atol": 0.001', f'"atol": {literal}')),
+            raw(sub(text, atol, f'"atol": {literal}')),
         )
-    yield Spec(Case(k, "float-1e999", (S,)), raw(sub(text, '"atol": 0.001', '"atol": 1e999')))
+    yield Spec(Case(k, "float-1e999", (S,)), raw(sub(text, atol, '"atol": 1e999')))
     yield Spec(
         Case(k, "integer-5000-digits", (S,)),
-        raw(sub(text, '"size": 2312', '"size": ' + "9" * 5000)),
+        raw(sub(text, inputs_size, '"size": ' + "9" * 5000)),
     )
     yield Spec(
         Case(k, "invalid-utf8", (S,)), raw(dumps(good).replace(b'"digits"', b'"dig\xffits"'))
@@ -655,6 +662,25 @@ def _manifest_cases(m: Material) -> Iterator[Spec]:
     yield changed(S, "golden-inputs-not-npz", golden={**golden, "inputs": "model.onnx"})
     yield changed(S, "golden-outputs-without-inputs", golden={**golden, "inputs": None})
     yield changed(S, "golden-inputs-without-outputs", golden={**golden, "outputs": {}})
+
+    # `variants` (docs/DESIGN.md "Variants"): each field refused with bundle.schema.
+    one = {"id": "onnx-a", "format": "onnx", "file": "model.onnx",
+           "golden": {"outputs": "golden/outputs-onnx.npz"}}  # fmt: skip
+    yield changed(S, "variants-object", variants={"onnx-a": one})
+    yield changed(S, "variants-empty", variants=[])
+    yield changed(S, "variants-17", variants=[{**one, "id": f"v{i}"} for i in range(17)])
+    yield changed(S, "variant-id-climbs-out", variants=[{**one, "id": "../../etc"}])
+    yield changed(S, "variant-id-twice", variants=[one, {**one, "file": "model.tflite"}])
+    yield changed(S, "variant-file-unlisted", variants=[{**one, "file": "../model.onnx"}])
+    yield changed(S, "variant-file-shared", variants=[one, {**one, "id": "onnx-b"}])
+    yield changed(
+        S, "variant-golden-not-npz", variants=[{**one, "golden": {"outputs": "model.onnx"}}]
+    )
+    yield changed(S, "variant-without-golden", variants=[{**one, "golden": None}])
+    yield changed(S, "variant-peak-memory-zero",
+                  variants=[{**one, "peak_memory_mb": {"onnxruntime": 0}}])  # fmt: skip
+    yield changed(S, "variant-precision-int4", variants=[{**one, "precision": "int4"}])
+    yield changed(S, "variant-built-for-megabyte", variants=[{**one, "built_for": "x" * 100_000}])
 
     long_component = "d" * 300 + "/x.bin"
     yield Spec(
@@ -761,6 +787,9 @@ def _golden_cases(m: Material) -> Iterator[Spec]:
     good = m.manifest()
     golden = good["golden"]
     images = np.asarray(samples()[0][:8], dtype=np.float32)
+    # For references of zeros: a rule that allows 1e-3 (the sample's own allows its
+    # logits an INT8 step or two, which is more than zeros may be given).
+    narrow = {**golden, "tolerance": {"atol": 0.001, "rtol": 0.001}}
 
     def tol(name: str, atol: Any, note: str = "", agent: bool = False) -> Spec:
         return Spec(
@@ -781,9 +810,34 @@ def _golden_cases(m: Material) -> Iterator[Spec]:
     yield Spec(
         Case(k, "atol-NaN-literal", (S,), "disabled the check"),
         lambda: m.bundle(
-            raw_manifest=sub(dumps(m.manifest()).decode(), '"atol": 0.001', '"atol": NaN')
+            raw_manifest=sub(dumps(m.manifest()).decode(), _atol_text(m.manifest()), '"atol": NaN')
         ),
     )
+
+    def rule(name: str, tolerance: Any, klass: str = S, note: str = "") -> Spec:
+        # A field out of its bounds is refused at verify; an allowance too wide for the
+        # outputs only once they are read, before the replay.
+        return Spec(Case(k, name, (klass,), note),
+                    lambda: m.bundle(golden={**golden, "tolerance": tolerance}),
+                    replay_golden if klass == GI else verify_only())  # fmt: skip
+
+    sample_rule = golden["tolerance"]
+    yield rule("max-steps-1e9", {"outputs": {"logits": {"quant_step": 0.1, "max_steps": 1e9}}},
+               note="every INT8 output passes")  # fmt: skip
+    yield rule("quant-step-negative", {"outputs": {"logits": {"quant_step": -0.1}}})
+    yield rule(
+        "range-share-1", {"families": {"cuda": {"range_share": 1.0}}}, note="the whole range"
+    )
+    yield rule("family-name-with-slash", {"families": {"cuda/../x": {"atol": 0.001}}})
+    yield rule("families-100", {"families": {f"f{i}": {} for i in range(100)}})
+    yield rule("top1-zero", {**sample_rule, "top1": {"logits": 0.0}}, note="a check of nothing")
+    yield rule("top1-unknown-output", {"top1": {"probs": 1.0}})
+    yield rule("formats-unknown", {"formats": {"coreml": {"atol": 0.001}}})
+    yield rule("formats-nested", {"formats": {"onnx": {"formats": {"onnx": {}}}}})
+    yield rule("unknown-field", {"atol": 0.001, "atl": 5.0}, note="a typo would widen nothing")
+    yield rule("steps-within-the-field-bound-but-wide-for-the-outputs",
+               {"outputs": {"logits": {"quant_step": 0.5, "max_steps": 64}}}, klass=GI,
+               note="32 on logits of at most 18")  # fmt: skip
 
     def golden_file(name: str, data: bytes) -> Callable[[], Path]:
         return lambda: m.bundle({**m.files, name: data})
@@ -961,8 +1015,8 @@ def _golden_cases(m: Material) -> Iterator[Spec]:
     )
     nan_inputs = {**m.files, inputs: npz(input=np.full_like(images, np.nan))}
     yield Spec(
-        Case(k, "model-outputs-NaN", (GM,), "np.any(diff > bound) is False for NaN"),
-        lambda: m.bundle({**nan_inputs, outputs: npz(logits=want)}),
+        Case(k, "model-outputs-NaN", (GM,), "NaN in; NaN-aware on float models: test_golden.py"),
+        lambda: m.bundle({**nan_inputs, outputs: npz(logits=want)}, golden=narrow),
         replay_golden,
         agent=True,
     )
@@ -975,7 +1029,7 @@ def _golden_cases(m: Material) -> Iterator[Spec]:
         replay_golden,
     )
     yield Spec(
-        Case(k, "atol-wider-than-the-outputs", (GI,), "atol 50 on logits of at most 31"),
+        Case(k, "atol-wider-than-the-outputs", (GI,), "atol 50 on logits of at most 18"),
         lambda: m.bundle(golden={**golden, "tolerance": {"atol": 50.0, "rtol": 0.0}}),
         replay_golden,
     )
@@ -1003,7 +1057,9 @@ def _golden_cases(m: Material) -> Iterator[Spec]:
     )
     yield Spec(
         Case(k, "expected-wrong-shape", (GM,)),
-        golden_file(outputs, npz(logits=np.zeros((8, 11), np.float32))),
+        lambda: m.bundle(
+            {**m.files, outputs: npz(logits=np.zeros((8, 11), np.float32))}, golden=narrow
+        ),
         replay_golden,
     )
 

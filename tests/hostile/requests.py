@@ -37,6 +37,7 @@ CLASSES = (
     "request.kserve",
     "request.auth",
     "request.resources",
+    "request.shm",
 )
 CLASS = "request"
 TOKEN = "hostile-corpus-token-0123456789abcdef"
@@ -442,6 +443,43 @@ def cases() -> list[RequestCase]:
             length=False, headers=[b"content-length: " + str((BODY_INFLIGHT_MB + 1) << 20).encode()]
         ),
     )
+    # --- Triton system shared memory (agent/api/shm.py)
+    shm = b"/v2/systemsharedmemory/region/r1/register"
+    add("shm", "key-path-traversal", "shm.invalid", _req(target=shm, body=_json(
+        {"key": "../../etc/shadow", "byte_size": 8})))  # fmt: skip
+    add("shm", "key-absolute-path", "shm.invalid", _req(target=shm, body=_json(
+        {"key": "/proc/self/mem", "byte_size": 8})))  # fmt: skip
+    add("shm", "key-dot-dot", "shm.invalid", _req(target=shm, body=_json(
+        {"key": "/..", "byte_size": 8})))  # fmt: skip
+    add("shm", "key-number", "shm.invalid", _req(target=shm, body=_json(
+        {"key": 7, "byte_size": 8})))  # fmt: skip
+    add("shm", "key-missing-object", "shm.not_found", _req(target=shm, body=_json(
+        {"key": "/er-hostile-no-such-object", "byte_size": 8})))  # fmt: skip
+    add("shm", "byte-size-string", "shm.invalid", _req(target=shm, body=_json(
+        {"key": "/x", "byte_size": "8"})))  # fmt: skip
+    add("shm", "offset-negative", "shm.invalid", _req(target=shm, body=_json(
+        {"key": "/x", "byte_size": 8, "offset": -1})))  # fmt: skip
+    add("shm", "byte-size-over-cap", "shm.limit", _req(target=shm, body=_json(
+        {"key": "/x", "byte_size": 1 << 50})))  # fmt: skip
+    add("shm", "register-not-json", bad, _req(target=shm, body=b"{key"))
+    add("shm", "register-array", "shm.invalid", _req(target=shm, body=b"[]"))
+    add("shm", "name-too-long", "shm.invalid", _req(
+        target=b"/v2/systemsharedmemory/region/" + b"n" * 200 + b"/register",
+        body=_json({"key": "/x", "byte_size": 8})))  # fmt: skip
+    add("shm", "status-unknown", "shm.not_found",
+        _req(b"GET", b"/v2/systemsharedmemory/region/nope/status"))  # fmt: skip
+    add("shm", "register-get", "request.method",
+        _req(b"GET", b"/v2/systemsharedmemory/region/r1/register"))  # fmt: skip
+    add("shm", "unknown-action", "endpoint.not_found",
+        _req(b"POST", b"/v2/systemsharedmemory/region/r1/map"))  # fmt: skip
+    shm_in = {"shared_memory_region": "nope", "shared_memory_byte_size": 256}
+    add("shm", "infer-unknown-region", "shm.not_found",
+        _infer(inputs=[_tensor(data=None, parameters=shm_in)]))  # fmt: skip
+    add("shm", "infer-region-and-data", bad, _infer(inputs=[_tensor(parameters=shm_in)]))
+    add("shm", "infer-region-number", "shm.invalid", _infer(
+        inputs=[_tensor(data=None, parameters={**shm_in, "shared_memory_region": 5})]))  # fmt: skip
+    add("shm", "output-unknown-region", "shm.not_found", _infer(
+        outputs=[{"name": "logits", "parameters": shm_in}]))  # fmt: skip
     return out
 
 

@@ -14,6 +14,7 @@ from tests.helpers import DEMO_PUB
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd/edgerun-agent.service"
+JETSON = ROOT / "systemd/edgerun-agent.service.d/jetson.conf"
 
 
 def _staged_unit(tmp: Path) -> Path:
@@ -142,3 +143,62 @@ def test_unit_and_config_agree_on_who_may_use_the_socket() -> None:
     assert int(_unit_value("RuntimeDirectoryMode"), 8) & 0o050 == 0o050
     # The unit keeps TCP on loopback unless a token and an address allow list are set.
     assert "IPAddressDeny=any" in UNIT.read_text() and not api.tcp
+
+
+def _staged_with_jetson(tmp: Path) -> Path:
+    unit = _staged_unit(tmp)
+    drop_ins = tmp / f"{UNIT.name}.d"
+    drop_ins.mkdir()
+    shutil.copy(JETSON, drop_ins / JETSON.name)
+    return unit
+
+
+def test_jetson_drop_in_verifies_and_is_applied(tmp: Path) -> None:
+    unit = _staged_with_jetson(tmp)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    # verify names the file of every key it ignores (a typo, a path not under /dev/).
+    assert "jetson.conf" not in out.stderr and UNIT.name not in out.stderr, out.stderr
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    # The drop-in was read: devices are open now, and the rest of the hardening holds.
+    assert re.search(r"✗ PrivateDevices=", security), security
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security)
+    assert match and float(match.group(1)) <= 2.0, security
+
+
+def test_jetson_drop_in_opens_only_the_gpu_nodes() -> None:
+    text = JETSON.read_text()
+    allowed = re.findall(r"^DeviceAllow=(\S+) (\S+)$", text, re.MULTILINE)
+    assert {"/dev/nvmap", "/dev/nvgpu/igpu0/ctrl", "/dev/nvhost-ctrl-gpu"} <= {
+        p for p, _ in allowed
+    }
+    assert all(
+        p.startswith("/dev/nv") or p.startswith(("/dev/dri/render", "/dev/host1x"))
+        for p, _ in allowed
+    )
+    assert all(mode == "rw" for _, mode in allowed)  # no mknod
+    for line in ("PrivateDevices=no", "DevicePolicy=closed", "ProcSubset=all"):
+        assert re.search(rf"^{line}$", text, re.MULTILINE), line
+    assert "video" in re.findall(r"^SupplementaryGroups=(.*)$", text, re.MULTILINE)[0].split()
+
+
+def test_install_script_stages_the_jetson_drop_in(tmp: Path) -> None:
+    staged = tmp / "root"
+    for args, present in (([], False), (["--jetson"], True)):
+        out = subprocess.run(
+            ["sh", str(ROOT / "systemd/install.sh"), "--root", str(staged), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        drop_in = staged / "etc/systemd/system/edgerun-agent.service.d/jetson.conf"
+        assert drop_in.exists() is present
+    assert drop_in.read_text() == JETSON.read_text()

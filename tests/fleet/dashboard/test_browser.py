@@ -233,6 +233,8 @@ def test_the_device_page_draws_its_charts(dash: DashboardServer, page: Browser) 
     assert inked > 500, inked
     summary = page.text("#summary") or ""
     assert "online" in summary and "digits 1.0.0" in summary, summary
+    # The variant the (simulated) device chose, and its reason.
+    assert "Variant" in summary and "was the faster of 2 that passed" in summary, summary
     page.screenshot("device")
 
 

@@ -31,6 +31,8 @@ function summary(row) {
   const items = [
     ["State", state],
     ["Model", row.model_version ? `${row.model_name || ""} ${row.model_version}` : "—"],
+    // Which of the bundle's variants the device measured fastest, and why (its own words).
+    ["Variant", row.variant ? `${row.variant}${row.variant_reason ? ` (${row.variant_reason})` : ""}` : "—"],
     ["Rollback slot", row.previous_version || "—"],
     ["Agent", row.agent_version || "—"],
     ["Groups", (row.groups || []).join(", ") || "—"],

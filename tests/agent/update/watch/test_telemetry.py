@@ -37,6 +37,15 @@ def test_live_and_shadow_figures_go_into_telemetry_only(agent: Agent) -> None:
         assert figures["live"]["requests"] == 4 and figures["live"]["top1_samples"] == 12
         assert "p95_ms" in figures["live"]
         assert figures["shadow"]["compared"] == 0 and figures["shadow"]["sample"] == 0.2
-        assert set(model_figures(agent) or {}) == {"name", "version", "sha256", "runtime"}
+        # The retained state's figures: who serves and on what, nothing that moves.
+        assert set(model_figures(agent) or {}) == {
+            "name",
+            "version",
+            "sha256",
+            "runtime",
+            "providers",
+            "variant",
+            "variant_reason",
+        }
     finally:
         recorder.stop()

@@ -1,0 +1,100 @@
+"""What a cached variant choice depends on besides the bundle: this machine and its runtimes.
+
+The choice is a measurement, so it is only as good as the hardware and the library
+it was measured with: the CPU model and its instruction-set flags (INT8 is fast with
+VNNI or dot-product, slow or saturating without), the GPU, and each runtime's
+version, config section and (ONNX Runtime) the execution providers of its build.
+Read from /proc without running anything: cheap enough for every start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from agent.runtimes import REGISTRY
+
+log = logging.getLogger(__name__)
+
+_CPUINFO = Path("/proc/cpuinfo")
+_NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
+_DT_MODEL = Path("/proc/device-tree/model")  # Jetson and most ARM boards
+_MAX_READ = 1 << 20
+
+
+def _read(path: Path) -> str:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(_MAX_READ).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def cpu_identity(cpuinfo: str) -> dict[str, str]:
+    """CPU model and a digest of its feature flags from /proc/cpuinfo text."""
+    model = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu part", "cpu implementer") and not model:
+            model = value.strip()
+        elif key in ("flags", "features"):  # x86 / arm
+            flags.update(value.split())
+    return {
+        "cpu": model,
+        "cpu_flags": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
+    }
+
+
+def gpu_names() -> list[str]:
+    names = []
+    try:
+        entries = sorted(_NVIDIA_GPUS.iterdir())
+    except OSError:
+        entries = []
+    for entry in entries:
+        for line in _read(entry / "information").splitlines():
+            if line.startswith("Model:"):
+                names.append(line.split(":", 1)[1].strip())
+    board = _read(_DT_MODEL).strip("\x00 \n")
+    if board:
+        names.append(board)
+    return names
+
+
+def hardware() -> dict[str, Any]:
+    """The machine's fingerprint: architecture, CPU model and flags, core count, GPUs."""
+    return {
+        "machine": platform.machine(),
+        **cpu_identity(_read(_CPUINFO)),
+        "cpus": os.cpu_count() or 0,
+        "gpus": gpu_names(),
+    }
+
+
+def runtime_identity(name: str, configs: Any) -> dict[str, Any]:
+    """A runtime's library version, its config section and what its build offers."""
+    cls = REGISTRY[name]
+    out: dict[str, Any] = {"name": name}
+    try:
+        out["version"] = cls.library_version()
+    except Exception as exc:  # a broken install: no version, the choice is not cached
+        log.warning("cannot read the %s version: %s", name, exc)
+        out["version"] = None
+    section = getattr(configs, name, None)
+    if section is not None and dataclasses.is_dataclass(section):
+        out["config"] = dataclasses.asdict(section)  # type: ignore[arg-type]
+    if name == "onnxruntime" and out["version"] is not None:
+        import onnxruntime
+
+        out["providers"] = list(onnxruntime.get_available_providers())
+    return out
+
+
+__all__ = ["cpu_identity", "gpu_names", "hardware", "runtime_identity"]
