@@ -49,8 +49,10 @@ def main() -> int:
     for name, texts in (("heldout", sample(cached_corpus().heldout, args.held, 1)),
                         ("stdlib", sentences(640)[384:])):  # fmt: skip
         cos = (embed(student, tok, texts) * embed(teacher, tok, texts)).sum(-1)
-        print(f"{name}: {len(texts)} sentences, mean cosine {float(cos.mean()):.4f}, "
-              f"min {float(cos.min()):.4f}")
+        print(
+            f"{name}: {len(texts)} sentences, mean cosine {float(cos.mean()):.4f}, "
+            f"min {float(cos.min()):.4f}"
+        )
     return 0
 
 

@@ -34,18 +34,12 @@ def pack(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:  # type: ignor
     return out, lengths
 
 
-def main() -> int:
-    from minilm_data import sentences as stdlib_sentences
+def write(out: Path, pool: list[str], held: list[str], stdlib: list[str], digest: str,
+          student: Path = STUDENT_WEIGHTS) -> None:  # fmt: skip
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    corpus = cached_corpus()
-    every_stdlib = set(stdlib_sentences(limit=1 << 30))
-    pool = [s for s in corpus.train if s not in every_stdlib]
-    held = list(corpus.heldout)
-    stdlib = stdlib_sentences(640)[384:]  # the recipe's eval split (minilm_data.load_splits)
     tok = AutoTokenizer.from_pretrained(model_dir())
     assert tok.vocab_size < 32768  # int16 ids
     arrays = {}
@@ -61,17 +55,27 @@ def main() -> int:
     remap[used] = np.arange(len(used), dtype=np.int16)
     for k in [k for k in arrays if k.endswith("_ids")]:
         arrays[k] = remap[arrays[k].astype(np.int64)]
-    np.savez_compressed(out / "data.npz", corpus=np.array(corpus.digest()), vocab=used, **arrays)
+    np.savez_compressed(out / "data.npz", corpus=np.array(digest), vocab=used, **arrays)
     teacher = load_file(str(model_dir() / "model.safetensors"))
     words = teacher["embeddings.word_embeddings.weight"]
     teacher["embeddings.word_embeddings.weight"] = words[torch.from_numpy(used)]
     torch.save({k: v.half() for k, v in teacher.items() if k != "embeddings.position_ids"},
                out / "teacher.fp16.pt")  # fmt: skip
-    student = load_file(str(STUDENT_WEIGHTS))
-    torch.save({"layers": {k.removeprefix("layer."): v for k, v in student.items()},
-                "init_layers": init_layers(STUDENT_WEIGHTS)}, out / "student.fp16.pt")  # fmt: skip
+    layers = load_file(str(student))
+    torch.save({"layers": {k.removeprefix("layer."): v for k, v in layers.items()},
+                "init_layers": init_layers(student)}, out / "student.fp16.pt")  # fmt: skip
     for p in sorted(out.iterdir()):
         print(p.name, p.stat().st_size)
+
+
+def main() -> int:
+    from minilm_data import sentences as stdlib_sentences
+
+    corpus = cached_corpus()
+    every_stdlib = set(stdlib_sentences(limit=1 << 30))
+    pool = [s for s in corpus.train if s not in every_stdlib]
+    stdlib = stdlib_sentences(640)[384:]  # the recipe's eval split (minilm_data.load_splits)
+    write(Path(sys.argv[1]), pool, list(corpus.heldout), stdlib, corpus.digest())
     return 0
 
 

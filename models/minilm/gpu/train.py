@@ -130,8 +130,11 @@ def load_teacher(state: dict[str, torch.Tensor]) -> Encoder:
     vocab = state["embeddings.word_embeddings.weight"].shape[0]
     enc = Encoder(vocab, 6)
     enc.load_state_dict(
-        {k.removeprefix("encoder."): v.float() for k, v in state.items()
-         if not k.startswith("pooler.")}  # fmt: skip
+        {
+            k.removeprefix("encoder."): v.float()
+            for k, v in state.items()
+            if not k.startswith("pooler.")
+        }
     )
     return enc.eval()
 
@@ -238,7 +241,7 @@ def main() -> int:
     def to_dev(ids: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         n = int(lengths.max())
         t = torch.from_numpy(ids[:, :n].astype(np.int64)).to(dev, non_blocking=True)
-        m = (torch.arange(n)[None, :] < torch.from_numpy(lengths.astype(np.int64))[:, None])
+        m = torch.arange(n)[None, :] < torch.from_numpy(lengths.astype(np.int64))[:, None]
         return t, m.to(dev, dtype=torch.int64)
 
     rng = np.random.default_rng(args.seed)
