@@ -2,7 +2,8 @@
 
     nice -n 10 python models/minilm/distill_student.py --steps 1500 [--resume FILE]
 
-(docs/export.md "The MiniLM student" has the two commands that made the shipped file.)
+(docs/export.md "The MiniLM student" has the commands: this script made round 1; the shipped
+file is round 2, gpu/train.py on one GPU, resumed from it.)
 The student starts as the teacher's embeddings and three of its transformer layers
 (--init-layers, default 0,4,5: measured to start closest to the teacher; every other
 layer, 0,2,4, starts at cosine 0.39). The embeddings stay frozen (they are the
