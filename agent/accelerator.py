@@ -145,7 +145,14 @@ def prune_caches(cache_dir: Path, keep: Iterable[str]) -> list[str]:
     except OSError:
         return removed
     for kind in kinds:
-        for entry in kind.iterdir():
+        # Called after a swap that already succeeded: a cache folder that cannot be
+        # listed is logged, never a failed install.
+        try:
+            entries = list(kind.iterdir())
+        except OSError as exc:
+            log.warning("cannot list engine caches in %s: %s", kind, exc)
+            continue
+        for entry in entries:
             if entry.is_dir() and entry.name not in kept:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(f"{kind.name}/{entry.name}")

@@ -183,7 +183,11 @@ def _detect(device_id: int, meminfo: Path) -> DeviceMemory | None:
     if device_id >= count:
         _WHY[device_id] = f"NVML sees {count} GPU(s); no device {device_id}"
         return None
-    return NvmlMemory(nvml, device_id)
+    try:
+        return NvmlMemory(nvml, device_id)
+    except nvml.NVMLError as exc:  # no permission on that GPU, GPU lost...
+        _WHY[device_id] = f"NVML cannot open GPU {device_id}: {exc}"
+        return None
 
 
 @dataclass(frozen=True)

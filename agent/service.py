@@ -20,7 +20,7 @@ from agent.api.server import ApiServer, ApiSetupError
 from agent.bundle import BundleError
 from agent.config.loader import ConfigError, read_public_keys
 from agent.config.model import AgentConfig
-from agent.device_memory import detect, unified_counter
+from agent.device_memory import NvmapMemory, unified_counter
 from agent.events import EventBus
 from agent.hardware.gauges import accelerator_gauges
 from agent.hardware.jetson import JetsonTelemetry, find_tegrastats
@@ -90,7 +90,11 @@ class Agent:
         self.watcher = RssWatcher(self.budget, config.memory.check_interval_ms / 1000)
         self.watcher.on_change = self._overload_changed
         # A Jetson's GPU memory is the RAM the cap protects: shed on RSS + GPU memory.
-        self.watcher.device_bytes = unified_counter(detect())
+        # Only a Jetson's nvmap counts here; NVML (a discrete GPU's own memory) is
+        # started only when a GPU provider serves, not on every CPU-only start.
+        self.watcher.device_bytes = unified_counter(
+            NvmapMemory() if NvmapMemory.present() else None
+        )
         self.keys = load_trusted_keys(config)
         try:
             self.store = Store(config.state_dir)

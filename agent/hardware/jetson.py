@@ -121,13 +121,23 @@ class JetsonTelemetry:
             if age <= stale_after or not self._sysfs_present:
                 return dataclasses.replace(latest[1], age_s=round(age, 3))
         if self._sysfs_present:
-            report = self.sysfs.read()
+            # Read by /metrics and by telemetry alike: a /sys file that reads oddly
+            # costs this block, never the whole /metrics reply or the telemetry message.
+            try:
+                report = self.sysfs.read()
+            except Exception:
+                log.exception("reading the Jetson's /sys figures failed")
+                return None
             return None if report is None else dataclasses.replace(report, age_s=0.0)
         return None
 
     def _keep(self, line: str) -> None:
         self.lines += 1
-        report = parse_line(line)
+        try:
+            report = parse_line(line)
+        except Exception:  # a line the parser trips on is one unparsed line, not the end
+            log.debug("tegrastats: a line the parser refused: %r", line[:200], exc_info=True)
+            report = None
         if report is None:
             self.unparsed += 1
             return

@@ -63,11 +63,10 @@ def _discover() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = ep.load()
+            if isinstance(loaded, type) and issubclass(loaded, Runtime):
+                register(loaded)  # TypeError: a class missing its declarations, a taken name
         except Exception as exc:  # any import-time failure of a third-party module
             log.warning("runtime plugin %s (%s) does not load: %s", ep.name, ep.value, exc)
-            continue
-        if isinstance(loaded, type) and issubclass(loaded, Runtime):
-            register(loaded)
 
 
 _discover()

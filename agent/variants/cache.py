@@ -71,6 +71,9 @@ class ChoiceCache:
             return None
         if not isinstance(record.get("results"), list):
             return None
+        batch = record.get("batch", 0)
+        if not isinstance(batch, int) or isinstance(batch, bool):
+            return None
         return record
 
     def put(self, key: str, record: dict[str, Any]) -> None:

@@ -485,7 +485,6 @@ class _Build:
     def measure(self, golden: dict[str, np.ndarray]) -> None:
         from agent.runtimes import runtime_for_format
         from export.measure import measure_latency
-        from export.package import batch_on_axis_0, onnx_specs, tflite_specs
 
         runs = self.opts.runs or self.r.select.runs
         t = time.monotonic()
@@ -496,15 +495,8 @@ class _Build:
             if path is None:
                 continue
             runtime = runtime_for_format(path.suffix.lstrip("."))  # agent/runtimes registry
-            if path.suffix == ".tflite":
-                # TFLite renames tensors; the runtime matches by order, we feed by recipe name.
-                # The recipe's batch is on axis 0, frozen by the converter: one case a run.
-                ins, outs = (batch_on_axis_0(specs) for specs in tflite_specs(path))
-                specs = (tuple(replace(s, name=n) for s, n in zip(ins, self.in_names, strict=True)),
-                         tuple(replace(s, name=n) for s, n in zip(outs, self.out_names,
-                                                                  strict=True)))  # fmt: skip
-            else:
-                specs = onnx_specs(path)
+            # The recipe's batch is on axis 0; TFLite's is frozen by the converter: one case a run.
+            specs = self._specs(path)
             row["runtime"] = runtime
             row["latency_ms"] = measure_latency(path, runtime, golden, specs[0], specs[1],
                                                 threads=self.threads, runs=runs)  # fmt: skip

@@ -197,7 +197,7 @@ def run_devices(args: argparse.Namespace, ctx: Context) -> int:
     # it (bounded wait). A large fleet's takes seconds to read and a broker with default
     # queue limits drops part of it, so a one-shot table there lists status and state
     # only, unless --telemetry S asks to wait for the reports.
-    if args.telemetry > 0 or len(view.rows()) <= RETAINED_TELEMETRY_WAIT_MAX_DEVICES:
+    if args.telemetry > 0 or len(view) <= RETAINED_TELEMETRY_WAIT_MAX_DEVICES:
         view.follow(min(1.0, args.settle))
     if args.telemetry > 0:
         online = {r.device_id for r in view.rows(args.group) if r.online}

@@ -228,6 +228,14 @@ def test_the_choice_is_cached_across_restarts_and_measured_again_when_a_key_chan
     again = restart()
     assert measuring(caplog) == []
 
+    # A well-formed file whose record holds a wrong-typed field: measured again, no crash.
+    doc = json.loads((tmp / "state" / FILENAME).read_text())
+    for record in doc["entries"].values():
+        record["batch"] = "many"
+    (tmp / "state" / FILENAME).write_text(json.dumps(doc))
+    again = restart()
+    assert len(measuring(caplog)) == 2 and served(again) == "1.1.0"
+
     # A new bundle (another sha256, same variants): measured again.
     newer = variant_bundle(sample_parts, demo_key, built, "1.2.0",
                            include=("onnx-fp32", "onnx-int8"), label="cache")  # fmt: skip
