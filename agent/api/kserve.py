@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import re
+import struct
 from typing import Any
 
 import numpy as np
@@ -257,7 +258,7 @@ def _json_data(
         raise BadRequestError(f"{where}.data must be a list of numbers")
     try:
         with np.errstate(over="ignore", invalid="ignore"):
-            array = _integers(data, dtype) if dtype.kind in "iu" else np.asarray(data, dtype=dtype)
+            array = _integers(data, dtype) if dtype.kind in "iu" else _floats(data, dtype)
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadRequestError(f"input {name!r}: data is not {dtname}: {exc}") from exc
     if array is None:
@@ -273,6 +274,30 @@ def _json_data(
 
 
 _UINT8 = np.dtype(np.uint8)
+_INT64 = np.dtype(np.int64)
+# struct's codes for the float types: packing a flat list is one C loop that reads
+# each Python number once (2-2.5x faster than np.asarray's per-element dispatch:
+# 92 against 215 µs for batch-256 digits' 16,384 floats), and rounds exactly as numpy
+# does (each double to the nearest float32/float16: tests/agent/test_kserve_json.py).
+_FLOAT_CODES = {np.dtype(np.float32): "f", np.dtype(np.float64): "d", np.dtype(np.float16): "e"}
+
+
+def _packed(data: list[Any], code: str, dtype: np.dtype[Any]) -> np.ndarray | None:
+    """A flat list of plain numbers as a writable array, or None when an element is
+    anything else (a nested list, a string, an int beyond a double, a value the
+    format cannot hold): the numpy path then reads it or says why."""
+    buffer = bytearray(len(data) * dtype.itemsize)
+    try:
+        struct.pack_into(f"{len(data)}{code}", buffer, 0, *data)
+    except (struct.error, OverflowError, TypeError):
+        return None
+    return np.frombuffer(buffer, dtype=dtype)
+
+
+def _floats(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray:
+    code = _FLOAT_CODES.get(dtype)
+    packed = _packed(data, code, dtype) if code is not None else None
+    return packed if packed is not None else np.asarray(data, dtype=dtype)
 
 
 def _integers(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray | None:
@@ -286,8 +311,11 @@ def _integers(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray | None:
     if dtype == _UINT8:
         with contextlib.suppress(TypeError, ValueError):
             return np.frombuffer(bytes(data), dtype=_UINT8)
+    # Plain ints in int64 in one C loop (a float, bool-free or not, falls through to
+    # numpy, which truncates it the way it always did).
+    packed = _packed(data, "q", _INT64)
     try:
-        wide = np.asarray(data, dtype=np.int64)
+        wide = packed if packed is not None else np.asarray(data, dtype=np.int64)
     except OverflowError:
         values = np.asarray(data, dtype=object)
         return _big_integers(values.shape, values.reshape(-1), dtype)

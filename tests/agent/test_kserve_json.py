@@ -176,3 +176,39 @@ def test_integers_at_the_edges_are_accepted_exactly() -> None:
     assert arrays["x"].tolist() == [2**64 - 1, 2**63, 5]
     _, arrays = decode_request(_body([True, 2.0, 3], "INT8"), None)
     assert arrays["x"].tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("dtype", "datatype"), [("float16", "FP16"), ("float32", "FP32"),
+                                                 ("float64", "FP64")])  # fmt: skip
+def test_packed_float_path_rounds_exactly_as_numpy(dtype: str, datatype: str) -> None:
+    """Flat float lists go through struct (a C loop); numpy's own conversion of the same
+    values is the reference, to the bit: doubles, float32 reprs, ints (beyond 2**24 and
+    2**53, where rounding shows), bools and subnormals."""
+    rng = np.random.default_rng(11)
+    big = float(np.finfo(np.dtype(dtype)).max)
+    top = min(2**62, int(big))
+    values: list[object] = [float(v) for v in rng.standard_normal(3000) * 100]
+    values += [float(v) for v in rng.random(2000).astype(np.float32)]
+    values += [int(v) for v in rng.integers(-top, top, 500)]
+    values += [2**11 + 1, True, False, -0.0, 5e-324, 1e-45, 6e-8, big, -big]
+    if dtype != "float16":
+        values += [2**24 + 1, 2**53 + 1, -(2**63)]
+    _, arrays = decode_request(_body(values, datatype), None)
+    want = np.asarray(values, dtype=dtype)
+    assert arrays["x"].dtype == want.dtype
+    assert arrays["x"].tobytes() == want.tobytes()
+    assert arrays["x"].flags.writeable  # as np.asarray's array was
+
+
+def test_lists_the_packed_paths_cannot_take_read_as_before() -> None:
+    # Nested rows (allowed by KServe) and ints beyond a double fall back to numpy.
+    _, arrays = decode_request(_body([[1.5, 2], [3, 4]], "FP32", [2, 2]), None)
+    assert arrays["x"].tolist() == [[1.5, 2.0], [3.0, 4.0]]
+    _, arrays = decode_request(_body([[1, 2], [3, 4]], "INT64", [2, 2]), None)
+    assert arrays["x"].tolist() == [[1, 2], [3, 4]]
+    # A value the format cannot hold is refused as numpy's path refused it.
+    for bad, datatype in (([70000.0, 1], "FP16"), ([1e39], "FP32"), ([2**63], "INT64")):
+        with pytest.raises(BadRequestError, match=f"out of the range of {datatype}"):
+            decode_request(_body(bad, datatype), None)
+    _, arrays = decode_request(_body([1.9, -1.9, True], "INT32"), None)  # numpy truncates
+    assert arrays["x"].tolist() == [1, -1, 1]

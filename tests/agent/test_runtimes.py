@@ -92,15 +92,17 @@ def test_ort_settings_are_applied(sample_parts: SampleParts) -> None:
     assert (rt.run({"input": images})["logits"].argmax(1) == labels).mean() >= 0.9
 
 
-def test_ort_spinning_can_be_turned_off(sample_parts: SampleParts) -> None:
+def test_ort_spinning_is_off_by_default_and_can_be_turned_on(sample_parts: SampleParts) -> None:
     manifest = load_unpacked(sample_parts.directory)
     path = sample_parts.directory / "model.onnx"
-    off = OrtRuntime(path, manifest.inputs, manifest.outputs, OrtConfig(allow_spinning=False))
+    off = OrtRuntime(path, manifest.inputs, manifest.outputs, OrtConfig())
     options = off.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    on = OrtRuntime(path, manifest.inputs, manifest.outputs, OrtConfig())
-    with pytest.raises(Exception, match="allow_spinning"):  # left at ORT's default (spin)
-        on.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    on = OrtRuntime(path, manifest.inputs, manifest.outputs, OrtConfig(allow_spinning=True))
+    on_options = on.session.get_session_options()
+    assert on_options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert on.describe()["allow_spinning"] is True and off.describe()["allow_spinning"] is False
     images, labels = samples()
     assert (off.run({"input": images})["logits"].argmax(1) == labels).mean() >= 0.9
 
