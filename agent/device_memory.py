@@ -150,7 +150,6 @@ class NvmlMemory:
 
 _LOCK = threading.Lock()
 _DETECTED: dict[int, DeviceMemory | None] = {}
-_WHY: dict[int, str] = {}
 
 
 def detect(device_id: int = 0, meminfo: Path = MEMINFO) -> DeviceMemory | None:
@@ -161,9 +160,9 @@ def detect(device_id: int = 0, meminfo: Path = MEMINFO) -> DeviceMemory | None:
         return _DETECTED[device_id]
 
 
-def why_none(device_id: int = 0) -> str:
-    """Why `detect` found no source (for status), "" when it found one."""
-    return _WHY.get(device_id, "")
+def _none(device_id: int, why: str) -> None:
+    # Said once: detect keeps the answer for the process.
+    log.info("no device memory source for GPU %s (%s); its memory is not measured", device_id, why)
 
 
 def _detect(device_id: int, meminfo: Path) -> DeviceMemory | None:
@@ -172,21 +171,21 @@ def _detect(device_id: int, meminfo: Path) -> DeviceMemory | None:
     try:
         nvml = importlib.import_module("pynvml")
     except ImportError:
-        _WHY[device_id] = "nvidia-ml-py is not installed; pip install 'edgerun[gpu]'"
+        _none(device_id, "nvidia-ml-py is not installed; pip install 'edgerun[gpu]'")
         return None
     try:
         nvml.nvmlInit()
         count = int(nvml.nvmlDeviceGetCount())
     except nvml.NVMLError as exc:
-        _WHY[device_id] = f"NVML does not start: {exc}"
+        _none(device_id, f"NVML does not start: {exc}")
         return None
     if device_id >= count:
-        _WHY[device_id] = f"NVML sees {count} GPU(s); no device {device_id}"
+        _none(device_id, f"NVML sees {count} GPU(s); no device {device_id}")
         return None
     try:
         return NvmlMemory(nvml, device_id)
     except nvml.NVMLError as exc:  # no permission on that GPU, GPU lost...
-        _WHY[device_id] = f"NVML cannot open GPU {device_id}: {exc}"
+        _none(device_id, f"NVML cannot open GPU {device_id}: {exc}")
         return None
 
 
@@ -247,5 +246,4 @@ __all__ = [
     "detect",
     "parse_meminfo_kb",
     "unified_counter",
-    "why_none",
 ]

@@ -38,6 +38,7 @@ from agent.runtimes.ort_providers import (
     ProviderPlan,
     capi_directory,
     fallbacks,
+    first_line,
     plan_providers,
     system_problem,
 )
@@ -335,7 +336,7 @@ class OrtRuntime(Runtime):
                     enable_fallback=0,
                 )
             except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph
-                first = _first_line(exc)
+                first = first_line(exc)
                 if len(asked) == 1 or asked[0] == CPU:
                     if self.config.require_providers and asked[0] != CPU:
                         raise RuntimeUnavailableError(
@@ -489,14 +490,3 @@ def plan_for(cfg: OrtConfig, available: list[str]) -> ProviderPlan:
     if not plan.asked:
         raise RuntimeUnavailableError("runtimes.onnxruntime.providers lists no provider")
     return plan
-
-
-def choose_providers(preferred: list[str], available: list[str]) -> list[str]:
-    """Keep the preference order, drop what this build lacks; CPU is always the
-    fallback. (Build filter only: plan_for also checks libraries and the device.)"""
-    return list(plan_providers(preferred, available, lambda _p: None).asked)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:500] if text else type(exc).__name__

@@ -96,8 +96,10 @@ def _dlopen(name: str) -> object:
     return ctypes.CDLL(name)
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def first_line(exc: BaseException) -> str:
+    """The error's first line, capped (a loader's message may carry a whole log)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__
 
 
 def library_problem(provider: str, capi: Path | None, load: Loader = _dlopen) -> str | None:
@@ -122,7 +124,7 @@ def library_problem(provider: str, capi: Path | None, load: Loader = _dlopen) ->
         try:
             load(soname)
         except OSError as exc:
-            return f"{library} needs {soname}, which does not load: {_first_line(exc)}"
+            return f"{library} needs {soname}, which does not load: {first_line(exc)}"
     return None
 
 
@@ -141,7 +143,7 @@ def cuda_device_problem(capi: Path | None, load: Loader = _dlopen) -> str | None
         count = ctypes.c_int(0)
         status = int(lib.cudaGetDeviceCount(ctypes.byref(count)))  # type: ignore[attr-defined]
     except (OSError, AttributeError) as exc:
-        return f"{cudart}: {_first_line(exc)}"
+        return f"{cudart}: {first_line(exc)}"
     if status != 0:
         return f"no usable GPU: cudaGetDeviceCount returned CUDA error {status}"
     if count.value < 1:
@@ -226,6 +228,7 @@ __all__ = [
     "cuda_device_problem",
     "elf_needed",
     "fallbacks",
+    "first_line",
     "library_problem",
     "plan_providers",
     "system_problem",

@@ -80,8 +80,17 @@ class ChoiceCache:
         entries = self._entries()
         entries.pop(key, None)
         entries[key] = record
-        kept = dict(list(entries.items())[-MAX_ENTRIES:])
-        body = json.dumps({"schema": SCHEMA, "entries": kept}, indent=1, sort_keys=False)
+        self._write(dict(list(entries.items())[-MAX_ENTRIES:]))
+
+    def forget(self, key: str) -> None:
+        entries = self._entries()
+        if entries.pop(key, None) is not None:
+            self._write(entries)
+
+    def _write(self, entries: dict[str, Any]) -> None:
+        """The one writer: a temporary file in the same folder, fsync, renamed over the
+        old one, so a crash mid-write leaves the old file or the new, never a torn one."""
+        body = json.dumps({"schema": SCHEMA, "entries": entries}, indent=1)
         try:
             fd, tmp = tempfile.mkstemp(prefix=".variant-choice-", dir=self.path.parent)
             try:
@@ -94,16 +103,9 @@ class ChoiceCache:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as exc:  # a full disk costs a measurement at the next start, no more
-            log.warning("cannot write %s (%s); the choice is not cached", self.path, exc)
-
-    def forget(self, key: str) -> None:
-        entries = self._entries()
-        if entries.pop(key, None) is not None:
-            body = json.dumps({"schema": SCHEMA, "entries": entries}, indent=1)
-            try:
-                self.path.write_text(body + "\n")
-            except OSError as exc:
-                log.warning("cannot write %s (%s)", self.path, exc)
+            log.warning(
+                "cannot write %s (%s); the cached choices stay as they were", self.path, exc
+            )
 
 
 __all__ = ["FILENAME", "ChoiceCache", "cache_key"]

@@ -23,24 +23,48 @@ WARM_RUNS = 2
 TIMED_RUNS = 7
 
 
-def probe_feeds(manifest: Manifest, directory: Path, rows: int) -> Feeds:
-    """`rows` cases for the latency probe (rows is ignored for inputs without a batch axis)."""
-    golden = manifest.golden_inputs
-    shapes = golden_shapes(directory / golden) if golden is not None else {}
-    if golden is None or set(shapes) != {s.name for s in manifest.inputs}:
-        return _probe_feeds(manifest.inputs, rows, shapes)
-    # The headers were read with the bundle's caps (golden_shapes), so the load is bounded.
-    with np.load(directory / golden, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    feeds: Feeds = {}
-    for spec in manifest.inputs:
-        array = arrays[spec.name]
-        axis = spec.batch_axis
-        if axis is not None and 0 <= axis < array.ndim and array.shape[axis] >= 1:
-            first = np.take(array, [0], axis=axis)
-            array = np.repeat(first, rows, axis=axis)
-        feeds[spec.name] = np.ascontiguousarray(array)
-    return feeds
+class ProbeInputs:
+    """The probe's inputs for one selection, read once: every variant of a bundle takes
+    the manifest's inputs and its one `golden.inputs` file (a variant has only its own
+    golden outputs), so the candidates share them; each asks for its own rows."""
+
+    def __init__(self, manifest: Manifest, directory: Path) -> None:
+        self.specs = manifest.inputs
+        golden = manifest.golden_inputs
+        self.shapes = golden_shapes(directory / golden) if golden is not None else {}
+        # None: no usable golden inputs, the probe is zeros of the manifest's shapes.
+        self.cases: dict[str, np.ndarray] | None = None
+        if golden is None or set(self.shapes) != {s.name for s in self.specs}:
+            return
+        # The headers were read with the bundle's caps (golden_shapes), so the load is bounded.
+        with np.load(directory / golden, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        self.cases = {}
+        for spec in self.specs:
+            array = arrays[spec.name]
+            axis = spec.batch_axis
+            if axis is not None and 0 <= axis < array.ndim and array.shape[axis] >= 1:
+                array = np.take(array, [0], axis=axis)  # the first case, repeated by feeds
+            self.cases[spec.name] = array
+
+    def feeds(self, rows: int) -> Feeds:
+        """`rows` cases for the latency probe (rows is ignored for inputs without a batch
+        axis). Fresh arrays each call: one candidate's run never sees another's."""
+        if self.cases is None:
+            return _probe_feeds(self.specs, rows, self.shapes)
+        feeds: Feeds = {}
+        for spec in self.specs:
+            array = self.cases[spec.name]
+            axis = spec.batch_axis
+            if axis is not None and 0 <= axis < array.ndim and array.shape[axis] >= 1:
+                feeds[spec.name] = np.ascontiguousarray(np.repeat(array, rows, axis=axis))
+            else:
+                feeds[spec.name] = np.array(array, order="C", copy=True)
+        return feeds
+
+    def row_bytes(self) -> int:
+        """Bytes of one case of every input (what a row adds to a request)."""
+        return sum(int(a.nbytes) for a in self.feeds(1).values())
 
 
 def median_ms(
@@ -58,4 +82,4 @@ def median_ms(
     return statistics.median(times)
 
 
-__all__ = ["TIMED_RUNS", "WARM_RUNS", "median_ms", "probe_feeds"]
+__all__ = ["TIMED_RUNS", "WARM_RUNS", "ProbeInputs", "median_ms"]

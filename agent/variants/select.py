@@ -35,7 +35,7 @@ from agent.serving import LoadedModel
 from agent.variants.cache import ChoiceCache, cache_key
 from agent.variants.errors import NoVariantPassedError, VariantMissingError
 from agent.variants.fingerprint import hardware, runtime_identity
-from agent.variants.latency import median_ms, probe_feeds
+from agent.variants.latency import ProbeInputs, median_ms
 from agent.variants.report import (
     FAILED,
     PASSED,
@@ -282,7 +282,8 @@ class VariantSelector:
         results: list[VariantResult] = []
         errors: list[BaseException] = []
         kept: LoadedModel | None = None  # the last candidate, left open if it wins
-        one_row = sum(int(a.nbytes) for a in probe_feeds(manifest, directory, 1).values())
+        probe = ProbeInputs(manifest, directory)  # read once, shared by the candidates
+        one_row = probe.row_bytes()
         for i, candidate in enumerate(candidates):
             log.info(
                 "measuring variant %s (%s) of %s %s",
@@ -299,7 +300,7 @@ class VariantSelector:
                 continue
             try:
                 rows = _fit_rows(model, batch, budget, one_row)
-                p50 = median_ms(model.runtime, probe_feeds(manifest, directory, rows))
+                p50 = median_ms(model.runtime, probe.feeds(rows))
             except InferenceError as exc:
                 model.runtime.close()
                 results.append(_failure(candidate, exc))

@@ -290,7 +290,8 @@ class Dashboard:
     def rollout(self, request: Request) -> Response:
         rid = request.path_params["rollout_id"]
         try:
-            return JSONResponse(self.rollout_cache(self._store()).get(rid))
+            body = self.rollout_cache(self._store()).body(rid)
+            return Response(body, media_type="application/json")
         except FleetError as exc:
             return fleet_error(exc)
 

@@ -4,11 +4,14 @@ A 10,000-device rollout has tens of thousands of records and its page asks again
 every `rollout` event (twice a second while it runs): each rollout is folded once, and
 then each request reads only the records after the last one it folded (`after_seq`)
 and applies them (`RolloutState.apply`), with the wave times and the latest records
-kept beside the state. The last `KEPT` rollouts asked for stay folded.
+kept beside the state. The answer's JSON bytes are kept with the fold and dropped
+when a record is applied, so a request that finds nothing new serialises nothing.
+The last `KEPT` rollouts asked for stay folded.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections import OrderedDict, deque
@@ -29,13 +32,26 @@ class FoldedRollout:
         self.finished: dict[int, float] = {}
         self.recent: deque[Record] = deque(maxlen=RECORDS_SHOWN)
         self.lock = threading.Lock()
+        self._body: bytes | None = None  # to_json() serialised; None once a record lands
         self._times(records)
 
     def add(self, records: list[Record]) -> None:
         """Records after the state's `last_seq`, in seq order."""
+        if records:
+            self._body = None
         for r in records:
             self.state.apply(r)
         self._times(records)
+
+    def body(self) -> tuple[bytes, bool]:
+        """The answer as JSON bytes, and whether they were rendered now (not kept)."""
+        if self._body is not None:
+            return self._body, False
+        # As Starlette's JSONResponse renders it: the same bytes the endpoint sent before.
+        self._body = json.dumps(
+            self.to_json(), ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+        ).encode("utf-8")
+        return self._body, True
 
     def _times(self, records: list[Record]) -> None:
         for r in records:
@@ -96,8 +112,10 @@ class RolloutCache:
         self.store, self.kept = store, kept
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, FoldedRollout] = OrderedDict()
+        self.renders = 0  # answers serialised (the rest were the kept bytes)
 
-    def get(self, rollout_id: str) -> dict[str, Any]:
+    def body(self, rollout_id: str) -> bytes:
+        """`GET /api/rollouts/{id}`'s JSON body, up to the record's last seq."""
         with self._lock:
             entry = self._entries.get(rollout_id)
             if entry is not None:
@@ -116,7 +134,11 @@ class RolloutCache:
                     self._entries.popitem(last=False)
         with entry.lock:  # one reader of the store and writer of the state at a time
             entry.add(self.store.records(rollout_id=rollout_id, after_seq=entry.state.last_seq))
-            return entry.to_json()
+            body, rendered = entry.body()
+        if rendered:
+            with self._lock:
+                self.renders += 1
+        return body
 
 
 def record_json(r: Record) -> dict[str, Any]:

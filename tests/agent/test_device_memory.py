@@ -7,6 +7,7 @@ measures it for real on one.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from agent.device_memory import (
     NvmapMemory,
     _detect,
     parse_meminfo_kb,
-    why_none,
 )
 from agent.footprint import Footprint
 from agent.memory import MB, AdmissionError, admit_device, compute_budget, current_rss
@@ -53,14 +53,20 @@ def test_a_tegra_device_is_detected_as_unified_memory() -> None:
     assert memory.used_bytes() == 805068 * 1024 and memory.total_bytes() is None
 
 
-def test_this_machine_has_no_nvmap_and_says_why_it_has_no_source() -> None:
+def test_this_machine_has_no_nvmap_and_says_why_it_has_no_source(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     assert not NvmapMemory.present(Path("/proc/meminfo"))
+    caplog.set_level(logging.INFO, logger="agent.device_memory")
     found = _detect(7, Path("/proc/meminfo"))
     if found is not None:  # a CI machine with a GPU and nvidia-ml-py
         assert found.source == "nvml"
         return
-    assert why_none(7).startswith(
-        ("nvidia-ml-py is not installed", "NVML does not start", "NVML sees")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("no device memory source for GPU 7 (")
+    assert any(
+        why in said[0]
+        for why in ("nvidia-ml-py is not installed", "NVML does not start", "NVML sees")
     )
 
 

@@ -17,7 +17,7 @@ from agent.errors import InputMismatchError, TooLargeError
 from agent.runtimes import REGISTRY, availability, choose_runtime, load_runtime
 from agent.runtimes.base import ModelLoadError, RuntimeUnavailableError
 from agent.runtimes.litert import LiteRTConfig, LiteRTRuntime
-from agent.runtimes.ort import OrtConfig, OrtRuntime, choose_providers
+from agent.runtimes.ort import OrtConfig, OrtRuntime
 from agent.tensors import validate_feeds
 from tests.helpers import SampleParts, samples
 from tests.tolerance import assert_close
@@ -117,17 +117,6 @@ def test_ort_same_as_requested_arena(sample_parts: SampleParts) -> None:
     )
     images, _ = samples()
     assert rt.run({"input": images})["logits"].shape == (len(images), 10)
-
-
-def test_provider_preference_is_filtered_by_the_build() -> None:
-    chosen = choose_providers(
-        ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-        ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    )
-    assert chosen == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert choose_providers(["TensorrtExecutionProvider"], ["CPUExecutionProvider"]) == [
-        "CPUExecutionProvider"
-    ]
 
 
 def test_model_that_does_not_match_its_manifest_is_refused(

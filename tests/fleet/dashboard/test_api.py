@@ -250,8 +250,14 @@ def test_a_real_rollout_in_the_api(dash: DashboardServer, dashboard_bundle: Bund
     thread.start()
     thread.join(60)
     assert not thread.is_alive()
-    status, body = dash.get_json(f"/api/rollouts/{rid}")
-    assert status == 200
+    cache = dash.app.state.dashboard.rollout_cache(dash.store)
+    rendered = cache.renders
+    status, headers, raw = dash.request("GET", f"/api/rollouts/{rid}")
+    assert status == 200 and headers["content-type"] == "application/json"
+    # Nothing new in the record: the kept bytes are served, not serialised again.
+    assert dash.request("GET", f"/api/rollouts/{rid}")[2] == raw
+    assert cache.renders == rendered + 1
+    body = json.loads(raw)
     # Served from the state folded at the first request plus the records since: the
     # same as folding the whole record again.
     assert body == json.loads(json.dumps(rollout_json(dash.store.records(rollout_id=rid))))
