@@ -56,6 +56,7 @@ from agent.bundle_errors import (
 )
 from agent.names import NameRuleError, check_name, path_problem, shown
 from agent.npz import ArrayHeader, inspect_npz
+from agent.schema_numbers import bounded_number
 from agent.signing import key_id, sign, verify
 from agent.tolerance import Tolerance, parse_tolerance
 from agent.version import VersionFormatError, compare_versions, parse_version
@@ -295,19 +296,6 @@ def _text(value: Any, where: str, limit: int) -> str:
     return str(value)
 
 
-def _number(value: Any, where: str, low: float, high: float, *, open_low: bool = False) -> float:
-    """A finite JSON number in [low, high] (or (low, high] with open_low)."""
-    _typed(value, (int, float), where)
-    number = float(value)
-    if not math.isfinite(number) or number > high or number < low or (open_low and number <= low):
-        bracket = "(" if open_low else "["
-        raise SchemaError(
-            f"manifest: {where} is {shown(value)}; it must be a finite number in "
-            f"{bracket}{low:g}, {high:g}]"
-        )
-    return number
-
-
 def _tensor_name(name: str, at: str) -> None:
     if not name or len(name) > MAX_TENSOR_NAME or not (name.isascii() and name.isprintable()):
         raise SchemaError(
@@ -541,7 +529,7 @@ def _peak_map(value: Any, where: str) -> dict[str, float]:
             check_name(runtime, "runtime name")
         except NameRuleError as exc:
             raise SchemaError(f"manifest: {where}: {exc}") from None
-        out[runtime] = _number(mb, at, MIN_PEAK_MB, MAX_PEAK_MB)
+        out[runtime] = bounded_number(mb, at, MIN_PEAK_MB, MAX_PEAK_MB)
     return out
 
 

@@ -38,7 +38,6 @@ package` and the build pipeline's gates.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -47,6 +46,7 @@ import numpy as np
 
 from agent.bundle_errors import SchemaError
 from agent.names import shown
+from agent.schema_numbers import bounded_number
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -240,21 +240,6 @@ class Tolerance:
 # --------------------------------------------------------------------------- parsing
 
 
-def _number(value: Any, where: str, low: float, high: float, *, open_low: bool = False) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise SchemaError(
-            f"manifest: field {where} is {type(value).__name__}, expected a number "
-            f"in {'(' if open_low else '['}{low:g}, {high:g}]"
-        )
-    number = float(value)
-    if not math.isfinite(number) or number > high or number < low or (open_low and number <= low):
-        raise SchemaError(
-            f"manifest: {where} is {shown(value)}; it must be a finite number in "
-            f"{'(' if open_low else '['}{low:g}, {high:g}]"
-        )
-    return number
-
-
 def _object(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise SchemaError(f"manifest: field {where} is {type(value).__name__}, expected an object")
@@ -285,7 +270,7 @@ def _bound(obj: Mapping[str, Any], where: str, extra: Collection[str] = ()) -> B
     for key, (low, high) in _BOUND_FIELDS.items():
         # Present means a number: a null would silently fall back to a wider layer.
         if key in obj:
-            values[key] = _number(obj[key], f"{where}.{key}", low, high)
+            values[key] = bounded_number(obj[key], f"{where}.{key}", low, high)
     return Bound(**values)
 
 
@@ -372,7 +357,7 @@ def parse_tolerance(
             _output_name(name, f"{where}.outputs", outputs)
             body = _object(value, at)
             rules[name] = OutputRule(
-                quant_step=_number(
+                quant_step=bounded_number(
                     body["quant_step"], f"{at}.quant_step", 0.0, MAX_QUANT_STEP, open_low=True
                 )
                 if "quant_step" in body
@@ -386,7 +371,7 @@ def parse_tolerance(
     if obj.get("top1") is not None:
         for name, share in _object(obj["top1"], f"{where}.top1").items():
             _output_name(name, f"{where}.top1", outputs)
-            top1[name] = _number(share, f"{where}.top1.{_key(name)}", MIN_TOP1, 1.0)
+            top1[name] = bounded_number(share, f"{where}.top1.{_key(name)}", MIN_TOP1, 1.0)
     return Tolerance(
         atol=DEFAULT_ATOL if base.atol is None else base.atol,
         rtol=DEFAULT_RTOL if base.rtol is None else base.rtol,

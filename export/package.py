@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 import zipfile
 import zlib
@@ -20,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from agent import bundle
 from agent.bundle import DTYPES, SUFFIX, TensorSpec, legacy_batch_axis, write_bundle
+from agent.names import is_name
 from agent.runtimes import REGISTRY
 from agent.signing import load_private_key
 from agent.tensors import slice_feeds
@@ -52,9 +53,10 @@ class PackageError(ValueError):
 
 BatchAxes = Mapping[str, "int | None"]
 
-_VARIANT_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-PRECISIONS = ("fp32", "fp16", "int8", "mixed")
-METHODS = (None, "static", "dynamic", "qat", "mixed")
+# What a manifest's variants[] may say (agent.bundle validates them on the device);
+# a variant built here always states its precision, and None is "not quantized".
+PRECISIONS = bundle.PRECISIONS
+METHODS = (None, *bundle.METHODS)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,10 @@ class VariantSpec:
         return "tflite" if Path(self.path).suffix == ".tflite" else "onnx"
 
     def check(self) -> None:
-        if not _VARIANT_ID.fullmatch(self.id):
+        # The device's name rule (agent.names), lower case only here: the id names the
+        # bundle's variants/<id> and golden/<id>.npz files, and two ids that differ only
+        # in case would be one file where the bundle is unpacked on a case-blind disk.
+        if not (is_name(self.id) and self.id == self.id.lower()):
             raise PackageError(
                 f"variant id {self.id!r}: 1-64 of a-z 0-9 . _ -, the first a letter or digit"
             )

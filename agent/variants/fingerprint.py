@@ -17,14 +17,17 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from agent.hardware.cpuinfo import cpu_fields, flag_set, read_cpuinfo
 from agent.runtimes import REGISTRY
 
 log = logging.getLogger(__name__)
 
-_CPUINFO = Path("/proc/cpuinfo")
 _NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 _DT_MODEL = Path("/proc/device-tree/model")  # Jetson and most ARM boards
 _MAX_READ = 1 << 20
+# The first of these names the CPU: x86 (and 32-bit ARM) "model name", else a board's
+# "Hardware" or arm64's "CPU implementer"/"CPU part", whichever cpuinfo lists first.
+_MODEL_KEYS = ("model name", "hardware", "cpu part", "cpu implementer")
 
 
 def _read(path: Path) -> str:
@@ -37,15 +40,9 @@ def _read(path: Path) -> str:
 
 def cpu_identity(cpuinfo: str) -> dict[str, str]:
     """CPU model and a digest of its feature flags from /proc/cpuinfo text."""
-    model = ""
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware", "cpu part", "cpu implementer") and not model:
-            model = value.strip()
-        elif key in ("flags", "features"):  # x86 / arm
-            flags.update(value.split())
+    fields = cpu_fields(cpuinfo)
+    model = next((v for k, v in fields.items() if k in _MODEL_KEYS), "")
+    flags = flag_set(fields)
     return {
         "cpu": model,
         "cpu_flags": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
@@ -72,7 +69,7 @@ def hardware() -> dict[str, Any]:
     """The machine's fingerprint: architecture, CPU model and flags, core count, GPUs."""
     return {
         "machine": platform.machine(),
-        **cpu_identity(_read(_CPUINFO)),
+        **cpu_identity(read_cpuinfo()),
         "cpus": os.cpu_count() or 0,
         "gpus": gpu_names(),
     }

@@ -8,7 +8,7 @@ the limit and the margin, e.g. "gate accuracy failed at onnx int8: 95.10% is
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent.tolerance import ToleranceReport
@@ -25,9 +25,14 @@ class GateResult:
     limit: float
     passed: bool
     detail: str
+    # What GateError says if this result fails the build (raise_for): kept on the
+    # result it explains, not in a table beside the results; the report has `detail`.
+    message: str = field(default="", compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["message"]
+        return out
 
 
 class Gates:
@@ -39,7 +44,6 @@ class Gates:
         self.min_cosine = min_cosine
         self.baseline: float | None = None
         self.results: list[GateResult] = []
-        self._messages: dict[int, str] = {}
 
     @property
     def metric(self) -> str:
@@ -56,8 +60,10 @@ class Gates:
 
     def raise_for(self, result: GateResult) -> None:
         if not result.passed:
-            raise GateError(result.gate, result.stage, result.value, result.limit,
-                            self._messages[id(result)])  # fmt: skip
+            message = (
+                result.message or f"gate {result.gate} failed at {result.stage}: {result.detail}"
+            )
+            raise GateError(result.gate, result.stage, result.value, result.limit, message)
 
     def check(self, stage: str, value: float, soft: bool = False) -> GateResult:
         """Record the gate; raise GateError when it fails unless `soft` (then the caller
@@ -72,22 +78,21 @@ class Gates:
                 f"{value:.2f}% vs teacher {self.baseline:.2f}%: {change}, "
                 f"budget {self.max_accuracy_drop:.2f}"
             )
-            result = GateResult("accuracy", stage, value, floor, passed, detail)
             message = (
                 f"gate accuracy failed at {stage}: {value:.2f}% is {drop:.2f} points below the "
                 f"teacher's {self.baseline:.2f}%; the budget (gates.max_accuracy_drop) is "
                 f"{self.max_accuracy_drop:.2f}, exceeded by {drop - self.max_accuracy_drop:.2f}"
             )
+            result = GateResult("accuracy", stage, value, floor, passed, detail, message)
         else:
             passed = value >= self.min_cosine - 1e-12
             detail = f"mean cosine to teacher {value:.4f}, minimum {self.min_cosine:.4f}"
-            result = GateResult("cosine", stage, value, self.min_cosine, passed, detail)
             message = (
                 f"gate cosine failed at {stage}: mean cosine to the teacher {value:.4f} is "
                 f"{self.min_cosine - value:.4f} below gates.min_cosine = {self.min_cosine:.4f}"
             )
+            result = GateResult("cosine", stage, value, self.min_cosine, passed, detail, message)
         self.results.append(result)
-        self._messages[id(result)] = message
         log.info("gate %s at %s: %s (%s)", result.gate, stage, "pass" if passed else "FAIL",
                  detail)  # fmt: skip
         if not passed and not soft:

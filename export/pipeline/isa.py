@@ -14,7 +14,8 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-CPUINFO = Path("/proc/cpuinfo")
+from agent.hardware.cpuinfo import CPUINFO, cpu_fields, flag_set, read_cpuinfo
+
 DT_MODEL = Path("/proc/device-tree/model")
 
 # The flags that decide a preset, in the order they are reported.
@@ -59,34 +60,23 @@ class HostIsa:
 
 def parse_cpuinfo(text: str, machine: str = "") -> HostIsa:
     """Read the first processor's flags/Features and model from /proc/cpuinfo text."""
-    features: set[str] = set()
-    model = ""
+    fields = cpu_fields(text)
+    features = flag_set(fields)
     arch = machine
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key = key.strip().lower()
-        value = value.strip()
-        if key in ("flags", "features") and not features:
-            features = set(value.split())
-            if not arch:
-                # x86 lists "flags", arm64 "Features" (asimd is the arm64 NEON flag).
-                arch = "aarch64" if key == "features" else "x86_64"
-        elif key in ("model name", "model") and not model and not value.isdigit():
-            model = value  # x86 "model name"; Raspberry Pi "Model" (x86 "model" is a number)
-    return HostIsa(arch or "unknown", frozenset(features), model)
+    if features and not arch:
+        # x86 lists "flags", arm64 "Features" (asimd is the arm64 NEON flag).
+        arch = "x86_64" if "flags" in fields else "aarch64"
+    # x86 "model name"; Raspberry Pi "Model" (x86 "model" is a number), whichever is first.
+    model = next((v for k, v in fields.items()
+                  if k in ("model name", "model") and not v.isdigit()), "")  # fmt: skip
+    return HostIsa(arch or "unknown", features, model)
 
 
 def detect_host(cpuinfo: Path = CPUINFO, dt_model: Path = DT_MODEL,
                 machine: str | None = None) -> HostIsa:  # fmt: skip
     machine = platform.machine() if machine is None else machine
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine)
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    host = parse_cpuinfo(text, arch)
+    host = parse_cpuinfo(read_cpuinfo(cpuinfo), arch)
     try:
         board = dt_model.read_text(encoding="utf-8", errors="replace").strip("\0 \n")
     except OSError:

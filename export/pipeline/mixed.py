@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from export.pipeline.loader import Split
-from export.pipeline.quantize import QuantizeConfig, quantize_onnx
+from export.pipeline.quantize import QuantizeConfig, preprocess, quantize_onnx
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +91,18 @@ def search(
 ) -> MixedResult:
     """`run(model, split)` gives outputs; `evaluate(model)` gives (metric, gate passed);
     `latency(model)` its p50 in ms (None: latency is not measured and never ends it)."""
-    from export.pipeline.quantize import _preprocess
-
     with tempfile.TemporaryDirectory(prefix="edgerun-mixed-") as tmp:
         work = Path(tmp)
-        # Node names as the quantizer sees them (after the same pre-processing).
-        pre = _preprocess(float_path, work / "pre.onnx")
+        # Pre-processed once: node names as the quantizer sees them, and every
+        # quantize_onnx below starts from this model instead of pre-processing again.
+        pre = preprocess(float_path, work / "pre.onnx")
         nodes = quantizable_nodes(pre, cfg.operators)
         ref = run(pre, calibration)
         sens: list[dict[str, Any]] = []
         for name, op in nodes:
             one = work / "one.onnx"
-            quantize_onnx(pre, one, replace(cfg, nodes_to_quantize=(name,)), calibration)
+            quantize_onnx(pre, one, replace(cfg, nodes_to_quantize=(name,)), calibration,
+                          preprocessed=True)  # fmt: skip
             err = _relative_error(run(one, calibration), ref)
             sens.append({"node": name, "op": op, "error": round(err, 6)})
             log.info("mixed precision: %s (%s) alone: relative error %.4g", name, op, err)
@@ -115,7 +115,8 @@ def search(
         for k in range(1, limit + 1):
             kept = [s["node"] for s in sens[:k]]
             step_path = work / f"mixed-{k}.onnx"
-            quantize_onnx(pre, step_path, replace(cfg, nodes_to_exclude=tuple(kept)), calibration)
+            quantize_onnx(pre, step_path, replace(cfg, nodes_to_exclude=tuple(kept)), calibration,
+                          preprocessed=True)  # fmt: skip
             metric, passed = evaluate(step_path)
             step: dict[str, Any] = {"kept_float": kept, "metric": metric, "passed": passed}
             result.steps.append(step)

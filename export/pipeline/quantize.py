@@ -201,8 +201,9 @@ def _require_calibration(split: Split | None, cfg: QuantizeConfig) -> Split:
     return split
 
 
-def _preprocess(src: Path, dst: Path) -> Path:
-    """Shape inference + graph cleanup ORT recommends before static quantization."""
+def preprocess(src: Path, dst: Path) -> Path:
+    """Shape inference + graph cleanup ORT recommends before static quantization; `src`
+    itself where that fails."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
@@ -214,15 +215,21 @@ def _preprocess(src: Path, dst: Path) -> Path:
 
 
 def quantize_onnx(
-    src: Path, dst: Path, cfg: QuantizeConfig, calibration: Split | None = None
+    src: Path,
+    dst: Path,
+    cfg: QuantizeConfig,
+    calibration: Split | None = None,
+    *,
+    preprocessed: bool = False,
 ) -> Path:
-    """Write an INT8 model of `src` to `dst`; returns dst."""
+    """Write an INT8 model of `src` to `dst`; returns dst. `preprocessed`: `src` is
+    already `preprocess`'s output (the mixed search quantizes one model many times)."""
     with tempfile.TemporaryDirectory(prefix="edgerun-quant-") as tmp, _quiet_root():
         work = Path(tmp)
         if cfg.engine == "optimum":
             out = _quantize_optimum(src, work, cfg, calibration)
         else:
-            out = _quantize_ort(src, work, cfg, calibration)
+            out = _quantize_ort(src, work, cfg, calibration, preprocessed)
         shutil.move(str(out), dst)
     log.info(
         "INT8 %s (%s, preset %s, per-channel %s): %d -> %d bytes",
@@ -253,7 +260,9 @@ def _extra(cfg: QuantizeConfig) -> dict[str, Any]:
             **p.extra}  # fmt: skip
 
 
-def _quantize_ort(src: Path, work: Path, cfg: QuantizeConfig, calibration: Split | None) -> Path:
+def _quantize_ort(
+    src: Path, work: Path, cfg: QuantizeConfig, calibration: Split | None, preprocessed: bool
+) -> Path:
     from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
 
     out = work / "int8.onnx"
@@ -270,7 +279,7 @@ def _quantize_ort(src: Path, work: Path, cfg: QuantizeConfig, calibration: Split
             )  # fmt: skip
             return out
         split = _require_calibration(calibration, cfg)
-        model = _preprocess(src, work / "pre.onnx")
+        model = src if preprocessed else preprocess(src, work / "pre.onnx")
         reader = SplitReader(split, cfg.batch_size)
         quantize_static(
             str(model), str(out), reader, quant_format=QuantFormat.QDQ,

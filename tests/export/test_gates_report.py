@@ -34,6 +34,20 @@ def test_accuracy_gate_at_the_exact_budget_passes() -> None:
         gates.check("tflite int8", 96.5)
 
 
+def test_a_soft_failure_raised_later_says_what_check_would_have_said() -> None:
+    gates = Gates("classification", max_accuracy_drop=1.0, min_cosine=0.0)
+    gates.set_baseline(98.0)
+    with pytest.raises(GateError) as direct:
+        gates.check("onnx int8", 96.5)
+    soft = gates.check("onnx int8", 96.5, soft=True)
+    assert not soft.passed
+    with pytest.raises(GateError) as later:
+        gates.raise_for(soft)
+    assert str(later.value) == str(direct.value) and "exceeded by 0.50" in str(later.value)
+    # The report's gate rows are what they were: the message is the error's, not a field.
+    assert set(soft.to_json()) == {"gate", "stage", "value", "limit", "passed", "detail"}
+
+
 def _report(stages: list[dict]) -> dict:
     return {
         "name": "m", "version": "1.0.0", "task": "classification", "stages": stages,

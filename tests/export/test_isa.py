@@ -79,3 +79,20 @@ def test_the_real_build_host_is_detected() -> None:
     host = detect_host()
     name, _ = preset_for(host)
     assert name in PRESETS and host.arch
+
+
+@pytest.mark.parametrize("sample", sorted(p.name for p in SAMPLES.glob("*.txt")))
+def test_the_agent_fingerprint_reads_the_same_cpu(sample: str) -> None:
+    """One reader of cpuinfo (agent.hardware.cpuinfo): the flags the preset is chosen by
+    are the flags the device's variant-choice cache is keyed by."""
+    import hashlib
+
+    from agent.variants.fingerprint import cpu_identity
+
+    text = (SAMPLES / sample).read_text()
+    host = parse_cpuinfo(text)
+    assert host.features
+    ident = cpu_identity(text)
+    digest = hashlib.sha256(" ".join(sorted(host.features)).encode()).hexdigest()[:16]
+    assert ident["cpu_flags"] == digest
+    assert ident["cpu"]

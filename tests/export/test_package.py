@@ -342,3 +342,29 @@ def test_package_refuses_a_variant_with_another_contract(
         assert out.returncode == 2 and says in out.stderr, (bad, out.stderr)
         assert "Traceback" not in out.stderr
     assert not (tmp / "dist").exists() or list((tmp / "dist").iterdir()) == []
+
+
+def test_variant_checks_are_the_agents_rules(tmp_path: Path) -> None:
+    """The packager states a variant's precision and method with the words the agent's
+    manifest check takes (agent.bundle), and its ids are agent names: a share that
+    drifts would build bundles every device refuses."""
+    from agent.bundle import METHODS, PRECISIONS
+    from agent.names import is_name
+    from export.package import VariantSpec
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not read by check()")
+    for precision in PRECISIONS:
+        for method in (None, *METHODS):
+            VariantSpec("v", model, precision=precision, method=method).check()
+    for precision, method in (("int4", None), ("FP32", None), ("fp32", "ptq"), (None, None)):
+        with pytest.raises(PackageError, match="is not one of"):
+            VariantSpec("v", model, precision=precision, method=method).check()  # type: ignore[arg-type]
+    # Ids: the agent's name rule, lower case only (bundle files named for them must not
+    # differ only in case); every id the packager takes is one the device takes.
+    for vid in ("onnx-int8", "v1.2_a", "0", "a" * 64):
+        VariantSpec(vid, model).check()
+        assert is_name(vid)
+    for vid in ("Bad", "-x", ".x", "a" * 65, "é", "a b", "x\n", ""):
+        with pytest.raises(PackageError, match="variant id"):
+            VariantSpec(vid, model).check()
