@@ -1,8 +1,12 @@
-"""The onnxruntime session options every server in bench/peers.py gets (and the bare
-run in the bench process): ORT's defaults, with intra-op spinning on or off as
-PEERS_ORT_SPINNING says ("1", the default, or "0"). Spinning idle pool threads burn
-CPU that counts in a server's CPU per request, so every peer must be run alike.
-Imported by the peers in their own venv too (PYTHONPATH is bench/)."""
+"""The onnxruntime session options of bench/peers.py's peers (and its bare runs).
+
+MLServer's custom runtime and the FastAPI endpoint open their sessions with ORT's
+defaults, as their docs' examples do (intra-op spinning on), unless
+PEERS_ORT_SPINNING is "0": then with the agent's own default, spinning off. peers.py
+runs one MLServer each way, so the agent is compared with MLServer as it ships and
+with MLServer given the agent's options. Imported by the peers in their own venv too
+(PYTHONPATH is bench/).
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,12 @@ def spinning() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
-def session_options() -> Any:
+def session_options(spin: bool | None = None) -> Any:
+    """ORT's defaults, with intra-/inter-op spinning as `spin` (default: the env)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if not spinning():
+    if not (spinning() if spin is None else spin):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options

@@ -7,14 +7,24 @@ uint8 [batch, H, W, 3] -> per-channel mean), the same lean client (pre-encoded K
 v2 bodies over one keep-alive HTTP/1.1 TCP connection), interleaved rounds (servers
 in a new random order every round, so drift hits them alike). Per server: p50/p99 of
 the round trip and the server's CPU time per request (its whole process tree, found
-by psutil, each thread's /proc schedstat in nanoseconds); ratios against the first row. Peers are in their own venv: MLServer
-and FastAPI pull pydantic and a typing-extensions the main environment cannot take.
+by psutil, each thread's /proc schedstat in nanoseconds); ratios against the first
+row. Peers are in their own venv: MLServer and FastAPI pull pydantic and a
+typing-extensions the main environment cannot take.
+
+Each server runs as it ships: the agent with its defaults (onnxruntime intra-op
+spinning off), MLServer and FastAPI with ORT's defaults (spinning on), as their docs'
+examples open a session. Spinning pool threads burn CPU that counts in CPU per
+request, so a second MLServer runs with the agent's options ("MLServer, agent's ORT
+options"), and the bare runs (the model alone, in this process) are shown both ways:
+the comparison with options alike is in the same table.
 
 Paths: digits at batch 1, 32 and 256 as JSON and with the binary tensor extension
 (MLServer's REST API has no binary extension); frames of 224x224x3 and 1920x1080x3
-as JSON, binary, and through Triton's system shared memory (the agent only: the
-client writes each frame into its /dev/shm region, which is what a camera process
-would do, and that copy is inside the timing).
+as JSON, binary, and through Triton's system shared memory (the agent only): once
+with the client writing each frame into its /dev/shm region inside the timing (a
+client that has the frame elsewhere, like tritonclient's set_shared_memory_region),
+and once with the frame already in the region (a camera process that captures into
+it: what the API itself costs).
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import numpy as np
 import psutil
 from _common import ROOT, SAMPLE, agent_process, build_frame_onnx, pct
 from _ort_options import ENV as SPINNING_ENV
-from _ort_options import session_options, spinning
+from _ort_options import session_options
 
 from export.package import package_model
 
@@ -183,20 +193,16 @@ def peer(cmd: list[str], port: int, env: dict[str, str], cwd: Path) -> Iterator[
             proc.wait()
 
 
-@contextlib.contextmanager
-def servers(bundle: Path, models: dict[str, Path], tmp: Path) -> Iterator[list[Server]]:
-    """The agent (bundle), MLServer and FastAPI (the same ONNX files), all on TCP."""
-    python = str(VENV / "bin/python")
-    token_file = tmp / "token"
-    token_file.write_text(TOKEN)
-    agent_port, ml_port, fa_port = free_port(), free_port(), free_port()
-    ml_dir = tmp / "mlserver"
+ALIKE = "MLServer, agent's ORT options"
+
+
+def _mlserver_dir(ml_dir: Path, port: int, models: dict[str, Path]) -> Path:
     if ml_dir.exists():
         shutil.rmtree(ml_dir)
     ml_dir.mkdir()
     (ml_dir / "settings.json").write_text(
         json.dumps(
-            {"http_port": ml_port, "grpc_port": free_port(), "metrics_port": free_port(),
+            {"http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
              "parallel_workers": 0, "debug": False}
         )
     )  # fmt: skip
@@ -208,27 +214,40 @@ def servers(bundle: Path, models: dict[str, Path], tmp: Path) -> Iterator[list[S
                  "parameters": {"uri": str(path)}}
             )
         )  # fmt: skip
+    return ml_dir
+
+
+@contextlib.contextmanager
+def servers(bundle: Path, models: dict[str, Path], tmp: Path) -> Iterator[list[Server]]:
+    """The agent (bundle), MLServer and FastAPI (the same ONNX files), all on TCP."""
+    python = str(VENV / "bin/python")
+    token_file = tmp / "token"
+    token_file.write_text(TOKEN)
+    agent_port, ml_port, ml_alike_port, fa_port = free_port(), free_port(), free_port(), free_port()
+    ml_dirs = [_mlserver_dir(tmp / "mlserver", ml_port, models),
+               _mlserver_dir(tmp / "mlserver-alike", ml_alike_port, models)]  # fmt: skip
     bench = str(Path(__file__).resolve().parent)
-    env = {"PYTHONPATH": bench, SPINNING_ENV: "1" if spinning() else "0"}
+    shipped = {"PYTHONPATH": bench, SPINNING_ENV: "1"}  # ORT's defaults
+    alike = {"PYTHONPATH": bench, SPINNING_ENV: "0"}  # the agent's default options
     api = (
         f'tcp = "127.0.0.1:{agent_port}"\ntoken = "{token_file}"\n'
         "max_request_mb = 64\nmax_body_inflight_mb = 2048\nmax_shm_mb = 64"
     )
-    # The agent's onnxruntime options are the peers' (bench/_ort_options.py).
-    agent_extra = (
-        "[memory]\nmax_mb = 4096\n[runtimes.onnxruntime]\n"
-        f"allow_spinning = {'true' if spinning() else 'false'}\n"
-    )
+    # The agent's onnxruntime options are its defaults (spinning off).
+    agent_extra = "[memory]\nmax_mb = 4096\n"
+    mlserver = str(VENV / "bin/mlserver")
     with (
         agent_process(bundle, api=api, extra=agent_extra) as (proc, _, _),
-        peer([str(VENV / "bin/mlserver"), "start", str(ml_dir)], ml_port, env, ml_dir) as ml_pid,
+        peer([mlserver, "start", str(ml_dirs[0])], ml_port, shipped, ml_dirs[0]) as ml_pid,
+        peer([mlserver, "start", str(ml_dirs[1])], ml_alike_port, alike, ml_dirs[1]) as alike_pid,
         peer([python, f"{bench}/_peer_fastapi.py", str(fa_port)]
-             + [f"{n}={p}" for n, p in models.items()], fa_port, env, tmp) as fa_pid,
+             + [f"{n}={p}" for n, p in models.items()], fa_port, shipped, tmp) as fa_pid,
     ):  # fmt: skip
         wait_http(agent_port)
         found = [
             Server("edge-agent", agent_port, proc.pid, {"authorization": f"Bearer {TOKEN}"}),
             Server("MLServer", ml_port, ml_pid),
+            Server(ALIKE, ml_alike_port, alike_pid),
             Server("FastAPI", fa_port, fa_pid),
         ]
         try:
@@ -312,12 +331,13 @@ def run_case(case: Case, rounds: int) -> dict[str, dict[str, float]]:
 
 def report(label: str, results: dict[str, dict[str, float]]) -> None:
     print(f"\n{label}")
-    print(f"  {'server':28} {'p50 us':>10} {'p99 us':>10} {'CPU us/req':>11} "
+    width = max(28, *(len(name) for name in results))
+    print(f"  {'server':{width}} {'p50 us':>10} {'p99 us':>10} {'CPU us/req':>11} "
           f"{'p50 x':>7} {'CPU x':>7}")  # fmt: skip
     base = next(iter(results.values()))
     for name, r in results.items():
         print(
-            f"  {name:28} {r['p50']:10.0f} {r['p99']:10.0f} {r['cpu']:11.0f} "
+            f"  {name:{width}} {r['p50']:10.0f} {r['p99']:10.0f} {r['cpu']:11.0f} "
             f"{r['p50'] / base['p50']:7.2f} {r['cpu'] / base['cpu']:7.2f}"
         )
 
@@ -327,8 +347,11 @@ def digits_cases(
 ) -> list[Case]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(
-        str(model), session_options(), providers=["CPUExecutionProvider"]
+    shipped = ort.InferenceSession(
+        str(model), session_options(spin=True), providers=["CPUExecutionProvider"]
+    )
+    alike = ort.InferenceSession(
+        str(model), session_options(spin=False), providers=["CPUExecutionProvider"]
     )
     here = Server("bench process", 0, os.getpid())
     rng = np.random.default_rng(0)
@@ -337,7 +360,7 @@ def digits_cases(
     path = "/v2/models/digits/infer"
     for batch in batches:
         x = rng.random((batch, 1, 8, 8), dtype=np.float32)
-        want = session.run(None, {"input": x})[0]
+        want = alike.run(None, {"input": x})[0]
         body = kserve_json("input", x, "FP32")
         binary, bin_headers = kserve_binary("input", x, "FP32")
 
@@ -349,15 +372,19 @@ def digits_cases(
 
         n = per_round if batch <= 32 else max(per_round // 4, 10)
 
-        def bare(x: np.ndarray = x) -> bytes:
+        def bare(x: np.ndarray = x, session: ort.InferenceSession = shipped) -> bytes:
             session.run(None, {"input": x})
             return b""
 
         send_json: dict[str, tuple[Server, Callable[[], bytes]]] = {
             s: (by[s], lambda c=by[s], b=body: c.request(path, b)) for s in by
         }
-        # The floor every server pays: the model itself, in this process.
-        send_json["bare onnxruntime (no server)"] = (here, bare)
+        # The floor every server pays: the model itself, in this process, both ways.
+        send_json["bare onnxruntime, ORT defaults"] = (here, bare)
+        send_json["bare onnxruntime, agent's options"] = (
+            here,
+            lambda x=x: bare(x, alike),
+        )
         cases.append(Case(f"digits batch {batch}, JSON", send_json, check, n))
         send_bin: dict[str, tuple[Server, Callable[[], bytes]]] = {
             f"{s} binary": (
@@ -374,7 +401,7 @@ def frame_cases(found: list[Server], sizes: list[tuple[int, int]], model: Path) 
     import onnxruntime as ort
 
     session = ort.InferenceSession(
-        str(model), session_options(), providers=["CPUExecutionProvider"]
+        str(model), session_options(spin=False), providers=["CPUExecutionProvider"]
     )
     here = Server("bench process", 0, os.getpid())
     by = {s.name: s for s in found}
@@ -420,6 +447,11 @@ def frame_cases(found: list[Server], sizes: list[tuple[int, int]], model: Path) 
             np.copyto(v, f)
             return agent.request(path, b)
 
+        np.copyto(view, frame)
+
+        def in_region(b: bytes = shm_body) -> bytes:
+            return agent.request(path, b)  # the camera wrote the frame into the region
+
         label = f"frame {height}x{width}x3 uint8"
 
         def over(server: Server, b: bytes, h: dict[str, str] | None = None) -> Callable[[], bytes]:
@@ -430,7 +462,8 @@ def frame_cases(found: list[Server], sizes: list[tuple[int, int]], model: Path) 
             return b""
 
         send = {
-            "edge-agent shared memory": (agent, via_shm),
+            "edge-agent shared memory, frame in region": (agent, in_region),
+            "edge-agent shared memory, client copies": (agent, via_shm),
             "bare onnxruntime (no server)": (here, bare),
             "edge-agent binary": (agent, over(agent, binary, bin_headers)),
             "FastAPI binary": (by["FastAPI"], over(by["FastAPI"], binary, bin_headers)),
@@ -438,7 +471,7 @@ def frame_cases(found: list[Server], sizes: list[tuple[int, int]], model: Path) 
         cases.append(Case(f"{label}: shared memory vs binary", send, check, 20 if big else 100))
         send_json = {
             "edge-agent": (agent, over(agent, body)),
-            "edge-agent shared memory": (agent, via_shm),
+            "edge-agent shared memory, client copies": (agent, via_shm),
             "MLServer": (by["MLServer"], over(by["MLServer"], body)),
             "FastAPI": (by["FastAPI"], over(by["FastAPI"], body)),
         }
@@ -456,21 +489,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--skip-frames", action="store_true")
     parser.add_argument("--skip-digits", action="store_true")
-    parser.add_argument(
-        "--spinning",
-        choices=["on", "off"],
-        default="on",
-        help="onnxruntime intra-op spinning in every server and the bare run (default: on, "
-        "ORT's and the agent's default)",
-    )
     args = parser.parse_args()
-    os.environ[SPINNING_ENV] = "1" if args.spinning == "on" else "0"
     if not (VENV / "bin/python").exists():
         raise SystemExit(f"{VENV} is missing: run `make bench-peers` first")
     load = os.getloadavg()
     print(
         f"peers: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-        f"onnxruntime intra-op spinning {args.spinning} in every server"
+        "onnxruntime intra-op spinning: agent off (its default), MLServer and FastAPI on "
+        f"(ORT's default), {ALIKE!r} off"
     )
     with tempfile.TemporaryDirectory(prefix="er-peers-", dir="/tmp") as tmp_name:
         tmp = Path(tmp_name)
