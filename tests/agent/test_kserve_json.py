@@ -212,3 +212,21 @@ def test_lists_the_packed_paths_cannot_take_read_as_before() -> None:
             decode_request(_body(bad, datatype), None)
     _, arrays = decode_request(_body([1.9, -1.9, True], "INT32"), None)  # numpy truncates
     assert arrays["x"].tolist() == [1, -1, 1]
+
+
+@pytest.mark.parametrize("count", [65535, 65536, 65537, 2 * 65536 + 3])
+def test_packed_paths_across_their_slices(count: int) -> None:
+    """Long lists are packed in slices of 65,536 values: every value lands in its place,
+    and a bad value in the last slice still sends the list down numpy's path."""
+    rng = np.random.default_rng(count)
+    floats = [float(v) for v in rng.standard_normal(count)]
+    _, arrays = decode_request(_body(floats, "FP32"), None)
+    assert arrays["x"].tobytes() == np.asarray(floats, np.float32).tobytes()
+    ints = [int(v) for v in rng.integers(-(2**40), 2**40, count)]
+    _, arrays = decode_request(_body(ints, "INT64"), None)
+    assert arrays["x"].tolist() == ints
+    with pytest.raises(BadRequestError, match="data is not FP32"):
+        decode_request(_body([*floats[:-1], "x"], "FP32"), None)
+    mixed: list[object] = [*ints[:-1], 2.5]
+    _, arrays = decode_request(_body(mixed, "INT64"), None)  # numpy truncates, as before
+    assert arrays["x"][-1] == 2 and arrays["x"][0] == ints[0]
