@@ -186,12 +186,16 @@ class SharedMemoryRegistry:
         # Set by the server at start: TCP callers may register only with a token.
         self.tcp_allowed = False
         self._regions: dict[str, Region] = {}
-        self._bytes = 0
         self._lock = threading.Lock()
 
     @property
     def total_bytes(self) -> int:
-        return self._bytes
+        # Derived, not counted beside the regions: at most api.max_shm_regions entries.
+        with self._lock:
+            return self._registered_bytes()
+
+    def _registered_bytes(self) -> int:
+        return sum(r.byte_size for r in self._regions.values())
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -235,10 +239,11 @@ class SharedMemoryRegistry:
                     f"{len(self._regions)} shared-memory regions are registered, the most "
                     f"api.max_shm_regions allows; unregister one first"
                 )
-            if self._bytes + size > self.max_bytes:
+            registered = self._registered_bytes()
+            if registered + size > self.max_bytes:
                 raise ShmLimitError(
                     f"region of {size / MB:.2f} MB would take registered shared memory to "
-                    f"{(self._bytes + size) / MB:.2f} MB, over api.max_shm_mb = "
+                    f"{(registered + size) / MB:.2f} MB, over api.max_shm_mb = "
                     f"{self.max_bytes / MB:g}"
                 )
             region = self._open(name, key, offset, size, caller)
@@ -248,7 +253,6 @@ class SharedMemoryRegistry:
                 region.close()
                 raise
             self._regions[name] = region
-            self._bytes += size
 
     def unregister(self, name: str | None) -> None:
         """Triton's semantics: an unknown name is not an error (nothing to undo)."""
@@ -260,7 +264,6 @@ class SharedMemoryRegistry:
                 region = self._regions.pop(name, None)
                 gone = [] if region is None else [region]
             for region in gone:
-                self._bytes -= region.byte_size
                 self.headroom.unpin(region.byte_size)
         for region in gone:
             region.close()
