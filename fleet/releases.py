@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent.atomicfile import write_atomic
 from agent.bundle import verify_bundle
 from agent.update.errors import UpdateError
 from agent.update.index import Release, build_index, parse_index
@@ -76,9 +77,10 @@ def write_index(
         parse_index(data, [key.public_key()], now)
     except UpdateError as exc:
         raise ValueError(exc.message) from None
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(out)
+    # Durable before it is said published: an index lost to a power cut would let the
+    # next one reuse its counter with other content, which devices that saw it refuse.
+    # 0o666 under the umask: what the plain write_bytes it replaced gave (it is public).
+    write_atomic(out, data, mode=0o666)
     return counter, releases
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from agent.atomicfile import write_atomic
 from agent.events import Emit
 from agent.link.client import MqttClient, MqttError
 from agent.protocol import twin
@@ -93,13 +93,10 @@ class TwinLink:
     def _save(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        data = json.dumps(self.desired, sort_keys=True).encode()
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(json.dumps(self.desired, sort_keys=True).encode())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            # 0o666 under the umask: what the plain open() it replaced gave.
+            write_atomic(self.path, data, mode=0o666)
         except OSError as exc:
             log.warning("cannot keep the desired twin values in %s: %s", self.path, exc)
 

@@ -28,7 +28,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -40,6 +39,7 @@ from typing import Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent.atomicfile import write_atomic
 from agent.names import is_name, shown
 from agent.protocol.canonical import canonical_json
 from agent.protocol.update import DeployRequest, HttpSource
@@ -363,18 +363,8 @@ class IndexGuard:
 
 
 def _write_atomic(path: Path, obj: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(json.dumps(obj).encode())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    # 0o644 (under the umask): the counter is no secret, and it always was readable.
+    write_atomic(path, json.dumps(obj).encode(), mode=0o644)
 
 
 # ---------------------------------------------------------------------- the writer side

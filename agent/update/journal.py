@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agent.atomicfile import remove_stale_temps, write_atomic
+
 # The wire type is the journal's record too: one definition for both.
 from agent.protocol.update import BadVersion, Phase
 
@@ -192,6 +194,9 @@ class Journal:
         self.root = Path(state_dir)
         self.path = self.root / JOURNAL_FILE
         self._lock = threading.Lock()
+        # The one owner, at its start: no write is in flight, so any temporary file
+        # beside the journal is a crash's leftover.
+        remove_stale_temps(self.path)
         self._state = self._load()
 
     def _load(self) -> JournalState:
@@ -246,19 +251,7 @@ class Journal:
 
     def _write(self, state: JournalState) -> None:
         data = (json.dumps(state.to_json(), sort_keys=True, indent=1) + "\n").encode()
-        tmp = self.root / f".{JOURNAL_FILE}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()  # a crash's leftover may have other permissions
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, data, mode=0o600)
         self._state = state
 
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from agent import strictjson
+from agent.atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +91,8 @@ class ChoiceCache:
         old one, so a crash mid-write leaves the old file or the new, never a torn one."""
         body = json.dumps({"schema": SCHEMA, "entries": entries}, indent=1)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".variant-choice-", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(body + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            # 0o600: what the tempfile.mkstemp it replaced gave.
+            write_atomic(self.path, (body + "\n").encode(), mode=0o600)
         except OSError as exc:  # a full disk costs a measurement at the next start, no more
             log.warning(
                 "cannot write %s (%s); the cached choices stay as they were", self.path, exc

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import struct
 import threading
@@ -30,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.atomicfile import write_atomic
 from agent.config.model import UpdateConfig
 from agent.protocol.transfer import (
     HEADER_BYTES,
@@ -93,10 +93,21 @@ class Bitmap:
         return [i for i in range(self.total) if not self.has(i)]
 
     def save(self, path: Path, size: int, sha256: str) -> None:
+        """Replace the saved bitmap; the caller has fsynced every chunk it names.
+
+        No fsync of this file or its directory, deliberately: it is rewritten every
+        BITMAP_SAVE_S while chunks arrive, and every bit it sets names a chunk whose
+        bytes were fsynced before this write began (`_Run.save`: `part.sync()` first;
+        a chunk is written before its bit is set, and the partial file's bytes are only
+        ever overwritten with the same chunk). So whatever a power cut leaves under the
+        name is safe: the old bitmap (fewer chunks, each fsynced before it was
+        written), the new one, or an empty or short file (`load` says None: the
+        download starts clean). Losing the latest save only downloads those chunks
+        again, and the sha256 of the whole file is checked before it is used.
+        """
         head = _BITMAP.pack(_BITMAP_MAGIC, self.total, self.chunk_size, size, bytes.fromhex(sha256))
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(head + bytes(self.bits))
-        os.replace(tmp, path)
+        # 0o666 under the umask: what the plain write_bytes it replaced gave.
+        write_atomic(path, head + bytes(self.bits), mode=0o666, fsync=False, fsync_dir=False)
 
     @classmethod
     def load(cls, path: Path, size: int, sha256: str) -> Bitmap | None:

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from agent.atomicfile import write_atomic
 from agent.update.errors import UpdateCode, UpdateError
 
 READ_BLOCK = 1 << 20
@@ -118,11 +119,20 @@ class PartialFile:
 
     def save_meta(self, **values: str | int | None) -> None:
         body = {"sha256": self.sha256, "size": self.size, **values}
-        tmp = self.meta_path.with_name(self.meta_path.name + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(body, sort_keys=True))
-            os.replace(tmp, self.meta_path)
+            # No fsync, as before: the validators only guard a resume (If-Range), and
+            # `load_meta` reads a missing, empty or short file as {}. A resume without
+            # them can at worst append another file's bytes, which the sha256 of the
+            # whole file, checked before it is used, refuses (update.hash_mismatch).
+            # 0o666 under the umask: what the plain write_text it replaced gave.
+            write_atomic(
+                self.meta_path,
+                json.dumps(body, sort_keys=True).encode(),
+                mode=0o666,
+                fsync=False,
+                fsync_dir=False,
+            )
         except OSError as exc:
             raise self.io_error("cannot write", exc, self.meta_path) from exc
 
