@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from agent.atomicfile import write_atomic
+from agent.atomicfile import remove_stale_temps, write_atomic
 from agent.events import Emit
 from agent.link.client import MqttClient, MqttError
 from agent.protocol import twin
@@ -57,6 +57,8 @@ class TwinLink:
         self.actual = actual
         self.emit = emit
         self.path = None if state_dir is None else state_dir / DESIRED_FILE
+        if self.path is not None:
+            remove_stale_temps(self.path)  # built once at start: a leftover is a crash's
         self.desired: dict[str, str] = self._load()
         self.versions: DesiredVersions | None = None
         self._reported: dict[str, str] | None = None

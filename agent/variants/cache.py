@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import strictjson
-from agent.atomicfile import write_atomic
+from agent.atomicfile import remove_stale_temps, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ class ChoiceCache:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / FILENAME
+        # Built once at start, under the state lock: no write of ours is in flight, so
+        # a temporary file here is a crash's leftover.
+        remove_stale_temps(self.path)
 
     def _entries(self) -> dict[str, Any]:
         try:

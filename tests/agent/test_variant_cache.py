@@ -71,3 +71,17 @@ def test_a_forget_whose_write_fails_leaves_the_old_file_whole(tmp_path: Path) ->
     assert json.loads(before)["entries"]["key-1"]["chosen"] == "variant-1"
     assert cache.get("key-1") is not None
     assert [p.name for p in tmp_path.iterdir()] == [FILENAME]
+
+
+def test_a_crashed_writers_temporary_is_removed_at_start(tmp_path: Path) -> None:
+    from agent.atomicfile import temp_prefix
+
+    cache = ChoiceCache(tmp_path)
+    cache.put("k", {"chosen": "a", "results": [], "batch": 1})
+    leftover = tmp_path / f"{temp_prefix(cache.path)}0123456789abcdef.tmp"
+    leftover.write_bytes(b'{"half": ')  # what a crash mid-write leaves
+    other = tmp_path / "unrelated.tmp"
+    other.write_bytes(b"x")
+    again = ChoiceCache(tmp_path)
+    assert not leftover.exists() and other.exists()
+    assert again.get("k") is not None
