@@ -4,8 +4,10 @@ JSON is read and written with orjson (a required dependency, ~130 KB wheels for
 x86_64, aarch64 and armv7l): at batch 32 `json.loads` of the body and Python's float
 repr for the outputs were most of the agent's CPU per request (bench/peers.py). A body
 orjson refuses is parsed again by `json.loads`, whose errors name what is wrong the way
-they always did; what orjson accepts, `json.loads` accepts too. Outputs: orjson writes
-a numpy float32 with the shortest repr that reads back to the same float32.
+they always did; what orjson accepts, `json.loads` accepts too. A flat `data` list
+becomes its array through `struct` (one C loop, bit-equal to numpy's conversion), and
+anything else through numpy. Outputs: orjson writes a numpy float32 with the shortest
+repr that reads back to the same float32.
 """
 
 from __future__ import annotations
@@ -323,8 +325,8 @@ def _integers(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray | None:
     if dtype == _UINT8:
         with contextlib.suppress(TypeError, ValueError):
             return np.frombuffer(bytes(data), dtype=_UINT8)
-    # Plain ints in int64 in one C loop (a float, bool-free or not, falls through to
-    # numpy, which truncates it the way it always did).
+    # Plain ints (and bools, as 0/1 like numpy) into int64 in one C loop; a list with a
+    # float in it goes to numpy, which truncates it the way it always did.
     packed = _packed(data, "q", _INT64)
     try:
         wide = packed if packed is not None else np.asarray(data, dtype=np.int64)
