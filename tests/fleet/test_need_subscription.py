@@ -146,7 +146,8 @@ def drive(store: SqlStore, console: Console, plan: RolloutPlan, b: BundleInfo) -
 def test_the_bundle_source_refuses_a_transfer_the_broker_will_not_serve(
     denying_broker: Broker, console_key_file: Path, bundle: BundleInfo
 ) -> None:
-    with FleetClient(config_for(denying_broker, console_key_file)).connect() as client:
+    client = FleetClient(config_for(denying_broker, console_key_file)).connect()
+    try:
         with MqttBundleSource(client.paho, bundle.path, trust=TRUST,
                               subscriber=client) as source:  # fmt: skip
             with pytest.raises(FleetError) as info:
@@ -158,6 +159,8 @@ def test_the_bundle_source_refuses_a_transfer_the_broker_will_not_serve(
             # transfer no one serves.
             with pytest.raises(FleetError):
                 source.transfer_for("dev-x")
+    finally:
+        client.close()
 
 
 def test_a_transfer_survives_the_consoles_reconnect(
@@ -183,9 +186,9 @@ def test_a_transfer_survives_the_consoles_reconnect(
                 try:
                     need = Need(tid, bundle.sha256, bundle.size, None, (), "start").encode()
                     chunks.client.publish(str(topics.need(tid)), need, qos=1)
-                    assert chunks.wait_for(
-                        lambda lst: bundle_of(lst) is not None, 20
-                    ), "no complete bundle after the reconnect"
+                    assert chunks.wait_for(lambda lst: bundle_of(lst) is not None, 20), (
+                        "no complete bundle after the reconnect"
+                    )
                     data = bundle_of(chunks)
                     assert data is not None
                     assert hashlib.sha256(data).hexdigest() == bundle.sha256
@@ -206,4 +209,3 @@ def bundle_of(listener: Listener) -> bytes | None:
     if total is None or len(got) < total:
         return None
     return b"".join(got[i] for i in range(total))
-
