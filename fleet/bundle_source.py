@@ -5,7 +5,8 @@
     ...
     source.close()
 
-    source = MqttBundleSource(client.paho, Path("digits-2.0.0.edgebundle"), trust=[pub])
+    source = MqttBundleSource(client.paho, Path("digits-2.0.0.edgebundle"), trust=[pub],
+                              subscriber=client)  # the FleetClient: checked SUBACKs
     tid = source.transfer_for("press-17")   # a ChunkSender answers that device's needs
     args = source.deploy_args(transfer=tid)
     source.close()                          # stops every sender
@@ -25,11 +26,12 @@ import http.server
 import logging
 import re
 import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -38,6 +40,9 @@ from agent.bundle import BundleError, verify_bundle
 from agent.protocol.update import DeployRequest, HttpSource, MqttSource, Source, TrialSpec
 from fleet.errors import FleetCode, FleetError
 from fleet.transfer import ChunkSender
+
+if TYPE_CHECKING:
+    from fleet.mqtt import Message
 
 log = logging.getLogger(__name__)
 
@@ -258,32 +263,109 @@ class HttpBundleSource:
 # --------------------------------------------------------------------------- MQTT
 
 
+class NeedSubscriber(Protocol):
+    """Subscribes the senders' need topics for the source (fleet.mqtt.FleetClient is
+    one): `subscribe` waits for the SUBACK, raises FleetError(console.
+    broker_unreachable) when the broker refuses it or does not answer in time, and
+    subscribes again after every reconnect."""
+
+    def subscribe(
+        self,
+        filter: str,
+        callback: Callable[[Message], None],
+        qos: int = 1,
+        timeout_s: float | None = None,
+    ) -> None: ...
+
+    def unsubscribe(self, filter: str) -> None: ...
+
+
+# A refused or unanswered SUBSCRIBE is tried again after these pauses (a broker
+# starved of CPU answers late, or refuses a QoS-1 subscription it cannot set up yet).
+SUBSCRIBE_BACKOFF_S = (0.5, 1.0)
+
+
 class MqttBundleSource:
     """One `ChunkSender` per device (fleet/transfer.py) on the console's paho client."""
 
-    def __init__(self, client: Any, path: Path, *, trust: Iterable[Ed25519PublicKey] = ()) -> None:
-        """`client`: a connected paho client whose loop runs (FleetClient.paho)."""
+    def __init__(
+        self,
+        client: Any,
+        path: Path,
+        *,
+        trust: Iterable[Ed25519PublicKey] = (),
+        subscriber: NeedSubscriber | None = None,
+    ) -> None:
+        """`client`: a connected paho client whose loop runs (FleetClient.paho); the
+        chunks go out on it. `subscriber` (the FleetClient): subscribes each device's
+        need topic, so a refused subscription fails `transfer_for` before the deploy is
+        sent and a reconnect does not forget it. Without one, each sender subscribes on
+        `client` itself, unchecked."""
         self.info = inspect_bundle(path, trust)
         self.client = client
+        self.subscriber = subscriber
         self._data = self.info.path.read_bytes()
         self._chunks: list[Any] | None = None
         self._senders: dict[str, ChunkSender] = {}
         self._lock = threading.Lock()
 
     def transfer_for(self, device: str) -> str:
-        """Start serving `device` (idempotent); returns its transfer id."""
+        """Start serving `device` (idempotent); returns its transfer id. With a
+        subscriber: FleetError(console.broker_unreachable) when the broker would not
+        take the need subscription (the device is not served; nothing to undo)."""
+        # Held while subscribing (seconds at worst): one owner of the senders, and a
+        # second call for the same device waits for the first one's answer.
         with self._lock:
             sender = self._senders.get(device)
-            if sender is None:
-                tid = f"t{uuid.uuid4().hex[:16]}"
-                sender = ChunkSender(self.client, device, tid, self._data)
-                # One copy of the chunks for every device: a wave of 1,000 devices must
-                # not hold 1,000 copies of the bundle.
-                if self._chunks is None:
-                    self._chunks = sender.chunks
-                sender.chunks = self._chunks
-                self._senders[device] = sender.start()
+            if sender is not None:
+                return sender.transfer_id
+            tid = f"t{uuid.uuid4().hex[:16]}"
+            sender = ChunkSender(self.client, device, tid, self._data)
+            # One copy of the chunks for every device: a wave of 1,000 devices must
+            # not hold 1,000 copies of the bundle.
+            if self._chunks is None:
+                self._chunks = sender.chunks
+            sender.chunks = self._chunks
+            if self.subscriber is None:
+                sender.start()
+            else:
+                self._subscribe(self.subscriber, device, sender)
+            self._senders[device] = sender
             return sender.transfer_id
+
+    def _subscribe(self, subscriber: NeedSubscriber, device: str, sender: ChunkSender) -> None:
+        topic = sender.need_topic
+
+        def on_need(message: Message) -> None:
+            sender.handle_need(message.payload)
+
+        attempts = len(SUBSCRIBE_BACKOFF_S) + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                subscriber.subscribe(topic, on_need, qos=1)
+                return
+            except FleetError as exc:
+                if exc.code is not FleetCode.BROKER:
+                    raise
+                if attempt < attempts:
+                    pause = SUBSCRIBE_BACKOFF_S[attempt - 1]
+                    log.warning(
+                        "need subscription for %s, attempt %d of %d, failed (%s); again in %g s",
+                        device, attempt, attempts, exc.message, pause,
+                    )  # fmt: skip
+                    time.sleep(pause)
+                    continue
+                # A late SUBACK may still grant it on the broker: take it back.
+                with contextlib.suppress(Exception):
+                    subscriber.unsubscribe(topic)
+                raise FleetError(
+                    FleetCode.BROKER,
+                    f"cannot serve the bundle to {device} over MQTT: {attempts} attempts to "
+                    f"subscribe to {topic} failed, the last with: {exc.message}. The device "
+                    "would never get its chunks, so no deploy was sent; check the broker's "
+                    "ACL for the console user (it must subscribe to "
+                    "edgerun/v1/+/bundle/+/need) and its load",
+                ) from None
 
     def deploy_args(self, transfer: str, **extra: Any) -> dict[str, Any]:
         return _deploy_args(self.info, MqttSource(transfer), dict(extra))
@@ -293,14 +375,20 @@ class MqttBundleSource:
         with self._lock:
             sender = self._senders.pop(device, None)
         if sender is not None:
+            self._stop(sender)
+
+    def _stop(self, sender: ChunkSender) -> None:
+        if self.subscriber is None:
             sender.stop()
+        else:
+            self.subscriber.unsubscribe(sender.need_topic)
 
     def close(self) -> None:
         with self._lock:
             senders, self._senders = list(self._senders.values()), {}
         for sender in senders:
             with contextlib.suppress(Exception):  # the client may be gone already
-                sender.stop()
+                self._stop(sender)
 
     def __enter__(self) -> MqttBundleSource:
         return self
@@ -309,4 +397,10 @@ class MqttBundleSource:
         self.close()
 
 
-__all__ = ["BundleInfo", "HttpBundleSource", "MqttBundleSource", "inspect_bundle"]
+__all__ = [
+    "BundleInfo",
+    "HttpBundleSource",
+    "MqttBundleSource",
+    "NeedSubscriber",
+    "inspect_bundle",
+]

@@ -10,6 +10,10 @@ messages by publishing the chunks it lacks (formats: agent/protocol/transfer.py)
 sender adds its callback for the need topic only (`message_callback_add`). The
 device asks at start, after silence and after each reconnect, so the sender keeps
 no state about what was delivered: each need is answered from the bundle on disk.
+
+`start()` subscribes on the raw paho client and checks no SUBACK; a clean-session
+reconnect forgets that subscription. The console subscribes `need_topic` through its
+FleetClient instead and feeds `handle_need` (fleet/bundle_source.py).
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ class ChunkSender:
     def total(self) -> int:
         return len(self.chunks)
 
+    @property
+    def need_topic(self) -> str:
+        """Where the device asks for chunks (whoever subscribes calls `handle_need`)."""
+        return self._need_topic
+
     def start(self) -> ChunkSender:
         self.client.message_callback_add(self._need_topic, self._on_need)
         self.client.subscribe(self._need_topic, qos=1)
@@ -78,8 +87,15 @@ class ChunkSender:
         return sum(self._send(i) for i in picked)
 
     def _on_need(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        self.handle_need(bytes(msg.payload))
+
+    def handle_need(self, payload: bytes) -> None:
+        """Answer one need message (its payload as received on `need_topic`): publish
+        the chunks it asks for. For a subscriber other than this sender's own `start()`
+        (the console's FleetClient, which waits for the SUBACK and re-subscribes after a
+        reconnect)."""
         try:
-            need = decode_need(bytes(msg.payload))
+            need = decode_need(payload)
         except TransferError as exc:
             self.bad_needs += 1
             log.warning("need for %s refused: %s", self.transfer_id, exc.message)

@@ -3,6 +3,7 @@
     with Broker(tmp_path) as broker:                 # plain, anonymous
     with Broker(tmp_path, pki=make_pki(tmp_path), require_certificate=True) as broker:
     with Broker(tmp_path, users={"dev-a": "pw"}, acl=device_acl(["console"])) as broker:
+    with Broker(tmp_path, dynsec=deny_subscribe(["edgerun/v1/+/bundle/+/need"])) as broker:
 
 `kill()` / `start()` simulate a broker crash and restart on the same port.
 Fleet and system tests import this module too; it never touches 127.0.0.1:1883.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -35,6 +37,11 @@ from paho.mqtt.properties import Properties
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+DYNSEC_PLUGINS = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+)
 
 
 def free_port() -> int:
@@ -174,6 +181,37 @@ def device_acl(consoles: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def deny_subscribe(patterns: list[str]) -> dict[str, object]:
+    """A dynamic-security config (mosquitto 2's plugin) under which anonymous clients
+    may do anything but subscribe to `patterns`: the broker answers such a SUBSCRIBE
+    with a failure code (0x80 in MQTT 3.1.1, 0x87 in 5). An `acl_file` cannot do this:
+    mosquitto grants every SUBSCRIBE under it and only filters what it delivers."""
+    return {
+        "defaultACLAccess": {
+            "publishClientSend": True,
+            "publishClientReceive": True,
+            "subscribe": True,
+            "unsubscribe": True,
+        },
+        "clients": [],
+        "groups": [{"groupname": "anonymous", "roles": [{"rolename": "denied"}]}],
+        "roles": [
+            {
+                "rolename": "denied",
+                "acls": [
+                    {"acltype": "subscribePattern", "topic": p, "priority": 0, "allow": False}
+                    for p in patterns
+                ],
+            }
+        ],
+        "anonymousGroup": "anonymous",
+    }
+
+
+def dynsec_plugin() -> str | None:
+    return next((p for p in DYNSEC_PLUGINS if Path(p).exists()), None)
+
+
 # ----------------------------------------------------------------------------- broker
 
 
@@ -190,7 +228,9 @@ class Broker:
         acl: str | None = None,
         persistence: bool = False,
         port: int | None = None,
+        dynsec: dict[str, object] | None = None,
     ) -> None:
+        """`dynsec`: a dynamic-security plugin config (see `deny_subscribe`)."""
         self.directory = Path(directory) / f"broker-{os.urandom(3).hex()}"
         self.directory.mkdir(parents=True)
         self.pki = pki
@@ -243,6 +283,13 @@ class Broker:
             acl_path = self.directory / "acl"
             acl_path.write_text(acl)
             lines.append(f"acl_file {acl_path}")
+        if dynsec is not None:
+            plugin = dynsec_plugin()
+            if plugin is None:
+                raise RuntimeError("mosquitto's dynamic security plugin is not installed")
+            dynsec_path = self.directory / "dynamic-security.json"
+            dynsec_path.write_text(json.dumps(dynsec))
+            lines += [f"plugin {plugin}", f"plugin_opt_config_file {dynsec_path}"]
         self.config = self.directory / "mosquitto.conf"
         self.config.write_text("\n".join(lines) + "\n")
 

@@ -250,11 +250,17 @@ class Drive:
         return info
 
     def _deploy_args(self, device: str) -> dict[str, Any]:
+        """FleetError from the source's `source_for` (the device cannot be served)."""
         plan, bundle = self.state.plan, self._bundle()
         if self.source is None:
             self.source = self.e.sources(plan.via, bundle)
+        source = self.source
+        try:
+            where = source.source_for(device)
+        except FleetError as exc:
+            raise _NotServed(exc) from None
         request = DeployRequest(
-            source=self.source.source_for(device),
+            source=where,
             sha256=bundle.sha256,
             size=bundle.size,
             version=bundle.version,
@@ -293,11 +299,16 @@ class Drive:
                     once=f"window:{dev.device_id}",
                 )
                 continue
+            try:
+                args = self._deploy_args(dev.device_id)
+            except _NotServed as exc:
+                # Nothing was sent, so nothing to roll back: the normal failure handling
+                # (thresholds, halt) runs now instead of after the device timeout.
+                err = exc.error
+                self._outcome(dev, FAILED, err.code.value, f"deploy not sent: {err.message}")
+                continue
             self.deploys[dev.device_id] = self.e.commander.submit(
-                dev.device_id,
-                "deploy",
-                self._deploy_args(dev.device_id),
-                timeout_s=self.e.command_timeout_s,
+                dev.device_id, "deploy", args, timeout_s=self.e.command_timeout_s
             )
 
     def _outcome(self, dev: DeviceState, outcome: str, code: str | None, message: str) -> None:
@@ -680,6 +691,15 @@ class Drive:
                 self._rolled_back(
                     device, rb, False, "update.device_timeout", "rollback job did not finish"
                 )
+
+
+class _NotServed(Exception):
+    """The deploy source cannot serve one device (only that device fails; a source
+    that cannot be built at all still stops the drive as before)."""
+
+    def __init__(self, error: FleetError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def _field(message: Any, name: str) -> Any:

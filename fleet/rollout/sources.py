@@ -21,7 +21,10 @@ from fleet.rollout.bundle import BundleInfo
 
 
 class DeploySource(Protocol):
-    def source_for(self, device: str) -> Source: ...
+    def source_for(self, device: str) -> Source:
+        """FleetError when the device cannot be served (MQTT: the broker refused the
+        need subscription); the engine fails that device without sending its deploy."""
+        ...
 
     def done(self, device: str) -> None:
         """The device's job ended: stop serving it (MQTT chunks)."""
@@ -72,7 +75,11 @@ class MqttDeploySource:
     def __init__(self, bundle: BundleInfo, client: Any, keys: Sequence[Ed25519PublicKey]) -> None:
         from fleet.bundle_source import MqttBundleSource
 
-        self._source = MqttBundleSource(client.paho, Path(bundle.path), trust=keys)
+        # The FleetClient subscribes the need topics: it checks each SUBACK (a refused
+        # one fails that device at once) and subscribes them again after a reconnect.
+        self._source = MqttBundleSource(
+            client.paho, Path(bundle.path), trust=keys, subscriber=client
+        )
         _same(bundle, self._source.info.sha256)
 
     def source_for(self, device: str) -> Source:
