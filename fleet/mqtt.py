@@ -76,6 +76,9 @@ class Message:
 
 
 MessageCallback = Callable[[Message], None]
+# After a connect, subscriptions the broker refused are asked for again after these
+# pauses before the refusal stands (an ACL refusal is then reported 1.5 s later).
+RESUBSCRIBE_AFTER_S = (0.5, 1.0)
 SentHook = Callable[[Mapping[str, Any], str], None]  # (signed command body, target)
 ReplyHook = Callable[[str, Reply], None]  # (command id, reply)
 DeviceLookup = Callable[[str], DeviceRow | None]
@@ -817,21 +820,48 @@ class FleetClient:
         no_delay(client)
         with self._lock:
             subs = [self._reply_sub, *self._subs]
+        reply_sub, generation = subs[0], self.connections
 
-        def answered(reasons: list[ReasonCode]) -> None:
-            refused = [s.filter for s, r in zip(subs, reasons, strict=False) if r.is_failure]
+        def finish(refused: list[_Subscription]) -> None:
             if refused:
                 log.error("broker %s refused the subscription(s) to %s", self._where(),
-                          ", ".join(refused))  # fmt: skip
-            if subs[0].filter in refused:
+                          ", ".join(s.filter for s in refused))  # fmt: skip
+            if any(s is reply_sub for s in refused):
                 self._reply_refused = True
             else:
                 self._connected.set()
             self._subscribed.set()
 
+        def answered(reasons: list[ReasonCode], asked: list[_Subscription], attempt: int) -> None:
+            refused = [s for s, r in zip(asked, reasons, strict=False) if r.is_failure]
+            refused += asked[len(reasons) :]  # a SUBACK with too few codes grants nothing
+            if not refused or attempt >= len(RESUBSCRIBE_AFTER_S):
+                finish(refused)
+                return
+            # A loaded broker refuses for a moment (NATS makes a JetStream consumer for
+            # each QoS 1 subscription and refuses when that takes too long): ask again,
+            # only for what was refused, unless this connection is gone by then.
+            pause = RESUBSCRIBE_AFTER_S[attempt]
+            log.warning("broker %s refused the subscription(s) to %s; asking again in %g s",
+                        self._where(), ", ".join(s.filter for s in refused), pause)  # fmt: skip
+
+            def again() -> None:
+                if self._closed or self.connections != generation or not client.is_connected():
+                    return  # a new connection subscribes everything afresh
+                try:
+                    self._send_subscribe(
+                        client, refused, lambda codes: answered(codes, refused, attempt + 1)
+                    )
+                except FleetError as exc:  # lost meanwhile: the reconnect subscribes anew
+                    log.debug("not asking again on %s: %s", self._where(), exc)
+
+            timer = threading.Timer(pause, again)
+            timer.daemon = True
+            timer.start()
+
         # Cannot wait here (this is the network thread): the SUBACK sets `_connected`.
         try:
-            self._send_subscribe(client, subs, answered)
+            self._send_subscribe(client, subs, lambda codes: answered(codes, subs, 0))
         except (FleetError, ValueError) as exc:
             log.error("cannot subscribe after connecting to %s: %s", self._where(), exc)
             return
