@@ -586,7 +586,10 @@ def package_model(
         for v in variants:
             if v.id in legacy.values():
                 continue
-            runtime = next(n for n, c in REGISTRY.items() if c.format == v.format)
+            try:
+                runtime = runtime_for_format(v.format)
+            except KeyError as exc:
+                raise PackageError(f"variant {v.id}: {exc.args[0]}") from None
             measured, produced = probe(Path(v.path), runtime, golden, inputs, outputs, threads,
                                        runs)  # fmt: skip
             _check_output_axes(outputs, produced, cases)
@@ -595,7 +598,7 @@ def package_model(
             arc = f"variants/{v.id}{Path(v.path).suffix}"
             files[arc] = Path(v.path)
             files[f"golden/{v.id}.npz"] = out_file
-            bound = int8_atol if v.precision in ("int8", "mixed") and int8_atol else atol
+            bound = int8_atol if v.precision in ("int8", "mixed") and int8_atol is not None else atol
             try:
                 own, vrefs, vreplays = golden_rule(
                     {v.format: Path(v.path)}, (inputs, outputs), golden, classes,

@@ -89,7 +89,7 @@ def loads_bounded(data: bytes | bytearray, what: str = "request body") -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        pass  # refused: json.loads below says why (NaN, a long integer, where the syntax breaks)
+        pass  # refused: json.loads below says why (NaN, a number past a double, the syntax)
     try:
         return json.loads(data, parse_constant=_refuse_constant)
     except BadRequestError:
@@ -134,6 +134,13 @@ def _check_request(request: dict[str, Any]) -> None:
     rid = request.get("id")
     if rid is not None and not isinstance(rid, str):
         raise BadRequestError('"id" must be a string')
+    if rid is not None and not rid.isascii():
+        # Echoed in the answer, which orjson writes: a lone surrogate ("\ud800", read
+        # by the json.loads fallback) cannot be written as UTF-8, so refuse it now.
+        try:
+            rid.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequestError('"id" must be valid Unicode (it has a lone surrogate)') from None
     params = _object(request.get("parameters"), "parameters")
     _flag(params, "binary_data_output", "parameters")
     outputs = request.get("outputs")

@@ -142,6 +142,8 @@ def test_binary_outputs_keep_their_header_length() -> None:
         (_body(["a"], "INT32"), "data is not INT32"),
         (b'{"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [' + b"9" * 5000
          + b"]}]}", "number that is too long"),
+        (b'{"id": "\\ud800", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], '
+         b'"data": [1]}]}', '"id" must be valid Unicode'),
         (b'{"inputs": [1, 2', "not valid JSON"),
         (b'{"inputs": "\xff\xfe"}', "not valid JSON"),
     ],
