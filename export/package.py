@@ -22,7 +22,7 @@ import numpy as np
 from agent import bundle
 from agent.bundle import DTYPES, SUFFIX, TensorSpec, legacy_batch_axis, write_bundle
 from agent.names import is_name
-from agent.runtimes import REGISTRY
+from agent.runtimes import REGISTRY, runtime_for_format
 from agent.signing import load_private_key
 from agent.tensors import slice_feeds
 from agent.tolerance import Tolerance, ToleranceReport
@@ -598,7 +598,9 @@ def package_model(
             arc = f"variants/{v.id}{Path(v.path).suffix}"
             files[arc] = Path(v.path)
             files[f"golden/{v.id}.npz"] = out_file
-            bound = int8_atol if v.precision in ("int8", "mixed") and int8_atol is not None else atol
+            bound = (
+                int8_atol if v.precision in ("int8", "mixed") and int8_atol is not None else atol
+            )
             try:
                 own, vrefs, vreplays = golden_rule(
                     {v.format: Path(v.path)}, (inputs, outputs), golden, classes,

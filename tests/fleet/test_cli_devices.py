@@ -228,3 +228,28 @@ def test_an_offline_device(
     assert "it is offline" in out["error"]["message"]
     code, text, _ = cli("devices")
     assert "offline" in text and "1 offline" in text
+
+
+def test_a_devices_variant_strings_print_as_text_never_as_markup() -> None:
+    """The selection comes from the device: brackets in it are its words (an error code,
+    a reason quoting markup), and a malformed `variants` is no table, not a crash."""
+    import io
+
+    from rich.console import Console
+
+    from fleet.cli.variant_table import print_selection
+
+    out = io.StringIO()
+    console = Console(file=out, width=200, color_system=None)
+    status = {"model": {"selection": {
+        "chosen": "onnx[/]", "runtime": "onnxruntime", "reason": "bad [/bold] tag",
+        "variants": [{"id": "tflite", "status": "failed", "code": "runtime.load_failed",
+                      "reason": "boom [red]", "precision": "fp32"}],
+    }}}  # fmt: skip
+    print_selection(console, status)
+    text = out.getvalue()
+    assert "variant onnx[/] on onnxruntime: bad [/bold] tag" in text
+    assert "[runtime.load_failed] boom [red]" in text
+    status["model"]["selection"]["variants"] = 5  # type: ignore[index]
+    print_selection(console, status)
+    assert out.getvalue().count("variant onnx[/]") == 2
