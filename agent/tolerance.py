@@ -478,7 +478,7 @@ def _top1(want: np.ndarray, have: np.ndarray, bound: np.ndarray) -> tuple[float,
     return agree / len(w), agree, len(w)
 
 
-def _norm_errors(want: np.ndarray, have: np.ndarray) -> np.ndarray:
+def norm_errors(want: np.ndarray, have: np.ndarray) -> np.ndarray:
     """Per case (all axes but the last), ||have - want|| / ||want|| over the last axis."""
     if want.ndim == 0:
         want, have = want.reshape(1), have.reshape(1)
@@ -518,7 +518,7 @@ def compare(
         bad = ~(diff <= bound)
         norm_error = None
         if rule.norm_rtol is not None:
-            errors = _norm_errors(want64, have64)
+            errors = norm_errors(want64, have64)
             norm_error = float(np.nanmax(errors)) if not np.isnan(errors).all() else float("nan")
             bad = ~(errors <= rule.norm_rtol)
         worst = (
@@ -587,5 +587,6 @@ __all__ = [
     "ToleranceReport",
     "allowance_problem",
     "compare",
+    "norm_errors",
     "parse_tolerance",
 ]

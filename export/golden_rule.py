@@ -319,14 +319,14 @@ def _worst(replays: Iterable[Replay], family: str, name: str, want: np.ndarray) 
 
 
 def _worst_norm(replays: Iterable[Replay], family: str, name: str, want: np.ndarray) -> float:
-    from agent.tolerance import _norm_errors
+    from agent.tolerance import norm_errors
 
     worst = 0.0
     for replay in replays:
         have = replay.outputs.get(name)
         if replay.family != family or have is None or np.shape(have) != want.shape:
             continue
-        errors = _norm_errors(want, np.asarray(have, np.float64))
+        errors = norm_errors(want, np.asarray(have, np.float64))
         if errors.size and np.isfinite(errors).all():
             worst = max(worst, float(errors.max()))
     return worst

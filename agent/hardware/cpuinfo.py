@@ -13,16 +13,22 @@ from __future__ import annotations
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
+DT_MODEL = Path("/proc/device-tree/model")  # Jetson and most ARM boards name themselves
 _MAX_READ = 1 << 20  # a 256-core machine's cpuinfo is ~400 KB
 
 
-def read_cpuinfo(path: Path = CPUINFO) -> str:
-    """The text of `path`, or "" where it cannot be read (a container, not Linux)."""
+def read_proc_text(path: Path) -> str:
+    """The text of a small /proc or /sys file (at most 1 MB read), or "" where it cannot
+    be read (a container, not Linux, no such device)."""
     try:
         with path.open("rb") as fh:
             return fh.read(_MAX_READ).decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+def read_cpuinfo(path: Path = CPUINFO) -> str:
+    return read_proc_text(path)
 
 
 def cpu_fields(text: str) -> dict[str, str]:
@@ -44,4 +50,4 @@ def flag_set(fields: dict[str, str]) -> frozenset[str]:
     return frozenset((fields.get("flags") or fields.get("features") or "").split())
 
 
-__all__ = ["CPUINFO", "cpu_fields", "flag_set", "read_cpuinfo"]
+__all__ = ["CPUINFO", "DT_MODEL", "cpu_fields", "flag_set", "read_cpuinfo", "read_proc_text"]

@@ -17,25 +17,15 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from agent.hardware.cpuinfo import cpu_fields, flag_set, read_cpuinfo
+from agent.hardware.cpuinfo import DT_MODEL, cpu_fields, flag_set, read_cpuinfo, read_proc_text
 from agent.runtimes import REGISTRY
 
 log = logging.getLogger(__name__)
 
 _NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
-_DT_MODEL = Path("/proc/device-tree/model")  # Jetson and most ARM boards
-_MAX_READ = 1 << 20
 # The first of these names the CPU: x86 (and 32-bit ARM) "model name", else a board's
 # "Hardware" or arm64's "CPU implementer"/"CPU part", whichever cpuinfo lists first.
 _MODEL_KEYS = ("model name", "hardware", "cpu part", "cpu implementer")
-
-
-def _read(path: Path) -> str:
-    try:
-        with path.open("rb") as fh:
-            return fh.read(_MAX_READ).decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 def cpu_identity(cpuinfo: str) -> dict[str, str]:
@@ -56,10 +46,10 @@ def gpu_names() -> list[str]:
     except OSError:
         entries = []
     for entry in entries:
-        for line in _read(entry / "information").splitlines():
+        for line in read_proc_text(entry / "information").splitlines():
             if line.startswith("Model:"):
                 names.append(line.split(":", 1)[1].strip())
-    board = _read(_DT_MODEL).strip("\x00 \n")
+    board = read_proc_text(DT_MODEL).strip("\x00 \n")
     if board:
         names.append(board)
     return names

@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 
 from agent.tolerance import Tolerance
-from export.pipeline.errors import BuildError, CalibrationError, GateError, ParityError
+from export.pipeline.errors import (
+    BuildError,
+    CalibrationError,
+    ExportFailedError,
+    GateError,
+    ParityError,
+)
 from export.pipeline.gates import Gates
 from export.pipeline.loader import Split, Splits, load_model, load_splits
 from export.pipeline.recipe import Recipe, load_recipe
@@ -369,9 +375,8 @@ class _Build:
 
         def latency(model_path: Path) -> float:
             from export.measure import measure_latency
-            from export.package import onnx_specs
 
-            ins, outs = onnx_specs(model_path)
+            ins, outs = self._specs(model_path)
             p50: float = measure_latency(model_path, "onnxruntime", golden, ins, outs,
                                          threads=self.threads, runs=runs)["p50"]  # fmt: skip
             return p50
@@ -445,7 +450,7 @@ class _Build:
                     self.candidates["tflite int8"] = path
                 else:
                     self.gates.raise_for(result)
-            except (CalibrationError, GateError) as exc:
+            except (CalibrationError, ExportFailedError, GateError) as exc:
                 failure = exc
         q = self.r.quantize
         if tf.int8 and "qat" in (q.mode, *q.extra_modes) and teacher is not None:
@@ -467,7 +472,7 @@ class _Build:
         stage = "tflite int8 qat"
         try:
             path = convert_int8_qat(model, teacher, splits, self.r, self.work / "int8-qat.tflite")
-        except CalibrationError as exc:
+        except (CalibrationError, ExportFailedError) as exc:  # degenerate or not int8
             self.notes.append(f"left out ({stage}): {exc}")
             return False
         got = run_tflite(path, splits.eval.inputs, self.in_names, self.out_names)

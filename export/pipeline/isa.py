@@ -14,9 +14,14 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.hardware.cpuinfo import CPUINFO, cpu_fields, flag_set, read_cpuinfo
-
-DT_MODEL = Path("/proc/device-tree/model")
+from agent.hardware.cpuinfo import (
+    CPUINFO,
+    DT_MODEL,
+    cpu_fields,
+    flag_set,
+    read_cpuinfo,
+    read_proc_text,
+)
 
 # The flags that decide a preset, in the order they are reported.
 _X86_KEYS = ("avx512_vnni", "avx_vnni", "avx512bw", "avx2")
@@ -77,10 +82,7 @@ def detect_host(cpuinfo: Path = CPUINFO, dt_model: Path = DT_MODEL,
     machine = platform.machine() if machine is None else machine
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine)
     host = parse_cpuinfo(read_cpuinfo(cpuinfo), arch)
-    try:
-        board = dt_model.read_text(encoding="utf-8", errors="replace").strip("\0 \n")
-    except OSError:
-        board = ""
+    board = read_proc_text(dt_model).strip("\0 \n")
     return with_board(host, board)
 
 

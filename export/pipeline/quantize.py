@@ -80,7 +80,6 @@ PRESETS: dict[str, Preset] = {
 }
 # Names from before the ISA presets; recipes that use them keep building the same models.
 PRESET_ALIASES = {"avx512_vnni": "x86_64-vnni", "jetson-tensorrt": "jetson-orin"}
-PRESET_NAMES = ("auto", *PRESETS, *PRESET_ALIASES)
 
 
 def resolve_preset(name: str, host: Any = None) -> tuple[str, str]:
