@@ -335,7 +335,7 @@ class RssWatcher:
 
     def _read(self) -> int:
         rss = int(self._process.memory_info().rss)
-        counter = getattr(self, "device_bytes", None)
+        counter = self.device_bytes
         return rss + counter() if counter is not None else rss
 
     def sample(self) -> int:

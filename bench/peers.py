@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from _common import ROOT, SAMPLE, agent_process, build_frame_onnx, pct
+from _common import DEMO_KEY, ROOT, SAMPLE, agent_process, build_frame_onnx, pct
 from _ort_options import ENV as SPINNING_ENV
 from _ort_options import session_options
 
@@ -516,7 +516,7 @@ def main() -> None:
             x = np.random.default_rng(2).integers(0, 256, (1, 1080, 1920, 3), dtype=np.uint8)
             frame_bundle = package_model(
                 onnx_path=frame_onnx, tflite_path=None, name="frame", version="1.0.0",
-                golden_inputs={"image": x}, key_path=ROOT / "models/keys/demo-INSECURE.key",
+                golden_inputs={"image": x}, key_path=DEMO_KEY,
                 out_dir=tmp, runs=5,
             )  # fmt: skip
             with servers(frame_bundle, {"frame": frame_onnx}, tmp) as found:

@@ -297,19 +297,12 @@ def _packed(data: list[Any], code: str, dtype: np.dtype[Any]) -> np.ndarray | No
     anything else (a nested list, a string, an int beyond a double, a value the
     format cannot hold): the numpy path then reads it or says why."""
     buffer = bytearray(len(data) * dtype.itemsize)
-    step = _PACK_CHUNK
     try:
-        if len(data) <= step:
-            struct.pack_into(f"{len(data)}{code}", buffer, 0, *data)
-        else:  # in slices: the argument tuple of a whole list would be 8 bytes a value
-            whole = struct.Struct(f"{step}{code}")
-            for start in range(0, len(data) - step + 1, step):
-                whole.pack_into(buffer, start * dtype.itemsize, *data[start : start + step])
-            rest = len(data) % step
-            if rest:
-                struct.pack_into(
-                    f"{rest}{code}", buffer, (len(data) - rest) * dtype.itemsize, *data[-rest:]
-                )
+        # In slices: the argument tuple of a whole list would be 8 bytes a value. struct
+        # caches the compiled formats, so the slices cost nothing more.
+        for start in range(0, len(data), _PACK_CHUNK):
+            part = data[start : start + _PACK_CHUNK] if len(data) > _PACK_CHUNK else data
+            struct.pack_into(f"{len(part)}{code}", buffer, start * dtype.itemsize, *part)
     except (struct.error, OverflowError, TypeError):
         return None
     return np.frombuffer(buffer, dtype=dtype)

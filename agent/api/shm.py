@@ -96,18 +96,18 @@ _TCP_REFUSED = (
 
 
 class _Refused:
-    """Region access for a caller who may not use shared memory."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
+    """Region access for a caller who may not use shared memory (one instance)."""
 
     def read(
         self, params: dict[str, Any], where: str, dtype: np.dtype[Any], count: int
     ) -> np.ndarray:
-        raise ShmForbiddenError(f"{where}: {self.message}")
+        raise ShmForbiddenError(f"{where}: {_TCP_REFUSED}")
 
     def target(self, params: dict[str, Any], where: str) -> tuple[Region, int, int]:
-        raise ShmForbiddenError(f"{where}: {self.message}")
+        raise ShmForbiddenError(f"{where}: {_TCP_REFUSED}")
+
+
+_REFUSED = _Refused()
 
 
 class Headroom(Protocol):
@@ -361,13 +361,14 @@ class SharedMemoryRegistry:
         return caller is not None and (not caller.tcp or self.tcp_allowed)
 
     def check_caller(self, caller: Caller | None) -> Caller:
-        if caller is None or not self.allows(caller):
+        if not self.allows(caller):
             raise ShmForbiddenError(_TCP_REFUSED)
+        assert caller is not None  # allows() refuses None
         return caller
 
     def access(self, caller: Caller | None) -> RegionAccess:
         """The registry for a caller who may use it, else an object that refuses."""
-        return self if self.allows(caller) else _Refused(_TCP_REFUSED)
+        return self if self.allows(caller) else _REFUSED
 
     def _open(self, name: str, key: str, offset: int, size: int, caller: Caller) -> Region:
         file = key.lstrip("/")

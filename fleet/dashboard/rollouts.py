@@ -11,11 +11,12 @@ The last `KEPT` rollouts asked for stay folded.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections import OrderedDict, deque
 from typing import Any
+
+from starlette.responses import JSONResponse
 
 from fleet.errors import FleetCode, FleetError
 from fleet.ports import Record, RecordKind, Store
@@ -47,10 +48,8 @@ class FoldedRollout:
         """The answer as JSON bytes, and whether they were rendered now (not kept)."""
         if self._body is not None:
             return self._body, False
-        # As Starlette's JSONResponse renders it: the same bytes the endpoint sent before.
-        self._body = json.dumps(
-            self.to_json(), ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
-        ).encode("utf-8")
+        # Rendered by Starlette's JSONResponse: the bytes the endpoint sent before.
+        self._body = bytes(JSONResponse(self.to_json()).body)
         return self._body, True
 
     def _times(self, records: list[Record]) -> None:
