@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.bundle import BundleError, verify_bundle
 from agent.protocol.update import DeployRequest, HttpSource, MqttSource, Source, TrialSpec
 from fleet.errors import FleetCode, FleetError
+from fleet.mqtt import RESUBSCRIBE_AFTER_S
 from fleet.transfer import ChunkSender
 
 if TYPE_CHECKING:
@@ -267,7 +268,8 @@ class NeedSubscriber(Protocol):
     """Subscribes the senders' need topics for the source (fleet.mqtt.FleetClient is
     one): `subscribe` waits for the SUBACK, raises FleetError(console.
     broker_unreachable) when the broker refuses it or does not answer in time, and
-    subscribes again after every reconnect."""
+    subscribes again after every reconnect (a refusal then is asked for again, then
+    logged: that transfer stalls and its device ends as a device timeout)."""
 
     def subscribe(
         self,
@@ -280,9 +282,10 @@ class NeedSubscriber(Protocol):
     def unsubscribe(self, filter: str) -> None: ...
 
 
-# A refused or unanswered SUBSCRIBE is tried again after these pauses (a broker
-# starved of CPU answers late, or refuses a QoS-1 subscription it cannot set up yet).
-SUBSCRIBE_BACKOFF_S = (0.5, 1.0)
+# A refused or unanswered SUBSCRIBE is tried again after the pauses the FleetClient
+# uses after a connect (a broker starved of CPU answers late, or refuses a QoS-1
+# subscription it cannot set up yet).
+SUBSCRIBE_BACKOFF_S = RESUBSCRIBE_AFTER_S
 
 
 class MqttBundleSource:

@@ -22,7 +22,7 @@ import pytest
 from agent.protocol.topics import DeviceTopics
 from agent.protocol.transfer import Need, decode_chunk
 from agent.signing import load_public_key
-from fleet.bundle_source import MqttBundleSource
+from fleet.bundle_source import SUBSCRIBE_BACKOFF_S, MqttBundleSource
 from fleet.config import FleetConfig
 from fleet.errors import FleetCode, FleetError
 from fleet.mqtt import FleetClient
@@ -126,7 +126,8 @@ def test_a_refused_need_subscription_fails_the_canary_at_once_and_halts(
             store.close()
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     retries = [r for r in caplog.records if "need subscription for" in r.getMessage()]
-    assert len(retries) == 2  # 3 attempts: two retries logged with the broker's reason
+    # One retry logged a pause, each with the broker's reason.
+    assert len(retries) == len(SUBSCRIBE_BACKOFF_S) == 2
 
 
 def drive(store: SqlStore, console: Console, plan: RolloutPlan, b: BundleInfo) -> Any:
