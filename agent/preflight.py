@@ -353,13 +353,19 @@ def check_jetson(config: AgentConfig) -> list[Problem]:
     """A tegrastats path that cannot run would be retried forever: say so up front."""
     problems = []
     setting = config.jetson.tegrastats
+    # os.path's tests: False (not a PermissionError, as Path's raise on Python 3.11) where
+    # a directory on the way cannot be searched by this user.
     if setting not in ("auto", "off"):
         path = Path(setting)
-        if not path.is_file():
-            problems.append(Problem("jetson.tegrastats", f"{path} is not a file"))
+        if not os.path.isfile(path):
+            problems.append(
+                Problem("jetson.tegrastats", f"{path} is not a file (or not reachable)")
+            )
         elif not os.access(path, os.X_OK):
             problems.append(Problem("jetson.tegrastats", f"{path} is not executable by this user"))
     root = config.jetson.sysfs_root
-    if not root.is_dir():
-        problems.append(Problem("jetson.sysfs_root", f"{root} is not a directory"))
+    if not os.path.isdir(root):
+        problems.append(
+            Problem("jetson.sysfs_root", f"{root} is not a directory (or not reachable)")
+        )
     return problems

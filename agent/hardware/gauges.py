@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from agent.memory import MB
 from agent.metrics import GaugeFamily
 from agent.protocol.accelerator import AcceleratorReport
-
-MB = 1024 * 1024
 
 
 def accelerator_gauges(report: AcceleratorReport | None) -> list[GaugeFamily]:

@@ -19,6 +19,7 @@ A file that is missing, unreadable or garbled leaves its figure absent; nothing 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -57,7 +58,8 @@ class JetsonSysfs:
 
     def present(self) -> bool:
         """True when this looks like a Jetson: a GPU load file or an INA3221 exists."""
-        if any((self.root / p).is_file() for p in GPU_LOAD_FILES):
+        # os.path.isfile: False, not a PermissionError, under an unsearchable root.
+        if any(os.path.isfile(self.root / p) for p in GPU_LOAD_FILES):
             return True
         return bool(self._ina3221_dirs())
 

@@ -11,8 +11,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SOURCES = ("tegrastats", "sysfs")
-
 
 class AcceleratorFormatError(ValueError):
     """An `accelerator` block a console cannot read (the message names the field)."""
