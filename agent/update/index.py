@@ -39,7 +39,7 @@ from typing import Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.atomicfile import write_atomic
+from agent.atomicfile import remove_stale_temps, write_atomic
 from agent.names import is_name, shown
 from agent.protocol.canonical import canonical_json
 from agent.protocol.update import DeployRequest, HttpSource
@@ -306,6 +306,7 @@ class IndexGuard:
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.path = state_dir / COUNTER_FILE
+        remove_stale_temps(self.path)  # built once at start: a leftover is a crash's
         self.keys = list(keys)
         self.clock = clock or (lambda: datetime.now(UTC))
         self._lock = threading.Lock()

@@ -39,6 +39,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.admission import REFUSALS, limits_from
+from agent.atomicfile import remove_stale_temps
 from agent.bundle import BundleError, Manifest
 from agent.config.model import AgentConfig
 from agent.events import Emit
@@ -727,6 +728,8 @@ class UpdateJobs:
                 if leftover is not None:
                     with contextlib.suppress(OSError):
                         leftover.unlink()
+            for sidecar in sidecars:  # a crash's half-written sidecar, under its own name
+                remove_stale_temps(sidecar)
         release_free_memory()
 
     # ------------------------------------------------------------------ swap, trial, commit

@@ -198,3 +198,14 @@ def test_expiry_uses_the_guard_clock(tmp_path: Path, key: Ed25519PrivateKey) -> 
     with pytest.raises(UpdateError) as info:
         guard.accept(data)
     assert info.value.code == UpdateCode.INDEX_EXPIRED
+
+
+def test_a_crashed_counter_write_leaves_nothing_at_the_next_start(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    from agent.atomicfile import temp_prefix
+
+    leftover = tmp_path / f"{temp_prefix(tmp_path / COUNTER_FILE)}00ff00ff00ff00ff.tmp"
+    leftover.write_text('{"half')
+    IndexGuard(tmp_path, [key.public_key()])
+    assert not leftover.exists()
