@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -139,14 +138,21 @@ def test_neither_tegrastats_nor_sysfs_says_nothing(
     assert [r for r in caplog.records if r.name.startswith("agent.hardware")] == []
 
 
-def test_find_tegrastats(tmp: Path) -> None:
+def test_find_tegrastats(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert find_tegrastats("off") is None
     assert find_tegrastats(str(tmp / "t")) == tmp / "t"
-    if os.access("/usr/bin/tegrastats", os.X_OK):
+    if os.access("/usr/bin/tegrastats", os.X_OK):  # a Jetson: JetPack's own comes first
         assert find_tegrastats("auto") == Path("/usr/bin/tegrastats")
-    else:
-        here = shutil.which("tegrastats")
-        assert find_tegrastats("auto") == (Path(here) if here else None)
+        return
+    # "auto" finds one on PATH, and none where PATH has none.
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert find_tegrastats("auto") is None
+    fake = bin_dir / "tegrastats"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert find_tegrastats("auto") == fake
 
 
 def test_an_endless_line_is_skipped_in_bounded_reads(
