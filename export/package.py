@@ -564,12 +564,13 @@ def package_model(
                 spec = same or VariantSpec(fmt, Path(src))
                 legacy[fmt] = spec.id
                 pending.append((spec, arcname, golden_outputs[fmt], runtime, measured, None))
+        classes = classifier_outputs(((s.name, s.shape) for s in outputs), labels)
         try:
             derived, refs, replays = golden_rule(
                 models,
                 (inputs, outputs),
                 golden,
-                classifier_outputs(((s.name, s.shape) for s in outputs), labels),
+                classes,
                 references=references,
                 atol=atol,
                 rtol=rtol,
@@ -582,7 +583,6 @@ def package_model(
         overflow: dict[str, tuple[str, ...]] = {
             vid: fp16_overflow(replays.get(fmt, [])) for fmt, vid in legacy.items()
         }
-        classes = classifier_outputs(((s.name, s.shape) for s in outputs), labels)
         for v in variants:
             if v.id in legacy.values():
                 continue

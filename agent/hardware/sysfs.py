@@ -55,6 +55,7 @@ class JetsonSysfs:
 
     def __init__(self, root: Path = Path("/")) -> None:
         self.root = root
+        self._chips: list[Path] = []  # the INA3221s once found: a board's are soldered on
 
     def present(self) -> bool:
         """True when this looks like a Jetson: a GPU load file or an INA3221 exists."""
@@ -94,6 +95,10 @@ class JetsonSysfs:
         return None
 
     def _ina3221_dirs(self) -> list[Path]:
+        """Listed until some are found (a driver binding late), then kept: every read
+        (each /metrics scrape and telemetry report) asked twice before."""
+        if self._chips:
+            return self._chips
         drivers = self.root / "sys/bus/i2c/drivers"
         found: list[Path] = []
         for name in ("ina3221", "ina3221x"):
@@ -101,6 +106,7 @@ class JetsonSysfs:
                 found += sorted(p for p in (drivers / name).iterdir() if p.is_dir())
             except OSError:
                 continue
+        self._chips = found
         return found
 
     def rails(self) -> dict[str, float]:
